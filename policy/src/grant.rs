@@ -1,0 +1,443 @@
+//! Admission: (task, service) → a [`Grant`] holding every per-method decision, computed once so
+//! that a call check is one index into a table.
+
+use std::collections::BTreeSet;
+
+use portcullis_proto::property::Properties;
+
+use crate::{
+    DEFAULT_DENY,
+    model::{Effect, OpenPermission, Policy, Principal, Rule, ServiceMatch},
+};
+
+/// The kernel's view of a client task, as the broker collected it (never what the client says).
+#[derive(Clone, Copy, Debug)]
+pub struct Task<'a> {
+    /// Effective uid (`SO_PEERCRED`).
+    pub uid: u32,
+    /// Effective gid.
+    pub gid: u32,
+    /// Names of the primary and supplementary groups.
+    pub groups: &'a [String],
+    /// Executable path, read through the pidfd.
+    pub exe: Option<&'a str>,
+}
+
+/// The service being asked for.
+#[derive(Clone, Copy, Debug)]
+pub struct ServiceView<'a> {
+    /// Registry name (`sample0`).
+    pub name: &'a str,
+    /// Class (`SampleDevice`).
+    pub class: &'a str,
+    /// Registry properties.
+    pub properties: &'a Properties,
+}
+
+/// One row of the service's method table, as policy sees it.
+#[derive(Clone, Copy, Debug)]
+pub struct MethodRef<'a> {
+    /// Method name.
+    pub name: &'a str,
+    /// Privilege the method requires, if any.
+    pub privilege: Option<&'a str>,
+}
+
+/// The rule behind a decision: a rule id, or [`DEFAULT_DENY`].
+pub type RuleRef = String;
+
+/// An allow or deny with the rule that decided it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Decision {
+    /// Whether the request is allowed.
+    pub allowed: bool,
+    /// The deciding rule id, or [`DEFAULT_DENY`].
+    pub rule: RuleRef,
+}
+
+/// A refusal: which rule decided, and why in words.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Denial {
+    /// The deciding rule id, or [`DEFAULT_DENY`].
+    pub rule: RuleRef,
+    /// A sentence for logs and clients.
+    pub reason: String,
+}
+
+/// The decision for one method of the grant's service.
+pub type MethodDecision = Result<RuleRef, Denial>;
+
+/// The outcome of admission: either a grant or a denial naming its rule.
+pub type Admission = Result<Grant, Denial>;
+
+/// What one user client may do with its service, compiled at admission.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Grant {
+    admitted_by: RuleRef,
+    methods: Vec<MethodDecision>,
+    privileges: BTreeSet<String>,
+}
+
+impl Grant {
+    /// The allow rule that admitted the task.
+    pub fn admitted_by(&self) -> &str {
+        &self.admitted_by
+    }
+
+    /// The decision for the method at `index` of the method table given at admission. An index
+    /// outside the table is a default denial.
+    pub fn check(&self, index: usize) -> Result<&str, Denial> {
+        match self.methods.get(index) {
+            Some(Ok(rule)) => Ok(rule),
+            Some(Err(denial)) => Err(denial.clone()),
+            None => Err(Denial { rule: DEFAULT_DENY.into(), reason: "no such method".into() }),
+        }
+    }
+
+    /// `clientHasPrivilege`.
+    pub fn has_privilege(&self, privilege: &str) -> bool {
+        self.privileges.contains(privilege)
+    }
+
+    /// Granted privileges, sorted.
+    pub fn privileges(&self) -> impl Iterator<Item = &str> {
+        self.privileges.iter().map(String::as_str)
+    }
+}
+
+impl Principal {
+    fn matches(&self, task: &Task<'_>) -> bool {
+        (self.uid.is_empty() || self.uid.contains(&task.uid))
+            && (self.gid.is_empty() || self.gid.contains(&task.gid))
+            && (self.groups.is_empty() || self.groups.iter().any(|g| task.groups.contains(g)))
+            && (self.exe.is_empty() || task.exe.is_some_and(|exe| self.exe.iter().any(|e| e == exe)))
+    }
+}
+
+impl ServiceMatch {
+    fn matches(&self, service: &ServiceView<'_>) -> bool {
+        self.class.as_deref().is_none_or(|c| c == service.class)
+            && self.name.as_deref().is_none_or(|n| n == service.name)
+            && self
+                .properties
+                .iter()
+                .all(|(k, v)| service.properties.get(k).is_some_and(|have| have.matches(v)))
+    }
+}
+
+impl Policy {
+    fn matching<'p>(&'p self, task: &Task<'_>, service: &ServiceView<'_>) -> Vec<&'p Rule> {
+        let principal_matches: Vec<bool> = self.principals.iter().map(|p| p.matches(task)).collect();
+        self.rules
+            .iter()
+            .filter(|r| r.principals.iter().any(|&i| principal_matches.get(i).copied().unwrap_or(false)))
+            .filter(|r| r.service.matches(service))
+            .collect()
+    }
+
+    /// Whether the task may see the service at all: only a forbid rule naming the whole service
+    /// hides it.
+    pub fn can_see(&self, task: &Task<'_>, service: &ServiceView<'_>) -> bool {
+        !self.matching(task, service).iter().any(|r| r.forbids_service())
+    }
+
+    /// `initWithTask`: admits the task to the service with the given open mode and compiles the
+    /// grant for the service's method table, or names the rule that refused.
+    pub fn admit(&self, task: &Task<'_>, service: &ServiceView<'_>, exclusive: bool, methods: &[MethodRef<'_>]) -> Admission {
+        let rules = self.matching(task, service);
+        let first = |effect: Effect, pred: &dyn Fn(&Rule) -> bool| rules.iter().copied().find(|r| r.effect == effect && pred(r));
+        if let Some(r) = rules.iter().find(|r| r.forbids_service()) {
+            return Err(Denial { rule: r.id.clone(), reason: format!("service {} is forbidden to this task", service.name) });
+        }
+        let Some(first_allow) = first(Effect::Allow, &|_| true) else {
+            return Err(Denial { rule: DEFAULT_DENY.into(), reason: format!("no rule allows this task to open {}", service.name) });
+        };
+        let mut admitted_by = first_allow;
+        if exclusive {
+            if let Some(r) = first(Effect::Forbid, &|r| r.open == Some(OpenPermission::Exclusive)) {
+                return Err(Denial { rule: r.id.clone(), reason: format!("exclusive open of {} is forbidden", service.name) });
+            }
+            match first(Effect::Allow, &|r| r.open == Some(OpenPermission::Exclusive)) {
+                Some(r) => admitted_by = r,
+                None => return Err(Denial { rule: DEFAULT_DENY.into(), reason: format!("no rule allows an exclusive open of {}", service.name) }),
+            }
+        }
+        let privilege = |p: &str| -> Decision {
+            if let Some(r) = first(Effect::Forbid, &|r| r.privileges.iter().any(|q| q == p)) {
+                Decision { allowed: false, rule: r.id.clone() }
+            } else if let Some(r) = first(Effect::Allow, &|r| r.privileges.iter().any(|q| q == p)) {
+                Decision { allowed: true, rule: r.id.clone() }
+            } else {
+                Decision { allowed: false, rule: DEFAULT_DENY.into() }
+            }
+        };
+        let privileges: BTreeSet<String> = rules
+            .iter()
+            .filter(|r| r.effect == Effect::Allow)
+            .flat_map(|r| r.privileges.iter())
+            .filter(|p| privilege(p).allowed)
+            .cloned()
+            .collect();
+        let methods = methods
+            .iter()
+            .map(|m| {
+                if let Some(r) = first(Effect::Forbid, &|r| r.methods.contains(m.name)) {
+                    return Err(Denial { rule: r.id.clone(), reason: format!("method {} is forbidden", m.name) });
+                }
+                let Some(allow) = first(Effect::Allow, &|r| r.methods.contains(m.name)) else {
+                    return Err(Denial { rule: DEFAULT_DENY.into(), reason: format!("no rule grants method {}", m.name) });
+                };
+                match m.privilege.map(privilege) {
+                    Some(Decision { allowed: false, rule }) => Err(Denial {
+                        rule,
+                        reason: format!("method {} requires privilege {}, which is not granted", m.name, m.privilege.unwrap_or_default()),
+                    }),
+                    _ => Ok(allow.id.clone()),
+                }
+            })
+            .collect();
+        Ok(Grant { admitted_by: admitted_by.id.clone(), methods, privileges })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use portcullis_proto::property::PropValue;
+
+    use super::*;
+    use crate::Source;
+
+    const PRINCIPALS: &str = r#"
+[[principal]]
+name = "anyone"
+
+[[principal]]
+name = "root"
+uid = [0]
+
+[[principal]]
+name = "dialout"
+groups = ["dialout"]
+
+[[principal]]
+name = "minicom"
+exe = ["/usr/bin/minicom"]
+"#;
+
+    fn policy(rules: &str) -> Policy {
+        let text = format!("{PRINCIPALS}\n{rules}");
+        Policy::parse(&[Source { origin: "test.toml", text: &text }]).unwrap()
+    }
+
+    fn task<'a>(uid: u32, groups: &'a [String], exe: Option<&'a str>) -> Task<'a> {
+        Task { uid, gid: uid, groups, exe }
+    }
+
+    fn tty_props() -> Properties {
+        Properties::from([("usb.vendor".to_string(), PropValue::Text("0403".into()))])
+    }
+
+    fn tty(props: &Properties) -> ServiceView<'_> {
+        ServiceView { name: "tty0", class: "TtyDevice", properties: props }
+    }
+
+    const METHODS: [MethodRef<'static>; 3] = [
+        MethodRef { name: "read", privilege: None },
+        MethodRef { name: "write", privilege: None },
+        MethodRef { name: "reset", privilege: Some("tty.admin") },
+    ];
+
+    #[test]
+    fn admit_nothing_matches_is_default_deny() {
+        let p = policy(r#"
+[[rule]]
+id = "other"
+effect = "allow"
+principals = ["anyone"]
+service = { class = "BlockDevice" }
+methods = ["*"]
+"#);
+        let props = tty_props();
+        let err = p.admit(&task(1000, &[], None), &tty(&props), false, &METHODS).unwrap_err();
+        assert_eq!(err.rule, DEFAULT_DENY);
+    }
+
+    #[test]
+    fn admit_forbid_beats_allow_for_methods() {
+        let p = policy(r#"
+[[rule]]
+id = "allow-all"
+effect = "allow"
+principals = ["anyone"]
+service = { class = "TtyDevice" }
+methods = ["*"]
+
+[[rule]]
+id = "no-write"
+effect = "forbid"
+principals = ["anyone"]
+service = { class = "TtyDevice" }
+methods = ["write"]
+"#);
+        let props = tty_props();
+        let grant = p.admit(&task(1000, &[], None), &tty(&props), false, &METHODS).unwrap();
+        assert_eq!(grant.check(0), Ok("allow-all"));
+        assert_eq!(grant.check(1).unwrap_err().rule, "no-write");
+        // reset needs a privilege nobody grants.
+        let denial = grant.check(2).unwrap_err();
+        assert_eq!(denial.rule, DEFAULT_DENY);
+        assert!(denial.reason.contains("tty.admin"), "{}", denial.reason);
+        assert_eq!(grant.check(3).unwrap_err().rule, DEFAULT_DENY);
+    }
+
+    #[test]
+    fn admit_forbid_whole_service_hides_it_and_names_rule() {
+        let p = policy(r#"
+[[rule]]
+id = "allow-all"
+effect = "allow"
+principals = ["anyone"]
+methods = ["*"]
+
+[[rule]]
+id = "no-tty-for-anyone"
+effect = "forbid"
+principals = ["anyone"]
+service = { class = "TtyDevice" }
+"#);
+        let props = tty_props();
+        let t = task(0, &[], None);
+        assert!(!p.can_see(&t, &tty(&props)));
+        assert_eq!(p.admit(&t, &tty(&props), false, &METHODS).unwrap_err().rule, "no-tty-for-anyone");
+    }
+
+    #[test]
+    fn admit_groups_match_any_listed() {
+        let p = policy(r#"
+[[rule]]
+id = "serial"
+effect = "allow"
+principals = ["dialout"]
+service = { class = "TtyDevice", properties = { "usb.vendor" = "0403" } }
+methods = ["read"]
+"#);
+        let props = tty_props();
+        let groups = vec!["users".to_string(), "dialout".to_string()];
+        let grant = p.admit(&task(1000, &groups, None), &tty(&props), false, &METHODS).unwrap();
+        assert_eq!(grant.admitted_by(), "serial");
+        let others = vec!["users".to_string()];
+        assert_eq!(p.admit(&task(1000, &others, None), &tty(&props), false, &METHODS).unwrap_err().rule, DEFAULT_DENY);
+        let wrong_vendor = Properties::from([("usb.vendor".to_string(), PropValue::Text("1a86".into()))]);
+        assert!(p.admit(&task(1000, &groups, None), &tty(&wrong_vendor), false, &METHODS).is_err());
+    }
+
+    #[test]
+    fn admit_exe_must_match_exactly_and_be_known() {
+        let p = policy(r#"
+[[rule]]
+id = "minicom"
+effect = "allow"
+principals = ["minicom"]
+methods = ["read"]
+"#);
+        let props = tty_props();
+        assert!(p.admit(&task(1000, &[], Some("/usr/bin/minicom")), &tty(&props), false, &METHODS).is_ok());
+        assert!(p.admit(&task(1000, &[], Some("/tmp/minicom")), &tty(&props), false, &METHODS).is_err());
+        assert!(p.admit(&task(1000, &[], None), &tty(&props), false, &METHODS).is_err());
+    }
+
+    #[test]
+    fn admit_privilege_granted_to_root_only() {
+        let p = policy(r#"
+[[rule]]
+id = "use"
+effect = "allow"
+principals = ["anyone"]
+methods = ["read", "write"]
+
+[[rule]]
+id = "admin"
+effect = "allow"
+principals = ["root"]
+methods = ["reset"]
+privileges = ["tty.admin"]
+"#);
+        let props = tty_props();
+        let root = p.admit(&task(0, &[], None), &tty(&props), false, &METHODS).unwrap();
+        assert!(root.has_privilege("tty.admin"));
+        assert_eq!(root.check(2), Ok("admin"));
+        let user = p.admit(&task(1000, &[], None), &tty(&props), false, &METHODS).unwrap();
+        assert!(!user.has_privilege("tty.admin"));
+        assert_eq!(user.check(2).unwrap_err().rule, DEFAULT_DENY);
+    }
+
+    #[test]
+    fn admit_forbidden_privilege_denies_method_naming_forbid() {
+        let p = policy(r#"
+[[rule]]
+id = "admin"
+effect = "allow"
+principals = ["anyone"]
+methods = ["*"]
+privileges = ["tty.admin"]
+
+[[rule]]
+id = "no-admin-for-dialout"
+effect = "forbid"
+principals = ["dialout"]
+privileges = ["tty.admin"]
+"#);
+        let props = tty_props();
+        let groups = vec!["dialout".to_string()];
+        let grant = p.admit(&task(1000, &groups, None), &tty(&props), false, &METHODS).unwrap();
+        assert!(!grant.has_privilege("tty.admin"));
+        assert_eq!(grant.check(2).unwrap_err().rule, "no-admin-for-dialout");
+        assert_eq!(grant.check(1), Ok("admin"));
+    }
+
+    #[test]
+    fn admit_exclusive_needs_a_rule_that_grants_it() {
+        let p = policy(r#"
+[[rule]]
+id = "shared-only"
+effect = "allow"
+principals = ["anyone"]
+methods = ["read"]
+
+[[rule]]
+id = "exclusive-for-root"
+effect = "allow"
+principals = ["root"]
+open = "exclusive"
+"#);
+        let props = tty_props();
+        assert!(p.admit(&task(1000, &[], None), &tty(&props), false, &METHODS).is_ok());
+        assert_eq!(p.admit(&task(1000, &[], None), &tty(&props), true, &METHODS).unwrap_err().rule, DEFAULT_DENY);
+        let grant = p.admit(&task(0, &[], None), &tty(&props), true, &METHODS).unwrap();
+        assert_eq!(grant.admitted_by(), "exclusive-for-root");
+        // The exclusive rule names no methods; the shared rule still grants read.
+        assert_eq!(grant.check(0), Ok("shared-only"));
+    }
+
+    #[test]
+    fn admit_forbid_exclusive_names_rule() {
+        let p = policy(r#"
+[[rule]]
+id = "all"
+effect = "allow"
+principals = ["anyone"]
+open = "exclusive"
+methods = ["*"]
+
+[[rule]]
+id = "never-exclusive"
+effect = "forbid"
+principals = ["anyone"]
+open = "exclusive"
+"#);
+        let props = tty_props();
+        assert!(p.can_see(&task(1, &[], None), &tty(&props)));
+        assert_eq!(p.admit(&task(1, &[], None), &tty(&props), true, &METHODS).unwrap_err().rule, "never-exclusive");
+        assert!(p.admit(&task(1, &[], None), &tty(&props), false, &METHODS).is_ok());
+    }
+}

@@ -1,0 +1,22 @@
+//! The Portcullis policy language (v1): principals and rules in TOML, compiled at admission
+//! into a [`Grant`] so that a per-call check is a table lookup.
+//!
+//! Pure: sources come in as text, decisions go out as values. Loading files, watching them and
+//! logging decisions belong to the broker.
+//!
+//! Semantics, in order of precedence:
+//! - **forbid wins**: a matching `forbid` rule overrides every `allow`;
+//! - **default deny**: what no `allow` rule grants is refused, and the refusal says so;
+//! - a forbid rule's scope is what it names: methods, exclusive opens, privileges, or — when it
+//!   names none of these — the whole service (which the task then cannot see either).
+
+#![forbid(unsafe_code)]
+
+mod grant;
+mod model;
+
+pub use grant::{Admission, Decision, Denial, Grant, MethodDecision, MethodRef, RuleRef, ServiceView, Task};
+pub use model::{Effect, OpenPermission, Policy, PolicyError, Source, SourceError};
+
+/// What a denial names when no rule decided it.
+pub const DEFAULT_DENY: &str = "default deny";

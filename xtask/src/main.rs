@@ -1,0 +1,213 @@
+//! `cargo xtask <command>`: the project's automation.
+//!
+//! - `test`: install what the suite needs (a Python venv with grpcio for the stock-client test),
+//!   check generated code is current, build the broker once, run every test in the workspace.
+//! - `bench [--quick]`: build the benchmarks in release mode and run them.
+//! - `codegen [--check]`: regenerate the checked-in gRPC code; with `--check`, fail on a diff.
+
+use std::{
+    env, fs,
+    path::{Path, PathBuf},
+    process::{Command, ExitCode},
+};
+
+type Result<T> = std::result::Result<T, String>;
+
+fn main() -> ExitCode {
+    let args: Vec<String> = env::args().skip(1).collect();
+    let result = match args.first().map(String::as_str) {
+        Some("test") => test(&args[1..]),
+        Some("bench") => bench(&args[1..]),
+        Some("codegen") => codegen(args.iter().any(|a| a == "--check")),
+        _ => Err("usage: cargo xtask <test [-- cargo-test-args] | bench [--quick] | codegen [--check]>".into()),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+fn target_dir() -> PathBuf {
+    env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("target"))
+}
+
+fn cargo() -> Command {
+    let mut cmd = Command::new(env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cmd.current_dir(root());
+    cmd
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    eprintln!("xtask: running {cmd:?}");
+    let status = cmd.status().map_err(|e| format!("cannot start {cmd:?}: {e}"))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("{cmd:?} failed: {status}"))
+    }
+}
+
+fn step(title: &str) {
+    eprintln!("\n==> {title}");
+}
+
+fn test(extra: &[String]) -> Result<()> {
+    step("python venv with grpcio (stock gRPC client test)");
+    let python = ensure_python_venv()?;
+
+    step("generated code is current");
+    codegen(true)?;
+
+    step("building the broker once for every integration test");
+    run(cargo().args(["build", "--package", "portcullis-broker", "--bin", "portcullis"]))?;
+    let bin = target_dir().join("debug").join("portcullis");
+
+    step("the whole workspace test suite");
+    let extra: Vec<&String> = extra.iter().skip_while(|a| *a == "--").collect();
+    run(cargo()
+        .args(["test", "--workspace", "--no-fail-fast"])
+        .args(extra)
+        .env("PORTCULLIS_BIN", &bin)
+        .env("PORTCULLIS_PYTHON", &python))
+}
+
+/// A venv under `target/` holding the pinned packages of `tests/python/requirements.txt`;
+/// reinstalled only when that file changes.
+fn ensure_python_venv() -> Result<PathBuf> {
+    let requirements = root().join("tests/python/requirements.txt");
+    let wanted = fs::read_to_string(&requirements)
+        .map_err(|e| format!("{}: {e}", requirements.display()))?;
+    let venv = target_dir().join("py");
+    let python = venv.join("bin/python");
+    let stamp = venv.join("requirements.installed");
+    if python.exists() && fs::read_to_string(&stamp).ok().as_deref() == Some(wanted.as_str()) {
+        eprintln!("xtask: {} is current", venv.display());
+        return Ok(python);
+    }
+    let python3 = env::var("PYTHON3").unwrap_or_else(|_| "python3".into());
+    if Command::new(&python3).arg("--version").output().is_err() {
+        install_debian(&["python3", "python3-venv", "python3-pip"])?;
+    }
+    if !python.exists() && Command::new(&python3).args(["-m", "venv"]).arg(&venv).status().map(|s| !s.success()).unwrap_or(true) {
+        install_debian(&["python3-venv"])?;
+        run(Command::new(&python3).args(["-m", "venv"]).arg(&venv))?;
+    }
+    run(Command::new(&python).args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", "-r"]).arg(&requirements))?;
+    fs::write(&stamp, wanted).map_err(|e| format!("{}: {e}", stamp.display()))?;
+    Ok(python)
+}
+
+/// `apt-get install` the packages that are missing (the machines run as root).
+fn install_debian(packages: &[&str]) -> Result<()> {
+    let missing: Vec<&str> = packages
+        .iter()
+        .copied()
+        .filter(|p| {
+            !Command::new("dpkg-query")
+                .args(["-W", "-f=${Status}", p])
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+                .unwrap_or(false)
+        })
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    run(Command::new("apt-get").arg("update").env("DEBIAN_FRONTEND", "noninteractive"))?;
+    run(Command::new("apt-get")
+        .args(["install", "-y", "--no-install-recommends"])
+        .args(&missing)
+        .env("DEBIAN_FRONTEND", "noninteractive"))
+}
+
+fn bench(args: &[String]) -> Result<()> {
+    step("benchmarks (release build)");
+    run(cargo()
+        .args(["run", "--release", "--package", "portcullis-bench", "--"])
+        .args(args))
+}
+
+/// One protobuf compilation: the .proto, the include path, and where its output is checked in.
+struct Codegen {
+    proto: &'static str,
+    include: &'static str,
+    out_dir: &'static str,
+    /// The files of the output that are checked in (imports generate files of their own).
+    outputs: &'static [&'static str],
+    descriptor: Option<&'static str>,
+    extern_paths: &'static [(&'static str, &'static str)],
+}
+
+const CODEGEN: &[Codegen] = &[
+    Codegen {
+        proto: "proto/portcullis.proto",
+        include: "proto",
+        out_dir: "proto/src/generated",
+        outputs: &["portcullis.v1.rs", "portcullis_descriptor.bin"],
+        descriptor: Some("portcullis_descriptor.bin"),
+        extern_paths: &[],
+    },
+    Codegen {
+        proto: "bench/proto/echo.proto",
+        include: "proto",
+        out_dir: "bench/src/generated",
+        outputs: &["portcullis.bench.rs"],
+        descriptor: None,
+        extern_paths: &[(".portcullis.v1", "::portcullis_proto::pb")],
+    },
+];
+
+fn codegen(check: bool) -> Result<()> {
+    let protoc = protoc_bin_vendored::protoc_bin_path().map_err(|e| format!("vendored protoc: {e}"))?;
+    let mut stale = Vec::new();
+    for job in CODEGEN {
+        let tmp = tempfile::tempdir().map_err(|e| e.to_string())?;
+        let mut config = prost_build::Config::new();
+        config.protoc_executable(&protoc);
+        let mut builder = tonic_prost_build::configure().out_dir(tmp.path()).emit_rerun_if_changed(false);
+        if let Some(descriptor) = job.descriptor {
+            builder = builder.file_descriptor_set_path(tmp.path().join(descriptor));
+        }
+        for (proto_path, rust_path) in job.extern_paths {
+            builder = builder.extern_path(*proto_path, *rust_path);
+        }
+        let root = root();
+        let include_dirs = [root.join(job.include), root.join(Path::new(job.proto).parent().unwrap_or(Path::new(".")))];
+        builder
+            .compile_with_config(config, &[root.join(job.proto)], &include_dirs)
+            .map_err(|e| format!("{}: {e}", job.proto))?;
+        let out_dir = root.join(job.out_dir);
+        fs::create_dir_all(&out_dir).map_err(|e| e.to_string())?;
+        for name in job.outputs {
+            let produced = tmp.path().join(name);
+            let new = fs::read(&produced).map_err(|e| format!("{}: {e}", produced.display()))?;
+            let dest = out_dir.join(name);
+            if fs::read(&dest).ok().as_deref() == Some(new.as_slice()) {
+                continue;
+            }
+            if check {
+                stale.push(dest.display().to_string());
+            } else {
+                fs::write(&dest, new).map_err(|e| format!("{}: {e}", dest.display()))?;
+                eprintln!("xtask: wrote {}", dest.display());
+            }
+        }
+    }
+    if stale.is_empty() {
+        Ok(())
+    } else {
+        Err(format!("generated code is stale, run `cargo xtask codegen`: {}", stale.join(", ")))
+    }
+}
