@@ -1,0 +1,20 @@
+//! The Portcullis device broker: one trusted process owns the device drivers; untrusted
+//! applications reach them only through sessions whose every request the policy checks.
+//!
+//! - [`registry`]: services, properties, matching, open arbitration;
+//! - [`driver`] and [`drivers`]: the driver model and the drivers;
+//! - [`session`]: identity, admission, grants, calls, events;
+//! - [`transport`]: gRPC (and, later, the native socket and ring);
+//! - [`server`]: assembling and running a broker; [`cli`]: the `portcullis` command.
+
+#![forbid(unsafe_code)]
+
+pub mod bus;
+pub mod cli;
+pub mod config;
+pub mod driver;
+pub mod drivers;
+pub mod registry;
+pub mod server;
+pub mod session;
+pub mod transport;

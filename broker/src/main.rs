@@ -1,1 +1,7 @@
-fn main(){}
+//! The `portcullis` command: the broker and its client tools.
+
+#![forbid(unsafe_code)]
+
+fn main() -> std::process::ExitCode {
+    portcullis_broker::cli::main()
+}

@@ -1,1 +1,177 @@
+//! Rust client for the Portcullis device broker.
+//!
+//! A [`Client`] connects to a broker's gRPC socket; a [`Session`] is one bidirectional stream on
+//! it: everything opened through a session is released by the broker when the session ends,
+//! however it ends. [`blocking`] wraps the same API for programs without an async runtime.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), portcullis_client::ClientError> {
+//! use portcullis_client::{Client, OpenMode, matching};
+//!
+//! let client = Client::connect(portcullis_client::default_run_dir()).await?;
+//! let session = client.session().await?;
+//! let service = session.find_one(matching::by_name("sample0")).await?;
+//! let sample = session.open(service.id, OpenMode::Shared).await?;
+//! let out = session.call_named(&sample, "add", &[2, 3], &[]).await?;
+//! assert_eq!(out.scalars, vec![5]);
+//! # Ok(()) }
+//! ```
+//!
+//! Refusals carry the broker's [`Status`] and, for policy refusals, the deciding rule.
 
+pub mod blocking;
+mod session;
+
+use std::{
+    env, io,
+    path::{Path, PathBuf},
+};
+
+use hyper_util::rt::TokioIo;
+pub use portcullis_proto::{Status, pb};
+use portcullis_proto::{limits, pb::broker_client::BrokerClient};
+pub use session::{CallOutput, Session, UserClient};
+use tokio::net::UnixStream;
+use tonic::transport::{Channel, Endpoint, Uri};
+
+/// The gRPC socket's file name inside the run dir.
+pub const GRPC_SOCKET: &str = "grpc.sock";
+
+/// Environment variable naming the run dir.
+pub const RUN_DIR_ENV: &str = "PORTCULLIS_RUN_DIR";
+
+/// Open modes.
+pub use portcullis_proto::pb::OpenMode;
+
+/// The default run dir: `$PORTCULLIS_RUN_DIR`, else `/run/portcullis` for root, else
+/// `$XDG_RUNTIME_DIR/portcullis` (or `/tmp/portcullis-<uid>` without one).
+pub fn default_run_dir() -> PathBuf {
+    if let Some(dir) = env::var_os(RUN_DIR_ENV) {
+        return PathBuf::from(dir);
+    }
+    let uid = rustix::process::getuid().as_raw();
+    if uid == 0 {
+        return PathBuf::from("/run/portcullis");
+    }
+    match env::var_os("XDG_RUNTIME_DIR") {
+        Some(dir) => Path::new(&dir).join("portcullis"),
+        None => PathBuf::from(format!("/tmp/portcullis-{uid}")),
+    }
+}
+
+/// What went wrong talking to the broker.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The broker refused the request.
+    #[error("{status}: {message}{}", rule.as_ref().map(|r| format!(" (rule {r:?})")).unwrap_or_default())]
+    Refused {
+        /// The status.
+        status: Status,
+        /// The broker's reason.
+        message: String,
+        /// The policy rule that decided, for policy refusals.
+        rule: Option<String>,
+    },
+    /// The socket could not be reached.
+    #[error("cannot connect to {path}: {source}")]
+    Connect {
+        /// The socket path.
+        path: PathBuf,
+        /// Why.
+        source: tonic::transport::Error,
+    },
+    /// A gRPC-level failure.
+    #[error("gRPC: {0}")]
+    Rpc(#[from] tonic::Status),
+    /// The session ended (broker stopped or connection lost).
+    #[error("the session ended")]
+    Disconnected,
+    /// The broker sent something this client does not understand.
+    #[error("protocol: {0}")]
+    Protocol(String),
+    /// Nothing matched a lookup.
+    #[error("not found: {0}")]
+    NotFound(String),
+}
+
+impl ClientError {
+    /// The broker's status, for refusals.
+    pub fn status(&self) -> Option<Status> {
+        match self {
+            ClientError::Refused { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+
+    /// The deciding policy rule, for policy refusals.
+    pub fn rule(&self) -> Option<&str> {
+        match self {
+            ClientError::Refused { rule, .. } => rule.as_deref(),
+            _ => None,
+        }
+    }
+}
+
+/// Matching dictionaries.
+pub mod matching {
+    use portcullis_proto::pb::Matching;
+
+    /// Services named `name`.
+    pub fn by_name(name: &str) -> Matching {
+        Matching { name: name.to_string(), ..Matching::default() }
+    }
+
+    /// Services of class `class`.
+    pub fn by_class(class: &str) -> Matching {
+        Matching { class: class.to_string(), ..Matching::default() }
+    }
+
+    /// Every service.
+    pub fn all() -> Matching {
+        Matching::default()
+    }
+}
+
+/// A gRPC channel to a Unix socket.
+pub async fn uds_channel(path: &Path) -> Result<Channel, ClientError> {
+    let socket = path.to_path_buf();
+    Endpoint::from_static("http://localhost")
+        .connect_with_connector(tower::service_fn(move |_: Uri| {
+            let socket = socket.clone();
+            async move { Ok::<_, io::Error>(TokioIo::new(UnixStream::connect(socket).await?)) }
+        }))
+        .await
+        .map_err(|source| ClientError::Connect { path: path.to_path_buf(), source })
+}
+
+/// A connection to a broker.
+#[derive(Clone, Debug)]
+pub struct Client {
+    grpc: BrokerClient<Channel>,
+}
+
+impl Client {
+    /// Connects to the broker serving `run_dir`.
+    pub async fn connect(run_dir: impl AsRef<Path>) -> Result<Client, ClientError> {
+        Client::connect_socket(&run_dir.as_ref().join(GRPC_SOCKET)).await
+    }
+
+    /// Connects to a broker's gRPC socket.
+    pub async fn connect_socket(path: &Path) -> Result<Client, ClientError> {
+        let grpc = BrokerClient::new(uds_channel(path).await?)
+            .max_decoding_message_size(limits::MAX_GRPC_MESSAGE)
+            .max_encoding_message_size(limits::MAX_GRPC_MESSAGE);
+        Ok(Client { grpc })
+    }
+
+    /// The services matching the dictionary that this task may see (no session needed).
+    pub async fn list_services(&self, matching: pb::Matching) -> Result<Vec<pb::ServiceInfo>, ClientError> {
+        let response = self.grpc.clone().list_services(pb::ListServicesRequest { matching: Some(matching) }).await?;
+        Ok(response.into_inner().services)
+    }
+
+    /// Starts a session.
+    pub async fn session(&self) -> Result<Session, ClientError> {
+        Session::start(self.grpc.clone()).await
+    }
+}

@@ -1,0 +1,137 @@
+//! The `portcullis` command line.
+//!
+//! Exit status: 0 on success, 1 when the broker refused or failed a request (the status and
+//! the deciding rule are printed), 2 for usage errors.
+
+mod call;
+mod json;
+mod ls;
+mod watch;
+
+use std::{path::PathBuf, process::ExitCode};
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use portcullis_client::{Client, ClientError, RUN_DIR_ENV};
+
+use crate::server::{self, BrokerOptions};
+
+/// Portcullis: a device broker that owns the drivers and checks every request against policy.
+#[derive(Debug, Parser)]
+#[command(name = "portcullis", version, propagate_version = true)]
+pub struct Cli {
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Human)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum LogFormat {
+    Human,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the broker (embedded defaults: the sample device and the default policy).
+    Broker(BrokerArgs),
+    /// Show the registry as this task may see it, as a tree (like ioreg).
+    Ls(ls::LsArgs),
+    /// Open a service and call one method.
+    Call(call::CallArgs),
+    /// Print events (notifications, services published and terminated) as they happen.
+    Watch(watch::WatchArgs),
+}
+
+/// Where the broker's sockets are.
+#[derive(Clone, Debug, Args)]
+pub(crate) struct RunDir {
+    /// Directory holding the broker's sockets [default: /run/portcullis for root,
+    /// $XDG_RUNTIME_DIR/portcullis otherwise].
+    #[arg(long, env = RUN_DIR_ENV)]
+    run_dir: Option<PathBuf>,
+}
+
+impl RunDir {
+    fn path(&self) -> PathBuf {
+        self.run_dir.clone().unwrap_or_else(portcullis_client::default_run_dir)
+    }
+
+    pub(crate) async fn connect(&self) -> Result<Client, ClientError> {
+        Client::connect(self.path()).await
+    }
+}
+
+#[derive(Debug, Args)]
+struct BrokerArgs {
+    /// Configuration file (TOML) [default: embedded: one sample device].
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Policy file, or directory of *.toml files read in lexical order [default: the config's
+    /// `policy`, else the embedded default policy].
+    #[arg(long)]
+    policy: Option<PathBuf>,
+    #[command(flatten)]
+    run_dir: RunDir,
+}
+
+/// Runs the command line; returns the process exit status.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let is_broker = matches!(cli.command, Command::Broker(_));
+    init_logging(cli.log_format, if is_broker { "info" } else { "warn" });
+    let runtime = if is_broker { tokio::runtime::Builder::new_multi_thread().enable_all().build() } else { tokio::runtime::Builder::new_current_thread().enable_all().build() };
+    let runtime = match runtime {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("portcullis: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async move {
+        match cli.command {
+            Command::Broker(args) => broker(args).await,
+            Command::Ls(args) => ls::run(args).await,
+            Command::Call(args) => call::run(args).await,
+            Command::Watch(args) => watch::run(args).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            if !message.is_empty() {
+                eprintln!("portcullis: {message}");
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(format: LogFormat, default_level: &str) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Human => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+async fn broker(args: BrokerArgs) -> Result<(), String> {
+    let options = BrokerOptions { config: args.config, policy: args.policy, run_dir: args.run_dir.path() };
+    server::run(options, shutdown_signal()).await.map_err(|e| e.to_string())
+}
+
+/// Completes on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut interrupt), Ok(mut terminate)) = (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) else {
+        tracing::error!("cannot install signal handlers; stop the broker with SIGKILL");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = interrupt.recv() => tracing::info!("SIGINT: stopping"),
+        _ = terminate.recv() => tracing::info!("SIGTERM: stopping"),
+    }
+}

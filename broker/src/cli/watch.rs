@@ -1,0 +1,69 @@
+//! `portcullis watch [SERVICE]...`: print events as they happen.
+
+use clap::Args;
+use portcullis_client::pb::{self, event::Kind};
+use serde_json::json;
+
+use super::{RunDir, call::resolve_service, json};
+
+#[derive(Debug, Args)]
+pub(crate) struct WatchArgs {
+    /// Services to watch, by name or id [default: every service this task may see, and
+    /// publications of new ones].
+    services: Vec<String>,
+    /// Exit after this many events.
+    #[arg(long)]
+    count: Option<u64>,
+    /// Print one JSON object per line.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    run_dir: RunDir,
+}
+
+pub(crate) async fn run(args: WatchArgs) -> Result<(), String> {
+    let client = args.run_dir.connect().await.map_err(|e| e.to_string())?;
+    let session = client.session().await.map_err(|e| e.to_string())?;
+    let mut ids = Vec::new();
+    for name in &args.services {
+        ids.push(resolve_service(&session, name).await.map_err(|e| e.to_string())?.id);
+    }
+    session.subscribe(&ids).await.map_err(|e| e.to_string())?;
+    eprintln!("watching {}", if args.services.is_empty() { "every service".to_string() } else { args.services.join(", ") });
+    let mut seen = 0u64;
+    while args.count.is_none_or(|n| seen < n) {
+        let Some(event) = session.next_event().await else {
+            return Err("the broker ended the session".into());
+        };
+        println!("{}", if args.json { render_json(&event).to_string() } else { render(&event) });
+        seen += 1;
+    }
+    Ok(())
+}
+
+fn render(event: &pb::Event) -> String {
+    match &event.kind {
+        Some(Kind::Published(p)) => {
+            let s = p.service.clone().unwrap_or_default();
+            format!("published {} <class {}, id {}>", s.name, s.class, s.id)
+        }
+        Some(Kind::Terminated(t)) => format!("terminated {} (id {})", t.name, t.service_id),
+        Some(Kind::Notification(n)) => format!("notification {} {} value={} ({})", n.service_name, n.kind, n.value, n.detail),
+        Some(Kind::UserClientClosed(c)) => format!("user-client-closed handle={} {}: {}", c.handle, json::status_name(c.status), c.reason),
+        Some(Kind::Lost(l)) => format!("lost {} event(s)", l.count),
+        None => "unknown event".into(),
+    }
+}
+
+fn render_json(event: &pb::Event) -> serde_json::Value {
+    match &event.kind {
+        Some(Kind::Published(p)) => json!({ "event": "published", "service": p.service.as_ref().map(json::service) }),
+        Some(Kind::Terminated(t)) => json!({ "event": "terminated", "service_id": t.service_id, "name": t.name }),
+        Some(Kind::Notification(n)) => {
+            json!({ "event": "notification", "service_id": n.service_id, "service": n.service_name, "kind": n.kind, "value": n.value, "detail": n.detail })
+        }
+        Some(Kind::UserClientClosed(c)) => json!({ "event": "user_client_closed", "handle": c.handle, "status": json::status_name(c.status), "reason": c.reason }),
+        Some(Kind::Lost(l)) => json!({ "event": "lost", "count": l.count }),
+        None => json!({ "event": "unknown" }),
+    }
+}

@@ -1,0 +1,177 @@
+//! Broker configuration: the devices the virtual bus publishes, and where the policy lives.
+//! Built-in defaults are embedded so that `portcullis broker` runs with no files at all.
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+};
+
+use portcullis_policy::{Policy, PolicyError, Source};
+use portcullis_proto::property::{PropValue, Properties};
+use serde::Deserialize;
+
+/// The embedded default configuration.
+pub const DEFAULT_CONFIG: &str = include_str!("default_config.toml");
+
+/// The embedded default policy.
+pub const DEFAULT_POLICY: &str = include_str!("default_policy.toml");
+
+/// A parsed configuration.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Policy file or directory; relative paths are relative to the config file.
+    pub policy: Option<PathBuf>,
+    /// Devices the virtual bus publishes.
+    #[serde(default, rename = "device")]
+    pub devices: Vec<DeviceConfig>,
+}
+
+/// One `[[device]]`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceConfig {
+    /// Registry name, unique.
+    pub name: String,
+    /// Driver kind (see [`crate::drivers::KINDS`]).
+    pub driver: String,
+    /// Properties published with the device (strings, integers, booleans).
+    #[serde(default)]
+    pub properties: toml::Table,
+}
+
+/// Why configuration or policy could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// A file could not be read.
+    #[error("{path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The config is not valid TOML of the expected shape.
+    #[error("{origin}: {source}")]
+    Parse {
+        /// The file, or "embedded default".
+        origin: String,
+        /// The TOML error, with its location.
+        source: toml::de::Error,
+    },
+    /// A device's property has a type the registry cannot hold.
+    #[error("device {device:?}: property {key:?} must be a string, integer or boolean")]
+    Property {
+        /// The device.
+        device: String,
+        /// The key.
+        key: String,
+    },
+    /// The policy is invalid.
+    #[error("policy:\n{0}")]
+    Policy(#[from] PolicyError),
+    /// A policy directory holds no `*.toml` file.
+    #[error("{0}: no *.toml policy files")]
+    EmptyPolicyDir(PathBuf),
+}
+
+impl Config {
+    /// Parses configuration text.
+    pub fn parse(origin: &str, text: &str) -> Result<Config, ConfigError> {
+        toml::from_str(text).map_err(|source| ConfigError::Parse { origin: origin.to_string(), source })
+    }
+
+    /// Loads a config file, or the embedded default. A relative `policy` path is resolved
+    /// against the file's directory.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        let Some(path) = path else { return Config::parse("embedded default config", DEFAULT_CONFIG) };
+        let text = read(path)?;
+        let mut config = Config::parse(&path.display().to_string(), &text)?;
+        if let (Some(policy), Some(dir)) = (&config.policy, path.parent()) {
+            config.policy = Some(dir.join(policy));
+        }
+        Ok(config)
+    }
+}
+
+impl DeviceConfig {
+    /// The device's properties as registry values.
+    pub fn registry_properties(&self) -> Result<Properties, ConfigError> {
+        self.properties
+            .iter()
+            .map(|(k, v)| {
+                let value = match v {
+                    toml::Value::String(s) => PropValue::Text(s.clone()),
+                    toml::Value::Integer(i) => u64::try_from(*i).map_or(PropValue::Signed(*i), PropValue::Unsigned),
+                    toml::Value::Boolean(b) => PropValue::Flag(*b),
+                    _ => return Err(ConfigError::Property { device: self.name.clone(), key: k.clone() }),
+                };
+                Ok((k.clone(), value))
+            })
+            .collect()
+    }
+}
+
+fn read(path: &Path) -> Result<String, ConfigError> {
+    fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })
+}
+
+/// Loads the policy at `path` (a file, or a directory whose `*.toml` files are read in lexical
+/// order), or the embedded default.
+pub fn load_policy(path: Option<&Path>) -> Result<Policy, ConfigError> {
+    let Some(path) = path else {
+        return Ok(Policy::parse(&[Source { origin: "embedded default policy", text: DEFAULT_POLICY }])?);
+    };
+    let files = if path.is_dir() {
+        let mut files: Vec<PathBuf> = fs::read_dir(path)
+            .map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "toml") && p.is_file())
+            .collect();
+        files.sort();
+        if files.is_empty() {
+            return Err(ConfigError::EmptyPolicyDir(path.to_path_buf()));
+        }
+        files
+    } else {
+        vec![path.to_path_buf()]
+    };
+    let texts = files.iter().map(|f| Ok((f.display().to_string(), read(f)?))).collect::<Result<Vec<_>, ConfigError>>()?;
+    let sources: Vec<Source<'_>> = texts.iter().map(|(origin, text)| Source { origin, text }).collect();
+    Ok(Policy::parse(&sources)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedded_defaults_load() {
+        let config = Config::load(None).unwrap();
+        assert_eq!(config.devices.len(), 1);
+        assert_eq!(config.devices[0].name, "sample0");
+        assert!(load_policy(None).unwrap().rule_count() >= 2);
+    }
+
+    #[test]
+    fn config_unknown_key_is_refused() {
+        assert!(Config::parse("t", "[[device]]\nname = \"a\"\ndriver = \"sample\"\nspeed = 1\n").is_err());
+    }
+
+    #[test]
+    fn config_table_property_is_refused() {
+        let c = Config::parse("t", "[[device]]\nname = \"a\"\ndriver = \"sample\"\nproperties = { x = { y = 1 } }\n").unwrap();
+        assert!(matches!(c.devices[0].registry_properties(), Err(ConfigError::Property { .. })));
+    }
+
+    #[test]
+    fn policy_dir_reads_toml_files_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join("10-principals.toml"), "[[principal]]\nname = \"all\"\n").unwrap();
+        fs::write(dir.path().join("20-rules.toml"), "[[rule]]\nid = \"r\"\neffect = \"allow\"\nprincipals = [\"all\"]\n").unwrap();
+        fs::write(dir.path().join("README"), "not policy").unwrap();
+        assert_eq!(load_policy(Some(dir.path())).unwrap().rule_count(), 1);
+        let empty = tempfile::tempdir().unwrap();
+        assert!(matches!(load_policy(Some(empty.path())), Err(ConfigError::EmptyPolicyDir(_))));
+    }
+}

@@ -1,0 +1,129 @@
+//! The driver model: the [`Driver`] trait every device family implements, and the method table
+//! (IOExternalMethodDispatch) the session core checks before a driver runs.
+
+mod table;
+
+pub use table::{MethodSpec, MethodTable, SizeRange, TableError};
+
+use std::{fmt, future::Future, pin::Pin};
+
+use portcullis_proto::Status;
+
+use crate::registry::ServiceId;
+
+/// Arguments of one call, already checked against the method table: the scalar count is exactly
+/// the table's, the struct length within its bounds, and `struct_out_cap` within the output bound.
+#[derive(Clone, Debug, Default)]
+pub struct CallArgs {
+    /// Scalar inputs (exactly `scalar_in` of them).
+    pub scalars: Vec<u64>,
+    /// Struct input (within `struct_in` bounds).
+    pub struct_in: Vec<u8>,
+    /// The most struct output bytes the client accepts (at most `struct_out.max`).
+    pub struct_out_cap: usize,
+}
+
+impl CallArgs {
+    /// The first `N` scalars. The table check guarantees the count; a driver asks for exactly its
+    /// method's `scalar_in`.
+    pub fn scalars<const N: usize>(&self) -> [u64; N] {
+        let mut out = [0u64; N];
+        for (o, s) in out.iter_mut().zip(&self.scalars) {
+            *o = *s;
+        }
+        out
+    }
+}
+
+/// What a method returns.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CallOutput {
+    /// Scalar outputs (exactly `scalar_out` of them; the core checks).
+    pub scalars: Vec<u64>,
+    /// Struct output (within `struct_out` bounds and the caller's capacity; the core checks).
+    pub struct_out: Vec<u8>,
+}
+
+/// A refusal or failure from a driver.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{status}: {message}")]
+pub struct DriverError {
+    /// The status the client sees.
+    pub status: Status,
+    /// Why, in words.
+    pub message: String,
+}
+
+impl DriverError {
+    /// A driver error with this status.
+    pub fn new(status: Status, message: impl Into<String>) -> DriverError {
+        DriverError { status, message: message.into() }
+    }
+}
+
+/// The result of a method.
+pub type CallResult = Result<CallOutput, DriverError>;
+
+/// A method's completion: now, or later (asynchronous methods).
+pub enum Completion {
+    /// Completed synchronously.
+    Ready(CallResult),
+    /// Completes when the future does. Dropping it cancels the call.
+    Pending(Pin<Box<dyn Future<Output = CallResult> + Send>>),
+}
+
+impl fmt::Debug for Completion {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Completion::Ready(r) => f.debug_tuple("Ready").field(r).finish(),
+            Completion::Pending(_) => f.write_str("Pending(..)"),
+        }
+    }
+}
+
+/// An interest message a driver posts about its service.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DriverNotice {
+    /// Short kind (`event`).
+    pub kind: &'static str,
+    /// A value the kind defines.
+    pub value: u64,
+    /// Words for people.
+    pub detail: String,
+}
+
+/// What a driver may use while it serves a call.
+pub struct CallContext<'a> {
+    /// The service being called.
+    pub service: ServiceId,
+    /// Posts an interest notification for the service to subscribers.
+    pub notify: &'a (dyn Fn(DriverNotice) + Send + Sync),
+}
+
+impl fmt::Debug for CallContext<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CallContext").field("service", &self.service).finish_non_exhaustive()
+    }
+}
+
+/// A device driver. The broker calls it only with arguments its method table admits and only
+/// for clients the policy granted the method; a driver checks values, never counts or sizes.
+pub trait Driver: Send + Sync + fmt::Debug {
+    /// The family class the driver's services publish as (`SampleDevice`).
+    fn class(&self) -> &'static str;
+
+    /// The method table.
+    fn methods(&self) -> &MethodTable;
+
+    /// Runs the method in row `spec` of the table.
+    fn call(&self, ctx: &CallContext<'_>, spec: &MethodSpec, args: CallArgs) -> Completion;
+
+    /// A user client opened the service (handleOpen).
+    fn opened(&self) {}
+
+    /// A user client closed the service (handleClose).
+    fn closed(&self) {}
+
+    /// The service is terminating: abort pending work.
+    fn terminate(&self) {}
+}

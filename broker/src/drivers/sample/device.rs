@@ -1,0 +1,236 @@
+//! The sample device's state and method implementations.
+
+use std::{
+    sync::{
+        Mutex,
+        atomic::{AtomicU32, AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use portcullis_proto::Status;
+use tokio::sync::oneshot;
+
+use super::methods::{INFO_SIZE, MAX_WAIT_MS, SAMPLE_VERSION, Selector, TABLE};
+use crate::driver::{CallArgs, CallContext, CallOutput, Completion, Driver, DriverError, DriverNotice, MethodSpec, MethodTable};
+
+/// One sample device.
+#[derive(Debug)]
+pub struct SampleDevice {
+    table: MethodTable,
+    calls_served: AtomicU64,
+    opens: AtomicU32,
+    /// Pending `wait_event` calls. A waiter whose call was cancelled has a closed sender and is
+    /// pruned on the next registration or fire.
+    waiters: Mutex<Vec<oneshot::Sender<u64>>>,
+}
+
+impl Default for SampleDevice {
+    fn default() -> Self {
+        SampleDevice::new()
+    }
+}
+
+impl SampleDevice {
+    /// A fresh device.
+    pub fn new() -> SampleDevice {
+        SampleDevice {
+            // The table is a constant checked by `sample_table_is_valid`.
+            table: MethodTable::new(&TABLE).unwrap_or_else(|e| panic!("sample method table: {e}")),
+            calls_served: AtomicU64::new(0),
+            opens: AtomicU32::new(0),
+            waiters: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Pending `wait_event` calls still waiting.
+    pub fn pending_waiters(&self) -> usize {
+        let mut waiters = self.waiters.lock().unwrap_or_else(|e| e.into_inner());
+        waiters.retain(|w| !w.is_closed());
+        waiters.len()
+    }
+
+    fn info(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(INFO_SIZE as usize);
+        out.extend_from_slice(&SAMPLE_VERSION.to_ne_bytes());
+        out.extend_from_slice(&self.opens.load(Ordering::Relaxed).to_ne_bytes());
+        out.extend_from_slice(&self.calls_served.load(Ordering::Relaxed).to_ne_bytes());
+        out
+    }
+
+    fn wait_event(&self, timeout_ms: u64) -> Completion {
+        if timeout_ms > MAX_WAIT_MS {
+            return Completion::Ready(Err(DriverError::new(Status::BadArgument, format!("timeout_ms must be at most {MAX_WAIT_MS}"))));
+        }
+        let (tx, rx) = oneshot::channel();
+        {
+            let mut waiters = self.waiters.lock().unwrap_or_else(|e| e.into_inner());
+            waiters.retain(|w| !w.is_closed());
+            waiters.push(tx);
+        }
+        Completion::Pending(Box::pin(async move {
+            match tokio::time::timeout(Duration::from_millis(timeout_ms), rx).await {
+                Ok(Ok(value)) => Ok(CallOutput { scalars: vec![value], struct_out: vec![] }),
+                Ok(Err(_)) => Err(DriverError::new(Status::Aborted, "the device was terminated")),
+                Err(_) => Err(DriverError::new(Status::Timeout, format!("no event within {timeout_ms} ms"))),
+            }
+        }))
+    }
+
+    fn fire_event(&self, ctx: &CallContext<'_>, value: u64) -> u64 {
+        let waiters = std::mem::take(&mut *self.waiters.lock().unwrap_or_else(|e| e.into_inner()));
+        let completed = waiters.into_iter().filter_map(|w| w.send(value).ok()).count() as u64;
+        (ctx.notify)(DriverNotice { kind: "event", value, detail: format!("completed {completed} waiter(s)") });
+        completed
+    }
+}
+
+impl Driver for SampleDevice {
+    fn class(&self) -> &'static str {
+        "SampleDevice"
+    }
+
+    fn methods(&self) -> &MethodTable {
+        &self.table
+    }
+
+    fn call(&self, ctx: &CallContext<'_>, spec: &MethodSpec, args: CallArgs) -> Completion {
+        self.calls_served.fetch_add(1, Ordering::Relaxed);
+        let done = |scalars: Vec<u64>, struct_out: Vec<u8>| Completion::Ready(Ok(CallOutput { scalars, struct_out }));
+        match Selector::from_u32(spec.selector) {
+            Some(Selector::Add) => {
+                let [a, b] = args.scalars();
+                done(vec![a.wrapping_add(b)], vec![])
+            }
+            Some(Selector::Echo) => done(vec![], args.struct_in),
+            Some(Selector::GetInfo) => done(vec![], self.info()),
+            Some(Selector::WaitEvent) => {
+                let [timeout_ms] = args.scalars();
+                self.wait_event(timeout_ms)
+            }
+            Some(Selector::FireEvent) => {
+                let [value] = args.scalars();
+                done(vec![self.fire_event(ctx, value)], vec![])
+            }
+            Some(Selector::Reset) => {
+                self.calls_served.store(0, Ordering::Relaxed);
+                done(vec![], vec![])
+            }
+            None => Completion::Ready(Err(unknown(spec))),
+        }
+    }
+
+    fn opened(&self) {
+        self.opens.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn closed(&self) {
+        self.opens.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    fn terminate(&self) {
+        // Dropping the senders completes every waiter with Aborted.
+        self.waiters.lock().unwrap_or_else(|e| e.into_inner()).clear();
+    }
+}
+
+fn unknown(spec: &MethodSpec) -> DriverError {
+    DriverError::new(Status::Internal, format!("sample device has no implementation for selector {}", spec.selector))
+}
+
+/// Runs a completion to its result (tests).
+#[cfg(test)]
+async fn finish(c: Completion) -> crate::driver::CallResult {
+    match c {
+        Completion::Ready(r) => r,
+        Completion::Pending(f) => f.await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+    use crate::registry::ServiceId;
+
+    fn with_ctx<R>(f: impl FnOnce(&CallContext<'_>) -> R) -> (R, Vec<DriverNotice>) {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let sink = seen.clone();
+        let notify = move |n: DriverNotice| sink.lock().unwrap().push(n);
+        let ctx = CallContext { service: ServiceId(3), notify: &notify };
+        let r = f(&ctx);
+        let notices = seen.lock().unwrap().clone();
+        (r, notices)
+    }
+
+    fn call(dev: &SampleDevice, ctx: &CallContext<'_>, sel: Selector, scalars: Vec<u64>, s: Vec<u8>) -> Completion {
+        let spec = dev.methods().get(sel as u32).unwrap();
+        let args = spec.check_args(scalars, s, u32::MAX).unwrap();
+        dev.call(ctx, spec, args)
+    }
+
+    #[test]
+    fn sample_table_is_valid() {
+        assert!(MethodTable::new(&TABLE).is_ok());
+        assert_eq!(TABLE.iter().filter(|r| r.privilege.is_some()).count(), 1);
+    }
+
+    #[tokio::test]
+    async fn sample_add_wraps() {
+        let dev = SampleDevice::new();
+        let (c, _) = with_ctx(|ctx| call(&dev, ctx, Selector::Add, vec![u64::MAX, 2], vec![]));
+        assert_eq!(finish(c).await.unwrap().scalars, vec![1]);
+    }
+
+    #[tokio::test]
+    async fn sample_get_info_counts_calls_and_opens() {
+        let dev = SampleDevice::new();
+        dev.opened();
+        let (c, _) = with_ctx(|ctx| {
+            let _ = call(&dev, ctx, Selector::Add, vec![1, 2], vec![]);
+            call(&dev, ctx, Selector::GetInfo, vec![], vec![])
+        });
+        let info = finish(c).await.unwrap().struct_out;
+        assert_eq!(info.len(), INFO_SIZE as usize);
+        assert_eq!(u32::from_ne_bytes(info[0..4].try_into().unwrap()), SAMPLE_VERSION);
+        assert_eq!(u32::from_ne_bytes(info[4..8].try_into().unwrap()), 1);
+        assert_eq!(u64::from_ne_bytes(info[8..16].try_into().unwrap()), 2);
+    }
+
+    #[tokio::test]
+    async fn sample_fire_completes_waiters_and_notifies() {
+        let dev = SampleDevice::new();
+        let (pending, _) = with_ctx(|ctx| call(&dev, ctx, Selector::WaitEvent, vec![10_000], vec![]));
+        assert_eq!(dev.pending_waiters(), 1);
+        let (fired, notices) = with_ctx(|ctx| call(&dev, ctx, Selector::FireEvent, vec![42], vec![]));
+        assert_eq!(finish(fired).await.unwrap().scalars, vec![1]);
+        assert_eq!(finish(pending).await.unwrap().scalars, vec![42]);
+        assert_eq!(notices, vec![DriverNotice { kind: "event", value: 42, detail: "completed 1 waiter(s)".into() }]);
+    }
+
+    #[tokio::test]
+    async fn sample_wait_times_out() {
+        let dev = SampleDevice::new();
+        let (pending, _) = with_ctx(|ctx| call(&dev, ctx, Selector::WaitEvent, vec![1], vec![]));
+        assert_eq!(finish(pending).await.unwrap_err().status, Status::Timeout);
+    }
+
+    #[tokio::test]
+    async fn sample_wait_too_long_is_bad_argument() {
+        let dev = SampleDevice::new();
+        let (c, _) = with_ctx(|ctx| call(&dev, ctx, Selector::WaitEvent, vec![MAX_WAIT_MS + 1], vec![]));
+        assert_eq!(finish(c).await.unwrap_err().status, Status::BadArgument);
+    }
+
+    #[tokio::test]
+    async fn sample_cancelled_waiter_is_pruned_and_terminate_aborts() {
+        let dev = SampleDevice::new();
+        let (cancelled, _) = with_ctx(|ctx| call(&dev, ctx, Selector::WaitEvent, vec![10_000], vec![]));
+        drop(cancelled);
+        assert_eq!(dev.pending_waiters(), 0);
+        let (pending, _) = with_ctx(|ctx| call(&dev, ctx, Selector::WaitEvent, vec![10_000], vec![]));
+        dev.terminate();
+        assert_eq!(finish(pending).await.unwrap_err().status, Status::Aborted);
+    }
+}

@@ -1,0 +1,8 @@
+//! The sample device: the demo and test driver. Its methods exercise every path of the call
+//! model: scalars, structs, an asynchronous completion, driver notifications and a privilege.
+
+mod device;
+mod methods;
+
+pub use device::SampleDevice;
+pub use methods::{SAMPLE_VERSION, Selector};

@@ -1,0 +1,82 @@
+//! Assembling a broker from its configuration and running it until it is told to stop.
+
+use std::{
+    future::Future,
+    io,
+    os::unix::fs::PermissionsExt,
+    path::{Path, PathBuf},
+    sync::Arc,
+};
+
+use portcullis_client::GRPC_SOCKET;
+
+use crate::{
+    bus::{self, BusError},
+    config::{self, Config, ConfigError},
+    session::Core,
+    transport::grpc::{self, GrpcError},
+};
+
+/// What `portcullis broker` was asked to run.
+#[derive(Clone, Debug)]
+pub struct BrokerOptions {
+    /// Config file; `None` for the embedded default.
+    pub config: Option<PathBuf>,
+    /// Policy file or directory; overrides the config's; `None` for the config's or the default.
+    pub policy: Option<PathBuf>,
+    /// Where the sockets live.
+    pub run_dir: PathBuf,
+}
+
+/// Why the broker could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    /// Configuration or policy is invalid.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// A device could not be published.
+    #[error(transparent)]
+    Bus(#[from] BusError),
+    /// The run dir could not be prepared.
+    #[error("run dir {path}: {source}")]
+    RunDir {
+        /// The directory.
+        path: PathBuf,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// The gRPC transport failed.
+    #[error(transparent)]
+    Grpc(#[from] GrpcError),
+}
+
+/// Builds the core: policy loaded, the virtual bus and its devices published.
+pub fn build_core(config: &Config, policy: Option<&Path>) -> Result<Arc<Core>, BrokerError> {
+    let policy_path = policy.or(config.policy.as_deref());
+    let policy = config::load_policy(policy_path)?;
+    tracing::info!(source = %policy_path.map_or("embedded default".into(), |p| p.display().to_string()), rules = policy.rule_count(), "policy loaded");
+    let core = Core::new(policy);
+    bus::publish(&core, config)?;
+    Ok(core)
+}
+
+/// Creates the run dir, searchable by every local user (the sockets in it are the doors).
+fn prepare_run_dir(dir: &Path) -> Result<(), BrokerError> {
+    let err = |source| BrokerError::RunDir { path: dir.to_path_buf(), source };
+    std::fs::create_dir_all(dir).map_err(err)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).map_err(err)
+}
+
+/// Runs the broker until `shutdown` completes, then removes its sockets.
+pub async fn run(options: BrokerOptions, shutdown: impl Future<Output = ()>) -> Result<(), BrokerError> {
+    let config = Config::load(options.config.as_deref())?;
+    let core = build_core(&config, options.policy.as_deref())?;
+    prepare_run_dir(&options.run_dir)?;
+    let grpc_path = options.run_dir.join(GRPC_SOCKET);
+    let listener = grpc::bind(&grpc_path).await?;
+    tracing::info!(socket = %grpc_path.display(), "serving gRPC");
+    let result = grpc::serve(core, listener, shutdown).await;
+    let _ = std::fs::remove_file(&grpc_path);
+    tracing::info!("broker stopped");
+    Ok(result?)
+}

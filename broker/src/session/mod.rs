@@ -1,0 +1,11 @@
+//! The session core. Every transport decodes a client's request and calls a [`Session`]; the
+//! session checks the grant, checks the method table, and dispatches to the driver. Nothing a
+//! session holds outlives it: dropping it releases every user client, open and pending call.
+
+mod core;
+mod identity;
+mod session;
+
+pub use core::{Core, CoreEvent};
+pub use identity::{IdentityError, PeerIdentity};
+pub use session::{CallStarted, Refusal, Session, SessionEvent};
