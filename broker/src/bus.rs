@@ -31,12 +31,27 @@ pub enum BusError {
 
 /// Publishes the virtual bus (`vbus0`) and every configured device on it.
 pub fn publish(core: &Core, config: &Config) -> Result<(), BusError> {
-    let bus = core.publish(Some(core.registry().root()), "vbus0", "VirtualBus", Default::default(), None)?;
+    let bus = core.publish(
+        Some(core.registry().root()),
+        "vbus0",
+        "VirtualBus",
+        Default::default(),
+        None,
+    )?;
     for device in &config.devices {
-        let driver = drivers::create(&device.driver).ok_or_else(|| BusError::UnknownDriver { device: device.name.clone(), driver: device.driver.clone() })?;
+        let driver = drivers::create(&device.driver).ok_or_else(|| BusError::UnknownDriver {
+            device: device.name.clone(),
+            driver: device.driver.clone(),
+        })?;
         let mut properties = device.registry_properties()?;
         properties.insert("driver".into(), PropValue::Text(device.driver.clone()));
-        core.publish(Some(bus.id()), &device.name, driver.class(), properties, Some(driver))?;
+        core.publish(
+            Some(bus.id()),
+            &device.name,
+            driver.class(),
+            properties,
+            Some(driver),
+        )?;
     }
     Ok(())
 }

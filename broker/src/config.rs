@@ -78,13 +78,18 @@ pub enum ConfigError {
 impl Config {
     /// Parses configuration text.
     pub fn parse(origin: &str, text: &str) -> Result<Config, ConfigError> {
-        toml::from_str(text).map_err(|source| ConfigError::Parse { origin: origin.to_string(), source })
+        toml::from_str(text).map_err(|source| ConfigError::Parse {
+            origin: origin.to_string(),
+            source,
+        })
     }
 
     /// Loads a config file, or the embedded default. A relative `policy` path is resolved
     /// against the file's directory.
     pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
-        let Some(path) = path else { return Config::parse("embedded default config", DEFAULT_CONFIG) };
+        let Some(path) = path else {
+            return Config::parse("embedded default config", DEFAULT_CONFIG);
+        };
         let text = read(path)?;
         let mut config = Config::parse(&path.display().to_string(), &text)?;
         if let (Some(policy), Some(dir)) = (&config.policy, path.parent()) {
@@ -102,9 +107,16 @@ impl DeviceConfig {
             .map(|(k, v)| {
                 let value = match v {
                     toml::Value::String(s) => PropValue::Text(s.clone()),
-                    toml::Value::Integer(i) => u64::try_from(*i).map_or(PropValue::Signed(*i), PropValue::Unsigned),
+                    toml::Value::Integer(i) => {
+                        u64::try_from(*i).map_or(PropValue::Signed(*i), PropValue::Unsigned)
+                    }
                     toml::Value::Boolean(b) => PropValue::Flag(*b),
-                    _ => return Err(ConfigError::Property { device: self.name.clone(), key: k.clone() }),
+                    _ => {
+                        return Err(ConfigError::Property {
+                            device: self.name.clone(),
+                            key: k.clone(),
+                        });
+                    }
                 };
                 Ok((k.clone(), value))
             })
@@ -113,18 +125,27 @@ impl DeviceConfig {
 }
 
 fn read(path: &Path) -> Result<String, ConfigError> {
-    fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })
+    fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 /// Loads the policy at `path` (a file, or a directory whose `*.toml` files are read in lexical
 /// order), or the embedded default.
 pub fn load_policy(path: Option<&Path>) -> Result<Policy, ConfigError> {
     let Some(path) = path else {
-        return Ok(Policy::parse(&[Source { origin: "embedded default policy", text: DEFAULT_POLICY }])?);
+        return Ok(Policy::parse(&[Source {
+            origin: "embedded default policy",
+            text: DEFAULT_POLICY,
+        }])?);
     };
     let files = if path.is_dir() {
         let mut files: Vec<PathBuf> = fs::read_dir(path)
-            .map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?
+            .map_err(|source| ConfigError::Read {
+                path: path.to_path_buf(),
+                source,
+            })?
             .filter_map(|e| e.ok().map(|e| e.path()))
             .filter(|p| p.extension().is_some_and(|x| x == "toml") && p.is_file())
             .collect();
@@ -136,8 +157,14 @@ pub fn load_policy(path: Option<&Path>) -> Result<Policy, ConfigError> {
     } else {
         vec![path.to_path_buf()]
     };
-    let texts = files.iter().map(|f| Ok((f.display().to_string(), read(f)?))).collect::<Result<Vec<_>, ConfigError>>()?;
-    let sources: Vec<Source<'_>> = texts.iter().map(|(origin, text)| Source { origin, text }).collect();
+    let texts = files
+        .iter()
+        .map(|f| Ok((f.display().to_string(), read(f)?)))
+        .collect::<Result<Vec<_>, ConfigError>>()?;
+    let sources: Vec<Source<'_>> = texts
+        .iter()
+        .map(|(origin, text)| Source { origin, text })
+        .collect();
     Ok(Policy::parse(&sources)?)
 }
 
@@ -155,23 +182,47 @@ mod tests {
 
     #[test]
     fn config_unknown_key_is_refused() {
-        assert!(Config::parse("t", "[[device]]\nname = \"a\"\ndriver = \"sample\"\nspeed = 1\n").is_err());
+        assert!(
+            Config::parse(
+                "t",
+                "[[device]]\nname = \"a\"\ndriver = \"sample\"\nspeed = 1\n"
+            )
+            .is_err()
+        );
     }
 
     #[test]
     fn config_table_property_is_refused() {
-        let c = Config::parse("t", "[[device]]\nname = \"a\"\ndriver = \"sample\"\nproperties = { x = { y = 1 } }\n").unwrap();
-        assert!(matches!(c.devices[0].registry_properties(), Err(ConfigError::Property { .. })));
+        let c = Config::parse(
+            "t",
+            "[[device]]\nname = \"a\"\ndriver = \"sample\"\nproperties = { x = { y = 1 } }\n",
+        )
+        .unwrap();
+        assert!(matches!(
+            c.devices[0].registry_properties(),
+            Err(ConfigError::Property { .. })
+        ));
     }
 
     #[test]
     fn policy_dir_reads_toml_files_in_order() {
         let dir = tempfile::tempdir().unwrap();
-        fs::write(dir.path().join("10-principals.toml"), "[[principal]]\nname = \"all\"\n").unwrap();
-        fs::write(dir.path().join("20-rules.toml"), "[[rule]]\nid = \"r\"\neffect = \"allow\"\nprincipals = [\"all\"]\n").unwrap();
+        fs::write(
+            dir.path().join("10-principals.toml"),
+            "[[principal]]\nname = \"all\"\n",
+        )
+        .unwrap();
+        fs::write(
+            dir.path().join("20-rules.toml"),
+            "[[rule]]\nid = \"r\"\neffect = \"allow\"\nprincipals = [\"all\"]\n",
+        )
+        .unwrap();
         fs::write(dir.path().join("README"), "not policy").unwrap();
         assert_eq!(load_policy(Some(dir.path())).unwrap().rule_count(), 1);
         let empty = tempfile::tempdir().unwrap();
-        assert!(matches!(load_policy(Some(empty.path())), Err(ConfigError::EmptyPolicyDir(_))));
+        assert!(matches!(
+            load_policy(Some(empty.path())),
+            Err(ConfigError::EmptyPolicyDir(_))
+        ));
     }
 }

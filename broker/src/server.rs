@@ -62,13 +62,19 @@ pub fn build_core(config: &Config, policy: Option<&Path>) -> Result<Arc<Core>, B
 
 /// Creates the run dir, searchable by every local user (the sockets in it are the doors).
 fn prepare_run_dir(dir: &Path) -> Result<(), BrokerError> {
-    let err = |source| BrokerError::RunDir { path: dir.to_path_buf(), source };
+    let err = |source| BrokerError::RunDir {
+        path: dir.to_path_buf(),
+        source,
+    };
     std::fs::create_dir_all(dir).map_err(err)?;
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).map_err(err)
 }
 
 /// Runs the broker until `shutdown` completes, then removes its sockets.
-pub async fn run(options: BrokerOptions, shutdown: impl Future<Output = ()>) -> Result<(), BrokerError> {
+pub async fn run(
+    options: BrokerOptions,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), BrokerError> {
     let config = Config::load(options.config.as_deref())?;
     let core = build_core(&config, options.policy.as_deref())?;
     prepare_run_dir(&options.run_dir)?;

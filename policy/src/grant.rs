@@ -90,7 +90,10 @@ impl Grant {
         match self.methods.get(index) {
             Some(Ok(rule)) => Ok(rule),
             Some(Err(denial)) => Err(denial.clone()),
-            None => Err(Denial { rule: DEFAULT_DENY.into(), reason: "no such method".into() }),
+            None => Err(Denial {
+                rule: DEFAULT_DENY.into(),
+                reason: "no such method".into(),
+            }),
         }
     }
 
@@ -110,7 +113,10 @@ impl Principal {
         (self.uid.is_empty() || self.uid.contains(&task.uid))
             && (self.gid.is_empty() || self.gid.contains(&task.gid))
             && (self.groups.is_empty() || self.groups.iter().any(|g| task.groups.contains(g)))
-            && (self.exe.is_empty() || task.exe.is_some_and(|exe| self.exe.iter().any(|e| e == exe)))
+            && (self.exe.is_empty()
+                || task
+                    .exe
+                    .is_some_and(|exe| self.exe.iter().any(|e| e == exe)))
     }
 }
 
@@ -118,19 +124,26 @@ impl ServiceMatch {
     fn matches(&self, service: &ServiceView<'_>) -> bool {
         self.class.as_deref().is_none_or(|c| c == service.class)
             && self.name.as_deref().is_none_or(|n| n == service.name)
-            && self
-                .properties
-                .iter()
-                .all(|(k, v)| service.properties.get(k).is_some_and(|have| have.matches(v)))
+            && self.properties.iter().all(|(k, v)| {
+                service
+                    .properties
+                    .get(k)
+                    .is_some_and(|have| have.matches(v))
+            })
     }
 }
 
 impl Policy {
     fn matching<'p>(&'p self, task: &Task<'_>, service: &ServiceView<'_>) -> Vec<&'p Rule> {
-        let principal_matches: Vec<bool> = self.principals.iter().map(|p| p.matches(task)).collect();
+        let principal_matches: Vec<bool> =
+            self.principals.iter().map(|p| p.matches(task)).collect();
         self.rules
             .iter()
-            .filter(|r| r.principals.iter().any(|&i| principal_matches.get(i).copied().unwrap_or(false)))
+            .filter(|r| {
+                r.principals
+                    .iter()
+                    .any(|&i| principal_matches.get(i).copied().unwrap_or(false))
+            })
             .filter(|r| r.service.matches(service))
             .collect()
     }
@@ -138,37 +151,78 @@ impl Policy {
     /// Whether the task may see the service at all: only a forbid rule naming the whole service
     /// hides it.
     pub fn can_see(&self, task: &Task<'_>, service: &ServiceView<'_>) -> bool {
-        !self.matching(task, service).iter().any(|r| r.forbids_service())
+        !self
+            .matching(task, service)
+            .iter()
+            .any(|r| r.forbids_service())
     }
 
     /// `initWithTask`: admits the task to the service with the given open mode and compiles the
     /// grant for the service's method table, or names the rule that refused.
-    pub fn admit(&self, task: &Task<'_>, service: &ServiceView<'_>, exclusive: bool, methods: &[MethodRef<'_>]) -> Admission {
+    pub fn admit(
+        &self,
+        task: &Task<'_>,
+        service: &ServiceView<'_>,
+        exclusive: bool,
+        methods: &[MethodRef<'_>],
+    ) -> Admission {
         let rules = self.matching(task, service);
-        let first = |effect: Effect, pred: &dyn Fn(&Rule) -> bool| rules.iter().copied().find(|r| r.effect == effect && pred(r));
+        let first = |effect: Effect, pred: &dyn Fn(&Rule) -> bool| {
+            rules
+                .iter()
+                .copied()
+                .find(|r| r.effect == effect && pred(r))
+        };
         if let Some(r) = rules.iter().find(|r| r.forbids_service()) {
-            return Err(Denial { rule: r.id.clone(), reason: format!("service {} is forbidden to this task", service.name) });
+            return Err(Denial {
+                rule: r.id.clone(),
+                reason: format!("service {} is forbidden to this task", service.name),
+            });
         }
         let Some(first_allow) = first(Effect::Allow, &|_| true) else {
-            return Err(Denial { rule: DEFAULT_DENY.into(), reason: format!("no rule allows this task to open {}", service.name) });
+            return Err(Denial {
+                rule: DEFAULT_DENY.into(),
+                reason: format!("no rule allows this task to open {}", service.name),
+            });
         };
         let mut admitted_by = first_allow;
         if exclusive {
-            if let Some(r) = first(Effect::Forbid, &|r| r.open == Some(OpenPermission::Exclusive)) {
-                return Err(Denial { rule: r.id.clone(), reason: format!("exclusive open of {} is forbidden", service.name) });
+            if let Some(r) = first(Effect::Forbid, &|r| {
+                r.open == Some(OpenPermission::Exclusive)
+            }) {
+                return Err(Denial {
+                    rule: r.id.clone(),
+                    reason: format!("exclusive open of {} is forbidden", service.name),
+                });
             }
-            match first(Effect::Allow, &|r| r.open == Some(OpenPermission::Exclusive)) {
+            match first(Effect::Allow, &|r| {
+                r.open == Some(OpenPermission::Exclusive)
+            }) {
                 Some(r) => admitted_by = r,
-                None => return Err(Denial { rule: DEFAULT_DENY.into(), reason: format!("no rule allows an exclusive open of {}", service.name) }),
+                None => {
+                    return Err(Denial {
+                        rule: DEFAULT_DENY.into(),
+                        reason: format!("no rule allows an exclusive open of {}", service.name),
+                    });
+                }
             }
         }
         let privilege = |p: &str| -> Decision {
             if let Some(r) = first(Effect::Forbid, &|r| r.privileges.iter().any(|q| q == p)) {
-                Decision { allowed: false, rule: r.id.clone() }
+                Decision {
+                    allowed: false,
+                    rule: r.id.clone(),
+                }
             } else if let Some(r) = first(Effect::Allow, &|r| r.privileges.iter().any(|q| q == p)) {
-                Decision { allowed: true, rule: r.id.clone() }
+                Decision {
+                    allowed: true,
+                    rule: r.id.clone(),
+                }
             } else {
-                Decision { allowed: false, rule: DEFAULT_DENY.into() }
+                Decision {
+                    allowed: false,
+                    rule: DEFAULT_DENY.into(),
+                }
             }
         };
         let privileges: BTreeSet<String> = rules
@@ -182,21 +236,38 @@ impl Policy {
             .iter()
             .map(|m| {
                 if let Some(r) = first(Effect::Forbid, &|r| r.methods.contains(m.name)) {
-                    return Err(Denial { rule: r.id.clone(), reason: format!("method {} is forbidden", m.name) });
+                    return Err(Denial {
+                        rule: r.id.clone(),
+                        reason: format!("method {} is forbidden", m.name),
+                    });
                 }
                 let Some(allow) = first(Effect::Allow, &|r| r.methods.contains(m.name)) else {
-                    return Err(Denial { rule: DEFAULT_DENY.into(), reason: format!("no rule grants method {}", m.name) });
+                    return Err(Denial {
+                        rule: DEFAULT_DENY.into(),
+                        reason: format!("no rule grants method {}", m.name),
+                    });
                 };
                 match m.privilege.map(privilege) {
-                    Some(Decision { allowed: false, rule }) => Err(Denial {
+                    Some(Decision {
+                        allowed: false,
                         rule,
-                        reason: format!("method {} requires privilege {}, which is not granted", m.name, m.privilege.unwrap_or_default()),
+                    }) => Err(Denial {
+                        rule,
+                        reason: format!(
+                            "method {} requires privilege {}, which is not granted",
+                            m.name,
+                            m.privilege.unwrap_or_default()
+                        ),
                     }),
                     _ => Ok(allow.id.clone()),
                 }
             })
             .collect();
-        Ok(Grant { admitted_by: admitted_by.id.clone(), methods, privileges })
+        Ok(Grant {
+            admitted_by: admitted_by.id.clone(),
+            methods,
+            privileges,
+        })
     }
 }
 
@@ -226,11 +297,20 @@ exe = ["/usr/bin/minicom"]
 
     fn policy(rules: &str) -> Policy {
         let text = format!("{PRINCIPALS}\n{rules}");
-        Policy::parse(&[Source { origin: "test.toml", text: &text }]).unwrap()
+        Policy::parse(&[Source {
+            origin: "test.toml",
+            text: &text,
+        }])
+        .unwrap()
     }
 
     fn task<'a>(uid: u32, groups: &'a [String], exe: Option<&'a str>) -> Task<'a> {
-        Task { uid, gid: uid, groups, exe }
+        Task {
+            uid,
+            gid: uid,
+            groups,
+            exe,
+        }
     }
 
     fn tty_props() -> Properties {
@@ -238,33 +318,51 @@ exe = ["/usr/bin/minicom"]
     }
 
     fn tty(props: &Properties) -> ServiceView<'_> {
-        ServiceView { name: "tty0", class: "TtyDevice", properties: props }
+        ServiceView {
+            name: "tty0",
+            class: "TtyDevice",
+            properties: props,
+        }
     }
 
     const METHODS: [MethodRef<'static>; 3] = [
-        MethodRef { name: "read", privilege: None },
-        MethodRef { name: "write", privilege: None },
-        MethodRef { name: "reset", privilege: Some("tty.admin") },
+        MethodRef {
+            name: "read",
+            privilege: None,
+        },
+        MethodRef {
+            name: "write",
+            privilege: None,
+        },
+        MethodRef {
+            name: "reset",
+            privilege: Some("tty.admin"),
+        },
     ];
 
     #[test]
     fn admit_nothing_matches_is_default_deny() {
-        let p = policy(r#"
+        let p = policy(
+            r#"
 [[rule]]
 id = "other"
 effect = "allow"
 principals = ["anyone"]
 service = { class = "BlockDevice" }
 methods = ["*"]
-"#);
+"#,
+        );
         let props = tty_props();
-        let err = p.admit(&task(1000, &[], None), &tty(&props), false, &METHODS).unwrap_err();
+        let err = p
+            .admit(&task(1000, &[], None), &tty(&props), false, &METHODS)
+            .unwrap_err();
         assert_eq!(err.rule, DEFAULT_DENY);
     }
 
     #[test]
     fn admit_forbid_beats_allow_for_methods() {
-        let p = policy(r#"
+        let p = policy(
+            r#"
 [[rule]]
 id = "allow-all"
 effect = "allow"
@@ -278,9 +376,12 @@ effect = "forbid"
 principals = ["anyone"]
 service = { class = "TtyDevice" }
 methods = ["write"]
-"#);
+"#,
+        );
         let props = tty_props();
-        let grant = p.admit(&task(1000, &[], None), &tty(&props), false, &METHODS).unwrap();
+        let grant = p
+            .admit(&task(1000, &[], None), &tty(&props), false, &METHODS)
+            .unwrap();
         assert_eq!(grant.check(0), Ok("allow-all"));
         assert_eq!(grant.check(1).unwrap_err().rule, "no-write");
         // reset needs a privilege nobody grants.
@@ -292,7 +393,8 @@ methods = ["write"]
 
     #[test]
     fn admit_forbid_whole_service_hides_it_and_names_rule() {
-        let p = policy(r#"
+        let p = policy(
+            r#"
 [[rule]]
 id = "allow-all"
 effect = "allow"
@@ -304,51 +406,95 @@ id = "no-tty-for-anyone"
 effect = "forbid"
 principals = ["anyone"]
 service = { class = "TtyDevice" }
-"#);
+"#,
+        );
         let props = tty_props();
         let t = task(0, &[], None);
         assert!(!p.can_see(&t, &tty(&props)));
-        assert_eq!(p.admit(&t, &tty(&props), false, &METHODS).unwrap_err().rule, "no-tty-for-anyone");
+        assert_eq!(
+            p.admit(&t, &tty(&props), false, &METHODS).unwrap_err().rule,
+            "no-tty-for-anyone"
+        );
     }
 
     #[test]
     fn admit_groups_match_any_listed() {
-        let p = policy(r#"
+        let p = policy(
+            r#"
 [[rule]]
 id = "serial"
 effect = "allow"
 principals = ["dialout"]
 service = { class = "TtyDevice", properties = { "usb.vendor" = "0403" } }
 methods = ["read"]
-"#);
+"#,
+        );
         let props = tty_props();
         let groups = vec!["users".to_string(), "dialout".to_string()];
-        let grant = p.admit(&task(1000, &groups, None), &tty(&props), false, &METHODS).unwrap();
+        let grant = p
+            .admit(&task(1000, &groups, None), &tty(&props), false, &METHODS)
+            .unwrap();
         assert_eq!(grant.admitted_by(), "serial");
         let others = vec!["users".to_string()];
-        assert_eq!(p.admit(&task(1000, &others, None), &tty(&props), false, &METHODS).unwrap_err().rule, DEFAULT_DENY);
-        let wrong_vendor = Properties::from([("usb.vendor".to_string(), PropValue::Text("1a86".into()))]);
-        assert!(p.admit(&task(1000, &groups, None), &tty(&wrong_vendor), false, &METHODS).is_err());
+        assert_eq!(
+            p.admit(&task(1000, &others, None), &tty(&props), false, &METHODS)
+                .unwrap_err()
+                .rule,
+            DEFAULT_DENY
+        );
+        let wrong_vendor =
+            Properties::from([("usb.vendor".to_string(), PropValue::Text("1a86".into()))]);
+        assert!(
+            p.admit(
+                &task(1000, &groups, None),
+                &tty(&wrong_vendor),
+                false,
+                &METHODS
+            )
+            .is_err()
+        );
     }
 
     #[test]
     fn admit_exe_must_match_exactly_and_be_known() {
-        let p = policy(r#"
+        let p = policy(
+            r#"
 [[rule]]
 id = "minicom"
 effect = "allow"
 principals = ["minicom"]
 methods = ["read"]
-"#);
+"#,
+        );
         let props = tty_props();
-        assert!(p.admit(&task(1000, &[], Some("/usr/bin/minicom")), &tty(&props), false, &METHODS).is_ok());
-        assert!(p.admit(&task(1000, &[], Some("/tmp/minicom")), &tty(&props), false, &METHODS).is_err());
-        assert!(p.admit(&task(1000, &[], None), &tty(&props), false, &METHODS).is_err());
+        assert!(
+            p.admit(
+                &task(1000, &[], Some("/usr/bin/minicom")),
+                &tty(&props),
+                false,
+                &METHODS
+            )
+            .is_ok()
+        );
+        assert!(
+            p.admit(
+                &task(1000, &[], Some("/tmp/minicom")),
+                &tty(&props),
+                false,
+                &METHODS
+            )
+            .is_err()
+        );
+        assert!(
+            p.admit(&task(1000, &[], None), &tty(&props), false, &METHODS)
+                .is_err()
+        );
     }
 
     #[test]
     fn admit_privilege_granted_to_root_only() {
-        let p = policy(r#"
+        let p = policy(
+            r#"
 [[rule]]
 id = "use"
 effect = "allow"
@@ -361,19 +507,25 @@ effect = "allow"
 principals = ["root"]
 methods = ["reset"]
 privileges = ["tty.admin"]
-"#);
+"#,
+        );
         let props = tty_props();
-        let root = p.admit(&task(0, &[], None), &tty(&props), false, &METHODS).unwrap();
+        let root = p
+            .admit(&task(0, &[], None), &tty(&props), false, &METHODS)
+            .unwrap();
         assert!(root.has_privilege("tty.admin"));
         assert_eq!(root.check(2), Ok("admin"));
-        let user = p.admit(&task(1000, &[], None), &tty(&props), false, &METHODS).unwrap();
+        let user = p
+            .admit(&task(1000, &[], None), &tty(&props), false, &METHODS)
+            .unwrap();
         assert!(!user.has_privilege("tty.admin"));
         assert_eq!(user.check(2).unwrap_err().rule, DEFAULT_DENY);
     }
 
     #[test]
     fn admit_forbidden_privilege_denies_method_naming_forbid() {
-        let p = policy(r#"
+        let p = policy(
+            r#"
 [[rule]]
 id = "admin"
 effect = "allow"
@@ -386,10 +538,13 @@ id = "no-admin-for-dialout"
 effect = "forbid"
 principals = ["dialout"]
 privileges = ["tty.admin"]
-"#);
+"#,
+        );
         let props = tty_props();
         let groups = vec!["dialout".to_string()];
-        let grant = p.admit(&task(1000, &groups, None), &tty(&props), false, &METHODS).unwrap();
+        let grant = p
+            .admit(&task(1000, &groups, None), &tty(&props), false, &METHODS)
+            .unwrap();
         assert!(!grant.has_privilege("tty.admin"));
         assert_eq!(grant.check(2).unwrap_err().rule, "no-admin-for-dialout");
         assert_eq!(grant.check(1), Ok("admin"));
@@ -397,7 +552,8 @@ privileges = ["tty.admin"]
 
     #[test]
     fn admit_exclusive_needs_a_rule_that_grants_it() {
-        let p = policy(r#"
+        let p = policy(
+            r#"
 [[rule]]
 id = "shared-only"
 effect = "allow"
@@ -409,11 +565,22 @@ id = "exclusive-for-root"
 effect = "allow"
 principals = ["root"]
 open = "exclusive"
-"#);
+"#,
+        );
         let props = tty_props();
-        assert!(p.admit(&task(1000, &[], None), &tty(&props), false, &METHODS).is_ok());
-        assert_eq!(p.admit(&task(1000, &[], None), &tty(&props), true, &METHODS).unwrap_err().rule, DEFAULT_DENY);
-        let grant = p.admit(&task(0, &[], None), &tty(&props), true, &METHODS).unwrap();
+        assert!(
+            p.admit(&task(1000, &[], None), &tty(&props), false, &METHODS)
+                .is_ok()
+        );
+        assert_eq!(
+            p.admit(&task(1000, &[], None), &tty(&props), true, &METHODS)
+                .unwrap_err()
+                .rule,
+            DEFAULT_DENY
+        );
+        let grant = p
+            .admit(&task(0, &[], None), &tty(&props), true, &METHODS)
+            .unwrap();
         assert_eq!(grant.admitted_by(), "exclusive-for-root");
         // The exclusive rule names no methods; the shared rule still grants read.
         assert_eq!(grant.check(0), Ok("shared-only"));
@@ -421,7 +588,8 @@ open = "exclusive"
 
     #[test]
     fn admit_forbid_exclusive_names_rule() {
-        let p = policy(r#"
+        let p = policy(
+            r#"
 [[rule]]
 id = "all"
 effect = "allow"
@@ -434,10 +602,19 @@ id = "never-exclusive"
 effect = "forbid"
 principals = ["anyone"]
 open = "exclusive"
-"#);
+"#,
+        );
         let props = tty_props();
         assert!(p.can_see(&task(1, &[], None), &tty(&props)));
-        assert_eq!(p.admit(&task(1, &[], None), &tty(&props), true, &METHODS).unwrap_err().rule, "never-exclusive");
-        assert!(p.admit(&task(1, &[], None), &tty(&props), false, &METHODS).is_ok());
+        assert_eq!(
+            p.admit(&task(1, &[], None), &tty(&props), true, &METHODS)
+                .unwrap_err()
+                .rule,
+            "never-exclusive"
+        );
+        assert!(
+            p.admit(&task(1, &[], None), &tty(&props), false, &METHODS)
+                .is_ok()
+        );
     }
 }

@@ -33,7 +33,11 @@ impl fmt::Display for SourceError {
         if self.line == 0 {
             write!(f, "{}: {}", self.origin, self.message)
         } else {
-            write!(f, "{}:{}:{}: {}", self.origin, self.line, self.col, self.message)
+            write!(
+                f,
+                "{}:{}:{}: {}",
+                self.origin, self.line, self.col, self.message
+            )
         }
     }
 }
@@ -209,7 +213,11 @@ impl Policy {
             };
             for p in raw.principal {
                 if principals.iter().any(|q| q.name == *p.name.get_ref()) {
-                    errors.push(locate(source, Some(p.name.span()), format!("duplicate principal {:?}", p.name.get_ref())));
+                    errors.push(locate(
+                        source,
+                        Some(p.name.span()),
+                        format!("duplicate principal {:?}", p.name.get_ref()),
+                    ));
                     continue;
                 }
                 principals.push(Principal {
@@ -228,13 +236,25 @@ impl Policy {
             if id.trim().is_empty() {
                 errors.push(locate(source, Some(r.id.span()), "rule id is empty".into()));
             } else if id == crate::DEFAULT_DENY {
-                errors.push(locate(source, Some(r.id.span()), format!("rule id {id:?} is reserved")));
+                errors.push(locate(
+                    source,
+                    Some(r.id.span()),
+                    format!("rule id {id:?} is reserved"),
+                ));
             } else if rules.iter().any(|q| q.id == id) {
-                errors.push(locate(source, Some(r.id.span()), format!("duplicate rule id {id:?}")));
+                errors.push(locate(
+                    source,
+                    Some(r.id.span()),
+                    format!("duplicate rule id {id:?}"),
+                ));
             }
             let mut indices = Vec::new();
             if r.principals.is_empty() {
-                errors.push(locate(source, Some(r.id.span()), format!("rule {id:?} names no principals")));
+                errors.push(locate(
+                    source,
+                    Some(r.id.span()),
+                    format!("rule {id:?} names no principals"),
+                ));
             }
             for name in &r.principals {
                 match principals.iter().position(|p| p.name == *name.get_ref()) {
@@ -242,7 +262,14 @@ impl Policy {
                     None => errors.push(locate(
                         source,
                         Some(name.span()),
-                        format!("rule {id:?} names unknown principal {:?}{}", name.get_ref(), did_you_mean(name.get_ref(), principals.iter().map(|p| p.name.as_str()))),
+                        format!(
+                            "rule {id:?} names unknown principal {:?}{}",
+                            name.get_ref(),
+                            did_you_mean(
+                                name.get_ref(),
+                                principals.iter().map(|p| p.name.as_str())
+                            )
+                        ),
                     )),
                 }
             }
@@ -252,7 +279,13 @@ impl Policy {
                     Some(v) => {
                         properties.insert(key, v);
                     }
-                    None => errors.push(locate(source, Some(value.span()), format!("property {key:?}: only strings, integers and booleans can be matched"))),
+                    None => errors.push(locate(
+                        source,
+                        Some(value.span()),
+                        format!(
+                            "property {key:?}: only strings, integers and booleans can be matched"
+                        ),
+                    )),
                 }
             }
             let methods = if r.methods.iter().any(|m| m == "*") {
@@ -264,7 +297,11 @@ impl Policy {
                 id,
                 effect: r.effect,
                 principals: indices,
-                service: ServiceMatch { class: r.service.class, name: r.service.name, properties },
+                service: ServiceMatch {
+                    class: r.service.class,
+                    name: r.service.name,
+                    properties,
+                },
                 methods,
                 open: r.open,
                 privileges: r.privileges,
@@ -286,7 +323,9 @@ impl Policy {
 fn prop_value(v: &toml::Value) -> Option<PropValue> {
     match v {
         toml::Value::String(s) => Some(PropValue::Text(s.clone())),
-        toml::Value::Integer(i) => Some(u64::try_from(*i).map_or(PropValue::Signed(*i), PropValue::Unsigned)),
+        toml::Value::Integer(i) => {
+            Some(u64::try_from(*i).map_or(PropValue::Signed(*i), PropValue::Unsigned))
+        }
         toml::Value::Boolean(b) => Some(PropValue::Flag(*b)),
         _ => None,
     }
@@ -294,7 +333,12 @@ fn prop_value(v: &toml::Value) -> Option<PropValue> {
 
 fn locate(source: &Source<'_>, span: Option<Range<usize>>, message: String) -> SourceError {
     let (line, col) = span.map_or((0, 0), |s| line_col(source.text, s.start));
-    SourceError { origin: source.origin.to_string(), line, col, message }
+    SourceError {
+        origin: source.origin.to_string(),
+        line,
+        col,
+        message,
+    }
 }
 
 /// 1-based line and column (in characters) of a byte offset.
@@ -337,7 +381,10 @@ mod tests {
     use super::*;
 
     fn parse(text: &str) -> Result<Policy, PolicyError> {
-        Policy::parse(&[Source { origin: "p.toml", text }])
+        Policy::parse(&[Source {
+            origin: "p.toml",
+            text,
+        }])
     }
 
     #[test]
@@ -356,7 +403,9 @@ mod tests {
 
     #[test]
     fn parse_unknown_key_is_refused_with_location() {
-        let err = parse("[[rule]]\nid = \"r\"\neffect = \"allow\"\nprincipals = []\nmethod = [\"x\"]\n").unwrap_err();
+        let err =
+            parse("[[rule]]\nid = \"r\"\neffect = \"allow\"\nprincipals = []\nmethod = [\"x\"]\n")
+                .unwrap_err();
         let e = &err.errors()[0];
         assert_eq!(e.line, 5, "{e}");
         assert!(e.message.contains("unknown field"), "{e}");
@@ -370,7 +419,17 @@ mod tests {
     #[test]
     fn parse_duplicate_principal_across_sources_is_refused() {
         let a = "[[principal]]\nname = \"a\"\n";
-        let err = Policy::parse(&[Source { origin: "1.toml", text: a }, Source { origin: "2.toml", text: a }]).unwrap_err();
+        let err = Policy::parse(&[
+            Source {
+                origin: "1.toml",
+                text: a,
+            },
+            Source {
+                origin: "2.toml",
+                text: a,
+            },
+        ])
+        .unwrap_err();
         assert_eq!(err.errors()[0].origin, "2.toml");
     }
 

@@ -115,6 +115,9 @@ mod tests {
             let wire = pb::PropertyValue::from(&v);
             assert_eq!(PropValue::try_from(&wire), Ok(v));
         }
-        assert_eq!(PropValue::try_from(&pb::PropertyValue { kind: None }), Err(EmptyProperty));
+        assert_eq!(
+            PropValue::try_from(&pb::PropertyValue { kind: None }),
+            Err(EmptyProperty)
+        );
     }
 }

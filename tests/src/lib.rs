@@ -1,1 +1,191 @@
+//! Harness for integration tests: each test starts the real `portcullis` binary on its own
+//! temporary run dir and talks to it over its real sockets.
+//!
+//! The binary is built once (`cargo xtask test` builds it and passes `PORTCULLIS_BIN`); every
+//! test reuses it.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    missing_debug_implementations
+)]
+
+use std::{
+    fs,
+    os::unix::{fs::PermissionsExt, process::CommandExt},
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    time::{Duration, Instant},
+};
+
+pub use portcullis_client as client;
+use portcullis_client::{Client, GRPC_SOCKET};
+
+/// The `portcullis` binary under test.
+pub fn bin() -> PathBuf {
+    if let Some(bin) = std::env::var_os("PORTCULLIS_BIN") {
+        return PathBuf::from(bin);
+    }
+    let fallback = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/portcullis");
+    assert!(
+        fallback.exists(),
+        "no broker binary: run `cargo xtask test`, or `cargo build -p portcullis-broker` first, or set PORTCULLIS_BIN"
+    );
+    fallback
+}
+
+/// The uid tests use for an unprivileged client (nobody).
+pub const NOBODY: u32 = 65534;
+
+/// A running broker on a private run dir; killed when dropped.
+pub struct Broker {
+    child: Child,
+    dir: tempfile::TempDir,
+}
+
+/// What to start a broker with.
+#[derive(Default)]
+pub struct BrokerSetup<'a> {
+    /// Config file text; `None` for the embedded default.
+    pub config: Option<&'a str>,
+    /// Policy file text; `None` for the config's or the embedded default.
+    pub policy: Option<&'a str>,
+}
+
+impl Broker {
+    /// A broker on the embedded defaults.
+    pub fn start() -> Broker {
+        Broker::with(BrokerSetup::default())
+    }
+
+    /// A broker with this config and policy.
+    pub fn with(setup: BrokerSetup<'_>) -> Broker {
+        let dir = tempfile::Builder::new()
+            .prefix("portcullis-test-")
+            .tempdir()
+            .unwrap();
+        // Unprivileged test clients must reach the run dir and a copy of the binary.
+        fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+        let mut cmd = Command::new(bin());
+        cmd.arg("broker")
+            .arg("--run-dir")
+            .arg(dir.path().join("run"));
+        if let Some(config) = setup.config {
+            let path = dir.path().join("config.toml");
+            fs::write(&path, config).unwrap();
+            cmd.arg("--config").arg(path);
+        }
+        if let Some(policy) = setup.policy {
+            let path = dir.path().join("policy.toml");
+            fs::write(&path, policy).unwrap();
+            cmd.arg("--policy").arg(path);
+        }
+        let log = fs::File::create(dir.path().join("broker.log")).unwrap();
+        cmd.env("RUST_LOG", "debug")
+            .stdout(Stdio::null())
+            .stderr(log);
+        let child = cmd.spawn().unwrap();
+        let mut broker = Broker { child, dir };
+        broker.wait_ready();
+        broker
+    }
+
+    fn wait_ready(&mut self) {
+        let socket = self.socket();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                panic!(
+                    "broker exited with {status} before serving:\n{}",
+                    self.log()
+                );
+            }
+            if std::os::unix::net::UnixStream::connect(&socket).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!(
+            "broker did not serve {} within 20 s:\n{}",
+            socket.display(),
+            self.log()
+        );
+    }
+
+    /// The run dir.
+    pub fn run_dir(&self) -> PathBuf {
+        self.dir.path().join("run")
+    }
+
+    /// The gRPC socket.
+    pub fn socket(&self) -> PathBuf {
+        self.run_dir().join(GRPC_SOCKET)
+    }
+
+    /// What the broker logged so far.
+    pub fn log(&self) -> String {
+        fs::read_to_string(self.dir.path().join("broker.log")).unwrap_or_default()
+    }
+
+    /// Whether the broker process is still running.
+    pub fn is_running(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+
+    /// An async client.
+    pub async fn client(&self) -> Client {
+        Client::connect(self.run_dir()).await.unwrap()
+    }
+
+    /// `portcullis ARGS --run-dir RUN_DIR`, as this (root) process.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        self.cli_command(bin(), args).output().unwrap()
+    }
+
+    /// The CLI as a command, for tests that need it running in the background.
+    pub fn cli_command(&self, bin: PathBuf, args: &[&str]) -> Command {
+        let mut cmd = Command::new(bin);
+        cmd.args(args)
+            .arg("--run-dir")
+            .arg(self.run_dir())
+            .env_remove("RUST_LOG");
+        cmd
+    }
+
+    /// `portcullis ARGS` run as another uid (gid the same, no supplementary groups), from a
+    /// copy of the binary that uid can execute.
+    pub fn cli_as(&self, uid: u32, args: &[&str]) -> Output {
+        let copy = self.dir.path().join("portcullis");
+        if !copy.exists() {
+            fs::copy(bin(), &copy).unwrap();
+            fs::set_permissions(&copy, fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        let mut cmd = self.cli_command(copy, args);
+        // std drops supplementary groups (setgroups(0)) when root sets a uid.
+        cmd.uid(uid).gid(uid);
+        cmd.output().unwrap()
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("--- broker log ---\n{}", self.log());
+        }
+    }
+}
+
+/// Stdout of a successful run, or a panic with everything it printed.
+pub fn stdout_ok(out: &Output) -> String {
+    assert!(
+        out.status.success(),
+        "command failed ({}):\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout.clone()).unwrap()
+}

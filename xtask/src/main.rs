@@ -15,11 +15,15 @@ type Result<T> = std::result::Result<T, String>;
 
 fn main() -> ExitCode {
     let args: Vec<String> = env::args().skip(1).collect();
+    let rest = args.get(1..).unwrap_or_default();
     let result = match args.first().map(String::as_str) {
-        Some("test") => test(&args[1..]),
-        Some("bench") => bench(&args[1..]),
+        Some("test") => test(rest),
+        Some("bench") => bench(rest),
         Some("codegen") => codegen(args.iter().any(|a| a == "--check")),
-        _ => Err("usage: cargo xtask <test [-- cargo-test-args] | bench [--quick] | codegen [--check]>".into()),
+        _ => Err(
+            "usage: cargo xtask <test [-- cargo-test-args] | bench [--quick] | codegen [--check]>"
+                .into(),
+        ),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -51,7 +55,9 @@ fn cargo() -> Command {
 
 fn run(cmd: &mut Command) -> Result<()> {
     eprintln!("xtask: running {cmd:?}");
-    let status = cmd.status().map_err(|e| format!("cannot start {cmd:?}: {e}"))?;
+    let status = cmd
+        .status()
+        .map_err(|e| format!("cannot start {cmd:?}: {e}"))?;
     if status.success() {
         Ok(())
     } else {
@@ -71,7 +77,13 @@ fn test(extra: &[String]) -> Result<()> {
     codegen(true)?;
 
     step("building the broker once for every integration test");
-    run(cargo().args(["build", "--package", "portcullis-broker", "--bin", "portcullis"]))?;
+    run(cargo().args([
+        "build",
+        "--package",
+        "portcullis-broker",
+        "--bin",
+        "portcullis",
+    ]))?;
     let bin = target_dir().join("debug").join("portcullis");
 
     step("the whole workspace test suite");
@@ -100,11 +112,27 @@ fn ensure_python_venv() -> Result<PathBuf> {
     if Command::new(&python3).arg("--version").output().is_err() {
         install_debian(&["python3", "python3-venv", "python3-pip"])?;
     }
-    if !python.exists() && Command::new(&python3).args(["-m", "venv"]).arg(&venv).status().map(|s| !s.success()).unwrap_or(true) {
+    if !python.exists()
+        && Command::new(&python3)
+            .args(["-m", "venv"])
+            .arg(&venv)
+            .status()
+            .map(|s| !s.success())
+            .unwrap_or(true)
+    {
         install_debian(&["python3-venv"])?;
         run(Command::new(&python3).args(["-m", "venv"]).arg(&venv))?;
     }
-    run(Command::new(&python).args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", "-r"]).arg(&requirements))?;
+    run(Command::new(&python)
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            "-r",
+        ])
+        .arg(&requirements))?;
     fs::write(&stamp, wanted).map_err(|e| format!("{}: {e}", stamp.display()))?;
     Ok(python)
 }
@@ -125,7 +153,9 @@ fn install_debian(packages: &[&str]) -> Result<()> {
     if missing.is_empty() {
         return Ok(());
     }
-    run(Command::new("apt-get").arg("update").env("DEBIAN_FRONTEND", "noninteractive"))?;
+    run(Command::new("apt-get")
+        .arg("update")
+        .env("DEBIAN_FRONTEND", "noninteractive"))?;
     run(Command::new("apt-get")
         .args(["install", "-y", "--no-install-recommends"])
         .args(&missing)
@@ -170,13 +200,16 @@ const CODEGEN: &[Codegen] = &[
 ];
 
 fn codegen(check: bool) -> Result<()> {
-    let protoc = protoc_bin_vendored::protoc_bin_path().map_err(|e| format!("vendored protoc: {e}"))?;
+    let protoc =
+        protoc_bin_vendored::protoc_bin_path().map_err(|e| format!("vendored protoc: {e}"))?;
     let mut stale = Vec::new();
     for job in CODEGEN {
         let tmp = tempfile::tempdir().map_err(|e| e.to_string())?;
         let mut config = prost_build::Config::new();
         config.protoc_executable(&protoc);
-        let mut builder = tonic_prost_build::configure().out_dir(tmp.path()).emit_rerun_if_changed(false);
+        let mut builder = tonic_prost_build::configure()
+            .out_dir(tmp.path())
+            .emit_rerun_if_changed(false);
         if let Some(descriptor) = job.descriptor {
             builder = builder.file_descriptor_set_path(tmp.path().join(descriptor));
         }
@@ -184,7 +217,10 @@ fn codegen(check: bool) -> Result<()> {
             builder = builder.extern_path(*proto_path, *rust_path);
         }
         let root = root();
-        let include_dirs = [root.join(job.include), root.join(Path::new(job.proto).parent().unwrap_or(Path::new(".")))];
+        let include_dirs = [
+            root.join(job.include),
+            root.join(Path::new(job.proto).parent().unwrap_or(Path::new("."))),
+        ];
         builder
             .compile_with_config(config, &[root.join(job.proto)], &include_dirs)
             .map_err(|e| format!("{}: {e}", job.proto))?;
@@ -208,6 +244,9 @@ fn codegen(check: bool) -> Result<()> {
     if stale.is_empty() {
         Ok(())
     } else {
-        Err(format!("generated code is stale, run `cargo xtask codegen`: {}", stale.join(", ")))
+        Err(format!(
+            "generated code is stale, run `cargo xtask codegen`: {}",
+            stale.join(", ")
+        ))
     }
 }

@@ -47,12 +47,16 @@ struct Hex(Vec<u8>);
 
 fn parse_hex(s: &str) -> Result<Hex, String> {
     let s: String = s.chars().filter(|c| !c.is_whitespace()).collect();
-    if s.len() % 2 != 0 {
+    if !s.len().is_multiple_of(2) {
         return Err("hex needs an even number of digits".into());
     }
     (0..s.len())
         .step_by(2)
-        .map(|i| s.get(i..i + 2).and_then(|d| u8::from_str_radix(d, 16).ok()).ok_or_else(|| format!("bad hex at offset {i}")))
+        .map(|i| {
+            s.get(i..i + 2)
+                .and_then(|d| u8::from_str_radix(d, 16).ok())
+                .ok_or_else(|| format!("bad hex at offset {i}"))
+        })
         .collect::<Result<_, _>>()
         .map(Hex)
 }
@@ -60,10 +64,20 @@ fn parse_hex(s: &str) -> Result<Hex, String> {
 pub(crate) async fn run(args: CallArgs) -> Result<(), String> {
     let result = call(&args).await;
     match (&result, args.json) {
-        (Ok(out), true) => println!("{}", serde_json::json!({ "status": "SUCCESS", "scalars": out.scalars, "struct_out": json::hex(&out.struct_out) })),
+        (Ok(out), true) => println!(
+            "{}",
+            serde_json::json!({ "status": "SUCCESS", "scalars": out.scalars, "struct_out": json::hex(&out.struct_out) })
+        ),
         (Ok(out), false) => {
             if !out.scalars.is_empty() {
-                println!("{}", out.scalars.iter().map(u64::to_string).collect::<Vec<_>>().join(" "));
+                println!(
+                    "{}",
+                    out.scalars
+                        .iter()
+                        .map(u64::to_string)
+                        .collect::<Vec<_>>()
+                        .join(" ")
+                );
             }
             if !out.struct_out.is_empty() {
                 println!("{}", json::hex(&out.struct_out));
@@ -78,7 +92,10 @@ pub(crate) async fn run(args: CallArgs) -> Result<(), String> {
     Ok(())
 }
 
-pub(crate) async fn resolve_service(session: &Session, service: &str) -> Result<pb::ServiceInfo, ClientError> {
+pub(crate) async fn resolve_service(
+    session: &Session,
+    service: &str,
+) -> Result<pb::ServiceInfo, ClientError> {
     match service.parse::<u64>() {
         Ok(id) => session
             .find_services(matching::all())
@@ -86,7 +103,10 @@ pub(crate) async fn resolve_service(session: &Session, service: &str) -> Result<
             .into_iter()
             .find(|s| s.id == id)
             .ok_or_else(|| ClientError::NotFound(format!("service id {id}"))),
-        Err(_) => session.find_one(matching::by_name(service)).await.map_err(|_| ClientError::NotFound(format!("service {service:?}"))),
+        Err(_) => session
+            .find_one(matching::by_name(service))
+            .await
+            .map_err(|_| ClientError::NotFound(format!("service {service:?}"))),
     }
 }
 
@@ -94,18 +114,41 @@ async fn call(args: &CallArgs) -> Result<portcullis_client::CallOutput, ClientEr
     let client = args.run_dir.connect().await?;
     let session = client.session().await?;
     let service = resolve_service(&session, &args.service).await?;
-    let mode = if args.exclusive { OpenMode::Exclusive } else { OpenMode::Shared };
+    let mode = if args.exclusive {
+        OpenMode::Exclusive
+    } else {
+        OpenMode::Shared
+    };
     let user_client = session.open(service.id, mode).await?;
     // An unknown name is the broker's to refuse only if it is a number; names are resolved here.
     let (selector, table_max) = match args.method.parse::<u32>() {
-        Ok(selector) => (selector, user_client.service.methods.iter().find(|m| m.selector == selector).and_then(|m| m.struct_out).map_or(0, |r| r.max)),
+        Ok(selector) => (
+            selector,
+            user_client
+                .service
+                .methods
+                .iter()
+                .find(|m| m.selector == selector)
+                .and_then(|m| m.struct_out)
+                .map_or(0, |r| r.max),
+        ),
         Err(_) => {
-            let m = user_client.method(&args.method).ok_or_else(|| ClientError::NotFound(format!("method {:?} of {}", args.method, service.name)))?;
+            let m = user_client.method(&args.method).ok_or_else(|| {
+                ClientError::NotFound(format!("method {:?} of {}", args.method, service.name))
+            })?;
             (m.selector, m.struct_out.map_or(0, |r| r.max))
         }
     };
     let out_len = args.out_len.unwrap_or(table_max);
-    let out = session.call(user_client.handle, selector, &args.scalars, args.struct_hex.as_ref().map_or(&[][..], |h| &h.0), out_len).await;
+    let out = session
+        .call(
+            user_client.handle,
+            selector,
+            &args.scalars,
+            args.struct_hex.as_ref().map_or(&[][..], |h| &h.0),
+            out_len,
+        )
+        .await;
     // Closing is courtesy: the session's end releases the user client anyway.
     let _ = session.close(&user_client).await;
     out

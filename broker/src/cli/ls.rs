@@ -18,10 +18,16 @@ pub(crate) struct LsArgs {
 
 pub(crate) async fn run(args: LsArgs) -> Result<(), String> {
     let client = args.run_dir.connect().await.map_err(|e| e.to_string())?;
-    let services = client.list_services(matching::all()).await.map_err(|e| e.to_string())?;
+    let services = client
+        .list_services(matching::all())
+        .await
+        .map_err(|e| e.to_string())?;
     if args.json {
         let all: Vec<_> = services.iter().map(json::service).collect();
-        println!("{}", serde_json::to_string_pretty(&all).map_err(|e| e.to_string())?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&all).map_err(|e| e.to_string())?
+        );
     } else {
         print!("{}", tree(&services));
     }
@@ -38,9 +44,21 @@ fn tree(services: &[pb::ServiceInfo]) -> String {
     out
 }
 
-fn node(out: &mut String, s: &pb::ServiceInfo, by_id: &BTreeMap<u64, &pb::ServiceInfo>, indent: &str) {
-    out.push_str(&format!("{indent}+-o {}  <class {}, id {}>\n", s.name, s.class, s.id));
-    let children: Vec<&pb::ServiceInfo> = s.children.iter().filter_map(|c| by_id.get(c).copied()).collect();
+fn node(
+    out: &mut String,
+    s: &pb::ServiceInfo,
+    by_id: &BTreeMap<u64, &pb::ServiceInfo>,
+    indent: &str,
+) {
+    out.push_str(&format!(
+        "{indent}+-o {}  <class {}, id {}>\n",
+        s.name, s.class, s.id
+    ));
+    let children: Vec<&pb::ServiceInfo> = s
+        .children
+        .iter()
+        .filter_map(|c| by_id.get(c).copied())
+        .collect();
     let bar = if children.is_empty() { "  " } else { "| " };
     let detail = format!("{indent}{bar}    ");
     for (k, v) in &s.properties {
@@ -65,7 +83,12 @@ fn node(out: &mut String, s: &pb::ServiceInfo, by_id: &BTreeMap<u64, &pb::Servic
     }
     for (i, child) in children.iter().enumerate() {
         let last = i + 1 == children.len();
-        node(out, child, by_id, &format!("{indent}{}", if last { "  " } else { "| " }));
+        node(
+            out,
+            child,
+            by_id,
+            &format!("{indent}{}", if last { "  " } else { "| " }),
+        );
     }
 }
 
@@ -74,13 +97,27 @@ mod tests {
     use super::*;
 
     fn svc(id: u64, name: &str, parent: u64, children: Vec<u64>) -> pb::ServiceInfo {
-        pb::ServiceInfo { id, name: name.into(), class: "C".into(), parent, children, ..Default::default() }
+        pb::ServiceInfo {
+            id,
+            name: name.into(),
+            class: "C".into(),
+            parent,
+            children,
+            ..Default::default()
+        }
     }
 
     #[test]
     fn tree_nests_children_under_parents() {
-        let t = tree(&[svc(1, "Root", 0, vec![2]), svc(2, "bus", 1, vec![3]), svc(3, "dev", 2, vec![])]);
-        assert_eq!(t, "+-o Root  <class C, id 1>\n  +-o bus  <class C, id 2>\n    +-o dev  <class C, id 3>\n");
+        let t = tree(&[
+            svc(1, "Root", 0, vec![2]),
+            svc(2, "bus", 1, vec![3]),
+            svc(3, "dev", 2, vec![]),
+        ]);
+        assert_eq!(
+            t,
+            "+-o Root  <class C, id 1>\n  +-o bus  <class C, id 2>\n    +-o dev  <class C, id 3>\n"
+        );
     }
 
     #[test]

@@ -26,16 +26,35 @@ pub(crate) async fn run(args: WatchArgs) -> Result<(), String> {
     let session = client.session().await.map_err(|e| e.to_string())?;
     let mut ids = Vec::new();
     for name in &args.services {
-        ids.push(resolve_service(&session, name).await.map_err(|e| e.to_string())?.id);
+        ids.push(
+            resolve_service(&session, name)
+                .await
+                .map_err(|e| e.to_string())?
+                .id,
+        );
     }
     session.subscribe(&ids).await.map_err(|e| e.to_string())?;
-    eprintln!("watching {}", if args.services.is_empty() { "every service".to_string() } else { args.services.join(", ") });
+    eprintln!(
+        "watching {}",
+        if args.services.is_empty() {
+            "every service".to_string()
+        } else {
+            args.services.join(", ")
+        }
+    );
     let mut seen = 0u64;
     while args.count.is_none_or(|n| seen < n) {
         let Some(event) = session.next_event().await else {
             return Err("the broker ended the session".into());
         };
-        println!("{}", if args.json { render_json(&event).to_string() } else { render(&event) });
+        println!(
+            "{}",
+            if args.json {
+                render_json(&event).to_string()
+            } else {
+                render(&event)
+            }
+        );
         seen += 1;
     }
     Ok(())
@@ -48,8 +67,16 @@ fn render(event: &pb::Event) -> String {
             format!("published {} <class {}, id {}>", s.name, s.class, s.id)
         }
         Some(Kind::Terminated(t)) => format!("terminated {} (id {})", t.name, t.service_id),
-        Some(Kind::Notification(n)) => format!("notification {} {} value={} ({})", n.service_name, n.kind, n.value, n.detail),
-        Some(Kind::UserClientClosed(c)) => format!("user-client-closed handle={} {}: {}", c.handle, json::status_name(c.status), c.reason),
+        Some(Kind::Notification(n)) => format!(
+            "notification {} {} value={} ({})",
+            n.service_name, n.kind, n.value, n.detail
+        ),
+        Some(Kind::UserClientClosed(c)) => format!(
+            "user-client-closed handle={} {}: {}",
+            c.handle,
+            json::status_name(c.status),
+            c.reason
+        ),
         Some(Kind::Lost(l)) => format!("lost {} event(s)", l.count),
         None => "unknown event".into(),
     }
@@ -57,12 +84,18 @@ fn render(event: &pb::Event) -> String {
 
 fn render_json(event: &pb::Event) -> serde_json::Value {
     match &event.kind {
-        Some(Kind::Published(p)) => json!({ "event": "published", "service": p.service.as_ref().map(json::service) }),
-        Some(Kind::Terminated(t)) => json!({ "event": "terminated", "service_id": t.service_id, "name": t.name }),
+        Some(Kind::Published(p)) => {
+            json!({ "event": "published", "service": p.service.as_ref().map(json::service) })
+        }
+        Some(Kind::Terminated(t)) => {
+            json!({ "event": "terminated", "service_id": t.service_id, "name": t.name })
+        }
         Some(Kind::Notification(n)) => {
             json!({ "event": "notification", "service_id": n.service_id, "service": n.service_name, "kind": n.kind, "value": n.value, "detail": n.detail })
         }
-        Some(Kind::UserClientClosed(c)) => json!({ "event": "user_client_closed", "handle": c.handle, "status": json::status_name(c.status), "reason": c.reason }),
+        Some(Kind::UserClientClosed(c)) => {
+            json!({ "event": "user_client_closed", "handle": c.handle, "status": json::status_name(c.status), "reason": c.reason })
+        }
         Some(Kind::Lost(l)) => json!({ "event": "lost", "count": l.count }),
         None => json!({ "event": "unknown" }),
     }

@@ -57,7 +57,10 @@ pub struct DriverError {
 impl DriverError {
     /// A driver error with this status.
     pub fn new(status: Status, message: impl Into<String>) -> DriverError {
-        DriverError { status, message: message.into() }
+        DriverError {
+            status,
+            message: message.into(),
+        }
     }
 }
 
@@ -102,7 +105,9 @@ pub struct CallContext<'a> {
 
 impl fmt::Debug for CallContext<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("CallContext").field("service", &self.service).finish_non_exhaustive()
+        f.debug_struct("CallContext")
+            .field("service", &self.service)
+            .finish_non_exhaustive()
     }
 }
 

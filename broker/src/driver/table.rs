@@ -94,7 +94,11 @@ impl MethodTable {
         for (i, row) in rows.iter().enumerate() {
             let expected = u32::try_from(i).unwrap_or(u32::MAX);
             if row.selector != expected {
-                return Err(TableError::SelectorOrder { name: row.name, selector: row.selector, expected });
+                return Err(TableError::SelectorOrder {
+                    name: row.name,
+                    selector: row.selector,
+                    expected,
+                });
             }
             if rows.iter().take(i).any(|r| r.name == row.name) {
                 return Err(TableError::DuplicateName(row.name));
@@ -107,7 +111,9 @@ impl MethodTable {
                 return Err(TableError::TooManyScalars(row.name));
             }
         }
-        Ok(MethodTable { rows: rows.to_vec() })
+        Ok(MethodTable {
+            rows: rows.to_vec(),
+        })
     }
 
     /// All rows, in selector order.
@@ -134,8 +140,14 @@ impl MethodTable {
                 name: r.name.to_string(),
                 scalar_in: u32::from(r.scalar_in),
                 scalar_out: u32::from(r.scalar_out),
-                struct_in: Some(pb::SizeRange { min: r.struct_in.min, max: r.struct_in.max }),
-                struct_out: Some(pb::SizeRange { min: r.struct_out.min, max: r.struct_out.max }),
+                struct_in: Some(pb::SizeRange {
+                    min: r.struct_in.min,
+                    max: r.struct_in.max,
+                }),
+                struct_out: Some(pb::SizeRange {
+                    min: r.struct_out.min,
+                    max: r.struct_out.max,
+                }),
                 is_async: r.is_async,
                 privilege: r.privilege.unwrap_or_default().to_string(),
             })
@@ -146,34 +158,76 @@ impl MethodTable {
 impl MethodSpec {
     /// Checks a call's arguments against this row: exact scalar count, struct size within
     /// bounds. The output capacity is clamped to the row's bound (asking for more is harmless).
-    pub fn check_args(&self, scalars: Vec<u64>, struct_in: Vec<u8>, struct_out_cap: u32) -> Result<CallArgs, DriverError> {
+    pub fn check_args(
+        &self,
+        scalars: Vec<u64>,
+        struct_in: Vec<u8>,
+        struct_out_cap: u32,
+    ) -> Result<CallArgs, DriverError> {
         if scalars.len() != usize::from(self.scalar_in) {
             return Err(DriverError::new(
                 Status::BadArgument,
-                format!("{} takes {} scalar(s), got {}", self.name, self.scalar_in, scalars.len()),
+                format!(
+                    "{} takes {} scalar(s), got {}",
+                    self.name,
+                    self.scalar_in,
+                    scalars.len()
+                ),
             ));
         }
         if !self.struct_in.contains(struct_in.len()) {
             return Err(DriverError::new(
                 Status::BadArgument,
-                format!("{} takes a struct of {}..={} bytes, got {}", self.name, self.struct_in.min, self.struct_in.max, struct_in.len()),
+                format!(
+                    "{} takes a struct of {}..={} bytes, got {}",
+                    self.name,
+                    self.struct_in.min,
+                    self.struct_in.max,
+                    struct_in.len()
+                ),
             ));
         }
         let struct_out_cap = struct_out_cap.min(self.struct_out.max) as usize;
-        Ok(CallArgs { scalars, struct_in, struct_out_cap })
+        Ok(CallArgs {
+            scalars,
+            struct_in,
+            struct_out_cap,
+        })
     }
 
     /// Checks a driver's output against this row and the caller's capacity: a driver bug or a
     /// too-small client buffer becomes a status, never a short or oversized reply.
     pub fn check_output(&self, out: &CallOutput, cap: usize) -> Result<(), DriverError> {
         if out.scalars.len() != usize::from(self.scalar_out) {
-            return Err(DriverError::new(Status::Internal, format!("{} returned {} scalar(s), table says {}", self.name, out.scalars.len(), self.scalar_out)));
+            return Err(DriverError::new(
+                Status::Internal,
+                format!(
+                    "{} returned {} scalar(s), table says {}",
+                    self.name,
+                    out.scalars.len(),
+                    self.scalar_out
+                ),
+            ));
         }
         if !self.struct_out.contains(out.struct_out.len()) {
-            return Err(DriverError::new(Status::Internal, format!("{} returned a struct of {} bytes outside its table bounds", self.name, out.struct_out.len())));
+            return Err(DriverError::new(
+                Status::Internal,
+                format!(
+                    "{} returned a struct of {} bytes outside its table bounds",
+                    self.name,
+                    out.struct_out.len()
+                ),
+            ));
         }
         if out.struct_out.len() > cap {
-            return Err(DriverError::new(Status::BadArgument, format!("{} needs {} output bytes, the caller accepts {cap}", self.name, out.struct_out.len())));
+            return Err(DriverError::new(
+                Status::BadArgument,
+                format!(
+                    "{} needs {} output bytes, the caller accepts {cap}",
+                    self.name,
+                    out.struct_out.len()
+                ),
+            ));
         }
         Ok(())
     }
@@ -197,33 +251,62 @@ mod tests {
     #[test]
     fn table_selectors_must_be_dense() {
         let bad = MethodSpec { selector: 1, ..ADD };
-        assert!(matches!(MethodTable::new(&[bad]), Err(TableError::SelectorOrder { .. })));
+        assert!(matches!(
+            MethodTable::new(&[bad]),
+            Err(TableError::SelectorOrder { .. })
+        ));
     }
 
     #[test]
     fn table_unbounded_struct_is_refused() {
-        let bad = MethodSpec { struct_in: SizeRange::between(0, limits::MAX_STRUCT + 1), ..ADD };
-        assert_eq!(MethodTable::new(&[bad]).unwrap_err(), TableError::BadBounds("add"));
-        let inverted = MethodSpec { struct_out: SizeRange::between(5, 4), ..ADD };
-        assert_eq!(MethodTable::new(&[inverted]).unwrap_err(), TableError::BadBounds("add"));
+        let bad = MethodSpec {
+            struct_in: SizeRange::between(0, limits::MAX_STRUCT + 1),
+            ..ADD
+        };
+        assert_eq!(
+            MethodTable::new(&[bad]).unwrap_err(),
+            TableError::BadBounds("add")
+        );
+        let inverted = MethodSpec {
+            struct_out: SizeRange::between(5, 4),
+            ..ADD
+        };
+        assert_eq!(
+            MethodTable::new(&[inverted]).unwrap_err(),
+            TableError::BadBounds("add")
+        );
     }
 
     #[test]
     fn table_duplicate_name_is_refused() {
         let second = MethodSpec { selector: 1, ..ADD };
-        assert_eq!(MethodTable::new(&[ADD, second]).unwrap_err(), TableError::DuplicateName("add"));
+        assert_eq!(
+            MethodTable::new(&[ADD, second]).unwrap_err(),
+            TableError::DuplicateName("add")
+        );
     }
 
     #[test]
     fn check_args_wrong_scalar_count_is_bad_argument() {
-        assert_eq!(ADD.check_args(vec![1], vec![], 0).unwrap_err().status, Status::BadArgument);
-        assert_eq!(ADD.check_args(vec![1, 2, 3], vec![], 0).unwrap_err().status, Status::BadArgument);
+        assert_eq!(
+            ADD.check_args(vec![1], vec![], 0).unwrap_err().status,
+            Status::BadArgument
+        );
+        assert_eq!(
+            ADD.check_args(vec![1, 2, 3], vec![], 0).unwrap_err().status,
+            Status::BadArgument
+        );
         assert!(ADD.check_args(vec![1, 2], vec![], 0).is_ok());
     }
 
     #[test]
     fn check_args_struct_out_of_bounds_is_bad_argument() {
-        let echo = MethodSpec { struct_in: SizeRange::between(1, 4), struct_out: SizeRange::between(0, 4), scalar_in: 0, ..ADD };
+        let echo = MethodSpec {
+            struct_in: SizeRange::between(1, 4),
+            struct_out: SizeRange::between(0, 4),
+            scalar_in: 0,
+            ..ADD
+        };
         assert!(echo.check_args(vec![], vec![], 4).is_err());
         assert!(echo.check_args(vec![], vec![0; 5], 4).is_err());
         let args = echo.check_args(vec![], vec![0; 4], 1 << 20).unwrap();
@@ -232,11 +315,27 @@ mod tests {
 
     #[test]
     fn check_output_too_small_capacity_is_bad_argument() {
-        let echo = MethodSpec { struct_out: SizeRange::between(0, 4), scalar_out: 0, ..ADD };
-        let out = CallOutput { scalars: vec![], struct_out: vec![1, 2, 3] };
-        assert_eq!(echo.check_output(&out, 2).unwrap_err().status, Status::BadArgument);
+        let echo = MethodSpec {
+            struct_out: SizeRange::between(0, 4),
+            scalar_out: 0,
+            ..ADD
+        };
+        let out = CallOutput {
+            scalars: vec![],
+            struct_out: vec![1, 2, 3],
+        };
+        assert_eq!(
+            echo.check_output(&out, 2).unwrap_err().status,
+            Status::BadArgument
+        );
         assert!(echo.check_output(&out, 3).is_ok());
-        let wrong = CallOutput { scalars: vec![1], struct_out: vec![] };
-        assert_eq!(echo.check_output(&wrong, 4).unwrap_err().status, Status::Internal);
+        let wrong = CallOutput {
+            scalars: vec![1],
+            struct_out: vec![],
+        };
+        assert_eq!(
+            echo.check_output(&wrong, 4).unwrap_err().status,
+            Status::Internal
+        );
     }
 }

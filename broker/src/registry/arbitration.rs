@@ -40,7 +40,11 @@ impl OpenGuard {
     /// Opens the service, or refuses with [`Status::ExclusiveAccess`] when an exclusive open is
     /// held, or when an exclusive open is asked for while any open is held.
     pub fn acquire(service: &Arc<Service>, mode: OpenMode) -> Result<OpenGuard, Status> {
-        let mut state = service.arbitration.state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut state = service
+            .arbitration
+            .state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         let busy = state.exclusive || (mode == OpenMode::Exclusive && state.shared > 0);
         if busy {
             return Err(Status::ExclusiveAccess);
@@ -49,7 +53,10 @@ impl OpenGuard {
             OpenMode::Shared => state.shared += 1,
             OpenMode::Exclusive => state.exclusive = true,
         }
-        Ok(OpenGuard { service: service.clone(), mode })
+        Ok(OpenGuard {
+            service: service.clone(),
+            mode,
+        })
     }
 
     /// The service held open.
@@ -65,7 +72,12 @@ impl OpenGuard {
 
 impl Drop for OpenGuard {
     fn drop(&mut self) {
-        let mut state = self.service.arbitration.state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut state = self
+            .service
+            .arbitration
+            .state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         match self.mode {
             OpenMode::Shared => state.shared = state.shared.saturating_sub(1),
             OpenMode::Exclusive => state.exclusive = false,
@@ -82,15 +94,22 @@ mod tests {
 
     fn service() -> Arc<Service> {
         let r = Registry::new();
-        r.publish(Some(r.root()), "dev", "Thing", Properties::new(), None).unwrap()
+        r.publish(Some(r.root()), "dev", "Thing", Properties::new(), None)
+            .unwrap()
     }
 
     #[test]
     fn open_second_exclusive_is_refused_until_first_drops() {
         let s = service();
         let first = OpenGuard::acquire(&s, OpenMode::Exclusive).unwrap();
-        assert_eq!(OpenGuard::acquire(&s, OpenMode::Exclusive).unwrap_err(), Status::ExclusiveAccess);
-        assert_eq!(OpenGuard::acquire(&s, OpenMode::Shared).unwrap_err(), Status::ExclusiveAccess);
+        assert_eq!(
+            OpenGuard::acquire(&s, OpenMode::Exclusive).unwrap_err(),
+            Status::ExclusiveAccess
+        );
+        assert_eq!(
+            OpenGuard::acquire(&s, OpenMode::Shared).unwrap_err(),
+            Status::ExclusiveAccess
+        );
         drop(first);
         assert!(OpenGuard::acquire(&s, OpenMode::Exclusive).is_ok());
     }
@@ -100,9 +119,15 @@ mod tests {
         let s = service();
         let a = OpenGuard::acquire(&s, OpenMode::Shared).unwrap();
         let b = OpenGuard::acquire(&s, OpenMode::Shared).unwrap();
-        assert_eq!(OpenGuard::acquire(&s, OpenMode::Exclusive).unwrap_err(), Status::ExclusiveAccess);
+        assert_eq!(
+            OpenGuard::acquire(&s, OpenMode::Exclusive).unwrap_err(),
+            Status::ExclusiveAccess
+        );
         drop(a);
-        assert_eq!(OpenGuard::acquire(&s, OpenMode::Exclusive).unwrap_err(), Status::ExclusiveAccess);
+        assert_eq!(
+            OpenGuard::acquire(&s, OpenMode::Exclusive).unwrap_err(),
+            Status::ExclusiveAccess
+        );
         drop(b);
         assert!(OpenGuard::acquire(&s, OpenMode::Exclusive).is_ok());
     }

@@ -21,21 +21,31 @@ pub struct Matching {
 impl Matching {
     /// Matches by name.
     pub fn name(name: &str) -> Matching {
-        Matching { name: Some(name.to_string()), ..Matching::default() }
+        Matching {
+            name: Some(name.to_string()),
+            ..Matching::default()
+        }
     }
 
     /// Whether the service matches.
     pub fn matches(&self, service: &Service) -> bool {
         self.class.as_deref().is_none_or(|c| c == service.class())
             && self.name.as_deref().is_none_or(|n| n == service.name())
-            && self.properties.iter().all(|(k, v)| service.properties().get(k).is_some_and(|have| have.matches(v)))
+            && self.properties.iter().all(|(k, v)| {
+                service
+                    .properties()
+                    .get(k)
+                    .is_some_and(|have| have.matches(v))
+            })
     }
 }
 
 impl TryFrom<Option<pb::Matching>> for Matching {
     type Error = EmptyProperty;
     fn try_from(m: Option<pb::Matching>) -> Result<Self, EmptyProperty> {
-        let Some(m) = m else { return Ok(Matching::default()) };
+        let Some(m) = m else {
+            return Ok(Matching::default());
+        };
         let properties = m
             .properties
             .iter()

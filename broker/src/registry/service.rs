@@ -39,7 +39,11 @@ pub struct Service {
 
 impl fmt::Debug for Service {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Service").field("id", &self.id).field("name", &self.name).field("class", &self.class).finish_non_exhaustive()
+        f.debug_struct("Service")
+            .field("id", &self.id)
+            .field("name", &self.name)
+            .field("class", &self.class)
+            .finish_non_exhaustive()
     }
 }
 
@@ -92,8 +96,16 @@ impl Service {
             class: self.class.clone(),
             parent: self.parent.map_or(0, |p| p.0),
             children: self.children().into_iter().map(|c| c.0).collect(),
-            properties: self.properties.iter().map(|(k, v)| (k.clone(), v.into())).collect(),
-            methods: self.driver.as_ref().map(|d| d.methods().infos()).unwrap_or_default(),
+            properties: self
+                .properties
+                .iter()
+                .map(|(k, v)| (k.clone(), v.into()))
+                .collect(),
+            methods: self
+                .driver
+                .as_ref()
+                .map(|d| d.methods().infos())
+                .unwrap_or_default(),
         }
     }
 }
@@ -125,7 +137,10 @@ pub enum RegistryError {
 impl Registry {
     /// A registry holding only the root service (`Root`, id 1).
     pub fn new() -> Registry {
-        let registry = Registry { services: RwLock::new(BTreeMap::new()), next_id: AtomicU64::new(1) };
+        let registry = Registry {
+            services: RwLock::new(BTreeMap::new()),
+            next_id: AtomicU64::new(1),
+        };
         // The registry is empty, so neither error can happen.
         let _ = registry.publish(None, "Root", "Root", Properties::new(), None);
         registry
@@ -146,11 +161,20 @@ impl Registry {
         driver: Option<Arc<dyn Driver>>,
     ) -> Result<Arc<Service>, RegistryError> {
         let mut services = self.services.write().unwrap_or_else(|e| e.into_inner());
-        if services.values().any(|s| s.name == name && !s.is_terminated()) {
+        if services
+            .values()
+            .any(|s| s.name == name && !s.is_terminated())
+        {
             return Err(RegistryError::DuplicateName(name.to_string()));
         }
         let parent_service = match parent {
-            Some(p) => Some(services.get(&p).filter(|s| !s.is_terminated()).ok_or(RegistryError::NoParent(p))?.clone()),
+            Some(p) => Some(
+                services
+                    .get(&p)
+                    .filter(|s| !s.is_terminated())
+                    .ok_or(RegistryError::NoParent(p))?
+                    .clone(),
+            ),
             None => None,
         };
         let id = ServiceId(self.next_id.fetch_add(1, Ordering::Relaxed));
@@ -166,7 +190,10 @@ impl Registry {
             arbitration: Arbitration::default(),
         });
         if let Some(p) = parent_service {
-            p.children.write().unwrap_or_else(|e| e.into_inner()).push(id);
+            p.children
+                .write()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(id);
         }
         services.insert(id, service.clone());
         Ok(service)
@@ -192,7 +219,11 @@ impl Registry {
             }
             services.remove(&s.id);
             if let Some(parent) = s.parent.and_then(|p| services.get(&p)) {
-                parent.children.write().unwrap_or_else(|e| e.into_inner()).retain(|c| *c != s.id);
+                parent
+                    .children
+                    .write()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .retain(|c| *c != s.id);
             }
         }
         order
@@ -200,7 +231,11 @@ impl Registry {
 
     /// The live service with this id.
     pub fn get(&self, id: ServiceId) -> Option<Arc<Service>> {
-        self.services.read().unwrap_or_else(|e| e.into_inner()).get(&id).cloned()
+        self.services
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&id)
+            .cloned()
     }
 
     /// Live services matching the dictionary, in id order.
@@ -224,8 +259,18 @@ mod tests {
     #[test]
     fn registry_publish_links_parent_and_child() {
         let r = Registry::new();
-        let bus = r.publish(Some(r.root()), "vbus0", "VirtualBus", Properties::new(), None).unwrap();
-        let dev = r.publish(Some(bus.id()), "dev0", "Thing", Properties::new(), None).unwrap();
+        let bus = r
+            .publish(
+                Some(r.root()),
+                "vbus0",
+                "VirtualBus",
+                Properties::new(),
+                None,
+            )
+            .unwrap();
+        let dev = r
+            .publish(Some(bus.id()), "dev0", "Thing", Properties::new(), None)
+            .unwrap();
         assert_eq!(r.get(r.root()).unwrap().children(), vec![bus.id()]);
         assert_eq!(bus.children(), vec![dev.id()]);
         assert_eq!(dev.parent(), Some(bus.id()));
@@ -235,22 +280,35 @@ mod tests {
     #[test]
     fn registry_duplicate_name_is_refused() {
         let r = Registry::new();
-        r.publish(Some(r.root()), "a", "X", Properties::new(), None).unwrap();
-        assert!(matches!(r.publish(Some(r.root()), "a", "X", Properties::new(), None), Err(RegistryError::DuplicateName(_))));
+        r.publish(Some(r.root()), "a", "X", Properties::new(), None)
+            .unwrap();
+        assert!(matches!(
+            r.publish(Some(r.root()), "a", "X", Properties::new(), None),
+            Err(RegistryError::DuplicateName(_))
+        ));
     }
 
     #[test]
     fn registry_terminate_removes_subtree_deepest_first() {
         let r = Registry::new();
-        let bus = r.publish(Some(r.root()), "bus", "Bus", Properties::new(), None).unwrap();
-        let dev = r.publish(Some(bus.id()), "dev", "Thing", Properties::new(), None).unwrap();
+        let bus = r
+            .publish(Some(r.root()), "bus", "Bus", Properties::new(), None)
+            .unwrap();
+        let dev = r
+            .publish(Some(bus.id()), "dev", "Thing", Properties::new(), None)
+            .unwrap();
         let gone = r.terminate(bus.id());
-        assert_eq!(gone.iter().map(|s| s.id()).collect::<Vec<_>>(), vec![dev.id(), bus.id()]);
+        assert_eq!(
+            gone.iter().map(|s| s.id()).collect::<Vec<_>>(),
+            vec![dev.id(), bus.id()]
+        );
         assert!(dev.is_terminated());
         assert!(r.get(dev.id()).is_none());
         assert!(r.get(r.root()).unwrap().children().is_empty());
         // The name is free again and ids are never reused.
-        let again = r.publish(Some(r.root()), "bus", "Bus", Properties::new(), None).unwrap();
+        let again = r
+            .publish(Some(r.root()), "bus", "Bus", Properties::new(), None)
+            .unwrap();
         assert!(again.id() > dev.id());
     }
 
@@ -258,9 +316,15 @@ mod tests {
     fn registry_find_filters_by_matching() {
         let r = Registry::new();
         let props = Properties::from([("model".to_string(), PropValue::Text("demo".into()))]);
-        r.publish(Some(r.root()), "a", "Sample", props, None).unwrap();
-        r.publish(Some(r.root()), "b", "Sample", Properties::new(), None).unwrap();
-        let m = Matching { class: Some("Sample".into()), properties: Properties::from([("model".to_string(), PropValue::Text("demo".into()))]), ..Matching::default() };
+        r.publish(Some(r.root()), "a", "Sample", props, None)
+            .unwrap();
+        r.publish(Some(r.root()), "b", "Sample", Properties::new(), None)
+            .unwrap();
+        let m = Matching {
+            class: Some("Sample".into()),
+            properties: Properties::from([("model".to_string(), PropValue::Text("demo".into()))]),
+            ..Matching::default()
+        };
         let found = r.find(&m);
         assert_eq!(found.len(), 1);
         assert_eq!(found[0].name(), "a");

@@ -48,7 +48,11 @@ impl Core {
     /// A core with an empty registry (the root only) and this policy.
     pub fn new(policy: Policy) -> Arc<Core> {
         let (events, _) = broadcast::channel(EVENT_BUS_CAPACITY);
-        Arc::new(Core { registry: Registry::new(), policy: RwLock::new(Arc::new(policy)), events })
+        Arc::new(Core {
+            registry: Registry::new(),
+            policy: RwLock::new(Arc::new(policy)),
+            events,
+        })
     }
 
     /// The registry.
@@ -58,7 +62,10 @@ impl Core {
 
     /// The running policy.
     pub fn policy(&self) -> Arc<Policy> {
-        self.policy.read().unwrap_or_else(|e| e.into_inner()).clone()
+        self.policy
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// A receiver of every event from now on.
@@ -75,7 +82,9 @@ impl Core {
         properties: Properties,
         driver: Option<Arc<dyn Driver>>,
     ) -> Result<Arc<Service>, RegistryError> {
-        let service = self.registry.publish(parent, name, class, properties, driver)?;
+        let service = self
+            .registry
+            .publish(parent, name, class, properties, driver)?;
         tracing::info!(id = %service.id(), name, class, "service published");
         let _ = self.events.send(CoreEvent::Published(service.clone()));
         Ok(service)
@@ -85,13 +94,19 @@ impl Core {
     pub fn terminate(&self, id: ServiceId) {
         for service in self.registry.terminate(id) {
             tracing::info!(id = %service.id(), name = service.name(), "service terminated");
-            let _ = self.events.send(CoreEvent::Terminated { id: service.id(), name: service.name().to_string() });
+            let _ = self.events.send(CoreEvent::Terminated {
+                id: service.id(),
+                name: service.name().to_string(),
+            });
         }
     }
 
     /// Posts a driver's notification about a service.
     pub fn notify(&self, service: &Arc<Service>, notice: DriverNotice) {
-        let _ = self.events.send(CoreEvent::Notice { service: service.clone(), notice });
+        let _ = self.events.send(CoreEvent::Notice {
+            service: service.clone(),
+            notice,
+        });
     }
 
     /// Whether the policy lets this peer see the service.
@@ -103,11 +118,19 @@ impl Core {
     pub fn find_services(&self, peer: &PeerIdentity, matching: &Matching) -> Vec<Arc<Service>> {
         let policy = self.policy();
         let task = peer.task();
-        self.registry.find(matching).into_iter().filter(|s| policy.can_see(&task, &view(s))).collect()
+        self.registry
+            .find(matching)
+            .into_iter()
+            .filter(|s| policy.can_see(&task, &view(s)))
+            .collect()
     }
 }
 
 /// The policy's view of a service.
 pub(super) fn view(service: &Service) -> ServiceView<'_> {
-    ServiceView { name: service.name(), class: service.class(), properties: service.properties() }
+    ServiceView {
+        name: service.name(),
+        class: service.class(),
+        properties: service.properties(),
+    }
 }

@@ -4,8 +4,8 @@
 
 mod core;
 mod identity;
-mod session;
+mod user;
 
 pub use core::{Core, CoreEvent};
 pub use identity::{IdentityError, PeerIdentity};
-pub use session::{CallStarted, Refusal, Session, SessionEvent};
+pub use user::{CallStarted, Refusal, Session, SessionEvent};

@@ -56,13 +56,21 @@ impl Connected for PeerStream {
 }
 
 impl AsyncRead for PeerStream {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         Pin::new(&mut self.inner).poll_read(cx, buf)
     }
 }
 
 impl AsyncWrite for PeerStream {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         Pin::new(&mut self.inner).poll_write(cx, buf)
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -71,7 +79,11 @@ impl AsyncWrite for PeerStream {
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
     }
-    fn poll_write_vectored(mut self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[io::IoSlice<'_>]) -> Poll<io::Result<usize>> {
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
         Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
     }
     fn is_write_vectored(&self) -> bool {
@@ -96,14 +108,26 @@ fn incoming(listener: UnixListener) -> ReceiverStream<io::Result<PeerStream>> {
             tokio::spawn(async move {
                 let cred = match stream.peer_cred() {
                     Ok(cred) => cred,
-                    Err(e) => return tracing::warn!(error = %e, "no peer credentials; connection closed"),
+                    Err(e) => {
+                        return tracing::warn!(error = %e, "no peer credentials; connection closed");
+                    }
                 };
-                let identity = tokio::task::spawn_blocking(move || PeerIdentity::from_peer_cred(cred.uid(), cred.gid(), cred.pid())).await;
+                let identity = tokio::task::spawn_blocking(move || {
+                    PeerIdentity::from_peer_cred(cred.uid(), cred.gid(), cred.pid())
+                })
+                .await;
                 match identity {
                     Ok(Ok(identity)) => {
-                        let _ = ready.send(Ok(PeerStream { inner: stream, peer: Peer(Arc::new(identity)) })).await;
+                        let _ = ready
+                            .send(Ok(PeerStream {
+                                inner: stream,
+                                peer: Peer(Arc::new(identity)),
+                            }))
+                            .await;
                     }
-                    Ok(Err(e)) => tracing::warn!(error = %e, "peer identity unavailable; connection closed"),
+                    Ok(Err(e)) => {
+                        tracing::warn!(error = %e, "peer identity unavailable; connection closed")
+                    }
                     Err(e) => tracing::error!(error = %e, "identity task failed"),
                 }
             });
@@ -138,10 +162,16 @@ pub enum GrpcError {
 /// gate). A stale socket file left by a dead broker is replaced; a live broker's is not.
 pub async fn bind(path: &Path) -> Result<UnixListener, GrpcError> {
     use std::os::unix::fs::PermissionsExt;
-    let err = |source| GrpcError::Socket { path: path.display().to_string(), source };
+    let err = |source| GrpcError::Socket {
+        path: path.display().to_string(),
+        source,
+    };
     if path.exists() {
         if UnixStream::connect(path).await.is_ok() {
-            return Err(err(io::Error::new(io::ErrorKind::AddrInUse, "another broker is serving this socket")));
+            return Err(err(io::Error::new(
+                io::ErrorKind::AddrInUse,
+                "another broker is serving this socket",
+            )));
         }
         std::fs::remove_file(path).map_err(err)?;
     }
@@ -151,9 +181,15 @@ pub async fn bind(path: &Path) -> Result<UnixListener, GrpcError> {
 }
 
 /// Serves `Broker`, health and reflection on the listener until `shutdown` completes.
-pub async fn serve(core: Arc<Core>, listener: UnixListener, shutdown: impl Future<Output = ()>) -> Result<(), GrpcError> {
+pub async fn serve(
+    core: Arc<Core>,
+    listener: UnixListener,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), GrpcError> {
     let (health_reporter, health) = tonic_health::server::health_reporter();
-    health_reporter.set_serving::<BrokerServer<BrokerService>>().await;
+    health_reporter
+        .set_serving::<BrokerServer<BrokerService>>()
+        .await;
     let reflection = || {
         tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
@@ -185,24 +221,43 @@ fn peer_of<T>(req: &tonic::Request<T>) -> Result<Arc<PeerIdentity>, tonic::Statu
     req.extensions()
         .get::<Peer>()
         .map(|p| p.0.clone())
-        .ok_or_else(|| tonic::Status::unauthenticated("the connection has no kernel-verified identity"))
+        .ok_or_else(|| {
+            tonic::Status::unauthenticated("the connection has no kernel-verified identity")
+        })
 }
 
 #[tonic::async_trait]
 impl pb::broker_server::Broker for BrokerService {
     type SessionStream = ReceiverStream<Result<pb::ServerMessage, tonic::Status>>;
 
-    async fn session(&self, req: tonic::Request<Streaming<pb::ClientMessage>>) -> Result<tonic::Response<Self::SessionStream>, tonic::Status> {
+    async fn session(
+        &self,
+        req: tonic::Request<Streaming<pb::ClientMessage>>,
+    ) -> Result<tonic::Response<Self::SessionStream>, tonic::Status> {
         let peer = peer_of(&req)?;
         let (tx, rx) = mpsc::channel(OUTBOUND_QUEUE);
-        tokio::spawn(run_session(Session::new(self.core.clone(), peer), self.core.clone(), req.into_inner(), tx));
+        tokio::spawn(run_session(
+            Session::new(self.core.clone(), peer),
+            self.core.clone(),
+            req.into_inner(),
+            tx,
+        ));
         Ok(tonic::Response::new(ReceiverStream::new(rx)))
     }
 
-    async fn list_services(&self, req: tonic::Request<pb::ListServicesRequest>) -> Result<tonic::Response<pb::ListServicesResponse>, tonic::Status> {
+    async fn list_services(
+        &self,
+        req: tonic::Request<pb::ListServicesRequest>,
+    ) -> Result<tonic::Response<pb::ListServicesResponse>, tonic::Status> {
         let peer = peer_of(&req)?;
-        let matching = Matching::try_from(req.into_inner().matching).map_err(|e| tonic::Status::invalid_argument(e.to_string()))?;
-        let services = self.core.find_services(&peer, &matching).iter().map(|s| s.info()).collect();
+        let matching = Matching::try_from(req.into_inner().matching)
+            .map_err(|e| tonic::Status::invalid_argument(e.to_string()))?;
+        let services = self
+            .core
+            .find_services(&peer, &matching)
+            .iter()
+            .map(|s| s.info())
+            .collect();
         Ok(tonic::Response::new(pb::ListServicesResponse { services }))
     }
 }
@@ -211,21 +266,27 @@ type Outbound = mpsc::Sender<Result<pb::ServerMessage, tonic::Status>>;
 
 /// Serves one session until the client's stream ends or its connection drops; then the session
 /// is dropped, releasing everything it held.
-async fn run_session(mut session: Session, core: Arc<Core>, mut inbound: Streaming<pb::ClientMessage>, tx: Outbound) {
+async fn run_session(
+    mut session: Session,
+    core: Arc<Core>,
+    mut inbound: Streaming<pb::ClientMessage>,
+    tx: Outbound,
+) {
     let mut events = core.subscribe();
     loop {
         tokio::select! {
             message = inbound.message() => match message {
                 Ok(Some(message)) => {
-                    if let Some(reply) = handle(&mut session, message, &tx) {
-                        if tx.send(Ok(reply)).await.is_err() {
-                            break;
-                        }
+                    let reply = handle(&mut session, message, &tx);
+                    if let Some(reply) = reply && tx.send(Ok(reply)).await.is_err() {
+                        break;
                     }
                 }
                 Ok(None) => break,
                 Err(status) => {
-                    tracing::debug!(%status, "session stream ended");
+                    // Tell the client why its stream ends (an oversized or undecodable message).
+                    tracing::debug!(%status, "session stream failed");
+                    let _ = tx.send(Err(status)).await;
                     break;
                 }
             },
@@ -248,28 +309,61 @@ async fn run_session(mut session: Session, core: Arc<Core>, mut inbound: Streami
 
 /// Handles one request. Returns the response to send now; an asynchronous call's response is
 /// sent by its own task when it completes.
-fn handle(session: &mut Session, message: pb::ClientMessage, tx: &Outbound) -> Option<pb::ServerMessage> {
+fn handle(
+    session: &mut Session,
+    message: pb::ClientMessage,
+    tx: &Outbound,
+) -> Option<pb::ServerMessage> {
     use pb::response::Result as R;
     let id = message.request_id;
     let result: Result<R, Refusal> = match message.request {
-        None => Err(Refusal::new(Status::ProtocolError, "the message carries no request")),
+        None => Err(Refusal::new(
+            Status::ProtocolError,
+            "the message carries no request",
+        )),
         Some(Request::FindServices(find)) => Matching::try_from(find.matching)
             .map_err(|e| Refusal::new(Status::BadArgument, e.to_string()))
-            .map(|m| R::Found(pb::FoundServices { services: session.find_services(&m).iter().map(|s| s.info()).collect() })),
+            .map(|m| {
+                R::Found(pb::FoundServices {
+                    services: session.find_services(&m).iter().map(|s| s.info()).collect(),
+                })
+            }),
         Some(Request::OpenUserClient(open)) => open_mode(open.mode)
             .and_then(|mode| session.open_user_client(ServiceId(open.service_id), mode))
-            .map(|(handle, service, privileges)| R::Opened(pb::UserClientOpened { handle, service: Some(service.info()), privileges })),
-        Some(Request::CloseUserClient(close)) => session.close_user_client(close.handle).map(|()| R::Done(pb::Empty {})),
+            .map(|(handle, service, privileges)| {
+                R::Opened(pb::UserClientOpened {
+                    handle,
+                    service: Some(service.info()),
+                    privileges,
+                })
+            }),
+        Some(Request::CloseUserClient(close)) => session
+            .close_user_client(close.handle)
+            .map(|()| R::Done(pb::Empty {})),
         Some(Request::Subscribe(sub)) => {
             let ids: Vec<ServiceId> = sub.service_ids.iter().map(|i| ServiceId(*i)).collect();
             session.subscribe(&ids).map(|()| R::Done(pb::Empty {}))
         }
-        Some(Request::Call(call)) => match session.call(call.handle, call.selector, call.scalars, call.struct_in, call.struct_out_len) {
-            Ok(CallStarted::Ready(out)) => Ok(R::Call(pb::CallResult { scalars: out.scalars, struct_out: out.struct_out })),
+        Some(Request::Call(call)) => match session.call(
+            call.handle,
+            call.selector,
+            call.scalars,
+            call.struct_in,
+            call.struct_out_len,
+        ) {
+            Ok(CallStarted::Ready(out)) => Ok(R::Call(pb::CallResult {
+                scalars: out.scalars,
+                struct_out: out.struct_out,
+            })),
             Ok(CallStarted::Pending(pending)) => {
                 let tx = tx.clone();
                 tokio::spawn(async move {
-                    let result = pending.await.map(|out| R::Call(pb::CallResult { scalars: out.scalars, struct_out: out.struct_out }));
+                    let result = pending.await.map(|out| {
+                        R::Call(pb::CallResult {
+                            scalars: out.scalars,
+                            struct_out: out.struct_out,
+                        })
+                    });
                     let _ = tx.send(Ok(response(id, result))).await;
                 });
                 return None;
@@ -284,13 +378,21 @@ fn open_mode(mode: i32) -> Result<OpenMode, Refusal> {
     match pb::OpenMode::try_from(mode) {
         Ok(pb::OpenMode::Shared) => Ok(OpenMode::Shared),
         Ok(pb::OpenMode::Exclusive) => Ok(OpenMode::Exclusive),
-        Err(_) => Err(Refusal::new(Status::BadArgument, format!("unknown open mode {mode}"))),
+        Err(_) => Err(Refusal::new(
+            Status::BadArgument,
+            format!("unknown open mode {mode}"),
+        )),
     }
 }
 
 fn response(request_id: u64, result: Result<pb::response::Result, Refusal>) -> pb::ServerMessage {
     let response = match result {
-        Ok(result) => pb::Response { request_id, status: pb::StatusCode::Success.into(), result: Some(result), ..Default::default() },
+        Ok(result) => pb::Response {
+            request_id,
+            status: pb::StatusCode::Success.into(),
+            result: Some(result),
+            ..Default::default()
+        },
         Err(refusal) => {
             tracing::debug!(request_id, %refusal, "request refused");
             pb::Response {
@@ -302,21 +404,36 @@ fn response(request_id: u64, result: Result<pb::response::Result, Refusal>) -> p
             }
         }
     };
-    pb::ServerMessage { kind: Some(Kind::Response(response)) }
+    pb::ServerMessage {
+        kind: Some(Kind::Response(response)),
+    }
 }
 
 fn event_message(event: SessionEvent) -> pb::ServerMessage {
     use pb::event::Kind as E;
     let kind = match event {
-        SessionEvent::Published(service) => E::Published(pb::ServicePublished { service: Some(service.info()) }),
-        SessionEvent::Terminated { id, name } => E::Terminated(pb::ServiceTerminated { service_id: id.0, name }),
+        SessionEvent::Published(service) => E::Published(pb::ServicePublished {
+            service: Some(service.info()),
+        }),
+        SessionEvent::Terminated { id, name } => E::Terminated(pb::ServiceTerminated {
+            service_id: id.0,
+            name,
+        }),
         SessionEvent::Notice { service, notice } => E::Notification(notification(&service, notice)),
-        SessionEvent::UserClientClosed { handle, status, reason } => {
-            E::UserClientClosed(pb::UserClientClosed { handle, status: pb::StatusCode::from(status).into(), reason })
-        }
+        SessionEvent::UserClientClosed {
+            handle,
+            status,
+            reason,
+        } => E::UserClientClosed(pb::UserClientClosed {
+            handle,
+            status: pb::StatusCode::from(status).into(),
+            reason,
+        }),
         SessionEvent::Lost(count) => E::Lost(pb::EventsLost { count }),
     };
-    pb::ServerMessage { kind: Some(Kind::Event(pb::Event { kind: Some(kind) })) }
+    pb::ServerMessage {
+        kind: Some(Kind::Event(pb::Event { kind: Some(kind) })),
+    }
 }
 
 fn notification(service: &Service, notice: crate::driver::DriverNotice) -> pb::Notification {

@@ -34,14 +34,20 @@ impl Client {
     }
 
     /// The services matching the dictionary that this task may see.
-    pub fn list_services(&self, matching: pb::Matching) -> Result<Vec<pb::ServiceInfo>, ClientError> {
+    pub fn list_services(
+        &self,
+        matching: pb::Matching,
+    ) -> Result<Vec<pb::ServiceInfo>, ClientError> {
         self.runtime.block_on(self.inner.list_services(matching))
     }
 
     /// Starts a session.
     pub fn session(&self) -> Result<Session, ClientError> {
         let inner = self.runtime.block_on(self.inner.session())?;
-        Ok(Session { runtime: self.runtime.clone(), inner })
+        Ok(Session {
+            runtime: self.runtime.clone(),
+            inner,
+        })
     }
 }
 
@@ -54,7 +60,10 @@ pub struct Session {
 
 impl Session {
     /// See [`crate::Session::find_services`].
-    pub fn find_services(&self, matching: pb::Matching) -> Result<Vec<pb::ServiceInfo>, ClientError> {
+    pub fn find_services(
+        &self,
+        matching: pb::Matching,
+    ) -> Result<Vec<pb::ServiceInfo>, ClientError> {
         self.runtime.block_on(self.inner.find_services(matching))
     }
 
@@ -74,13 +83,30 @@ impl Session {
     }
 
     /// See [`crate::Session::call`].
-    pub fn call(&self, handle: u64, selector: u32, scalars: &[u64], struct_in: &[u8], struct_out_len: u32) -> Result<CallOutput, ClientError> {
-        self.runtime.block_on(self.inner.call(handle, selector, scalars, struct_in, struct_out_len))
+    pub fn call(
+        &self,
+        handle: u64,
+        selector: u32,
+        scalars: &[u64],
+        struct_in: &[u8],
+        struct_out_len: u32,
+    ) -> Result<CallOutput, ClientError> {
+        self.runtime.block_on(
+            self.inner
+                .call(handle, selector, scalars, struct_in, struct_out_len),
+        )
     }
 
     /// See [`crate::Session::call_named`].
-    pub fn call_named(&self, user_client: &UserClient, name: &str, scalars: &[u64], struct_in: &[u8]) -> Result<CallOutput, ClientError> {
-        self.runtime.block_on(self.inner.call_named(user_client, name, scalars, struct_in))
+    pub fn call_named(
+        &self,
+        user_client: &UserClient,
+        name: &str,
+        scalars: &[u64],
+        struct_in: &[u8],
+    ) -> Result<CallOutput, ClientError> {
+        self.runtime
+            .block_on(self.inner.call_named(user_client, name, scalars, struct_in))
     }
 
     /// See [`crate::Session::subscribe`].

@@ -118,12 +118,18 @@ pub mod matching {
 
     /// Services named `name`.
     pub fn by_name(name: &str) -> Matching {
-        Matching { name: name.to_string(), ..Matching::default() }
+        Matching {
+            name: name.to_string(),
+            ..Matching::default()
+        }
     }
 
     /// Services of class `class`.
     pub fn by_class(class: &str) -> Matching {
-        Matching { class: class.to_string(), ..Matching::default() }
+        Matching {
+            class: class.to_string(),
+            ..Matching::default()
+        }
     }
 
     /// Every service.
@@ -141,7 +147,10 @@ pub async fn uds_channel(path: &Path) -> Result<Channel, ClientError> {
             async move { Ok::<_, io::Error>(TokioIo::new(UnixStream::connect(socket).await?)) }
         }))
         .await
-        .map_err(|source| ClientError::Connect { path: path.to_path_buf(), source })
+        .map_err(|source| ClientError::Connect {
+            path: path.to_path_buf(),
+            source,
+        })
 }
 
 /// A connection to a broker.
@@ -165,8 +174,17 @@ impl Client {
     }
 
     /// The services matching the dictionary that this task may see (no session needed).
-    pub async fn list_services(&self, matching: pb::Matching) -> Result<Vec<pb::ServiceInfo>, ClientError> {
-        let response = self.grpc.clone().list_services(pb::ListServicesRequest { matching: Some(matching) }).await?;
+    pub async fn list_services(
+        &self,
+        matching: pb::Matching,
+    ) -> Result<Vec<pb::ServiceInfo>, ClientError> {
+        let response = self
+            .grpc
+            .clone()
+            .list_services(pb::ListServicesRequest {
+                matching: Some(matching),
+            })
+            .await?;
         Ok(response.into_inner().services)
     }
 

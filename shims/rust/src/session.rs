@@ -10,7 +10,10 @@ use std::{
 
 use portcullis_proto::{
     Status,
-    pb::{self, broker_client::BrokerClient, client_message::Request, response::Result as R, server_message::Kind},
+    pb::{
+        self, broker_client::BrokerClient, client_message::Request, response::Result as R,
+        server_message::Kind,
+    },
 };
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
@@ -84,15 +87,17 @@ impl Session {
                 while let Ok(Some(message)) = inbound.message().await {
                     match message.kind {
                         Some(Kind::Response(response)) => {
-                            let waiter = pending.lock().unwrap_or_else(|e| e.into_inner()).remove(&response.request_id);
+                            let waiter = pending
+                                .lock()
+                                .unwrap_or_else(|e| e.into_inner())
+                                .remove(&response.request_id);
                             if let Some(waiter) = waiter {
                                 let _ = waiter.send(response);
                             }
                         }
                         Some(Kind::Event(event)) => {
-                            if event_tx.try_send(event).is_err() {
-                                events_lost.fetch_add(1, Ordering::Relaxed);
-                            }
+                            let lost = event_tx.try_send(event).is_err();
+                            events_lost.fetch_add(u64::from(lost), Ordering::Relaxed);
                         }
                         None => {}
                     }
@@ -101,29 +106,65 @@ impl Session {
                 pending.lock().unwrap_or_else(|e| e.into_inner()).clear();
             }
         });
-        Ok(Session { tx, pending, events: tokio::sync::Mutex::new(event_rx), events_lost, next_id: AtomicU64::new(1), reader })
+        Ok(Session {
+            tx,
+            pending,
+            events: tokio::sync::Mutex::new(event_rx),
+            events_lost,
+            next_id: AtomicU64::new(1),
+            reader,
+        })
     }
 
     /// Sends a request and waits for its response; a non-success status is an error.
     pub async fn request(&self, request: Request) -> Result<R, ClientError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (waiter, response) = oneshot::channel();
-        self.pending.lock().unwrap_or_else(|e| e.into_inner()).insert(id, waiter);
-        if self.tx.send(pb::ClientMessage { request_id: id, request: Some(request) }).await.is_err() {
-            self.pending.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
+        self.pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id, waiter);
+        if self
+            .tx
+            .send(pb::ClientMessage {
+                request_id: id,
+                request: Some(request),
+            })
+            .await
+            .is_err()
+        {
+            self.pending
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&id);
             return Err(ClientError::Disconnected);
         }
         let response = response.await.map_err(|_| ClientError::Disconnected)?;
-        let status = Status::try_from(response.status).map_err(|e| ClientError::Protocol(e.to_string()))?;
+        let status =
+            Status::try_from(response.status).map_err(|e| ClientError::Protocol(e.to_string()))?;
         if status != Status::Success {
-            return Err(ClientError::Refused { status, message: response.message, rule: Some(response.rule).filter(|r| !r.is_empty()) });
+            return Err(ClientError::Refused {
+                status,
+                message: response.message,
+                rule: Some(response.rule).filter(|r| !r.is_empty()),
+            });
         }
-        response.result.ok_or_else(|| ClientError::Protocol("a successful response without a result".into()))
+        response
+            .result
+            .ok_or_else(|| ClientError::Protocol("a successful response without a result".into()))
     }
 
     /// The services matching the dictionary that this task may see.
-    pub async fn find_services(&self, matching: pb::Matching) -> Result<Vec<pb::ServiceInfo>, ClientError> {
-        match self.request(Request::FindServices(pb::FindServices { matching: Some(matching) })).await? {
+    pub async fn find_services(
+        &self,
+        matching: pb::Matching,
+    ) -> Result<Vec<pb::ServiceInfo>, ClientError> {
+        match self
+            .request(Request::FindServices(pb::FindServices {
+                matching: Some(matching),
+            }))
+            .await?
+        {
             R::Found(found) => Ok(found.services),
             other => Err(unexpected(&other)),
         }
@@ -132,15 +173,31 @@ impl Session {
     /// The one service matching the dictionary (the first, if several do).
     pub async fn find_one(&self, matching: pb::Matching) -> Result<pb::ServiceInfo, ClientError> {
         let description = format!("{matching:?}");
-        self.find_services(matching).await?.into_iter().next().ok_or(ClientError::NotFound(description))
+        self.find_services(matching)
+            .await?
+            .into_iter()
+            .next()
+            .ok_or(ClientError::NotFound(description))
     }
 
     /// Opens a user client on the service (admission by policy, then a shared or exclusive open).
-    pub async fn open(&self, service_id: u64, mode: pb::OpenMode) -> Result<UserClient, ClientError> {
-        match self.request(Request::OpenUserClient(pb::OpenUserClient { service_id, mode: mode.into() })).await? {
+    pub async fn open(
+        &self,
+        service_id: u64,
+        mode: pb::OpenMode,
+    ) -> Result<UserClient, ClientError> {
+        match self
+            .request(Request::OpenUserClient(pb::OpenUserClient {
+                service_id,
+                mode: mode.into(),
+            }))
+            .await?
+        {
             R::Opened(opened) => Ok(UserClient {
                 handle: opened.handle,
-                service: opened.service.ok_or_else(|| ClientError::Protocol("open without a service".into()))?,
+                service: opened
+                    .service
+                    .ok_or_else(|| ClientError::Protocol("open without a service".into()))?,
                 privileges: opened.privileges,
             }),
             other => Err(unexpected(&other)),
@@ -149,28 +206,67 @@ impl Session {
 
     /// Closes a user client; its pending calls complete with `Aborted`.
     pub async fn close(&self, user_client: &UserClient) -> Result<(), ClientError> {
-        self.request(Request::CloseUserClient(pb::CloseUserClient { handle: user_client.handle })).await.map(drop)
+        self.request(Request::CloseUserClient(pb::CloseUserClient {
+            handle: user_client.handle,
+        }))
+        .await
+        .map(drop)
     }
 
     /// Calls a method by selector.
-    pub async fn call(&self, handle: u64, selector: u32, scalars: &[u64], struct_in: &[u8], struct_out_len: u32) -> Result<CallOutput, ClientError> {
-        let call = pb::CallMethod { handle, selector, scalars: scalars.to_vec(), struct_in: struct_in.to_vec(), struct_out_len };
+    pub async fn call(
+        &self,
+        handle: u64,
+        selector: u32,
+        scalars: &[u64],
+        struct_in: &[u8],
+        struct_out_len: u32,
+    ) -> Result<CallOutput, ClientError> {
+        let call = pb::CallMethod {
+            handle,
+            selector,
+            scalars: scalars.to_vec(),
+            struct_in: struct_in.to_vec(),
+            struct_out_len,
+        };
         match self.request(Request::Call(call)).await? {
-            R::Call(out) => Ok(CallOutput { scalars: out.scalars, struct_out: out.struct_out }),
+            R::Call(out) => Ok(CallOutput {
+                scalars: out.scalars,
+                struct_out: out.struct_out,
+            }),
             other => Err(unexpected(&other)),
         }
     }
 
     /// Calls a method by name, accepting as much struct output as the method table allows.
-    pub async fn call_named(&self, user_client: &UserClient, name: &str, scalars: &[u64], struct_in: &[u8]) -> Result<CallOutput, ClientError> {
-        let method = user_client.method(name).ok_or_else(|| ClientError::NotFound(format!("method {name} of {}", user_client.service.name)))?;
+    pub async fn call_named(
+        &self,
+        user_client: &UserClient,
+        name: &str,
+        scalars: &[u64],
+        struct_in: &[u8],
+    ) -> Result<CallOutput, ClientError> {
+        let method = user_client.method(name).ok_or_else(|| {
+            ClientError::NotFound(format!("method {name} of {}", user_client.service.name))
+        })?;
         let out_len = method.struct_out.as_ref().map_or(0, |r| r.max);
-        self.call(user_client.handle, method.selector, scalars, struct_in, out_len).await
+        self.call(
+            user_client.handle,
+            method.selector,
+            scalars,
+            struct_in,
+            out_len,
+        )
+        .await
     }
 
     /// Subscribes to interest notifications for these services (all visible ones when empty).
     pub async fn subscribe(&self, service_ids: &[u64]) -> Result<(), ClientError> {
-        self.request(Request::Subscribe(pb::Subscribe { service_ids: service_ids.to_vec() })).await.map(drop)
+        self.request(Request::Subscribe(pb::Subscribe {
+            service_ids: service_ids.to_vec(),
+        }))
+        .await
+        .map(drop)
     }
 
     /// The next event, or `None` once the session has ended.

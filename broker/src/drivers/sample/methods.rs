@@ -40,9 +40,16 @@ pub enum Selector {
 
 impl Selector {
     pub(super) fn from_u32(selector: u32) -> Option<Selector> {
-        [Selector::Add, Selector::Echo, Selector::GetInfo, Selector::WaitEvent, Selector::FireEvent, Selector::Reset]
-            .into_iter()
-            .find(|s| *s as u32 == selector)
+        [
+            Selector::Add,
+            Selector::Echo,
+            Selector::GetInfo,
+            Selector::WaitEvent,
+            Selector::FireEvent,
+            Selector::Reset,
+        ]
+        .into_iter()
+        .find(|s| *s as u32 == selector)
     }
 }
 
@@ -72,8 +79,17 @@ pub(super) const TABLE: [MethodSpec; 6] = [
         struct_out: SizeRange::between(0, ECHO_MAX),
         ..row(Selector::Echo, "echo", 0, 0)
     },
-    MethodSpec { struct_out: SizeRange::exactly(INFO_SIZE), ..row(Selector::GetInfo, "get_info", 0, 0) },
-    MethodSpec { is_async: true, ..row(Selector::WaitEvent, "wait_event", 1, 1) },
+    MethodSpec {
+        struct_out: SizeRange::exactly(INFO_SIZE),
+        ..row(Selector::GetInfo, "get_info", 0, 0)
+    },
+    MethodSpec {
+        is_async: true,
+        ..row(Selector::WaitEvent, "wait_event", 1, 1)
+    },
     row(Selector::FireEvent, "fire_event", 1, 1),
-    MethodSpec { privilege: Some("sample.admin"), ..row(Selector::Reset, "reset", 0, 0) },
+    MethodSpec {
+        privilege: Some("sample.admin"),
+        ..row(Selector::Reset, "reset", 0, 0)
+    },
 ];

@@ -37,11 +37,19 @@ pub struct Refusal {
 impl Refusal {
     /// A refusal that policy did not decide.
     pub fn new(status: Status, message: impl Into<String>) -> Refusal {
-        Refusal { status, message: message.into(), rule: None }
+        Refusal {
+            status,
+            message: message.into(),
+            rule: None,
+        }
     }
 
     fn denied(denial: Denial) -> Refusal {
-        Refusal { status: Status::NotPrivileged, message: denial.reason, rule: Some(denial.rule) }
+        Refusal {
+            status: Status::NotPrivileged,
+            message: denial.reason,
+            rule: Some(denial.rule),
+        }
     }
 }
 
@@ -166,7 +174,14 @@ impl Session {
     /// A new session for the peer.
     pub fn new(core: Arc<Core>, peer: Arc<PeerIdentity>) -> Session {
         tracing::debug!(uid = peer.uid, pid = ?peer.pid, exe = ?peer.exe, "session started");
-        Session { core, peer, user_clients: HashMap::new(), next_handle: 1, pending: Arc::new(AtomicUsize::new(0)), subscription: Subscription::None }
+        Session {
+            core,
+            peer,
+            user_clients: HashMap::new(),
+            next_handle: 1,
+            pending: Arc::new(AtomicUsize::new(0)),
+            subscription: Subscription::None,
+        }
     }
 
     /// The peer.
@@ -191,14 +206,38 @@ impl Session {
 
     /// `open_user_client` (IOServiceOpen → initWithTask): admission by policy, then the open.
     /// Returns the handle, the service and the grant's privileges.
-    pub fn open_user_client(&mut self, service_id: ServiceId, mode: OpenMode) -> Result<(u64, Arc<Service>, Vec<String>), Refusal> {
+    pub fn open_user_client(
+        &mut self,
+        service_id: ServiceId,
+        mode: OpenMode,
+    ) -> Result<(u64, Arc<Service>, Vec<String>), Refusal> {
         if self.user_clients.len() >= limits::MAX_USER_CLIENTS_PER_SESSION {
-            return Err(Refusal::new(Status::NoMemory, format!("a session may hold at most {} user clients", limits::MAX_USER_CLIENTS_PER_SESSION)));
+            return Err(Refusal::new(
+                Status::NoMemory,
+                format!(
+                    "a session may hold at most {} user clients",
+                    limits::MAX_USER_CLIENTS_PER_SESSION
+                ),
+            ));
         }
-        let no_device = || Refusal::new(Status::NoDevice, format!("no service with id {service_id}"));
+        let no_device =
+            || Refusal::new(Status::NoDevice, format!("no service with id {service_id}"));
         let service = self.core.registry().get(service_id).ok_or_else(no_device)?;
-        let driver = service.driver().cloned().ok_or_else(|| Refusal::new(Status::Unsupported, format!("{} has no driver to open", service.name())))?;
-        let methods: Vec<MethodRef<'_>> = driver.methods().rows().iter().map(|r| MethodRef { name: r.name, privilege: r.privilege }).collect();
+        let driver = service.driver().cloned().ok_or_else(|| {
+            Refusal::new(
+                Status::Unsupported,
+                format!("{} has no driver to open", service.name()),
+            )
+        })?;
+        let methods: Vec<MethodRef<'_>> = driver
+            .methods()
+            .rows()
+            .iter()
+            .map(|r| MethodRef {
+                name: r.name,
+                privilege: r.privilege,
+            })
+            .collect();
         let grant = self
             .core
             .policy()
@@ -207,44 +246,96 @@ impl Session {
                 tracing::info!(uid = self.peer.uid, pid = ?self.peer.pid, service = service.name(), rule = %denial.rule, reason = %denial.reason, "admission denied");
                 Refusal::denied(denial)
             })?;
-        let open = OpenGuard::acquire(&service, mode).map_err(|status| Refusal::new(status, format!("{} is held open exclusively, or an exclusive open needs it unopened", service.name())))?;
+        let open = OpenGuard::acquire(&service, mode).map_err(|status| {
+            Refusal::new(
+                status,
+                format!(
+                    "{} is held open exclusively, or an exclusive open needs it unopened",
+                    service.name()
+                ),
+            )
+        })?;
         driver.opened();
         let handle = self.next_handle;
         self.next_handle += 1;
         let privileges = grant.privileges().map(str::to_string).collect();
         tracing::info!(uid = self.peer.uid, pid = ?self.peer.pid, service = service.name(), handle, rule = grant.admitted_by(), ?mode, "user client opened");
         let (cancel, _) = watch::channel(());
-        self.user_clients.insert(handle, UserClient { open, grant, driver, cancel });
+        self.user_clients.insert(
+            handle,
+            UserClient {
+                open,
+                grant,
+                driver,
+                cancel,
+            },
+        );
         Ok((handle, service, privileges))
     }
 
     /// Closes a user client; its pending calls complete with `Aborted`.
     pub fn close_user_client(&mut self, handle: u64) -> Result<(), Refusal> {
-        self.user_clients.remove(&handle).map(drop).ok_or_else(|| not_open(handle))
+        self.user_clients
+            .remove(&handle)
+            .map(drop)
+            .ok_or_else(|| not_open(handle))
     }
 
     /// `call` (IOConnectCallMethod): grant, method table, then the driver.
-    pub fn call(&mut self, handle: u64, selector: u32, scalars: Vec<u64>, struct_in: Vec<u8>, struct_out_cap: u32) -> Result<CallStarted, Refusal> {
-        let uc = self.user_clients.get(&handle).ok_or_else(|| not_open(handle))?;
+    pub fn call(
+        &mut self,
+        handle: u64,
+        selector: u32,
+        scalars: Vec<u64>,
+        struct_in: Vec<u8>,
+        struct_out_cap: u32,
+    ) -> Result<CallStarted, Refusal> {
+        let uc = self
+            .user_clients
+            .get(&handle)
+            .ok_or_else(|| not_open(handle))?;
         let service = uc.open.service().clone();
         if service.is_terminated() {
-            return Err(Refusal::new(Status::NoDevice, format!("{} has terminated", service.name())));
+            return Err(Refusal::new(
+                Status::NoDevice,
+                format!("{} has terminated", service.name()),
+            ));
         }
-        let spec = *uc.driver.methods().get(selector).ok_or_else(|| Refusal::new(Status::BadArgument, format!("{} has no selector {selector}", service.name())))?;
-        let index = usize::try_from(selector).map_err(|_| Refusal::new(Status::BadArgument, "selector out of range"))?;
+        let spec = *uc.driver.methods().get(selector).ok_or_else(|| {
+            Refusal::new(
+                Status::BadArgument,
+                format!("{} has no selector {selector}", service.name()),
+            )
+        })?;
+        let index = usize::try_from(selector)
+            .map_err(|_| Refusal::new(Status::BadArgument, "selector out of range"))?;
         uc.grant.check(index).map_err(Refusal::denied)?;
         if scalars.len() > limits::MAX_SCALARS {
-            return Err(Refusal::new(Status::BadArgument, format!("at most {} scalars", limits::MAX_SCALARS)));
+            return Err(Refusal::new(
+                Status::BadArgument,
+                format!("at most {} scalars", limits::MAX_SCALARS),
+            ));
         }
         let args = spec.check_args(scalars, struct_in, struct_out_cap)?;
         let cap = args.struct_out_cap;
-        if spec.is_async && self.pending.load(Ordering::Relaxed) >= limits::MAX_PENDING_CALLS_PER_SESSION {
-            return Err(Refusal::new(Status::NoMemory, format!("a session may have at most {} pending calls", limits::MAX_PENDING_CALLS_PER_SESSION)));
+        if spec.is_async
+            && self.pending.load(Ordering::Relaxed) >= limits::MAX_PENDING_CALLS_PER_SESSION
+        {
+            return Err(Refusal::new(
+                Status::NoMemory,
+                format!(
+                    "a session may have at most {} pending calls",
+                    limits::MAX_PENDING_CALLS_PER_SESSION
+                ),
+            ));
         }
         let core = self.core.clone();
         let notify_service = service.clone();
         let notify = move |notice| core.notify(&notify_service, notice);
-        let ctx = CallContext { service: service.id(), notify: &notify };
+        let ctx = CallContext {
+            service: service.id(),
+            notify: &notify,
+        };
         match uc.driver.call(&ctx, &spec, args) {
             Completion::Ready(result) => {
                 let out = result?;
@@ -274,15 +365,32 @@ impl Session {
     /// none are named. Replaces any earlier subscription.
     pub fn subscribe(&mut self, services: &[ServiceId]) -> Result<(), Refusal> {
         if services.len() > limits::MAX_SUBSCRIBED_SERVICES {
-            return Err(Refusal::new(Status::BadArgument, format!("at most {} services per subscription", limits::MAX_SUBSCRIBED_SERVICES)));
+            return Err(Refusal::new(
+                Status::BadArgument,
+                format!(
+                    "at most {} services per subscription",
+                    limits::MAX_SUBSCRIBED_SERVICES
+                ),
+            ));
         }
         for id in services {
-            let visible = self.core.registry().get(*id).is_some_and(|s| self.core.can_see(&self.peer, &s));
+            let visible = self
+                .core
+                .registry()
+                .get(*id)
+                .is_some_and(|s| self.core.can_see(&self.peer, &s));
             if !visible {
-                return Err(Refusal::new(Status::NoDevice, format!("no service with id {id}")));
+                return Err(Refusal::new(
+                    Status::NoDevice,
+                    format!("no service with id {id}"),
+                ));
             }
         }
-        self.subscription = if services.is_empty() { Subscription::All } else { Subscription::Services(services.iter().copied().collect()) };
+        self.subscription = if services.is_empty() {
+            Subscription::All
+        } else {
+            Subscription::Services(services.iter().copied().collect())
+        };
         Ok(())
     }
 
@@ -300,19 +408,27 @@ impl Session {
         let mut out = Vec::new();
         match event {
             CoreEvent::Published(service) => {
-                if matches!(self.subscription, Subscription::All) && self.core.can_see(&self.peer, service) {
+                if matches!(self.subscription, Subscription::All)
+                    && self.core.can_see(&self.peer, service)
+                {
                     out.push(SessionEvent::Published(service.clone()));
                 }
             }
             CoreEvent::Terminated { id, name } => {
                 out.extend(self.close_terminated());
                 if self.watches(*id) {
-                    out.push(SessionEvent::Terminated { id: *id, name: name.clone() });
+                    out.push(SessionEvent::Terminated {
+                        id: *id,
+                        name: name.clone(),
+                    });
                 }
             }
             CoreEvent::Notice { service, notice } => {
                 if self.watches(service.id()) && self.core.can_see(&self.peer, service) {
-                    out.push(SessionEvent::Notice { service: service.clone(), notice: notice.clone() });
+                    out.push(SessionEvent::Notice {
+                        service: service.clone(),
+                        notice: notice.clone(),
+                    });
                 }
             }
         }
@@ -328,12 +444,21 @@ impl Session {
     }
 
     fn close_terminated(&mut self) -> Vec<SessionEvent> {
-        let gone: Vec<u64> = self.user_clients.iter().filter(|(_, uc)| uc.open.service().is_terminated()).map(|(h, _)| *h).collect();
+        let gone: Vec<u64> = self
+            .user_clients
+            .iter()
+            .filter(|(_, uc)| uc.open.service().is_terminated())
+            .map(|(h, _)| *h)
+            .collect();
         gone.into_iter()
             .filter_map(|handle| {
                 let uc = self.user_clients.remove(&handle)?;
                 let reason = format!("{} was terminated", uc.open.service().name());
-                Some(SessionEvent::UserClientClosed { handle, status: Status::NoDevice, reason })
+                Some(SessionEvent::UserClientClosed {
+                    handle,
+                    status: Status::NoDevice,
+                    reason,
+                })
             })
             .collect()
     }
@@ -346,5 +471,8 @@ impl Drop for Session {
 }
 
 fn not_open(handle: u64) -> Refusal {
-    Refusal::new(Status::NotOpen, format!("user client {handle} is not open in this session"))
+    Refusal::new(
+        Status::NotOpen,
+        format!("user client {handle} is not open in this session"),
+    )
 }

@@ -1,0 +1,10 @@
+//! Integration tests against a real `portcullis` broker process on real sockets.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
+
+mod bad_input;
+mod concurrency;
+mod exclusive;
+mod policy;
+mod python_client;
+mod session;
