@@ -476,3 +476,108 @@ fn not_open(handle: u64) -> Refusal {
         format!("user client {handle} is not open in this session"),
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use portcullis_policy::{Policy, Source};
+
+    use super::*;
+    use crate::{bus, config::Config};
+
+    fn core() -> Arc<Core> {
+        let policy = Policy::parse(&[Source { origin: "default", text: crate::config::DEFAULT_POLICY }]).unwrap();
+        let core = Core::new(policy);
+        bus::publish(&core, &Config::load(None).unwrap()).unwrap();
+        core
+    }
+
+    fn sample(core: &Core) -> Arc<Service> {
+        core.registry().find(&Matching::name("sample0")).remove(0)
+    }
+
+    fn session(core: &Arc<Core>) -> Session {
+        Session::new(core.clone(), Arc::new(PeerIdentity::of_self().unwrap()))
+    }
+
+    #[tokio::test]
+    async fn terminated_service_closes_user_clients_and_aborts_pending_calls() {
+        let core = core();
+        let mut watcher = session(&core);
+        watcher.subscribe(&[]).unwrap();
+        let mut s = session(&core);
+        let id = sample(&core).id();
+        let (handle, _, _) = s.open_user_client(id, OpenMode::Exclusive).unwrap();
+        let Ok(CallStarted::Pending(pending)) = s.call(handle, 3, vec![60_000], vec![], 0) else { panic!("wait_event must pend") };
+        assert_eq!(s.pending_count(), 1);
+
+        let mut events = core.subscribe();
+        core.terminate(id);
+        assert_eq!(pending.await.unwrap_err().status, Status::Aborted);
+        assert_eq!(s.pending_count(), 0);
+        let event = events.recv().await.unwrap();
+
+        let closed = s.on_core_event(&event);
+        assert!(matches!(closed.as_slice(), [SessionEvent::UserClientClosed { handle: h, status: Status::NoDevice, .. }] if *h == handle), "{closed:?}");
+        assert_eq!(s.user_client_count(), 0);
+        assert_eq!(s.call(handle, 0, vec![1, 2], vec![], 0).unwrap_err().status, Status::NotOpen);
+        assert_eq!(s.open_user_client(id, OpenMode::Shared).unwrap_err().status, Status::NoDevice);
+
+        let told = watcher.on_core_event(&event);
+        assert!(matches!(told.as_slice(), [SessionEvent::Terminated { name, .. }] if name == "sample0"), "{told:?}");
+    }
+
+    #[tokio::test]
+    async fn lost_events_still_close_terminated_user_clients() {
+        let core = core();
+        let mut s = session(&core);
+        let id = sample(&core).id();
+        let (handle, _, _) = s.open_user_client(id, OpenMode::Shared).unwrap();
+        core.terminate(id);
+        let out = s.on_events_lost(3);
+        assert!(matches!(out.as_slice(), [SessionEvent::Lost(3), SessionEvent::UserClientClosed { handle: h, .. }] if *h == handle), "{out:?}");
+    }
+
+    #[tokio::test]
+    async fn dropping_session_releases_opens() {
+        let core = core();
+        let id = sample(&core).id();
+        let mut s = session(&core);
+        s.open_user_client(id, OpenMode::Exclusive).unwrap();
+        let mut other = session(&core);
+        assert_eq!(other.open_user_client(id, OpenMode::Shared).unwrap_err().status, Status::ExclusiveAccess);
+        drop(s);
+        assert!(other.open_user_client(id, OpenMode::Exclusive).is_ok());
+    }
+
+    #[tokio::test]
+    async fn subscription_filters_notices_to_watched_services() {
+        let core = core();
+        let sample = sample(&core);
+        let mut unsubscribed = session(&core);
+        let mut watching = session(&core);
+        watching.subscribe(&[sample.id()]).unwrap();
+        let event = CoreEvent::Notice { service: sample.clone(), notice: crate::driver::DriverNotice { kind: "event", value: 1, detail: String::new() } };
+        assert!(unsubscribed.on_core_event(&event).is_empty());
+        assert_eq!(watching.on_core_event(&event).len(), 1);
+        let bus = core.registry().find(&Matching::name("vbus0")).remove(0);
+        let other = CoreEvent::Notice { service: bus, notice: crate::driver::DriverNotice { kind: "event", value: 1, detail: String::new() } };
+        assert!(watching.on_core_event(&other).is_empty());
+    }
+
+    #[tokio::test]
+    async fn pending_calls_are_bounded_per_session() {
+        let core = core();
+        let mut s = session(&core);
+        let (handle, _, _) = s.open_user_client(sample(&core).id(), OpenMode::Shared).unwrap();
+        let mut held = Vec::new();
+        for _ in 0..limits::MAX_PENDING_CALLS_PER_SESSION {
+            match s.call(handle, 3, vec![60_000], vec![], 0) {
+                Ok(CallStarted::Pending(p)) => held.push(p),
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(s.call(handle, 3, vec![60_000], vec![], 0).unwrap_err().status, Status::NoMemory);
+        held.pop();
+        assert!(matches!(s.call(handle, 3, vec![60_000], vec![], 0), Ok(CallStarted::Pending(_))));
+    }
+}
