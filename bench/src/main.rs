@@ -8,7 +8,12 @@
 //!
 //! usage: portcullis-bench [--quick] [--rounds N] [--iters N]
 
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, missing_debug_implementations)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    missing_debug_implementations
+)]
 
 use std::{
     path::Path,
@@ -26,7 +31,10 @@ mod echo_pb {
     include!("generated/portcullis.bench.rs");
 }
 
-use echo_pb::{echo_client::EchoClient, echo_server::{Echo, EchoServer}};
+use echo_pb::{
+    echo_client::EchoClient,
+    echo_server::{Echo, EchoServer},
+};
 
 /// The bare peer: answers each message with a response of the same shape as the broker's.
 struct EchoService;
@@ -35,7 +43,10 @@ struct EchoService;
 impl Echo for EchoService {
     type SessionStream = Pin<Box<dyn Stream<Item = Result<pb::ServerMessage, tonic::Status>> + Send>>;
 
-    async fn session(&self, req: tonic::Request<tonic::Streaming<pb::ClientMessage>>) -> Result<tonic::Response<Self::SessionStream>, tonic::Status> {
+    async fn session(
+        &self,
+        req: tonic::Request<tonic::Streaming<pb::ClientMessage>>,
+    ) -> Result<tonic::Response<Self::SessionStream>, tonic::Status> {
         let mut inbound = req.into_inner();
         let (tx, rx) = mpsc::channel(256);
         tokio::spawn(async move {
@@ -46,10 +57,19 @@ impl Echo for EchoService {
                 };
                 let response = pb::Response {
                     request_id: m.request_id,
-                    result: Some(pb::response::Result::Call(pb::CallResult { scalars, struct_out: vec![] })),
+                    result: Some(pb::response::Result::Call(pb::CallResult {
+                        scalars,
+                        struct_out: vec![],
+                    })),
                     ..Default::default()
                 };
-                if tx.send(Ok(pb::ServerMessage { kind: Some(Kind::Response(response)) })).await.is_err() {
+                if tx
+                    .send(Ok(pb::ServerMessage {
+                        kind: Some(Kind::Response(response)),
+                    }))
+                    .await
+                    .is_err()
+                {
                     break;
                 }
             }
@@ -68,7 +88,13 @@ struct PingPong {
 impl PingPong {
     async fn round_trip(&mut self, request: Request) -> pb::Response {
         self.next_id += 1;
-        self.tx.send(pb::ClientMessage { request_id: self.next_id, request: Some(request) }).await.unwrap();
+        self.tx
+            .send(pb::ClientMessage {
+                request_id: self.next_id,
+                request: Some(request),
+            })
+            .await
+            .unwrap();
         loop {
             if let Some(Kind::Response(r)) = self.inbound.message().await.unwrap().unwrap().kind {
                 assert_eq!(r.request_id, self.next_id);
@@ -81,24 +107,62 @@ impl PingPong {
 async fn broker_stream(socket: &Path) -> (PingPong, u64) {
     let channel = portcullis_client::uds_channel(socket).await.unwrap();
     let (tx, rx) = mpsc::channel(16);
-    let inbound = pb::broker_client::BrokerClient::new(channel).session(ReceiverStream::new(rx)).await.unwrap().into_inner();
-    let mut s = PingPong { tx, inbound, next_id: 0 };
-    let found = s.round_trip(Request::FindServices(pb::FindServices { matching: Some(pb::Matching { name: "sample0".into(), ..Default::default() }) })).await;
-    let Some(pb::response::Result::Found(found)) = found.result else { panic!("find: {found:?}") };
-    let opened = s.round_trip(Request::OpenUserClient(pb::OpenUserClient { service_id: found.services[0].id, mode: pb::OpenMode::Shared.into() })).await;
-    let Some(pb::response::Result::Opened(opened)) = opened.result else { panic!("open: {opened:?}") };
+    let inbound = pb::broker_client::BrokerClient::new(channel)
+        .session(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut s = PingPong {
+        tx,
+        inbound,
+        next_id: 0,
+    };
+    let found = s
+        .round_trip(Request::FindServices(pb::FindServices {
+            matching: Some(pb::Matching {
+                name: "sample0".into(),
+                ..Default::default()
+            }),
+        }))
+        .await;
+    let Some(pb::response::Result::Found(found)) = found.result else {
+        panic!("find: {found:?}")
+    };
+    let opened = s
+        .round_trip(Request::OpenUserClient(pb::OpenUserClient {
+            service_id: found.services[0].id,
+            mode: pb::OpenMode::Shared.into(),
+        }))
+        .await;
+    let Some(pb::response::Result::Opened(opened)) = opened.result else {
+        panic!("open: {opened:?}")
+    };
     (s, opened.handle)
 }
 
 async fn echo_stream(socket: &Path) -> PingPong {
     let channel = portcullis_client::uds_channel(socket).await.unwrap();
     let (tx, rx) = mpsc::channel(16);
-    let inbound = EchoClient::new(channel).session(ReceiverStream::new(rx)).await.unwrap().into_inner();
-    PingPong { tx, inbound, next_id: 0 }
+    let inbound = EchoClient::new(channel)
+        .session(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    PingPong {
+        tx,
+        inbound,
+        next_id: 0,
+    }
 }
 
 fn add(handle: u64, i: u64) -> Request {
-    Request::Call(pb::CallMethod { handle, selector: 0, scalars: vec![i, 1], struct_in: vec![], struct_out_len: 0 })
+    Request::Call(pb::CallMethod {
+        handle,
+        selector: 0,
+        scalars: vec![i, 1],
+        struct_in: vec![],
+        struct_out_len: 0,
+    })
 }
 
 async fn measure(s: &mut PingPong, handle: u64, iters: usize, samples: &mut Vec<Duration>) {
@@ -106,7 +170,9 @@ async fn measure(s: &mut PingPong, handle: u64, iters: usize, samples: &mut Vec<
         let start = Instant::now();
         let r = s.round_trip(add(handle, i as u64)).await;
         samples.push(start.elapsed());
-        let Some(pb::response::Result::Call(out)) = r.result else { panic!("call: {r:?}") };
+        let Some(pb::response::Result::Call(out)) = r.result else {
+            panic!("call: {r:?}")
+        };
         assert_eq!(out.scalars, [i as u64 + 1]);
     }
 }
@@ -122,7 +188,12 @@ fn summarize(samples: &mut [Duration]) -> Summary {
     samples.sort_unstable();
     let at = |q: f64| samples[((samples.len() as f64 - 1.0) * q).round() as usize];
     let total: Duration = samples.iter().sum();
-    Summary { p50: at(0.50), p99: at(0.99), p999: at(0.999), mean: total / samples.len() as u32 }
+    Summary {
+        p50: at(0.50),
+        p99: at(0.99),
+        p999: at(0.999),
+        mean: total / samples.len() as u32,
+    }
 }
 
 fn us(d: Duration) -> String {
@@ -132,7 +203,13 @@ fn us(d: Duration) -> String {
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let quick = args.iter().any(|a| a == "--quick");
-    let value = |name: &str, default: usize| args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).and_then(|v| v.parse().ok()).unwrap_or(default);
+    let value = |name: &str, default: usize| {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default)
+    };
     let rounds = value("--rounds", if quick { 3 } else { 10 });
     let iters = value("--iters", if quick { 1_000 } else { 5_000 });
 
@@ -141,7 +218,10 @@ fn main() {
     let echo_socket = dir.path().join("echo.sock");
 
     // Both servers share one runtime (the broker's default: a worker per core).
-    let servers = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    let servers = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     servers.block_on(async {
         let core = server::build_core(&Config::load(None).unwrap(), None).unwrap();
         let listener = grpc::bind(&broker_socket).await.unwrap();
@@ -154,7 +234,10 @@ fn main() {
         );
     });
 
-    let client = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let client = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     let (broker, echo) = client.block_on(async {
         let (mut broker, handle) = broker_stream(&broker_socket).await;
         let mut echo = echo_stream(&echo_socket).await;
@@ -172,8 +255,18 @@ fn main() {
     println!();
     println!("| contender | p50 µs | p99 µs | p99.9 µs | mean µs | calls/s (1 stream) |");
     println!("|---|---|---|---|---|---|");
-    for (name, s) in [("broker `add` (gRPC session, UDS; policy + dispatch)", &broker), ("bare tonic echo (same messages, UDS)", &echo)] {
-        println!("| {name} | {} | {} | {} | {} | {:.0} |", us(s.p50), us(s.p99), us(s.p999), us(s.mean), 1.0 / s.mean.as_secs_f64());
+    for (name, s) in [
+        ("broker `add` (gRPC session, UDS; policy + dispatch)", &broker),
+        ("bare tonic echo (same messages, UDS)", &echo),
+    ] {
+        println!(
+            "| {name} | {} | {} | {} | {} | {:.0} |",
+            us(s.p50),
+            us(s.p99),
+            us(s.p999),
+            us(s.mean),
+            1.0 / s.mean.as_secs_f64()
+        );
     }
     println!();
     println!(

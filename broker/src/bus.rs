@@ -45,13 +45,7 @@ pub fn publish(core: &Core, config: &Config) -> Result<(), BusError> {
         })?;
         let mut properties = device.registry_properties()?;
         properties.insert("driver".into(), PropValue::Text(device.driver.clone()));
-        core.publish(
-            Some(bus.id()),
-            &device.name,
-            driver.class(),
-            properties,
-            Some(driver),
-        )?;
+        core.publish(Some(bus.id()), &device.name, driver.class(), properties, Some(driver))?;
     }
     Ok(())
 }

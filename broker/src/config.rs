@@ -107,9 +107,7 @@ impl DeviceConfig {
             .map(|(k, v)| {
                 let value = match v {
                     toml::Value::String(s) => PropValue::Text(s.clone()),
-                    toml::Value::Integer(i) => {
-                        u64::try_from(*i).map_or(PropValue::Signed(*i), PropValue::Unsigned)
-                    }
+                    toml::Value::Integer(i) => u64::try_from(*i).map_or(PropValue::Signed(*i), PropValue::Unsigned),
                     toml::Value::Boolean(b) => PropValue::Flag(*b),
                     _ => {
                         return Err(ConfigError::Property {
@@ -161,10 +159,7 @@ pub fn load_policy(path: Option<&Path>) -> Result<Policy, ConfigError> {
         .iter()
         .map(|f| Ok((f.display().to_string(), read(f)?)))
         .collect::<Result<Vec<_>, ConfigError>>()?;
-    let sources: Vec<Source<'_>> = texts
-        .iter()
-        .map(|(origin, text)| Source { origin, text })
-        .collect();
+    let sources: Vec<Source<'_>> = texts.iter().map(|(origin, text)| Source { origin, text }).collect();
     Ok(Policy::parse(&sources)?)
 }
 
@@ -182,13 +177,7 @@ mod tests {
 
     #[test]
     fn config_unknown_key_is_refused() {
-        assert!(
-            Config::parse(
-                "t",
-                "[[device]]\nname = \"a\"\ndriver = \"sample\"\nspeed = 1\n"
-            )
-            .is_err()
-        );
+        assert!(Config::parse("t", "[[device]]\nname = \"a\"\ndriver = \"sample\"\nspeed = 1\n").is_err());
     }
 
     #[test]
@@ -207,11 +196,7 @@ mod tests {
     #[test]
     fn policy_dir_reads_toml_files_in_order() {
         let dir = tempfile::tempdir().unwrap();
-        fs::write(
-            dir.path().join("10-principals.toml"),
-            "[[principal]]\nname = \"all\"\n",
-        )
-        .unwrap();
+        fs::write(dir.path().join("10-principals.toml"), "[[principal]]\nname = \"all\"\n").unwrap();
         fs::write(
             dir.path().join("20-rules.toml"),
             "[[rule]]\nid = \"r\"\neffect = \"allow\"\nprincipals = [\"all\"]\n",

@@ -71,10 +71,7 @@ fn prepare_run_dir(dir: &Path) -> Result<(), BrokerError> {
 }
 
 /// Runs the broker until `shutdown` completes, then removes its sockets.
-pub async fn run(
-    options: BrokerOptions,
-    shutdown: impl Future<Output = ()>,
-) -> Result<(), BrokerError> {
+pub async fn run(options: BrokerOptions, shutdown: impl Future<Output = ()>) -> Result<(), BrokerError> {
     let config = Config::load(options.config.as_deref())?;
     let core = build_core(&config, options.policy.as_deref())?;
     prepare_run_dir(&options.run_dir)?;

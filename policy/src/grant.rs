@@ -113,10 +113,7 @@ impl Principal {
         (self.uid.is_empty() || self.uid.contains(&task.uid))
             && (self.gid.is_empty() || self.gid.contains(&task.gid))
             && (self.groups.is_empty() || self.groups.iter().any(|g| task.groups.contains(g)))
-            && (self.exe.is_empty()
-                || task
-                    .exe
-                    .is_some_and(|exe| self.exe.iter().any(|e| e == exe)))
+            && (self.exe.is_empty() || task.exe.is_some_and(|exe| self.exe.iter().any(|e| e == exe)))
     }
 }
 
@@ -124,19 +121,16 @@ impl ServiceMatch {
     fn matches(&self, service: &ServiceView<'_>) -> bool {
         self.class.as_deref().is_none_or(|c| c == service.class)
             && self.name.as_deref().is_none_or(|n| n == service.name)
-            && self.properties.iter().all(|(k, v)| {
-                service
-                    .properties
-                    .get(k)
-                    .is_some_and(|have| have.matches(v))
-            })
+            && self
+                .properties
+                .iter()
+                .all(|(k, v)| service.properties.get(k).is_some_and(|have| have.matches(v)))
     }
 }
 
 impl Policy {
     fn matching<'p>(&'p self, task: &Task<'_>, service: &ServiceView<'_>) -> Vec<&'p Rule> {
-        let principal_matches: Vec<bool> =
-            self.principals.iter().map(|p| p.matches(task)).collect();
+        let principal_matches: Vec<bool> = self.principals.iter().map(|p| p.matches(task)).collect();
         self.rules
             .iter()
             .filter(|r| {
@@ -151,10 +145,7 @@ impl Policy {
     /// Whether the task may see the service at all: only a forbid rule naming the whole service
     /// hides it.
     pub fn can_see(&self, task: &Task<'_>, service: &ServiceView<'_>) -> bool {
-        !self
-            .matching(task, service)
-            .iter()
-            .any(|r| r.forbids_service())
+        !self.matching(task, service).iter().any(|r| r.forbids_service())
     }
 
     /// `initWithTask`: admits the task to the service with the given open mode and compiles the
@@ -168,10 +159,7 @@ impl Policy {
     ) -> Admission {
         let rules = self.matching(task, service);
         let first = |effect: Effect, pred: &dyn Fn(&Rule) -> bool| {
-            rules
-                .iter()
-                .copied()
-                .find(|r| r.effect == effect && pred(r))
+            rules.iter().copied().find(|r| r.effect == effect && pred(r))
         };
         if let Some(r) = rules.iter().find(|r| r.forbids_service()) {
             return Err(Denial {
@@ -187,17 +175,13 @@ impl Policy {
         };
         let mut admitted_by = first_allow;
         if exclusive {
-            if let Some(r) = first(Effect::Forbid, &|r| {
-                r.open == Some(OpenPermission::Exclusive)
-            }) {
+            if let Some(r) = first(Effect::Forbid, &|r| r.open == Some(OpenPermission::Exclusive)) {
                 return Err(Denial {
                     rule: r.id.clone(),
                     reason: format!("exclusive open of {} is forbidden", service.name),
                 });
             }
-            match first(Effect::Allow, &|r| {
-                r.open == Some(OpenPermission::Exclusive)
-            }) {
+            match first(Effect::Allow, &|r| r.open == Some(OpenPermission::Exclusive)) {
                 Some(r) => admitted_by = r,
                 None => {
                     return Err(Denial {
@@ -248,10 +232,7 @@ impl Policy {
                     });
                 };
                 match m.privilege.map(privilege) {
-                    Some(Decision {
-                        allowed: false,
-                        rule,
-                    }) => Err(Denial {
+                    Some(Decision { allowed: false, rule }) => Err(Denial {
                         rule,
                         reason: format!(
                             "method {} requires privilege {}, which is not granted",
@@ -379,9 +360,7 @@ methods = ["write"]
 "#,
         );
         let props = tty_props();
-        let grant = p
-            .admit(&task(1000, &[], None), &tty(&props), false, &METHODS)
-            .unwrap();
+        let grant = p.admit(&task(1000, &[], None), &tty(&props), false, &METHODS).unwrap();
         assert_eq!(grant.check(0), Ok("allow-all"));
         assert_eq!(grant.check(1).unwrap_err().rule, "no-write");
         // reset needs a privilege nobody grants.
@@ -442,16 +421,10 @@ methods = ["read"]
                 .rule,
             DEFAULT_DENY
         );
-        let wrong_vendor =
-            Properties::from([("usb.vendor".to_string(), PropValue::Text("1a86".into()))]);
+        let wrong_vendor = Properties::from([("usb.vendor".to_string(), PropValue::Text("1a86".into()))]);
         assert!(
-            p.admit(
-                &task(1000, &groups, None),
-                &tty(&wrong_vendor),
-                false,
-                &METHODS
-            )
-            .is_err()
+            p.admit(&task(1000, &groups, None), &tty(&wrong_vendor), false, &METHODS)
+                .is_err()
         );
     }
 
@@ -477,18 +450,10 @@ methods = ["read"]
             .is_ok()
         );
         assert!(
-            p.admit(
-                &task(1000, &[], Some("/tmp/minicom")),
-                &tty(&props),
-                false,
-                &METHODS
-            )
-            .is_err()
-        );
-        assert!(
-            p.admit(&task(1000, &[], None), &tty(&props), false, &METHODS)
+            p.admit(&task(1000, &[], Some("/tmp/minicom")), &tty(&props), false, &METHODS)
                 .is_err()
         );
+        assert!(p.admit(&task(1000, &[], None), &tty(&props), false, &METHODS).is_err());
     }
 
     #[test]
@@ -510,14 +475,10 @@ privileges = ["tty.admin"]
 "#,
         );
         let props = tty_props();
-        let root = p
-            .admit(&task(0, &[], None), &tty(&props), false, &METHODS)
-            .unwrap();
+        let root = p.admit(&task(0, &[], None), &tty(&props), false, &METHODS).unwrap();
         assert!(root.has_privilege("tty.admin"));
         assert_eq!(root.check(2), Ok("admin"));
-        let user = p
-            .admit(&task(1000, &[], None), &tty(&props), false, &METHODS)
-            .unwrap();
+        let user = p.admit(&task(1000, &[], None), &tty(&props), false, &METHODS).unwrap();
         assert!(!user.has_privilege("tty.admin"));
         assert_eq!(user.check(2).unwrap_err().rule, DEFAULT_DENY);
     }
@@ -568,19 +529,14 @@ open = "exclusive"
 "#,
         );
         let props = tty_props();
-        assert!(
-            p.admit(&task(1000, &[], None), &tty(&props), false, &METHODS)
-                .is_ok()
-        );
+        assert!(p.admit(&task(1000, &[], None), &tty(&props), false, &METHODS).is_ok());
         assert_eq!(
             p.admit(&task(1000, &[], None), &tty(&props), true, &METHODS)
                 .unwrap_err()
                 .rule,
             DEFAULT_DENY
         );
-        let grant = p
-            .admit(&task(0, &[], None), &tty(&props), true, &METHODS)
-            .unwrap();
+        let grant = p.admit(&task(0, &[], None), &tty(&props), true, &METHODS).unwrap();
         assert_eq!(grant.admitted_by(), "exclusive-for-root");
         // The exclusive rule names no methods; the shared rule still grants read.
         assert_eq!(grant.check(0), Ok("shared-only"));
@@ -612,9 +568,6 @@ open = "exclusive"
                 .rule,
             "never-exclusive"
         );
-        assert!(
-            p.admit(&task(1, &[], None), &tty(&props), false, &METHODS)
-                .is_ok()
-        );
+        assert!(p.admit(&task(1, &[], None), &tty(&props), false, &METHODS).is_ok());
     }
 }

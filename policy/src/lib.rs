@@ -15,9 +15,7 @@
 mod grant;
 mod model;
 
-pub use grant::{
-    Admission, Decision, Denial, Grant, MethodDecision, MethodRef, RuleRef, ServiceView, Task,
-};
+pub use grant::{Admission, Decision, Denial, Grant, MethodDecision, MethodRef, RuleRef, ServiceView, Task};
 pub use model::{Effect, OpenPermission, Policy, PolicyError, Source, SourceError};
 
 /// What a denial names when no rule decided it.

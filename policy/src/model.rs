@@ -33,11 +33,7 @@ impl fmt::Display for SourceError {
         if self.line == 0 {
             write!(f, "{}: {}", self.origin, self.message)
         } else {
-            write!(
-                f,
-                "{}:{}:{}: {}",
-                self.origin, self.line, self.col, self.message
-            )
+            write!(f, "{}:{}:{}: {}", self.origin, self.line, self.col, self.message)
         }
     }
 }
@@ -182,10 +178,7 @@ pub(crate) struct Rule {
 impl Rule {
     /// A forbid rule that names no method, open mode or privilege forbids the whole service.
     pub(crate) fn forbids_service(&self) -> bool {
-        self.effect == Effect::Forbid
-            && self.methods.is_empty()
-            && self.open.is_none()
-            && self.privileges.is_empty()
+        self.effect == Effect::Forbid && self.methods.is_empty() && self.open.is_none() && self.privileges.is_empty()
     }
 }
 
@@ -236,17 +229,9 @@ impl Policy {
             if id.trim().is_empty() {
                 errors.push(locate(source, Some(r.id.span()), "rule id is empty".into()));
             } else if id == crate::DEFAULT_DENY {
-                errors.push(locate(
-                    source,
-                    Some(r.id.span()),
-                    format!("rule id {id:?} is reserved"),
-                ));
+                errors.push(locate(source, Some(r.id.span()), format!("rule id {id:?} is reserved")));
             } else if rules.iter().any(|q| q.id == id) {
-                errors.push(locate(
-                    source,
-                    Some(r.id.span()),
-                    format!("duplicate rule id {id:?}"),
-                ));
+                errors.push(locate(source, Some(r.id.span()), format!("duplicate rule id {id:?}")));
             }
             let mut indices = Vec::new();
             if r.principals.is_empty() {
@@ -265,10 +250,7 @@ impl Policy {
                         format!(
                             "rule {id:?} names unknown principal {:?}{}",
                             name.get_ref(),
-                            did_you_mean(
-                                name.get_ref(),
-                                principals.iter().map(|p| p.name.as_str())
-                            )
+                            did_you_mean(name.get_ref(), principals.iter().map(|p| p.name.as_str()))
                         ),
                     )),
                 }
@@ -282,9 +264,7 @@ impl Policy {
                     None => errors.push(locate(
                         source,
                         Some(value.span()),
-                        format!(
-                            "property {key:?}: only strings, integers and booleans can be matched"
-                        ),
+                        format!("property {key:?}: only strings, integers and booleans can be matched"),
                     )),
                 }
             }
@@ -323,9 +303,7 @@ impl Policy {
 fn prop_value(v: &toml::Value) -> Option<PropValue> {
     match v {
         toml::Value::String(s) => Some(PropValue::Text(s.clone())),
-        toml::Value::Integer(i) => {
-            Some(u64::try_from(*i).map_or(PropValue::Signed(*i), PropValue::Unsigned))
-        }
+        toml::Value::Integer(i) => Some(u64::try_from(*i).map_or(PropValue::Signed(*i), PropValue::Unsigned)),
         toml::Value::Boolean(b) => Some(PropValue::Flag(*b)),
         _ => None,
     }
@@ -381,10 +359,7 @@ mod tests {
     use super::*;
 
     fn parse(text: &str) -> Result<Policy, PolicyError> {
-        Policy::parse(&[Source {
-            origin: "p.toml",
-            text,
-        }])
+        Policy::parse(&[Source { origin: "p.toml", text }])
     }
 
     #[test]
@@ -403,9 +378,7 @@ mod tests {
 
     #[test]
     fn parse_unknown_key_is_refused_with_location() {
-        let err =
-            parse("[[rule]]\nid = \"r\"\neffect = \"allow\"\nprincipals = []\nmethod = [\"x\"]\n")
-                .unwrap_err();
+        let err = parse("[[rule]]\nid = \"r\"\neffect = \"allow\"\nprincipals = []\nmethod = [\"x\"]\n").unwrap_err();
         let e = &err.errors()[0];
         assert_eq!(e.line, 5, "{e}");
         assert!(e.message.contains("unknown field"), "{e}");
@@ -413,7 +386,10 @@ mod tests {
 
     #[test]
     fn parse_bad_effect_is_refused() {
-        assert!(parse("[[principal]]\nname=\"a\"\n[[rule]]\nid = \"r\"\neffect = \"permit\"\nprincipals = [\"a\"]\n").is_err());
+        assert!(
+            parse("[[principal]]\nname=\"a\"\n[[rule]]\nid = \"r\"\neffect = \"permit\"\nprincipals = [\"a\"]\n")
+                .is_err()
+        );
     }
 
     #[test]
@@ -435,7 +411,12 @@ mod tests {
 
     #[test]
     fn parse_reserved_rule_id_is_refused() {
-        assert!(parse("[[principal]]\nname=\"a\"\n[[rule]]\nid = \"default deny\"\neffect = \"allow\"\nprincipals = [\"a\"]\n").is_err());
+        assert!(
+            parse(
+                "[[principal]]\nname=\"a\"\n[[rule]]\nid = \"default deny\"\neffect = \"allow\"\nprincipals = [\"a\"]\n"
+            )
+            .is_err()
+        );
     }
 
     #[test]

@@ -12,12 +12,7 @@ pub mod status;
 pub use status::Status;
 
 /// Messages and service stubs generated from `proto/portcullis.proto`.
-#[allow(
-    missing_docs,
-    missing_debug_implementations,
-    clippy::all,
-    clippy::pedantic
-)]
+#[allow(missing_docs, missing_debug_implementations, clippy::all, clippy::pedantic)]
 pub mod pb {
     include!("generated/portcullis.v1.rs");
 }

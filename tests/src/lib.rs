@@ -61,16 +61,11 @@ impl Broker {
 
     /// A broker with this config and policy.
     pub fn with(setup: BrokerSetup<'_>) -> Broker {
-        let dir = tempfile::Builder::new()
-            .prefix("portcullis-test-")
-            .tempdir()
-            .unwrap();
+        let dir = tempfile::Builder::new().prefix("portcullis-test-").tempdir().unwrap();
         // Unprivileged test clients must reach the run dir and a copy of the binary.
         fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
         let mut cmd = Command::new(bin());
-        cmd.arg("broker")
-            .arg("--run-dir")
-            .arg(dir.path().join("run"));
+        cmd.arg("broker").arg("--run-dir").arg(dir.path().join("run"));
         if let Some(config) = setup.config {
             let path = dir.path().join("config.toml");
             fs::write(&path, config).unwrap();
@@ -82,9 +77,7 @@ impl Broker {
             cmd.arg("--policy").arg(path);
         }
         let log = fs::File::create(dir.path().join("broker.log")).unwrap();
-        cmd.env("RUST_LOG", "debug")
-            .stdout(Stdio::null())
-            .stderr(log);
+        cmd.env("RUST_LOG", "debug").stdout(Stdio::null()).stderr(log);
         let child = cmd.spawn().unwrap();
         let mut broker = Broker { child, dir };
         broker.wait_ready();
@@ -96,21 +89,14 @@ impl Broker {
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
             if let Some(status) = self.child.try_wait().unwrap() {
-                panic!(
-                    "broker exited with {status} before serving:\n{}",
-                    self.log()
-                );
+                panic!("broker exited with {status} before serving:\n{}", self.log());
             }
             if std::os::unix::net::UnixStream::connect(&socket).is_ok() {
                 return;
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        panic!(
-            "broker did not serve {} within 20 s:\n{}",
-            socket.display(),
-            self.log()
-        );
+        panic!("broker did not serve {} within 20 s:\n{}", socket.display(), self.log());
     }
 
     /// The run dir.

@@ -20,10 +20,7 @@ fn main() -> ExitCode {
         Some("test") => test(rest),
         Some("bench") => bench(rest),
         Some("codegen") => codegen(args.iter().any(|a| a == "--check")),
-        _ => Err(
-            "usage: cargo xtask <test [-- cargo-test-args] | bench [--quick] | codegen [--check]>"
-                .into(),
-        ),
+        _ => Err("usage: cargo xtask <test [-- cargo-test-args] | bench [--quick] | codegen [--check]>".into()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -55,9 +52,7 @@ fn cargo() -> Command {
 
 fn run(cmd: &mut Command) -> Result<()> {
     eprintln!("xtask: running {cmd:?}");
-    let status = cmd
-        .status()
-        .map_err(|e| format!("cannot start {cmd:?}: {e}"))?;
+    let status = cmd.status().map_err(|e| format!("cannot start {cmd:?}: {e}"))?;
     if status.success() {
         Ok(())
     } else {
@@ -77,13 +72,7 @@ fn test(extra: &[String]) -> Result<()> {
     codegen(true)?;
 
     step("building the broker once for every integration test");
-    run(cargo().args([
-        "build",
-        "--package",
-        "portcullis-broker",
-        "--bin",
-        "portcullis",
-    ]))?;
+    run(cargo().args(["build", "--package", "portcullis-broker", "--bin", "portcullis"]))?;
     let bin = target_dir().join("debug").join("portcullis");
 
     step("the whole workspace test suite");
@@ -99,8 +88,7 @@ fn test(extra: &[String]) -> Result<()> {
 /// reinstalled only when that file changes.
 fn ensure_python_venv() -> Result<PathBuf> {
     let requirements = root().join("tests/python/requirements.txt");
-    let wanted = fs::read_to_string(&requirements)
-        .map_err(|e| format!("{}: {e}", requirements.display()))?;
+    let wanted = fs::read_to_string(&requirements).map_err(|e| format!("{}: {e}", requirements.display()))?;
     let venv = target_dir().join("py");
     let python = venv.join("bin/python");
     let stamp = venv.join("requirements.installed");
@@ -124,14 +112,7 @@ fn ensure_python_venv() -> Result<PathBuf> {
         run(Command::new(&python3).args(["-m", "venv"]).arg(&venv))?;
     }
     run(Command::new(&python)
-        .args([
-            "-m",
-            "pip",
-            "install",
-            "--quiet",
-            "--disable-pip-version-check",
-            "-r",
-        ])
+        .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", "-r"])
         .arg(&requirements))?;
     fs::write(&stamp, wanted).map_err(|e| format!("{}: {e}", stamp.display()))?;
     Ok(python)
@@ -200,8 +181,7 @@ const CODEGEN: &[Codegen] = &[
 ];
 
 fn codegen(check: bool) -> Result<()> {
-    let protoc =
-        protoc_bin_vendored::protoc_bin_path().map_err(|e| format!("vendored protoc: {e}"))?;
+    let protoc = protoc_bin_vendored::protoc_bin_path().map_err(|e| format!("vendored protoc: {e}"))?;
     let mut stale = Vec::new();
     for job in CODEGEN {
         let tmp = tempfile::tempdir().map_err(|e| e.to_string())?;

@@ -72,11 +72,7 @@ pub(crate) async fn run(args: CallArgs) -> Result<(), String> {
             if !out.scalars.is_empty() {
                 println!(
                     "{}",
-                    out.scalars
-                        .iter()
-                        .map(u64::to_string)
-                        .collect::<Vec<_>>()
-                        .join(" ")
+                    out.scalars.iter().map(u64::to_string).collect::<Vec<_>>().join(" ")
                 );
             }
             if !out.struct_out.is_empty() {
@@ -92,10 +88,7 @@ pub(crate) async fn run(args: CallArgs) -> Result<(), String> {
     Ok(())
 }
 
-pub(crate) async fn resolve_service(
-    session: &Session,
-    service: &str,
-) -> Result<pb::ServiceInfo, ClientError> {
+pub(crate) async fn resolve_service(session: &Session, service: &str) -> Result<pb::ServiceInfo, ClientError> {
     match service.parse::<u64>() {
         Ok(id) => session
             .find_services(matching::all())
@@ -133,9 +126,9 @@ async fn call(args: &CallArgs) -> Result<portcullis_client::CallOutput, ClientEr
                 .map_or(0, |r| r.max),
         ),
         Err(_) => {
-            let m = user_client.method(&args.method).ok_or_else(|| {
-                ClientError::NotFound(format!("method {:?} of {}", args.method, service.name))
-            })?;
+            let m = user_client
+                .method(&args.method)
+                .ok_or_else(|| ClientError::NotFound(format!("method {:?} of {}", args.method, service.name)))?;
             (m.selector, m.struct_out.map_or(0, |r| r.max))
         }
     };

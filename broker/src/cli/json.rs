@@ -20,8 +20,7 @@ pub(crate) fn property(value: &pb::PropertyValue) -> Value {
 }
 
 pub(crate) fn service(s: &pb::ServiceInfo) -> Value {
-    let range =
-        |r: &Option<pb::SizeRange>| r.as_ref().map_or(json!([0, 0]), |r| json!([r.min, r.max]));
+    let range = |r: &Option<pb::SizeRange>| r.as_ref().map_or(json!([0, 0]), |r| json!([r.min, r.max]));
     json!({
         "id": s.id,
         "name": s.name,
@@ -48,11 +47,9 @@ pub(crate) fn status_name(code: i32) -> String {
 
 pub(crate) fn error(e: &ClientError) -> Value {
     match e {
-        ClientError::Refused {
-            status,
-            message,
-            rule,
-        } => json!({ "status": status.name(), "message": message, "rule": rule }),
+        ClientError::Refused { status, message, rule } => {
+            json!({ "status": status.name(), "message": message, "rule": rule })
+        }
         other => json!({ "status": "CLIENT_ERROR", "message": other.to_string() }),
     }
 }

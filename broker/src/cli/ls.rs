@@ -18,16 +18,10 @@ pub(crate) struct LsArgs {
 
 pub(crate) async fn run(args: LsArgs) -> Result<(), String> {
     let client = args.run_dir.connect().await.map_err(|e| e.to_string())?;
-    let services = client
-        .list_services(matching::all())
-        .await
-        .map_err(|e| e.to_string())?;
+    let services = client.list_services(matching::all()).await.map_err(|e| e.to_string())?;
     if args.json {
         let all: Vec<_> = services.iter().map(json::service).collect();
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&all).map_err(|e| e.to_string())?
-        );
+        println!("{}", serde_json::to_string_pretty(&all).map_err(|e| e.to_string())?);
     } else {
         print!("{}", tree(&services));
     }
@@ -44,21 +38,9 @@ fn tree(services: &[pb::ServiceInfo]) -> String {
     out
 }
 
-fn node(
-    out: &mut String,
-    s: &pb::ServiceInfo,
-    by_id: &BTreeMap<u64, &pb::ServiceInfo>,
-    indent: &str,
-) {
-    out.push_str(&format!(
-        "{indent}+-o {}  <class {}, id {}>\n",
-        s.name, s.class, s.id
-    ));
-    let children: Vec<&pb::ServiceInfo> = s
-        .children
-        .iter()
-        .filter_map(|c| by_id.get(c).copied())
-        .collect();
+fn node(out: &mut String, s: &pb::ServiceInfo, by_id: &BTreeMap<u64, &pb::ServiceInfo>, indent: &str) {
+    out.push_str(&format!("{indent}+-o {}  <class {}, id {}>\n", s.name, s.class, s.id));
+    let children: Vec<&pb::ServiceInfo> = s.children.iter().filter_map(|c| by_id.get(c).copied()).collect();
     let bar = if children.is_empty() { "  " } else { "| " };
     let detail = format!("{indent}{bar}    ");
     for (k, v) in &s.properties {

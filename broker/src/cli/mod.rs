@@ -55,9 +55,7 @@ pub(crate) struct RunDir {
 
 impl RunDir {
     fn path(&self) -> PathBuf {
-        self.run_dir
-            .clone()
-            .unwrap_or_else(portcullis_client::default_run_dir)
+        self.run_dir.clone().unwrap_or_else(portcullis_client::default_run_dir)
     }
 
     pub(crate) async fn connect(&self) -> Result<Client, ClientError> {
@@ -84,13 +82,9 @@ pub fn main() -> ExitCode {
     let is_broker = matches!(cli.command, Command::Broker(_));
     init_logging(cli.log_format, if is_broker { "info" } else { "warn" });
     let runtime = if is_broker {
-        tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build()
+        tokio::runtime::Builder::new_multi_thread().enable_all().build()
     } else {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
+        tokio::runtime::Builder::new_current_thread().enable_all().build()
     };
     let runtime = match runtime {
         Ok(rt) => rt,
@@ -120,8 +114,7 @@ pub fn main() -> ExitCode {
 
 fn init_logging(format: LogFormat, default_level: &str) {
     use tracing_subscriber::EnvFilter;
-    let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level));
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -137,18 +130,14 @@ async fn broker(args: BrokerArgs) -> Result<(), String> {
         policy: args.policy,
         run_dir: args.run_dir.path(),
     };
-    server::run(options, shutdown_signal())
-        .await
-        .map_err(|e| e.to_string())
+    server::run(options, shutdown_signal()).await.map_err(|e| e.to_string())
 }
 
 /// Completes on SIGINT or SIGTERM.
 async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut interrupt), Ok(mut terminate)) = (
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::terminate()),
-    ) else {
+    let (Ok(mut interrupt), Ok(mut terminate)) = (signal(SignalKind::interrupt()), signal(SignalKind::terminate()))
+    else {
         tracing::error!("cannot install signal handlers; stop the broker with SIGKILL");
         return std::future::pending().await;
     };

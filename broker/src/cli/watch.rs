@@ -26,12 +26,7 @@ pub(crate) async fn run(args: WatchArgs) -> Result<(), String> {
     let session = client.session().await.map_err(|e| e.to_string())?;
     let mut ids = Vec::new();
     for name in &args.services {
-        ids.push(
-            resolve_service(&session, name)
-                .await
-                .map_err(|e| e.to_string())?
-                .id,
-        );
+        ids.push(resolve_service(&session, name).await.map_err(|e| e.to_string())?.id);
     }
     session.subscribe(&ids).await.map_err(|e| e.to_string())?;
     eprintln!(

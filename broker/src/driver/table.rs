@@ -111,9 +111,7 @@ impl MethodTable {
                 return Err(TableError::TooManyScalars(row.name));
             }
         }
-        Ok(MethodTable {
-            rows: rows.to_vec(),
-        })
+        Ok(MethodTable { rows: rows.to_vec() })
     }
 
     /// All rows, in selector order.
@@ -263,18 +261,12 @@ mod tests {
             struct_in: SizeRange::between(0, limits::MAX_STRUCT + 1),
             ..ADD
         };
-        assert_eq!(
-            MethodTable::new(&[bad]).unwrap_err(),
-            TableError::BadBounds("add")
-        );
+        assert_eq!(MethodTable::new(&[bad]).unwrap_err(), TableError::BadBounds("add"));
         let inverted = MethodSpec {
             struct_out: SizeRange::between(5, 4),
             ..ADD
         };
-        assert_eq!(
-            MethodTable::new(&[inverted]).unwrap_err(),
-            TableError::BadBounds("add")
-        );
+        assert_eq!(MethodTable::new(&[inverted]).unwrap_err(), TableError::BadBounds("add"));
     }
 
     #[test]
@@ -324,18 +316,12 @@ mod tests {
             scalars: vec![],
             struct_out: vec![1, 2, 3],
         };
-        assert_eq!(
-            echo.check_output(&out, 2).unwrap_err().status,
-            Status::BadArgument
-        );
+        assert_eq!(echo.check_output(&out, 2).unwrap_err().status, Status::BadArgument);
         assert!(echo.check_output(&out, 3).is_ok());
         let wrong = CallOutput {
             scalars: vec![1],
             struct_out: vec![],
         };
-        assert_eq!(
-            echo.check_output(&wrong, 4).unwrap_err().status,
-            Status::Internal
-        );
+        assert_eq!(echo.check_output(&wrong, 4).unwrap_err().status, Status::Internal);
     }
 }

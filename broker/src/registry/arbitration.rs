@@ -40,11 +40,7 @@ impl OpenGuard {
     /// Opens the service, or refuses with [`Status::ExclusiveAccess`] when an exclusive open is
     /// held, or when an exclusive open is asked for while any open is held.
     pub fn acquire(service: &Arc<Service>, mode: OpenMode) -> Result<OpenGuard, Status> {
-        let mut state = service
-            .arbitration
-            .state
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let mut state = service.arbitration.state.lock().unwrap_or_else(|e| e.into_inner());
         let busy = state.exclusive || (mode == OpenMode::Exclusive && state.shared > 0);
         if busy {
             return Err(Status::ExclusiveAccess);
@@ -72,12 +68,7 @@ impl OpenGuard {
 
 impl Drop for OpenGuard {
     fn drop(&mut self) {
-        let mut state = self
-            .service
-            .arbitration
-            .state
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let mut state = self.service.arbitration.state.lock().unwrap_or_else(|e| e.into_inner());
         match self.mode {
             OpenMode::Shared => state.shared = state.shared.saturating_sub(1),
             OpenMode::Exclusive => state.exclusive = false,

@@ -31,12 +31,10 @@ impl Matching {
     pub fn matches(&self, service: &Service) -> bool {
         self.class.as_deref().is_none_or(|c| c == service.class())
             && self.name.as_deref().is_none_or(|n| n == service.name())
-            && self.properties.iter().all(|(k, v)| {
-                service
-                    .properties()
-                    .get(k)
-                    .is_some_and(|have| have.matches(v))
-            })
+            && self
+                .properties
+                .iter()
+                .all(|(k, v)| service.properties().get(k).is_some_and(|have| have.matches(v)))
     }
 }
 

@@ -96,16 +96,8 @@ impl Service {
             class: self.class.clone(),
             parent: self.parent.map_or(0, |p| p.0),
             children: self.children().into_iter().map(|c| c.0).collect(),
-            properties: self
-                .properties
-                .iter()
-                .map(|(k, v)| (k.clone(), v.into()))
-                .collect(),
-            methods: self
-                .driver
-                .as_ref()
-                .map(|d| d.methods().infos())
-                .unwrap_or_default(),
+            properties: self.properties.iter().map(|(k, v)| (k.clone(), v.into())).collect(),
+            methods: self.driver.as_ref().map(|d| d.methods().infos()).unwrap_or_default(),
         }
     }
 }
@@ -161,10 +153,7 @@ impl Registry {
         driver: Option<Arc<dyn Driver>>,
     ) -> Result<Arc<Service>, RegistryError> {
         let mut services = self.services.write().unwrap_or_else(|e| e.into_inner());
-        if services
-            .values()
-            .any(|s| s.name == name && !s.is_terminated())
-        {
+        if services.values().any(|s| s.name == name && !s.is_terminated()) {
             return Err(RegistryError::DuplicateName(name.to_string()));
         }
         let parent_service = match parent {
@@ -190,10 +179,7 @@ impl Registry {
             arbitration: Arbitration::default(),
         });
         if let Some(p) = parent_service {
-            p.children
-                .write()
-                .unwrap_or_else(|e| e.into_inner())
-                .push(id);
+            p.children.write().unwrap_or_else(|e| e.into_inner()).push(id);
         }
         services.insert(id, service.clone());
         Ok(service)
@@ -260,13 +246,7 @@ mod tests {
     fn registry_publish_links_parent_and_child() {
         let r = Registry::new();
         let bus = r
-            .publish(
-                Some(r.root()),
-                "vbus0",
-                "VirtualBus",
-                Properties::new(),
-                None,
-            )
+            .publish(Some(r.root()), "vbus0", "VirtualBus", Properties::new(), None)
             .unwrap();
         let dev = r
             .publish(Some(bus.id()), "dev0", "Thing", Properties::new(), None)
@@ -280,8 +260,7 @@ mod tests {
     #[test]
     fn registry_duplicate_name_is_refused() {
         let r = Registry::new();
-        r.publish(Some(r.root()), "a", "X", Properties::new(), None)
-            .unwrap();
+        r.publish(Some(r.root()), "a", "X", Properties::new(), None).unwrap();
         assert!(matches!(
             r.publish(Some(r.root()), "a", "X", Properties::new(), None),
             Err(RegistryError::DuplicateName(_))
@@ -316,8 +295,7 @@ mod tests {
     fn registry_find_filters_by_matching() {
         let r = Registry::new();
         let props = Properties::from([("model".to_string(), PropValue::Text("demo".into()))]);
-        r.publish(Some(r.root()), "a", "Sample", props, None)
-            .unwrap();
+        r.publish(Some(r.root()), "a", "Sample", props, None).unwrap();
         r.publish(Some(r.root()), "b", "Sample", Properties::new(), None)
             .unwrap();
         let m = Matching {

@@ -62,10 +62,7 @@ impl Core {
 
     /// The running policy.
     pub fn policy(&self) -> Arc<Policy> {
-        self.policy
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.policy.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// A receiver of every event from now on.
@@ -82,9 +79,7 @@ impl Core {
         properties: Properties,
         driver: Option<Arc<dyn Driver>>,
     ) -> Result<Arc<Service>, RegistryError> {
-        let service = self
-            .registry
-            .publish(parent, name, class, properties, driver)?;
+        let service = self.registry.publish(parent, name, class, properties, driver)?;
         tracing::info!(id = %service.id(), name, class, "service published");
         let _ = self.events.send(CoreEvent::Published(service.clone()));
         Ok(service)

@@ -48,11 +48,7 @@ pub enum IdentityError {
 
 impl PeerIdentity {
     /// Collects the identity of the peer with these `SO_PEERCRED` values.
-    pub fn from_peer_cred(
-        uid: u32,
-        gid: u32,
-        pid: Option<i32>,
-    ) -> Result<PeerIdentity, IdentityError> {
+    pub fn from_peer_cred(uid: u32, gid: u32, pid: Option<i32>) -> Result<PeerIdentity, IdentityError> {
         let Some(raw_pid) = pid.filter(|p| *p > 0) else {
             // A peer in another pid namespace has pid 0 here: uid and gid are still the kernel's.
             return Ok(PeerIdentity {
@@ -66,10 +62,7 @@ impl PeerIdentity {
         };
         let pid = Pid::from_raw(raw_pid).ok_or(IdentityError::NoCredentials)?;
         let pidfd =
-            pidfd_open(pid, PidfdFlags::empty()).map_err(|source| IdentityError::Pidfd {
-                pid: raw_pid,
-                source,
-            })?;
+            pidfd_open(pid, PidfdFlags::empty()).map_err(|source| IdentityError::Pidfd { pid: raw_pid, source })?;
         let proc_dir = PathBuf::from(format!("/proc/{raw_pid}"));
         let exe = fs::read_link(proc_dir.join("exe"))
             .ok()
@@ -80,10 +73,7 @@ impl PeerIdentity {
         // A pidfd becomes readable when its process exits: if it has, the pid may have been
         // reused between accept and the reads above, so nothing read can be trusted.
         let mut fds = [PollFd::new(&pidfd, PollFlags::IN)];
-        let zero = Timespec {
-            tv_sec: 0,
-            tv_nsec: 0,
-        };
+        let zero = Timespec { tv_sec: 0, tv_nsec: 0 };
         if poll(&mut fds, Some(&zero)).unwrap_or(1) != 0 {
             return Err(IdentityError::Exited(raw_pid));
         }
@@ -101,11 +91,7 @@ impl PeerIdentity {
     pub fn of_self() -> Result<PeerIdentity, IdentityError> {
         let uid = rustix::process::geteuid().as_raw();
         let gid = rustix::process::getegid().as_raw();
-        PeerIdentity::from_peer_cred(
-            uid,
-            gid,
-            Some(rustix::process::getpid().as_raw_nonzero().get()),
-        )
+        PeerIdentity::from_peer_cred(uid, gid, Some(rustix::process::getpid().as_raw_nonzero().get()))
     }
 
     /// The policy's view of this task.
@@ -124,11 +110,7 @@ fn parse_groups(status: &str) -> Vec<u32> {
     status
         .lines()
         .find_map(|l| l.strip_prefix("Groups:"))
-        .map(|g| {
-            g.split_whitespace()
-                .filter_map(|n| n.parse().ok())
-                .collect()
-        })
+        .map(|g| g.split_whitespace().filter_map(|n| n.parse().ok()).collect())
         .unwrap_or_default()
 }
 
@@ -136,12 +118,10 @@ fn group_names(gid: u32, supplementary: &[u32]) -> Vec<String> {
     let mut gids = vec![gid];
     gids.extend(supplementary.iter().filter(|g| **g != gid));
     gids.into_iter()
-        .map(
-            |g| match nix::unistd::Group::from_gid(nix::unistd::Gid::from_raw(g)) {
-                Ok(Some(group)) => group.name,
-                _ => g.to_string(),
-            },
-        )
+        .map(|g| match nix::unistd::Group::from_gid(nix::unistd::Gid::from_raw(g)) {
+            Ok(Some(group)) => group.name,
+            _ => g.to_string(),
+        })
         .collect()
 }
 

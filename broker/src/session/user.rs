@@ -220,15 +220,12 @@ impl Session {
                 ),
             ));
         }
-        let no_device =
-            || Refusal::new(Status::NoDevice, format!("no service with id {service_id}"));
+        let no_device = || Refusal::new(Status::NoDevice, format!("no service with id {service_id}"));
         let service = self.core.registry().get(service_id).ok_or_else(no_device)?;
-        let driver = service.driver().cloned().ok_or_else(|| {
-            Refusal::new(
-                Status::Unsupported,
-                format!("{} has no driver to open", service.name()),
-            )
-        })?;
+        let driver = service
+            .driver()
+            .cloned()
+            .ok_or_else(|| Refusal::new(Status::Unsupported, format!("{} has no driver to open", service.name())))?;
         let methods: Vec<MethodRef<'_>> = driver
             .methods()
             .rows()
@@ -290,10 +287,7 @@ impl Session {
         struct_in: Vec<u8>,
         struct_out_cap: u32,
     ) -> Result<CallStarted, Refusal> {
-        let uc = self
-            .user_clients
-            .get(&handle)
-            .ok_or_else(|| not_open(handle))?;
+        let uc = self.user_clients.get(&handle).ok_or_else(|| not_open(handle))?;
         let service = uc.open.service().clone();
         if service.is_terminated() {
             return Err(Refusal::new(
@@ -307,8 +301,8 @@ impl Session {
                 format!("{} has no selector {selector}", service.name()),
             )
         })?;
-        let index = usize::try_from(selector)
-            .map_err(|_| Refusal::new(Status::BadArgument, "selector out of range"))?;
+        let index =
+            usize::try_from(selector).map_err(|_| Refusal::new(Status::BadArgument, "selector out of range"))?;
         uc.grant.check(index).map_err(Refusal::denied)?;
         if scalars.len() > limits::MAX_SCALARS {
             return Err(Refusal::new(
@@ -318,9 +312,7 @@ impl Session {
         }
         let args = spec.check_args(scalars, struct_in, struct_out_cap)?;
         let cap = args.struct_out_cap;
-        if spec.is_async
-            && self.pending.load(Ordering::Relaxed) >= limits::MAX_PENDING_CALLS_PER_SESSION
-        {
+        if spec.is_async && self.pending.load(Ordering::Relaxed) >= limits::MAX_PENDING_CALLS_PER_SESSION {
             return Err(Refusal::new(
                 Status::NoMemory,
                 format!(
@@ -367,10 +359,7 @@ impl Session {
         if services.len() > limits::MAX_SUBSCRIBED_SERVICES {
             return Err(Refusal::new(
                 Status::BadArgument,
-                format!(
-                    "at most {} services per subscription",
-                    limits::MAX_SUBSCRIBED_SERVICES
-                ),
+                format!("at most {} services per subscription", limits::MAX_SUBSCRIBED_SERVICES),
             ));
         }
         for id in services {
@@ -380,10 +369,7 @@ impl Session {
                 .get(*id)
                 .is_some_and(|s| self.core.can_see(&self.peer, &s));
             if !visible {
-                return Err(Refusal::new(
-                    Status::NoDevice,
-                    format!("no service with id {id}"),
-                ));
+                return Err(Refusal::new(Status::NoDevice, format!("no service with id {id}")));
             }
         }
         self.subscription = if services.is_empty() {
@@ -408,9 +394,7 @@ impl Session {
         let mut out = Vec::new();
         match event {
             CoreEvent::Published(service) => {
-                if matches!(self.subscription, Subscription::All)
-                    && self.core.can_see(&self.peer, service)
-                {
+                if matches!(self.subscription, Subscription::All) && self.core.can_see(&self.peer, service) {
                     out.push(SessionEvent::Published(service.clone()));
                 }
             }
@@ -485,7 +469,11 @@ mod tests {
     use crate::{bus, config::Config};
 
     fn core() -> Arc<Core> {
-        let policy = Policy::parse(&[Source { origin: "default", text: crate::config::DEFAULT_POLICY }]).unwrap();
+        let policy = Policy::parse(&[Source {
+            origin: "default",
+            text: crate::config::DEFAULT_POLICY,
+        }])
+        .unwrap();
         let core = Core::new(policy);
         bus::publish(&core, &Config::load(None).unwrap()).unwrap();
         core
@@ -507,7 +495,9 @@ mod tests {
         let mut s = session(&core);
         let id = sample(&core).id();
         let (handle, _, _) = s.open_user_client(id, OpenMode::Exclusive).unwrap();
-        let Ok(CallStarted::Pending(pending)) = s.call(handle, 3, vec![60_000], vec![], 0) else { panic!("wait_event must pend") };
+        let Ok(CallStarted::Pending(pending)) = s.call(handle, 3, vec![60_000], vec![], 0) else {
+            panic!("wait_event must pend")
+        };
         assert_eq!(s.pending_count(), 1);
 
         let mut events = core.subscribe();
@@ -517,13 +507,25 @@ mod tests {
         let event = events.recv().await.unwrap();
 
         let closed = s.on_core_event(&event);
-        assert!(matches!(closed.as_slice(), [SessionEvent::UserClientClosed { handle: h, status: Status::NoDevice, .. }] if *h == handle), "{closed:?}");
+        assert!(
+            matches!(closed.as_slice(), [SessionEvent::UserClientClosed { handle: h, status: Status::NoDevice, .. }] if *h == handle),
+            "{closed:?}"
+        );
         assert_eq!(s.user_client_count(), 0);
-        assert_eq!(s.call(handle, 0, vec![1, 2], vec![], 0).unwrap_err().status, Status::NotOpen);
-        assert_eq!(s.open_user_client(id, OpenMode::Shared).unwrap_err().status, Status::NoDevice);
+        assert_eq!(
+            s.call(handle, 0, vec![1, 2], vec![], 0).unwrap_err().status,
+            Status::NotOpen
+        );
+        assert_eq!(
+            s.open_user_client(id, OpenMode::Shared).unwrap_err().status,
+            Status::NoDevice
+        );
 
         let told = watcher.on_core_event(&event);
-        assert!(matches!(told.as_slice(), [SessionEvent::Terminated { name, .. }] if name == "sample0"), "{told:?}");
+        assert!(
+            matches!(told.as_slice(), [SessionEvent::Terminated { name, .. }] if name == "sample0"),
+            "{told:?}"
+        );
     }
 
     #[tokio::test]
@@ -534,7 +536,10 @@ mod tests {
         let (handle, _, _) = s.open_user_client(id, OpenMode::Shared).unwrap();
         core.terminate(id);
         let out = s.on_events_lost(3);
-        assert!(matches!(out.as_slice(), [SessionEvent::Lost(3), SessionEvent::UserClientClosed { handle: h, .. }] if *h == handle), "{out:?}");
+        assert!(
+            matches!(out.as_slice(), [SessionEvent::Lost(3), SessionEvent::UserClientClosed { handle: h, .. }] if *h == handle),
+            "{out:?}"
+        );
     }
 
     #[tokio::test]
@@ -544,7 +549,10 @@ mod tests {
         let mut s = session(&core);
         s.open_user_client(id, OpenMode::Exclusive).unwrap();
         let mut other = session(&core);
-        assert_eq!(other.open_user_client(id, OpenMode::Shared).unwrap_err().status, Status::ExclusiveAccess);
+        assert_eq!(
+            other.open_user_client(id, OpenMode::Shared).unwrap_err().status,
+            Status::ExclusiveAccess
+        );
         drop(s);
         assert!(other.open_user_client(id, OpenMode::Exclusive).is_ok());
     }
@@ -556,11 +564,25 @@ mod tests {
         let mut unsubscribed = session(&core);
         let mut watching = session(&core);
         watching.subscribe(&[sample.id()]).unwrap();
-        let event = CoreEvent::Notice { service: sample.clone(), notice: crate::driver::DriverNotice { kind: "event", value: 1, detail: String::new() } };
+        let event = CoreEvent::Notice {
+            service: sample.clone(),
+            notice: crate::driver::DriverNotice {
+                kind: "event",
+                value: 1,
+                detail: String::new(),
+            },
+        };
         assert!(unsubscribed.on_core_event(&event).is_empty());
         assert_eq!(watching.on_core_event(&event).len(), 1);
         let bus = core.registry().find(&Matching::name("vbus0")).remove(0);
-        let other = CoreEvent::Notice { service: bus, notice: crate::driver::DriverNotice { kind: "event", value: 1, detail: String::new() } };
+        let other = CoreEvent::Notice {
+            service: bus,
+            notice: crate::driver::DriverNotice {
+                kind: "event",
+                value: 1,
+                detail: String::new(),
+            },
+        };
         assert!(watching.on_core_event(&other).is_empty());
     }
 
@@ -576,8 +598,14 @@ mod tests {
                 other => panic!("{other:?}"),
             }
         }
-        assert_eq!(s.call(handle, 3, vec![60_000], vec![], 0).unwrap_err().status, Status::NoMemory);
+        assert_eq!(
+            s.call(handle, 3, vec![60_000], vec![], 0).unwrap_err().status,
+            Status::NoMemory
+        );
         held.pop();
-        assert!(matches!(s.call(handle, 3, vec![60_000], vec![], 0), Ok(CallStarted::Pending(_))));
+        assert!(matches!(
+            s.call(handle, 3, vec![60_000], vec![], 0),
+            Ok(CallStarted::Pending(_))
+        ));
     }
 }

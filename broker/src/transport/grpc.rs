@@ -56,21 +56,13 @@ impl Connected for PeerStream {
 }
 
 impl AsyncRead for PeerStream {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.inner).poll_read(cx, buf)
     }
 }
 
 impl AsyncWrite for PeerStream {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         Pin::new(&mut self.inner).poll_write(cx, buf)
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -187,9 +179,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), GrpcError> {
     let (health_reporter, health) = tonic_health::server::health_reporter();
-    health_reporter
-        .set_serving::<BrokerServer<BrokerService>>()
-        .await;
+    health_reporter.set_serving::<BrokerServer<BrokerService>>().await;
     let reflection = || {
         tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
@@ -221,9 +211,7 @@ fn peer_of<T>(req: &tonic::Request<T>) -> Result<Arc<PeerIdentity>, tonic::Statu
     req.extensions()
         .get::<Peer>()
         .map(|p| p.0.clone())
-        .ok_or_else(|| {
-            tonic::Status::unauthenticated("the connection has no kernel-verified identity")
-        })
+        .ok_or_else(|| tonic::Status::unauthenticated("the connection has no kernel-verified identity"))
 }
 
 #[tonic::async_trait]
@@ -266,12 +254,7 @@ type Outbound = mpsc::Sender<Result<pb::ServerMessage, tonic::Status>>;
 
 /// Serves one session until the client's stream ends or its connection drops; then the session
 /// is dropped, releasing everything it held.
-async fn run_session(
-    mut session: Session,
-    core: Arc<Core>,
-    mut inbound: Streaming<pb::ClientMessage>,
-    tx: Outbound,
-) {
+async fn run_session(mut session: Session, core: Arc<Core>, mut inbound: Streaming<pb::ClientMessage>, tx: Outbound) {
     let mut events = core.subscribe();
     loop {
         tokio::select! {
@@ -309,18 +292,11 @@ async fn run_session(
 
 /// Handles one request. Returns the response to send now; an asynchronous call's response is
 /// sent by its own task when it completes.
-fn handle(
-    session: &mut Session,
-    message: pb::ClientMessage,
-    tx: &Outbound,
-) -> Option<pb::ServerMessage> {
+fn handle(session: &mut Session, message: pb::ClientMessage, tx: &Outbound) -> Option<pb::ServerMessage> {
     use pb::response::Result as R;
     let id = message.request_id;
     let result: Result<R, Refusal> = match message.request {
-        None => Err(Refusal::new(
-            Status::ProtocolError,
-            "the message carries no request",
-        )),
+        None => Err(Refusal::new(Status::ProtocolError, "the message carries no request")),
         Some(Request::FindServices(find)) => Matching::try_from(find.matching)
             .map_err(|e| Refusal::new(Status::BadArgument, e.to_string()))
             .map(|m| {
@@ -337,9 +313,9 @@ fn handle(
                     privileges,
                 })
             }),
-        Some(Request::CloseUserClient(close)) => session
-            .close_user_client(close.handle)
-            .map(|()| R::Done(pb::Empty {})),
+        Some(Request::CloseUserClient(close)) => {
+            session.close_user_client(close.handle).map(|()| R::Done(pb::Empty {}))
+        }
         Some(Request::Subscribe(sub)) => {
             let ids: Vec<ServiceId> = sub.service_ids.iter().map(|i| ServiceId(*i)).collect();
             session.subscribe(&ids).map(|()| R::Done(pb::Empty {}))
@@ -378,10 +354,7 @@ fn open_mode(mode: i32) -> Result<OpenMode, Refusal> {
     match pb::OpenMode::try_from(mode) {
         Ok(pb::OpenMode::Shared) => Ok(OpenMode::Shared),
         Ok(pb::OpenMode::Exclusive) => Ok(OpenMode::Exclusive),
-        Err(_) => Err(Refusal::new(
-            Status::BadArgument,
-            format!("unknown open mode {mode}"),
-        )),
+        Err(_) => Err(Refusal::new(Status::BadArgument, format!("unknown open mode {mode}"))),
     }
 }
 
@@ -415,16 +388,9 @@ fn event_message(event: SessionEvent) -> pb::ServerMessage {
         SessionEvent::Published(service) => E::Published(pb::ServicePublished {
             service: Some(service.info()),
         }),
-        SessionEvent::Terminated { id, name } => E::Terminated(pb::ServiceTerminated {
-            service_id: id.0,
-            name,
-        }),
+        SessionEvent::Terminated { id, name } => E::Terminated(pb::ServiceTerminated { service_id: id.0, name }),
         SessionEvent::Notice { service, notice } => E::Notification(notification(&service, notice)),
-        SessionEvent::UserClientClosed {
-            handle,
-            status,
-            reason,
-        } => E::UserClientClosed(pb::UserClientClosed {
+        SessionEvent::UserClientClosed { handle, status, reason } => E::UserClientClosed(pb::UserClientClosed {
             handle,
             status: pb::StatusCode::from(status).into(),
             reason,

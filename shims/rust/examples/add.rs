@@ -16,10 +16,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let sample = session.find_one(matching::by_name("sample0"))?;
     let user_client = session.open(sample.id, OpenMode::Shared)?;
     let out = session.call_named(&user_client, "add", &[a, b], &[])?;
-    println!(
-        "{a} + {b} = {}",
-        out.scalars.first().copied().unwrap_or_default()
-    );
+    println!("{a} + {b} = {}", out.scalars.first().copied().unwrap_or_default());
     session.close(&user_client)?;
     Ok(())
 }

@@ -34,10 +34,7 @@ impl Client {
     }
 
     /// The services matching the dictionary that this task may see.
-    pub fn list_services(
-        &self,
-        matching: pb::Matching,
-    ) -> Result<Vec<pb::ServiceInfo>, ClientError> {
+    pub fn list_services(&self, matching: pb::Matching) -> Result<Vec<pb::ServiceInfo>, ClientError> {
         self.runtime.block_on(self.inner.list_services(matching))
     }
 
@@ -60,10 +57,7 @@ pub struct Session {
 
 impl Session {
     /// See [`crate::Session::find_services`].
-    pub fn find_services(
-        &self,
-        matching: pb::Matching,
-    ) -> Result<Vec<pb::ServiceInfo>, ClientError> {
+    pub fn find_services(&self, matching: pb::Matching) -> Result<Vec<pb::ServiceInfo>, ClientError> {
         self.runtime.block_on(self.inner.find_services(matching))
     }
 
@@ -91,10 +85,8 @@ impl Session {
         struct_in: &[u8],
         struct_out_len: u32,
     ) -> Result<CallOutput, ClientError> {
-        self.runtime.block_on(
-            self.inner
-                .call(handle, selector, scalars, struct_in, struct_out_len),
-        )
+        self.runtime
+            .block_on(self.inner.call(handle, selector, scalars, struct_in, struct_out_len))
     }
 
     /// See [`crate::Session::call_named`].

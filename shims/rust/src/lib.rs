@@ -174,10 +174,7 @@ impl Client {
     }
 
     /// The services matching the dictionary that this task may see (no session needed).
-    pub async fn list_services(
-        &self,
-        matching: pb::Matching,
-    ) -> Result<Vec<pb::ServiceInfo>, ClientError> {
+    pub async fn list_services(&self, matching: pb::Matching) -> Result<Vec<pb::ServiceInfo>, ClientError> {
         let response = self
             .grpc
             .clone()

@@ -10,10 +10,7 @@ use std::{
 
 use portcullis_proto::{
     Status,
-    pb::{
-        self, broker_client::BrokerClient, client_message::Request, response::Result as R,
-        server_message::Kind,
-    },
+    pb::{self, broker_client::BrokerClient, client_message::Request, response::Result as R, server_message::Kind},
 };
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
@@ -133,15 +130,11 @@ impl Session {
             .await
             .is_err()
         {
-            self.pending
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .remove(&id);
+            self.pending.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
             return Err(ClientError::Disconnected);
         }
         let response = response.await.map_err(|_| ClientError::Disconnected)?;
-        let status =
-            Status::try_from(response.status).map_err(|e| ClientError::Protocol(e.to_string()))?;
+        let status = Status::try_from(response.status).map_err(|e| ClientError::Protocol(e.to_string()))?;
         if status != Status::Success {
             return Err(ClientError::Refused {
                 status,
@@ -155,10 +148,7 @@ impl Session {
     }
 
     /// The services matching the dictionary that this task may see.
-    pub async fn find_services(
-        &self,
-        matching: pb::Matching,
-    ) -> Result<Vec<pb::ServiceInfo>, ClientError> {
+    pub async fn find_services(&self, matching: pb::Matching) -> Result<Vec<pb::ServiceInfo>, ClientError> {
         match self
             .request(Request::FindServices(pb::FindServices {
                 matching: Some(matching),
@@ -181,11 +171,7 @@ impl Session {
     }
 
     /// Opens a user client on the service (admission by policy, then a shared or exclusive open).
-    pub async fn open(
-        &self,
-        service_id: u64,
-        mode: pb::OpenMode,
-    ) -> Result<UserClient, ClientError> {
+    pub async fn open(&self, service_id: u64, mode: pb::OpenMode) -> Result<UserClient, ClientError> {
         match self
             .request(Request::OpenUserClient(pb::OpenUserClient {
                 service_id,
@@ -246,18 +232,12 @@ impl Session {
         scalars: &[u64],
         struct_in: &[u8],
     ) -> Result<CallOutput, ClientError> {
-        let method = user_client.method(name).ok_or_else(|| {
-            ClientError::NotFound(format!("method {name} of {}", user_client.service.name))
-        })?;
+        let method = user_client
+            .method(name)
+            .ok_or_else(|| ClientError::NotFound(format!("method {name} of {}", user_client.service.name)))?;
         let out_len = method.struct_out.as_ref().map_or(0, |r| r.max);
-        self.call(
-            user_client.handle,
-            method.selector,
-            scalars,
-            struct_in,
-            out_len,
-        )
-        .await
+        self.call(user_client.handle, method.selector, scalars, struct_in, out_len)
+            .await
     }
 
     /// Subscribes to interest notifications for these services (all visible ones when empty).

@@ -13,17 +13,10 @@ use tokio_stream::wrappers::ReceiverStream;
 async fn assert_still_serving(broker: &Broker) {
     let client = broker.client().await;
     let session = client.session().await.unwrap();
-    let sample = session
-        .find_one(matching::by_name("sample0"))
-        .await
-        .unwrap();
+    let sample = session.find_one(matching::by_name("sample0")).await.unwrap();
     let uc = session.open(sample.id, OpenMode::Shared).await.unwrap();
     assert_eq!(
-        session
-            .call_named(&uc, "add", &[20, 22], &[])
-            .await
-            .unwrap()
-            .scalars,
+        session.call_named(&uc, "add", &[20, 22], &[]).await.unwrap().scalars,
         vec![42]
     );
 }
@@ -33,10 +26,7 @@ async fn call_out_of_table_is_bad_argument_and_broker_keeps_serving() {
     let broker = Broker::start();
     let client = broker.client().await;
     let session = client.session().await.unwrap();
-    let sample = session
-        .find_one(matching::by_name("sample0"))
-        .await
-        .unwrap();
+    let sample = session.find_one(matching::by_name("sample0")).await.unwrap();
     let uc = session.open(sample.id, OpenMode::Shared).await.unwrap();
 
     let cases: [(&str, u32, Vec<u64>, Vec<u8>); 6] = [
@@ -56,11 +46,7 @@ async fn call_out_of_table_is_bad_argument_and_broker_keeps_serving() {
     }
     // A struct where none is taken, and an output buffer too small for the reply.
     assert_eq!(
-        session
-            .call(uc.handle, 0, &[1, 2], &[0], 0)
-            .await
-            .unwrap_err()
-            .status(),
+        session.call(uc.handle, 0, &[1, 2], &[0], 0).await.unwrap_err().status(),
         Some(Status::BadArgument)
     );
     assert_eq!(
@@ -80,50 +66,29 @@ async fn call_out_of_table_is_bad_argument_and_broker_keeps_serving() {
         Some(Status::NotOpen)
     );
     assert_eq!(
-        session
-            .open(u64::MAX, OpenMode::Shared)
-            .await
-            .unwrap_err()
-            .status(),
+        session.open(u64::MAX, OpenMode::Shared).await.unwrap_err().status(),
         Some(Status::NoDevice)
     );
     // Structural nodes have no driver to open.
     assert_eq!(
-        session
-            .open(2, OpenMode::Shared)
-            .await
-            .unwrap_err()
-            .status(),
+        session.open(2, OpenMode::Shared).await.unwrap_err().status(),
         Some(Status::Unsupported)
     );
 
     // The same session still works, and so do new ones.
     assert_eq!(
-        session
-            .call_named(&uc, "add", &[1, 2], &[])
-            .await
-            .unwrap()
-            .scalars,
+        session.call_named(&uc, "add", &[1, 2], &[]).await.unwrap().scalars,
         vec![3]
     );
     assert_still_serving(&broker).await;
 }
 
 /// A raw session: messages as the wire carries them, no client-side checks.
-async fn raw_session(
-    broker: &Broker,
-) -> (
-    mpsc::Sender<pb::ClientMessage>,
-    tonic::Streaming<pb::ServerMessage>,
-) {
+async fn raw_session(broker: &Broker) -> (mpsc::Sender<pb::ClientMessage>, tonic::Streaming<pb::ServerMessage>) {
     let channel = client::uds_channel(&broker.socket()).await.unwrap();
     let mut grpc = pb::broker_client::BrokerClient::new(channel).max_encoding_message_size(8 << 20);
     let (tx, rx) = mpsc::channel(16);
-    let inbound = grpc
-        .session(ReceiverStream::new(rx))
-        .await
-        .unwrap()
-        .into_inner();
+    let inbound = grpc.session(ReceiverStream::new(rx)).await.unwrap().into_inner();
     (tx, inbound)
 }
 
@@ -148,10 +113,7 @@ async fn malformed_requests_get_status() {
     .await
     .unwrap();
     let r = response(&mut inbound).await;
-    assert_eq!(
-        (r.request_id, r.status),
-        (7, pb::StatusCode::ProtocolError as i32)
-    );
+    assert_eq!((r.request_id, r.status), (7, pb::StatusCode::ProtocolError as i32));
 
     let bad_mode = Request::OpenUserClient(pb::OpenUserClient {
         service_id: 3,
@@ -163,10 +125,7 @@ async fn malformed_requests_get_status() {
     })
     .await
     .unwrap();
-    assert_eq!(
-        response(&mut inbound).await.status,
-        pb::StatusCode::BadArgument as i32
-    );
+    assert_eq!(response(&mut inbound).await.status, pb::StatusCode::BadArgument as i32);
 
     let empty_property = pb::Matching {
         properties: [("model".to_string(), pb::PropertyValue { kind: None })].into(),
@@ -180,10 +139,7 @@ async fn malformed_requests_get_status() {
     })
     .await
     .unwrap();
-    assert_eq!(
-        response(&mut inbound).await.status,
-        pb::StatusCode::BadArgument as i32
-    );
+    assert_eq!(response(&mut inbound).await.status, pb::StatusCode::BadArgument as i32);
 
     let subscribe_ghost = Request::Subscribe(pb::Subscribe {
         service_ids: vec![12345],
@@ -194,10 +150,7 @@ async fn malformed_requests_get_status() {
     })
     .await
     .unwrap();
-    assert_eq!(
-        response(&mut inbound).await.status,
-        pb::StatusCode::NoDevice as i32
-    );
+    assert_eq!(response(&mut inbound).await.status, pb::StatusCode::NoDevice as i32);
 
     let too_many = Request::Subscribe(pb::Subscribe {
         service_ids: (0..1000).collect(),
@@ -208,10 +161,7 @@ async fn malformed_requests_get_status() {
     })
     .await
     .unwrap();
-    assert_eq!(
-        response(&mut inbound).await.status,
-        pb::StatusCode::BadArgument as i32
-    );
+    assert_eq!(response(&mut inbound).await.status, pb::StatusCode::BadArgument as i32);
     assert_still_serving(&broker).await;
 }
 

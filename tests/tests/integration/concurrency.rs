@@ -17,10 +17,7 @@ async fn hundred_connections_thousand_adds_each() {
         let client = Client::connect(broker.run_dir()).await.unwrap();
         tasks.push(tokio::spawn(async move {
             let session = client.session().await.unwrap();
-            let sample = session
-                .find_one(matching::by_name("sample0"))
-                .await
-                .unwrap();
+            let sample = session.find_one(matching::by_name("sample0")).await.unwrap();
             let uc = session.open(sample.id, OpenMode::Shared).await.unwrap();
             let mut wrong = 0u64;
             for i in 0..CALLS {
@@ -41,16 +38,9 @@ async fn hundred_connections_thousand_adds_each() {
     // Every call was served: get_info counts them.
     let client = broker.client().await;
     let session = client.session().await.unwrap();
-    let sample = session
-        .find_one(matching::by_name("sample0"))
-        .await
-        .unwrap();
+    let sample = session.find_one(matching::by_name("sample0")).await.unwrap();
     let uc = session.open(sample.id, OpenMode::Shared).await.unwrap();
-    let info = session
-        .call_named(&uc, "get_info", &[], &[])
-        .await
-        .unwrap()
-        .struct_out;
+    let info = session.call_named(&uc, "get_info", &[], &[]).await.unwrap().struct_out;
     assert_eq!(
         u64::from_ne_bytes(info[8..16].try_into().unwrap()),
         CONNECTIONS * CALLS + 1

@@ -28,14 +28,8 @@ async fn exclusive_second_opener_refused_until_holder_is_killed() {
 
     let client = broker.client().await;
     let session = client.session().await.unwrap();
-    let sample = session
-        .find_one(matching::by_name("sample0"))
-        .await
-        .unwrap();
-    let refused = session
-        .open(sample.id, OpenMode::Exclusive)
-        .await
-        .unwrap_err();
+    let sample = session.find_one(matching::by_name("sample0")).await.unwrap();
+    let refused = session.open(sample.id, OpenMode::Exclusive).await.unwrap_err();
     assert_eq!(refused.status(), Some(Status::ExclusiveAccess), "{refused}");
     let shared = session.open(sample.id, OpenMode::Shared).await.unwrap_err();
     assert_eq!(
@@ -80,19 +74,13 @@ async fn exclusive_refused_while_shared_open_and_granted_after_close() {
     let sample = a.find_one(matching::by_name("sample0")).await.unwrap();
     let shared = a.open(sample.id, OpenMode::Shared).await.unwrap();
     assert_eq!(
-        b.open(sample.id, OpenMode::Exclusive)
-            .await
-            .unwrap_err()
-            .status(),
+        b.open(sample.id, OpenMode::Exclusive).await.unwrap_err().status(),
         Some(Status::ExclusiveAccess)
     );
     a.close(&shared).await.unwrap();
     let exclusive = b.open(sample.id, OpenMode::Exclusive).await.unwrap();
     assert_eq!(
-        b.call_named(&exclusive, "add", &[2, 2], &[])
-            .await
-            .unwrap()
-            .scalars,
+        b.call_named(&exclusive, "add", &[2, 2], &[]).await.unwrap().scalars,
         vec![4]
     );
 }

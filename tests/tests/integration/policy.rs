@@ -44,30 +44,17 @@ async fn policy_forbidden_method_names_rule() {
     });
     let client = broker.client().await;
     let session = client.session().await.unwrap();
-    let sample0 = session
-        .find_one(matching::by_name("sample0"))
-        .await
-        .unwrap();
+    let sample0 = session.find_one(matching::by_name("sample0")).await.unwrap();
     let uc = session.open(sample0.id, OpenMode::Shared).await.unwrap();
-    let denied = session
-        .call_named(&uc, "fire_event", &[1], &[])
-        .await
-        .unwrap_err();
+    let denied = session.call_named(&uc, "fire_event", &[1], &[]).await.unwrap_err();
     assert_eq!(denied.status(), Some(Status::NotPrivileged), "{denied}");
     assert_eq!(denied.rule(), Some("no-fire"));
     // The method "*" grants still apply; reset needs a privilege no rule grants.
     assert_eq!(
-        session
-            .call_named(&uc, "add", &[1, 1], &[])
-            .await
-            .unwrap()
-            .scalars,
+        session.call_named(&uc, "add", &[1, 1], &[]).await.unwrap().scalars,
         vec![2]
     );
-    let reset = session
-        .call_named(&uc, "reset", &[], &[])
-        .await
-        .unwrap_err();
+    let reset = session.call_named(&uc, "reset", &[], &[]).await.unwrap_err();
     assert_eq!(
         (reset.status(), reset.rule()),
         (Some(Status::NotPrivileged), Some("default deny"))
@@ -82,14 +69,8 @@ async fn policy_default_denied_service_names_default_deny() {
     });
     let client = broker.client().await;
     let session = client.session().await.unwrap();
-    let sample1 = session
-        .find_one(matching::by_name("sample1"))
-        .await
-        .unwrap();
-    let denied = session
-        .open(sample1.id, OpenMode::Shared)
-        .await
-        .unwrap_err();
+    let sample1 = session.find_one(matching::by_name("sample1")).await.unwrap();
+    let denied = session.open(sample1.id, OpenMode::Shared).await.unwrap_err();
     assert_eq!(denied.status(), Some(Status::NotPrivileged), "{denied}");
     assert_eq!(denied.rule(), Some("default deny"));
     assert!(
@@ -110,10 +91,7 @@ fn policy_sees_kernel_uid_not_claims() {
     assert_eq!(refusal["rule"], "default deny");
     // Everything else the default policy gives every local user.
     assert_eq!(
-        stdout_ok(&broker.cli_as(
-            NOBODY,
-            &["call", "sample0", "add", "--scalar", "2", "--scalar", "3"]
-        )),
+        stdout_ok(&broker.cli_as(NOBODY, &["call", "sample0", "add", "--scalar", "2", "--scalar", "3"])),
         "5\n"
     );
     stdout_ok(&broker.cli(&["call", "sample0", "reset"]));
@@ -142,14 +120,8 @@ async fn policy_forbidden_service_is_hidden() {
     );
     // Opening it by guessing its id is refused, naming the rule.
     let session = client.session().await.unwrap();
-    let sample0 = session
-        .find_one(matching::by_name("sample0"))
-        .await
-        .unwrap();
-    let denied = session
-        .open(sample0.id + 1, OpenMode::Shared)
-        .await
-        .unwrap_err();
+    let sample0 = session.find_one(matching::by_name("sample0")).await.unwrap();
+    let denied = session.open(sample0.id + 1, OpenMode::Shared).await.unwrap_err();
     assert_eq!(
         (denied.status(), denied.rule()),
         (Some(Status::NotPrivileged), Some("hide-sample1"))

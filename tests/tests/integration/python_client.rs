@@ -21,7 +21,9 @@ methods = ["add", "echo", "get_info", "wait_event", "fire_event"]
 #[test]
 fn python_grpcio_client_drives_a_session() {
     let python = std::env::var("PORTCULLIS_PYTHON").unwrap_or_else(|_| {
-        panic!("PORTCULLIS_PYTHON is not set: run the suite with `cargo xtask test`, which installs grpcio into target/py")
+        panic!(
+            "PORTCULLIS_PYTHON is not set: run the suite with `cargo xtask test`, which installs grpcio into target/py"
+        )
     });
     let broker = Broker::with(BrokerSetup {
         config: None,

@@ -18,17 +18,10 @@ fn cli_ls_shows_registry_tree_and_json() {
     let broker = Broker::start();
     let tree = stdout_ok(&broker.cli(&["ls"]));
     assert!(tree.contains("+-o Root  <class Root, id 1>"), "{tree}");
-    assert!(
-        tree.contains("  +-o vbus0  <class VirtualBus, id 2>"),
-        "{tree}"
-    );
-    assert!(
-        tree.contains("    +-o sample0  <class SampleDevice, id 3>"),
-        "{tree}"
-    );
+    assert!(tree.contains("  +-o vbus0  <class VirtualBus, id 2>"), "{tree}");
+    assert!(tree.contains("    +-o sample0  <class SampleDevice, id 3>"), "{tree}");
     assert!(tree.contains("reset(5, needs sample.admin)"), "{tree}");
-    let json: serde_json::Value =
-        serde_json::from_str(&stdout_ok(&broker.cli(&["ls", "--json"]))).unwrap();
+    let json: serde_json::Value = serde_json::from_str(&stdout_ok(&broker.cli(&["ls", "--json"]))).unwrap();
     let sample = json
         .as_array()
         .unwrap()
@@ -38,10 +31,7 @@ fn cli_ls_shows_registry_tree_and_json() {
     assert_eq!(sample["class"], "SampleDevice");
     assert_eq!(sample["parent"], 2);
     assert_eq!(sample["properties"]["model"], "demo");
-    assert_eq!(
-        sample["methods"][1]["struct_in"],
-        serde_json::json!([0, 4096])
-    );
+    assert_eq!(sample["methods"][1]["struct_in"], serde_json::json!([0, 4096]));
 }
 
 #[test]
@@ -79,10 +69,7 @@ async fn session_every_sample_method_then_close() {
     );
 
     let session = client.session().await.unwrap();
-    let found = session
-        .find_services(matching::by_class("SampleDevice"))
-        .await
-        .unwrap();
+    let found = session.find_services(matching::by_class("SampleDevice")).await.unwrap();
     assert_eq!(found.len(), 1);
     let sample = session.open(found[0].id, OpenMode::Shared).await.unwrap();
     assert_eq!(
@@ -91,10 +78,7 @@ async fn session_every_sample_method_then_close() {
         "root holds the admin privilege"
     );
 
-    let add = session
-        .call_named(&sample, "add", &[u64::MAX, 3], &[])
-        .await
-        .unwrap();
+    let add = session.call_named(&sample, "add", &[u64::MAX, 3], &[]).await.unwrap();
     assert_eq!(add.scalars, vec![2], "add wraps");
 
     let payload: Vec<u8> = (0..4096u32).map(|i| (i * 7) as u8).collect();
@@ -121,16 +105,8 @@ async fn session_every_sample_method_then_close() {
         .unwrap()
         .struct_out;
     assert_eq!(info.len(), 16);
-    assert_eq!(
-        u32::from_ne_bytes(info[0..4].try_into().unwrap()),
-        1,
-        "version"
-    );
-    assert_eq!(
-        u32::from_ne_bytes(info[4..8].try_into().unwrap()),
-        1,
-        "current opens"
-    );
+    assert_eq!(u32::from_ne_bytes(info[0..4].try_into().unwrap()), 1, "version");
+    assert_eq!(u32::from_ne_bytes(info[4..8].try_into().unwrap()), 1, "current opens");
     assert_eq!(
         u64::from_ne_bytes(info[8..16].try_into().unwrap()),
         4,
@@ -140,10 +116,7 @@ async fn session_every_sample_method_then_close() {
     // wait_event completes with fire_event's value; a second session fires it.
     let waiting = session.call_named(&sample, "wait_event", &[10_000], &[]);
     let firer = client.session().await.unwrap();
-    let fire_handle = firer
-        .open(sample.service.id, OpenMode::Shared)
-        .await
-        .unwrap();
+    let fire_handle = firer.open(sample.service.id, OpenMode::Shared).await.unwrap();
     let fire = async {
         // Fire until the waiter is registered (fire_event reports how many it completed).
         loop {
@@ -162,17 +135,11 @@ async fn session_every_sample_method_then_close() {
     assert_eq!(waited.unwrap().scalars, vec![99]);
 
     // wait_event times out with Timeout.
-    let timeout = session
-        .call_named(&sample, "wait_event", &[20], &[])
-        .await
-        .unwrap_err();
+    let timeout = session.call_named(&sample, "wait_event", &[20], &[]).await.unwrap_err();
     assert_eq!(timeout.status(), Some(Status::Timeout));
 
     // reset (root holds sample.admin) zeroes calls served.
-    session
-        .call_named(&sample, "reset", &[], &[])
-        .await
-        .unwrap();
+    session.call_named(&sample, "reset", &[], &[]).await.unwrap();
     let info = session
         .call_named(&sample, "get_info", &[], &[])
         .await
@@ -186,10 +153,7 @@ async fn session_every_sample_method_then_close() {
     );
 
     session.close(&sample).await.unwrap();
-    let closed = session
-        .call_named(&sample, "add", &[1, 1], &[])
-        .await
-        .unwrap_err();
+    let closed = session.call_named(&sample, "add", &[1, 1], &[]).await.unwrap_err();
     assert_eq!(closed.status(), Some(Status::NotOpen));
     assert_eq!(
         session.close(&sample).await.unwrap_err().status(),
@@ -202,10 +166,7 @@ async fn closing_user_client_aborts_its_pending_call() {
     let broker = Broker::start();
     let client = broker.client().await;
     let session = client.session().await.unwrap();
-    let sample = session
-        .find_one(matching::by_name("sample0"))
-        .await
-        .unwrap();
+    let sample = session.find_one(matching::by_name("sample0")).await.unwrap();
     let uc = session.open(sample.id, OpenMode::Shared).await.unwrap();
     let other = session.open(sample.id, OpenMode::Shared).await.unwrap();
     let waiting = session.call_named(&uc, "wait_event", &[60_000], &[]);
@@ -244,8 +205,7 @@ async fn session_end_releases_pending_calls() {
             struct_out_len: 0,
         });
         // Start the asynchronous call, then end the session without waiting for it.
-        let pending =
-            tokio::time::timeout(Duration::from_millis(200), doomed.request(request)).await;
+        let pending = tokio::time::timeout(Duration::from_millis(200), doomed.request(request)).await;
         assert!(pending.is_err(), "wait_event must still be pending");
     }
     // The broker released the dead session's waiter: no one is completed, the opens are gone.
@@ -279,10 +239,7 @@ async fn session_end_releases_pending_calls() {
 async fn cli_watch_sees_async_completion() {
     let broker = Broker::start();
     let mut watch = broker
-        .cli_command(
-            portcullis_tests::bin(),
-            &["watch", "sample0", "--count", "1", "--json"],
-        )
+        .cli_command(portcullis_tests::bin(), &["watch", "sample0", "--count", "1", "--json"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -295,10 +252,7 @@ async fn cli_watch_sees_async_completion() {
 
     let client = broker.client().await;
     let session = client.session().await.unwrap();
-    let sample = session
-        .find_one(matching::by_name("sample0"))
-        .await
-        .unwrap();
+    let sample = session.find_one(matching::by_name("sample0")).await.unwrap();
     let uc = session.open(sample.id, OpenMode::Shared).await.unwrap();
     // Requests of one session are dispatched in order: the wait is registered before the fire.
     let (waited, fired) = tokio::join!(

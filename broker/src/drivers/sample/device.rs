@@ -13,8 +13,7 @@ use tokio::sync::oneshot;
 
 use super::methods::{INFO_SIZE, MAX_WAIT_MS, SAMPLE_VERSION, Selector, TABLE};
 use crate::driver::{
-    CallArgs, CallContext, CallOutput, Completion, Driver, DriverError, DriverNotice, MethodSpec,
-    MethodTable,
+    CallArgs, CallContext, CallOutput, Completion, Driver, DriverError, DriverNotice, MethodSpec, MethodTable,
 };
 
 /// One sample device.
@@ -80,10 +79,7 @@ impl SampleDevice {
                     scalars: vec![value],
                     struct_out: vec![],
                 }),
-                Ok(Err(_)) => Err(DriverError::new(
-                    Status::Aborted,
-                    "the device was terminated",
-                )),
+                Ok(Err(_)) => Err(DriverError::new(Status::Aborted, "the device was terminated")),
                 Err(_) => Err(DriverError::new(
                     Status::Timeout,
                     format!("no event within {timeout_ms} ms"),
@@ -94,10 +90,7 @@ impl SampleDevice {
 
     fn fire_event(&self, ctx: &CallContext<'_>, value: u64) -> u64 {
         let waiters = std::mem::take(&mut *self.waiters.lock().unwrap_or_else(|e| e.into_inner()));
-        let completed = waiters
-            .into_iter()
-            .filter_map(|w| w.send(value).ok())
-            .count() as u64;
+        let completed = waiters.into_iter().filter_map(|w| w.send(value).ok()).count() as u64;
         (ctx.notify)(DriverNotice {
             kind: "event",
             value,
@@ -118,12 +111,7 @@ impl Driver for SampleDevice {
 
     fn call(&self, ctx: &CallContext<'_>, spec: &MethodSpec, args: CallArgs) -> Completion {
         self.calls_served.fetch_add(1, Ordering::Relaxed);
-        let done = |scalars: Vec<u64>, struct_out: Vec<u8>| {
-            Completion::Ready(Ok(CallOutput {
-                scalars,
-                struct_out,
-            }))
-        };
+        let done = |scalars: Vec<u64>, struct_out: Vec<u8>| Completion::Ready(Ok(CallOutput { scalars, struct_out }));
         match Selector::from_u32(spec.selector) {
             Some(Selector::Add) => {
                 let [a, b] = args.scalars();
@@ -157,20 +145,14 @@ impl Driver for SampleDevice {
 
     fn terminate(&self) {
         // Dropping the senders completes every waiter with Aborted.
-        self.waiters
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clear();
+        self.waiters.lock().unwrap_or_else(|e| e.into_inner()).clear();
     }
 }
 
 fn unknown(spec: &MethodSpec) -> DriverError {
     DriverError::new(
         Status::Internal,
-        format!(
-            "sample device has no implementation for selector {}",
-            spec.selector
-        ),
+        format!("sample device has no implementation for selector {}", spec.selector),
     )
 }
 
@@ -203,13 +185,7 @@ mod tests {
         (r, notices)
     }
 
-    fn call(
-        dev: &SampleDevice,
-        ctx: &CallContext<'_>,
-        sel: Selector,
-        scalars: Vec<u64>,
-        s: Vec<u8>,
-    ) -> Completion {
+    fn call(dev: &SampleDevice, ctx: &CallContext<'_>, sel: Selector, scalars: Vec<u64>, s: Vec<u8>) -> Completion {
         let spec = dev.methods().get(sel as u32).unwrap();
         let args = spec.check_args(scalars, s, u32::MAX).unwrap();
         dev.call(ctx, spec, args)
@@ -238,10 +214,7 @@ mod tests {
         });
         let info = finish(c).await.unwrap().struct_out;
         assert_eq!(info.len(), INFO_SIZE as usize);
-        assert_eq!(
-            u32::from_ne_bytes(info[0..4].try_into().unwrap()),
-            SAMPLE_VERSION
-        );
+        assert_eq!(u32::from_ne_bytes(info[0..4].try_into().unwrap()), SAMPLE_VERSION);
         assert_eq!(u32::from_ne_bytes(info[4..8].try_into().unwrap()), 1);
         assert_eq!(u64::from_ne_bytes(info[8..16].try_into().unwrap()), 2);
     }
@@ -249,11 +222,9 @@ mod tests {
     #[tokio::test]
     async fn sample_fire_completes_waiters_and_notifies() {
         let dev = SampleDevice::new();
-        let (pending, _) =
-            with_ctx(|ctx| call(&dev, ctx, Selector::WaitEvent, vec![10_000], vec![]));
+        let (pending, _) = with_ctx(|ctx| call(&dev, ctx, Selector::WaitEvent, vec![10_000], vec![]));
         assert_eq!(dev.pending_waiters(), 1);
-        let (fired, notices) =
-            with_ctx(|ctx| call(&dev, ctx, Selector::FireEvent, vec![42], vec![]));
+        let (fired, notices) = with_ctx(|ctx| call(&dev, ctx, Selector::FireEvent, vec![42], vec![]));
         assert_eq!(finish(fired).await.unwrap().scalars, vec![1]);
         assert_eq!(finish(pending).await.unwrap().scalars, vec![42]);
         assert_eq!(
@@ -276,27 +247,17 @@ mod tests {
     #[tokio::test]
     async fn sample_wait_too_long_is_bad_argument() {
         let dev = SampleDevice::new();
-        let (c, _) = with_ctx(|ctx| {
-            call(
-                &dev,
-                ctx,
-                Selector::WaitEvent,
-                vec![MAX_WAIT_MS + 1],
-                vec![],
-            )
-        });
+        let (c, _) = with_ctx(|ctx| call(&dev, ctx, Selector::WaitEvent, vec![MAX_WAIT_MS + 1], vec![]));
         assert_eq!(finish(c).await.unwrap_err().status, Status::BadArgument);
     }
 
     #[tokio::test]
     async fn sample_cancelled_waiter_is_pruned_and_terminate_aborts() {
         let dev = SampleDevice::new();
-        let (cancelled, _) =
-            with_ctx(|ctx| call(&dev, ctx, Selector::WaitEvent, vec![10_000], vec![]));
+        let (cancelled, _) = with_ctx(|ctx| call(&dev, ctx, Selector::WaitEvent, vec![10_000], vec![]));
         drop(cancelled);
         assert_eq!(dev.pending_waiters(), 0);
-        let (pending, _) =
-            with_ctx(|ctx| call(&dev, ctx, Selector::WaitEvent, vec![10_000], vec![]));
+        let (pending, _) = with_ctx(|ctx| call(&dev, ctx, Selector::WaitEvent, vec![10_000], vec![]));
         dev.terminate();
         assert_eq!(finish(pending).await.unwrap_err().status, Status::Aborted);
     }
