@@ -20,7 +20,7 @@ use std::{
 };
 
 pub use portcullis_client as client;
-use portcullis_client::{Client, GRPC_SOCKET};
+use portcullis_client::{Client, GRPC_SOCKET, OpenMode, Session, UserClient, matching};
 
 /// The `portcullis` binary under test.
 pub fn bin() -> PathBuf {
@@ -51,6 +51,8 @@ pub struct BrokerSetup<'a> {
     pub config: Option<&'a str>,
     /// Policy file text; `None` for the config's or the embedded default.
     pub policy: Option<&'a str>,
+    /// More arguments for `portcullis broker`.
+    pub args: &'a [&'a str],
 }
 
 impl Broker {
@@ -76,6 +78,7 @@ impl Broker {
             fs::write(&path, policy).unwrap();
             cmd.arg("--policy").arg(path);
         }
+        cmd.args(setup.args);
         let log = fs::File::create(dir.path().join("broker.log")).unwrap();
         cmd.env("RUST_LOG", "debug").stdout(Stdio::null()).stderr(log);
         let child = cmd.spawn().unwrap();
@@ -122,6 +125,14 @@ impl Broker {
     /// An async client.
     pub async fn client(&self) -> Client {
         Client::connect(self.run_dir()).await.unwrap()
+    }
+
+    /// A new session with the named service open in `mode`.
+    pub async fn open(&self, service: &str, mode: OpenMode) -> (Session, UserClient) {
+        let session = self.client().await.session().await.unwrap();
+        let info = session.find_one(matching::by_name(service)).await.unwrap();
+        let user_client = session.open(info.id, mode).await.unwrap();
+        (session, user_client)
     }
 
     /// `portcullis ARGS --run-dir RUN_DIR`, as this (root) process.

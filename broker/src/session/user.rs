@@ -90,22 +90,8 @@ impl fmt::Debug for CallStarted {
 /// Something to tell this session's client.
 #[derive(Clone, Debug)]
 pub enum SessionEvent {
-    /// A service it may see was published.
-    Published(Arc<Service>),
-    /// A service it watched was terminated.
-    Terminated {
-        /// Its id.
-        id: ServiceId,
-        /// Its name.
-        name: String,
-    },
-    /// A driver notification for a watched service.
-    Notice {
-        /// The service.
-        service: Arc<Service>,
-        /// Kind, value and detail.
-        notice: crate::driver::DriverNotice,
-    },
+    /// A core event the client subscribed to (and may see).
+    Core(CoreEvent),
     /// The broker closed one of the session's user clients.
     UserClientClosed {
         /// Its handle.
@@ -392,29 +378,18 @@ impl Session {
     /// user clients of terminated services.
     pub fn on_core_event(&mut self, event: &CoreEvent) -> Vec<SessionEvent> {
         let mut out = Vec::new();
-        match event {
+        let tell = match event {
             CoreEvent::Published(service) => {
-                if matches!(self.subscription, Subscription::All) && self.core.can_see(&self.peer, service) {
-                    out.push(SessionEvent::Published(service.clone()));
-                }
+                matches!(self.subscription, Subscription::All) && self.core.can_see(&self.peer, service)
             }
-            CoreEvent::Terminated { id, name } => {
+            CoreEvent::Terminated { id, .. } => {
                 out.extend(self.close_terminated());
-                if self.watches(*id) {
-                    out.push(SessionEvent::Terminated {
-                        id: *id,
-                        name: name.clone(),
-                    });
-                }
+                self.watches(*id)
             }
-            CoreEvent::Notice { service, notice } => {
-                if self.watches(service.id()) && self.core.can_see(&self.peer, service) {
-                    out.push(SessionEvent::Notice {
-                        service: service.clone(),
-                        notice: notice.clone(),
-                    });
-                }
-            }
+            CoreEvent::Notice { service, .. } => self.watches(service.id()) && self.core.can_see(&self.peer, service),
+        };
+        if tell {
+            out.push(SessionEvent::Core(event.clone()));
         }
         out
     }
@@ -523,7 +498,7 @@ mod tests {
 
         let told = watcher.on_core_event(&event);
         assert!(
-            matches!(told.as_slice(), [SessionEvent::Terminated { name, .. }] if name == "sample0"),
+            matches!(told.as_slice(), [SessionEvent::Core(CoreEvent::Terminated { name, .. })] if name == "sample0"),
             "{told:?}"
         );
     }

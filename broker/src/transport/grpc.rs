@@ -27,7 +27,7 @@ use tonic::{Streaming, transport::server::Connected};
 
 use crate::{
     registry::{Matching, OpenMode, Service, ServiceId},
-    session::{CallStarted, Core, PeerIdentity, Refusal, Session, SessionEvent},
+    session::{CallStarted, Core, CoreEvent, PeerIdentity, Refusal, Session, SessionEvent},
 };
 
 /// Responses and events queued to one session's client before the session waits for it to
@@ -385,11 +385,13 @@ fn response(request_id: u64, result: Result<pb::response::Result, Refusal>) -> p
 fn event_message(event: SessionEvent) -> pb::ServerMessage {
     use pb::event::Kind as E;
     let kind = match event {
-        SessionEvent::Published(service) => E::Published(pb::ServicePublished {
+        SessionEvent::Core(CoreEvent::Published(service)) => E::Published(pb::ServicePublished {
             service: Some(service.info()),
         }),
-        SessionEvent::Terminated { id, name } => E::Terminated(pb::ServiceTerminated { service_id: id.0, name }),
-        SessionEvent::Notice { service, notice } => E::Notification(notification(&service, notice)),
+        SessionEvent::Core(CoreEvent::Terminated { id, name }) => {
+            E::Terminated(pb::ServiceTerminated { service_id: id.0, name })
+        }
+        SessionEvent::Core(CoreEvent::Notice { service, notice }) => E::Notification(notification(&service, notice)),
         SessionEvent::UserClientClosed { handle, status, reason } => E::UserClientClosed(pb::UserClientClosed {
             handle,
             status: pb::StatusCode::from(status).into(),

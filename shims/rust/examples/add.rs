@@ -4,19 +4,28 @@
 //! `cargo run -p portcullis-client --example add -- 2 3`
 //! The run dir is `$PORTCULLIS_RUN_DIR`, or the broker's default.
 
-use portcullis_client::{OpenMode, blocking::Client, default_run_dir, matching};
+use std::path::Path;
+
+use portcullis_client::{ClientError, OpenMode, blocking::Client, default_run_dir, matching};
+
+/// Connects to the broker at `run_dir`, opens `sample0` and returns `a + b` as it computed it.
+pub fn add(run_dir: &Path, a: u64, b: u64) -> Result<u64, ClientError> {
+    let client = Client::connect(run_dir)?;
+    let session = client.session()?;
+    let sample = session.find_one(matching::by_name("sample0"))?;
+    let user_client = session.open(sample.id, OpenMode::Shared)?;
+    let out = session.call_named(&user_client, "add", &[a, b], &[])?;
+    session.close(&user_client)?;
+    out.scalars
+        .first()
+        .copied()
+        .ok_or_else(|| ClientError::Protocol("add returned no scalar".into()))
+}
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1).map(|a| a.parse::<u64>());
     let a = args.next().unwrap_or(Ok(2))?;
     let b = args.next().unwrap_or(Ok(3))?;
-
-    let client = Client::connect(default_run_dir())?;
-    let session = client.session()?;
-    let sample = session.find_one(matching::by_name("sample0"))?;
-    let user_client = session.open(sample.id, OpenMode::Shared)?;
-    let out = session.call_named(&user_client, "add", &[a, b], &[])?;
-    println!("{a} + {b} = {}", out.scalars.first().copied().unwrap_or_default());
-    session.close(&user_client)?;
+    println!("{a} + {b} = {}", add(&default_run_dir(), a, b)?);
     Ok(())
 }

@@ -3,7 +3,7 @@
 use portcullis_tests::{
     Broker,
     client::{
-        self, OpenMode, Status, matching,
+        self, OpenMode, Status,
         pb::{self, client_message::Request},
     },
 };
@@ -11,10 +11,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
 async fn assert_still_serving(broker: &Broker) {
-    let client = broker.client().await;
-    let session = client.session().await.unwrap();
-    let sample = session.find_one(matching::by_name("sample0")).await.unwrap();
-    let uc = session.open(sample.id, OpenMode::Shared).await.unwrap();
+    let (session, uc) = broker.open("sample0", OpenMode::Shared).await;
     assert_eq!(
         session.call_named(&uc, "add", &[20, 22], &[]).await.unwrap().scalars,
         vec![42]
@@ -24,10 +21,7 @@ async fn assert_still_serving(broker: &Broker) {
 #[tokio::test]
 async fn call_out_of_table_is_bad_argument_and_broker_keeps_serving() {
     let broker = Broker::start();
-    let client = broker.client().await;
-    let session = client.session().await.unwrap();
-    let sample = session.find_one(matching::by_name("sample0")).await.unwrap();
-    let uc = session.open(sample.id, OpenMode::Shared).await.unwrap();
+    let (session, uc) = broker.open("sample0", OpenMode::Shared).await;
 
     let cases: [(&str, u32, Vec<u64>, Vec<u8>); 6] = [
         ("unknown selector", 6, vec![], vec![]),

@@ -36,10 +36,7 @@ async fn hundred_connections_thousand_adds_each() {
     }
     assert_eq!(wrong, 0, "wrong answers");
     // Every call was served: get_info counts them.
-    let client = broker.client().await;
-    let session = client.session().await.unwrap();
-    let sample = session.find_one(matching::by_name("sample0")).await.unwrap();
-    let uc = session.open(sample.id, OpenMode::Shared).await.unwrap();
+    let (session, uc) = broker.open("sample0", OpenMode::Shared).await;
     let info = session.call_named(&uc, "get_info", &[], &[]).await.unwrap().struct_out;
     assert_eq!(
         u64::from_ne_bytes(info[8..16].try_into().unwrap()),

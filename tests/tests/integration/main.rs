@@ -3,6 +3,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
 mod bad_input;
+mod client_example;
 mod concurrency;
 mod exclusive;
 mod policy;

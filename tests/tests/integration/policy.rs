@@ -41,6 +41,7 @@ async fn policy_forbidden_method_names_rule() {
     let broker = Broker::with(BrokerSetup {
         config: Some(TWO_DEVICES),
         policy: Some(POLICY),
+        ..BrokerSetup::default()
     });
     let client = broker.client().await;
     let session = client.session().await.unwrap();
@@ -66,6 +67,7 @@ async fn policy_default_denied_service_names_default_deny() {
     let broker = Broker::with(BrokerSetup {
         config: Some(TWO_DEVICES),
         policy: Some(POLICY),
+        ..BrokerSetup::default()
     });
     let client = broker.client().await;
     let session = client.session().await.unwrap();
@@ -105,6 +107,7 @@ async fn policy_forbidden_service_is_hidden() {
     let broker = Broker::with(BrokerSetup {
         config: Some(TWO_DEVICES),
         policy: Some(&policy),
+        ..BrokerSetup::default()
     });
     let client = broker.client().await;
     let names: Vec<String> = client

@@ -28,6 +28,7 @@ fn python_grpcio_client_drives_a_session() {
     let broker = Broker::with(BrokerSetup {
         config: None,
         policy: Some(NO_ADMIN),
+        ..BrokerSetup::default()
     });
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
     let out = Command::new(python)

@@ -164,11 +164,8 @@ async fn session_every_sample_method_then_close() {
 #[tokio::test]
 async fn closing_user_client_aborts_its_pending_call() {
     let broker = Broker::start();
-    let client = broker.client().await;
-    let session = client.session().await.unwrap();
-    let sample = session.find_one(matching::by_name("sample0")).await.unwrap();
-    let uc = session.open(sample.id, OpenMode::Shared).await.unwrap();
-    let other = session.open(sample.id, OpenMode::Shared).await.unwrap();
+    let (session, uc) = broker.open("sample0", OpenMode::Shared).await;
+    let other = session.open(uc.service.id, OpenMode::Shared).await.unwrap();
     let waiting = session.call_named(&uc, "wait_event", &[60_000], &[]);
     let close = async {
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -250,10 +247,7 @@ async fn cli_watch_sees_async_completion() {
     stderr.read_line(&mut line).unwrap();
     assert_eq!(line.trim(), "watching sample0");
 
-    let client = broker.client().await;
-    let session = client.session().await.unwrap();
-    let sample = session.find_one(matching::by_name("sample0")).await.unwrap();
-    let uc = session.open(sample.id, OpenMode::Shared).await.unwrap();
+    let (session, uc) = broker.open("sample0", OpenMode::Shared).await;
     // Requests of one session are dispatched in order: the wait is registered before the fire.
     let (waited, fired) = tokio::join!(
         session.call_named(&uc, "wait_event", &[10_000], &[]),
