@@ -120,6 +120,9 @@ pub trait Driver: Send + Sync + fmt::Debug {
     /// The method table.
     fn methods(&self) -> &MethodTable;
 
+    /// The struct layouts the method table names (empty when it names none).
+    fn schema(&self) -> &portcullis_proto::layout::Schema;
+
     /// Runs the method in row `spec` of the table.
     fn call(&self, ctx: &CallContext<'_>, spec: &MethodSpec, args: CallArgs) -> Completion;
 

@@ -1,9 +1,15 @@
 //! Method tables: one row per selector, with exact scalar counts and bounded struct sizes.
 //! A table is validated when it is built, so a loaded driver's table cannot hold an unbounded
 //! size, a duplicate selector or a duplicate name.
+//!
+//! A row may name a struct layout from the driver's schema for its input or output. Its sizes
+//! then come from the layout, and the table holds one translation plan per ABI for it, compiled
+//! once: a call is checked against the exact size in the caller's ABI and translated.
 
 use portcullis_proto::{
-    Status, limits,
+    Status,
+    layout::{ABIS, AbiId, Plan, Schema, TranslateError},
+    limits,
     pb::{self, MethodInfo},
 };
 
@@ -56,20 +62,30 @@ pub struct MethodSpec {
     pub is_async: bool,
     /// Privilege the grant must hold (clientHasPrivilege).
     pub privilege: Option<&'static str>,
+    /// Struct layout of the input, from the driver's schema (sizes then come from it).
+    pub in_layout: Option<&'static str>,
+    /// Struct layout of the output.
+    pub out_layout: Option<&'static str>,
 }
 
 /// A table row that breaks the rules.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum TableError {
-    /// Selectors are dense: row `i` has selector `i`.
-    #[error("method {name:?} has selector {selector}, expected {expected}")]
+    /// Selectors are strictly ascending (so each is unique).
+    #[error("method {name:?} has selector {selector}, which does not follow the previous row's")]
     SelectorOrder {
         /// The row's name.
         name: &'static str,
         /// Its selector.
         selector: u32,
-        /// The row index.
-        expected: u32,
+    },
+    /// A row names a layout the schema does not describe.
+    #[error("method {name:?} names unknown layout {layout:?}")]
+    UnknownLayout {
+        /// The row's name.
+        name: &'static str,
+        /// The layout it names.
+        layout: &'static str,
     },
     /// Names are unique.
     #[error("method name {0:?} appears twice")]
@@ -82,74 +98,224 @@ pub enum TableError {
     TooManyScalars(&'static str),
 }
 
+/// Translation plans of one row's layout, indexed by ABI wire number.
+#[derive(Clone, Debug)]
+struct Plans {
+    name: &'static str,
+    by_abi: Vec<Plan>,
+}
+
+/// One row with its compiled plans.
+#[derive(Clone, Debug)]
+struct Row {
+    spec: MethodSpec,
+    /// Client layout → native, for the input.
+    inbound: Option<Plans>,
+    /// Native → client layout, for the output.
+    outbound: Option<Plans>,
+}
+
 /// A validated method table.
 #[derive(Clone, Debug)]
 pub struct MethodTable {
-    rows: Vec<MethodSpec>,
+    rows: Vec<Row>,
+    specs: Vec<MethodSpec>,
+}
+
+/// Plans for every ABI: `from_client` picks the direction.
+fn plans(schema: &Schema, row: &MethodSpec, layout: &'static str, from_client: bool) -> Result<Plans, TableError> {
+    let index = schema
+        .index(layout)
+        .ok_or(TableError::UnknownLayout { name: row.name, layout })?;
+    let native = AbiId::native().abi();
+    let by_abi = ABIS
+        .iter()
+        .map(|client| {
+            if from_client {
+                schema.plan(index, client, native)
+            } else {
+                schema.plan(index, native, client)
+            }
+        })
+        .collect();
+    Ok(Plans { name: layout, by_abi })
 }
 
 impl MethodTable {
-    /// Validates the rows.
+    /// Validates rows that carry no struct layouts.
     pub fn new(rows: &[MethodSpec]) -> Result<MethodTable, TableError> {
-        for (i, row) in rows.iter().enumerate() {
-            let expected = u32::try_from(i).unwrap_or(u32::MAX);
-            if row.selector != expected {
+        MethodTable::with_schema(rows, &Schema::default())
+    }
+
+    /// Validates the rows and compiles the plans of the layouts they name from `schema`. A row
+    /// with a layout gets its struct bounds from the layout's native size.
+    pub fn with_schema(rows: &[MethodSpec], schema: &Schema) -> Result<MethodTable, TableError> {
+        let mut built: Vec<Row> = Vec::with_capacity(rows.len());
+        for row in rows {
+            if built.last().is_some_and(|prev| prev.spec.selector >= row.selector) {
                 return Err(TableError::SelectorOrder {
                     name: row.name,
                     selector: row.selector,
-                    expected,
                 });
             }
-            if rows.iter().take(i).any(|r| r.name == row.name) {
+            if built.iter().any(|r| r.spec.name == row.name) {
                 return Err(TableError::DuplicateName(row.name));
             }
+            let mut spec = *row;
+            let inbound = row.in_layout.map(|l| plans(schema, row, l, true)).transpose()?;
+            let outbound = row.out_layout.map(|l| plans(schema, row, l, false)).transpose()?;
+            let native = AbiId::native() as usize;
+            let native_size = |p: &Plans, from_client: bool| {
+                p.by_abi
+                    .get(native)
+                    .map_or(0, |plan| if from_client { plan.dst_size() } else { plan.src_size() })
+            };
+            if let Some(p) = &inbound {
+                spec.struct_in = SizeRange::exactly(u32::try_from(native_size(p, true)).unwrap_or(u32::MAX));
+            }
+            if let Some(p) = &outbound {
+                spec.struct_out = SizeRange::exactly(u32::try_from(native_size(p, false)).unwrap_or(u32::MAX));
+            }
             let bounded = |r: SizeRange| r.min <= r.max && r.max <= limits::MAX_STRUCT;
-            if !bounded(row.struct_in) || !bounded(row.struct_out) {
+            if !bounded(spec.struct_in) || !bounded(spec.struct_out) {
                 return Err(TableError::BadBounds(row.name));
             }
             if usize::from(row.scalar_in.max(row.scalar_out)) > limits::MAX_SCALARS {
                 return Err(TableError::TooManyScalars(row.name));
             }
+            built.push(Row {
+                spec,
+                inbound,
+                outbound,
+            });
         }
-        Ok(MethodTable { rows: rows.to_vec() })
+        let specs = built.iter().map(|r| r.spec).collect();
+        Ok(MethodTable { rows: built, specs })
     }
 
-    /// All rows, in selector order.
+    /// All rows, in selector order (sizes native).
     pub fn rows(&self) -> &[MethodSpec] {
-        &self.rows
+        &self.specs
     }
 
-    /// The row for a selector.
-    pub fn get(&self, selector: u32) -> Option<&MethodSpec> {
-        self.rows.get(usize::try_from(selector).ok()?)
+    /// The row index and row for a selector.
+    pub fn get(&self, selector: u32) -> Option<(usize, &MethodSpec)> {
+        let index = self.rows.binary_search_by_key(&selector, |r| r.spec.selector).ok()?;
+        self.specs.get(index).map(|spec| (index, spec))
     }
 
     /// The row for a name.
     pub fn by_name(&self, name: &str) -> Option<&MethodSpec> {
-        self.rows.iter().find(|r| r.name == name)
+        self.specs.iter().find(|r| r.name == name)
     }
 
-    /// The table as wire descriptions.
-    pub fn infos(&self) -> Vec<MethodInfo> {
+    /// The plan translating row `index`'s input from `abi` to native, if it has a layout.
+    pub fn inbound(&self, index: usize, abi: AbiId) -> Option<&Plan> {
+        self.rows.get(index)?.inbound.as_ref()?.by_abi.get(abi as usize)
+    }
+
+    /// The plan translating row `index`'s output from native to `abi`, if it has a layout.
+    pub fn outbound(&self, index: usize, abi: AbiId) -> Option<&Plan> {
+        self.rows.get(index)?.outbound.as_ref()?.by_abi.get(abi as usize)
+    }
+
+    /// The table as wire descriptions, with struct sizes as a client of `abi` sees them.
+    pub fn infos(&self, abi: AbiId) -> Vec<MethodInfo> {
         self.rows
             .iter()
-            .map(|r| MethodInfo {
-                selector: r.selector,
-                name: r.name.to_string(),
-                scalar_in: u32::from(r.scalar_in),
-                scalar_out: u32::from(r.scalar_out),
-                struct_in: Some(pb::SizeRange {
-                    min: r.struct_in.min,
-                    max: r.struct_in.max,
-                }),
-                struct_out: Some(pb::SizeRange {
-                    min: r.struct_out.min,
-                    max: r.struct_out.max,
-                }),
-                is_async: r.is_async,
-                privilege: r.privilege.unwrap_or_default().to_string(),
+            .enumerate()
+            .map(|(i, row)| {
+                let r = &row.spec;
+                let size = |p: Option<&Plan>, from_client: bool, native: SizeRange| match p {
+                    Some(plan) => {
+                        let n = u32::try_from(if from_client { plan.src_size() } else { plan.dst_size() })
+                            .unwrap_or(u32::MAX);
+                        pb::SizeRange { min: n, max: n }
+                    }
+                    None => pb::SizeRange {
+                        min: native.min,
+                        max: native.max,
+                    },
+                };
+                MethodInfo {
+                    selector: r.selector,
+                    name: r.name.to_string(),
+                    scalar_in: u32::from(r.scalar_in),
+                    scalar_out: u32::from(r.scalar_out),
+                    struct_in: Some(size(self.inbound(i, abi), true, r.struct_in)),
+                    struct_out: Some(size(self.outbound(i, abi), false, r.struct_out)),
+                    is_async: r.is_async,
+                    privilege: r.privilege.unwrap_or_default().to_string(),
+                    struct_in_layout: row.inbound.as_ref().map_or("", |p| p.name).to_string(),
+                    struct_out_layout: row.outbound.as_ref().map_or("", |p| p.name).to_string(),
+                }
             })
             .collect()
+    }
+}
+
+impl MethodTable {
+    /// Checks and translates a call from a client of `abi` to row `index`: the struct input is
+    /// translated from the client's layout (exact size) into a zeroed native buffer; counts and
+    /// bounds are checked; a layout output needs room for the client-layout size.
+    pub fn prepare(
+        &self,
+        index: usize,
+        abi: AbiId,
+        scalars: Vec<u64>,
+        struct_in: Vec<u8>,
+        client_out_cap: u32,
+    ) -> Result<CallArgs, DriverError> {
+        let spec = self
+            .specs
+            .get(index)
+            .ok_or_else(|| DriverError::new(Status::BadArgument, "no such method"))?;
+        let struct_in = match self.inbound(index, abi) {
+            Some(plan) => plan.translate(&struct_in)?,
+            None => struct_in,
+        };
+        let mut args = spec.check_args(scalars, struct_in, client_out_cap)?;
+        if let Some(plan) = self.outbound(index, abi) {
+            if (client_out_cap as usize) < plan.dst_size() {
+                return Err(DriverError::new(
+                    Status::BadArgument,
+                    format!(
+                        "{} needs {} output bytes in this ABI, the caller accepts {client_out_cap}",
+                        spec.name,
+                        plan.dst_size()
+                    ),
+                ));
+            }
+            args.struct_out_cap = spec.struct_out.max as usize;
+        }
+        Ok(args)
+    }
+
+    /// Checks a driver's output for row `index` against the table and `cap`, and translates a
+    /// layout output into the client's layout (narrowing that loses data is `Overflow`).
+    pub fn finish(&self, index: usize, abi: AbiId, out: CallOutput, cap: usize) -> Result<CallOutput, DriverError> {
+        let spec = self
+            .specs
+            .get(index)
+            .ok_or_else(|| DriverError::new(Status::Internal, "no such method"))?;
+        spec.check_output(&out, cap)?;
+        match self.outbound(index, abi) {
+            Some(plan) => Ok(CallOutput {
+                struct_out: plan.translate(&out.struct_out)?,
+                scalars: out.scalars,
+            }),
+            None => Ok(out),
+        }
+    }
+}
+
+impl From<TranslateError> for DriverError {
+    fn from(e: TranslateError) -> DriverError {
+        let status = match e {
+            TranslateError::Overflow { .. } => Status::Overflow,
+            TranslateError::Size { .. } | TranslateError::Bool { .. } => Status::BadArgument,
+        };
+        DriverError::new(status, e.to_string())
     }
 }
 
@@ -244,14 +410,58 @@ mod tests {
         struct_out: SizeRange::NONE,
         is_async: false,
         privilege: None,
+        in_layout: None,
+        out_layout: None,
     };
 
     #[test]
-    fn table_selectors_must_be_dense() {
-        let bad = MethodSpec { selector: 1, ..ADD };
+    fn table_selectors_must_ascend_and_may_skip() {
+        let seven = MethodSpec {
+            selector: 7,
+            name: "seven",
+            ..ADD
+        };
+        let table = MethodTable::new(&[ADD, seven]).unwrap();
+        assert_eq!(table.get(7).map(|(i, s)| (i, s.name)), Some((1, "seven")));
+        assert!(table.get(6).is_none());
         assert!(matches!(
-            MethodTable::new(&[bad]),
+            MethodTable::new(&[seven, ADD]),
             Err(TableError::SelectorOrder { .. })
+        ));
+        let twin = MethodSpec { name: "twin", ..ADD };
+        assert!(matches!(
+            MethodTable::new(&[ADD, twin]),
+            Err(TableError::SelectorOrder { .. })
+        ));
+    }
+
+    #[test]
+    fn table_layout_rows_get_sizes_and_plans_per_abi() {
+        let schema = Schema::from_toml(
+            "[[struct]]\nname = \"t\"\nfields = [{name=\"a\",type=\"u32\"},{name=\"b\",type=\"c_long\"}]\n",
+        )
+        .unwrap();
+        let row = MethodSpec {
+            scalar_in: 0,
+            scalar_out: 0,
+            in_layout: Some("t"),
+            out_layout: Some("t"),
+            ..ADD
+        };
+        let table = MethodTable::with_schema(&[row], &schema).unwrap();
+        let native = schema.layout(0, AbiId::native().abi()).size;
+        assert_eq!(table.rows()[0].struct_in, SizeRange::exactly(native));
+        assert_eq!(table.inbound(0, AbiId::I386).unwrap().src_size(), 8);
+        assert_eq!(table.outbound(0, AbiId::I386).unwrap().dst_size(), 8);
+        let info = &table.infos(AbiId::I386)[0];
+        assert_eq!((info.struct_in.unwrap().max, info.struct_in_layout.as_str()), (8, "t"));
+        let bad = MethodSpec {
+            in_layout: Some("nope"),
+            ..row
+        };
+        assert!(matches!(
+            MethodTable::with_schema(&[bad], &schema),
+            Err(TableError::UnknownLayout { .. })
         ));
     }
 

@@ -9,7 +9,7 @@ use std::{
     },
 };
 
-use portcullis_proto::{pb, property::Properties};
+use portcullis_proto::{layout::AbiId, pb, property::Properties};
 
 use super::{Matching, arbitration::Arbitration};
 use crate::driver::Driver;
@@ -88,8 +88,8 @@ impl Service {
         self.children.read().map(|c| c.clone()).unwrap_or_default()
     }
 
-    /// The wire description of this service.
-    pub fn info(&self) -> pb::ServiceInfo {
+    /// The wire description of this service, with struct sizes as a client of `abi` sees them.
+    pub fn info(&self, abi: AbiId) -> pb::ServiceInfo {
         pb::ServiceInfo {
             id: self.id.0,
             name: self.name.clone(),
@@ -97,7 +97,7 @@ impl Service {
             parent: self.parent.map_or(0, |p| p.0),
             children: self.children().into_iter().map(|c| c.0).collect(),
             properties: self.properties.iter().map(|(k, v)| (k.clone(), v.into())).collect(),
-            methods: self.driver.as_ref().map(|d| d.methods().infos()).unwrap_or_default(),
+            methods: self.driver.as_ref().map(|d| d.methods().infos(abi)).unwrap_or_default(),
         }
     }
 }
@@ -254,7 +254,7 @@ mod tests {
         assert_eq!(r.get(r.root()).unwrap().children(), vec![bus.id()]);
         assert_eq!(bus.children(), vec![dev.id()]);
         assert_eq!(dev.parent(), Some(bus.id()));
-        assert_eq!(dev.info().parent, bus.id().0);
+        assert_eq!(dev.info(AbiId::native()).parent, bus.id().0);
     }
 
     #[test]

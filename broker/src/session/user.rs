@@ -14,7 +14,7 @@ use std::{
 };
 
 use portcullis_policy::{Denial, Grant, MethodRef};
-use portcullis_proto::{Status, limits};
+use portcullis_proto::{Status, layout::AbiId, limits};
 use tokio::sync::watch;
 
 use super::{Core, CoreEvent, PeerIdentity, core::view};
@@ -140,6 +140,8 @@ impl Drop for PendingGuard {
 pub struct Session {
     core: Arc<Core>,
     peer: Arc<PeerIdentity>,
+    /// The client's struct layout ABI (declared in the native `Hello`; native for gRPC).
+    abi: AbiId,
     user_clients: HashMap<u64, UserClient>,
     next_handle: u64,
     pending: Arc<AtomicUsize>,
@@ -158,11 +160,12 @@ impl fmt::Debug for Session {
 
 impl Session {
     /// A new session for the peer.
-    pub fn new(core: Arc<Core>, peer: Arc<PeerIdentity>) -> Session {
-        tracing::debug!(uid = peer.uid, pid = ?peer.pid, exe = ?peer.exe, "session started");
+    pub fn new(core: Arc<Core>, peer: Arc<PeerIdentity>, abi: AbiId) -> Session {
+        tracing::debug!(uid = peer.uid, pid = ?peer.pid, exe = ?peer.exe, %abi, "session started");
         Session {
             core,
             peer,
+            abi,
             user_clients: HashMap::new(),
             next_handle: 1,
             pending: Arc::new(AtomicUsize::new(0)),
@@ -281,14 +284,14 @@ impl Session {
                 format!("{} has terminated", service.name()),
             ));
         }
-        let spec = *uc.driver.methods().get(selector).ok_or_else(|| {
+        let table = uc.driver.methods();
+        let (index, spec) = table.get(selector).ok_or_else(|| {
             Refusal::new(
                 Status::BadArgument,
                 format!("{} has no selector {selector}", service.name()),
             )
         })?;
-        let index =
-            usize::try_from(selector).map_err(|_| Refusal::new(Status::BadArgument, "selector out of range"))?;
+        let spec = *spec;
         uc.grant.check(index).map_err(Refusal::denied)?;
         if scalars.len() > limits::MAX_SCALARS {
             return Err(Refusal::new(
@@ -296,15 +299,14 @@ impl Session {
                 format!("at most {} scalars", limits::MAX_SCALARS),
             ));
         }
-        let args = spec.check_args(scalars, struct_in, struct_out_cap)?;
+        let abi = self.abi;
+        let args = table.prepare(index, abi, scalars, struct_in, struct_out_cap)?;
         let cap = args.struct_out_cap;
         if spec.is_async && self.pending.load(Ordering::Relaxed) >= limits::MAX_PENDING_CALLS_PER_SESSION {
+            let limit = limits::MAX_PENDING_CALLS_PER_SESSION;
             return Err(Refusal::new(
                 Status::NoMemory,
-                format!(
-                    "a session may have at most {} pending calls",
-                    limits::MAX_PENDING_CALLS_PER_SESSION
-                ),
+                format!("a session may have at most {limit} pending calls"),
             ));
         }
         let core = self.core.clone();
@@ -315,23 +317,16 @@ impl Session {
             notify: &notify,
         };
         match uc.driver.call(&ctx, &spec, args) {
-            Completion::Ready(result) => {
-                let out = result?;
-                spec.check_output(&out, cap)?;
-                Ok(CallStarted::Ready(out))
-            }
+            Completion::Ready(result) => Ok(CallStarted::Ready(table.finish(index, abi, result?, cap)?)),
             Completion::Pending(future) => {
                 self.pending.fetch_add(1, Ordering::Relaxed);
                 let guard = PendingGuard(self.pending.clone());
                 let mut cancelled = uc.cancel.subscribe();
+                let driver = uc.driver.clone();
                 Ok(CallStarted::Pending(Box::pin(async move {
                     let _guard = guard;
                     tokio::select! {
-                        result = future => {
-                            let out = result?;
-                            spec.check_output(&out, cap)?;
-                            Ok(out)
-                        }
+                        result = future => Ok(driver.methods().finish(index, abi, result?, cap)?),
                         _ = cancelled.changed() => Err(Refusal::new(Status::Aborted, "the user client was closed")),
                     }
                 })))
@@ -439,6 +434,7 @@ fn not_open(handle: u64) -> Refusal {
 #[cfg(test)]
 mod tests {
     use portcullis_policy::{Policy, Source};
+    use portcullis_proto::layout::Schema;
 
     use super::*;
     use crate::{bus, config::Config};
@@ -459,7 +455,11 @@ mod tests {
     }
 
     fn session(core: &Arc<Core>) -> Session {
-        Session::new(core.clone(), Arc::new(PeerIdentity::of_self().unwrap()))
+        Session::new(
+            core.clone(),
+            Arc::new(PeerIdentity::of_self().unwrap()),
+            AbiId::native(),
+        )
     }
 
     #[tokio::test]
@@ -559,6 +559,135 @@ mod tests {
             },
         };
         assert!(watching.on_core_event(&other).is_empty());
+    }
+
+    /// An encoder for tests, independent of the plans: values written at each ABI's offsets in
+    /// its byte order.
+    struct Rec {
+        abi: &'static portcullis_proto::layout::Abi,
+        layout: portcullis_proto::layout::StructLayout,
+        buf: Vec<u8>,
+    }
+
+    impl Rec {
+        fn new(abi: AbiId, schema: &portcullis_proto::layout::Schema) -> Rec {
+            let layout = schema.layout(schema.index("sample_record").unwrap(), abi.abi());
+            Rec {
+                abi: abi.abi(),
+                buf: vec![0; layout.size as usize],
+                layout,
+            }
+        }
+        fn at(&self, name: &str) -> (usize, usize) {
+            let f = self.layout.fields.iter().find(|f| f.name == name).unwrap();
+            (f.offset as usize, f.size as usize)
+        }
+        fn put(&mut self, name: &str, v: u64) {
+            let (o, n) = self.at(name);
+            for i in 0..n {
+                let shift = if self.abi.big_endian { (n - 1 - i) * 8 } else { i * 8 };
+                self.buf[o + i] = (v >> shift) as u8;
+            }
+        }
+        fn get(&self, name: &str) -> u64 {
+            let (o, n) = self.at(name);
+            (0..n).fold(0u64, |v, i| {
+                let b = u64::from(self.buf[o + i]);
+                if self.abi.big_endian {
+                    v << 8 | b
+                } else {
+                    v | b << (i * 8)
+                }
+            })
+        }
+    }
+
+    #[tokio::test]
+    async fn transform_record_translates_for_every_abi() {
+        let core = core();
+        let schema = Schema::from_toml(crate::drivers::sample::LAYOUTS_FOR_TESTS).unwrap();
+        for abi in portcullis_proto::layout::ABIS.iter().map(|a| a.id) {
+            let mut s = Session::new(core.clone(), Arc::new(PeerIdentity::of_self().unwrap()), abi);
+            let (handle, _, _) = s.open_user_client(sample(&core).id(), OpenMode::Shared).unwrap();
+            let mut r = Rec::new(abi, &schema);
+            let word = u64::from(abi.abi().long) * 8;
+            let max_signed_long = (1u64 << (word - 1)) - 2; // fits after + 1
+            r.put("u8_", 0xff);
+            r.put("i8_", 0x7f);
+            r.put("u16_", 0x1234);
+            r.put("i16_", 0xffff); // -1
+            r.put("u32_", 0xdead_beef);
+            r.put("i32_", 0x8000_0000); // i32::MIN
+            r.put("u64_", u64::MAX);
+            r.put("i64_", (-7i64) as u64);
+            r.put("long_", max_signed_long);
+            r.put("ulong_", 41);
+            r.put("handle", 0x1000);
+            r.put("f32_", u64::from(1.25f32.to_bits()));
+            r.put("f64_", (-3.5f64).to_bits());
+            r.put("flag", 1);
+            let (name_at, _) = r.at("name");
+            r.buf[name_at..name_at + 5].copy_from_slice(b"abc-z");
+            let (inner_at, inner_size) = r.at("inner");
+            let elem = inner_size / 3;
+            for k in 0..3 {
+                r.buf[inner_at + k * elem] = k as u8 + 10;
+            }
+            r.put("tail", 0x00ff);
+            let out = match s.call(handle, 7, vec![], r.buf.clone(), 4096) {
+                Ok(CallStarted::Ready(out)) => out,
+                other => panic!("{abi}: transform failed: {other:?}"),
+            };
+            let mut o = Rec::new(abi, &schema);
+            assert_eq!(out.struct_out.len(), o.buf.len(), "{abi}");
+            o.buf = out.struct_out;
+            assert_eq!(o.get("u8_"), 0, "{abi}");
+            assert_eq!(o.get("i8_"), 0x80, "{abi}");
+            assert_eq!(o.get("u16_"), 0x1235, "{abi}");
+            assert_eq!(o.get("i16_"), 0, "{abi}");
+            assert_eq!(o.get("u32_"), 0xdead_bef0, "{abi}");
+            assert_eq!(o.get("i32_"), 0x8000_0001, "{abi}");
+            assert_eq!(o.get("u64_"), 0, "{abi}");
+            assert_eq!(o.get("i64_"), (-6i64) as u64, "{abi}");
+            assert_eq!(o.get("long_"), max_signed_long + 1, "{abi}");
+            assert_eq!(o.get("ulong_"), 42, "{abi}");
+            assert_eq!(o.get("handle"), 0x1001, "{abi}");
+            assert_eq!(o.get("f32_") as u32, 2.5f32.to_bits(), "{abi}");
+            assert_eq!(o.get("f64_"), (-7.0f64).to_bits(), "{abi}");
+            assert_eq!(o.get("flag"), 0, "{abi}");
+            assert_eq!(&o.buf[name_at..name_at + 6], b"ABC-Z\0", "{abi}");
+            for k in 0..3 {
+                assert_eq!(o.buf[inner_at + k * elem], (2 - k) as u8 + 11, "{abi} inner[{k}]");
+            }
+            assert_eq!(o.get("tail"), 0xff00, "{abi}");
+
+            // A 32-bit client's LONG_MAX + 1 does not fit its long: Overflow, not a wrap.
+            if abi.abi().long == 4 {
+                r.put("long_", 0x7fff_ffff);
+                let err = s.call(handle, 7, vec![], r.buf.clone(), 4096).unwrap_err();
+                assert_eq!(err.status, Status::Overflow, "{abi}: {err}");
+                r.put("long_", 0);
+            }
+            // A bool byte that is not 0 or 1, and a struct of the wrong size for the ABI.
+            r.put("flag", 2);
+            assert_eq!(
+                s.call(handle, 7, vec![], r.buf.clone(), 4096).unwrap_err().status,
+                Status::BadArgument
+            );
+            r.put("flag", 0);
+            let mut long = r.buf.clone();
+            long.push(0);
+            assert_eq!(
+                s.call(handle, 7, vec![], long, 4096).unwrap_err().status,
+                Status::BadArgument
+            );
+            // Output room too small for this ABI's layout.
+            let small = u32::try_from(r.buf.len() - 1).unwrap();
+            assert_eq!(
+                s.call(handle, 7, vec![], r.buf.clone(), small).unwrap_err().status,
+                Status::BadArgument
+            );
+        }
     }
 
     #[tokio::test]

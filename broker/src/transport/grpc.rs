@@ -14,7 +14,9 @@ use std::{
 };
 
 use portcullis_proto::{
-    FILE_DESCRIPTOR_SET, Status, limits,
+    FILE_DESCRIPTOR_SET, Status,
+    layout::AbiId,
+    limits,
     pb::{self, broker_server::BrokerServer, client_message::Request, server_message::Kind},
 };
 use tokio::{
@@ -225,7 +227,7 @@ impl pb::broker_server::Broker for BrokerService {
         let peer = peer_of(&req)?;
         let (tx, rx) = mpsc::channel(OUTBOUND_QUEUE);
         tokio::spawn(run_session(
-            Session::new(self.core.clone(), peer),
+            Session::new(self.core.clone(), peer, AbiId::native()),
             self.core.clone(),
             req.into_inner(),
             tx,
@@ -244,7 +246,7 @@ impl pb::broker_server::Broker for BrokerService {
             .core
             .find_services(&peer, &matching)
             .iter()
-            .map(|s| s.info())
+            .map(|s| s.info(AbiId::native()))
             .collect();
         Ok(tonic::Response::new(pb::ListServicesResponse { services }))
     }
@@ -301,7 +303,11 @@ fn handle(session: &mut Session, message: pb::ClientMessage, tx: &Outbound) -> O
             .map_err(|e| Refusal::new(Status::BadArgument, e.to_string()))
             .map(|m| {
                 R::Found(pb::FoundServices {
-                    services: session.find_services(&m).iter().map(|s| s.info()).collect(),
+                    services: session
+                        .find_services(&m)
+                        .iter()
+                        .map(|s| s.info(AbiId::native()))
+                        .collect(),
                 })
             }),
         Some(Request::OpenUserClient(open)) => open_mode(open.mode)
@@ -309,7 +315,7 @@ fn handle(session: &mut Session, message: pb::ClientMessage, tx: &Outbound) -> O
             .map(|(handle, service, privileges)| {
                 R::Opened(pb::UserClientOpened {
                     handle,
-                    service: Some(service.info()),
+                    service: Some(service.info(AbiId::native())),
                     privileges,
                 })
             }),
@@ -386,7 +392,7 @@ fn event_message(event: SessionEvent) -> pb::ServerMessage {
     use pb::event::Kind as E;
     let kind = match event {
         SessionEvent::Core(CoreEvent::Published(service)) => E::Published(pb::ServicePublished {
-            service: Some(service.info()),
+            service: Some(service.info(AbiId::native())),
         }),
         SessionEvent::Core(CoreEvent::Terminated { id, name }) => {
             E::Terminated(pb::ServiceTerminated { service_id: id.0, name })

@@ -66,6 +66,12 @@ pub struct MethodInfo {
     /// Empty when the method needs no privilege beyond being granted.
     #[prost(string, tag = "8")]
     pub privilege: ::prost::alloc::string::String,
+    /// Name of the struct layout of the struct input/output, empty for raw bytes. Sizes are those
+    /// of the layout in the session's ABI.
+    #[prost(string, tag = "9")]
+    pub struct_in_layout: ::prost::alloc::string::String,
+    #[prost(string, tag = "10")]
+    pub struct_out_layout: ::prost::alloc::string::String,
 }
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, ::prost::Message)]

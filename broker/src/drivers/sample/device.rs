@@ -11,7 +11,9 @@ use std::{
 use portcullis_proto::Status;
 use tokio::sync::oneshot;
 
-use super::methods::{INFO_SIZE, MAX_WAIT_MS, SAMPLE_VERSION, Selector, TABLE};
+use portcullis_proto::layout::{AbiId, Elem, Scalar, Schema, StructLayout};
+
+use super::methods::{LAYOUTS, MAX_WAIT_MS, SAMPLE_VERSION, Selector, TABLE};
 use crate::driver::{
     CallArgs, CallContext, CallOutput, Completion, Driver, DriverError, DriverNotice, MethodSpec, MethodTable,
 };
@@ -19,7 +21,10 @@ use crate::driver::{
 /// One sample device.
 #[derive(Debug)]
 pub struct SampleDevice {
+    schema: Schema,
     table: MethodTable,
+    /// `sample_record` in the broker's native layout.
+    record: StructLayout,
     calls_served: AtomicU64,
     opens: AtomicU32,
     /// Pending `wait_event` calls. A waiter whose call was cancelled has a closed sender and is
@@ -36,9 +41,14 @@ impl Default for SampleDevice {
 impl SampleDevice {
     /// A fresh device.
     pub fn new() -> SampleDevice {
+        // The table and the layouts are constants checked by `sample_table_is_valid`.
+        let schema = Schema::from_toml(LAYOUTS).unwrap_or_else(|e| panic!("sample layouts: {e}"));
+        let table = MethodTable::with_schema(&TABLE, &schema).unwrap_or_else(|e| panic!("sample method table: {e}"));
+        let record = schema.layout(schema.index("sample_record").unwrap_or_default(), AbiId::native().abi());
         SampleDevice {
-            // The table is a constant checked by `sample_table_is_valid`.
-            table: MethodTable::new(&TABLE).unwrap_or_else(|e| panic!("sample method table: {e}")),
+            schema,
+            table,
+            record,
             calls_served: AtomicU64::new(0),
             opens: AtomicU32::new(0),
             waiters: Mutex::new(Vec::new()),
@@ -53,7 +63,7 @@ impl SampleDevice {
     }
 
     fn info(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(INFO_SIZE as usize);
+        let mut out = Vec::with_capacity(16);
         out.extend_from_slice(&SAMPLE_VERSION.to_ne_bytes());
         out.extend_from_slice(&self.opens.load(Ordering::Relaxed).to_ne_bytes());
         out.extend_from_slice(&self.calls_served.load(Ordering::Relaxed).to_ne_bytes());
@@ -109,6 +119,10 @@ impl Driver for SampleDevice {
         &self.table
     }
 
+    fn schema(&self) -> &Schema {
+        &self.schema
+    }
+
     fn call(&self, ctx: &CallContext<'_>, spec: &MethodSpec, args: CallArgs) -> Completion {
         self.calls_served.fetch_add(1, Ordering::Relaxed);
         let done = |scalars: Vec<u64>, struct_out: Vec<u8>| Completion::Ready(Ok(CallOutput { scalars, struct_out }));
@@ -131,6 +145,7 @@ impl Driver for SampleDevice {
                 self.calls_served.store(0, Ordering::Relaxed);
                 done(vec![], vec![])
             }
+            Some(Selector::TransformRecord) => done(vec![], transform(&self.record, args.struct_in)),
             None => Completion::Ready(Err(unknown(spec))),
         }
     }
@@ -146,6 +161,60 @@ impl Driver for SampleDevice {
     fn terminate(&self) {
         // Dropping the senders completes every waiter with Aborted.
         self.waiters.lock().unwrap_or_else(|e| e.into_inner()).clear();
+    }
+}
+
+/// The documented transform of a native `sample_record` (see `methods.rs`). The core has checked
+/// the size, so every field is in bounds; `get_mut` keeps that a checked fact.
+fn transform(record: &StructLayout, mut buf: Vec<u8>) -> Vec<u8> {
+    for f in &record.fields {
+        let Some(bytes) = buf.get_mut(f.offset as usize..(f.offset + f.size) as usize) else {
+            continue;
+        };
+        match (f.name.as_str(), f.elem) {
+            ("tail", _) => bytes.iter_mut().for_each(|b| *b = !*b),
+            (_, Elem::Scalar(Scalar::F32)) => {
+                let v = f32::from_ne_bytes(bytes.try_into().unwrap_or_default()) * 2.0;
+                bytes.copy_from_slice(&v.to_ne_bytes());
+            }
+            (_, Elem::Scalar(Scalar::F64)) => {
+                let v = f64::from_ne_bytes(bytes.try_into().unwrap_or_default()) * 2.0;
+                bytes.copy_from_slice(&v.to_ne_bytes());
+            }
+            (_, Elem::Scalar(Scalar::Bool)) => bytes.iter_mut().for_each(|b| *b ^= 1),
+            (_, Elem::Scalar(_)) => add_one(bytes),
+            (_, Elem::Char) => bytes.make_ascii_uppercase(),
+            (_, Elem::Struct(_)) => {
+                // sample_inner[3]: reverse the elements, then + 1 on each tag (the first byte).
+                let count = f.count.unwrap_or(1) as usize;
+                let elem = bytes.len() / count.max(1);
+                let elems: Vec<Vec<u8>> = bytes.chunks(elem).rev().map(<[u8]>::to_vec).collect();
+                for (chunk, mut e) in bytes.chunks_mut(elem).zip(elems) {
+                    if let Some(tag) = e.first_mut() {
+                        *tag = tag.wrapping_add(1);
+                    }
+                    chunk.copy_from_slice(&e);
+                }
+            }
+        }
+    }
+    buf
+}
+
+/// + 1 on a native-endian integer of any width, wrapping at that width.
+fn add_one(bytes: &mut [u8]) {
+    let little = cfg!(target_endian = "little");
+    let order: Box<dyn Iterator<Item = &mut u8>> = if little {
+        Box::new(bytes.iter_mut())
+    } else {
+        Box::new(bytes.iter_mut().rev())
+    };
+    for b in order {
+        let (v, carry) = b.overflowing_add(1);
+        *b = v;
+        if !carry {
+            break;
+        }
     }
 }
 
@@ -186,14 +255,15 @@ mod tests {
     }
 
     fn call(dev: &SampleDevice, ctx: &CallContext<'_>, sel: Selector, scalars: Vec<u64>, s: Vec<u8>) -> Completion {
-        let spec = dev.methods().get(sel as u32).unwrap();
+        let (_, spec) = dev.methods().get(sel as u32).unwrap();
         let args = spec.check_args(scalars, s, u32::MAX).unwrap();
         dev.call(ctx, spec, args)
     }
 
     #[test]
     fn sample_table_is_valid() {
-        assert!(MethodTable::new(&TABLE).is_ok());
+        let schema = Schema::from_toml(LAYOUTS).unwrap();
+        assert!(MethodTable::with_schema(&TABLE, &schema).is_ok());
         assert_eq!(TABLE.iter().filter(|r| r.privilege.is_some()).count(), 1);
     }
 
@@ -213,7 +283,7 @@ mod tests {
             call(&dev, ctx, Selector::GetInfo, vec![], vec![])
         });
         let info = finish(c).await.unwrap().struct_out;
-        assert_eq!(info.len(), INFO_SIZE as usize);
+        assert_eq!(info.len(), 16);
         assert_eq!(u32::from_ne_bytes(info[0..4].try_into().unwrap()), SAMPLE_VERSION);
         assert_eq!(u32::from_ne_bytes(info[4..8].try_into().unwrap()), 1);
         assert_eq!(u64::from_ne_bytes(info[8..16].try_into().unwrap()), 2);

@@ -8,9 +8,16 @@
 //! | 3   | `wait_event` | timeout_ms (async)  | the value passed to `fire_event`, or `TIMEOUT` |
 //! | 4   | `fire_event` | value               | number of waiters completed            |
 //! | 5   | `reset`      | — (`sample.admin`)  | —                                      |
+//! | 7   | `transform_record` | struct `sample_record` | struct `sample_record`, transformed |
 //!
-//! `sample_info` is `{ u32 version; u32 current_opens; u64 calls_served; }` in the broker's
-//! native byte order: the same offsets on every ABI, no padding.
+//! Structs are described in `layout.toml` and translated from and to each client's ABI.
+//! `sample_info` is `{ u32 version; u32 current_opens; u64 calls_served; }`.
+//!
+//! `transform_record` is deterministic: every integer field from `u8_` to `handle` + 1, wrapping
+//! at the broker's native width (so a 32-bit client whose `long_` is `INT32_MAX` gets
+//! `OVERFLOW`, not a wrapped value); `f32_` and `f64_` × 2; `flag` negated; `name` upper-cased
+//! (ASCII); `inner` reversed, each `tag` + 1 (wrapping) and each `value` unchanged; `tail`
+//! bit-inverted.
 
 use crate::driver::{MethodSpec, SizeRange};
 
@@ -36,6 +43,8 @@ pub enum Selector {
     FireEvent = 4,
     /// `reset()`, privileged.
     Reset = 5,
+    /// `transform_record(sample_record) -> sample_record`.
+    TransformRecord = 7,
 }
 
 impl Selector {
@@ -47,6 +56,7 @@ impl Selector {
             Selector::WaitEvent,
             Selector::FireEvent,
             Selector::Reset,
+            Selector::TransformRecord,
         ]
         .into_iter()
         .find(|s| *s as u32 == selector)
@@ -63,16 +73,18 @@ const fn row(selector: Selector, name: &'static str, scalar_in: u8, scalar_out: 
         struct_out: SizeRange::NONE,
         is_async: false,
         privilege: None,
+        in_layout: None,
+        out_layout: None,
     }
 }
 
-/// Size of `sample_info`.
-pub const INFO_SIZE: u32 = 16;
+/// The struct descriptions.
+pub const LAYOUTS: &str = include_str!("layout.toml");
 
 /// Largest `echo` struct.
 pub const ECHO_MAX: u32 = 4096;
 
-pub(super) const TABLE: [MethodSpec; 6] = [
+pub(super) const TABLE: [MethodSpec; 7] = [
     row(Selector::Add, "add", 2, 1),
     MethodSpec {
         struct_in: SizeRange::between(0, ECHO_MAX),
@@ -80,7 +92,7 @@ pub(super) const TABLE: [MethodSpec; 6] = [
         ..row(Selector::Echo, "echo", 0, 0)
     },
     MethodSpec {
-        struct_out: SizeRange::exactly(INFO_SIZE),
+        out_layout: Some("sample_info"),
         ..row(Selector::GetInfo, "get_info", 0, 0)
     },
     MethodSpec {
@@ -91,5 +103,10 @@ pub(super) const TABLE: [MethodSpec; 6] = [
     MethodSpec {
         privilege: Some("sample.admin"),
         ..row(Selector::Reset, "reset", 0, 0)
+    },
+    MethodSpec {
+        in_layout: Some("sample_record"),
+        out_layout: Some("sample_record"),
+        ..row(Selector::TransformRecord, "transform_record", 0, 0)
     },
 ];
