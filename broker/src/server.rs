@@ -8,13 +8,16 @@ use std::{
     sync::Arc,
 };
 
-use portcullis_client::GRPC_SOCKET;
+use portcullis_client::{GRPC_SOCKET, NATIVE_SOCKET};
 
 use crate::{
     bus::{self, BusError},
     config::{self, Config, ConfigError},
     session::Core,
-    transport::grpc::{self, GrpcError},
+    transport::{
+        grpc::{self, GrpcError},
+        native::{self, NativeError},
+    },
 };
 
 /// What `portcullis broker` was asked to run.
@@ -48,6 +51,12 @@ pub enum BrokerError {
     /// The gRPC transport failed.
     #[error(transparent)]
     Grpc(#[from] GrpcError),
+    /// The native transport could not start.
+    #[error(transparent)]
+    Native(#[from] NativeError),
+    /// A transport task failed.
+    #[error("transport task: {0}")]
+    Task(String),
 }
 
 /// Builds the core: policy loaded, the virtual bus and its devices published.
@@ -76,10 +85,31 @@ pub async fn run(options: BrokerOptions, shutdown: impl Future<Output = ()>) -> 
     let core = build_core(&config, options.policy.as_deref())?;
     prepare_run_dir(&options.run_dir)?;
     let grpc_path = options.run_dir.join(GRPC_SOCKET);
-    let listener = grpc::bind(&grpc_path).await?;
-    tracing::info!(socket = %grpc_path.display(), "serving gRPC");
-    let result = grpc::serve(core, listener, shutdown).await;
-    let _ = std::fs::remove_file(&grpc_path);
+    let native_path = options.run_dir.join(NATIVE_SOCKET);
+    let grpc_listener = grpc::bind(&grpc_path).await?;
+    let native_listener = native::bind(&native_path)?;
+    tracing::info!(grpc = %grpc_path.display(), native = %native_path.display(), "serving");
+    // One shutdown signal stops both transports, gracefully.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|stop| *stop).await;
+    };
+    let native_task = tokio::spawn(native::serve(core.clone(), native_listener, stopped(stop_rx.clone())));
+    let mut grpc_task = tokio::spawn(grpc::serve(core, grpc_listener, stopped(stop_rx)));
+    let result = tokio::select! {
+        result = &mut grpc_task => result,
+        () = shutdown => {
+            let _ = stop_tx.send(true);
+            (&mut grpc_task).await
+        }
+    };
+    let _ = stop_tx.send(true);
+    let _ = native_task.await;
+    for path in [&grpc_path, &native_path] {
+        let _ = std::fs::remove_file(path);
+    }
     tracing::info!("broker stopped");
-    Ok(result?)
+    result
+        .map_err(|e| BrokerError::Task(e.to_string()))?
+        .map_err(BrokerError::from)
 }

@@ -122,6 +122,11 @@ impl Broker {
         self.child.try_wait().unwrap().is_none()
     }
 
+    /// Whether the broker process is still running, without reaping it (`kill -0`).
+    pub fn is_running_ref(&self) -> bool {
+        rustix::process::test_kill_process(rustix::process::Pid::from_child(&self.child)).is_ok()
+    }
+
     /// An async client.
     pub async fn client(&self) -> Client {
         Client::connect(self.run_dir()).await.unwrap()

@@ -2,10 +2,12 @@
 //! session checks the grant, checks the method table, and dispatches to the driver. Nothing a
 //! session holds outlives it: dropping it releases every user client, open and pending call.
 
+mod command;
 mod core;
 mod identity;
 mod user;
 
+pub use command::{Command, Reply, Started};
 pub use core::{Core, CoreEvent};
 pub use identity::{IdentityError, PeerIdentity};
 pub use user::{CallStarted, Refusal, Session, SessionEvent};

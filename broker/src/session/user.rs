@@ -173,6 +173,11 @@ impl Session {
         }
     }
 
+    /// The client's struct-layout ABI.
+    pub fn abi(&self) -> AbiId {
+        self.abi
+    }
+
     /// The peer.
     pub fn peer(&self) -> &PeerIdentity {
         &self.peer

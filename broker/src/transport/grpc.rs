@@ -29,7 +29,7 @@ use tonic::{Streaming, transport::server::Connected};
 
 use crate::{
     registry::{Matching, OpenMode, Service, ServiceId},
-    session::{CallStarted, Core, CoreEvent, PeerIdentity, Refusal, Session, SessionEvent},
+    session::{Command, Core, CoreEvent, PeerIdentity, Refusal, Reply, Session, SessionEvent, Started},
 };
 
 /// Responses and events queued to one session's client before the session waits for it to
@@ -152,25 +152,15 @@ pub enum GrpcError {
     },
 }
 
-/// Binds a Unix socket that every local user can connect to (the policy, not file modes, is the
-/// gate). A stale socket file left by a dead broker is replaced; a live broker's is not.
+/// Binds the gRPC Unix socket, connectable by every local user.
 pub async fn bind(path: &Path) -> Result<UnixListener, GrpcError> {
-    use std::os::unix::fs::PermissionsExt;
     let err = |source| GrpcError::Socket {
         path: path.display().to_string(),
         source,
     };
-    if path.exists() {
-        if UnixStream::connect(path).await.is_ok() {
-            return Err(err(io::Error::new(
-                io::ErrorKind::AddrInUse,
-                "another broker is serving this socket",
-            )));
-        }
-        std::fs::remove_file(path).map_err(err)?;
-    }
+    super::claim_socket_path(path).map_err(err)?;
     let listener = UnixListener::bind(path).map_err(err)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666)).map_err(err)?;
+    super::open_to_all(path).map_err(err)?;
     Ok(listener)
 }
 
@@ -295,65 +285,45 @@ async fn run_session(mut session: Session, core: Arc<Core>, mut inbound: Streami
 /// Handles one request. Returns the response to send now; an asynchronous call's response is
 /// sent by its own task when it completes.
 fn handle(session: &mut Session, message: pb::ClientMessage, tx: &Outbound) -> Option<pb::ServerMessage> {
-    use pb::response::Result as R;
     let id = message.request_id;
-    let result: Result<R, Refusal> = match message.request {
-        None => Err(Refusal::new(Status::ProtocolError, "the message carries no request")),
-        Some(Request::FindServices(find)) => Matching::try_from(find.matching)
-            .map_err(|e| Refusal::new(Status::BadArgument, e.to_string()))
-            .map(|m| {
-                R::Found(pb::FoundServices {
-                    services: session
-                        .find_services(&m)
-                        .iter()
-                        .map(|s| s.info(AbiId::native()))
-                        .collect(),
-                })
-            }),
-        Some(Request::OpenUserClient(open)) => open_mode(open.mode)
-            .and_then(|mode| session.open_user_client(ServiceId(open.service_id), mode))
-            .map(|(handle, service, privileges)| {
-                R::Opened(pb::UserClientOpened {
-                    handle,
-                    service: Some(service.info(AbiId::native())),
-                    privileges,
-                })
-            }),
-        Some(Request::CloseUserClient(close)) => {
-            session.close_user_client(close.handle).map(|()| R::Done(pb::Empty {}))
-        }
-        Some(Request::Subscribe(sub)) => {
-            let ids: Vec<ServiceId> = sub.service_ids.iter().map(|i| ServiceId(*i)).collect();
-            session.subscribe(&ids).map(|()| R::Done(pb::Empty {}))
-        }
-        Some(Request::Call(call)) => match session.call(
-            call.handle,
-            call.selector,
-            call.scalars,
-            call.struct_in,
-            call.struct_out_len,
-        ) {
-            Ok(CallStarted::Ready(out)) => Ok(R::Call(pb::CallResult {
-                scalars: out.scalars,
-                struct_out: out.struct_out,
-            })),
-            Ok(CallStarted::Pending(pending)) => {
-                let tx = tx.clone();
-                tokio::spawn(async move {
-                    let result = pending.await.map(|out| {
-                        R::Call(pb::CallResult {
-                            scalars: out.scalars,
-                            struct_out: out.struct_out,
-                        })
-                    });
-                    let _ = tx.send(Ok(response(id, result))).await;
-                });
-                return None;
-            }
-            Err(refusal) => Err(refusal),
-        },
+    let started = match command(message.request) {
+        Ok(command) => session.execute(command),
+        Err(refusal) => Started::Now(Err(refusal)),
     };
-    Some(response(id, result))
+    match started {
+        Started::Now(result) => Some(response(id, result)),
+        Started::Later(pending) => {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let _ = tx.send(Ok(response(id, pending.await))).await;
+            });
+            None
+        }
+    }
+}
+
+/// The session command a request carries.
+fn command(request: Option<Request>) -> Result<Command, Refusal> {
+    Ok(
+        match request.ok_or_else(|| Refusal::new(Status::ProtocolError, "the message carries no request"))? {
+            Request::FindServices(find) => Command::FindServices(
+                Matching::try_from(find.matching).map_err(|e| Refusal::new(Status::BadArgument, e.to_string()))?,
+            ),
+            Request::OpenUserClient(open) => Command::Open {
+                service: ServiceId(open.service_id),
+                mode: open_mode(open.mode)?,
+            },
+            Request::CloseUserClient(close) => Command::Close { handle: close.handle },
+            Request::Subscribe(sub) => Command::Subscribe(sub.service_ids.iter().map(|i| ServiceId(*i)).collect()),
+            Request::Call(call) => Command::Call {
+                handle: call.handle,
+                selector: call.selector,
+                scalars: call.scalars,
+                struct_in: call.struct_in,
+                struct_out_len: call.struct_out_len,
+            },
+        },
+    )
 }
 
 fn open_mode(mode: i32) -> Result<OpenMode, Refusal> {
@@ -364,14 +334,37 @@ fn open_mode(mode: i32) -> Result<OpenMode, Refusal> {
     }
 }
 
-fn response(request_id: u64, result: Result<pb::response::Result, Refusal>) -> pb::ServerMessage {
+fn response(request_id: u64, result: Result<Reply, Refusal>) -> pb::ServerMessage {
+    use pb::response::Result as R;
+    let native = AbiId::native();
     let response = match result {
-        Ok(result) => pb::Response {
-            request_id,
-            status: pb::StatusCode::Success.into(),
-            result: Some(result),
-            ..Default::default()
-        },
+        Ok(reply) => {
+            let result = match reply {
+                Reply::Found(services) => R::Found(pb::FoundServices {
+                    services: services.iter().map(|s| s.info(native)).collect(),
+                }),
+                Reply::Opened {
+                    handle,
+                    service,
+                    privileges,
+                } => R::Opened(pb::UserClientOpened {
+                    handle,
+                    service: Some(service.info(native)),
+                    privileges,
+                }),
+                Reply::Called(out) => R::Call(pb::CallResult {
+                    scalars: out.scalars,
+                    struct_out: out.struct_out,
+                }),
+                Reply::Done => R::Done(pb::Empty {}),
+            };
+            pb::Response {
+                request_id,
+                status: pb::StatusCode::Success.into(),
+                result: Some(result),
+                ..Default::default()
+            }
+        }
         Err(refusal) => {
             tracing::debug!(request_id, %refusal, "request refused");
             pb::Response {

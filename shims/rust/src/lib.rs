@@ -20,6 +20,7 @@
 //! Refusals carry the broker's [`Status`] and, for policy refusals, the deciding rule.
 
 pub mod blocking;
+pub mod native;
 mod session;
 
 use std::{
@@ -36,6 +37,9 @@ use tonic::transport::{Channel, Endpoint, Uri};
 
 /// The gRPC socket's file name inside the run dir.
 pub const GRPC_SOCKET: &str = "grpc.sock";
+
+/// The native (`SOCK_SEQPACKET`) socket's file name inside the run dir.
+pub const NATIVE_SOCKET: &str = "native.sock";
 
 /// Environment variable naming the run dir.
 pub const RUN_DIR_ENV: &str = "PORTCULLIS_RUN_DIR";

@@ -6,6 +6,7 @@ mod bad_input;
 mod client_example;
 mod concurrency;
 mod exclusive;
+mod native;
 mod policy;
 mod python_client;
 mod session;

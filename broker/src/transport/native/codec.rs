@@ -1,0 +1,109 @@
+//! Frames ↔ session commands, replies and events.
+
+use portcullis_proto::{
+    Status,
+    frame::{Body, Event, Request, ResponseFrame, ServerFrame, ServiceSummary},
+};
+
+use crate::{
+    registry::{Matching, OpenMode, Service, ServiceId},
+    session::{Command, CoreEvent, Refusal, Reply, SessionEvent},
+};
+
+pub(super) fn command(request: Request) -> Command {
+    match request {
+        Request::FindServices { class, name } => Command::FindServices(Matching {
+            class: Some(class).filter(|c| !c.is_empty()),
+            name: Some(name).filter(|n| !n.is_empty()),
+            properties: Default::default(),
+        }),
+        Request::Open { service, exclusive } => Command::Open {
+            service: ServiceId(service),
+            mode: if exclusive {
+                OpenMode::Exclusive
+            } else {
+                OpenMode::Shared
+            },
+        },
+        Request::Close { handle } => Command::Close { handle },
+        Request::Call {
+            handle,
+            selector,
+            scalars,
+            struct_in,
+            struct_out_len,
+        } => Command::Call {
+            handle,
+            selector,
+            scalars,
+            struct_in,
+            struct_out_len,
+        },
+        Request::Subscribe { services } => Command::Subscribe(services.into_iter().map(ServiceId).collect()),
+    }
+}
+
+fn summary(service: &Service) -> ServiceSummary {
+    ServiceSummary {
+        id: service.id().0,
+        parent: service.parent().map_or(0, |p| p.0),
+        name: service.name().to_string(),
+        class: service.class().to_string(),
+    }
+}
+
+pub(super) fn response(id: u64, result: Result<Reply, Refusal>) -> ServerFrame {
+    let frame = match result {
+        Ok(reply) => {
+            let body = match reply {
+                Reply::Found(services) => Body::Found(services.iter().map(|s| summary(s)).collect()),
+                Reply::Opened { handle, service, .. } => Body::Opened {
+                    handle,
+                    service: service.id().0,
+                },
+                Reply::Called(out) => Body::Call {
+                    scalars: out.scalars,
+                    struct_out: out.struct_out,
+                },
+                Reply::Done => Body::None,
+            };
+            ResponseFrame {
+                id,
+                status: Status::Success.code(),
+                message: String::new(),
+                rule: String::new(),
+                body,
+            }
+        }
+        Err(refusal) => {
+            tracing::debug!(id, %refusal, "request refused");
+            ResponseFrame {
+                id,
+                status: refusal.status.code(),
+                message: refusal.message,
+                rule: refusal.rule.unwrap_or_default(),
+                body: Body::None,
+            }
+        }
+    };
+    ServerFrame::Response(frame)
+}
+
+pub(super) fn event(event: SessionEvent) -> ServerFrame {
+    ServerFrame::Event(match event {
+        SessionEvent::Core(CoreEvent::Published(service)) => Event::Published(summary(&service)),
+        SessionEvent::Core(CoreEvent::Terminated { id, name }) => Event::Terminated { service: id.0, name },
+        SessionEvent::Core(CoreEvent::Notice { service, notice }) => Event::Notification {
+            service: service.id().0,
+            kind: notice.kind.to_string(),
+            value: notice.value,
+            detail: notice.detail,
+        },
+        SessionEvent::UserClientClosed { handle, status, reason } => Event::UserClientClosed {
+            handle,
+            status: status.code(),
+            reason,
+        },
+        SessionEvent::Lost(count) => Event::Lost { count },
+    })
+}

@@ -1,0 +1,213 @@
+//! The native protocol: `AF_UNIX` `SOCK_SEQPACKET`, one postcard frame per packet (see
+//! `portcullis_proto::frame` and docs/PROTOCOL.md), served through the same session core as
+//! gRPC. The client's `Hello` declares its ABI; structs then travel in that ABI's layout.
+//!
+//! A client that breaks the protocol (a frame before `Hello`, an undecodable, oversized or
+//! non-canonical frame, an unknown ABI or version) gets a `Goodbye` with the reason and its
+//! session is closed; everyone else is served on.
+
+mod codec;
+
+use std::{io, path::Path, sync::Arc, time::Duration};
+
+use portcullis_proto::{
+    Status,
+    frame::{ClientFrame, MAX_FRAME, PROTOCOL_VERSION, ServerFrame, encode},
+    layout::AbiId,
+};
+use tokio::sync::{broadcast::error::RecvError, mpsc};
+use tokio_seqpacket::{UnixSeqpacket, UnixSeqpacketListener};
+
+use crate::session::{Core, PeerIdentity, Session, Started};
+
+/// How long a new connection may take to say `Hello`.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Completed asynchronous calls queued for one connection.
+const COMPLETION_QUEUE: usize = 256;
+
+/// Why the native transport could not start.
+#[derive(Debug, thiserror::Error)]
+#[error("{path}: {source}")]
+pub struct NativeError {
+    /// The socket path.
+    pub path: String,
+    /// The OS error.
+    pub source: io::Error,
+}
+
+/// Binds the native socket, connectable by every local user.
+pub fn bind(path: &Path) -> Result<UnixSeqpacketListener, NativeError> {
+    let err = |source| NativeError {
+        path: path.display().to_string(),
+        source,
+    };
+    super::claim_socket_path(path).map_err(err)?;
+    let listener = UnixSeqpacketListener::bind(path).map_err(err)?;
+    super::open_to_all(path).map_err(err)?;
+    Ok(listener)
+}
+
+/// Serves connections until `shutdown` completes.
+pub async fn serve(core: Arc<Core>, mut listener: UnixSeqpacketListener, shutdown: impl Future<Output = ()>) {
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            () = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok(conn) => {
+                    tokio::spawn(connection(core.clone(), conn));
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "native accept failed");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            },
+        }
+    }
+}
+
+/// The end of a connection: a `Goodbye` to send, or nothing (the peer left).
+struct Close {
+    status: Status,
+    reason: String,
+}
+
+impl Close {
+    fn protocol(reason: impl Into<String>) -> Close {
+        Close {
+            status: Status::ProtocolError,
+            reason: reason.into(),
+        }
+    }
+}
+
+async fn send(conn: &UnixSeqpacket, frame: &ServerFrame) -> io::Result<()> {
+    let bytes = encode(frame).ok_or_else(|| io::Error::other("frame too large to encode"))?;
+    conn.send(&bytes).await.map(drop)
+}
+
+async fn connection(core: Arc<Core>, conn: UnixSeqpacket) {
+    let peer = match conn.peer_cred() {
+        Ok(cred) => {
+            tokio::task::spawn_blocking(move || PeerIdentity::from_peer_cred(cred.uid(), cred.gid(), cred.pid())).await
+        }
+        Err(e) => return tracing::warn!(error = %e, "native: no peer credentials; connection closed"),
+    };
+    let peer = match peer {
+        Ok(Ok(peer)) => Arc::new(peer),
+        Ok(Err(e)) => return tracing::warn!(error = %e, "native: peer identity unavailable; connection closed"),
+        Err(e) => return tracing::error!(error = %e, "native: identity task failed"),
+    };
+    let mut buf = vec![0u8; MAX_FRAME + 1];
+    let ended = match hello(&conn, &mut buf).await {
+        Ok(abi) => {
+            let welcome = ServerFrame::Welcome {
+                version: PROTOCOL_VERSION,
+                abi: AbiId::native() as u8,
+            };
+            if send(&conn, &welcome).await.is_err() {
+                return;
+            }
+            serve_session(Session::new(core.clone(), peer.clone(), abi), &core, &conn, &mut buf).await
+        }
+        Err(close) => Some(close),
+    };
+    if let Some(close) = ended {
+        tracing::info!(uid = peer.uid, pid = ?peer.pid, status = %close.status, reason = %close.reason, "native session closed by the broker");
+        let _ = send(
+            &conn,
+            &ServerFrame::Goodbye {
+                status: close.status.code(),
+                reason: close.reason,
+            },
+        )
+        .await;
+    }
+}
+
+/// Receives one frame into `buf`. `Ok(None)`: the peer closed the connection.
+async fn receive(conn: &UnixSeqpacket, buf: &mut [u8]) -> Result<Option<ClientFrame>, Close> {
+    let info = conn
+        .recv(buf)
+        .await
+        .map_err(|e| Close::protocol(format!("receive failed: {e}")))?;
+    if info.truncated() {
+        return Err(Close::protocol(format!("frame exceeds the {MAX_FRAME}-byte limit")));
+    }
+    let len = info.bytes_read();
+    if len == 0 {
+        return Ok(None);
+    }
+    let bytes = buf.get(..len).unwrap_or_default();
+    ClientFrame::decode(bytes)
+        .map(Some)
+        .map_err(|e| Close::protocol(e.to_string()))
+}
+
+async fn hello(conn: &UnixSeqpacket, buf: &mut [u8]) -> Result<AbiId, Close> {
+    let first = tokio::time::timeout(HELLO_TIMEOUT, receive(conn, buf))
+        .await
+        .map_err(|_| Close::protocol("no Hello within 10 s"))??;
+    match first {
+        Some(ClientFrame::Hello(hello)) => {
+            if hello.version != PROTOCOL_VERSION {
+                return Err(Close {
+                    status: Status::Unsupported,
+                    reason: format!(
+                        "protocol version {} is not supported (this broker speaks {PROTOCOL_VERSION})",
+                        hello.version
+                    ),
+                });
+            }
+            AbiId::from_wire(hello.abi).ok_or_else(|| Close {
+                status: Status::Unsupported,
+                reason: format!("ABI {} is not in the list", hello.abi),
+            })
+        }
+        Some(ClientFrame::Request(_)) => Err(Close::protocol("a request before Hello")),
+        None => Err(Close::protocol("closed before Hello")),
+    }
+}
+
+/// Serves requests until the peer leaves (`None`) or breaks the protocol.
+async fn serve_session(mut session: Session, core: &Core, conn: &UnixSeqpacket, buf: &mut [u8]) -> Option<Close> {
+    let mut events = core.subscribe();
+    let (done_tx, mut done_rx) = mpsc::channel(COMPLETION_QUEUE);
+    loop {
+        let out: Vec<ServerFrame> = tokio::select! {
+            frame = receive(conn, buf) => match frame {
+                Ok(Some(ClientFrame::Request(request))) => {
+                    let id = request.id;
+                    match session.execute(codec::command(request.request)) {
+                        Started::Now(result) => vec![codec::response(id, result)],
+                        Started::Later(pending) => {
+                            let done_tx = done_tx.clone();
+                            tokio::spawn(async move {
+                                let _ = done_tx.send(codec::response(id, pending.await)).await;
+                            });
+                            Vec::new()
+                        }
+                    }
+                }
+                Ok(Some(ClientFrame::Hello(_))) => return Some(Close::protocol("a second Hello")),
+                Ok(None) => return None,
+                Err(close) => return Some(close),
+            },
+            Some(done) = done_rx.recv() => vec![done],
+            event = events.recv() => match event {
+                Ok(event) => session.on_core_event(&event),
+                Err(RecvError::Lagged(n)) => session.on_events_lost(n),
+                Err(RecvError::Closed) => return Some(Close { status: Status::Aborted, reason: "the broker is stopping".into() }),
+            }
+            .into_iter()
+            .map(codec::event)
+            .collect(),
+        };
+        for frame in out {
+            if send(conn, &frame).await.is_err() {
+                return None;
+            }
+        }
+    }
+}

@@ -1,0 +1,357 @@
+//! Native protocol frames: one postcard-encoded frame per `SOCK_SEQPACKET` packet.
+//! `docs/PROTOCOL.md` specifies them to the byte.
+//!
+//! Wire types are flat (no recursion: postcard has no depth limit). Decoding is strict: a
+//! frame larger than [`MAX_FRAME`], one with bytes after its end, or one that is not in
+//! canonical encoding (a varint with redundant continuation bytes, say) is refused.
+
+use serde::{Deserialize, Serialize};
+
+use crate::limits;
+
+/// The protocol version this build speaks.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Largest frame either side sends: the largest struct plus room for the rest.
+pub const MAX_FRAME: usize = limits::MAX_STRUCT as usize + 4096;
+
+/// Frames a client sends.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ClientFrame {
+    /// First frame of every connection (tag 0).
+    Hello(Hello),
+    /// A request (tag 1).
+    Request(RequestFrame),
+}
+
+/// The client's greeting.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    /// [`PROTOCOL_VERSION`].
+    pub version: u32,
+    /// The client's struct-layout ABI, by wire number (see `layout::AbiId`).
+    pub abi: u8,
+}
+
+/// A request with the id its response will carry.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RequestFrame {
+    /// Chosen by the client; echoed in the response.
+    pub id: u64,
+    /// What is asked.
+    pub request: Request,
+}
+
+/// Requests (the session core's commands).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Request {
+    /// Services matching a class and a name (empty matches any) that the task may see (tag 0).
+    FindServices {
+        /// Exact class, or empty.
+        class: String,
+        /// Exact name, or empty.
+        name: String,
+    },
+    /// Admission and open (tag 1).
+    Open {
+        /// Service id.
+        service: u64,
+        /// Exclusive rather than shared.
+        exclusive: bool,
+    },
+    /// Close a user client (tag 2).
+    Close {
+        /// Its handle.
+        handle: u64,
+    },
+    /// Call a method (tag 3).
+    Call {
+        /// User client handle.
+        handle: u64,
+        /// Method selector.
+        selector: u32,
+        /// Scalar inputs.
+        scalars: Vec<u64>,
+        /// Struct input in the client's ABI.
+        struct_in: Vec<u8>,
+        /// Most struct output bytes accepted.
+        struct_out_len: u32,
+    },
+    /// Interest notifications (tag 4).
+    Subscribe {
+        /// Service ids; empty for every visible service.
+        services: Vec<u64>,
+    },
+}
+
+/// Frames the broker sends.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ServerFrame {
+    /// The answer to `Hello` (tag 0).
+    Welcome {
+        /// [`PROTOCOL_VERSION`].
+        version: u32,
+        /// The broker's own ABI (wire number), for information.
+        abi: u8,
+    },
+    /// The answer to a request (tag 1).
+    Response(ResponseFrame),
+    /// An event (tag 2).
+    Event(Event),
+    /// The broker ends the session; this is its last frame (tag 3).
+    Goodbye {
+        /// Status number.
+        status: u32,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// A response.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResponseFrame {
+    /// The request's id.
+    pub id: u64,
+    /// Status number (`Status`).
+    pub status: u32,
+    /// Why, when not successful; else empty.
+    pub message: String,
+    /// The deciding policy rule of a policy refusal; else empty.
+    pub rule: String,
+    /// The result; `None` unless successful.
+    pub body: Body,
+}
+
+/// A response's result.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Body {
+    /// No result (refusals, close, subscribe) (tag 0).
+    None,
+    /// Matching services (tag 1).
+    Found(Vec<ServiceSummary>),
+    /// A user client (tag 2).
+    Opened {
+        /// Its handle.
+        handle: u64,
+        /// Its service.
+        service: u64,
+    },
+    /// A method's outputs (tag 3).
+    Call {
+        /// Scalar outputs.
+        scalars: Vec<u64>,
+        /// Struct output in the client's ABI.
+        struct_out: Vec<u8>,
+    },
+}
+
+/// A service as discovery shows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceSummary {
+    /// Id.
+    pub id: u64,
+    /// Parent id (0 for the root).
+    pub parent: u64,
+    /// Name.
+    pub name: String,
+    /// Class.
+    pub class: String,
+}
+
+/// Events.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Event {
+    /// A service was published (tag 0).
+    Published(ServiceSummary),
+    /// A service was terminated (tag 1).
+    Terminated {
+        /// Its id.
+        service: u64,
+        /// Its name.
+        name: String,
+    },
+    /// A driver notification (tag 2).
+    Notification {
+        /// The service.
+        service: u64,
+        /// Kind.
+        kind: String,
+        /// Value.
+        value: u64,
+        /// Detail.
+        detail: String,
+    },
+    /// The broker closed a user client (tag 3).
+    UserClientClosed {
+        /// Its handle.
+        handle: u64,
+        /// Status number.
+        status: u32,
+        /// Why.
+        reason: String,
+    },
+    /// This many events were dropped because the client did not keep up (tag 4).
+    Lost {
+        /// How many.
+        count: u64,
+    },
+}
+
+/// A frame refused.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum FrameError {
+    /// Larger than [`MAX_FRAME`].
+    #[error("frame of {0} bytes exceeds the {max}-byte limit", max = MAX_FRAME)]
+    TooLarge(usize),
+    /// Not a frame: truncated, an unknown tag, a bad varint, a bad bool, invalid UTF-8…
+    #[error("undecodable frame: {0}")]
+    Decode(String),
+    /// Bytes after the frame's end.
+    #[error("{0} bytes after the end of the frame")]
+    Trailing(usize),
+    /// Decodable, but not in canonical encoding (e.g. an overlong varint).
+    #[error("frame is not canonically encoded")]
+    NonCanonical,
+}
+
+fn decode<'a, T: Deserialize<'a> + Serialize>(bytes: &'a [u8]) -> Result<T, FrameError> {
+    if bytes.len() > MAX_FRAME {
+        return Err(FrameError::TooLarge(bytes.len()));
+    }
+    let (frame, rest): (T, _) = postcard::take_from_bytes(bytes).map_err(|e| FrameError::Decode(e.to_string()))?;
+    if !rest.is_empty() {
+        return Err(FrameError::Trailing(rest.len()));
+    }
+    // Canonical form: the frame must be exactly what encoding it gives. This refuses redundant
+    // varint bytes, which postcard itself accepts.
+    if encode(&frame).as_deref() != Some(bytes) {
+        return Err(FrameError::NonCanonical);
+    }
+    Ok(frame)
+}
+
+/// Encodes a frame; `None` only if it would exceed [`MAX_FRAME`] (a bug on the sending side).
+pub fn encode<T: Serialize>(frame: &T) -> Option<Vec<u8>> {
+    postcard::to_stdvec(frame).ok().filter(|b| b.len() <= MAX_FRAME)
+}
+
+impl ClientFrame {
+    /// Decodes a client frame strictly.
+    pub fn decode(bytes: &[u8]) -> Result<ClientFrame, FrameError> {
+        decode(bytes)
+    }
+}
+
+impl ServerFrame {
+    /// Decodes a server frame strictly.
+    pub fn decode(bytes: &[u8]) -> Result<ServerFrame, FrameError> {
+        decode(bytes)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn call() -> ClientFrame {
+        ClientFrame::Request(RequestFrame {
+            id: 300,
+            request: Request::Call {
+                handle: 1,
+                selector: 0,
+                scalars: vec![2, 3],
+                struct_in: vec![],
+                struct_out_len: 0,
+            },
+        })
+    }
+
+    #[test]
+    fn frame_bytes_are_as_documented() {
+        // Hello { version 1, abi 12 (m68k) }: tag 0, varint 1, byte 12.
+        assert_eq!(
+            encode(&ClientFrame::Hello(Hello { version: 1, abi: 12 })).unwrap(),
+            [0, 1, 12]
+        );
+        // Request tag 1, id 300 = varint [0xac, 0x02], Call tag 3, handle 1, selector 0,
+        // scalars [2, 3], struct_in [], struct_out_len 0.
+        assert_eq!(encode(&call()).unwrap(), [1, 0xac, 0x02, 3, 1, 0, 2, 2, 3, 0, 0]);
+        let ok = ServerFrame::Response(ResponseFrame {
+            id: 300,
+            status: 0,
+            message: String::new(),
+            rule: String::new(),
+            body: Body::Call {
+                scalars: vec![5],
+                struct_out: vec![],
+            },
+        });
+        assert_eq!(encode(&ok).unwrap(), [1, 0xac, 0x02, 0, 0, 0, 3, 1, 5, 0]);
+    }
+
+    #[test]
+    fn frame_roundtrips() {
+        let bytes = encode(&call()).unwrap();
+        assert_eq!(ClientFrame::decode(&bytes).unwrap(), call());
+    }
+
+    #[test]
+    fn frame_truncated_is_refused() {
+        let bytes = encode(&call()).unwrap();
+        for n in 0..bytes.len() {
+            assert!(
+                matches!(ClientFrame::decode(&bytes[..n]), Err(FrameError::Decode(_))),
+                "prefix of {n}"
+            );
+        }
+    }
+
+    #[test]
+    fn frame_trailing_bytes_are_refused() {
+        let mut bytes = encode(&call()).unwrap();
+        bytes.push(0);
+        assert_eq!(ClientFrame::decode(&bytes), Err(FrameError::Trailing(1)));
+    }
+
+    #[test]
+    fn frame_unknown_kind_is_refused() {
+        assert!(matches!(ClientFrame::decode(&[2, 0]), Err(FrameError::Decode(_))));
+        assert!(matches!(ClientFrame::decode(&[1, 1, 9]), Err(FrameError::Decode(_))));
+    }
+
+    #[test]
+    fn frame_non_canonical_varint_is_refused() {
+        // Hello with version encoded as [0x81, 0x00] (= 1, with a redundant byte).
+        assert_eq!(ClientFrame::decode(&[0, 0x81, 0x00, 0]), Err(FrameError::NonCanonical));
+        // An overlong u32 varint (6 bytes) does not decode at all.
+        assert!(matches!(
+            ClientFrame::decode(&[0, 0x80, 0x80, 0x80, 0x80, 0x80, 0x01, 0]),
+            Err(FrameError::Decode(_))
+        ));
+    }
+
+    #[test]
+    fn frame_bad_bool_is_refused() {
+        // Request{id 1, Open{service 3, exclusive = 2}}.
+        assert!(matches!(
+            ClientFrame::decode(&[1, 1, 1, 3, 2]),
+            Err(FrameError::Decode(_))
+        ));
+        assert!(ClientFrame::decode(&[1, 1, 1, 3, 1]).is_ok());
+    }
+
+    #[test]
+    fn frame_oversized_is_refused_before_decoding() {
+        assert_eq!(
+            ClientFrame::decode(&vec![0; MAX_FRAME + 1]),
+            Err(FrameError::TooLarge(MAX_FRAME + 1))
+        );
+    }
+
+    #[test]
+    fn frame_huge_claimed_length_does_not_allocate() {
+        // Call with scalars claiming u32::MAX elements but no bytes behind them.
+        let bytes = [1, 1, 3, 1, 0, 0xff, 0xff, 0xff, 0xff, 0x0f];
+        assert!(matches!(ClientFrame::decode(&bytes), Err(FrameError::Decode(_))));
+    }
+}

@@ -1,0 +1,243 @@
+//! The native protocol on `native.sock`: a whole session, structs in a declared ABI, and every
+//! kind of malformed input getting its status or a closed session while others are served.
+
+use portcullis_proto::{
+    Status,
+    frame::{ClientFrame, Hello, MAX_FRAME, PROTOCOL_VERSION, Request, RequestFrame, ServerFrame, encode},
+    layout::AbiId,
+};
+use portcullis_tests::{
+    Broker,
+    client::{NATIVE_SOCKET, native::NativeSession},
+};
+use tokio_seqpacket::UnixSeqpacket;
+
+async fn open_sample(broker: &Broker, abi: AbiId) -> (NativeSession, u64) {
+    let mut s = NativeSession::connect(broker.run_dir(), abi).await.unwrap();
+    let sample = s.find("sample0").await.unwrap();
+    assert_eq!(sample.len(), 1);
+    let handle = s.open(sample[0].id, false).await.unwrap();
+    (s, handle)
+}
+
+async fn assert_still_serving(broker: &Broker) {
+    let (mut s, h) = open_sample(broker, AbiId::native()).await;
+    assert_eq!(s.call(h, 0, &[40, 2], &[], 0).await.unwrap().scalars, vec![42]);
+}
+
+#[tokio::test]
+async fn native_session_calls_sample_methods() {
+    let broker = Broker::start();
+    let (mut s, h) = open_sample(&broker, AbiId::native()).await;
+    assert_eq!(s.call(h, 0, &[2, 3], &[], 0).await.unwrap().scalars, vec![5]);
+    assert_eq!(s.call(h, 1, &[], b"hello", 4096).await.unwrap().struct_out, b"hello");
+    let info = s.call(h, 2, &[], &[], 16).await.unwrap().struct_out;
+    assert_eq!(u32::from_ne_bytes(info[0..4].try_into().unwrap()), 1);
+    let err = s.call(h, 5, &[], &[], 0).await;
+    assert!(err.is_ok(), "root holds sample.admin: {err:?}");
+    s.close(h).await.unwrap();
+    assert_eq!(
+        s.call(h, 0, &[1, 1], &[], 0).await.unwrap_err().status(),
+        Some(Status::NotOpen)
+    );
+}
+
+#[tokio::test]
+async fn native_get_info_arrives_in_the_clients_byte_order() {
+    let broker = Broker::start();
+    let (mut s, h) = open_sample(&broker, AbiId::S390x).await;
+    let info = s.call(h, 2, &[], &[], 16).await.unwrap().struct_out;
+    assert_eq!(
+        u32::from_be_bytes(info[0..4].try_into().unwrap()),
+        1,
+        "version, big-endian"
+    );
+    assert_eq!(
+        u32::from_be_bytes(info[4..8].try_into().unwrap()),
+        1,
+        "current opens, big-endian"
+    );
+}
+
+#[tokio::test]
+async fn native_struct_of_wrong_size_for_declared_abi_is_bad_argument() {
+    let broker = Broker::start();
+    let (mut s, h) = open_sample(&broker, AbiId::I386).await;
+    // sample_record is 144 bytes natively but 112 for i386: the native size is refused.
+    let err = s.call(h, 7, &[], &[0; 144], 4096).await.unwrap_err();
+    assert_eq!(err.status(), Some(Status::BadArgument), "{err}");
+    let ok = s.call(h, 7, &[], &[0; 112], 4096).await.unwrap();
+    assert_eq!(ok.struct_out.len(), 112);
+    // A bool byte of 2 inside the struct (flag is at offset 56 for i386).
+    let mut bad = vec![0u8; 112];
+    bad[56] = 2;
+    assert_eq!(
+        s.call(h, 7, &[], &bad, 4096).await.unwrap_err().status(),
+        Some(Status::BadArgument)
+    );
+    // The session goes on.
+    assert_eq!(s.call(h, 0, &[1, 2], &[], 0).await.unwrap().scalars, vec![3]);
+}
+
+/// Sends raw packets and returns the broker's last frame (a Goodbye, for protocol errors).
+async fn raw(broker: &Broker, packets: &[Vec<u8>]) -> Option<ServerFrame> {
+    let conn = UnixSeqpacket::connect(broker.run_dir().join(NATIVE_SOCKET))
+        .await
+        .unwrap();
+    for p in packets {
+        let _ = conn.send(p).await;
+    }
+    let mut buf = vec![0u8; MAX_FRAME + 1];
+    let mut last = None;
+    loop {
+        let n = tokio::time::timeout(std::time::Duration::from_secs(5), conn.recv(&mut buf))
+            .await
+            .expect("broker hung")
+            .ok()?
+            .bytes_read();
+        if n == 0 {
+            return last;
+        }
+        last = Some(ServerFrame::decode(&buf[..n]).unwrap());
+    }
+}
+
+fn hello(abi: u8) -> Vec<u8> {
+    encode(&ClientFrame::Hello(Hello {
+        version: PROTOCOL_VERSION,
+        abi,
+    }))
+    .unwrap()
+}
+
+fn goodbye(frame: Option<ServerFrame>) -> (u32, String) {
+    match frame {
+        Some(ServerFrame::Goodbye { status, reason }) => (status, reason),
+        other => panic!("expected Goodbye, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn native_protocol_violations_close_only_that_session() {
+    let broker = Broker::start();
+    let add = encode(&ClientFrame::Request(RequestFrame {
+        id: 1,
+        request: Request::Call {
+            handle: 1,
+            selector: 0,
+            scalars: vec![1, 2],
+            struct_in: vec![],
+            struct_out_len: 0,
+        },
+    }))
+    .unwrap();
+    let cases: Vec<(&str, Vec<Vec<u8>>, Status, &str)> = vec![
+        (
+            "frame before Hello",
+            vec![add.clone()],
+            Status::ProtocolError,
+            "before Hello",
+        ),
+        ("ABI not in the list", vec![hello(99)], Status::Unsupported, "ABI 99"),
+        (
+            "unknown protocol version",
+            vec![encode(&ClientFrame::Hello(Hello { version: 9, abi: 0 })).unwrap()],
+            Status::Unsupported,
+            "version 9",
+        ),
+        (
+            "truncated frame",
+            vec![hello(0), add[..add.len() - 2].to_vec()],
+            Status::ProtocolError,
+            "undecodable",
+        ),
+        (
+            "unknown frame kind",
+            vec![hello(0), vec![7, 1, 2]],
+            Status::ProtocolError,
+            "undecodable",
+        ),
+        (
+            "unknown request kind",
+            vec![hello(0), vec![1, 1, 9]],
+            Status::ProtocolError,
+            "undecodable",
+        ),
+        (
+            "non-canonical varint",
+            vec![hello(0), vec![1, 0x81, 0x00, 2, 1]],
+            Status::ProtocolError,
+            "canonical",
+        ),
+        (
+            "overlong varint",
+            vec![
+                hello(0),
+                vec![
+                    1, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x01, 2, 1,
+                ],
+            ],
+            Status::ProtocolError,
+            "undecodable",
+        ),
+        (
+            "bool byte not 0 or 1",
+            vec![hello(0), vec![1, 1, 1, 3, 2]],
+            Status::ProtocolError,
+            "undecodable",
+        ),
+        (
+            "trailing bytes",
+            vec![hello(0), [add.clone(), vec![0]].concat()],
+            Status::ProtocolError,
+            "after the end",
+        ),
+        (
+            "second Hello",
+            vec![hello(0), hello(0)],
+            Status::ProtocolError,
+            "second Hello",
+        ),
+        (
+            "oversized frame",
+            vec![hello(0), vec![0; MAX_FRAME + 1]],
+            Status::ProtocolError,
+            "exceeds",
+        ),
+        (
+            "empty packet before Hello",
+            vec![vec![]],
+            Status::ProtocolError,
+            "before Hello",
+        ),
+    ];
+    for (what, packets, status, says) in cases {
+        let (code, reason) = goodbye(raw(&broker, &packets).await);
+        assert_eq!(Status::from_code(code), Some(status), "{what}: {reason}");
+        assert!(reason.contains(says), "{what}: {reason:?} should say {says:?}");
+        assert!(broker.is_running_ref(), "{what}: broker died");
+        assert_still_serving(&broker).await;
+    }
+    assert!(broker.log().contains("native session closed by the broker"));
+}
+
+#[tokio::test]
+async fn native_client_that_vanishes_mid_call_releases_its_opens() {
+    let broker = Broker::start();
+    {
+        let mut s = NativeSession::connect(broker.run_dir(), AbiId::native()).await.unwrap();
+        let sample = s.find("sample0").await.unwrap();
+        s.open(sample[0].id, true).await.unwrap();
+    }
+    // The exclusive open was released with the connection.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
+    loop {
+        let mut s = NativeSession::connect(broker.run_dir(), AbiId::native()).await.unwrap();
+        let sample = s.find("sample0").await.unwrap();
+        match s.open(sample[0].id, true).await {
+            Ok(_) => break,
+            Err(e) => assert!(std::time::Instant::now() < deadline, "still held: {e}"),
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}
