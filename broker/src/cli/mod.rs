@@ -5,7 +5,9 @@
 
 mod call;
 mod json;
+mod layout;
 mod ls;
+mod schema;
 mod watch;
 
 use std::{path::PathBuf, process::ExitCode};
@@ -42,6 +44,10 @@ enum Command {
     Call(call::CallArgs),
     /// Print events (notifications, services published and terminated) as they happen.
     Watch(watch::WatchArgs),
+    /// Show struct layouts from a description file under each ABI (sizes, alignments, offsets).
+    Layout(layout::LayoutArgs),
+    /// Every driver's selectors and struct layouts, as C headers or JSON.
+    Schema(schema::SchemaArgs),
 }
 
 /// Where the broker's sockets are.
@@ -79,6 +85,12 @@ struct BrokerArgs {
 /// Runs the command line; returns the process exit status.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Offline commands need no runtime.
+    match cli.command {
+        Command::Layout(args) => return finish(layout::run(args)),
+        Command::Schema(args) => return finish(schema::run(args)),
+        _ => {}
+    }
     let is_broker = matches!(cli.command, Command::Broker(_));
     init_logging(cli.log_format, if is_broker { "info" } else { "warn" });
     let runtime = if is_broker {
@@ -99,8 +111,13 @@ pub fn main() -> ExitCode {
             Command::Ls(args) => ls::run(args).await,
             Command::Call(args) => call::run(args).await,
             Command::Watch(args) => watch::run(args).await,
+            Command::Layout(_) | Command::Schema(_) => Ok(()),
         }
     });
+    finish(result)
+}
+
+fn finish(result: Result<(), String>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(message) => {

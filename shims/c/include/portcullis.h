@@ -1,0 +1,155 @@
+/* libportcullis: the C client of the Portcullis device broker (native protocol).
+ *
+ * C99, libc only. The client's struct ABI is detected at compile time and declared to the
+ * broker in the Hello, so structs are passed in this platform's own layout: compile the
+ * driver headers (<portcullis/sample.h>, …) and pass their structs as they are.
+ *
+ * Return values: PC_SUCCESS (0), a broker status (> 0, the same numbers on every transport),
+ * or PC_ERR_SYSTEM (-1) with errno set. After a refusal, pc_last_message() says why and
+ * pc_last_rule() names the deciding policy rule (empty when policy did not decide).
+ */
+#ifndef PORTCULLIS_H
+#define PORTCULLIS_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* Status numbers: fixed forever, equal to the broker's. */
+enum pc_status {
+    PC_SUCCESS = 0,
+    PC_BAD_ARGUMENT = 1,
+    PC_NOT_PRIVILEGED = 2,
+    PC_EXCLUSIVE_ACCESS = 3,
+    PC_NO_DEVICE = 4,
+    PC_UNSUPPORTED = 5,
+    PC_NO_MEMORY = 6,
+    PC_TIMEOUT = 7,
+    PC_ABORTED = 8,
+    PC_RATE_LIMITED = 9,
+    PC_OVERFLOW = 10,
+    PC_NOT_OPEN = 11,
+    PC_PROTOCOL_ERROR = 12,
+    PC_INTERNAL = 13,
+    /* Not a broker status: a system call failed; see errno. */
+    PC_ERR_SYSTEM = -1
+};
+
+/* The ABI wire numbers (the broker's closed list). PC_ABI is this build's. */
+enum pc_abi {
+    PC_ABI_X86_64 = 0, PC_ABI_I386 = 1, PC_ABI_X32 = 2, PC_ABI_ARMHF = 3, PC_ABI_AARCH64 = 4,
+    PC_ABI_POWERPC = 5, PC_ABI_PPC64 = 6, PC_ABI_PPC64LE = 7, PC_ABI_S390X = 8, PC_ABI_RISCV64 = 9,
+    PC_ABI_MIPS = 10, PC_ABI_MIPSEL = 11, PC_ABI_M68K = 12, PC_ABI_SH4 = 13, PC_ABI_HPPA = 14,
+    PC_ABI_SPARC64 = 15
+};
+
+#if defined(__x86_64__) && defined(__ILP32__)
+#define PC_ABI PC_ABI_X32
+#elif defined(__x86_64__)
+#define PC_ABI PC_ABI_X86_64
+#elif defined(__i386__)
+#define PC_ABI PC_ABI_I386
+#elif defined(__aarch64__) && !defined(__AARCH64EB__)
+#define PC_ABI PC_ABI_AARCH64
+#elif defined(__arm__) && defined(__ARM_PCS_VFP) && !defined(__ARMEB__)
+#define PC_ABI PC_ABI_ARMHF
+#elif defined(__powerpc64__) && defined(__LITTLE_ENDIAN__)
+#define PC_ABI PC_ABI_PPC64LE
+#elif defined(__powerpc64__)
+#define PC_ABI PC_ABI_PPC64
+#elif defined(__powerpc__)
+#define PC_ABI PC_ABI_POWERPC
+#elif defined(__s390x__)
+#define PC_ABI PC_ABI_S390X
+#elif defined(__riscv) && __riscv_xlen == 64
+#define PC_ABI PC_ABI_RISCV64
+#elif defined(__mips__) && defined(_ABIO32) && _MIPS_SIM == _ABIO32 && defined(__MIPSEB__)
+#define PC_ABI PC_ABI_MIPS
+#elif defined(__mips__) && defined(_ABIO32) && _MIPS_SIM == _ABIO32 && defined(__MIPSEL__)
+#define PC_ABI PC_ABI_MIPSEL
+#elif defined(__m68k__)
+#define PC_ABI PC_ABI_M68K
+#elif defined(__sh__) && defined(__LITTLE_ENDIAN__)
+#define PC_ABI PC_ABI_SH4
+#elif defined(__hppa__) && !defined(__LP64__)
+#define PC_ABI PC_ABI_HPPA
+#elif defined(__sparc__) && defined(__arch64__)
+#define PC_ABI PC_ABI_SPARC64
+#else
+#error "libportcullis: this ABI is not in the broker's list"
+#endif
+
+typedef struct pc_conn pc_conn;
+
+/* A service as discovery shows it. Longer names are cut (and still NUL-terminated). */
+typedef struct pc_service {
+    uint64_t id;
+    uint64_t parent;
+    char name[64];
+    char class_name[64];
+} pc_service;
+
+enum pc_event_kind {
+    PC_EVENT_PUBLISHED = 0,
+    PC_EVENT_TERMINATED = 1,
+    PC_EVENT_NOTIFICATION = 2,
+    PC_EVENT_USER_CLIENT_CLOSED = 3,
+    PC_EVENT_LOST = 4
+};
+
+typedef struct pc_event {
+    int kind;            /* enum pc_event_kind */
+    uint64_t service;    /* published, terminated, notification */
+    uint64_t handle;     /* user client closed */
+    uint64_t value;      /* notification value; lost: count */
+    int status;          /* user client closed */
+    char kind_name[32];  /* notification kind */
+    char text[128];      /* service name, notification detail, or reason */
+} pc_event;
+
+/* Connects to the broker serving run_dir (NULL: $PORTCULLIS_RUN_DIR, else /run/portcullis for
+ * root, else $XDG_RUNTIME_DIR/portcullis) and declares this build's ABI. */
+int pc_connect(const char *run_dir, pc_conn **out);
+
+/* Ends the session: the broker releases everything it held. Always frees conn. */
+void pc_disconnect(pc_conn *conn);
+
+/* Services matching class_name and name (NULL or "" matches any) that this task may see.
+ * Writes up to cap of them to out and the number found to *count (which may exceed cap). */
+int pc_find_services(pc_conn *conn, const char *class_name, const char *name, pc_service *out, size_t cap,
+                     size_t *count);
+
+/* Opens a user client on the service (admission by policy); exclusive != 0 for an exclusive open. */
+int pc_open(pc_conn *conn, uint64_t service, int exclusive, uint64_t *handle);
+
+/* Closes a user client; its pending calls complete with PC_ABORTED. */
+int pc_close(pc_conn *conn, uint64_t handle);
+
+/* Calls a method. scalars_out has room for *n_out values and receives *n_out of them;
+ * struct_out has room for *struct_out_len bytes and receives *struct_out_len of them.
+ * Any output pointer may be NULL when the method has no such output. */
+int pc_call(pc_conn *conn, uint64_t handle, uint32_t selector, const uint64_t *scalars_in, uint32_t n_in,
+            uint64_t *scalars_out, uint32_t *n_out, const void *struct_in, size_t struct_in_len, void *struct_out,
+            size_t *struct_out_len);
+
+/* Subscribes to events for these services (all visible ones when n == 0). */
+int pc_subscribe(pc_conn *conn, const uint64_t *services, size_t n);
+
+/* Waits up to timeout_ms (-1: forever) for the next event. PC_TIMEOUT if none came. */
+int pc_wait_event(pc_conn *conn, int timeout_ms, pc_event *event);
+
+/* Why the last request was refused, and the deciding rule ("" if none). Valid until the next call. */
+const char *pc_last_message(const pc_conn *conn);
+const char *pc_last_rule(const pc_conn *conn);
+
+/* "SUCCESS", "BAD_ARGUMENT", … for a status number. */
+const char *pc_status_name(int status);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* PORTCULLIS_H */
