@@ -65,6 +65,9 @@ fn step(title: &str) {
 }
 
 fn test(extra: &[String]) -> Result<()> {
+    step("ABI matrix toolchains (cross compilers, qemu-user)");
+    ensure_matrix_toolchains()?;
+
     step("python venv with grpcio (stock gRPC client test)");
     let python = ensure_python_venv()?;
 
@@ -116,6 +119,23 @@ fn ensure_python_venv() -> Result<PathBuf> {
         .arg(&requirements))?;
     fs::write(&stamp, wanted).map_err(|e| format!("{}: {e}", stamp.display()))?;
     Ok(python)
+}
+
+/// The Debian packages of tests/abi_matrix/abis.tsv (fourth column), plus make.
+fn ensure_matrix_toolchains() -> Result<()> {
+    let path = root().join("tests/abi_matrix/abis.tsv");
+    let text = fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut packages = vec!["make".to_string()];
+    for line in text.lines().filter(|l| !l.starts_with('#') && !l.trim().is_empty()) {
+        let cols: Vec<&str> = line.split('\t').collect();
+        let list = cols
+            .get(3)
+            .ok_or_else(|| format!("{}: no package column in {line:?}", path.display()))?;
+        packages.extend(list.split_whitespace().map(str::to_string));
+    }
+    packages.sort();
+    packages.dedup();
+    install_debian(&packages.iter().map(String::as_str).collect::<Vec<_>>())
 }
 
 /// `apt-get install` the packages that are missing (the machines run as root).
@@ -180,6 +200,53 @@ const CODEGEN: &[Codegen] = &[
     },
 ];
 
+/// The per-driver C headers, from `portcullis schema --c-header`.
+fn c_headers(check: bool, stale: &mut Vec<String>) -> Result<()> {
+    let tmp = tempfile::tempdir().map_err(|e| e.to_string())?;
+    run(cargo()
+        .args([
+            "run",
+            "--quiet",
+            "--package",
+            "portcullis-broker",
+            "--bin",
+            "portcullis",
+            "--",
+            "schema",
+            "--c-header",
+        ])
+        .arg(tmp.path()))?;
+    let dest = root().join("shims/c/include/portcullis");
+    fs::create_dir_all(&dest).map_err(|e| e.to_string())?;
+    let names = |dir: &Path| -> Result<Vec<std::ffi::OsString>> {
+        let mut v: Vec<_> = fs::read_dir(dir)
+            .map_err(|e| e.to_string())?
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name())
+            .collect();
+        v.sort();
+        Ok(v)
+    };
+    for name in names(tmp.path())? {
+        let new = fs::read(tmp.path().join(&name)).map_err(|e| e.to_string())?;
+        let path = dest.join(&name);
+        if fs::read(&path).ok().as_deref() == Some(new.as_slice()) {
+            continue;
+        }
+        if check {
+            stale.push(path.display().to_string());
+        } else {
+            fs::write(&path, new).map_err(|e| format!("{}: {e}", path.display()))?;
+            eprintln!("xtask: wrote {}", path.display());
+        }
+    }
+    let generated = names(tmp.path())?;
+    for name in names(&dest)?.into_iter().filter(|n| !generated.contains(n)) {
+        stale.push(format!("{} (no longer generated)", dest.join(name).display()));
+    }
+    Ok(())
+}
+
 fn codegen(check: bool) -> Result<()> {
     let protoc = protoc_bin_vendored::protoc_bin_path().map_err(|e| format!("vendored protoc: {e}"))?;
     let mut stale = Vec::new();
@@ -221,6 +288,7 @@ fn codegen(check: bool) -> Result<()> {
             }
         }
     }
+    c_headers(check, &mut stale)?;
     if stale.is_empty() {
         Ok(())
     } else {

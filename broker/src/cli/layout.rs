@@ -28,21 +28,46 @@ pub(crate) struct LayoutArgs {
 }
 
 pub(crate) fn parse_abi(s: &str) -> Result<AbiId, String> {
-    AbiId::by_name(s).ok_or_else(|| format!("unknown ABI {s:?}; known: {}", ABIS.iter().map(|a| a.name).collect::<Vec<_>>().join(", ")))
+    AbiId::by_name(s).ok_or_else(|| {
+        format!(
+            "unknown ABI {s:?}; known: {}",
+            ABIS.iter().map(|a| a.name).collect::<Vec<_>>().join(", ")
+        )
+    })
 }
 
 pub(crate) fn run(args: LayoutArgs) -> Result<(), String> {
     let text = std::fs::read_to_string(&args.file).map_err(|e| format!("{}: {e}", args.file.display()))?;
-    let parsed = if args.file.extension().is_some_and(|e| e == "json") { Schema::from_json(&text) } else { Schema::from_toml(&text) };
+    let parsed = if args.file.extension().is_some_and(|e| e == "json") {
+        Schema::from_json(&text)
+    } else {
+        Schema::from_toml(&text)
+    };
     let schema = parsed.map_err(|e| format!("{}: {e}", args.file.display()))?;
-    let abis: Vec<&Abi> = if args.abis.is_empty() { ABIS.iter().collect() } else { args.abis.iter().map(|a| a.abi()).collect() };
+    let abis: Vec<&Abi> = if args.abis.is_empty() {
+        ABIS.iter().collect()
+    } else {
+        args.abis.iter().map(|a| a.abi()).collect()
+    };
     if args.c_asserts {
-        let [abi] = abis.as_slice() else { return Err("--c-asserts needs exactly one --abi".into()) };
-        print!("#include <stddef.h>\n#include <stdint.h>\n#include <stdbool.h>\n\n{}{}", schema.c_declarations(), schema.c_layout_asserts(abi));
+        let [abi] = abis.as_slice() else {
+            return Err("--c-asserts needs exactly one --abi".into());
+        };
+        print!(
+            "#include <stddef.h>\n#include <stdint.h>\n#include <stdbool.h>\n\n{}{}",
+            schema.c_declarations(),
+            schema.c_layout_asserts(abi)
+        );
     } else if args.c_header {
-        print!("#include <stdint.h>\n#include <stdbool.h>\n\n{}", schema.c_declarations());
+        print!(
+            "#include <stdint.h>\n#include <stdbool.h>\n\n{}",
+            schema.c_declarations()
+        );
     } else if args.json {
-        println!("{}", serde_json::to_string_pretty(&layouts_json(&schema, &abis)).map_err(|e| e.to_string())?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&layouts_json(&schema, &abis)).map_err(|e| e.to_string())?
+        );
     } else {
         print!("{}", table(&schema, &abis));
     }
@@ -58,11 +83,22 @@ pub(crate) fn layouts_json(schema: &Schema, abis: &[&Abi]) -> Value {
                 .iter()
                 .map(|abi| {
                     let l = schema.layout(i, abi);
-                    let fields: Vec<Value> = l.fields.iter().map(|f| json!({ "name": f.name, "offset": f.offset, "size": f.size, "align": f.align })).collect();
-                    (abi.name.to_string(), json!({ "size": l.size, "align": l.align, "fields": fields }))
+                    let fields: Vec<Value> = l
+                        .fields
+                        .iter()
+                        .map(|f| json!({ "name": f.name, "offset": f.offset, "size": f.size, "align": f.align }))
+                        .collect();
+                    (
+                        abi.name.to_string(),
+                        json!({ "size": l.size, "align": l.align, "fields": fields }),
+                    )
                 })
                 .collect();
-            let fields: Vec<Value> = desc.fields.iter().map(|f| json!({ "name": f.name, "type": type_name(schema, f.elem, f.count) })).collect();
+            let fields: Vec<Value> = desc
+                .fields
+                .iter()
+                .map(|f| json!({ "name": f.name, "type": type_name(schema, f.elem, f.count) }))
+                .collect();
             json!({ "name": desc.name, "fields": fields, "abis": per_abi })
         })
         .collect();
@@ -85,9 +121,18 @@ fn table(schema: &Schema, abis: &[&Abi]) -> String {
         let layouts: Vec<_> = abis.iter().map(|abi| schema.layout(i, abi)).collect();
         let labels: Vec<String> = std::iter::once("size".to_string())
             .chain(std::iter::once("align".to_string()))
-            .chain(desc.fields.iter().map(|f| format!("{} ({})", f.name, type_name(schema, f.elem, f.count))))
+            .chain(
+                desc.fields
+                    .iter()
+                    .map(|f| format!("{} ({})", f.name, type_name(schema, f.elem, f.count))),
+            )
             .collect();
-        let width = labels.iter().map(String::len).max().unwrap_or(0).max(desc.name.len() + 7);
+        let width = labels
+            .iter()
+            .map(String::len)
+            .max()
+            .unwrap_or(0)
+            .max(desc.name.len() + 7);
         let _ = write!(out, "{:width$}", format!("struct {}", desc.name));
         for abi in abis {
             let _ = write!(out, " {:>8}", abi.name);

@@ -2,6 +2,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
+mod abi_matrix;
 mod bad_input;
 mod client_example;
 mod concurrency;

@@ -1,0 +1,292 @@
+/* The ABI-matrix client: built by each ABI's real cross compiler, run under qemu-user against
+ * one broker. It calls add, echo, get_info and transform_record with edge values and checks
+ * every returned field, including that padding bytes come back zero.
+ *   client RUN_DIR        prints "ok: N checks on ABI" and exits 0, or lists failures, exit 1 */
+#define _POSIX_C_SOURCE 200809L
+#include <float.h>
+#include <limits.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <string.h>
+
+#include <portcullis.h>
+#include <portcullis/sample.h>
+
+static const char *const abi_names[] = {"x86_64", "i386",   "x32",     "armhf",   "aarch64", "powerpc",
+                                        "ppc64",  "ppc64le", "s390x",  "riscv64", "mips",    "mipsel",
+                                        "m68k",   "sh4",     "hppa",   "sparc64"};
+
+static int checks, failures;
+
+#define CHECK(cond, ...)                                         \
+    do {                                                         \
+        checks++;                                                \
+        if (!(cond)) {                                           \
+            failures++;                                          \
+            printf("FAIL line %d: %s: ", __LINE__, #cond);       \
+            printf(__VA_ARGS__);                                 \
+            printf("\n");                                        \
+        }                                                        \
+    } while (0)
+
+static pc_conn *conn;
+static uint64_t handle;
+
+static int call_add(uint64_t a, uint64_t b, uint64_t *sum) {
+    uint64_t in[2];
+    uint32_t n = 1;
+    in[0] = a;
+    in[1] = b;
+    return pc_call(conn, handle, PC_SAMPLE_ADD, in, 2, sum, &n, NULL, 0, NULL, NULL);
+}
+
+static int transform(const struct sample_record *in, struct sample_record *out) {
+    size_t len = sizeof *out;
+    int rc;
+    memset(out, 0xEE, sizeof *out);
+    rc = pc_call(conn, handle, PC_SAMPLE_TRANSFORM_RECORD, NULL, 0, NULL, NULL, in, sizeof *in, out, &len);
+    if (rc == PC_SUCCESS) CHECK(len == sizeof *out, "got %lu bytes", (unsigned long)len);
+    return rc;
+}
+
+/* What the broker's transform (see the sample driver) gives for `in`, on a 64-bit broker. */
+static void expected(const struct sample_record *in, struct sample_record *exp) {
+    int k;
+    memset(exp, 0, sizeof *exp);
+    exp->u8_ = (uint8_t)(in->u8_ + 1u);
+    exp->i8_ = (int8_t)(uint8_t)((uint8_t)in->i8_ + 1u);
+    exp->u16_ = (uint16_t)(in->u16_ + 1u);
+    exp->i16_ = (int16_t)(uint16_t)((uint16_t)in->i16_ + 1u);
+    exp->u32_ = in->u32_ + 1u;
+    exp->i32_ = (int32_t)((uint32_t)in->i32_ + 1u);
+    exp->u64_ = in->u64_ + 1u;
+    exp->i64_ = (int64_t)((uint64_t)in->i64_ + 1u);
+    exp->long_ = (long)((unsigned long)in->long_ + 1ul);
+    exp->ulong_ = in->ulong_ + 1ul;
+    exp->handle = in->handle + 1u;
+    exp->f32_ = in->f32_ * 2.0f;
+    exp->f64_ = in->f64_ * 2.0;
+    exp->flag = !in->flag;
+    for (k = 0; k < 13; k++) {
+        char c = in->name[k];
+        exp->name[k] = (char)(c >= 'a' && c <= 'z' ? c - 'a' + 'A' : c);
+    }
+    for (k = 0; k < 3; k++) {
+        exp->inner[k].tag = (uint8_t)(in->inner[2 - k].tag + 1u);
+        exp->inner[k].value = in->inner[2 - k].value;
+    }
+    exp->tail = (uint16_t)~in->tail;
+}
+
+static int same_float(double a, double b) { return (isnan(a) && isnan(b)) || a == b; }
+
+/* Field by field, then the whole struct byte for byte (padding must be zero). */
+static void check_record(const char *what, const struct sample_record *got, const struct sample_record *exp) {
+    struct sample_record a = *got, b = *exp;
+    int k;
+    CHECK(got->u8_ == exp->u8_, "%s u8_ %u", what, (unsigned)got->u8_);
+    CHECK(got->i8_ == exp->i8_, "%s i8_ %d", what, got->i8_);
+    CHECK(got->u16_ == exp->u16_, "%s u16_ %u", what, (unsigned)got->u16_);
+    CHECK(got->i16_ == exp->i16_, "%s i16_ %d", what, got->i16_);
+    CHECK(got->u32_ == exp->u32_, "%s u32_ %lu", what, (unsigned long)got->u32_);
+    CHECK(got->i32_ == exp->i32_, "%s i32_ %ld", what, (long)got->i32_);
+    CHECK(got->u64_ == exp->u64_, "%s u64_ %llu", what, (unsigned long long)got->u64_);
+    CHECK(got->i64_ == exp->i64_, "%s i64_ %lld", what, (long long)got->i64_);
+    CHECK(got->long_ == exp->long_, "%s long_ %ld want %ld", what, got->long_, exp->long_);
+    CHECK(got->ulong_ == exp->ulong_, "%s ulong_ %lu want %lu", what, got->ulong_, exp->ulong_);
+    CHECK(got->handle == exp->handle, "%s handle", what);
+    CHECK(same_float(got->f32_, exp->f32_), "%s f32_ %g want %g", what, (double)got->f32_, (double)exp->f32_);
+    CHECK(same_float(got->f64_, exp->f64_), "%s f64_ %g want %g", what, got->f64_, exp->f64_);
+    CHECK(got->flag == exp->flag, "%s flag", what);
+    CHECK(memcmp(got->name, exp->name, 13) == 0, "%s name %.13s", what, got->name);
+    for (k = 0; k < 3; k++) {
+        CHECK(got->inner[k].tag == exp->inner[k].tag, "%s inner[%d].tag %u", what, k, (unsigned)got->inner[k].tag);
+        CHECK(got->inner[k].value == exp->inner[k].value, "%s inner[%d].value", what, k);
+    }
+    CHECK(got->tail == exp->tail, "%s tail %u", what, (unsigned)got->tail);
+    /* NaN payloads may differ between FPUs; compare everything else byte for byte. */
+    if (isnan(a.f32_)) a.f32_ = b.f32_;
+    if (isnan(a.f64_)) a.f64_ = b.f64_;
+    CHECK(memcmp(&a, &b, sizeof a) == 0, "%s: bytes differ (padding not zero?)", what);
+}
+
+static void run_record(const char *what, const struct sample_record *in) {
+    struct sample_record out, exp;
+    int rc = transform(in, &out);
+    CHECK(rc == PC_SUCCESS, "%s: %s: %s", what, pc_status_name(rc), pc_last_message(conn));
+    if (rc != PC_SUCCESS) return;
+    expected(in, &exp);
+    check_record(what, &out, &exp);
+}
+
+/* A value at a long's top: overflows on 32-bit clients (the broker's long is 64-bit), wraps on
+ * 64-bit ones. */
+static void run_edge(const char *what, const struct sample_record *in) {
+    struct sample_record out;
+    int rc = transform(in, &out);
+    if (sizeof(long) == 4 || sizeof(uintptr_t) == 4) {
+        CHECK(rc == PC_OVERFLOW, "%s: want OVERFLOW, got %s", what, pc_status_name(rc));
+    } else {
+        CHECK(rc == PC_SUCCESS, "%s: %s: %s", what, pc_status_name(rc), pc_last_message(conn));
+        if (rc == PC_SUCCESS) {
+            struct sample_record exp;
+            expected(in, &exp);
+            check_record(what, &out, &exp);
+        }
+    }
+}
+
+static void records(void) {
+    struct sample_record r;
+    int k;
+
+    memset(&r, 0, sizeof r);
+    r.u8_ = 7;
+    r.i8_ = -7;
+    r.u16_ = 700;
+    r.i16_ = -700;
+    r.u32_ = 70000;
+    r.i32_ = -70000;
+    r.u64_ = 7000000000ull;
+    r.i64_ = -7000000000ll;
+    r.long_ = -5;
+    r.ulong_ = 5;
+    r.handle = 0x1234;
+    r.f32_ = 1.5f;
+    r.f64_ = -2.25;
+    r.flag = 1;
+    memcpy(r.name, "portcullis", 10);
+    for (k = 0; k < 3; k++) {
+        r.inner[k].tag = (uint8_t)(10 + k);
+        r.inner[k].value = 1000u * (uint64_t)(k + 1);
+    }
+    r.tail = 0x1234;
+    run_record("typical", &r);
+
+    memset(&r, 0, sizeof r);
+    r.i8_ = INT8_MIN;
+    r.i16_ = INT16_MIN;
+    r.i32_ = INT32_MIN;
+    r.i64_ = INT64_MIN;
+    r.long_ = LONG_MIN;
+    r.f32_ = -FLT_MAX;
+    r.f64_ = -INFINITY;
+    run_record("minimum values, empty name", &r);
+
+    memset(&r, 0, sizeof r);
+    r.u8_ = UINT8_MAX;
+    r.i8_ = INT8_MAX;
+    r.u16_ = UINT16_MAX;
+    r.i16_ = INT16_MAX;
+    r.u32_ = UINT32_MAX;
+    r.i32_ = INT32_MAX;
+    r.u64_ = UINT64_MAX;
+    r.i64_ = INT64_MAX;
+    r.long_ = LONG_MAX - 1;
+    r.ulong_ = ULONG_MAX - 1;
+    r.handle = UINTPTR_MAX - 1;
+    r.f32_ = NAN;
+    r.f64_ = INFINITY;
+    r.flag = 1;
+    memcpy(r.name, "abcdefghijklm", 13); /* full: no terminating NUL */
+    for (k = 0; k < 3; k++) {
+        r.inner[k].tag = UINT8_MAX;
+        r.inner[k].value = UINT64_MAX - (uint64_t)k;
+    }
+    r.tail = UINT16_MAX;
+    run_record("maximum values, full name", &r);
+
+    memset(&r, 0, sizeof r);
+    r.long_ = -1;
+    r.f32_ = FLT_MAX;
+    r.f64_ = NAN;
+    run_record("negative long, float overflow to inf", &r);
+
+    memset(&r, 0, sizeof r);
+    r.long_ = LONG_MAX;
+    run_edge("long at LONG_MAX", &r);
+    memset(&r, 0, sizeof r);
+    r.ulong_ = ULONG_MAX;
+    run_edge("unsigned long at ULONG_MAX", &r);
+    memset(&r, 0, sizeof r);
+    r.handle = UINTPTR_MAX;
+    run_edge("handle at UINTPTR_MAX", &r);
+    if (sizeof(long) == 4) {
+        struct sample_record out;
+        memset(&r, 0, sizeof r);
+        r.long_ = INT32_MAX;
+        CHECK(transform(&r, &out) == PC_OVERFLOW, "a 32-bit long of INT32_MAX must be OVERFLOW, not wrapped");
+    }
+
+    {
+        /* A bool byte that is not 0 or 1, and a struct of the wrong size. */
+        unsigned char raw[sizeof(struct sample_record) + 1];
+        struct sample_record out;
+        size_t len = sizeof out;
+        memset(raw, 0, sizeof raw);
+        raw[offsetof(struct sample_record, flag)] = 2;
+        CHECK(pc_call(conn, handle, PC_SAMPLE_TRANSFORM_RECORD, NULL, 0, NULL, NULL, raw, sizeof(struct sample_record), &out, &len) == PC_BAD_ARGUMENT, "bool byte 2");
+        raw[offsetof(struct sample_record, flag)] = 0;
+        len = sizeof out;
+        CHECK(pc_call(conn, handle, PC_SAMPLE_TRANSFORM_RECORD, NULL, 0, NULL, NULL, raw, sizeof raw, &out, &len) == PC_BAD_ARGUMENT, "one byte too many");
+        len = sizeof out;
+        CHECK(pc_call(conn, handle, PC_SAMPLE_TRANSFORM_RECORD, NULL, 0, NULL, NULL, raw, sizeof raw - 2, &out, &len) == PC_BAD_ARGUMENT, "one byte too few");
+    }
+}
+
+static void scalars_and_echo(void) {
+    static unsigned char big[4097], back[4097];
+    uint64_t sum = 1;
+    size_t len;
+    int k, rc;
+    CHECK(call_add(2, 3, &sum) == PC_SUCCESS && sum == 5, "add 2 3");
+    CHECK(call_add(UINT64_MAX, 1, &sum) == PC_SUCCESS && sum == 0, "add wraps");
+    CHECK(call_add(1ull << 63, 1ull << 63, &sum) == PC_SUCCESS && sum == 0, "add top bits");
+    CHECK(call_add(0x0123456789abcdefull, 0x1111111111111111ull, &sum) == PC_SUCCESS && sum == 0x123456789abcdf00ull, "add");
+    for (k = 0; k < 4097; k++) big[k] = (unsigned char)(k * 31 + 7);
+    len = sizeof back;
+    rc = pc_call(conn, handle, PC_SAMPLE_ECHO, NULL, 0, NULL, NULL, big, 4096, back, &len);
+    CHECK(rc == PC_SUCCESS && len == 4096 && memcmp(big, back, 4096) == 0, "echo 4096: %s", pc_status_name(rc));
+    len = sizeof back;
+    rc = pc_call(conn, handle, PC_SAMPLE_ECHO, NULL, 0, NULL, NULL, big, 0, back, &len);
+    CHECK(rc == PC_SUCCESS && len == 0, "echo empty");
+    len = sizeof back;
+    CHECK(pc_call(conn, handle, PC_SAMPLE_ECHO, NULL, 0, NULL, NULL, big, 4097, back, &len) == PC_BAD_ARGUMENT, "echo 4097");
+    {
+        struct sample_info info;
+        len = sizeof info;
+        rc = pc_call(conn, handle, PC_SAMPLE_GET_INFO, NULL, 0, NULL, NULL, NULL, 0, &info, &len);
+        CHECK(rc == PC_SUCCESS && len == sizeof info && info.version == 1 && info.current_opens >= 1 && info.calls_served >= 7,
+              "get_info: %s version %lu opens %lu", pc_status_name(rc), (unsigned long)info.version, (unsigned long)info.current_opens);
+    }
+    CHECK(pc_call(conn, handle, 99, NULL, 0, NULL, NULL, NULL, 0, NULL, NULL) == PC_BAD_ARGUMENT, "unknown selector");
+}
+
+int main(int argc, char **argv) {
+    pc_service found[4];
+    size_t n = 0;
+    int rc = pc_connect(argc > 1 ? argv[1] : NULL, &conn);
+    if (rc != PC_SUCCESS) {
+        printf("FAIL connect: %s\n", pc_status_name(rc));
+        return 1;
+    }
+    rc = pc_find_services(conn, NULL, "sample0", found, 4, &n);
+    CHECK(rc == PC_SUCCESS && n == 1, "find sample0: %s, %lu found", pc_status_name(rc), (unsigned long)n);
+    if (n != 1) return 1;
+    CHECK(strcmp(found[0].class_name, PC_SAMPLE_CLASS) == 0, "class %s", found[0].class_name);
+    rc = pc_open(conn, found[0].id, 0, &handle);
+    CHECK(rc == PC_SUCCESS, "open: %s", pc_status_name(rc));
+    if (rc != PC_SUCCESS) return 1;
+    scalars_and_echo();
+    records();
+    CHECK(pc_close(conn, handle) == PC_SUCCESS, "close");
+    CHECK(call_add(1, 1, NULL) == PC_NOT_OPEN, "closed handle");
+    pc_disconnect(conn);
+    if (failures) {
+        printf("%d of %d checks failed on %s\n", failures, checks, abi_names[PC_ABI]);
+        return 1;
+    }
+    printf("ok: %d checks on %s\n", checks, abi_names[PC_ABI]);
+    return 0;
+}

@@ -1,0 +1,179 @@
+//! The mixed-architecture matrix (tests/abi_matrix): real clients built by each ABI's cross
+//! compiler, run under qemu-user against one real broker; and the golden-layout check that
+//! every driver struct's layout, as the broker computes it, is what each ABI's compiler says.
+//! `cargo xtask test` installs the toolchains listed in tests/abi_matrix/abis.tsv.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use portcullis_proto::layout::ABIS;
+use portcullis_tests::{Broker, bin};
+
+struct Row {
+    abi: String,
+    compiler: String,
+    runner: String,
+}
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+fn rows() -> Vec<Row> {
+    let text = std::fs::read_to_string(root().join("tests/abi_matrix/abis.tsv")).unwrap();
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .map(|l| {
+            let cols: Vec<&str> = l.split('\t').collect();
+            Row {
+                abi: cols[0].into(),
+                compiler: cols[1].into(),
+                runner: cols[2].into(),
+            }
+        })
+        .collect()
+}
+
+fn require(tool: &str) {
+    let found = Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {tool}"))
+        .output()
+        .unwrap()
+        .status
+        .success();
+    assert!(
+        found,
+        "{tool} is not installed: run the suite with `cargo xtask test`, which installs the matrix toolchains"
+    );
+}
+
+fn work_dir(name: &str) -> PathBuf {
+    let dir = root().join("target/abi-matrix").join(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+#[test]
+fn abi_list_is_the_matrix() {
+    let listed: Vec<String> = rows().into_iter().map(|r| r.abi).collect();
+    let known: Vec<&str> = ABIS.iter().map(|a| a.name).collect();
+    assert_eq!(
+        listed, known,
+        "tests/abi_matrix/abis.tsv must list every ABI, in wire order"
+    );
+}
+
+#[test]
+fn golden_layouts_match_every_abis_compiler() {
+    let dir = work_dir("golden");
+    let mut checked = Vec::new();
+    for row in rows() {
+        require(&row.compiler);
+        let asserts = Command::new(bin())
+            .args(["schema", "--c-asserts", &row.abi])
+            .output()
+            .unwrap();
+        assert!(asserts.status.success(), "{}", String::from_utf8_lossy(&asserts.stderr));
+        let source = dir.join(format!("{}.c", row.abi));
+        std::fs::write(&source, &asserts.stdout).unwrap();
+        // Freestanding: only the compiler's own headers, so layout-only ABIs need no libc.
+        let out = Command::new(&row.compiler)
+            .args(["-std=c11", "-ffreestanding", "-fsyntax-only"])
+            .arg(&source)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{} disagrees with the broker's layout for {}:\n{}",
+            row.compiler,
+            row.abi,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        checked.push(row.abi);
+    }
+    assert_eq!(checked.len(), ABIS.len());
+}
+
+/// Builds libportcullis and the matrix client for one ABI; returns the client's path.
+fn build_client(row: &Row) -> PathBuf {
+    let dir = work_dir(&row.abi);
+    let make = Command::new("make")
+        .arg("-s")
+        .arg("-C")
+        .arg(root().join("shims/c"))
+        .arg(format!("CC={}", row.compiler))
+        .arg(format!("BUILD={}", dir.display()))
+        .arg("all")
+        .output()
+        .unwrap();
+    assert!(
+        make.status.success(),
+        "{}: libportcullis build failed:\n{}",
+        row.abi,
+        String::from_utf8_lossy(&make.stderr)
+    );
+    let client = dir.join("client");
+    let cc = Command::new(&row.compiler)
+        .args(["-std=c99", "-static", "-O1", "-Wall", "-Wextra", "-Werror"])
+        .arg("-I")
+        .arg(root().join("shims/c/include"))
+        .arg(root().join("tests/abi_matrix/client.c"))
+        .arg(dir.join("libportcullis.a"))
+        .args(["-lm", "-o"])
+        .arg(&client)
+        .output()
+        .unwrap();
+    assert!(
+        cc.status.success(),
+        "{}: client build failed:\n{}",
+        row.abi,
+        String::from_utf8_lossy(&cc.stderr)
+    );
+    client
+}
+
+#[test]
+fn abi_matrix_clients_run_against_one_broker() {
+    let broker = Broker::start();
+    let runnable: Vec<Row> = rows().into_iter().filter(|r| r.runner != "layout-only").collect();
+    let mut results = Vec::new();
+    for row in &runnable {
+        require(&row.compiler);
+        let client = build_client(row);
+        let mut cmd = if row.runner == "native" {
+            Command::new(&client)
+        } else {
+            require(&row.runner);
+            let mut c = Command::new(&row.runner);
+            c.arg(&client);
+            c
+        };
+        let out = cmd.arg(broker.run_dir()).output().unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+        results.push((
+            row.abi.clone(),
+            out.status.success() && stdout.contains(&format!("ok: ")) && stdout.contains(&format!(" on {}", row.abi)),
+            stdout,
+        ));
+    }
+    let failed: Vec<String> = results
+        .iter()
+        .filter(|(_, ok, _)| !ok)
+        .map(|(abi, _, out)| format!("{abi}:\n{out}"))
+        .collect();
+    assert!(failed.is_empty(), "ABI matrix failures:\n{}", failed.join("\n"));
+    // The floor: at least 12 ABIs run, including i386, m68k, armhf and three big-endian ones.
+    let ran: Vec<&str> = results.iter().map(|(abi, _, _)| abi.as_str()).collect();
+    assert!(ran.len() >= 12, "{ran:?}");
+    for must in ["i386", "m68k", "armhf"] {
+        assert!(ran.contains(&must), "{must} must run: {ran:?}");
+    }
+    let big_endian = ABIS.iter().filter(|a| a.big_endian && ran.contains(&a.name)).count();
+    assert!(big_endian >= 3, "{big_endian} big-endian ABIs ran");
+    for (abi, _, out) in &results {
+        eprintln!("{abi}: {}", out.trim());
+    }
+}
