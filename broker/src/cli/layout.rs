@@ -76,9 +76,11 @@ pub(crate) fn run(args: LayoutArgs) -> Result<(), String> {
 
 /// Every struct's layout under each ABI, as JSON.
 pub(crate) fn layouts_json(schema: &Schema, abis: &[&Abi]) -> Value {
-    let structs: Vec<Value> = (0..schema.structs().len())
-        .map(|i| {
-            let desc = &schema.structs()[i];
+    let structs: Vec<Value> = schema
+        .structs()
+        .iter()
+        .enumerate()
+        .map(|(i, desc)| {
             let per_abi: serde_json::Map<String, Value> = abis
                 .iter()
                 .map(|abi| {

@@ -155,7 +155,7 @@ fn abi_matrix_clients_run_against_one_broker() {
         let stdout = String::from_utf8_lossy(&out.stdout).to_string();
         results.push((
             row.abi.clone(),
-            out.status.success() && stdout.contains(&format!("ok: ")) && stdout.contains(&format!(" on {}", row.abi)),
+            out.status.success() && stdout.contains("ok: ") && stdout.contains(&format!(" on {}", row.abi)),
             stdout,
         ));
     }
