@@ -3,7 +3,7 @@
 
 use std::collections::BTreeSet;
 
-use portcullis_proto::property::Properties;
+use portcullis_proto::{layout::AbiId, property::Properties};
 
 use crate::{
     DEFAULT_DENY,
@@ -21,6 +21,8 @@ pub struct Task<'a> {
     pub groups: &'a [String],
     /// Executable path, read through the pidfd.
     pub exe: Option<&'a str>,
+    /// The struct-layout ABI the client declared (the native one for gRPC).
+    pub abi: AbiId,
 }
 
 /// The service being asked for.
@@ -114,6 +116,7 @@ impl Principal {
             && (self.gid.is_empty() || self.gid.contains(&task.gid))
             && (self.groups.is_empty() || self.groups.iter().any(|g| task.groups.contains(g)))
             && (self.exe.is_empty() || task.exe.is_some_and(|exe| self.exe.iter().any(|e| e == exe)))
+            && (self.abi.is_empty() || self.abi.contains(&task.abi))
     }
 }
 
@@ -291,6 +294,7 @@ exe = ["/usr/bin/minicom"]
             gid: uid,
             groups,
             exe,
+            abi: AbiId::X86_64,
         }
     }
 
@@ -454,6 +458,39 @@ methods = ["read"]
                 .is_err()
         );
         assert!(p.admit(&task(1000, &[], None), &tty(&props), false, &METHODS).is_err());
+    }
+
+    #[test]
+    fn admit_abi_attribute_matches_declared_abi() {
+        let p = Policy::parse(&[Source {
+            origin: "t",
+            text: "[[principal]]\nname = \"legacy\"\nabi = [\"i386\", \"armhf\"]\n[[rule]]\nid = \"legacy-only\"\neffect = \"allow\"\nprincipals = [\"legacy\"]\nmethods = [\"*\"]\n",
+        }])
+        .unwrap();
+        let props = tty_props();
+        let i386 = Task {
+            abi: AbiId::I386,
+            ..task(1000, &[], None)
+        };
+        assert!(p.admit(&i386, &tty(&props), false, &METHODS).is_ok());
+        assert_eq!(
+            p.admit(&task(1000, &[], None), &tty(&props), false, &METHODS)
+                .unwrap_err()
+                .rule,
+            DEFAULT_DENY
+        );
+    }
+
+    #[test]
+    fn parse_unknown_abi_is_located_with_suggestion() {
+        let err = Policy::parse(&[Source {
+            origin: "t",
+            text: "[[principal]]\nname = \"x\"\nabi = [\"i368\"]\n",
+        }])
+        .unwrap_err();
+        let e = &err.errors()[0];
+        assert_eq!((e.line, e.col), (3, 8));
+        assert!(e.message.contains("did you mean \"i386\""), "{e}");
     }
 
     #[test]

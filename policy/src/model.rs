@@ -3,7 +3,10 @@
 
 use std::{collections::BTreeMap, fmt, ops::Range};
 
-use portcullis_proto::property::{PropValue, Properties};
+use portcullis_proto::{
+    layout::{ABIS, AbiId},
+    property::{PropValue, Properties},
+};
 use serde::Deserialize;
 
 /// One policy source: where it came from (for error messages) and its text.
@@ -96,6 +99,8 @@ struct RawPrincipal {
     groups: Vec<String>,
     #[serde(default)]
     exe: Vec<String>,
+    #[serde(default)]
+    abi: Vec<toml::Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -131,6 +136,7 @@ pub(crate) struct Principal {
     pub(crate) gid: Vec<u32>,
     pub(crate) groups: Vec<String>,
     pub(crate) exe: Vec<String>,
+    pub(crate) abi: Vec<AbiId>,
 }
 
 /// Which services a rule is about; unset fields match anything.
@@ -213,12 +219,29 @@ impl Policy {
                     ));
                     continue;
                 }
+                let mut abi = Vec::new();
+                for name in &p.abi {
+                    match AbiId::by_name(name.get_ref()) {
+                        Some(id) => abi.push(id),
+                        None => errors.push(locate(
+                            source,
+                            Some(name.span()),
+                            format!(
+                                "unknown ABI {:?}{} (known: {})",
+                                name.get_ref(),
+                                did_you_mean(name.get_ref(), ABIS.iter().map(|a| a.name)),
+                                ABIS.iter().map(|a| a.name).collect::<Vec<_>>().join(", ")
+                            ),
+                        )),
+                    }
+                }
                 principals.push(Principal {
                     name: p.name.into_inner(),
                     uid: p.uid,
                     gid: p.gid,
                     groups: p.groups,
                     exe: p.exe,
+                    abi,
                 });
             }
             raw_rules.extend(raw.rule.into_iter().map(|r| (source, r)));

@@ -3,6 +3,7 @@
 use std::sync::{Arc, RwLock};
 
 use portcullis_policy::{Policy, ServiceView};
+use portcullis_proto::layout::AbiId;
 use portcullis_proto::property::Properties;
 use tokio::sync::broadcast;
 
@@ -105,14 +106,14 @@ impl Core {
     }
 
     /// Whether the policy lets this peer see the service.
-    pub fn can_see(&self, peer: &PeerIdentity, service: &Service) -> bool {
-        self.policy().can_see(&peer.task(), &view(service))
+    pub fn can_see(&self, peer: &PeerIdentity, abi: AbiId, service: &Service) -> bool {
+        self.policy().can_see(&peer.task(abi), &view(service))
     }
 
     /// The services matching the dictionary that this peer may see (IOServiceGetMatchingServices).
-    pub fn find_services(&self, peer: &PeerIdentity, matching: &Matching) -> Vec<Arc<Service>> {
+    pub fn find_services(&self, peer: &PeerIdentity, abi: AbiId, matching: &Matching) -> Vec<Arc<Service>> {
         let policy = self.policy();
-        let task = peer.task();
+        let task = peer.task(abi);
         self.registry
             .find(matching)
             .into_iter()

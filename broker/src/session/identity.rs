@@ -94,13 +94,14 @@ impl PeerIdentity {
         PeerIdentity::from_peer_cred(uid, gid, Some(rustix::process::getpid().as_raw_nonzero().get()))
     }
 
-    /// The policy's view of this task.
-    pub fn task(&self) -> portcullis_policy::Task<'_> {
+    /// The policy's view of this task, speaking `abi`.
+    pub fn task(&self, abi: portcullis_proto::layout::AbiId) -> portcullis_policy::Task<'_> {
         portcullis_policy::Task {
             uid: self.uid,
             gid: self.gid,
             groups: &self.groups,
             exe: self.exe.as_deref(),
+            abi,
         }
     }
 }

@@ -195,7 +195,7 @@ impl Session {
 
     /// `find_services`: the matching services this task may see.
     pub fn find_services(&self, matching: &Matching) -> Vec<Arc<Service>> {
-        self.core.find_services(&self.peer, matching)
+        self.core.find_services(&self.peer, self.abi, matching)
     }
 
     /// `open_user_client` (IOServiceOpen → initWithTask): admission by policy, then the open.
@@ -232,7 +232,7 @@ impl Session {
         let grant = self
             .core
             .policy()
-            .admit(&self.peer.task(), &view(&service), mode == OpenMode::Exclusive, &methods)
+            .admit(&self.peer.task(self.abi), &view(&service), mode == OpenMode::Exclusive, &methods)
             .map_err(|denial| {
                 tracing::info!(uid = self.peer.uid, pid = ?self.peer.pid, service = service.name(), rule = %denial.rule, reason = %denial.reason, "admission denied");
                 Refusal::denied(denial)
@@ -353,7 +353,7 @@ impl Session {
                 .core
                 .registry()
                 .get(*id)
-                .is_some_and(|s| self.core.can_see(&self.peer, &s));
+                .is_some_and(|s| self.core.can_see(&self.peer, self.abi, &s));
             if !visible {
                 return Err(Refusal::new(Status::NoDevice, format!("no service with id {id}")));
             }
@@ -380,13 +380,15 @@ impl Session {
         let mut out = Vec::new();
         let tell = match event {
             CoreEvent::Published(service) => {
-                matches!(self.subscription, Subscription::All) && self.core.can_see(&self.peer, service)
+                matches!(self.subscription, Subscription::All) && self.core.can_see(&self.peer, self.abi, service)
             }
             CoreEvent::Terminated { id, .. } => {
                 out.extend(self.close_terminated());
                 self.watches(*id)
             }
-            CoreEvent::Notice { service, .. } => self.watches(service.id()) && self.core.can_see(&self.peer, service),
+            CoreEvent::Notice { service, .. } => {
+                self.watches(service.id()) && self.core.can_see(&self.peer, self.abi, service)
+            }
         };
         if tell {
             out.push(SessionEvent::Core(event.clone()));

@@ -234,7 +234,7 @@ impl pb::broker_server::Broker for BrokerService {
             .map_err(|e| tonic::Status::invalid_argument(e.to_string()))?;
         let services = self
             .core
-            .find_services(&peer, &matching)
+            .find_services(&peer, AbiId::native(), &matching)
             .iter()
             .map(|s| s.info(AbiId::native()))
             .collect();

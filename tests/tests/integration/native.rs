@@ -241,3 +241,32 @@ async fn native_client_that_vanishes_mid_call_releases_its_opens() {
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
 }
+
+#[tokio::test]
+async fn policy_matches_the_declared_abi() {
+    let policy = r#"
+[[principal]]
+name = "legacy-32bit"
+abi = ["i386", "armhf"]
+
+[[rule]]
+id = "legacy-sample"
+effect = "allow"
+principals = ["legacy-32bit"]
+service = { class = "SampleDevice" }
+methods = ["add"]
+"#;
+    let broker = Broker::with(portcullis_tests::BrokerSetup {
+        policy: Some(policy),
+        ..Default::default()
+    });
+    let (mut s, h) = open_sample(&broker, AbiId::I386).await;
+    assert_eq!(s.call(h, 0, &[1, 2], &[], 0).await.unwrap().scalars, vec![3]);
+    let mut native = NativeSession::connect(broker.run_dir(), AbiId::X86_64).await.unwrap();
+    let sample = native.find("sample0").await.unwrap();
+    let denied = native.open(sample[0].id, false).await.unwrap_err();
+    assert_eq!(
+        (denied.status(), denied.rule()),
+        (Some(Status::NotPrivileged), Some("default deny"))
+    );
+}
