@@ -12,7 +12,11 @@ use super::{Abi, Elem, Scalar, Schema};
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Op {
     /// Bytes whose representation is the same on both sides.
-    Copy { src: u32, dst: u32, len: u32 },
+    Copy {
+        src: u32,
+        dst: u32,
+        len: u32,
+    },
     /// An integer of `from` bytes to `to` bytes.
     Int {
         src: u32,
@@ -22,10 +26,54 @@ enum Op {
         signed: bool,
         field: u16,
     },
-    /// A float of `len` bytes between byte orders.
-    Swap { src: u32, dst: u32, len: u8 },
+    /// A float, or an integer of the same width on both sides, between byte orders.
+    Swap {
+        src: u32,
+        dst: u32,
+        len: u8,
+    },
+    /// Fixed-width forms of the two above, compiled from them: straight-line code per op.
+    /// A 4-byte integer widened to 8 bytes (a 32-bit client's `long` into a 64-bit broker's):
+    /// it always fits.
+    Widen4 {
+        src: u32,
+        dst: u32,
+        signed: bool,
+    },
+    Move1 {
+        src: u32,
+        dst: u32,
+    },
+    Move2 {
+        src: u32,
+        dst: u32,
+    },
+    Move4 {
+        src: u32,
+        dst: u32,
+    },
+    Move8 {
+        src: u32,
+        dst: u32,
+    },
+    Swap2 {
+        src: u32,
+        dst: u32,
+    },
+    Swap4 {
+        src: u32,
+        dst: u32,
+    },
+    Swap8 {
+        src: u32,
+        dst: u32,
+    },
     /// A `bool`: checked to be 0 or 1.
-    Bool { src: u32, dst: u32, field: u16 },
+    Bool {
+        src: u32,
+        dst: u32,
+        field: u16,
+    },
 }
 
 /// A compiled translation between two layouts of one struct.
@@ -65,6 +113,14 @@ pub enum TranslateError {
         /// The byte.
         value: u8,
     },
+}
+
+/// What went wrong in one op, cheap to return.
+#[derive(Clone, Copy)]
+enum Fault {
+    Size,
+    Overflow(u16),
+    Bool(u16, u8),
 }
 
 /// One leaf of a flattened struct: a scalar or a run of chars, at its offset on each side.
@@ -123,6 +179,12 @@ impl Schema {
                     dst: leaf.dst,
                     len: leaf.len_src,
                 },
+                // Same width, other byte order: nothing can overflow, only the order changes.
+                Elem::Scalar(_) if leaf.len_src == leaf.len_dst => Op::Swap {
+                    src: leaf.src,
+                    dst: leaf.dst,
+                    len: leaf.len_src as u8,
+                },
                 Elem::Scalar(s) => Op::Int {
                     src: leaf.src,
                     dst: leaf.dst,
@@ -134,6 +196,26 @@ impl Schema {
                 Elem::Struct(_) => continue,
             };
             plan.push(op);
+        }
+        for op in &mut plan.ops {
+            *op = match *op {
+                Op::Int {
+                    src,
+                    dst,
+                    from: 4,
+                    to: 8,
+                    signed,
+                    ..
+                } => Op::Widen4 { src, dst, signed },
+                Op::Copy { src, dst, len: 1 } => Op::Move1 { src, dst },
+                Op::Copy { src, dst, len: 2 } => Op::Move2 { src, dst },
+                Op::Copy { src, dst, len: 4 } => Op::Move4 { src, dst },
+                Op::Copy { src, dst, len: 8 } => Op::Move8 { src, dst },
+                Op::Swap { src, dst, len: 2 } => Op::Swap2 { src, dst },
+                Op::Swap { src, dst, len: 4 } => Op::Swap4 { src, dst },
+                Op::Swap { src, dst, len: 8 } => Op::Swap8 { src, dst },
+                other => other,
+            };
         }
         plan
     }
@@ -233,44 +315,86 @@ impl Plan {
         }
         let mut dst = vec![0u8; self.dst_size()];
         for op in &self.ops {
-            self.run(*op, src, &mut dst)?;
+            if let Err(fault) = self.run(*op, src, &mut dst) {
+                return Err(self.error(fault, src.len()));
+            }
         }
         Ok(dst)
+    }
+
+    fn error(&self, fault: Fault, got: usize) -> TranslateError {
+        match fault {
+            Fault::Size => TranslateError::Size {
+                expected: self.src_size(),
+                got,
+            },
+            Fault::Overflow(field) => TranslateError::Overflow {
+                field: self.name(field),
+            },
+            Fault::Bool(field, value) => TranslateError::Bool {
+                field: self.name(field),
+                value,
+            },
+        }
     }
 
     fn name(&self, field: u16) -> String {
         self.fields.get(usize::from(field)).cloned().unwrap_or_default()
     }
 
-    fn run(&self, op: Op, src: &[u8], dst: &mut [u8]) -> Result<(), TranslateError> {
+    /// One op. Faults are small codes, made into errors only when one happens.
+    #[inline]
+    fn run(&self, op: Op, src: &[u8], dst: &mut [u8]) -> Result<(), Fault> {
         // Offsets come from the layouts the plan was compiled for, and `src`/`dst` have exactly
-        // those sizes, so the ranges are in bounds; `get` keeps that a checked fact.
-        let range = |at: u32, len: u32| at as usize..at as usize + len as usize;
-        let size = |got: usize| TranslateError::Size {
-            expected: self.src_size(),
-            got,
-        };
+        // those sizes, so every range is in bounds; `get` keeps that a checked fact.
+        let size = || Fault::Size;
+        let range = |at: u32, len: usize| at as usize..at as usize + len;
         match op {
+            Op::Widen4 { src: s, dst: d, signed } => {
+                let b = get::<4>(src, s)?;
+                let v = if self.src_be {
+                    u32::from_be_bytes(b)
+                } else {
+                    u32::from_le_bytes(b)
+                };
+                let wide = if signed { v as i32 as i64 as u64 } else { u64::from(v) };
+                put::<8>(
+                    dst,
+                    d,
+                    if self.dst_be {
+                        wide.to_be_bytes()
+                    } else {
+                        wide.to_le_bytes()
+                    },
+                )?
+            }
+            Op::Move1 { src: s, dst: d } => put::<1>(dst, d, get::<1>(src, s)?)?,
+            Op::Move2 { src: s, dst: d } => put::<2>(dst, d, get::<2>(src, s)?)?,
+            Op::Move4 { src: s, dst: d } => put::<4>(dst, d, get::<4>(src, s)?)?,
+            Op::Move8 { src: s, dst: d } => put::<8>(dst, d, get::<8>(src, s)?)?,
+            Op::Swap2 { src: s, dst: d } => put::<2>(dst, d, reversed(get::<2>(src, s)?))?,
+            Op::Swap4 { src: s, dst: d } => put::<4>(dst, d, reversed(get::<4>(src, s)?))?,
+            Op::Swap8 { src: s, dst: d } => put::<8>(dst, d, reversed(get::<8>(src, s)?))?,
             Op::Copy { src: s, dst: d, len } => {
-                let from = src.get(range(s, len)).ok_or(size(src.len()))?;
-                dst.get_mut(range(d, len)).ok_or(size(src.len()))?.copy_from_slice(from);
+                let from = src.get(range(s, len as usize)).ok_or_else(size)?;
+                let to = dst.get_mut(range(d, len as usize)).ok_or_else(size)?;
+                match len {
+                    // Word-sized copies as moves, not memcpy calls.
+                    1 | 2 | 4 | 8 => store(to, load(from, false), false),
+                    _ => to.copy_from_slice(from),
+                }
             }
             Op::Swap { src: s, dst: d, len } => {
-                let from = src.get(range(s, u32::from(len))).ok_or(size(src.len()))?;
-                let to = dst.get_mut(range(d, u32::from(len))).ok_or(size(src.len()))?;
-                for (t, f) in to.iter_mut().zip(from.iter().rev()) {
-                    *t = *f;
-                }
+                let from = src.get(range(s, usize::from(len))).ok_or_else(size)?;
+                let to = dst.get_mut(range(d, usize::from(len))).ok_or_else(size)?;
+                store(to, load(from, self.src_be), self.dst_be);
             }
             Op::Bool { src: s, dst: d, field } => {
-                let value = *src.get(s as usize).ok_or(size(src.len()))?;
+                let value = *src.get(s as usize).ok_or_else(size)?;
                 if value > 1 {
-                    return Err(TranslateError::Bool {
-                        field: self.name(field),
-                        value,
-                    });
+                    return Err(Fault::Bool(field, value));
                 }
-                *dst.get_mut(d as usize).ok_or(size(src.len()))? = value;
+                *dst.get_mut(d as usize).ok_or_else(size)? = value;
             }
             Op::Int {
                 src: s,
@@ -280,15 +404,17 @@ impl Plan {
                 signed,
                 field,
             } => {
-                let bytes = src.get(range(s, u32::from(from))).ok_or(size(src.len()))?;
-                let value = read_int(bytes, self.src_be, signed);
-                if !fits(value, to, signed) {
-                    return Err(TranslateError::Overflow {
-                        field: self.name(field),
-                    });
+                let bytes = src.get(range(s, usize::from(from))).ok_or_else(size)?;
+                let mut value = load(bytes, self.src_be);
+                if signed && from < 8 {
+                    let shift = 64 - u32::from(from) * 8;
+                    value = (((value << shift) as i64) >> shift) as u64;
                 }
-                write_int(
-                    dst.get_mut(range(d, u32::from(to))).ok_or(size(src.len()))?,
+                if !fits(value, to, signed) {
+                    return Err(Fault::Overflow(field));
+                }
+                store(
+                    dst.get_mut(range(d, usize::from(to))).ok_or_else(size)?,
                     value,
                     self.dst_be,
                 );
@@ -298,23 +424,65 @@ impl Plan {
     }
 }
 
-/// Reads an integer, sign- or zero-extended to 64 bits (as raw bits in a `u64`).
-fn read_int(bytes: &[u8], big_endian: bool, signed: bool) -> u64 {
-    let mut v: u64 = 0;
-    if big_endian {
-        for b in bytes {
-            v = v << 8 | u64::from(*b);
-        }
-    } else {
-        for b in bytes.iter().rev() {
-            v = v << 8 | u64::from(*b);
-        }
+/// `N` bytes of `buf` at `at`.
+#[inline(always)]
+fn get<const N: usize>(buf: &[u8], at: u32) -> Result<[u8; N], Fault> {
+    buf.get(at as usize..at as usize + N)
+        .and_then(|b| b.try_into().ok())
+        .ok_or(Fault::Size)
+}
+
+/// Writes `N` bytes into `buf` at `at`.
+#[inline(always)]
+fn put<const N: usize>(buf: &mut [u8], at: u32, bytes: [u8; N]) -> Result<(), Fault> {
+    buf.get_mut(at as usize..at as usize + N)
+        .ok_or(Fault::Size)?
+        .copy_from_slice(&bytes);
+    Ok(())
+}
+
+#[inline(always)]
+fn reversed<const N: usize>(mut bytes: [u8; N]) -> [u8; N] {
+    bytes.reverse();
+    bytes
+}
+
+/// Reads an unsigned integer of 1, 2, 4 or 8 bytes in the given byte order.
+#[inline]
+fn load(bytes: &[u8], big_endian: bool) -> u64 {
+    macro_rules! word {
+        ($t:ty) => {{
+            let a = bytes.try_into().unwrap_or_default();
+            u64::from(if big_endian {
+                <$t>::from_be_bytes(a)
+            } else {
+                <$t>::from_le_bytes(a)
+            })
+        }};
     }
-    let bits = bytes.len() as u32 * 8;
-    if signed && bits < 64 && (v >> (bits - 1)) & 1 == 1 {
-        v |= u64::MAX << bits;
+    match bytes.len() {
+        1 => bytes.first().copied().map_or(0, u64::from),
+        2 => word!(u16),
+        4 => word!(u32),
+        _ => word!(u64),
     }
-    v
+}
+
+/// Writes the low bytes of `value` (1, 2, 4 or 8 of them) in the given byte order.
+#[inline]
+fn store(out: &mut [u8], value: u64, big_endian: bool) {
+    macro_rules! word {
+        ($t:ty) => {{
+            let v = value as $t;
+            out.copy_from_slice(&if big_endian { v.to_be_bytes() } else { v.to_le_bytes() })
+        }};
+    }
+    match out.len() {
+        1 => out.fill(value as u8),
+        2 => word!(u16),
+        4 => word!(u32),
+        _ => word!(u64),
+    }
 }
 
 /// Whether a 64-bit value (sign-extended when signed) fits `to` bytes.
@@ -329,13 +497,5 @@ fn fits(value: u64, to: u8, signed: bool) -> bool {
         (-half..half).contains(&v)
     } else {
         value >> bits == 0
-    }
-}
-
-fn write_int(out: &mut [u8], value: u64, big_endian: bool) {
-    let n = out.len();
-    for (i, b) in out.iter_mut().enumerate() {
-        let shift = if big_endian { (n - 1 - i) * 8 } else { i * 8 };
-        *b = (value >> shift) as u8;
     }
 }
