@@ -78,6 +78,7 @@ pub struct Grant {
     admitted_by: RuleRef,
     methods: Vec<MethodDecision>,
     privileges: BTreeSet<String>,
+    memory: Vec<MethodDecision>,
 }
 
 impl Grant {
@@ -95,6 +96,18 @@ impl Grant {
             None => Err(Denial {
                 rule: DEFAULT_DENY.into(),
                 reason: "no such method".into(),
+            }),
+        }
+    }
+
+    /// The decision for mapping the memory type at `index` of the list given at admission.
+    pub fn check_memory(&self, index: usize) -> Result<&str, Denial> {
+        match self.memory.get(index) {
+            Some(Ok(rule)) => Ok(rule),
+            Some(Err(denial)) => Err(denial.clone()),
+            None => Err(Denial {
+                rule: DEFAULT_DENY.into(),
+                reason: "no such memory type".into(),
             }),
         }
     }
@@ -152,13 +165,14 @@ impl Policy {
     }
 
     /// `initWithTask`: admits the task to the service with the given open mode and compiles the
-    /// grant for the service's method table, or names the rule that refused.
+    /// grant for the service's method table and memory types, or names the rule that refused.
     pub fn admit(
         &self,
         task: &Task<'_>,
         service: &ServiceView<'_>,
         exclusive: bool,
         methods: &[MethodRef<'_>],
+        memory_types: &[&str],
     ) -> Admission {
         let rules = self.matching(task, service);
         let first = |effect: Effect, pred: &dyn Fn(&Rule) -> bool| {
@@ -247,8 +261,27 @@ impl Policy {
                 }
             })
             .collect();
+        let memory = memory_types
+            .iter()
+            .map(|m| {
+                if let Some(r) = first(Effect::Forbid, &|r| r.memory.iter().any(|x| x == m)) {
+                    return Err(Denial {
+                        rule: r.id.clone(),
+                        reason: format!("mapping memory type {m} is forbidden"),
+                    });
+                }
+                match first(Effect::Allow, &|r| r.memory.iter().any(|x| x == m)) {
+                    Some(r) => Ok(r.id.clone()),
+                    None => Err(Denial {
+                        rule: DEFAULT_DENY.into(),
+                        reason: format!("no rule grants memory type {m}"),
+                    }),
+                }
+            })
+            .collect();
         Ok(Grant {
             admitted_by: admitted_by.id.clone(),
+            memory,
             methods,
             privileges,
         })
@@ -339,7 +372,7 @@ methods = ["*"]
         );
         let props = tty_props();
         let err = p
-            .admit(&task(1000, &[], None), &tty(&props), false, &METHODS)
+            .admit(&task(1000, &[], None), &tty(&props), false, &METHODS, &[])
             .unwrap_err();
         assert_eq!(err.rule, DEFAULT_DENY);
     }
@@ -364,7 +397,9 @@ methods = ["write"]
 "#,
         );
         let props = tty_props();
-        let grant = p.admit(&task(1000, &[], None), &tty(&props), false, &METHODS).unwrap();
+        let grant = p
+            .admit(&task(1000, &[], None), &tty(&props), false, &METHODS, &[])
+            .unwrap();
         assert_eq!(grant.check(0), Ok("allow-all"));
         assert_eq!(grant.check(1).unwrap_err().rule, "no-write");
         // reset needs a privilege nobody grants.
@@ -395,7 +430,7 @@ service = { class = "TtyDevice" }
         let t = task(0, &[], None);
         assert!(!p.can_see(&t, &tty(&props)));
         assert_eq!(
-            p.admit(&t, &tty(&props), false, &METHODS).unwrap_err().rule,
+            p.admit(&t, &tty(&props), false, &METHODS, &[]).unwrap_err().rule,
             "no-tty-for-anyone"
         );
     }
@@ -415,19 +450,19 @@ methods = ["read"]
         let props = tty_props();
         let groups = vec!["users".to_string(), "dialout".to_string()];
         let grant = p
-            .admit(&task(1000, &groups, None), &tty(&props), false, &METHODS)
+            .admit(&task(1000, &groups, None), &tty(&props), false, &METHODS, &[])
             .unwrap();
         assert_eq!(grant.admitted_by(), "serial");
         let others = vec!["users".to_string()];
         assert_eq!(
-            p.admit(&task(1000, &others, None), &tty(&props), false, &METHODS)
+            p.admit(&task(1000, &others, None), &tty(&props), false, &METHODS, &[])
                 .unwrap_err()
                 .rule,
             DEFAULT_DENY
         );
         let wrong_vendor = Properties::from([("usb.vendor".to_string(), PropValue::Text("1a86".into()))]);
         assert!(
-            p.admit(&task(1000, &groups, None), &tty(&wrong_vendor), false, &METHODS)
+            p.admit(&task(1000, &groups, None), &tty(&wrong_vendor), false, &METHODS, &[])
                 .is_err()
         );
     }
@@ -449,15 +484,62 @@ methods = ["read"]
                 &task(1000, &[], Some("/usr/bin/minicom")),
                 &tty(&props),
                 false,
-                &METHODS
+                &METHODS,
+                &[]
             )
             .is_ok()
         );
         assert!(
-            p.admit(&task(1000, &[], Some("/tmp/minicom")), &tty(&props), false, &METHODS)
+            p.admit(
+                &task(1000, &[], Some("/tmp/minicom")),
+                &tty(&props),
+                false,
+                &METHODS,
+                &[]
+            )
+            .is_err()
+        );
+        assert!(
+            p.admit(&task(1000, &[], None), &tty(&props), false, &METHODS, &[])
                 .is_err()
         );
-        assert!(p.admit(&task(1000, &[], None), &tty(&props), false, &METHODS).is_err());
+    }
+
+    #[test]
+    fn admit_memory_types_default_deny_and_forbid_wins() {
+        let p = policy(
+            r#"
+[[rule]]
+id = "use"
+effect = "allow"
+principals = ["anyone"]
+methods = ["*"]
+memory = ["registers", "dma"]
+
+[[rule]]
+id = "no-dma-for-dialout"
+effect = "forbid"
+principals = ["dialout"]
+memory = ["dma"]
+"#,
+        );
+        let props = tty_props();
+        let kinds = ["registers", "dma", "scratch"];
+        let g = p
+            .admit(&task(1000, &[], None), &tty(&props), false, &METHODS, &kinds)
+            .unwrap();
+        assert_eq!((g.check_memory(0), g.check_memory(1)), (Ok("use"), Ok("use")));
+        assert_eq!(g.check_memory(2).unwrap_err().rule, DEFAULT_DENY);
+        assert_eq!(g.check_memory(3).unwrap_err().rule, DEFAULT_DENY);
+        let groups = vec!["dialout".to_string()];
+        let g = p
+            .admit(&task(1000, &groups, None), &tty(&props), false, &METHODS, &kinds)
+            .unwrap();
+        assert_eq!(g.check_memory(1).unwrap_err().rule, "no-dma-for-dialout");
+        assert!(
+            p.can_see(&task(1000, &groups, None), &tty(&props)),
+            "a memory-only forbid does not hide the service"
+        );
     }
 
     #[test]
@@ -472,9 +554,9 @@ methods = ["read"]
             abi: AbiId::I386,
             ..task(1000, &[], None)
         };
-        assert!(p.admit(&i386, &tty(&props), false, &METHODS).is_ok());
+        assert!(p.admit(&i386, &tty(&props), false, &METHODS, &[]).is_ok());
         assert_eq!(
-            p.admit(&task(1000, &[], None), &tty(&props), false, &METHODS)
+            p.admit(&task(1000, &[], None), &tty(&props), false, &METHODS, &[])
                 .unwrap_err()
                 .rule,
             DEFAULT_DENY
@@ -512,10 +594,14 @@ privileges = ["tty.admin"]
 "#,
         );
         let props = tty_props();
-        let root = p.admit(&task(0, &[], None), &tty(&props), false, &METHODS).unwrap();
+        let root = p
+            .admit(&task(0, &[], None), &tty(&props), false, &METHODS, &[])
+            .unwrap();
         assert!(root.has_privilege("tty.admin"));
         assert_eq!(root.check(2), Ok("admin"));
-        let user = p.admit(&task(1000, &[], None), &tty(&props), false, &METHODS).unwrap();
+        let user = p
+            .admit(&task(1000, &[], None), &tty(&props), false, &METHODS, &[])
+            .unwrap();
         assert!(!user.has_privilege("tty.admin"));
         assert_eq!(user.check(2).unwrap_err().rule, DEFAULT_DENY);
     }
@@ -541,7 +627,7 @@ privileges = ["tty.admin"]
         let props = tty_props();
         let groups = vec!["dialout".to_string()];
         let grant = p
-            .admit(&task(1000, &groups, None), &tty(&props), false, &METHODS)
+            .admit(&task(1000, &groups, None), &tty(&props), false, &METHODS, &[])
             .unwrap();
         assert!(!grant.has_privilege("tty.admin"));
         assert_eq!(grant.check(2).unwrap_err().rule, "no-admin-for-dialout");
@@ -566,14 +652,17 @@ open = "exclusive"
 "#,
         );
         let props = tty_props();
-        assert!(p.admit(&task(1000, &[], None), &tty(&props), false, &METHODS).is_ok());
+        assert!(
+            p.admit(&task(1000, &[], None), &tty(&props), false, &METHODS, &[])
+                .is_ok()
+        );
         assert_eq!(
-            p.admit(&task(1000, &[], None), &tty(&props), true, &METHODS)
+            p.admit(&task(1000, &[], None), &tty(&props), true, &METHODS, &[])
                 .unwrap_err()
                 .rule,
             DEFAULT_DENY
         );
-        let grant = p.admit(&task(0, &[], None), &tty(&props), true, &METHODS).unwrap();
+        let grant = p.admit(&task(0, &[], None), &tty(&props), true, &METHODS, &[]).unwrap();
         assert_eq!(grant.admitted_by(), "exclusive-for-root");
         // The exclusive rule names no methods; the shared rule still grants read.
         assert_eq!(grant.check(0), Ok("shared-only"));
@@ -600,11 +689,11 @@ open = "exclusive"
         let props = tty_props();
         assert!(p.can_see(&task(1, &[], None), &tty(&props)));
         assert_eq!(
-            p.admit(&task(1, &[], None), &tty(&props), true, &METHODS)
+            p.admit(&task(1, &[], None), &tty(&props), true, &METHODS, &[])
                 .unwrap_err()
                 .rule,
             "never-exclusive"
         );
-        assert!(p.admit(&task(1, &[], None), &tty(&props), false, &METHODS).is_ok());
+        assert!(p.admit(&task(1, &[], None), &tty(&props), false, &METHODS, &[]).is_ok());
     }
 }

@@ -116,6 +116,8 @@ struct RawRule {
     open: Option<OpenPermission>,
     #[serde(default)]
     privileges: Vec<String>,
+    #[serde(default)]
+    memory: Vec<String>,
 }
 
 #[derive(Default, Deserialize)]
@@ -179,12 +181,18 @@ pub(crate) struct Rule {
     pub(crate) methods: Methods,
     pub(crate) open: Option<OpenPermission>,
     pub(crate) privileges: Vec<String>,
+    /// Memory types (clientMemoryForType) the rule allows or forbids mapping.
+    pub(crate) memory: Vec<String>,
 }
 
 impl Rule {
     /// A forbid rule that names no method, open mode or privilege forbids the whole service.
     pub(crate) fn forbids_service(&self) -> bool {
-        self.effect == Effect::Forbid && self.methods.is_empty() && self.open.is_none() && self.privileges.is_empty()
+        self.effect == Effect::Forbid
+            && self.methods.is_empty()
+            && self.open.is_none()
+            && self.privileges.is_empty()
+            && self.memory.is_empty()
     }
 }
 
@@ -308,6 +316,7 @@ impl Policy {
                 methods,
                 open: r.open,
                 privileges: r.privileges,
+                memory: r.memory,
             });
         }
         if errors.is_empty() {

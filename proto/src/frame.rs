@@ -82,6 +82,13 @@ pub enum Request {
         /// Service ids; empty for every visible service.
         services: Vec<u64>,
     },
+    /// Map a driver memory type (tag 5); the descriptor comes with the response (`SCM_RIGHTS`).
+    MapMemory {
+        /// User client handle.
+        handle: u64,
+        /// Memory type id.
+        memory_type: u32,
+    },
 }
 
 /// Frames the broker sends.
@@ -142,6 +149,16 @@ pub enum Body {
         scalars: Vec<u64>,
         /// Struct output in the client's ABI.
         struct_out: Vec<u8>,
+    },
+    /// Memory to map (tag 4): exactly one file descriptor travels in the same packet as
+    /// `SCM_RIGHTS` ancillary data.
+    Mapped {
+        /// Memory type id.
+        memory_type: u32,
+        /// Size in bytes.
+        size: u64,
+        /// Whether the descriptor allows writing.
+        writable: bool,
     },
 }
 

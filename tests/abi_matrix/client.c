@@ -263,6 +263,52 @@ static void scalars_and_echo(void) {
     CHECK(pc_call(conn, handle, 99, NULL, 0, NULL, NULL, NULL, 0, NULL, NULL) == PC_BAD_ARGUMENT, "unknown selector");
 }
 
+static uint64_t fnv1a(const unsigned char *p, size_t n) {
+    uint64_t h = 0xcbf29ce484222325ull;
+    size_t i;
+    for (i = 0; i < n; i++) h = (h ^ p[i]) * 0x100000001b3ull;
+    return h;
+}
+
+static uint32_t le32(const unsigned char *p) {
+    return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
+}
+
+/* Mapped device memory: registers (read-only, little-endian contents) and dma (shared). */
+static void memory(void) {
+    void *regs = NULL, *dma = NULL;
+    size_t regs_size = 0, dma_size = 0, k;
+    int writable = -1, rc;
+    rc = pc_map_memory(conn, handle, PC_SAMPLE_MEMORY_REGISTERS, &regs, &regs_size, &writable);
+    CHECK(rc == PC_SUCCESS, "map registers: %s: %s", pc_status_name(rc), pc_last_message(conn));
+    if (rc == PC_SUCCESS) {
+        const unsigned char *r = regs;
+        CHECK(regs_size == 4096 && writable == 0, "registers %lu bytes, writable %d", (unsigned long)regs_size, writable);
+        CHECK(le32(r) == 1 && le32(r + 4) == 0x50435352u, "registers hold version and magic");
+        CHECK(pc_unmap_memory(regs, regs_size) == PC_SUCCESS, "unmap registers");
+    }
+    rc = pc_map_memory(conn, handle, PC_SAMPLE_MEMORY_DMA, &dma, &dma_size, &writable);
+    CHECK(rc == PC_SUCCESS, "map dma: %s: %s", pc_status_name(rc), pc_last_message(conn));
+    if (rc == PC_SUCCESS) {
+        unsigned char *d = dma;
+        uint64_t in[2], sum = 0;
+        uint32_t n = 1;
+        CHECK(dma_size == 1u << 20 && writable == 1, "dma %lu bytes, writable %d", (unsigned long)dma_size, writable);
+        for (k = 0; k < dma_size; k++) d[k] = (unsigned char)((k * 2654435761u) >> 13);
+        in[0] = 0;
+        in[1] = dma_size;
+        rc = pc_call(conn, handle, PC_SAMPLE_CHECKSUM_DMA, in, 2, &sum, &n, NULL, 0, NULL, NULL);
+        CHECK(rc == PC_SUCCESS && sum == fnv1a(d, dma_size), "checksum_dma of what this client wrote: %s", pc_status_name(rc));
+        in[0] = 12345;
+        in[1] = 777;
+        n = 1;
+        rc = pc_call(conn, handle, PC_SAMPLE_CHECKSUM_DMA, in, 2, &sum, &n, NULL, 0, NULL, NULL);
+        CHECK(rc == PC_SUCCESS && sum == fnv1a(d + 12345, 777), "checksum_dma of a range");
+        CHECK(pc_unmap_memory(dma, dma_size) == PC_SUCCESS, "unmap dma");
+    }
+    CHECK(pc_map_memory(conn, handle, 9, &dma, &dma_size, &writable) == PC_BAD_ARGUMENT, "unknown memory type");
+}
+
 int main(int argc, char **argv) {
     pc_service found[4];
     size_t n = 0;
@@ -280,6 +326,7 @@ int main(int argc, char **argv) {
     if (rc != PC_SUCCESS) return 1;
     scalars_and_echo();
     records();
+    memory();
     CHECK(pc_close(conn, handle) == PC_SUCCESS, "close");
     CHECK(call_add(1, 1, NULL) == PC_NOT_OPEN, "closed handle");
     pc_disconnect(conn);

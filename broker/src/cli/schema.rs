@@ -44,7 +44,18 @@ fn header(kind: &str) -> Option<String> {
     for m in driver.methods().rows() {
         let _ = writeln!(out, "#define PC_{upper}_{} {}", m.name.to_ascii_uppercase(), m.selector);
     }
-    let _ = writeln!(out, "\n/* Memory types: none. */\n");
+    let _ = writeln!(out, "\n/* Memory types (pc_map_memory). */");
+    for m in driver.memory_types() {
+        let access = if m.writable { "read-write" } else { "read-only" };
+        let _ = writeln!(
+            out,
+            "#define PC_{upper}_MEMORY_{} {} /* {} bytes, {access} */",
+            m.name.to_ascii_uppercase(),
+            m.id,
+            m.size
+        );
+    }
+    let _ = writeln!(out);
     out.push_str(&driver.schema().c_declarations());
     let _ = writeln!(out, "#endif /* PORTCULLIS_{upper}_H */");
     Some(out)
@@ -79,7 +90,7 @@ pub(crate) fn run(args: SchemaArgs) -> Result<(), String> {
                     "async": m.is_async,
                     "privilege": m.privilege,
                 })).collect();
-                Some(json!({ "driver": kind, "class": driver.class(), "methods": methods, "memory_types": [], "layouts": layouts_json(driver.schema(), &abis) }))
+                Some(json!({ "driver": kind, "class": driver.class(), "methods": methods, "memory_types": driver.memory_types().iter().map(|m| json!({ "id": m.id, "name": m.name, "size": m.size, "writable": m.writable })).collect::<Vec<_>>(), "layouts": layouts_json(driver.schema(), &abis) }))
             })
             .collect();
         println!(

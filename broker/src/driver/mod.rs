@@ -1,11 +1,12 @@
 //! The driver model: the [`Driver`] trait every device family implements, and the method table
 //! (IOExternalMethodDispatch) the session core checks before a driver runs.
 
+pub mod memory;
 mod table;
 
 pub use table::{MethodSpec, MethodTable, SizeRange, TableError};
 
-use std::{fmt, future::Future, pin::Pin};
+use std::{fmt, future::Future, os::fd::OwnedFd, pin::Pin, sync::Arc};
 
 use portcullis_proto::Status;
 
@@ -95,12 +96,54 @@ pub struct DriverNotice {
     pub detail: String,
 }
 
+/// A memory type a driver exports (clientMemoryForType).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MemoryType {
+    /// The number clients ask for.
+    pub id: u32,
+    /// The name policy and headers use.
+    pub name: &'static str,
+    /// Size in bytes.
+    pub size: u64,
+    /// Whether clients may write it.
+    pub writable: bool,
+}
+
+/// The memory behind a memory type, as the broker holds it: a file the broker may read and
+/// write; the client gets a descriptor with no more rights than the type allows.
+#[derive(Clone, Debug)]
+pub struct Backing {
+    /// The broker's full-access descriptor (a memfd).
+    pub fd: Arc<OwnedFd>,
+    /// Emptied when the user client that mapped it goes away, so a client that keeps its
+    /// mapping past that finds nothing there (its next touch faults).
+    pub revocable: bool,
+}
+
+/// Memory a user client has mapped.
+#[derive(Clone, Debug)]
+pub struct Mapped {
+    /// Which type.
+    pub memory_type: MemoryType,
+    /// Its backing.
+    pub backing: Backing,
+}
+
 /// What a driver may use while it serves a call.
 pub struct CallContext<'a> {
     /// The service being called.
     pub service: ServiceId,
     /// Posts an interest notification for the service to subscribers.
     pub notify: &'a (dyn Fn(DriverNotice) + Send + Sync),
+    /// The memory the calling user client has mapped.
+    pub memory: &'a [Mapped],
+}
+
+impl CallContext<'_> {
+    /// The calling user client's mapping of memory type `id`.
+    pub fn memory(&self, id: u32) -> Option<&Mapped> {
+        self.memory.iter().find(|m| m.memory_type.id == id)
+    }
 }
 
 impl fmt::Debug for CallContext<'_> {
@@ -125,6 +168,19 @@ pub trait Driver: Send + Sync + fmt::Debug {
 
     /// Runs the method in row `spec` of the table.
     fn call(&self, ctx: &CallContext<'_>, spec: &MethodSpec, args: CallArgs) -> Completion;
+
+    /// The memory types the driver exports.
+    fn memory_types(&self) -> &[MemoryType] {
+        &[]
+    }
+
+    /// Memory of type `id` for a user client mapping it for the first time.
+    fn create_memory(&self, memory_type: &MemoryType) -> Result<Backing, DriverError> {
+        Err(DriverError::new(
+            Status::Unsupported,
+            format!("no memory type {}", memory_type.id),
+        ))
+    }
 
     /// A user client opened the service (handleOpen).
     fn opened(&self) {}

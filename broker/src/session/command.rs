@@ -2,11 +2,11 @@
 //! its wire format into a [`Command`], hands it to [`Session::execute`], and encodes the
 //! [`Reply`] (now, or when an asynchronous method completes).
 
-use std::{fmt, future::Future, pin::Pin, sync::Arc};
+use std::{fmt, future::Future, os::fd::OwnedFd, pin::Pin, sync::Arc};
 
 use super::{CallStarted, Refusal, Session};
 use crate::{
-    driver::CallOutput,
+    driver::{CallOutput, MemoryType},
     registry::{Matching, OpenMode, Service, ServiceId},
 };
 
@@ -42,10 +42,17 @@ pub enum Command {
     },
     /// Interest notifications for these services (all visible ones when empty).
     Subscribe(Vec<ServiceId>),
+    /// clientMemoryForType: a descriptor for a memory type (transports that can pass one).
+    MapMemory {
+        /// The user client.
+        handle: u64,
+        /// The memory type.
+        memory_type: u32,
+    },
 }
 
 /// A command's result.
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub enum Reply {
     /// Matching services the task may see.
     Found(Vec<Arc<Service>>),
@@ -62,6 +69,13 @@ pub enum Reply {
     Called(CallOutput),
     /// Done, nothing to return.
     Done,
+    /// Memory to map: the descriptor travels beside the reply.
+    Mapped {
+        /// The client's descriptor.
+        fd: OwnedFd,
+        /// The type.
+        memory_type: MemoryType,
+    },
 }
 
 /// A command's outcome: now, or later for asynchronous methods.
@@ -96,6 +110,9 @@ impl Session {
             }
             Command::Close { handle } => self.close_user_client(handle).map(|()| Reply::Done),
             Command::Subscribe(services) => self.subscribe(&services).map(|()| Reply::Done),
+            Command::MapMemory { handle, memory_type } => self
+                .map_memory(handle, memory_type)
+                .map(|(fd, memory_type)| Reply::Mapped { fd, memory_type }),
             Command::Call {
                 handle,
                 selector,

@@ -18,8 +18,10 @@ use portcullis_proto::{Status, layout::AbiId, limits};
 use tokio::sync::watch;
 
 use super::{Core, CoreEvent, PeerIdentity, core::view};
+use std::os::fd::OwnedFd;
+
 use crate::{
-    driver::{CallContext, CallOutput, Completion, Driver, DriverError},
+    driver::{CallContext, CallOutput, Completion, Driver, DriverError, Mapped, MemoryType, memory},
     registry::{Matching, OpenGuard, OpenMode, Service, ServiceId},
 };
 
@@ -109,12 +111,19 @@ struct UserClient {
     open: OpenGuard,
     grant: Grant,
     driver: Arc<dyn Driver>,
+    /// Memory this user client mapped; revocable backings are emptied when it goes away.
+    mappings: Vec<Mapped>,
     /// Dropped with the user client: every pending call's receiver then sees the close.
     cancel: watch::Sender<()>,
 }
 
 impl Drop for UserClient {
     fn drop(&mut self) {
+        for m in self.mappings.iter().filter(|m| m.backing.revocable) {
+            if let Err(e) = memory::revoke(&m.backing.fd) {
+                tracing::warn!(error = %e, memory_type = m.memory_type.name, "could not revoke a mapping");
+            }
+        }
         self.driver.closed();
     }
 }
@@ -229,10 +238,11 @@ impl Session {
                 privilege: r.privilege,
             })
             .collect();
+        let memory_types: Vec<&str> = driver.memory_types().iter().map(|m| m.name).collect();
         let grant = self
             .core
             .policy()
-            .admit(&self.peer.task(self.abi), &view(&service), mode == OpenMode::Exclusive, &methods)
+            .admit(&self.peer.task(self.abi), &view(&service), mode == OpenMode::Exclusive, &methods, &memory_types)
             .map_err(|denial| {
                 tracing::info!(uid = self.peer.uid, pid = ?self.peer.pid, service = service.name(), rule = %denial.rule, reason = %denial.reason, "admission denied");
                 Refusal::denied(denial)
@@ -258,6 +268,7 @@ impl Session {
                 open,
                 grant,
                 driver,
+                mappings: Vec::new(),
                 cancel,
             },
         );
@@ -318,6 +329,7 @@ impl Session {
         let notify_service = service.clone();
         let notify = move |notice| core.notify(&notify_service, notice);
         let ctx = CallContext {
+            memory: &uc.mappings,
             service: service.id(),
             notify: &notify,
         };
@@ -337,6 +349,48 @@ impl Session {
                 })))
             }
         }
+    }
+
+    /// `map_memory` (clientMemoryForType): a descriptor for memory type `memory_type` of the user
+    /// client's service, with no more rights than the type allows. Mapping the same type again
+    /// gives the same memory.
+    pub fn map_memory(&mut self, handle: u64, memory_type: u32) -> Result<(OwnedFd, MemoryType), Refusal> {
+        let uc = self.user_clients.get_mut(&handle).ok_or_else(|| not_open(handle))?;
+        let service = uc.open.service().clone();
+        if service.is_terminated() {
+            return Err(Refusal::new(
+                Status::NoDevice,
+                format!("{} has terminated", service.name()),
+            ));
+        }
+        let types = uc.driver.memory_types();
+        let (index, kind) = types
+            .iter()
+            .enumerate()
+            .find(|(_, m)| m.id == memory_type)
+            .map(|(i, m)| (i, *m))
+            .ok_or_else(|| {
+                Refusal::new(
+                    Status::BadArgument,
+                    format!("{} has no memory type {memory_type}", service.name()),
+                )
+            })?;
+        uc.grant.check_memory(index).map_err(Refusal::denied)?;
+        let backing = match uc.mappings.iter().find(|m| m.memory_type.id == memory_type) {
+            Some(m) => m.backing.clone(),
+            None => {
+                let backing = uc.driver.create_memory(&kind)?;
+                uc.mappings.push(Mapped {
+                    memory_type: kind,
+                    backing: backing.clone(),
+                });
+                backing
+            }
+        };
+        let fd = memory::client_fd(&backing.fd, kind.writable)
+            .map_err(|e| Refusal::new(Status::NoMemory, format!("{}: {e}", kind.name)))?;
+        tracing::info!(uid = self.peer.uid, pid = ?self.peer.pid, service = service.name(), handle, memory_type = kind.name, "memory mapped");
+        Ok((fd, kind))
     }
 
     /// Subscribes to interest notifications: for the named services, or all visible ones when

@@ -337,6 +337,14 @@ fn open_mode(mode: i32) -> Result<OpenMode, Refusal> {
 fn response(request_id: u64, result: Result<Reply, Refusal>) -> pb::ServerMessage {
     use pb::response::Result as R;
     let native = AbiId::native();
+    let result = match result {
+        // No gRPC request maps memory: descriptors need the native socket.
+        Ok(Reply::Mapped { .. }) => Err(Refusal::new(
+            Status::Unsupported,
+            "mapping memory needs the native transport",
+        )),
+        other => other,
+    };
     let response = match result {
         Ok(reply) => {
             let result = match reply {
@@ -356,7 +364,7 @@ fn response(request_id: u64, result: Result<Reply, Refusal>) -> pb::ServerMessag
                     scalars: out.scalars,
                     struct_out: out.struct_out,
                 }),
-                Reply::Done => R::Done(pb::Empty {}),
+                Reply::Done | Reply::Mapped { .. } => R::Done(pb::Empty {}),
             };
             pb::Response {
                 request_id,

@@ -135,6 +135,14 @@ int pc_call(pc_conn *conn, uint64_t handle, uint32_t selector, const uint64_t *s
             uint64_t *scalars_out, uint32_t *n_out, const void *struct_in, size_t struct_in_len, void *struct_out,
             size_t *struct_out_len);
 
+/* Maps memory type `memory_type` of the user client's service (clientMemoryForType). On success
+ * *addr and *size describe a shared mapping, writable only if the type is (*writable says).
+ * The broker empties read-write memory when the user client closes: unmap before closing. */
+int pc_map_memory(pc_conn *conn, uint64_t handle, uint32_t memory_type, void **addr, size_t *size, int *writable);
+
+/* Unmaps memory from pc_map_memory. */
+int pc_unmap_memory(void *addr, size_t size);
+
 /* Subscribes to events for these services (all visible ones when n == 0). */
 int pc_subscribe(pc_conn *conn, const uint64_t *services, size_t n);
 

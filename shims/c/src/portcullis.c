@@ -10,6 +10,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <fcntl.h>
+#include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/un.h>
 #include <unistd.h>
@@ -28,6 +30,7 @@ struct pc_conn {
     pc_event events[PC_EVENT_QUEUE];
     size_t ev_head, ev_len;
     uint64_t ev_lost;
+    int fd_in; /* a descriptor that came with the last frame, or -1 */
 };
 
 /* ---- encoding ---------------------------------------------------------------------------- */
@@ -203,8 +206,41 @@ static int next_frame(pc_conn *c, int timeout_ms, struct rd *r, uint64_t *id, in
         if (ready == 0) return PC_TIMEOUT;
         break;
     }
-    do n = recv(c->fd, c->in, PC_MAX_FRAME + 1, 0);
-    while (n < 0 && errno == EINTR);
+    {
+        struct msghdr msg;
+        struct iovec iov;
+        union {
+            struct cmsghdr align;
+            char space[CMSG_SPACE(sizeof(int) * 4)];
+        } control;
+        struct cmsghdr *cm;
+        memset(&msg, 0, sizeof msg);
+        iov.iov_base = c->in;
+        iov.iov_len = PC_MAX_FRAME + 1;
+        msg.msg_iov = &iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = control.space;
+        msg.msg_controllen = sizeof control.space;
+        do n = recvmsg(c->fd, &msg, 0);
+        while (n < 0 && errno == EINTR);
+        if (c->fd_in >= 0) close(c->fd_in);
+        c->fd_in = -1;
+        for (cm = n >= 0 ? CMSG_FIRSTHDR(&msg) : NULL; cm != NULL; cm = CMSG_NXTHDR(&msg, cm)) {
+            if (cm->cmsg_level == SOL_SOCKET && cm->cmsg_type == SCM_RIGHTS) {
+                size_t k, count = (cm->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+                for (k = 0; k < count; k++) {
+                    int fd;
+                    memcpy(&fd, CMSG_DATA(cm) + k * sizeof(int), sizeof fd);
+                    if (c->fd_in < 0) {
+                        c->fd_in = fd;
+                        (void)fcntl(fd, F_SETFD, FD_CLOEXEC);
+                    } else {
+                        close(fd); /* only one is ever expected */
+                    }
+                }
+            }
+        }
+    }
     if (n < 0) return PC_ERR_SYSTEM;
     if (n == 0) {
         errno = ECONNRESET;
@@ -322,6 +358,7 @@ int pc_connect(const char *run_dir, pc_conn **out) {
     c->in = malloc(PC_MAX_FRAME + 1);
     c->out = malloc(PC_MAX_FRAME);
     c->next_id = 1;
+    c->fd_in = -1;
     c->fd = socket(AF_UNIX, SOCK_SEQPACKET, 0);
     if (c->in == NULL || c->out == NULL || c->fd < 0 || connect(c->fd, (struct sockaddr *)&addr, sizeof addr) != 0) {
         int saved = errno;
@@ -366,6 +403,7 @@ int pc_connect(const char *run_dir, pc_conn **out) {
 void pc_disconnect(pc_conn *c) {
     if (c == NULL) return;
     if (c->fd >= 0) close(c->fd);
+    if (c->fd_in >= 0) close(c->fd_in);
     free(c->in);
     free(c->out);
     free(c);
@@ -463,6 +501,39 @@ int pc_subscribe(pc_conn *c, const uint64_t *services, size_t n) {
     for (i = 0; i < n; i++) w_varint(&w, services[i]);
     return exchange(c, &w, id, &r);
 }
+
+int pc_map_memory(pc_conn *c, uint64_t handle, uint32_t memory_type, void **addr, size_t *size, int *writable) {
+    struct wr w;
+    struct rd r;
+    uint64_t id = begin_request(c, &w, 5), length;
+    unsigned char rw;
+    void *at;
+    int rc, fd;
+    w_varint(&w, handle);
+    w_varint(&w, memory_type);
+    rc = exchange(c, &w, id, &r);
+    if (rc != PC_SUCCESS) return rc;
+    if (expect_body(&r, 4) != PC_SUCCESS) return PC_PROTOCOL_ERROR;
+    (void)r_u32(&r);
+    length = r_u64(&r);
+    rw = r_byte(&r);
+    fd = c->fd_in;
+    c->fd_in = -1;
+    if (r.bad || rw > 1 || fd < 0 || length == 0 || length > SIZE_MAX) {
+        if (fd >= 0) close(fd);
+        set_message(c, "a mapping reply without a usable descriptor");
+        return PC_PROTOCOL_ERROR;
+    }
+    at = mmap(NULL, (size_t)length, PROT_READ | (rw ? PROT_WRITE : 0), MAP_SHARED, fd, 0);
+    close(fd);
+    if (at == MAP_FAILED) return PC_ERR_SYSTEM;
+    *addr = at;
+    *size = (size_t)length;
+    if (writable) *writable = rw;
+    return PC_SUCCESS;
+}
+
+int pc_unmap_memory(void *addr, size_t size) { return munmap(addr, size) == 0 ? PC_SUCCESS : PC_ERR_SYSTEM; }
 
 int pc_wait_event(pc_conn *c, int timeout_ms, pc_event *event) {
     for (;;) {

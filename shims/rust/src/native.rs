@@ -2,7 +2,7 @@
 //! path or declare a foreign struct ABI. Requests are sent one at a time; events that arrive
 //! meanwhile are kept for [`NativeSession::take_events`].
 
-use std::path::Path;
+use std::{os::fd::OwnedFd, path::Path};
 
 use portcullis_proto::{
     Status,
@@ -12,7 +12,7 @@ use portcullis_proto::{
     },
     layout::AbiId,
 };
-use tokio_seqpacket::UnixSeqpacket;
+use tokio_seqpacket::{UnixSeqpacket, ancillary::OwnedAncillaryMessage};
 
 use crate::{CallOutput, ClientError, NATIVE_SOCKET};
 
@@ -23,6 +23,21 @@ pub struct NativeSession {
     next_id: u64,
     buf: Vec<u8>,
     events: Vec<Event>,
+    /// A descriptor that came with the last frame (memory mappings).
+    fd: Option<OwnedFd>,
+}
+
+/// Memory mapped from a driver: the descriptor to `mmap`, and what it is.
+#[derive(Debug)]
+pub struct MappedMemory {
+    /// The descriptor (read-only unless `writable`).
+    pub fd: OwnedFd,
+    /// Memory type id.
+    pub memory_type: u32,
+    /// Size in bytes.
+    pub size: u64,
+    /// Whether the descriptor allows writing.
+    pub writable: bool,
 }
 
 impl NativeSession {
@@ -37,6 +52,7 @@ impl NativeSession {
             next_id: 1,
             buf: vec![0; MAX_FRAME + 1],
             events: Vec::new(),
+            fd: None,
         };
         session
             .send(&ClientFrame::Hello(Hello {
@@ -60,11 +76,21 @@ impl NativeSession {
     }
 
     async fn receive(&mut self) -> Result<ServerFrame, ClientError> {
-        let info = self
+        let mut space = [0u8; 64];
+        let (info, ancillary) = self
             .conn
-            .recv(&mut self.buf)
+            .recv_with_ancillary(&mut self.buf, &mut space)
             .await
             .map_err(|_| ClientError::Disconnected)?;
+        self.fd = None;
+        for message in ancillary.into_messages() {
+            if let OwnedAncillaryMessage::FileDescriptors(fds) = message {
+                // One is expected; any others are closed as they drop.
+                for fd in fds {
+                    self.fd.get_or_insert(fd);
+                }
+            }
+        }
         if info.bytes_read() == 0 {
             return Err(ClientError::Disconnected);
         }
@@ -144,6 +170,29 @@ impl NativeSession {
         };
         match self.request(request).await? {
             Body::Call { scalars, struct_out } => Ok(CallOutput { scalars, struct_out }),
+            other => Err(ClientError::Protocol(format!("unexpected {other:?}"))),
+        }
+    }
+
+    /// Maps a driver memory type (clientMemoryForType): returns the descriptor to `mmap`.
+    pub async fn map_memory(&mut self, handle: u64, memory_type: u32) -> Result<MappedMemory, ClientError> {
+        match self.request(Request::MapMemory { handle, memory_type }).await? {
+            Body::Mapped {
+                memory_type,
+                size,
+                writable,
+            } => {
+                let fd = self
+                    .fd
+                    .take()
+                    .ok_or_else(|| ClientError::Protocol("a mapping without a descriptor".into()))?;
+                Ok(MappedMemory {
+                    fd,
+                    memory_type,
+                    size,
+                    writable,
+                })
+            }
             other => Err(ClientError::Protocol(format!("unexpected {other:?}"))),
         }
     }

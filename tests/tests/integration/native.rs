@@ -270,3 +270,108 @@ methods = ["add"]
         (Some(Status::NotPrivileged), Some("default deny"))
     );
 }
+
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+#[tokio::test]
+async fn map_memory_registers_are_read_only_and_dma_is_shared() {
+    let broker = Broker::start();
+    let (mut s, h) = open_sample(&broker, AbiId::native()).await;
+
+    let regs = s.map_memory(h, 0).await.unwrap();
+    assert_eq!((regs.size, regs.writable), (4096, false));
+    let mut head = [0u8; 8];
+    rustix::io::pread(&regs.fd, &mut head, 0).unwrap();
+    assert_eq!(u32::from_le_bytes(head[0..4].try_into().unwrap()), 1, "version");
+    assert_eq!(u32::from_le_bytes(head[4..8].try_into().unwrap()), 0x5043_5352, "magic");
+    // Read-only is enforced by the descriptor, not by documentation.
+    let mode = rustix::fs::fcntl_getfl(&regs.fd).unwrap() & rustix::fs::OFlags::RWMODE;
+    assert_eq!(mode, rustix::fs::OFlags::RDONLY);
+    assert!(rustix::io::pwrite(&regs.fd, b"x", 0).is_err());
+
+    let dma = s.map_memory(h, 1).await.unwrap();
+    assert_eq!((dma.size, dma.writable), (1 << 20, true));
+    let pattern: Vec<u8> = (0..1u32 << 20)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    rustix::io::pwrite(&dma.fd, &pattern, 0).unwrap();
+    // The broker reads what the client wrote: the bytes are shared.
+    assert_eq!(
+        s.call(h, 8, &[0, 1 << 20], &[], 0).await.unwrap().scalars,
+        vec![fnv1a(&pattern)]
+    );
+    assert_eq!(
+        s.call(h, 8, &[1000, 5000], &[], 0).await.unwrap().scalars,
+        vec![fnv1a(&pattern[1000..6000])]
+    );
+    // Out of range, and a type the driver does not have.
+    assert_eq!(
+        s.call(h, 8, &[1 << 20, 1], &[], 0).await.unwrap_err().status(),
+        Some(Status::BadArgument)
+    );
+    assert_eq!(
+        s.call(h, 8, &[u64::MAX, 2], &[], 0).await.unwrap_err().status(),
+        Some(Status::BadArgument)
+    );
+    assert_eq!(
+        s.map_memory(h, 9).await.unwrap_err().status(),
+        Some(Status::BadArgument)
+    );
+    // Mapping dma again gives the same memory.
+    let again = s.map_memory(h, 1).await.unwrap();
+    let mut first = [0u8; 4];
+    rustix::io::pread(&again.fd, &mut first, 0).unwrap();
+    assert_eq!(first, pattern[0..4]);
+    // The buffer cannot be grown by the client.
+    assert!(rustix::fs::ftruncate(&dma.fd, 2 << 20).is_err());
+
+    // Closing the user client releases (empties) its dma memory.
+    s.close(h).await.unwrap();
+    assert_eq!(rustix::fs::fstat(&dma.fd).unwrap().st_size, 0, "dma revoked on close");
+}
+
+#[tokio::test]
+async fn map_memory_is_released_on_disconnect_and_forbidden_by_policy() {
+    let broker = Broker::start();
+    let dma = {
+        let (mut s, h) = open_sample(&broker, AbiId::native()).await;
+        s.map_memory(h, 1).await.unwrap()
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
+    while rustix::fs::fstat(&dma.fd).unwrap().st_size != 0 {
+        assert!(std::time::Instant::now() < deadline, "dma not revoked after disconnect");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+
+    let policy = r#"
+[[principal]]
+name = "everyone"
+
+[[rule]]
+id = "sample"
+effect = "allow"
+principals = ["everyone"]
+methods = ["*"]
+memory = ["registers"]
+"#;
+    let broker = Broker::with(portcullis_tests::BrokerSetup {
+        policy: Some(policy),
+        ..Default::default()
+    });
+    let (mut s, h) = open_sample(&broker, AbiId::native()).await;
+    assert!(s.map_memory(h, 0).await.is_ok());
+    let denied = s.map_memory(h, 1).await.unwrap_err();
+    assert_eq!(
+        (denied.status(), denied.rule()),
+        (Some(Status::NotPrivileged), Some("default deny"))
+    );
+    // Without a dma mapping, checksum_dma says so.
+    assert_eq!(
+        s.call(h, 8, &[0, 1], &[], 0).await.unwrap_err().status(),
+        Some(Status::BadArgument)
+    );
+}

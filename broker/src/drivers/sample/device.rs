@@ -13,9 +13,14 @@ use tokio::sync::oneshot;
 
 use portcullis_proto::layout::{AbiId, Elem, Scalar, Schema, StructLayout};
 
-use super::methods::{LAYOUTS, MAX_WAIT_MS, SAMPLE_VERSION, Selector, TABLE};
+use super::methods::{
+    DMA, LAYOUTS, MAX_WAIT_MS, MEMORY_TYPES, REGISTERS, REGISTERS_MAGIC, SAMPLE_VERSION, Selector, TABLE,
+};
+use std::{os::fd::OwnedFd, sync::Arc};
+
 use crate::driver::{
-    CallArgs, CallContext, CallOutput, Completion, Driver, DriverError, DriverNotice, MethodSpec, MethodTable,
+    Backing, CallArgs, CallContext, CallOutput, Completion, Driver, DriverError, DriverNotice, MemoryType, MethodSpec,
+    MethodTable, memory,
 };
 
 /// One sample device.
@@ -30,6 +35,8 @@ pub struct SampleDevice {
     /// Pending `wait_event` calls. A waiter whose call was cancelled has a closed sender and is
     /// pruned on the next registration or fire.
     waiters: Mutex<Vec<oneshot::Sender<u64>>>,
+    /// The `registers` page, shared by every user client (they get read-only descriptors).
+    registers: Mutex<Option<Arc<OwnedFd>>>,
 }
 
 impl Default for SampleDevice {
@@ -52,6 +59,7 @@ impl SampleDevice {
             calls_served: AtomicU64::new(0),
             opens: AtomicU32::new(0),
             waiters: Mutex::new(Vec::new()),
+            registers: Mutex::new(None),
         }
     }
 
@@ -123,6 +131,40 @@ impl Driver for SampleDevice {
         &self.schema
     }
 
+    fn memory_types(&self) -> &[MemoryType] {
+        &MEMORY_TYPES
+    }
+
+    fn create_memory(&self, memory_type: &MemoryType) -> Result<Backing, DriverError> {
+        let failed = |e: std::io::Error| DriverError::new(Status::NoMemory, format!("{}: {e}", memory_type.name));
+        match memory_type.id {
+            id if id == REGISTERS.id => {
+                let mut registers = self.registers.lock().unwrap_or_else(|e| e.into_inner());
+                if let Some(fd) = registers.as_ref() {
+                    return Ok(Backing {
+                        fd: fd.clone(),
+                        revocable: false,
+                    });
+                }
+                let fd = memory::create("portcullis-sample-registers", REGISTERS.size).map_err(failed)?;
+                let mut page = SAMPLE_VERSION.to_le_bytes().to_vec();
+                page.extend_from_slice(&REGISTERS_MAGIC.to_le_bytes());
+                rustix::io::pwrite(&fd, &page, 0).map_err(|e| failed(e.into()))?;
+                let fd = Arc::new(fd);
+                *registers = Some(fd.clone());
+                Ok(Backing { fd, revocable: false })
+            }
+            id if id == DMA.id => {
+                let fd = memory::create("portcullis-sample-dma", DMA.size).map_err(failed)?;
+                Ok(Backing {
+                    fd: Arc::new(fd),
+                    revocable: true,
+                })
+            }
+            other => Err(DriverError::new(Status::BadArgument, format!("no memory type {other}"))),
+        }
+    }
+
     fn call(&self, ctx: &CallContext<'_>, spec: &MethodSpec, args: CallArgs) -> Completion {
         self.calls_served.fetch_add(1, Ordering::Relaxed);
         let done = |scalars: Vec<u64>, struct_out: Vec<u8>| Completion::Ready(Ok(CallOutput { scalars, struct_out }));
@@ -146,6 +188,13 @@ impl Driver for SampleDevice {
                 done(vec![], vec![])
             }
             Some(Selector::TransformRecord) => done(vec![], transform(&self.record, args.struct_in)),
+            Some(Selector::ChecksumDma) => {
+                let [offset, len] = args.scalars();
+                Completion::Ready(checksum_dma(ctx, offset, len).map(|sum| CallOutput {
+                    scalars: vec![sum],
+                    struct_out: vec![],
+                }))
+            }
             None => Completion::Ready(Err(unknown(spec))),
         }
     }
@@ -162,6 +211,39 @@ impl Driver for SampleDevice {
         // Dropping the senders completes every waiter with Aborted.
         self.waiters.lock().unwrap_or_else(|e| e.into_inner()).clear();
     }
+}
+
+/// FNV-1a 64 of the calling user client's `dma[offset..offset + len]`, read with `pread` (the
+/// broker never maps client-writable memory, so a client that shrinks the buffer gets an error,
+/// not a fault in the broker).
+fn checksum_dma(ctx: &CallContext<'_>, offset: u64, len: u64) -> Result<u64, DriverError> {
+    let dma = ctx
+        .memory(DMA.id)
+        .ok_or_else(|| DriverError::new(Status::BadArgument, "map the dma memory type first"))?;
+    let end = offset.checked_add(len).filter(|end| *end <= DMA.size);
+    if end.is_none() {
+        return Err(DriverError::new(
+            Status::BadArgument,
+            format!("{offset}+{len} is outside the {}-byte dma buffer", DMA.size),
+        ));
+    }
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut chunk = vec![0u8; 64 * 1024];
+    let mut at = offset;
+    while at < offset + len {
+        let want = usize::try_from((offset + len - at).min(chunk.len() as u64)).unwrap_or(chunk.len());
+        let buf = chunk.get_mut(..want).unwrap_or_default();
+        let got = rustix::io::pread(&*dma.backing.fd, &mut *buf, at)
+            .map_err(|e| DriverError::new(Status::Internal, format!("dma: {e}")))?;
+        if got == 0 {
+            return Err(DriverError::new(Status::BadArgument, "the dma buffer was truncated"));
+        }
+        for b in buf.get(..got).unwrap_or_default() {
+            hash = (hash ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        at += got as u64;
+    }
+    Ok(hash)
 }
 
 /// The documented transform of a native `sample_record` (see `methods.rs`). The core has checked
@@ -247,6 +329,7 @@ mod tests {
         let notify = move |n: DriverNotice| sink.lock().unwrap().push(n);
         let ctx = CallContext {
             service: ServiceId(3),
+            memory: &[],
             notify: &notify,
         };
         let r = f(&ctx);

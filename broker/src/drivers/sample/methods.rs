@@ -9,6 +9,11 @@
 //! | 4   | `fire_event` | value               | number of waiters completed            |
 //! | 5   | `reset`      | — (`sample.admin`)  | —                                      |
 //! | 7   | `transform_record` | struct `sample_record` | struct `sample_record`, transformed |
+//! | 8   | `checksum_dma` | offset, len       | FNV-1a 64 of `dma[offset..offset + len]` |
+//!
+//! Memory types: 0 `registers` (4 KiB, read-only for clients: `u32 version` at 0 and the magic
+//! `0x50435352` at 4, little-endian like a device's registers, whatever the client's order), 1 `dma` (1 MiB, read-write, one buffer per user
+//! client, emptied when the user client goes away).
 //!
 //! Structs are described in `layout.toml` and translated from and to each client's ABI.
 //! `sample_info` is `{ u32 version; u32 current_opens; u64 calls_served; }`.
@@ -19,7 +24,7 @@
 //! (ASCII); `inner` reversed, each `tag` + 1 (wrapping) and each `value` unchanged; `tail`
 //! bit-inverted.
 
-use crate::driver::{MethodSpec, SizeRange};
+use crate::driver::{MemoryType, MethodSpec, SizeRange};
 
 /// Reported by `get_info`.
 pub const SAMPLE_VERSION: u32 = 1;
@@ -45,6 +50,8 @@ pub enum Selector {
     Reset = 5,
     /// `transform_record(sample_record) -> sample_record`.
     TransformRecord = 7,
+    /// `checksum_dma(offset, len) -> fnv1a64`.
+    ChecksumDma = 8,
 }
 
 impl Selector {
@@ -57,6 +64,7 @@ impl Selector {
             Selector::FireEvent,
             Selector::Reset,
             Selector::TransformRecord,
+            Selector::ChecksumDma,
         ]
         .into_iter()
         .find(|s| *s as u32 == selector)
@@ -84,7 +92,7 @@ pub const LAYOUTS: &str = include_str!("layout.toml");
 /// Largest `echo` struct.
 pub const ECHO_MAX: u32 = 4096;
 
-pub(super) const TABLE: [MethodSpec; 7] = [
+pub(super) const TABLE: [MethodSpec; 8] = [
     row(Selector::Add, "add", 2, 1),
     MethodSpec {
         struct_in: SizeRange::between(0, ECHO_MAX),
@@ -109,4 +117,26 @@ pub(super) const TABLE: [MethodSpec; 7] = [
         out_layout: Some("sample_record"),
         ..row(Selector::TransformRecord, "transform_record", 0, 0)
     },
+    row(Selector::ChecksumDma, "checksum_dma", 2, 1),
 ];
+
+/// Memory type `registers`.
+pub const REGISTERS: MemoryType = MemoryType {
+    id: 0,
+    name: "registers",
+    size: 4096,
+    writable: false,
+};
+
+/// Memory type `dma`.
+pub const DMA: MemoryType = MemoryType {
+    id: 1,
+    name: "dma",
+    size: 1 << 20,
+    writable: true,
+};
+
+/// The magic at offset 4 of `registers`.
+pub const REGISTERS_MAGIC: u32 = 0x5043_5352;
+
+pub(super) const MEMORY_TYPES: [MemoryType; 2] = [REGISTERS, DMA];

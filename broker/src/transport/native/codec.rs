@@ -1,5 +1,7 @@
 //! Frames ↔ session commands, replies and events.
 
+use std::os::fd::OwnedFd;
+
 use portcullis_proto::{
     Status,
     frame::{Body, Event, Request, ResponseFrame, ServerFrame, ServiceSummary},
@@ -40,6 +42,7 @@ pub(super) fn command(request: Request) -> Command {
             struct_out_len,
         },
         Request::Subscribe { services } => Command::Subscribe(services.into_iter().map(ServiceId).collect()),
+        Request::MapMemory { handle, memory_type } => Command::MapMemory { handle, memory_type },
     }
 }
 
@@ -52,10 +55,23 @@ fn summary(service: &Service) -> ServiceSummary {
     }
 }
 
-pub(super) fn response(id: u64, result: Result<Reply, Refusal>) -> ServerFrame {
+/// The response frame, and the descriptor that travels with it (memory mappings).
+pub(super) fn response(id: u64, result: Result<Reply, Refusal>) -> (ServerFrame, Option<OwnedFd>) {
+    let mut fd = None;
     let frame = match result {
         Ok(reply) => {
             let body = match reply {
+                Reply::Mapped {
+                    fd: mapped,
+                    memory_type,
+                } => {
+                    fd = Some(mapped);
+                    Body::Mapped {
+                        memory_type: memory_type.id,
+                        size: memory_type.size,
+                        writable: memory_type.writable,
+                    }
+                }
                 Reply::Found(services) => Body::Found(services.iter().map(|s| summary(s)).collect()),
                 Reply::Opened { handle, service, .. } => Body::Opened {
                     handle,
@@ -86,7 +102,7 @@ pub(super) fn response(id: u64, result: Result<Reply, Refusal>) -> ServerFrame {
             }
         }
     };
-    ServerFrame::Response(frame)
+    (ServerFrame::Response(frame), fd)
 }
 
 pub(super) fn event(event: SessionEvent) -> ServerFrame {

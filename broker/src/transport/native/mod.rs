@@ -8,7 +8,13 @@
 
 mod codec;
 
-use std::{io, path::Path, sync::Arc, time::Duration};
+use std::{
+    io,
+    os::fd::{AsFd, OwnedFd},
+    path::Path,
+    sync::Arc,
+    time::Duration,
+};
 
 use portcullis_proto::{
     Status,
@@ -16,7 +22,7 @@ use portcullis_proto::{
     layout::AbiId,
 };
 use tokio::sync::{broadcast::error::RecvError, mpsc};
-use tokio_seqpacket::{UnixSeqpacket, UnixSeqpacketListener};
+use tokio_seqpacket::{UnixSeqpacket, UnixSeqpacketListener, ancillary::AncillaryMessageWriter};
 
 use crate::session::{Core, PeerIdentity, Session, Started};
 
@@ -83,8 +89,24 @@ impl Close {
 }
 
 async fn send(conn: &UnixSeqpacket, frame: &ServerFrame) -> io::Result<()> {
+    send_with(conn, frame, None).await
+}
+
+/// Sends a frame, with a descriptor as `SCM_RIGHTS` when there is one.
+async fn send_with(conn: &UnixSeqpacket, frame: &ServerFrame, fd: Option<&OwnedFd>) -> io::Result<()> {
     let bytes = encode(frame).ok_or_else(|| io::Error::other("frame too large to encode"))?;
-    conn.send(&bytes).await.map(drop)
+    match fd {
+        None => conn.send(&bytes).await.map(drop),
+        Some(fd) => {
+            let mut space = [0u8; 64];
+            let mut ancillary = AncillaryMessageWriter::new(&mut space);
+            let fds = [fd.as_fd()];
+            ancillary
+                .add_fds(&fds)
+                .map_err(|_| io::Error::other("no room for the descriptor"))?;
+            conn.send_with_ancillary(&bytes, &mut ancillary).await.map(drop)
+        }
+    }
 }
 
 async fn connection(core: Arc<Core>, conn: UnixSeqpacket) {
@@ -175,7 +197,7 @@ async fn serve_session(mut session: Session, core: &Core, conn: &UnixSeqpacket, 
     let mut events = core.subscribe();
     let (done_tx, mut done_rx) = mpsc::channel(COMPLETION_QUEUE);
     loop {
-        let out: Vec<ServerFrame> = tokio::select! {
+        let out: Vec<(ServerFrame, Option<OwnedFd>)> = tokio::select! {
             frame = receive(conn, buf) => match frame {
                 Ok(Some(ClientFrame::Request(request))) => {
                     let id = request.id;
@@ -201,11 +223,11 @@ async fn serve_session(mut session: Session, core: &Core, conn: &UnixSeqpacket, 
                 Err(RecvError::Closed) => return Some(Close { status: Status::Aborted, reason: "the broker is stopping".into() }),
             }
             .into_iter()
-            .map(codec::event)
+            .map(|e| (codec::event(e), None))
             .collect(),
         };
-        for frame in out {
-            if send(conn, &frame).await.is_err() {
+        for (frame, fd) in out {
+            if send_with(conn, &frame, fd.as_ref()).await.is_err() {
                 return None;
             }
         }

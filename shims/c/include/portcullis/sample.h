@@ -16,8 +16,11 @@
 #define PC_SAMPLE_FIRE_EVENT 4
 #define PC_SAMPLE_RESET 5
 #define PC_SAMPLE_TRANSFORM_RECORD 7
+#define PC_SAMPLE_CHECKSUM_DMA 8
 
-/* Memory types: none. */
+/* Memory types (pc_map_memory). */
+#define PC_SAMPLE_MEMORY_REGISTERS 0 /* 4096 bytes, read-only */
+#define PC_SAMPLE_MEMORY_DMA 1 /* 1048576 bytes, read-write */
 
 struct sample_info {
     uint32_t version;
