@@ -309,6 +309,22 @@ static void memory(void) {
     CHECK(pc_map_memory(conn, handle, 9, &dma, &dma_size, &writable) == PC_BAD_ARGUMENT, "unknown memory type");
 }
 
+/* Events: subscribe, fire, and the notification arrives through pc_wait_event. */
+static void events(uint64_t service) {
+    pc_event ev;
+    uint64_t value = 4242, completed = 99;
+    uint32_t n = 1;
+    int rc = pc_subscribe(conn, &service, 1);
+    CHECK(rc == PC_SUCCESS, "subscribe: %s", pc_status_name(rc));
+    CHECK(pc_wait_event(conn, 0, &ev) == PC_TIMEOUT, "no event before the fire");
+    rc = pc_call(conn, handle, PC_SAMPLE_FIRE_EVENT, &value, 1, &completed, &n, NULL, 0, NULL, NULL);
+    CHECK(rc == PC_SUCCESS && completed == 0, "fire_event: %s", pc_status_name(rc));
+    rc = pc_wait_event(conn, 5000, &ev);
+    CHECK(rc == PC_SUCCESS, "wait_event: %s", pc_status_name(rc));
+    CHECK(ev.kind == PC_EVENT_NOTIFICATION && ev.service == service && ev.value == 4242 && strcmp(ev.kind_name, "event") == 0,
+          "notification kind %d service %lu value %lu", ev.kind, (unsigned long)ev.service, (unsigned long)ev.value);
+}
+
 int main(int argc, char **argv) {
     pc_service found[4];
     size_t n = 0;
@@ -327,6 +343,7 @@ int main(int argc, char **argv) {
     scalars_and_echo();
     records();
     memory();
+    events(found[0].id);
     CHECK(pc_close(conn, handle) == PC_SUCCESS, "close");
     CHECK(call_add(1, 1, NULL) == PC_NOT_OPEN, "closed handle");
     pc_disconnect(conn);

@@ -136,6 +136,31 @@ fn build_client(row: &Row) -> PathBuf {
 }
 
 #[test]
+fn c_example_builds_with_make_and_runs() {
+    let broker = Broker::start();
+    let dir = work_dir("example");
+    let make = Command::new("make")
+        .arg("-s")
+        .arg("-C")
+        .arg(root().join("shims/c"))
+        .arg(format!("BUILD={}", dir.display()))
+        .args(["all", "example"])
+        .output()
+        .unwrap();
+    assert!(make.status.success(), "{}", String::from_utf8_lossy(&make.stderr));
+    for built in ["libportcullis.a", "libportcullis.so", "portcullis.pc", "add"] {
+        assert!(dir.join(built).exists(), "make did not produce {built}");
+    }
+    let out = Command::new(dir.join("add")).arg(broker.run_dir()).output().unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "2 + 3 = 5\n",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
 fn abi_matrix_clients_run_against_one_broker() {
     let broker = Broker::start();
     let runnable: Vec<Row> = rows().into_iter().filter(|r| r.runner != "layout-only").collect();
