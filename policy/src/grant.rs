@@ -124,7 +124,7 @@ impl Grant {
 }
 
 impl Principal {
-    fn matches(&self, task: &Task<'_>) -> bool {
+    pub(crate) fn matches(&self, task: &Task<'_>) -> bool {
         (self.uid.is_empty() || self.uid.contains(&task.uid))
             && (self.gid.is_empty() || self.gid.contains(&task.gid))
             && (self.groups.is_empty() || self.groups.iter().any(|g| task.groups.contains(g)))
@@ -134,7 +134,7 @@ impl Principal {
 }
 
 impl ServiceMatch {
-    fn matches(&self, service: &ServiceView<'_>) -> bool {
+    pub(crate) fn matches(&self, service: &ServiceView<'_>) -> bool {
         self.class.as_deref().is_none_or(|c| c == service.class)
             && self.name.as_deref().is_none_or(|n| n == service.name)
             && self

@@ -14,9 +14,11 @@
 
 mod grant;
 mod model;
+mod reference;
 
 pub use grant::{Admission, Decision, Denial, Grant, MethodDecision, MethodRef, RuleRef, ServiceView, Task};
 pub use model::{Effect, OpenPermission, Policy, PolicyError, Source, SourceError};
+pub use reference::Request;
 
 /// What a denial names when no rule decided it.
 pub const DEFAULT_DENY: &str = "default deny";

@@ -1,0 +1,292 @@
+//! The reference evaluator: the rules interpreted directly, one request at a time, in the most
+//! obvious way. It is slow on purpose and exists to be obviously right: the differential test
+//! holds the compiled grants to its decisions and deciding rules.
+
+use crate::{
+    DEFAULT_DENY, Decision, Policy, ServiceView, Task,
+    model::{Effect, OpenPermission, Rule},
+};
+
+/// One request, as the reference evaluator sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Request<'a> {
+    /// Admission with an open mode.
+    Open {
+        /// Exclusive rather than shared.
+        exclusive: bool,
+    },
+    /// A method call on a shared open.
+    Method {
+        /// Method name.
+        name: &'a str,
+        /// Privilege the method requires.
+        privilege: Option<&'a str>,
+    },
+    /// Mapping a memory type on a shared open.
+    Memory {
+        /// Memory type name.
+        name: &'a str,
+    },
+}
+
+fn allow(rule: &Rule) -> Decision {
+    Decision {
+        allowed: true,
+        rule: rule.id.clone(),
+    }
+}
+
+fn deny(rule: &Rule) -> Decision {
+    Decision {
+        allowed: false,
+        rule: rule.id.clone(),
+    }
+}
+
+fn default_deny() -> Decision {
+    Decision {
+        allowed: false,
+        rule: DEFAULT_DENY.into(),
+    }
+}
+
+impl Policy {
+    fn applies(&self, rule: &Rule, task: &Task<'_>, service: &ServiceView<'_>) -> bool {
+        let principal = rule
+            .principals
+            .iter()
+            .any(|&i| self.principals.get(i).is_some_and(|p| p.matches(task)));
+        principal && rule.service.matches(service)
+    }
+
+    /// The first applicable rule of `effect` satisfying `pred`, in file order.
+    fn find(
+        &self,
+        task: &Task<'_>,
+        service: &ServiceView<'_>,
+        effect: Effect,
+        pred: impl Fn(&Rule) -> bool,
+    ) -> Option<&Rule> {
+        self.rules
+            .iter()
+            .find(|r| r.effect == effect && self.applies(r, task, service) && pred(r))
+    }
+
+    /// Decides one request by reading the rules.
+    pub fn evaluate(&self, task: &Task<'_>, service: &ServiceView<'_>, request: Request<'_>) -> Decision {
+        // Admission first: a request on a service the task cannot open is refused as the open is.
+        if let Some(r) = self.find(task, service, Effect::Forbid, |r| r.forbids_service()) {
+            return deny(r);
+        }
+        let Some(first_allow) = self.find(task, service, Effect::Allow, |_| true) else {
+            return default_deny();
+        };
+        match request {
+            Request::Open { exclusive: false } => allow(first_allow),
+            Request::Open { exclusive: true } => {
+                if let Some(r) = self.find(task, service, Effect::Forbid, |r| {
+                    r.open == Some(OpenPermission::Exclusive)
+                }) {
+                    return deny(r);
+                }
+                self.find(task, service, Effect::Allow, |r| {
+                    r.open == Some(OpenPermission::Exclusive)
+                })
+                .map_or_else(default_deny, allow)
+            }
+            Request::Method { name, privilege } => {
+                if let Some(r) = self.find(task, service, Effect::Forbid, |r| r.methods.contains(name)) {
+                    return deny(r);
+                }
+                let Some(granted) = self.find(task, service, Effect::Allow, |r| r.methods.contains(name)) else {
+                    return default_deny();
+                };
+                if let Some(p) = privilege {
+                    if let Some(r) = self.find(task, service, Effect::Forbid, |r| r.privileges.iter().any(|q| q == p)) {
+                        return deny(r);
+                    }
+                    if self
+                        .find(task, service, Effect::Allow, |r| r.privileges.iter().any(|q| q == p))
+                        .is_none()
+                    {
+                        return default_deny();
+                    }
+                }
+                allow(granted)
+            }
+            Request::Memory { name } => {
+                if let Some(r) = self.find(task, service, Effect::Forbid, |r| r.memory.iter().any(|m| m == name)) {
+                    return deny(r);
+                }
+                self.find(task, service, Effect::Allow, |r| r.memory.iter().any(|m| m == name))
+                    .map_or_else(default_deny, allow)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use portcullis_proto::{
+        layout::AbiId,
+        property::{PropValue, Properties},
+    };
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::{
+        MethodRef,
+        model::{Methods, Principal, ServiceMatch},
+    };
+
+    const GROUPS: [&str; 3] = ["dialout", "video", "disk"];
+    const EXES: [&str; 2] = ["/usr/bin/app", "/usr/bin/other"];
+    const ABIS: [AbiId; 2] = [AbiId::X86_64, AbiId::I386];
+    const CLASSES: [&str; 2] = ["TtyDevice", "BlockDevice"];
+    const NAMES: [&str; 2] = ["dev0", "dev1"];
+    const METHODS: [&str; 3] = ["read", "write", "reset"];
+    const PRIVILEGES: [&str; 2] = ["admin", "raw"];
+    const MEMORY: [&str; 2] = ["registers", "dma"];
+
+    fn pick<T: Clone>(items: &[T], mask: u8) -> Vec<T> {
+        items
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| mask & (1 << i) != 0)
+            .map(|(_, x)| x.clone())
+            .collect()
+    }
+
+    fn principal() -> impl Strategy<Value = Principal> {
+        (0u8..16, 0u8..8, 0u8..8, 0u8..4, 0u8..4).prop_map(|(uids, gids, groups, exes, abis)| Principal {
+            name: String::new(),
+            uid: pick(&[0, 1000, 1001, 65534], uids),
+            gid: pick(&[0, 100, 1000], gids),
+            groups: pick(&GROUPS, groups).into_iter().map(String::from).collect(),
+            exe: pick(&EXES, exes).into_iter().map(String::from).collect(),
+            abi: pick(&ABIS, abis),
+        })
+    }
+
+    fn rule(principals: usize) -> impl Strategy<Value = Rule> {
+        (
+            any::<bool>(),
+            proptest::collection::vec(0..principals, 1..3),
+            (0u8..3, 0u8..3, any::<bool>()),
+            (0u8..16, 0u8..3, 0u8..4, 0u8..4),
+        )
+            .prop_map(
+                |(forbid, principals, (class, name, vendor), (methods, open, privileges, memory))| Rule {
+                    id: String::new(),
+                    effect: if forbid { Effect::Forbid } else { Effect::Allow },
+                    principals,
+                    service: ServiceMatch {
+                        class: CLASSES.get(usize::from(class)).map(|c| c.to_string()),
+                        name: NAMES.get(usize::from(name)).map(|n| n.to_string()),
+                        properties: if vendor {
+                            Properties::from([("vendor".to_string(), PropValue::Text("0403".into()))])
+                        } else {
+                            Properties::new()
+                        },
+                    },
+                    methods: if methods == 15 {
+                        Methods::All
+                    } else {
+                        Methods::Named(pick(&METHODS, methods).into_iter().map(String::from).collect())
+                    },
+                    open: [None, Some(OpenPermission::Shared), Some(OpenPermission::Exclusive)]
+                        .get(usize::from(open))
+                        .copied()
+                        .flatten(),
+                    privileges: pick(&PRIVILEGES, privileges).into_iter().map(String::from).collect(),
+                    memory: pick(&MEMORY, memory).into_iter().map(String::from).collect(),
+                },
+            )
+    }
+
+    fn policy() -> impl Strategy<Value = Policy> {
+        proptest::collection::vec(principal(), 1..4).prop_flat_map(|principals| {
+            let n = principals.len();
+            proptest::collection::vec(rule(n), 0..7).prop_map(move |mut rules| {
+                for (i, r) in rules.iter_mut().enumerate() {
+                    r.id = format!("r{i}");
+                }
+                let mut principals = principals.clone();
+                for (i, p) in principals.iter_mut().enumerate() {
+                    p.name = format!("p{i}");
+                }
+                Policy { principals, rules }
+            })
+        })
+    }
+
+    /// A task, a service and ten requests.
+    type Case = ((u32, u8, u8, u8, u8), (u8, u8, bool), Vec<(u8, u8, u8)>);
+
+    fn case() -> impl Strategy<Value = Case> {
+        (
+            (0u32..4, 0u8..3, 0u8..8, 0u8..3, 0u8..2),
+            (0u8..2, 0u8..2, any::<bool>()),
+            proptest::collection::vec((0u8..4, 0u8..3, 0u8..3), 10),
+        )
+    }
+
+    /// The compiled answer to a reference request.
+    fn compiled(policy: &Policy, task: &Task<'_>, service: &ServiceView<'_>, request: Request<'_>) -> Decision {
+        let to_decision = |r: Result<&str, crate::Denial>| match r {
+            Ok(rule) => Decision {
+                allowed: true,
+                rule: rule.to_string(),
+            },
+            Err(d) => Decision {
+                allowed: false,
+                rule: d.rule,
+            },
+        };
+        let (exclusive, methods, memory): (bool, Vec<MethodRef<'_>>, Vec<&str>) = match request {
+            Request::Open { exclusive } => (exclusive, vec![], vec![]),
+            Request::Method { name, privilege } => (false, vec![MethodRef { name, privilege }], vec![]),
+            Request::Memory { name } => (false, vec![], vec![name]),
+        };
+        match policy.admit(task, service, exclusive, &methods, &memory) {
+            Err(d) => Decision {
+                allowed: false,
+                rule: d.rule,
+            },
+            Ok(grant) => match request {
+                Request::Open { .. } => Decision {
+                    allowed: true,
+                    rule: grant.admitted_by().to_string(),
+                },
+                Request::Method { .. } => to_decision(grant.check(0)),
+                Request::Memory { .. } => to_decision(grant.check_memory(0)),
+            },
+        }
+    }
+
+    proptest! {
+        // 10,000 random policies × 10 requests each: 100,000 decisions compared.
+        #![proptest_config(ProptestConfig { cases: 10_000, failure_persistence: None, ..ProptestConfig::default() })]
+        #[test]
+        fn compiled_grants_equal_reference_evaluator(policy in policy(), ((uid, gid, groups, exe, abi), (class, name, vendor), requests) in case()) {
+            let groups: Vec<String> = pick(&GROUPS, groups).into_iter().map(String::from).collect();
+            let task = Task {
+                uid: [0, 1000, 1001, 65534][uid as usize],
+                gid: [0, 100, 1000][usize::from(gid)],
+                groups: &groups,
+                exe: EXES.get(usize::from(exe)).copied(),
+                abi: ABIS[usize::from(abi)],
+            };
+            let props = if vendor { Properties::from([("vendor".to_string(), PropValue::Text("0403".into()))]) } else { Properties::new() };
+            let service = ServiceView { class: CLASSES[usize::from(class)], name: NAMES[usize::from(name)], properties: &props };
+            for (kind, a, b) in requests {
+                let request = match kind {
+                    0 => Request::Open { exclusive: a % 2 == 1 },
+                    1 | 2 => Request::Method { name: METHODS[usize::from(a)], privilege: PRIVILEGES.get(usize::from(b)).copied() },
+                    _ => Request::Memory { name: MEMORY[usize::from(a) % 2] },
+                };
+                prop_assert_eq!(compiled(&policy, &task, &service, request), policy.evaluate(&task, &service, request), "{:?}", request);
+            }
+        }
+    }
+}
