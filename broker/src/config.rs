@@ -130,13 +130,15 @@ fn read(path: &Path) -> Result<String, ConfigError> {
 }
 
 /// Loads the policy at `path` (a file, or a directory whose `*.toml` files are read in lexical
-/// order), or the embedded default.
+/// order), or the embedded default, and checks every driver name it uses against the drivers.
 pub fn load_policy(path: Option<&Path>) -> Result<Policy, ConfigError> {
+    let catalog = crate::drivers::catalog();
     let Some(path) = path else {
-        return Ok(Policy::parse(&[Source {
+        let default = Source {
             origin: "embedded default policy",
             text: DEFAULT_POLICY,
-        }])?);
+        };
+        return Ok(Policy::parse_checked(&[default], Some(&catalog))?);
     };
     let files = if path.is_dir() {
         let mut files: Vec<PathBuf> = fs::read_dir(path)
@@ -160,7 +162,7 @@ pub fn load_policy(path: Option<&Path>) -> Result<Policy, ConfigError> {
         .map(|f| Ok((f.display().to_string(), read(f)?)))
         .collect::<Result<Vec<_>, ConfigError>>()?;
     let sources: Vec<Source<'_>> = texts.iter().map(|(origin, text)| Source { origin, text }).collect();
-    Ok(Policy::parse(&sources)?)
+    Ok(Policy::parse_checked(&sources, Some(&catalog))?)
 }
 
 #[cfg(test)]
@@ -173,6 +175,18 @@ mod tests {
         assert_eq!(config.devices.len(), 1);
         assert_eq!(config.devices[0].name, "sample0");
         assert!(load_policy(None).unwrap().rule_count() >= 2);
+    }
+
+    #[test]
+    fn policy_naming_an_unknown_method_is_refused_at_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("p.toml");
+        fs::write(&path, "[[principal]]\nname = \"a\"\n[[rule]]\nid = \"r\"\neffect = \"allow\"\nprincipals = [\"a\"]\nservice = { class = \"SampleDevice\" }\nmethods = [\"ad\"]\n").unwrap();
+        let err = load_policy(Some(&path)).unwrap_err().to_string();
+        assert!(
+            err.contains("p.toml:8:12") && err.contains("did you mean \"add\""),
+            "{err}"
+        );
     }
 
     #[test]

@@ -12,12 +12,14 @@
 
 #![forbid(unsafe_code)]
 
+mod explain;
 mod grant;
 mod model;
 mod reference;
 
+pub use explain::{Explanation, RuleTrace};
 pub use grant::{Admission, Decision, Denial, Grant, MethodDecision, MethodRef, RuleRef, ServiceView, Task};
-pub use model::{Effect, OpenPermission, Policy, PolicyError, Source, SourceError};
+pub use model::{Catalog, ClassNames, Effect, OpenPermission, Policy, PolicyError, Source, SourceError};
 pub use reference::Request;
 
 /// What a denial names when no rule decided it.

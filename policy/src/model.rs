@@ -18,6 +18,33 @@ pub struct Source<'a> {
     pub text: &'a str,
 }
 
+/// The names the drivers define, to check a policy against (from `portcullis schema`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Catalog {
+    classes: BTreeMap<String, ClassNames>,
+}
+
+/// The names one driver class defines.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ClassNames {
+    /// Method names.
+    pub methods: std::collections::BTreeSet<String>,
+    /// Privileges its methods require.
+    pub privileges: std::collections::BTreeSet<String>,
+    /// Memory type names.
+    pub memory: std::collections::BTreeSet<String>,
+}
+
+impl Catalog {
+    /// Adds (or extends) a class.
+    pub fn add(&mut self, class: &str, names: ClassNames) {
+        let entry = self.classes.entry(class.to_string()).or_default();
+        entry.methods.extend(names.methods);
+        entry.privileges.extend(names.privileges);
+        entry.memory.extend(names.memory);
+    }
+}
+
 /// One error in one source, located to line and column.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SourceError {
@@ -112,18 +139,18 @@ struct RawRule {
     #[serde(default)]
     service: RawServiceMatch,
     #[serde(default)]
-    methods: Vec<String>,
+    methods: Vec<toml::Spanned<String>>,
     open: Option<OpenPermission>,
     #[serde(default)]
-    privileges: Vec<String>,
+    privileges: Vec<toml::Spanned<String>>,
     #[serde(default)]
-    memory: Vec<String>,
+    memory: Vec<toml::Spanned<String>>,
 }
 
 #[derive(Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawServiceMatch {
-    class: Option<String>,
+    class: Option<toml::Spanned<String>>,
     name: Option<String>,
     #[serde(default)]
     properties: BTreeMap<String, toml::Spanned<toml::Value>>,
@@ -183,6 +210,27 @@ pub(crate) struct Rule {
     pub(crate) privileges: Vec<String>,
     /// Memory types (clientMemoryForType) the rule allows or forbids mapping.
     pub(crate) memory: Vec<String>,
+    /// Every driver-schema name the rule uses, with where it was written.
+    pub(crate) names: Vec<NameUse>,
+}
+
+/// What kind of driver-schema name a rule uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum NameKind {
+    Class,
+    Method,
+    Privilege,
+    Memory,
+}
+
+/// One use of a driver-schema name, located for error messages.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct NameUse {
+    pub(crate) kind: NameKind,
+    pub(crate) name: String,
+    pub(crate) origin: String,
+    pub(crate) line: usize,
+    pub(crate) col: usize,
 }
 
 impl Rule {
@@ -207,6 +255,12 @@ impl Policy {
     /// Parses and validates sources, in order (a directory's files in lexical order). Principal
     /// names and rule ids are global across sources. Reports every error found.
     pub fn parse(sources: &[Source<'_>]) -> Result<Policy, PolicyError> {
+        Policy::parse_checked(sources, None)
+    }
+
+    /// Parses like [`Policy::parse`] and, with a catalog, also checks every driver name the
+    /// rules use (see [`Policy::check_names`]), reporting parse and name errors together.
+    pub fn parse_checked(sources: &[Source<'_>], catalog: Option<&Catalog>) -> Result<Policy, PolicyError> {
         let mut errors = Vec::new();
         let mut principals: Vec<Principal> = Vec::new();
         let mut raw_rules = Vec::new();
@@ -299,31 +353,125 @@ impl Policy {
                     )),
                 }
             }
-            let methods = if r.methods.iter().any(|m| m == "*") {
+            let mut names = Vec::new();
+            let mut used = |kind: NameKind, name: &toml::Spanned<String>| {
+                let at = locate(source, Some(name.span()), String::new());
+                names.push(NameUse {
+                    kind,
+                    name: name.get_ref().clone(),
+                    origin: at.origin,
+                    line: at.line,
+                    col: at.col,
+                });
+            };
+            if let Some(class) = &r.service.class {
+                used(NameKind::Class, class);
+            }
+            r.methods
+                .iter()
+                .filter(|m| m.get_ref() != "*")
+                .for_each(|m| used(NameKind::Method, m));
+            r.privileges.iter().for_each(|p| used(NameKind::Privilege, p));
+            r.memory.iter().for_each(|m| used(NameKind::Memory, m));
+            let plain =
+                |v: Vec<toml::Spanned<String>>| v.into_iter().map(toml::Spanned::into_inner).collect::<Vec<_>>();
+            let methods = if r.methods.iter().any(|m| m.get_ref() == "*") {
                 Methods::All
             } else {
-                Methods::Named(r.methods)
+                Methods::Named(plain(r.methods))
             };
             rules.push(Rule {
                 id,
                 effect: r.effect,
                 principals: indices,
                 service: ServiceMatch {
-                    class: r.service.class,
+                    class: r.service.class.map(toml::Spanned::into_inner),
                     name: r.service.name,
                     properties,
                 },
                 methods,
                 open: r.open,
-                privileges: r.privileges,
-                memory: r.memory,
+                privileges: plain(r.privileges),
+                memory: plain(r.memory),
+                names,
             });
         }
+        let policy = Policy { principals, rules };
+        if let Some(catalog) = catalog {
+            errors.extend(policy.check_names(catalog));
+        }
         if errors.is_empty() {
-            Ok(Policy { principals, rules })
+            Ok(policy)
         } else {
             Err(PolicyError::Invalid(errors))
         }
+    }
+
+    /// Every driver-schema name the rules use that the catalog does not have: an unknown class,
+    /// or a method, privilege or memory type its class (any class, when the rule names none)
+    /// does not have. Each error is located and suggests the closest known name.
+    pub fn check_names(&self, catalog: &Catalog) -> Vec<SourceError> {
+        let mut errors = Vec::new();
+        for rule in &self.rules {
+            let class = rule.service.class.as_deref().and_then(|c| catalog.classes.get(c));
+            for n in &rule.names {
+                let known: Vec<&str> = match n.kind {
+                    NameKind::Class => catalog.classes.keys().map(String::as_str).collect(),
+                    kind => {
+                        let of = |c: &ClassNames| -> Vec<String> {
+                            match kind {
+                                NameKind::Method => c.methods.iter().cloned().collect(),
+                                NameKind::Privilege => c.privileges.iter().cloned().collect(),
+                                _ => c.memory.iter().cloned().collect(),
+                            }
+                        };
+                        let all: std::collections::BTreeSet<String> = match class {
+                            Some(c) => of(c).into_iter().collect(),
+                            None => catalog.classes.values().flat_map(of).collect(),
+                        };
+                        if all.contains(&n.name) {
+                            continue;
+                        }
+                        let what = match kind {
+                            NameKind::Method => "method",
+                            NameKind::Privilege => "privilege",
+                            _ => "memory type",
+                        };
+                        // Only a class the catalog knows narrows the candidates.
+                        let scope = match (class, rule.service.class.as_deref()) {
+                            (Some(_), Some(c)) => format!("class {c}"),
+                            _ => "any driver".to_string(),
+                        };
+                        errors.push(SourceError {
+                            origin: n.origin.clone(),
+                            line: n.line,
+                            col: n.col,
+                            message: format!(
+                                "rule {:?}: {what} {:?} is not in {scope}{}",
+                                rule.id,
+                                n.name,
+                                did_you_mean(&n.name, all.iter().map(String::as_str))
+                            ),
+                        });
+                        continue;
+                    }
+                };
+                if !known.contains(&n.name.as_str()) {
+                    errors.push(SourceError {
+                        origin: n.origin.clone(),
+                        line: n.line,
+                        col: n.col,
+                        message: format!(
+                            "rule {:?}: class {:?} is not a driver class{}",
+                            rule.id,
+                            n.name,
+                            did_you_mean(&n.name, known.iter().copied())
+                        ),
+                    });
+                }
+            }
+        }
+        errors
     }
 
     /// Number of rules.
@@ -454,5 +602,56 @@ mod tests {
     #[test]
     fn line_col_counts_characters() {
         assert_eq!(line_col("ab\ncé x", 7), (2, 4));
+    }
+}
+
+#[cfg(test)]
+mod catalog_tests {
+    use super::*;
+
+    fn catalog() -> Catalog {
+        let mut c = Catalog::default();
+        c.add(
+            "SampleDevice",
+            ClassNames {
+                methods: ["add", "reset"].map(String::from).into(),
+                privileges: ["sample.admin"].map(String::from).into(),
+                memory: ["dma"].map(String::from).into(),
+            },
+        );
+        c
+    }
+
+    #[test]
+    fn check_names_finds_typos_with_location_and_suggestion() {
+        let text = "[[principal]]\nname = \"a\"\n[[rule]]\nid = \"r\"\neffect = \"allow\"\nprincipals = [\"a\"]\nservice = { class = \"SampleDevise\" }\nmethods = [\"ad\", \"*\"]\nprivileges = [\"sample.admn\"]\nmemory = [\"dma\", \"dmx\"]\n";
+        let p = Policy::parse(&[Source { origin: "p.toml", text }]).unwrap();
+        let errors = p.check_names(&catalog());
+        let rendered: Vec<String> = errors.iter().map(ToString::to_string).collect();
+        assert_eq!(errors.len(), 4, "{rendered:#?}");
+        assert!(
+            rendered[0].starts_with("p.toml:7:21: rule \"r\": class \"SampleDevise\""),
+            "{}",
+            rendered[0]
+        );
+        assert!(rendered[0].contains("did you mean \"SampleDevice\""));
+        assert!(
+            rendered[1].contains("method \"ad\"") && rendered[1].contains("did you mean \"add\""),
+            "{}",
+            rendered[1]
+        );
+        assert!(rendered[2].contains("privilege \"sample.admn\""), "{}", rendered[2]);
+        assert!(
+            rendered[3].starts_with("p.toml:10:18:") && rendered[3].contains("did you mean \"dma\""),
+            "{}",
+            rendered[3]
+        );
+    }
+
+    #[test]
+    fn check_names_accepts_known_names_in_any_class() {
+        let text = "[[principal]]\nname = \"a\"\n[[rule]]\nid = \"r\"\neffect = \"allow\"\nprincipals = [\"a\"]\nmethods = [\"reset\"]\nmemory = [\"dma\"]\n";
+        let p = Policy::parse(&[Source { origin: "p.toml", text }]).unwrap();
+        assert!(p.check_names(&catalog()).is_empty());
     }
 }

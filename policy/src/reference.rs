@@ -200,6 +200,7 @@ mod tests {
                         .flatten(),
                     privileges: pick(&PRIVILEGES, privileges).into_iter().map(String::from).collect(),
                     memory: pick(&MEMORY, memory).into_iter().map(String::from).collect(),
+                    names: Vec::new(),
                 },
             )
     }

@@ -7,6 +7,7 @@ mod call;
 mod json;
 mod layout;
 mod ls;
+mod policy;
 mod schema;
 mod watch;
 
@@ -48,6 +49,9 @@ enum Command {
     Layout(layout::LayoutArgs),
     /// Every driver's selectors and struct layouts, as C headers or JSON.
     Schema(schema::SchemaArgs),
+    /// Policy tools: check, explain, test.
+    #[command(subcommand)]
+    Policy(policy::PolicyCommand),
 }
 
 /// Where the broker's sockets are.
@@ -89,6 +93,7 @@ pub fn main() -> ExitCode {
     match cli.command {
         Command::Layout(args) => return finish(layout::run(args)),
         Command::Schema(args) => return finish(schema::run(args)),
+        Command::Policy(command) => return finish(policy::run(command)),
         _ => {}
     }
     let is_broker = matches!(cli.command, Command::Broker(_));
@@ -111,7 +116,7 @@ pub fn main() -> ExitCode {
             Command::Ls(args) => ls::run(args).await,
             Command::Call(args) => call::run(args).await,
             Command::Watch(args) => watch::run(args).await,
-            Command::Layout(_) | Command::Schema(_) => Ok(()),
+            Command::Layout(_) | Command::Schema(_) | Command::Policy(_) => Ok(()),
         }
     });
     finish(result)

@@ -9,5 +9,6 @@ mod concurrency;
 mod exclusive;
 mod native;
 mod policy;
+mod policy_tools;
 mod python_client;
 mod session;

@@ -1,0 +1,359 @@
+//! `portcullis policy check | explain | test`: the security team's tools, offline.
+
+use std::path::{Path, PathBuf};
+
+use clap::{Args, Subcommand};
+use portcullis_policy::{Policy, PolicyError, Request, ServiceView, Task};
+use portcullis_proto::{
+    layout::AbiId,
+    property::{PropValue, Properties},
+};
+use serde::Deserialize;
+
+use crate::{config, drivers};
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum PolicyCommand {
+    /// Parse a policy, check every name against the drivers' schemas; print every error.
+    Check {
+        /// Policy file, or directory of *.toml files.
+        path: PathBuf,
+    },
+    /// Explain the decision on one request: the deciding rule and every rule considered.
+    Explain(ExplainArgs),
+    /// Run test cases (TOML) against a policy; prints `N passed, N failed`.
+    Test {
+        /// The cases file.
+        cases: PathBuf,
+        /// Policy file or directory [default: the cases file's `policy`, else the embedded default].
+        #[arg(long)]
+        policy: Option<PathBuf>,
+    },
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct ExplainArgs {
+    /// Policy file or directory [default: the embedded default policy].
+    #[arg(long)]
+    policy: Option<PathBuf>,
+    /// The task: uid=N,gid=N,groups=a:b,exe=PATH,abi=NAME (all optional; uid and gid default to 0).
+    #[arg(long, default_value = "")]
+    principal: String,
+    /// The service: class=C,name=N and KEY=VALUE properties.
+    #[arg(long)]
+    service: String,
+    /// Explain a method call.
+    #[arg(long, conflicts_with_all = ["open", "memory"])]
+    method: Option<String>,
+    /// Explain an open: shared or exclusive.
+    #[arg(long, conflicts_with = "memory")]
+    open: Option<String>,
+    /// Explain mapping a memory type.
+    #[arg(long)]
+    memory: Option<String>,
+}
+
+struct TaskSpec {
+    uid: u32,
+    gid: u32,
+    groups: Vec<String>,
+    exe: Option<String>,
+    abi: AbiId,
+}
+
+impl TaskSpec {
+    fn task(&self) -> Task<'_> {
+        Task {
+            uid: self.uid,
+            gid: self.gid,
+            groups: &self.groups,
+            exe: self.exe.as_deref(),
+            abi: self.abi,
+        }
+    }
+}
+
+fn pairs(spec: &str) -> impl Iterator<Item = Result<(&str, &str), String>> {
+    spec.split(',')
+        .filter(|p| !p.is_empty())
+        .map(|p| p.split_once('=').ok_or_else(|| format!("{p:?} is not KEY=VALUE")))
+}
+
+fn parse_task(spec: &str) -> Result<TaskSpec, String> {
+    let mut t = TaskSpec {
+        uid: 0,
+        gid: 0,
+        groups: Vec::new(),
+        exe: None,
+        abi: AbiId::native(),
+    };
+    for pair in pairs(spec) {
+        let (k, v) = pair?;
+        let number = |v: &str| v.parse::<u32>().map_err(|_| format!("{k}={v}: not a number"));
+        match k {
+            "uid" => t.uid = number(v)?,
+            "gid" => t.gid = number(v)?,
+            "groups" => t
+                .groups
+                .extend(v.split(':').filter(|g| !g.is_empty()).map(String::from)),
+            "exe" => t.exe = Some(v.to_string()),
+            "abi" => t.abi = AbiId::by_name(v).ok_or_else(|| format!("unknown ABI {v:?}"))?,
+            other => {
+                return Err(format!(
+                    "unknown principal attribute {other:?} (uid, gid, groups, exe, abi)"
+                ));
+            }
+        }
+    }
+    Ok(t)
+}
+
+struct ServiceSpec {
+    class: String,
+    name: String,
+    properties: Properties,
+}
+
+fn parse_service(spec: &str) -> Result<ServiceSpec, String> {
+    let mut s = ServiceSpec {
+        class: String::new(),
+        name: String::new(),
+        properties: Properties::new(),
+    };
+    for pair in pairs(spec) {
+        let (k, v) = pair?;
+        match k {
+            "class" => s.class = v.to_string(),
+            "name" => s.name = v.to_string(),
+            key => {
+                let value = v
+                    .parse::<u64>()
+                    .map_or_else(|_| PropValue::Text(v.to_string()), PropValue::Unsigned);
+                s.properties.insert(key.to_string(), value);
+            }
+        }
+    }
+    Ok(s)
+}
+
+/// The privilege a method of a class requires, from the drivers' tables.
+fn method_privilege(class: &str, method: &str) -> Option<&'static str> {
+    drivers::KINDS
+        .iter()
+        .filter_map(|k| drivers::create(k))
+        .filter(|d| d.class() == class)
+        .find_map(|d| d.methods().by_name(method).and_then(|m| m.privilege))
+}
+
+fn load(path: Option<&Path>) -> Result<Policy, String> {
+    config::load_policy(path).map_err(|e| e.to_string())
+}
+
+pub(crate) fn run(command: PolicyCommand) -> Result<(), String> {
+    match command {
+        PolicyCommand::Check { path } => check(&path),
+        PolicyCommand::Explain(args) => explain(args),
+        PolicyCommand::Test { cases, policy } => test(&cases, policy.as_deref()),
+    }
+}
+
+fn check(path: &Path) -> Result<(), String> {
+    match config::load_policy(Some(path)) {
+        Ok(policy) => {
+            println!("{}: ok ({} rules)", path.display(), policy.rule_count());
+            Ok(())
+        }
+        Err(config::ConfigError::Policy(PolicyError::Invalid(errors))) => {
+            for e in &errors {
+                println!("{e}");
+            }
+            Err(format!("{} error(s)", errors.len()))
+        }
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+fn request<'a>(
+    class: &str,
+    method: Option<&'a str>,
+    open: Option<&str>,
+    memory: Option<&'a str>,
+) -> Result<Request<'a>, String> {
+    Ok(match (method, open, memory) {
+        (Some(name), None, None) => Request::Method {
+            name,
+            privilege: method_privilege(class, name),
+        },
+        (None, Some(mode), None) => match mode {
+            "shared" => Request::Open { exclusive: false },
+            "exclusive" => Request::Open { exclusive: true },
+            other => return Err(format!("open mode {other:?}: shared or exclusive")),
+        },
+        (None, None, Some(name)) => Request::Memory { name },
+        _ => return Err("give exactly one of --method, --open, --memory".into()),
+    })
+}
+
+fn explain(args: ExplainArgs) -> Result<(), String> {
+    let policy = load(args.policy.as_deref())?;
+    let task = parse_task(&args.principal)?;
+    let service = parse_service(&args.service)?;
+    let view = ServiceView {
+        name: &service.name,
+        class: &service.class,
+        properties: &service.properties,
+    };
+    let req = request(
+        &service.class,
+        args.method.as_deref(),
+        args.open.as_deref(),
+        args.memory.as_deref(),
+    )?;
+    print!("{}", policy.explain(&task.task(), &view, req));
+    Ok(())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CasesFile {
+    policy: Option<PathBuf>,
+    #[serde(rename = "case", default)]
+    cases: Vec<Case>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Case {
+    name: String,
+    #[serde(default)]
+    principal: PrincipalCase,
+    service: ServiceCase,
+    method: Option<String>,
+    open: Option<String>,
+    memory: Option<String>,
+    expect: Expect,
+    rule: Option<String>,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PrincipalCase {
+    #[serde(default)]
+    uid: u32,
+    #[serde(default)]
+    gid: u32,
+    #[serde(default)]
+    groups: Vec<String>,
+    exe: Option<String>,
+    abi: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ServiceCase {
+    class: String,
+    #[serde(default)]
+    name: String,
+    #[serde(default)]
+    properties: toml::Table,
+}
+
+#[derive(Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+enum Expect {
+    Allow,
+    Deny,
+}
+
+fn test(cases_path: &Path, policy: Option<&Path>) -> Result<(), String> {
+    let text = std::fs::read_to_string(cases_path).map_err(|e| format!("{}: {e}", cases_path.display()))?;
+    let file: CasesFile = toml::from_str(&text).map_err(|e| format!("{}: {e}", cases_path.display()))?;
+    let from_file = file
+        .policy
+        .map(|p| cases_path.parent().unwrap_or(Path::new(".")).join(p));
+    let policy = load(policy.or(from_file.as_deref()))?;
+    let (mut passed, mut failed) = (0usize, 0usize);
+    for case in &file.cases {
+        let outcome = run_case(&policy, case);
+        match outcome {
+            Ok(()) => passed += 1,
+            Err(why) => {
+                failed += 1;
+                println!("FAIL {}: {why}", case.name);
+            }
+        }
+    }
+    println!("{passed} passed, {failed} failed");
+    if failed == 0 { Ok(()) } else { Err(String::new()) }
+}
+
+fn run_case(policy: &Policy, case: &Case) -> Result<(), String> {
+    let p = &case.principal;
+    let abi = match &p.abi {
+        Some(name) => AbiId::by_name(name).ok_or_else(|| format!("unknown ABI {name:?}"))?,
+        None => AbiId::native(),
+    };
+    let task = TaskSpec {
+        uid: p.uid,
+        gid: p.gid,
+        groups: p.groups.clone(),
+        exe: p.exe.clone(),
+        abi,
+    };
+    let mut properties = Properties::new();
+    for (k, v) in &case.service.properties {
+        let value = match v {
+            toml::Value::String(s) => PropValue::Text(s.clone()),
+            toml::Value::Integer(i) => u64::try_from(*i).map_or(PropValue::Signed(*i), PropValue::Unsigned),
+            toml::Value::Boolean(b) => PropValue::Flag(*b),
+            _ => return Err(format!("property {k}: strings, integers and booleans only")),
+        };
+        properties.insert(k.clone(), value);
+    }
+    let view = ServiceView {
+        name: &case.service.name,
+        class: &case.service.class,
+        properties: &properties,
+    };
+    let req = request(
+        &case.service.class,
+        case.method.as_deref(),
+        case.open.as_deref(),
+        case.memory.as_deref(),
+    )?;
+    let got = policy.evaluate(&task.task(), &view, req);
+    let want_allowed = case.expect == Expect::Allow;
+    let word = |allowed: bool| if allowed { "allow" } else { "deny" };
+    if got.allowed != want_allowed || case.rule.as_ref().is_some_and(|r| *r != got.rule) {
+        return Err(format!(
+            "expected {}{}, got {} (rule {:?})",
+            word(want_allowed),
+            case.rule.as_ref().map(|r| format!(" (rule {r:?})")).unwrap_or_default(),
+            word(got.allowed),
+            got.rule
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse_task_reads_every_attribute() {
+        let t = parse_task("uid=1000,gid=20,groups=dialout:video,exe=/usr/bin/app,abi=i386").unwrap();
+        assert_eq!(
+            (t.uid, t.gid, t.groups.len(), t.exe.as_deref(), t.abi),
+            (1000, 20, 2, Some("/usr/bin/app"), AbiId::I386)
+        );
+        assert!(parse_task("uid=x").is_err());
+        assert!(parse_task("shoe=1").is_err());
+    }
+
+    #[test]
+    fn method_privilege_comes_from_the_driver_table() {
+        assert_eq!(method_privilege("SampleDevice", "reset"), Some("sample.admin"));
+        assert_eq!(method_privilege("SampleDevice", "add"), None);
+    }
+}

@@ -1,0 +1,109 @@
+//! `portcullis policy check | explain | test`, run as a security engineer would.
+
+use std::process::Command;
+
+use portcullis_tests::bin;
+
+fn run(args: &[&str]) -> (bool, String) {
+    let out = Command::new(bin()).args(args).output().unwrap();
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+fn root() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+#[test]
+fn policy_check_prints_every_error_located() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("10-principals.toml"),
+        "[[principal]]\nname = \"users\"\n\n[[principal]]\nname = \"users\"\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("20-rules.toml"),
+        "[[rule]]\nid = \"r\"\neffect = \"allow\"\nprincipals = [\"usres\"]\nservice = { class = \"SampleDevice\" }\nmethods = [\"ad\"]\nmemory = [\"dmx\"]\n",
+    )
+    .unwrap();
+    let (ok, out) = run(&["policy", "check", dir.path().to_str().unwrap()]);
+    assert!(!ok);
+    for expected in [
+        "10-principals.toml:5:8: duplicate principal \"users\"",
+        "20-rules.toml:4:15: rule \"r\" names unknown principal \"usres\" (did you mean \"users\"?)",
+        "20-rules.toml:6:12: rule \"r\": method \"ad\" is not in class SampleDevice (did you mean \"add\"?)",
+        "20-rules.toml:7:11: rule \"r\": memory type \"dmx\" is not in class SampleDevice (did you mean \"dma\"?)",
+        "4 error(s)",
+    ] {
+        assert!(out.contains(expected), "missing {expected:?} in:\n{out}");
+    }
+    let (ok, out) = run(&[
+        "policy",
+        "check",
+        root().join("broker/src/default_policy.toml").to_str().unwrap(),
+    ]);
+    assert!(ok, "{out}");
+}
+
+#[test]
+fn policy_explain_names_decider_and_rules() {
+    let (ok, out) = run(&[
+        "policy",
+        "explain",
+        "--principal",
+        "uid=1000,groups=dialout",
+        "--service",
+        "class=SampleDevice,name=sample0",
+        "--method",
+        "reset",
+    ]);
+    assert!(ok, "{out}");
+    assert!(out.starts_with("decision: DENY (rule \"default deny\")"), "{out}");
+    assert!(
+        out.contains("sample-admin") && out.contains("uid 1000 not in [0]"),
+        "{out}"
+    );
+    let (ok, out) = run(&[
+        "policy",
+        "explain",
+        "--principal",
+        "uid=0",
+        "--service",
+        "class=SampleDevice",
+        "--method",
+        "reset",
+    ]);
+    assert!(
+        ok && out.starts_with("decision: ALLOW (rule \"sample-admin\")"),
+        "{out}"
+    );
+}
+
+#[test]
+fn policy_test_runs_cases_and_summarises() {
+    let cases = root().join("tests/policy/cases.toml");
+    let (ok, out) = run(&["policy", "test", cases.to_str().unwrap()]);
+    assert!(ok, "{out}");
+    assert!(out.lines().any(|l| l == "6 passed, 0 failed"), "{out}");
+    // A case that expects the wrong rule fails, and says why.
+    let dir = tempfile::tempdir().unwrap();
+    let wrong = dir.path().join("wrong.toml");
+    std::fs::write(&wrong, "[[case]]\nname = \"wrong\"\nservice = { class = \"SampleDevice\" }\nmethod = \"add\"\nexpect = \"allow\"\nrule = \"sample-admin\"\n").unwrap();
+    let (ok, out) = run(&["policy", "test", wrong.to_str().unwrap()]);
+    assert!(!ok);
+    assert!(
+        out.contains("FAIL wrong: expected allow (rule \"sample-admin\"), got allow (rule \"sample-use\")"),
+        "{out}"
+    );
+    assert!(out.lines().any(|l| l == "0 passed, 1 failed"), "{out}");
+}
