@@ -64,7 +64,7 @@ pub fn build_core(config: &Config, policy: Option<&Path>) -> Result<Arc<Core>, B
     let policy_path = policy.or(config.policy.as_deref());
     let policy = config::load_policy(policy_path)?;
     tracing::info!(source = %policy_path.map_or("embedded default".into(), |p| p.display().to_string()), rules = policy.rule_count(), "policy loaded");
-    let core = Core::new(policy);
+    let core = Core::with_source(policy, policy_path.map(Path::to_path_buf));
     bus::publish(&core, config)?;
     Ok(core)
 }
@@ -84,6 +84,7 @@ pub async fn run(options: BrokerOptions, shutdown: impl Future<Output = ()>) -> 
     let config = Config::load(options.config.as_deref())?;
     let core = build_core(&config, options.policy.as_deref())?;
     prepare_run_dir(&options.run_dir)?;
+    let mut watchers = Vec::new();
     let grpc_path = options.run_dir.join(GRPC_SOCKET);
     let native_path = options.run_dir.join(NATIVE_SOCKET);
     let grpc_listener = grpc::bind(&grpc_path).await?;
@@ -94,6 +95,15 @@ pub async fn run(options: BrokerOptions, shutdown: impl Future<Output = ()>) -> 
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|stop| *stop).await;
     };
+    tokio::spawn(reload_on_sighup(core.clone()));
+    if let Some(source) = core.policy_source() {
+        match watch_policy(core.clone(), source) {
+            Ok(watcher) => watchers.push(watcher),
+            Err(e) => {
+                tracing::warn!(error = %e, path = %source.display(), "cannot watch the policy files; reload with SIGHUP or `portcullis policy reload`")
+            }
+        }
+    }
     let native_task = tokio::spawn(native::serve(core.clone(), native_listener, stopped(stop_rx.clone())));
     let mut grpc_task = tokio::spawn(grpc::serve(core, grpc_listener, stopped(stop_rx)));
     let result = tokio::select! {
@@ -108,8 +118,59 @@ pub async fn run(options: BrokerOptions, shutdown: impl Future<Output = ()>) -> 
     for path in [&grpc_path, &native_path] {
         let _ = std::fs::remove_file(path);
     }
+    drop(watchers);
     tracing::info!("broker stopped");
     result
         .map_err(|e| BrokerError::Task(e.to_string()))?
         .map_err(BrokerError::from)
+}
+
+/// Reloads the policy on every SIGHUP.
+async fn reload_on_sighup(core: Arc<Core>) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut hangups) = signal(SignalKind::hangup()) else {
+        return tracing::warn!("cannot handle SIGHUP; reload with `portcullis policy reload`");
+    };
+    while hangups.recv().await.is_some() {
+        tracing::info!("SIGHUP: reloading the policy");
+        let _ = core.reload_policy();
+    }
+}
+
+/// How long the policy files must be quiet before a change is reloaded (editors write in steps).
+const SETTLE: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// Reloads the policy when a file of it changes. The directory is watched (for a single file,
+/// its directory), so that editors that replace a file by renaming are seen too.
+fn watch_policy(core: Arc<Core>, source: &Path) -> notify::Result<notify::RecommendedWatcher> {
+    use notify::{RecursiveMode, Watcher};
+    let (dir, only) = if source.is_dir() {
+        (source.to_path_buf(), None)
+    } else {
+        (
+            source.parent().map_or_else(|| PathBuf::from("."), Path::to_path_buf),
+            Some(source.to_path_buf()),
+        )
+    };
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        if let Ok(event) = event {
+            let relevant = event.kind.is_modify() || event.kind.is_create() || event.kind.is_remove();
+            let ours = only.as_ref().is_none_or(|file| event.paths.iter().any(|p| p == file));
+            if relevant && ours {
+                let _ = tx.send(());
+            }
+        }
+    })?;
+    watcher.watch(&dir, RecursiveMode::NonRecursive)?;
+    tokio::spawn(async move {
+        while rx.recv().await.is_some() {
+            // Let the writes settle, then reload once for all of them.
+            tokio::time::sleep(SETTLE).await;
+            while rx.try_recv().is_ok() {}
+            tracing::info!("policy files changed: reloading");
+            let _ = core.reload_policy();
+        }
+    });
+    Ok(watcher)
 }

@@ -102,6 +102,16 @@ impl Broker {
         panic!("broker did not serve {} within 20 s:\n{}", socket.display(), self.log());
     }
 
+    /// The policy file the broker was started with (`BrokerSetup::policy`).
+    pub fn policy_path(&self) -> PathBuf {
+        self.dir.path().join("policy.toml")
+    }
+
+    /// Sends a signal to the broker process.
+    pub fn signal(&self, signal: rustix::process::Signal) {
+        rustix::process::kill_process(rustix::process::Pid::from_child(&self.child), signal).unwrap();
+    }
+
     /// The run dir.
     pub fn run_dir(&self) -> PathBuf {
         self.dir.path().join("run")

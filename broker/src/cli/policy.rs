@@ -21,6 +21,12 @@ pub(crate) enum PolicyCommand {
     },
     /// Explain the decision on one request: the deciding rule and every rule considered.
     Explain(ExplainArgs),
+    /// Ask the running broker to reload its policy (root or the broker's user only). A policy
+    /// that does not compile is refused, with every error, and the running one stays.
+    Reload {
+        #[command(flatten)]
+        run_dir: super::RunDir,
+    },
     /// Run test cases (TOML) against a policy; prints `N passed, N failed`.
     Test {
         /// The cases file.
@@ -154,7 +160,26 @@ pub(crate) fn run(command: PolicyCommand) -> Result<(), String> {
         PolicyCommand::Check { path } => check(&path),
         PolicyCommand::Explain(args) => explain(args),
         PolicyCommand::Test { cases, policy } => test(&cases, policy.as_deref()),
+        PolicyCommand::Reload { run_dir } => reload(&run_dir),
     }
+}
+
+fn reload(run_dir: &super::RunDir) -> Result<(), String> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    runtime.block_on(async {
+        let client = run_dir.connect().await.map_err(|e| e.to_string())?;
+        match client.reload_policy().await {
+            Ok((generation, rules)) => {
+                println!("policy reloaded: generation {generation}, {rules} rules");
+                Ok(())
+            }
+            Err(portcullis_client::ClientError::Rpc(status)) => Err(format!("reload refused: {}", status.message())),
+            Err(e) => Err(e.to_string()),
+        }
+    })
 }
 
 fn check(path: &Path) -> Result<(), String> {

@@ -1,6 +1,9 @@
 //! The broker core shared by every session: the registry, the running policy and the event bus.
 
-use std::sync::{Arc, RwLock};
+use std::{
+    path::PathBuf,
+    sync::{Arc, RwLock},
+};
 
 use portcullis_policy::{Policy, ServiceView};
 use portcullis_proto::layout::AbiId;
@@ -28,6 +31,11 @@ pub enum CoreEvent {
         /// Its name.
         name: String,
     },
+    /// A new policy is running: sessions recompute their grants.
+    PolicyReloaded {
+        /// Its generation.
+        generation: u64,
+    },
     /// A driver posted an interest notification.
     Notice {
         /// The service.
@@ -41,17 +49,26 @@ pub enum CoreEvent {
 #[derive(Debug)]
 pub struct Core {
     registry: Registry,
-    policy: RwLock<Arc<Policy>>,
+    /// The running policy and its generation, swapped together.
+    policy: RwLock<(Arc<Policy>, u64)>,
+    /// Where the policy is loaded from on reload (`None`: the embedded default).
+    policy_source: Option<PathBuf>,
     events: broadcast::Sender<CoreEvent>,
 }
 
 impl Core {
     /// A core with an empty registry (the root only) and this policy.
     pub fn new(policy: Policy) -> Arc<Core> {
+        Core::with_source(policy, None)
+    }
+
+    /// A core whose policy reloads from `source` (a file or directory; `None`: the embedded default).
+    pub fn with_source(policy: Policy, source: Option<PathBuf>) -> Arc<Core> {
         let (events, _) = broadcast::channel(EVENT_BUS_CAPACITY);
         Arc::new(Core {
             registry: Registry::new(),
-            policy: RwLock::new(Arc::new(policy)),
+            policy: RwLock::new((Arc::new(policy), 1)),
+            policy_source: source,
             events,
         })
     }
@@ -63,7 +80,53 @@ impl Core {
 
     /// The running policy.
     pub fn policy(&self) -> Arc<Policy> {
-        self.policy.read().unwrap_or_else(|e| e.into_inner()).clone()
+        self.policy_snapshot().0
+    }
+
+    /// The running policy with its generation, read together.
+    pub fn policy_snapshot(&self) -> (Arc<Policy>, u64) {
+        let guard = self.policy.read().unwrap_or_else(|e| e.into_inner());
+        (guard.0.clone(), guard.1)
+    }
+
+    /// The running policy's generation (1 for the policy loaded at start).
+    pub fn policy_generation(&self) -> u64 {
+        self.policy.read().unwrap_or_else(|e| e.into_inner()).1
+    }
+
+    /// Swaps in a new policy atomically and tells every session; returns its generation.
+    pub fn replace_policy(&self, policy: Policy) -> u64 {
+        let generation = {
+            let mut guard = self.policy.write().unwrap_or_else(|e| e.into_inner());
+            let generation = guard.1 + 1;
+            *guard = (Arc::new(policy), generation);
+            generation
+        };
+        let _ = self.events.send(CoreEvent::PolicyReloaded { generation });
+        generation
+    }
+
+    /// Loads the policy again from its source. On any error the running policy stays and the
+    /// error is returned (and logged); on success the new one runs from the next call of every
+    /// session. Returns the new generation and its rule count.
+    pub fn reload_policy(&self) -> Result<(u64, usize), crate::config::ConfigError> {
+        match crate::config::load_policy(self.policy_source.as_deref()) {
+            Ok(policy) => {
+                let rules = policy.rule_count();
+                let generation = self.replace_policy(policy);
+                tracing::info!(generation, rules, "policy reloaded");
+                Ok((generation, rules))
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "policy reload refused; the running policy stays");
+                Err(e)
+            }
+        }
+    }
+
+    /// Where the policy reloads from.
+    pub fn policy_source(&self) -> Option<&std::path::Path> {
+        self.policy_source.as_deref()
     }
 
     /// A receiver of every event from now on.

@@ -155,6 +155,11 @@ pub struct Session {
     next_handle: u64,
     pending: Arc<AtomicUsize>,
     subscription: Subscription,
+    /// The policy generation every grant of this session was compiled under.
+    generation: u64,
+    /// Events the session produced on its own (user clients closed by a policy change), for
+    /// the transport to send.
+    outbox: Vec<SessionEvent>,
 }
 
 impl fmt::Debug for Session {
@@ -170,6 +175,7 @@ impl fmt::Debug for Session {
 impl Session {
     /// A new session for the peer.
     pub fn new(core: Arc<Core>, peer: Arc<PeerIdentity>, abi: AbiId) -> Session {
+        let generation = core.policy_generation();
         tracing::debug!(uid = peer.uid, pid = ?peer.pid, exe = ?peer.exe, %abi, "session started");
         Session {
             core,
@@ -179,7 +185,48 @@ impl Session {
             next_handle: 1,
             pending: Arc::new(AtomicUsize::new(0)),
             subscription: Subscription::None,
+            generation,
+            outbox: Vec::new(),
         }
+    }
+
+    /// Recompiles every grant when a new policy runs: a grant that shrinks applies from this
+    /// moment; a user client whose admission is now refused is closed, with an event. Called
+    /// before every request, so no request is ever checked against an older policy than the
+    /// one running when it arrived, nor against two policies.
+    fn refresh(&mut self) {
+        let (policy, generation) = self.core.policy_snapshot();
+        if generation == self.generation {
+            return;
+        }
+        self.generation = generation;
+        let handles: Vec<u64> = self.user_clients.keys().copied().collect();
+        for handle in handles {
+            let Some(uc) = self.user_clients.get_mut(&handle) else {
+                continue;
+            };
+            let service = uc.open.service().clone();
+            match admit(&policy, &self.peer, self.abi, &service, &uc.driver, uc.open.mode()) {
+                Ok(grant) => uc.grant = grant,
+                Err(denial) => {
+                    tracing::info!(uid = self.peer.uid, pid = ?self.peer.pid, service = service.name(), handle, rule = %denial.rule, "user client closed by a policy reload");
+                    self.user_clients.remove(&handle);
+                    self.outbox.push(SessionEvent::UserClientClosed {
+                        handle,
+                        status: Status::NotPrivileged,
+                        reason: format!(
+                            "the reloaded policy refuses it: {} (rule {:?})",
+                            denial.reason, denial.rule
+                        ),
+                    });
+                }
+            }
+        }
+    }
+
+    /// Events the session produced itself since the last call, for the transport to send.
+    pub fn take_outbox(&mut self) -> Vec<SessionEvent> {
+        std::mem::take(&mut self.outbox)
     }
 
     /// The client's struct-layout ABI.
@@ -229,24 +276,11 @@ impl Session {
             .driver()
             .cloned()
             .ok_or_else(|| Refusal::new(Status::Unsupported, format!("{} has no driver to open", service.name())))?;
-        let methods: Vec<MethodRef<'_>> = driver
-            .methods()
-            .rows()
-            .iter()
-            .map(|r| MethodRef {
-                name: r.name,
-                privilege: r.privilege,
-            })
-            .collect();
-        let memory_types: Vec<&str> = driver.memory_types().iter().map(|m| m.name).collect();
-        let grant = self
-            .core
-            .policy()
-            .admit(&self.peer.task(self.abi), &view(&service), mode == OpenMode::Exclusive, &methods, &memory_types)
-            .map_err(|denial| {
-                tracing::info!(uid = self.peer.uid, pid = ?self.peer.pid, service = service.name(), rule = %denial.rule, reason = %denial.reason, "admission denied");
-                Refusal::denied(denial)
-            })?;
+        self.refresh();
+        let grant = admit(&self.core.policy_snapshot().0, &self.peer, self.abi, &service, &driver, mode).map_err(|denial| {
+            tracing::info!(uid = self.peer.uid, pid = ?self.peer.pid, service = service.name(), rule = %denial.rule, reason = %denial.reason, "admission denied");
+            Refusal::denied(denial)
+        })?;
         let open = OpenGuard::acquire(&service, mode).map_err(|status| {
             Refusal::new(
                 status,
@@ -292,6 +326,7 @@ impl Session {
         struct_in: Vec<u8>,
         struct_out_cap: u32,
     ) -> Result<CallStarted, Refusal> {
+        self.refresh();
         let uc = self.user_clients.get(&handle).ok_or_else(|| not_open(handle))?;
         let service = uc.open.service().clone();
         if service.is_terminated() {
@@ -355,6 +390,7 @@ impl Session {
     /// client's service, with no more rights than the type allows. Mapping the same type again
     /// gives the same memory.
     pub fn map_memory(&mut self, handle: u64, memory_type: u32) -> Result<(OwnedFd, MemoryType), Refusal> {
+        self.refresh();
         let uc = self.user_clients.get_mut(&handle).ok_or_else(|| not_open(handle))?;
         let service = uc.open.service().clone();
         if service.is_terminated() {
@@ -443,6 +479,11 @@ impl Session {
             CoreEvent::Notice { service, .. } => {
                 self.watches(service.id()) && self.core.can_see(&self.peer, self.abi, service)
             }
+            CoreEvent::PolicyReloaded { .. } => {
+                self.refresh();
+                out.extend(self.take_outbox());
+                false
+            }
         };
         if tell {
             out.push(SessionEvent::Core(event.clone()));
@@ -483,6 +524,34 @@ impl Drop for Session {
     fn drop(&mut self) {
         tracing::debug!(uid = self.peer.uid, pid = ?self.peer.pid, user_clients = self.user_clients.len(), "session ended, releasing everything");
     }
+}
+
+/// `initWithTask` under `policy`: the grant for this peer, ABI, service and open mode.
+fn admit(
+    policy: &portcullis_policy::Policy,
+    peer: &PeerIdentity,
+    abi: AbiId,
+    service: &Service,
+    driver: &Arc<dyn Driver>,
+    mode: OpenMode,
+) -> Result<Grant, Denial> {
+    let methods: Vec<MethodRef<'_>> = driver
+        .methods()
+        .rows()
+        .iter()
+        .map(|r| MethodRef {
+            name: r.name,
+            privilege: r.privilege,
+        })
+        .collect();
+    let memory_types: Vec<&str> = driver.memory_types().iter().map(|m| m.name).collect();
+    policy.admit(
+        &peer.task(abi),
+        &view(service),
+        mode == OpenMode::Exclusive,
+        &methods,
+        &memory_types,
+    )
 }
 
 fn not_open(handle: u64) -> Refusal {
@@ -749,6 +818,51 @@ mod tests {
                 Status::BadArgument
             );
         }
+    }
+
+    fn policy(text: &str) -> Policy {
+        Policy::parse(&[Source { origin: "reload", text }]).unwrap()
+    }
+
+    #[tokio::test]
+    async fn reload_shrinks_grants_from_the_next_call() {
+        let core = core();
+        let mut s = session(&core);
+        let (handle, _, _) = s.open_user_client(sample(&core).id(), OpenMode::Shared).unwrap();
+        assert!(s.call(handle, 0, vec![1, 2], vec![], 0).is_ok());
+        core.replace_policy(policy(
+            "[[principal]]\nname = \"all\"\n[[rule]]\nid = \"echo-only\"\neffect = \"allow\"\nprincipals = [\"all\"]\nmethods = [\"echo\"]\n",
+        ));
+        let refused = s.call(handle, 0, vec![1, 2], vec![], 0).unwrap_err();
+        assert_eq!(
+            (refused.status, refused.rule.as_deref()),
+            (Status::NotPrivileged, Some("default deny"))
+        );
+        assert!(s.call(handle, 1, vec![], vec![7], 16).is_ok());
+        assert!(s.take_outbox().is_empty(), "the user client stays open");
+    }
+
+    #[tokio::test]
+    async fn reload_that_refuses_admission_closes_the_user_client() {
+        let core = core();
+        let mut s = session(&core);
+        let (handle, _, _) = s.open_user_client(sample(&core).id(), OpenMode::Exclusive).unwrap();
+        let mut events = core.subscribe();
+        // Still admitted, but no longer for exclusive opens.
+        core.replace_policy(policy(
+            "[[principal]]\nname = \"all\"\n[[rule]]\nid = \"shared-only\"\neffect = \"allow\"\nprincipals = [\"all\"]\nmethods = [\"*\"]\n",
+        ));
+        let out = s.on_core_event(&events.recv().await.unwrap());
+        assert!(
+            matches!(out.as_slice(), [SessionEvent::UserClientClosed { handle: h, status: Status::NotPrivileged, .. }] if *h == handle),
+            "{out:?}"
+        );
+        assert_eq!(
+            s.call(handle, 0, vec![1, 2], vec![], 0).unwrap_err().status,
+            Status::NotOpen
+        );
+        // Its exclusive open was released with it.
+        assert!(s.open_user_client(sample(&core).id(), OpenMode::Shared).is_ok());
     }
 
     #[tokio::test]

@@ -225,6 +225,28 @@ impl pb::broker_server::Broker for BrokerService {
         Ok(tonic::Response::new(ReceiverStream::new(rx)))
     }
 
+    async fn reload_policy(
+        &self,
+        req: tonic::Request<pb::ReloadPolicyRequest>,
+    ) -> Result<tonic::Response<pb::ReloadPolicyResponse>, tonic::Status> {
+        let peer = peer_of(&req)?;
+        let own = rustix::process::geteuid().as_raw();
+        if peer.uid != 0 && peer.uid != own {
+            tracing::warn!(uid = peer.uid, pid = ?peer.pid, "policy reload refused: not an administrator");
+            return Err(tonic::Status::permission_denied(
+                "only root or the broker's own user may reload the policy",
+            ));
+        }
+        tracing::info!(uid = peer.uid, pid = ?peer.pid, "policy reload requested");
+        match self.core.reload_policy() {
+            Ok((generation, rules)) => Ok(tonic::Response::new(pb::ReloadPolicyResponse {
+                generation,
+                rules: u32::try_from(rules).unwrap_or(u32::MAX),
+            })),
+            Err(e) => Err(tonic::Status::failed_precondition(e.to_string())),
+        }
+    }
+
     async fn list_services(
         &self,
         req: tonic::Request<pb::ListServicesRequest>,
@@ -253,7 +275,9 @@ async fn run_session(mut session: Session, core: Arc<Core>, mut inbound: Streami
             message = inbound.message() => match message {
                 Ok(Some(message)) => {
                     let reply = handle(&mut session, message, &tx);
-                    if let Some(reply) = reply && tx.send(Ok(reply)).await.is_err() {
+                    // Events the request caused (user clients a policy reload closed) come first.
+                    let out = session.take_outbox().into_iter().filter_map(event_message).chain(reply);
+                    if send_all(&tx, out).await.is_err() {
                         break;
                     }
                 }
@@ -271,15 +295,21 @@ async fn run_session(mut session: Session, core: Arc<Core>, mut inbound: Streami
                     Err(RecvError::Lagged(n)) => session.on_events_lost(n),
                     Err(RecvError::Closed) => break,
                 };
-                for event in out {
-                    if tx.send(Ok(event_message(event))).await.is_err() {
-                        break;
-                    }
+                if send_all(&tx, out.into_iter().filter_map(event_message)).await.is_err() {
+                    break;
                 }
             }
             () = tx.closed() => break,
         }
     }
+}
+
+/// Sends messages in order; `Err` when the client has gone.
+async fn send_all(tx: &Outbound, messages: impl Iterator<Item = pb::ServerMessage>) -> Result<(), ()> {
+    for message in messages {
+        tx.send(Ok(message)).await.map_err(drop)?;
+    }
+    Ok(())
 }
 
 /// Handles one request. Returns the response to send now; an asynchronous call's response is
@@ -389,9 +419,11 @@ fn response(request_id: u64, result: Result<Reply, Refusal>) -> pb::ServerMessag
     }
 }
 
-fn event_message(event: SessionEvent) -> pb::ServerMessage {
+/// The wire form of an event; `None` for events that only concern the broker itself.
+fn event_message(event: SessionEvent) -> Option<pb::ServerMessage> {
     use pb::event::Kind as E;
     let kind = match event {
+        SessionEvent::Core(CoreEvent::PolicyReloaded { .. }) => return None,
         SessionEvent::Core(CoreEvent::Published(service)) => E::Published(pb::ServicePublished {
             service: Some(service.info(AbiId::native())),
         }),
@@ -406,9 +438,9 @@ fn event_message(event: SessionEvent) -> pb::ServerMessage {
         }),
         SessionEvent::Lost(count) => E::Lost(pb::EventsLost { count }),
     };
-    pb::ServerMessage {
+    Some(pb::ServerMessage {
         kind: Some(Kind::Event(pb::Event { kind: Some(kind) })),
-    }
+    })
 }
 
 fn notification(service: &Service, notice: crate::driver::DriverNotice) -> pb::Notification {

@@ -323,6 +323,18 @@ pub struct ListServicesResponse {
     #[prost(message, repeated, tag = "1")]
     pub services: ::prost::alloc::vec::Vec<ServiceInfo>,
 }
+#[allow(clippy::all)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ReloadPolicyRequest {}
+#[allow(clippy::all)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ReloadPolicyResponse {
+    /// The policy generation now running (increases by one per successful reload).
+    #[prost(uint64, tag = "1")]
+    pub generation: u64,
+    #[prost(uint32, tag = "2")]
+    pub rules: u32,
+}
 /// The one status enum, shared by every transport. Numbers never change.
 #[allow(clippy::all)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
@@ -556,6 +568,33 @@ pub mod broker_client {
                 .insert(GrpcMethod::new("portcullis.v1.Broker", "ListServices"));
             self.inner.unary(req, path, codec).await
         }
+        /// Administration: reload the policy from its files (root or the broker's own user only).
+        /// A policy that does not compile is refused (FAILED_PRECONDITION, with every error) and the
+        /// running one stays.
+        pub async fn reload_policy(
+            &mut self,
+            request: impl tonic::IntoRequest<super::ReloadPolicyRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::ReloadPolicyResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/portcullis.v1.Broker/ReloadPolicy",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("portcullis.v1.Broker", "ReloadPolicy"));
+            self.inner.unary(req, path, codec).await
+        }
     }
 }
 /// Generated server implementations.
@@ -589,6 +628,16 @@ pub mod broker_server {
             request: tonic::Request<super::ListServicesRequest>,
         ) -> std::result::Result<
             tonic::Response<super::ListServicesResponse>,
+            tonic::Status,
+        >;
+        /// Administration: reload the policy from its files (root or the broker's own user only).
+        /// A policy that does not compile is refused (FAILED_PRECONDITION, with every error) and the
+        /// running one stays.
+        async fn reload_policy(
+            &self,
+            request: tonic::Request<super::ReloadPolicyRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::ReloadPolicyResponse>,
             tonic::Status,
         >;
     }
@@ -744,6 +793,51 @@ pub mod broker_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = ListServicesSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/portcullis.v1.Broker/ReloadPolicy" => {
+                    #[allow(non_camel_case_types)]
+                    struct ReloadPolicySvc<T: Broker>(pub Arc<T>);
+                    impl<
+                        T: Broker,
+                    > tonic::server::UnaryService<super::ReloadPolicyRequest>
+                    for ReloadPolicySvc<T> {
+                        type Response = super::ReloadPolicyResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::ReloadPolicyRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Broker>::reload_policy(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = ReloadPolicySvc(inner);
                         let codec = tonic_prost::ProstCodec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(

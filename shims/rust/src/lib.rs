@@ -189,6 +189,19 @@ impl Client {
         Ok(response.into_inner().services)
     }
 
+    /// Asks the broker to reload its policy (root or the broker's own user only). Returns the
+    /// new policy generation and its rule count; a refused reload is `ClientError::Rpc` with the
+    /// errors in its message.
+    pub async fn reload_policy(&self) -> Result<(u64, u32), ClientError> {
+        let response = self
+            .grpc
+            .clone()
+            .reload_policy(pb::ReloadPolicyRequest {})
+            .await?
+            .into_inner();
+        Ok((response.generation, response.rules))
+    }
+
     /// Starts a session.
     pub async fn session(&self) -> Result<Session, ClientError> {
         Session::start(self.grpc.clone()).await

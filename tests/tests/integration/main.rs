@@ -11,4 +11,5 @@ mod native;
 mod policy;
 mod policy_tools;
 mod python_client;
+mod reload;
 mod session;

@@ -105,8 +105,10 @@ pub(super) fn response(id: u64, result: Result<Reply, Refusal>) -> (ServerFrame,
     (ServerFrame::Response(frame), fd)
 }
 
-pub(super) fn event(event: SessionEvent) -> ServerFrame {
-    ServerFrame::Event(match event {
+/// The frame of an event; `None` for events that only concern the broker itself.
+pub(super) fn event(event: SessionEvent) -> Option<ServerFrame> {
+    Some(ServerFrame::Event(match event {
+        SessionEvent::Core(CoreEvent::PolicyReloaded { .. }) => return None,
         SessionEvent::Core(CoreEvent::Published(service)) => Event::Published(summary(&service)),
         SessionEvent::Core(CoreEvent::Terminated { id, name }) => Event::Terminated { service: id.0, name },
         SessionEvent::Core(CoreEvent::Notice { service, notice }) => Event::Notification {
@@ -121,5 +123,5 @@ pub(super) fn event(event: SessionEvent) -> ServerFrame {
             reason,
         },
         SessionEvent::Lost(count) => Event::Lost { count },
-    })
+    }))
 }

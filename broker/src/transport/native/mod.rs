@@ -201,16 +201,19 @@ async fn serve_session(mut session: Session, core: &Core, conn: &UnixSeqpacket, 
             frame = receive(conn, buf) => match frame {
                 Ok(Some(ClientFrame::Request(request))) => {
                     let id = request.id;
-                    match session.execute(codec::command(request.request)) {
-                        Started::Now(result) => vec![codec::response(id, result)],
+                    let started = session.execute(codec::command(request.request));
+                    // Events the request caused (user clients a policy reload closed) come first.
+                    let mut out: Vec<_> = session.take_outbox().into_iter().filter_map(|e| codec::event(e).map(|f| (f, None))).collect();
+                    match started {
+                        Started::Now(result) => out.push(codec::response(id, result)),
                         Started::Later(pending) => {
                             let done_tx = done_tx.clone();
                             tokio::spawn(async move {
                                 let _ = done_tx.send(codec::response(id, pending.await)).await;
                             });
-                            Vec::new()
                         }
                     }
+                    out
                 }
                 Ok(Some(ClientFrame::Hello(_))) => return Some(Close::protocol("a second Hello")),
                 Ok(None) => return None,
@@ -223,7 +226,7 @@ async fn serve_session(mut session: Session, core: &Core, conn: &UnixSeqpacket, 
                 Err(RecvError::Closed) => return Some(Close { status: Status::Aborted, reason: "the broker is stopping".into() }),
             }
             .into_iter()
-            .map(|e| (codec::event(e), None))
+            .filter_map(|e| codec::event(e).map(|f| (f, None)))
             .collect(),
         };
         for (frame, fd) in out {

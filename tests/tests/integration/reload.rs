@@ -1,0 +1,212 @@
+//! Hot reload: on a file change, on `portcullis policy reload`, on SIGHUP; a policy that does
+//! not compile is refused and the running one stays; under load, every call sees one policy.
+
+use std::time::{Duration, Instant};
+
+use portcullis_tests::{
+    Broker, BrokerSetup,
+    client::{OpenMode, Status, pb},
+    stdout_ok,
+};
+
+const HEAD: &str = "[[principal]]\nname = \"all\"\n\n";
+
+fn allow(id: &str, methods: &str) -> String {
+    format!(
+        "[[rule]]\nid = \"{id}\"\neffect = \"allow\"\nprincipals = [\"all\"]\nservice = {{ class = \"SampleDevice\" }}\nmethods = [{methods}]\nopen = \"exclusive\"\n\n"
+    )
+}
+
+fn forbid(id: &str, methods: &str) -> String {
+    format!("[[rule]]\nid = \"{id}\"\neffect = \"forbid\"\nprincipals = [\"all\"]\nmethods = [{methods}]\n\n")
+}
+
+fn write(broker: &Broker, text: &str) {
+    // Replace the file the way editors do: write beside it, then rename over it.
+    let tmp = broker.policy_path().with_extension("tmp");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, broker.policy_path()).unwrap();
+}
+
+/// Calls `add` until it is refused with `rule`, for at most 3 s.
+async fn until_refused(
+    session: &portcullis_tests::client::Session,
+    uc: &portcullis_tests::client::UserClient,
+    rule: &str,
+) {
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        match session.call_named(uc, "add", &[1, 1], &[]).await {
+            Err(e) if e.rule() == Some(rule) => return,
+            other => assert!(Instant::now() < deadline, "still {other:?} 3 s after the change"),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn reload_when_the_policy_file_changes() {
+    let policy = format!("{HEAD}{}", allow("use", "\"*\""));
+    let broker = Broker::with(BrokerSetup {
+        policy: Some(&policy),
+        ..Default::default()
+    });
+    let (session, uc) = broker.open("sample0", OpenMode::Shared).await;
+    assert_eq!(
+        session.call_named(&uc, "add", &[1, 1], &[]).await.unwrap().scalars,
+        vec![2]
+    );
+    write(&broker, &format!("{policy}{}", forbid("no-add", "\"add\"")));
+    until_refused(&session, &uc, "no-add").await;
+    // The same user client goes on with what the new policy still allows.
+    assert_eq!(
+        session.call_named(&uc, "echo", &[], b"hi").await.unwrap().struct_out,
+        b"hi"
+    );
+    assert!(broker.log().contains("policy reloaded"));
+}
+
+#[tokio::test]
+async fn reload_command_refuses_a_broken_policy_and_keeps_the_running_one() {
+    let policy = format!("{HEAD}{}", allow("use", "\"*\""));
+    let broker = Broker::with(BrokerSetup {
+        policy: Some(&policy),
+        ..Default::default()
+    });
+    let (session, uc) = broker.open("sample0", OpenMode::Shared).await;
+    // A typo'd method name: refused with its location, by the file watch and by the command.
+    let broken = format!("{policy}{}", forbid("no-add", "\"ad\""));
+    write(&broker, &broken);
+    let line = broken.lines().position(|l| l.contains("\"ad\"")).unwrap() + 1;
+    let out = broker.cli(&["policy", "reload"]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let at = format!("policy.toml:{line}:12:");
+    assert!(
+        stderr.contains("reload refused") && stderr.contains(&at) && stderr.contains("did you mean \"add\""),
+        "{stderr}"
+    );
+    assert_eq!(
+        session.call_named(&uc, "add", &[1, 1], &[]).await.unwrap().scalars,
+        vec![2],
+        "the old policy still runs"
+    );
+    // Fixed: the command reloads it and reports the new generation.
+    write(&broker, &format!("{policy}{}", forbid("no-add", "\"add\"")));
+    let out = stdout_ok(&broker.cli(&["policy", "reload"]));
+    assert!(
+        out.starts_with("policy reloaded: generation ") && out.trim_end().ends_with("2 rules"),
+        "{out}"
+    );
+    until_refused(&session, &uc, "no-add").await;
+}
+
+#[tokio::test]
+async fn reload_on_sighup_and_only_for_administrators() {
+    let policy = format!("{HEAD}{}", allow("use", "\"*\""));
+    let broker = Broker::with(BrokerSetup {
+        policy: Some(&policy),
+        ..Default::default()
+    });
+    broker.signal(rustix::process::Signal::HUP);
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while !broker.log().contains("SIGHUP: reloading the policy") {
+        assert!(Instant::now() < deadline, "no reload after SIGHUP:\n{}", broker.log());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let out = broker.cli_as(portcullis_tests::NOBODY, &["policy", "reload"]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("only root or the broker's own user"),
+        "{out:?}"
+    );
+}
+
+#[tokio::test]
+async fn reload_that_refuses_admission_closes_the_user_client_with_an_event() {
+    let policy = format!("{HEAD}{}", allow("use", "\"*\""));
+    let broker = Broker::with(BrokerSetup {
+        policy: Some(&policy),
+        ..Default::default()
+    });
+    let (session, uc) = broker.open("sample0", OpenMode::Exclusive).await;
+    // Admission still allowed, but not exclusive opens.
+    write(
+        &broker,
+        &format!("{HEAD}[[rule]]\nid = \"shared\"\neffect = \"allow\"\nprincipals = [\"all\"]\nmethods = [\"*\"]\n"),
+    );
+    let event = tokio::time::timeout(Duration::from_secs(3), session.next_event())
+        .await
+        .expect("no event")
+        .unwrap();
+    let Some(pb::event::Kind::UserClientClosed(closed)) = event.kind else {
+        panic!("{event:?}")
+    };
+    assert_eq!(
+        (closed.handle, closed.status),
+        (uc.handle, pb::StatusCode::NotPrivileged as i32)
+    );
+    assert!(closed.reason.contains("reloaded policy"), "{}", closed.reason);
+    assert_eq!(
+        session.call_named(&uc, "add", &[1, 1], &[]).await.unwrap_err().status(),
+        Some(Status::NotOpen)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_under_load_every_call_sees_one_policy() {
+    // Policy A allows add (rule "a") and forbids echo ("no-echo-a"); B allows add ("b") and
+    // forbids echo ("no-echo-b"). A call that saw half of each would be refused by the other's
+    // rule, or allowed where neither allows it.
+    let a = format!(
+        "{HEAD}{}{}",
+        allow("a", "\"add\", \"echo\""),
+        forbid("no-echo-a", "\"echo\"")
+    );
+    let b = format!(
+        "{HEAD}{}{}",
+        allow("b", "\"add\", \"echo\""),
+        forbid("no-echo-b", "\"echo\"")
+    );
+    let broker = Broker::with(BrokerSetup {
+        policy: Some(&a),
+        ..Default::default()
+    });
+    let (session, uc) = broker.open("sample0", OpenMode::Shared).await;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let (mut calls, mut refusals) = (0u64, 0u64);
+            let start = Instant::now();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                assert_eq!(
+                    session.call_named(&uc, "add", &[calls, 1], &[]).await.unwrap().scalars,
+                    vec![calls + 1]
+                );
+                let echo = session.call_named(&uc, "echo", &[], b"x").await.unwrap_err();
+                assert_eq!(echo.status(), Some(Status::NotPrivileged));
+                assert!(matches!(echo.rule(), Some("no-echo-a" | "no-echo-b")), "{echo}");
+                calls += 2;
+                refusals += 1;
+            }
+            (calls, refusals, start.elapsed())
+        })
+    };
+    let client = broker.client().await;
+    let mut generation = 0;
+    for i in 0..100 {
+        write(&broker, if i % 2 == 0 { &b } else { &a });
+        let (g, rules) = client.reload_policy().await.unwrap();
+        assert_eq!(rules, 2);
+        assert!(g > generation, "generations increase");
+        generation = g;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (calls, refusals, elapsed) = load.await.unwrap();
+    let rate = calls as f64 / elapsed.as_secs_f64();
+    assert!(generation >= 101, "generation {generation}");
+    assert!(refusals > 0);
+    assert!(rate >= 1000.0, "only {rate:.0} calls/s under reload");
+}
