@@ -10,6 +10,9 @@ use portcullis_policy::{Policy, PolicyError, Source};
 use portcullis_proto::property::{PropValue, Properties};
 use serde::Deserialize;
 
+/// Connections served at once unless the configuration says otherwise.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
+
 /// The embedded default configuration.
 pub const DEFAULT_CONFIG: &str = include_str!("default_config.toml");
 
@@ -22,6 +25,9 @@ pub const DEFAULT_POLICY: &str = include_str!("default_policy.toml");
 pub struct Config {
     /// Policy file or directory; relative paths are relative to the config file.
     pub policy: Option<PathBuf>,
+    /// Most client connections served at once, over all transports [default: 1024]. A
+    /// connection over the limit is refused at once, so a flood cannot exhaust the broker.
+    pub max_connections: Option<usize>,
     /// Devices the virtual bus publishes.
     #[serde(default, rename = "device")]
     pub devices: Vec<DeviceConfig>,

@@ -64,7 +64,8 @@ pub fn build_core(config: &Config, policy: Option<&Path>) -> Result<Arc<Core>, B
     let policy_path = policy.or(config.policy.as_deref());
     let policy = config::load_policy(policy_path)?;
     tracing::info!(source = %policy_path.map_or("embedded default".into(), |p| p.display().to_string()), rules = policy.rule_count(), "policy loaded");
-    let core = Core::with_source(policy, policy_path.map(Path::to_path_buf));
+    let max_connections = config.max_connections.unwrap_or(config::DEFAULT_MAX_CONNECTIONS);
+    let core = Core::with_limits(policy, policy_path.map(Path::to_path_buf), max_connections);
     bus::publish(&core, config)?;
     Ok(core)
 }

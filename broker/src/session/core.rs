@@ -8,7 +8,7 @@ use std::{
 use portcullis_policy::{Policy, ServiceView};
 use portcullis_proto::layout::AbiId;
 use portcullis_proto::property::Properties;
-use tokio::sync::broadcast;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, broadcast};
 
 use super::PeerIdentity;
 use crate::{
@@ -53,6 +53,9 @@ pub struct Core {
     policy: RwLock<(Arc<Policy>, u64)>,
     /// Where the policy is loaded from on reload (`None`: the embedded default).
     policy_source: Option<PathBuf>,
+    /// One permit per connection being served.
+    connections: Arc<Semaphore>,
+    max_connections: usize,
     events: broadcast::Sender<CoreEvent>,
 }
 
@@ -64,11 +67,18 @@ impl Core {
 
     /// A core whose policy reloads from `source` (a file or directory; `None`: the embedded default).
     pub fn with_source(policy: Policy, source: Option<PathBuf>) -> Arc<Core> {
+        Core::with_limits(policy, source, crate::config::DEFAULT_MAX_CONNECTIONS)
+    }
+
+    /// A core like [`Core::with_source`] serving at most `max_connections` connections at once.
+    pub fn with_limits(policy: Policy, source: Option<PathBuf>, max_connections: usize) -> Arc<Core> {
         let (events, _) = broadcast::channel(EVENT_BUS_CAPACITY);
         Arc::new(Core {
             registry: Registry::new(),
             policy: RwLock::new((Arc::new(policy), 1)),
             policy_source: source,
+            connections: Arc::new(Semaphore::new(max_connections)),
+            max_connections,
             events,
         })
     }
@@ -122,6 +132,17 @@ impl Core {
                 Err(e)
             }
         }
+    }
+
+    /// A permit to serve one more connection, held for the connection's life; `None` when the
+    /// broker already serves as many as it may.
+    pub fn admit_connection(&self) -> Option<OwnedSemaphorePermit> {
+        self.connections.clone().try_acquire_owned().ok()
+    }
+
+    /// The most connections served at once.
+    pub fn max_connections(&self) -> usize {
+        self.max_connections
     }
 
     /// Where the policy reloads from.

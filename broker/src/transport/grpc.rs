@@ -48,6 +48,8 @@ pub struct Peer(pub Arc<PeerIdentity>);
 pub struct PeerStream {
     inner: UnixStream,
     peer: Peer,
+    /// Held for the connection's life: its place in the connection limit.
+    _permit: tokio::sync::OwnedSemaphorePermit,
 }
 
 impl Connected for PeerStream {
@@ -86,7 +88,7 @@ impl AsyncWrite for PeerStream {
 }
 
 /// Accepts connections and collects each peer's identity off the accept path.
-fn incoming(listener: UnixListener) -> ReceiverStream<io::Result<PeerStream>> {
+fn incoming(core: Arc<Core>, listener: UnixListener) -> ReceiverStream<io::Result<PeerStream>> {
     let (tx, rx) = mpsc::channel(ACCEPT_QUEUE);
     tokio::spawn(async move {
         loop {
@@ -97,6 +99,11 @@ fn incoming(listener: UnixListener) -> ReceiverStream<io::Result<PeerStream>> {
                     tokio::time::sleep(Duration::from_millis(10)).await;
                     continue;
                 }
+            };
+            let Some(permit) = core.admit_connection() else {
+                tracing::debug!("gRPC connection refused: connection limit reached");
+                drop(stream);
+                continue;
             };
             let ready = tx.clone();
             tokio::spawn(async move {
@@ -116,6 +123,7 @@ fn incoming(listener: UnixListener) -> ReceiverStream<io::Result<PeerStream>> {
                             .send(Ok(PeerStream {
                                 inner: stream,
                                 peer: Peer(Arc::new(identity)),
+                                _permit: permit,
                             }))
                             .await;
                     }
@@ -177,7 +185,7 @@ pub async fn serve(
             .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
     };
-    let broker = BrokerServer::new(BrokerService { core })
+    let broker = BrokerServer::new(BrokerService { core: core.clone() })
         .max_decoding_message_size(limits::MAX_GRPC_MESSAGE)
         .max_encoding_message_size(limits::MAX_GRPC_MESSAGE);
     tonic::transport::Server::builder()
@@ -188,7 +196,7 @@ pub async fn serve(
         .add_service(reflection().build_v1()?)
         .add_service(reflection().build_v1alpha()?)
         .add_service(broker)
-        .serve_with_incoming_shutdown(incoming(listener), shutdown)
+        .serve_with_incoming_shutdown(incoming(core.clone(), listener), shutdown)
         .await?;
     Ok(())
 }

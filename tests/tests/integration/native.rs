@@ -375,3 +375,50 @@ memory = ["registers"]
         Some(Status::BadArgument)
     );
 }
+
+#[tokio::test]
+async fn connections_over_the_limit_are_refused_and_slots_come_back() {
+    let config = "max_connections = 3\n\n[[device]]\nname = \"sample0\"\ndriver = \"sample\"\n";
+    let broker = Broker::with(portcullis_tests::BrokerSetup {
+        config: Some(config),
+        ..Default::default()
+    });
+    // The harness's readiness probe may still hold a slot for a moment: take three with retries.
+    let mut held = Vec::new();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    while held.len() < 3 {
+        match NativeSession::connect(broker.run_dir(), AbiId::native()).await {
+            Ok(s) => held.push(s),
+            Err(e) => assert!(std::time::Instant::now() < deadline, "no slot: {e}"),
+        }
+    }
+    // The fourth native client is told why.
+    let refused = NativeSession::connect(broker.run_dir(), AbiId::native())
+        .await
+        .unwrap_err();
+    assert_eq!(refused.status(), Some(Status::NoMemory), "{refused}");
+    assert!(refused.to_string().contains("at most 3 connections"), "{refused}");
+    // A gRPC connection shares the same budget: refused too.
+    let grpc = portcullis_tests::client::Client::connect(broker.run_dir()).await;
+    let listed = match grpc {
+        Ok(client) => client
+            .list_services(portcullis_tests::client::matching::all())
+            .await
+            .is_ok(),
+        Err(_) => false,
+    };
+    assert!(!listed, "a gRPC connection over the limit must not be served");
+    // A slot freed is a slot usable.
+    drop(held.pop());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    loop {
+        match NativeSession::connect(broker.run_dir(), AbiId::native()).await {
+            Ok(mut s) => {
+                assert_eq!(s.find("sample0").await.unwrap().len(), 1);
+                break;
+            }
+            Err(e) => assert!(std::time::Instant::now() < deadline, "slot not released: {e}"),
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}

@@ -88,6 +88,34 @@ impl Close {
     }
 }
 
+/// Ends a session with a `Goodbye`: sends it, stops sending, and reads what the client still
+/// sends (for at most a second) so that closing does not reset the connection before the
+/// client has read why.
+async fn goodbye(conn: &UnixSeqpacket, status: Status, reason: String) {
+    if send(
+        conn,
+        &ServerFrame::Goodbye {
+            status: status.code(),
+            reason,
+        },
+    )
+    .await
+    .is_err()
+    {
+        return;
+    }
+    let _ = conn.shutdown(std::net::Shutdown::Write);
+    let mut sink = [0u8; 512];
+    let drain = async {
+        while let Ok(info) = conn.recv(&mut sink).await {
+            if info.bytes_read() == 0 {
+                break;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(1), drain).await;
+}
+
 async fn send(conn: &UnixSeqpacket, frame: &ServerFrame) -> io::Result<()> {
     send_with(conn, frame, None).await
 }
@@ -110,6 +138,14 @@ async fn send_with(conn: &UnixSeqpacket, frame: &ServerFrame, fd: Option<&OwnedF
 }
 
 async fn connection(core: Arc<Core>, conn: UnixSeqpacket) {
+    let Some(_permit) = core.admit_connection() else {
+        tracing::debug!("native connection refused: connection limit reached");
+        let reason = format!(
+            "the broker serves at most {} connections at once",
+            core.max_connections()
+        );
+        return goodbye(&conn, Status::NoMemory, reason).await;
+    };
     let peer = match conn.peer_cred() {
         Ok(cred) => {
             tokio::task::spawn_blocking(move || PeerIdentity::from_peer_cred(cred.uid(), cred.gid(), cred.pid())).await
@@ -137,14 +173,7 @@ async fn connection(core: Arc<Core>, conn: UnixSeqpacket) {
     };
     if let Some(close) = ended {
         tracing::info!(uid = peer.uid, pid = ?peer.pid, status = %close.status, reason = %close.reason, "native session closed by the broker");
-        let _ = send(
-            &conn,
-            &ServerFrame::Goodbye {
-                status: close.status.code(),
-                reason: close.reason,
-            },
-        )
-        .await;
+        goodbye(&conn, close.status, close.reason).await;
     }
 }
 
