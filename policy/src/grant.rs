@@ -7,6 +7,7 @@ use portcullis_proto::{layout::AbiId, property::Properties};
 
 use crate::{
     DEFAULT_DENY,
+    args::{Compiled, ParamRef},
     model::{Effect, OpenPermission, Policy, Principal, Rule, ServiceMatch},
 };
 
@@ -43,6 +44,8 @@ pub struct MethodRef<'a> {
     pub name: &'a str,
     /// Privilege the method requires, if any.
     pub privilege: Option<&'a str>,
+    /// Its parameters, by name, for argument constraints.
+    pub params: &'a [ParamRef<'a>],
 }
 
 /// The rule behind a decision: a rule id, or [`DEFAULT_DENY`].
@@ -77,6 +80,8 @@ pub type Admission = Result<Grant, Denial>;
 pub struct Grant {
     admitted_by: RuleRef,
     methods: Vec<MethodDecision>,
+    /// The argument constraints of each granted method (those of the rule that granted it).
+    constraints: Vec<Vec<Compiled>>,
     privileges: BTreeSet<String>,
     memory: Vec<MethodDecision>,
 }
@@ -98,6 +103,25 @@ impl Grant {
                 reason: "no such method".into(),
             }),
         }
+    }
+
+    /// Checks a call's arguments (scalars, and the struct input in the broker's layout) against
+    /// the constraints of the rule that granted method `index`. Call after [`Grant::check`].
+    pub fn check_args(&self, index: usize, scalars: &[u64], struct_in: &[u8]) -> Result<(), Denial> {
+        let Some(constraints) = self.constraints.get(index) else {
+            return Ok(());
+        };
+        let rule = match self.methods.get(index) {
+            Some(Ok(rule)) => rule,
+            _ => return Ok(()),
+        };
+        for c in constraints {
+            c.check(scalars, struct_in).map_err(|reason| Denial {
+                rule: rule.clone(),
+                reason,
+            })?;
+        }
+        Ok(())
     }
 
     /// The decision for mapping the memory type at `index` of the list given at admission.
@@ -233,6 +257,24 @@ impl Policy {
             .filter(|p| privilege(p).allowed)
             .cloned()
             .collect();
+        let constraints = methods
+            .iter()
+            .map(|m| {
+                // The constraints of the allow rule that grants the method, resolved to where
+                // each parameter's value is.
+                first(Effect::Allow, &|r| r.methods.contains(m.name)).map_or_else(Vec::new, |rule| {
+                    rule.args
+                        .iter()
+                        .filter(|a| a.method == m.name)
+                        .map(|a| Compiled {
+                            param: a.param.clone(),
+                            at: m.params.iter().find(|p| p.name == a.param).map(|p| p.at),
+                            constraint: a.constraint.clone(),
+                        })
+                        .collect()
+                })
+            })
+            .collect();
         let methods = methods
             .iter()
             .map(|m| {
@@ -283,6 +325,7 @@ impl Policy {
             admitted_by: admitted_by.id.clone(),
             memory,
             methods,
+            constraints,
             privileges,
         })
     }
@@ -347,14 +390,17 @@ exe = ["/usr/bin/minicom"]
         MethodRef {
             name: "read",
             privilege: None,
+            params: &[],
         },
         MethodRef {
             name: "write",
             privilege: None,
+            params: &[],
         },
         MethodRef {
             name: "reset",
             privilege: Some("tty.admin"),
+            params: &[],
         },
     ];
 

@@ -12,11 +12,13 @@
 
 #![forbid(unsafe_code)]
 
+mod args;
 mod explain;
 mod grant;
 mod model;
 mod reference;
 
+pub use args::{ParamAt, ParamRef};
 pub use explain::{Explanation, RuleTrace};
 pub use grant::{Admission, Decision, Denial, Grant, MethodDecision, MethodRef, RuleRef, ServiceView, Task};
 pub use model::{Catalog, ClassNames, Effect, OpenPermission, Policy, PolicyError, Source, SourceError};

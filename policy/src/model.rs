@@ -3,6 +3,7 @@
 
 use std::{collections::BTreeMap, fmt, ops::Range};
 
+use crate::args::{Constraint, RawConstraint};
 use portcullis_proto::{
     layout::{ABIS, AbiId},
     property::{PropValue, Properties},
@@ -33,6 +34,8 @@ pub struct ClassNames {
     pub privileges: std::collections::BTreeSet<String>,
     /// Memory type names.
     pub memory: std::collections::BTreeSet<String>,
+    /// The parameter names of each method (scalars, `len`, struct fields).
+    pub params: BTreeMap<String, std::collections::BTreeSet<String>>,
 }
 
 impl Catalog {
@@ -42,6 +45,9 @@ impl Catalog {
         entry.methods.extend(names.methods);
         entry.privileges.extend(names.privileges);
         entry.memory.extend(names.memory);
+        for (method, params) in names.params {
+            entry.params.entry(method).or_default().extend(params);
+        }
     }
 }
 
@@ -145,6 +151,9 @@ struct RawRule {
     privileges: Vec<toml::Spanned<String>>,
     #[serde(default)]
     memory: Vec<toml::Spanned<String>>,
+    /// `args.METHOD.PARAM = { ... }`.
+    #[serde(default)]
+    args: BTreeMap<String, BTreeMap<toml::Spanned<String>, toml::Spanned<RawConstraint>>>,
 }
 
 #[derive(Default, Deserialize)]
@@ -212,6 +221,16 @@ pub(crate) struct Rule {
     pub(crate) memory: Vec<String>,
     /// Every driver-schema name the rule uses, with where it was written.
     pub(crate) names: Vec<NameUse>,
+    /// Argument constraints on the methods this (allow) rule grants.
+    pub(crate) args: Vec<ArgRule>,
+}
+
+/// One argument constraint of a rule.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct ArgRule {
+    pub(crate) method: String,
+    pub(crate) param: String,
+    pub(crate) constraint: Constraint,
 }
 
 /// What kind of driver-schema name a rule uses.
@@ -221,6 +240,8 @@ pub(crate) enum NameKind {
     Method,
     Privilege,
     Memory,
+    /// A parameter of the method named in `method`.
+    Param,
 }
 
 /// One use of a driver-schema name, located for error messages.
@@ -228,6 +249,8 @@ pub(crate) enum NameKind {
 pub(crate) struct NameUse {
     pub(crate) kind: NameKind,
     pub(crate) name: String,
+    /// For a parameter: its method.
+    pub(crate) method: Option<String>,
     pub(crate) origin: String,
     pub(crate) line: usize,
     pub(crate) col: usize,
@@ -359,6 +382,7 @@ impl Policy {
                 names.push(NameUse {
                     kind,
                     name: name.get_ref().clone(),
+                    method: None,
                     origin: at.origin,
                     line: at.line,
                     col: at.col,
@@ -380,6 +404,48 @@ impl Policy {
             } else {
                 Methods::Named(plain(r.methods))
             };
+            let mut args = Vec::new();
+            for (method, params) in r.args {
+                for (param, raw) in params {
+                    let at = locate(source, Some(raw.span()), String::new());
+                    if r.effect == Effect::Forbid {
+                        errors.push(SourceError {
+                            message: format!("rule {id:?}: argument constraints belong on allow rules"),
+                            ..at
+                        });
+                        continue;
+                    }
+                    if !methods.contains(&method) {
+                        errors.push(SourceError {
+                            message: format!("rule {id:?}: args.{method} constrains a method the rule does not grant"),
+                            ..at
+                        });
+                        continue;
+                    }
+                    match raw.into_inner().parse() {
+                        Ok(constraint) => {
+                            let p = locate(source, Some(param.span()), String::new());
+                            names.push(NameUse {
+                                kind: NameKind::Param,
+                                name: param.get_ref().clone(),
+                                method: Some(method.clone()),
+                                origin: p.origin,
+                                line: p.line,
+                                col: p.col,
+                            });
+                            args.push(ArgRule {
+                                method: method.clone(),
+                                param: param.into_inner(),
+                                constraint,
+                            });
+                        }
+                        Err(why) => errors.push(SourceError {
+                            message: format!("rule {id:?}: args.{method}.{}: {why}", param.get_ref()),
+                            ..at
+                        }),
+                    }
+                }
+            }
             rules.push(Rule {
                 id,
                 effect: r.effect,
@@ -394,6 +460,7 @@ impl Policy {
                 privileges: plain(r.privileges),
                 memory: plain(r.memory),
                 names,
+                args,
             });
         }
         let policy = Policy { principals, rules };
@@ -422,6 +489,13 @@ impl Policy {
                             match kind {
                                 NameKind::Method => c.methods.iter().cloned().collect(),
                                 NameKind::Privilege => c.privileges.iter().cloned().collect(),
+                                NameKind::Param => c
+                                    .params
+                                    .get(n.method.as_deref().unwrap_or_default())
+                                    .into_iter()
+                                    .flatten()
+                                    .cloned()
+                                    .collect(),
                                 _ => c.memory.iter().cloned().collect(),
                             }
                         };
@@ -432,10 +506,13 @@ impl Policy {
                         if all.contains(&n.name) {
                             continue;
                         }
-                        let what = match kind {
-                            NameKind::Method => "method",
-                            NameKind::Privilege => "privilege",
-                            _ => "memory type",
+                        let subject = match kind {
+                            NameKind::Method => format!("method {:?}", n.name),
+                            NameKind::Privilege => format!("privilege {:?}", n.name),
+                            NameKind::Param => {
+                                format!("parameter {:?} of {}", n.name, n.method.as_deref().unwrap_or_default())
+                            }
+                            _ => format!("memory type {:?}", n.name),
                         };
                         // Only a class the catalog knows narrows the candidates.
                         let scope = match (class, rule.service.class.as_deref()) {
@@ -447,9 +524,8 @@ impl Policy {
                             line: n.line,
                             col: n.col,
                             message: format!(
-                                "rule {:?}: {what} {:?} is not in {scope}{}",
+                                "rule {:?}: {subject} is not in {scope}{}",
                                 rule.id,
-                                n.name,
                                 did_you_mean(&n.name, all.iter().map(String::as_str))
                             ),
                         });
@@ -617,6 +693,7 @@ mod catalog_tests {
                 methods: ["add", "reset"].map(String::from).into(),
                 privileges: ["sample.admin"].map(String::from).into(),
                 memory: ["dma"].map(String::from).into(),
+                params: [("add".to_string(), ["a", "b"].map(String::from).into())].into(),
             },
         );
         c

@@ -125,6 +125,44 @@ impl Policy {
     }
 }
 
+impl Policy {
+    /// Decides a whole call: the method, then the argument constraints of the rule that grants
+    /// it, read from the rules by name.
+    pub fn evaluate_call(
+        &self,
+        task: &Task<'_>,
+        service: &ServiceView<'_>,
+        method: &crate::MethodRef<'_>,
+        scalars: &[u64],
+        struct_in: &[u8],
+    ) -> Decision {
+        let decision = self.evaluate(
+            task,
+            service,
+            Request::Method {
+                name: method.name,
+                privilege: method.privilege,
+            },
+        );
+        if !decision.allowed {
+            return decision;
+        }
+        let Some(granting) = self.find(task, service, Effect::Allow, |r| r.methods.contains(method.name)) else {
+            return default_deny();
+        };
+        for arg in granting.args.iter().filter(|a| a.method == method.name) {
+            let param = method.params.iter().find(|p| p.name == arg.param);
+            let ok = param
+                .and_then(|p| p.at.value(scalars, struct_in))
+                .is_some_and(|v| arg.constraint.check(&arg.param, v).is_ok());
+            if !ok {
+                return deny(granting);
+            }
+        }
+        decision
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use portcullis_proto::{
@@ -147,6 +185,22 @@ mod tests {
     const METHODS: [&str; 3] = ["read", "write", "reset"];
     const PRIVILEGES: [&str; 2] = ["admin", "raw"];
     const MEMORY: [&str; 2] = ["registers", "dma"];
+    /// Parameters constraints may name; "ghost" is not a parameter of any method.
+    const PARAMS: [&str; 4] = ["a", "b", "len", "ghost"];
+    const PARAM_REFS: [crate::ParamRef<'static>; 3] = [
+        crate::ParamRef {
+            name: "a",
+            at: crate::ParamAt::Scalar(0),
+        },
+        crate::ParamRef {
+            name: "b",
+            at: crate::ParamAt::Scalar(1),
+        },
+        crate::ParamRef {
+            name: "len",
+            at: crate::ParamAt::StructLen,
+        },
+    ];
 
     fn pick<T: Clone>(items: &[T], mask: u8) -> Vec<T> {
         items
@@ -174,9 +228,10 @@ mod tests {
             proptest::collection::vec(0..principals, 1..3),
             (0u8..3, 0u8..3, any::<bool>()),
             (0u8..16, 0u8..3, 0u8..4, 0u8..4),
+            proptest::collection::vec((0usize..3, 0usize..4, 0u8..3, 0i64..20, 0i64..20), 0..3),
         )
             .prop_map(
-                |(forbid, principals, (class, name, vendor), (methods, open, privileges, memory))| Rule {
+                |(forbid, principals, (class, name, vendor), (methods, open, privileges, memory), args)| Rule {
                     id: String::new(),
                     effect: if forbid { Effect::Forbid } else { Effect::Allow },
                     principals,
@@ -201,6 +256,25 @@ mod tests {
                     privileges: pick(&PRIVILEGES, privileges).into_iter().map(String::from).collect(),
                     memory: pick(&MEMORY, memory).into_iter().map(String::from).collect(),
                     names: Vec::new(),
+                    args: if forbid {
+                        Vec::new()
+                    } else {
+                        args.into_iter()
+                            .filter(|(m, ..)| methods == 15 || methods & (1 << m) != 0)
+                            .map(|(m, param, kind, x, y)| crate::model::ArgRule {
+                                method: METHODS[m].to_string(),
+                                param: PARAMS[param].to_string(),
+                                constraint: match kind {
+                                    0 => crate::args::Constraint::Range {
+                                        min: Some(i128::from(x.min(y))),
+                                        max: Some(i128::from(x.max(y))),
+                                    },
+                                    1 => crate::args::Constraint::OneOf(vec![i128::from(x), i128::from(y)]),
+                                    _ => crate::args::Constraint::Mask(u64::try_from(x | y).unwrap_or(0)),
+                                },
+                            })
+                            .collect()
+                    },
                 },
             )
     }
@@ -222,13 +296,17 @@ mod tests {
     }
 
     /// A task, a service and ten requests.
-    type Case = ((u32, u8, u8, u8, u8), (u8, u8, bool), Vec<(u8, u8, u8)>);
+    type Case = (
+        (u32, u8, u8, u8, u8),
+        (u8, u8, bool),
+        Vec<(u8, u8, u8, (u64, u64, usize))>,
+    );
 
     fn case() -> impl Strategy<Value = Case> {
         (
             (0u32..4, 0u8..3, 0u8..8, 0u8..3, 0u8..2),
             (0u8..2, 0u8..2, any::<bool>()),
-            proptest::collection::vec((0u8..4, 0u8..3, 0u8..3), 10),
+            proptest::collection::vec((0u8..4, 0u8..3, 0u8..3, (0u64..20, 0u64..20, 0usize..20)), 10),
         )
     }
 
@@ -246,7 +324,15 @@ mod tests {
         };
         let (exclusive, methods, memory): (bool, Vec<MethodRef<'_>>, Vec<&str>) = match request {
             Request::Open { exclusive } => (exclusive, vec![], vec![]),
-            Request::Method { name, privilege } => (false, vec![MethodRef { name, privilege }], vec![]),
+            Request::Method { name, privilege } => (
+                false,
+                vec![MethodRef {
+                    name,
+                    privilege,
+                    params: &[],
+                }],
+                vec![],
+            ),
             Request::Memory { name } => (false, vec![], vec![name]),
         };
         match policy.admit(task, service, exclusive, &methods, &memory) {
@@ -280,7 +366,21 @@ mod tests {
             };
             let props = if vendor { Properties::from([("vendor".to_string(), PropValue::Text("0403".into()))]) } else { Properties::new() };
             let service = ServiceView { class: CLASSES[usize::from(class)], name: NAMES[usize::from(name)], properties: &props };
-            for (kind, a, b) in requests {
+            for (kind, a, b, (x, y, len)) in requests {
+                if kind == 2 {
+                    // A whole call: method and argument constraints.
+                    let method = MethodRef { name: METHODS[usize::from(a)], privilege: PRIVILEGES.get(usize::from(b)).copied(), params: &PARAM_REFS };
+                    let struct_in = vec![0u8; len];
+                    let compiled = match policy.admit(&task, &service, false, std::slice::from_ref(&method), &[]) {
+                        Err(d) => Decision { allowed: false, rule: d.rule },
+                        Ok(grant) => match grant.check(0).map(str::to_string).and_then(|rule| grant.check_args(0, &[x, y], &struct_in).map(|()| rule)) {
+                            Ok(rule) => Decision { allowed: true, rule },
+                            Err(d) => Decision { allowed: false, rule: d.rule },
+                        },
+                    };
+                    prop_assert_eq!(compiled, policy.evaluate_call(&task, &service, &method, &[x, y], &struct_in), "call {:?}", (a, b, x, y, len));
+                    continue;
+                }
                 let request = match kind {
                     0 => Request::Open { exclusive: a % 2 == 1 },
                     1 | 2 => Request::Method { name: METHODS[usize::from(a)], privilege: PRIVILEGES.get(usize::from(b)).copied() },

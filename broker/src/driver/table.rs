@@ -8,10 +8,12 @@
 
 use portcullis_proto::{
     Status,
-    layout::{ABIS, AbiId, Plan, Schema, TranslateError},
+    layout::{ABIS, AbiId, Elem, Plan, Scalar, Schema, TranslateError},
     limits,
     pb::{self, MethodInfo},
 };
+
+use portcullis_policy::ParamAt;
 
 use super::{CallArgs, CallOutput, DriverError};
 
@@ -66,6 +68,8 @@ pub struct MethodSpec {
     pub in_layout: Option<&'static str>,
     /// Struct layout of the output.
     pub out_layout: Option<&'static str>,
+    /// Names of the scalar inputs, in order (policy constrains arguments by name).
+    pub scalar_names: &'static [&'static str],
 }
 
 /// A table row that breaks the rules.
@@ -93,6 +97,9 @@ pub enum TableError {
     /// Bounds are `min <= max <= MAX_STRUCT`.
     #[error("method {0:?} has struct bounds outside 0..={max}", max = limits::MAX_STRUCT)]
     BadBounds(&'static str),
+    /// Every scalar input has a name.
+    #[error("method {0:?} must name each of its scalar inputs")]
+    ScalarNames(&'static str),
     /// At most [`limits::MAX_SCALARS`] scalars each way.
     #[error("method {0:?} has more than {max} scalars", max = limits::MAX_SCALARS)]
     TooManyScalars(&'static str),
@@ -109,6 +116,9 @@ struct Plans {
 #[derive(Clone, Debug)]
 struct Row {
     spec: MethodSpec,
+    /// Parameters policy may constrain: scalars by name, `len` (struct input length), and the
+    /// top-level integer and `char[N]` fields of the input layout, at native offsets.
+    params: Vec<(String, ParamAt)>,
     /// Client layout → native, for the input.
     inbound: Option<Plans>,
     /// Native → client layout, for the output.
@@ -120,6 +130,37 @@ struct Row {
 pub struct MethodTable {
     rows: Vec<Row>,
     specs: Vec<MethodSpec>,
+}
+
+/// A row's parameters: its scalars by name, `len` when it takes a struct (unless a scalar has
+/// that name), and the top-level integer and `char[N]` fields of its input layout.
+fn params(schema: &Schema, spec: &MethodSpec) -> Vec<(String, ParamAt)> {
+    let mut params: Vec<(String, ParamAt)> = spec
+        .scalar_names
+        .iter()
+        .enumerate()
+        .map(|(i, n)| (n.to_string(), ParamAt::Scalar(i)))
+        .collect();
+    if spec.struct_in.max > 0 && !spec.scalar_names.contains(&"len") {
+        params.push(("len".into(), ParamAt::StructLen));
+    }
+    let layout = spec
+        .in_layout
+        .and_then(|l| schema.index(l))
+        .map(|i| schema.layout(i, AbiId::native().abi()));
+    for f in layout.iter().flat_map(|l| &l.fields) {
+        let at = match (f.elem, f.count) {
+            (Elem::Char, Some(len)) => ParamAt::Chars { offset: f.offset, len },
+            (Elem::Scalar(s), None) if !matches!(s, Scalar::F32 | Scalar::F64) => ParamAt::Field {
+                offset: f.offset,
+                size: u8::try_from(f.size).unwrap_or(8),
+                signed: s.is_signed(),
+            },
+            _ => continue,
+        };
+        params.push((f.name.clone(), at));
+    }
+    params
 }
 
 /// Plans for every ABI: `from_client` picks the direction.
@@ -183,14 +224,24 @@ impl MethodTable {
             if usize::from(row.scalar_in.max(row.scalar_out)) > limits::MAX_SCALARS {
                 return Err(TableError::TooManyScalars(row.name));
             }
+            if row.scalar_names.len() != usize::from(row.scalar_in) {
+                return Err(TableError::ScalarNames(row.name));
+            }
+            let params = params(schema, &spec);
             built.push(Row {
                 spec,
+                params,
                 inbound,
                 outbound,
             });
         }
         let specs = built.iter().map(|r| r.spec).collect();
         Ok(MethodTable { rows: built, specs })
+    }
+
+    /// The parameters of row `index`, for argument constraints.
+    pub fn params(&self, index: usize) -> &[(String, ParamAt)] {
+        self.rows.get(index).map_or(&[], |r| r.params.as_slice())
     }
 
     /// All rows, in selector order (sizes native).
@@ -412,6 +463,7 @@ mod tests {
         privilege: None,
         in_layout: None,
         out_layout: None,
+        scalar_names: &["a", "b"],
     };
 
     #[test]
@@ -446,9 +498,13 @@ mod tests {
             scalar_out: 0,
             in_layout: Some("t"),
             out_layout: Some("t"),
+            scalar_names: &[],
             ..ADD
         };
         let table = MethodTable::with_schema(&[row], &schema).unwrap();
+        // Its parameters: the struct's length and its integer fields, at native offsets.
+        let params: Vec<&str> = table.params(0).iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(params, ["len", "a", "b"]);
         let native = schema.layout(0, AbiId::native().abi()).size;
         assert_eq!(table.rows()[0].struct_in, SizeRange::exactly(native));
         assert_eq!(table.inbound(0, AbiId::I386).unwrap().src_size(), 8);
@@ -477,6 +533,23 @@ mod tests {
             ..ADD
         };
         assert_eq!(MethodTable::new(&[inverted]).unwrap_err(), TableError::BadBounds("add"));
+    }
+
+    #[test]
+    fn table_scalars_must_be_named() {
+        let unnamed = MethodSpec {
+            scalar_names: &["a"],
+            ..ADD
+        };
+        assert_eq!(
+            MethodTable::new(&[unnamed]).unwrap_err(),
+            TableError::ScalarNames("add")
+        );
+        let table = MethodTable::new(&[ADD]).unwrap();
+        assert_eq!(
+            table.params(0).iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(),
+            ["a", "b"]
+        );
     }
 
     #[test]

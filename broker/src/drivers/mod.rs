@@ -22,6 +22,16 @@ pub fn catalog() -> portcullis_policy::Catalog {
                 methods: rows.iter().map(|r| r.name.to_string()).collect(),
                 privileges: rows.iter().filter_map(|r| r.privilege).map(String::from).collect(),
                 memory: driver.memory_types().iter().map(|m| m.name.to_string()).collect(),
+                params: rows
+                    .iter()
+                    .enumerate()
+                    .map(|(i, r)| {
+                        (
+                            r.name.to_string(),
+                            driver.methods().params(i).iter().map(|(n, _)| n.clone()).collect(),
+                        )
+                    })
+                    .collect(),
             },
         );
     }

@@ -13,7 +13,7 @@ use std::{
     },
 };
 
-use portcullis_policy::{Denial, Grant, MethodRef};
+use portcullis_policy::{Denial, Grant, MethodRef, ParamRef};
 use portcullis_proto::{Status, layout::AbiId, limits};
 use tokio::sync::watch;
 
@@ -352,6 +352,10 @@ impl Session {
         }
         let abi = self.abi;
         let args = table.prepare(index, abi, scalars, struct_in, struct_out_cap)?;
+        // Argument constraints see the values in the broker's own layout, after translation.
+        uc.grant
+            .check_args(index, &args.scalars, &args.struct_in)
+            .map_err(Refusal::denied)?;
         let cap = args.struct_out_cap;
         if spec.is_async && self.pending.load(Ordering::Relaxed) >= limits::MAX_PENDING_CALLS_PER_SESSION {
             let limit = limits::MAX_PENDING_CALLS_PER_SESSION;
@@ -535,13 +539,24 @@ fn admit(
     driver: &Arc<dyn Driver>,
     mode: OpenMode,
 ) -> Result<Grant, Denial> {
-    let methods: Vec<MethodRef<'_>> = driver
-        .methods()
+    let table = driver.methods();
+    let params: Vec<Vec<ParamRef<'_>>> = (0..table.rows().len())
+        .map(|i| {
+            table
+                .params(i)
+                .iter()
+                .map(|(name, at)| ParamRef { name, at: *at })
+                .collect()
+        })
+        .collect();
+    let methods: Vec<MethodRef<'_>> = table
         .rows()
         .iter()
-        .map(|r| MethodRef {
+        .zip(&params)
+        .map(|(r, params)| MethodRef {
             name: r.name,
             privilege: r.privilege,
+            params,
         })
         .collect();
     let memory_types: Vec<&str> = driver.memory_types().iter().map(|m| m.name).collect();

@@ -422,3 +422,66 @@ async fn connections_over_the_limit_are_refused_and_slots_come_back() {
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
 }
+
+#[tokio::test]
+async fn argument_constraints_apply_to_scalars_lengths_and_translated_fields() {
+    let policy = r#"
+[[principal]]
+name = "all"
+
+[[rule]]
+id = "limited"
+effect = "allow"
+principals = ["all"]
+service = { class = "SampleDevice" }
+methods = ["add", "echo", "fire_event", "transform_record"]
+args.add.a = { max = 100 }
+args.echo.len = { max = 8 }
+args.fire_event.value = { one_of = [1, 2] }
+args.transform_record.u32_ = { mask = 0xff }
+args.transform_record.long_ = { min = -5, max = 5 }
+args.transform_record.name = { prefix = "ok" }
+"#;
+    let broker = Broker::with(portcullis_tests::BrokerSetup {
+        policy: Some(policy),
+        ..Default::default()
+    });
+    let (mut s, h) = open_sample(&broker, AbiId::I386).await;
+    let refused = |e: portcullis_tests::client::ClientError, says: &str| {
+        assert_eq!(
+            (e.status(), e.rule()),
+            (Some(Status::NotPrivileged), Some("limited")),
+            "{e}"
+        );
+        assert!(e.to_string().contains(says), "{e} should say {says:?}");
+    };
+    assert_eq!(s.call(h, 0, &[100, 1], &[], 0).await.unwrap().scalars, vec![101]);
+    refused(s.call(h, 0, &[101, 1], &[], 0).await.unwrap_err(), "argument a = 101");
+    assert!(s.call(h, 1, &[], &[0; 8], 64).await.is_ok());
+    refused(s.call(h, 1, &[], &[0; 9], 64).await.unwrap_err(), "argument len = 9");
+    assert!(s.call(h, 4, &[2], &[], 0).await.is_ok());
+    refused(s.call(h, 4, &[3], &[], 0).await.unwrap_err(), "not one of");
+
+    // sample_record for i386 (112 bytes): u32_ at 8, long_ (4 bytes) at 32, name at 57.
+    let record = |u32_: u32, long_: i32, name: &[u8]| {
+        let mut r = vec![0u8; 112];
+        r[8..12].copy_from_slice(&u32_.to_le_bytes());
+        r[32..36].copy_from_slice(&long_.to_le_bytes());
+        r[57..57 + name.len()].copy_from_slice(name);
+        r
+    };
+    assert!(s.call(h, 7, &[], &record(0xff, -5, b"okay"), 4096).await.is_ok());
+    refused(
+        s.call(h, 7, &[], &record(0x100, 0, b"ok"), 4096).await.unwrap_err(),
+        "outside 0xff",
+    );
+    // The i386 long -6 is sign-extended before the check, so it is below -5, not a huge number.
+    refused(
+        s.call(h, 7, &[], &record(1, -6, b"ok"), 4096).await.unwrap_err(),
+        "argument long_ = -6",
+    );
+    refused(
+        s.call(h, 7, &[], &record(1, 0, b"no"), 4096).await.unwrap_err(),
+        "does not start with \"ok\"",
+    );
+}

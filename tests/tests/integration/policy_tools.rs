@@ -107,3 +107,21 @@ fn policy_test_runs_cases_and_summarises() {
     );
     assert!(out.lines().any(|l| l == "0 passed, 1 failed"), "{out}");
 }
+
+#[test]
+fn policy_check_finds_unknown_argument_names() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("p.toml");
+    std::fs::write(
+        &path,
+        "[[principal]]\nname = \"a\"\n[[rule]]\nid = \"r\"\neffect = \"allow\"\nprincipals = [\"a\"]\nservice = { class = \"SampleDevice\" }\nmethods = [\"add\", \"checksum_dma\"]\nargs.add.c = { max = 1 }\nargs.checksum_dma.len = { max = 4096 }\n",
+    )
+    .unwrap();
+    let (ok, out) = run(&["policy", "check", path.to_str().unwrap()]);
+    assert!(!ok);
+    assert!(
+        out.contains("p.toml:9:10: rule \"r\": parameter \"c\" of add is not in class SampleDevice"),
+        "{out}"
+    );
+    assert!(out.contains("1 error(s)"), "{out}");
+}

@@ -71,11 +71,17 @@ impl Selector {
     }
 }
 
-const fn row(selector: Selector, name: &'static str, scalar_in: u8, scalar_out: u8) -> MethodSpec {
+const fn row(
+    selector: Selector,
+    name: &'static str,
+    scalar_names: &'static [&'static str],
+    scalar_out: u8,
+) -> MethodSpec {
     MethodSpec {
         selector: selector as u32,
         name,
-        scalar_in,
+        scalar_in: scalar_names.len() as u8,
+        scalar_names,
         scalar_out,
         struct_in: SizeRange::NONE,
         struct_out: SizeRange::NONE,
@@ -93,31 +99,31 @@ pub const LAYOUTS: &str = include_str!("layout.toml");
 pub const ECHO_MAX: u32 = 4096;
 
 pub(super) const TABLE: [MethodSpec; 8] = [
-    row(Selector::Add, "add", 2, 1),
+    row(Selector::Add, "add", &["a", "b"], 1),
     MethodSpec {
         struct_in: SizeRange::between(0, ECHO_MAX),
         struct_out: SizeRange::between(0, ECHO_MAX),
-        ..row(Selector::Echo, "echo", 0, 0)
+        ..row(Selector::Echo, "echo", &[], 0)
     },
     MethodSpec {
         out_layout: Some("sample_info"),
-        ..row(Selector::GetInfo, "get_info", 0, 0)
+        ..row(Selector::GetInfo, "get_info", &[], 0)
     },
     MethodSpec {
         is_async: true,
-        ..row(Selector::WaitEvent, "wait_event", 1, 1)
+        ..row(Selector::WaitEvent, "wait_event", &["timeout_ms"], 1)
     },
-    row(Selector::FireEvent, "fire_event", 1, 1),
+    row(Selector::FireEvent, "fire_event", &["value"], 1),
     MethodSpec {
         privilege: Some("sample.admin"),
-        ..row(Selector::Reset, "reset", 0, 0)
+        ..row(Selector::Reset, "reset", &[], 0)
     },
     MethodSpec {
         in_layout: Some("sample_record"),
         out_layout: Some("sample_record"),
-        ..row(Selector::TransformRecord, "transform_record", 0, 0)
+        ..row(Selector::TransformRecord, "transform_record", &[], 0)
     },
-    row(Selector::ChecksumDma, "checksum_dma", 2, 1),
+    row(Selector::ChecksumDma, "checksum_dma", &["offset", "len"], 1),
 ];
 
 /// Memory type `registers`.
