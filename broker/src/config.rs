@@ -28,6 +28,8 @@ pub struct Config {
     /// Most client connections served at once, over all transports [default: 1024]. A
     /// connection over the limit is refused at once, so a flood cannot exhaust the broker.
     pub max_connections: Option<usize>,
+    /// The decision log (JSON lines); relative paths are relative to the config file.
+    pub decision_log: Option<PathBuf>,
     /// Devices the virtual bus publishes.
     #[serde(default, rename = "device")]
     pub devices: Vec<DeviceConfig>,
@@ -98,8 +100,9 @@ impl Config {
         };
         let text = read(path)?;
         let mut config = Config::parse(&path.display().to_string(), &text)?;
-        if let (Some(policy), Some(dir)) = (&config.policy, path.parent()) {
-            config.policy = Some(dir.join(policy));
+        if let Some(dir) = path.parent() {
+            config.policy = config.policy.map(|p| dir.join(p));
+            config.decision_log = config.decision_log.map(|p| dir.join(p));
         }
         Ok(config)
     }

@@ -13,7 +13,7 @@ use portcullis_client::{GRPC_SOCKET, NATIVE_SOCKET};
 use crate::{
     bus::{self, BusError},
     config::{self, Config, ConfigError},
-    session::Core,
+    session::{Core, DecisionLog},
     transport::{
         grpc::{self, GrpcError},
         native::{self, NativeError},
@@ -29,6 +29,8 @@ pub struct BrokerOptions {
     pub policy: Option<PathBuf>,
     /// Where the sockets live.
     pub run_dir: PathBuf,
+    /// Decision log file; overrides the config's.
+    pub decision_log: Option<PathBuf>,
 }
 
 /// Why the broker could not start or stopped with an error.
@@ -84,6 +86,14 @@ fn prepare_run_dir(dir: &Path) -> Result<(), BrokerError> {
 pub async fn run(options: BrokerOptions, shutdown: impl Future<Output = ()>) -> Result<(), BrokerError> {
     let config = Config::load(options.config.as_deref())?;
     let core = build_core(&config, options.policy.as_deref())?;
+    if let Some(path) = options.decision_log.as_ref().or(config.decision_log.as_ref()) {
+        let log = DecisionLog::open(path).map_err(|source| BrokerError::RunDir {
+            path: path.clone(),
+            source,
+        })?;
+        core.set_decision_log(log);
+        tracing::info!(path = %path.display(), "logging decisions");
+    }
     prepare_run_dir(&options.run_dir)?;
     let mut watchers = Vec::new();
     let grpc_path = options.run_dir.join(GRPC_SOCKET);

@@ -82,6 +82,10 @@ struct BrokerArgs {
     /// `policy`, else the embedded default policy].
     #[arg(long)]
     policy: Option<PathBuf>,
+    /// Log every admission and refusal as JSON lines to this file [default: the config's
+    /// `decision_log`, else none].
+    #[arg(long)]
+    decision_log: Option<PathBuf>,
     #[command(flatten)]
     run_dir: RunDir,
 }
@@ -151,6 +155,7 @@ async fn broker(args: BrokerArgs) -> Result<(), String> {
         config: args.config,
         policy: args.policy,
         run_dir: args.run_dir.path(),
+        decision_log: args.decision_log,
     };
     server::run(options, shutdown_signal()).await.map_err(|e| e.to_string())
 }

@@ -55,6 +55,8 @@ pub struct Core {
     policy_source: Option<PathBuf>,
     /// One permit per connection being served.
     connections: Arc<Semaphore>,
+    /// Where decisions are logged, when configured.
+    decisions: std::sync::OnceLock<super::DecisionLog>,
     max_connections: usize,
     events: broadcast::Sender<CoreEvent>,
 }
@@ -79,6 +81,7 @@ impl Core {
             policy_source: source,
             connections: Arc::new(Semaphore::new(max_connections)),
             max_connections,
+            decisions: std::sync::OnceLock::new(),
             events,
         })
     }
@@ -138,6 +141,16 @@ impl Core {
     /// broker already serves as many as it may.
     pub fn admit_connection(&self) -> Option<OwnedSemaphorePermit> {
         self.connections.clone().try_acquire_owned().ok()
+    }
+
+    /// Logs decisions to `log` from now on (once; later calls are ignored).
+    pub fn set_decision_log(&self, log: super::DecisionLog) {
+        let _ = self.decisions.set(log);
+    }
+
+    /// The decision log, if one is configured.
+    pub fn decision_log(&self) -> Option<&super::DecisionLog> {
+        self.decisions.get()
     }
 
     /// The most connections served at once.

@@ -4,10 +4,12 @@
 
 mod command;
 mod core;
+mod decisions;
 mod identity;
 mod user;
 
 pub use command::{Command, Reply, Started};
 pub use core::{Core, CoreEvent};
+pub use decisions::DecisionLog;
 pub use identity::{IdentityError, PeerIdentity};
 pub use user::{CallStarted, Refusal, Session, SessionEvent};

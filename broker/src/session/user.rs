@@ -160,6 +160,10 @@ pub struct Session {
     /// Events the session produced on its own (user clients closed by a policy change), for
     /// the transport to send.
     outbox: Vec<SessionEvent>,
+    /// This session's share of the decision log.
+    budget: super::decisions::Budget,
+    /// Calls allowed (counted, not logged one by one).
+    calls_allowed: u64,
 }
 
 impl fmt::Debug for Session {
@@ -187,6 +191,8 @@ impl Session {
             subscription: Subscription::None,
             generation,
             outbox: Vec::new(),
+            budget: super::decisions::Budget::default(),
+            calls_allowed: 0,
         }
     }
 
@@ -224,6 +230,141 @@ impl Session {
         }
     }
 
+    /// `open_user_client` (IOServiceOpen → initWithTask): admission by policy, then the open.
+    /// Returns the handle, the service and the grant's privileges. Logged either way.
+    pub fn open_user_client(
+        &mut self,
+        service_id: ServiceId,
+        mode: OpenMode,
+    ) -> Result<(u64, Arc<Service>, Vec<String>), Refusal> {
+        let result = self.open_user_client_inner(service_id, mode);
+        let mode_name = format!("{mode:?}").to_lowercase();
+        match &result {
+            Ok((handle, service, _)) => {
+                let rule = self
+                    .user_clients
+                    .get(handle)
+                    .map(|uc| uc.grant.admitted_by().to_string());
+                let record = serde_json::json!({ "event": "admission", "decision": "allow", "service": service.name(), "request": { "open": mode_name }, "rule": rule, "handle": handle });
+                self.log(record);
+            }
+            Err(refusal) => {
+                let name = self.core.registry().get(service_id).map(|s| s.name().to_string());
+                self.log_refusal(
+                    "admission",
+                    name.as_deref(),
+                    serde_json::json!({ "open": mode_name, "service_id": service_id.0 }),
+                    refusal,
+                );
+            }
+        }
+        result
+    }
+
+    /// `call` (IOConnectCallMethod): grant, method table, translation, argument constraints,
+    /// then the driver. Refusals are logged; allowed calls are counted.
+    pub fn call(
+        &mut self,
+        handle: u64,
+        selector: u32,
+        scalars: Vec<u64>,
+        struct_in: Vec<u8>,
+        struct_out_cap: u32,
+    ) -> Result<CallStarted, Refusal> {
+        let result = self.call_inner(handle, selector, scalars, struct_in, struct_out_cap);
+        match &result {
+            Ok(_) => self.calls_allowed += 1,
+            Err(refusal) => {
+                let (service, method) = self.describe(handle, selector);
+                self.log_refusal(
+                    "call",
+                    service.as_deref(),
+                    serde_json::json!({ "handle": handle, "selector": selector, "method": method }),
+                    refusal,
+                );
+            }
+        }
+        result
+    }
+
+    /// `map_memory` (clientMemoryForType), logged either way.
+    pub fn map_memory(&mut self, handle: u64, memory_type: u32) -> Result<(OwnedFd, MemoryType), Refusal> {
+        let result = self.map_memory_inner(handle, memory_type);
+        let (service, _) = self.describe(handle, u32::MAX);
+        match &result {
+            Ok((_, kind)) => {
+                let record = serde_json::json!({ "event": "map_memory", "decision": "allow", "service": service, "request": { "handle": handle, "memory_type": kind.name } });
+                self.log(record);
+            }
+            Err(refusal) => self.log_refusal(
+                "map_memory",
+                service.as_deref(),
+                serde_json::json!({ "handle": handle, "memory_type": memory_type }),
+                refusal,
+            ),
+        }
+        result
+    }
+
+    /// The service name and method name of a handle and selector, as far as they are known.
+    fn describe(&self, handle: u64, selector: u32) -> (Option<String>, Option<String>) {
+        let Some(uc) = self.user_clients.get(&handle) else {
+            return (None, None);
+        };
+        let method = uc.driver.methods().get(selector).map(|(_, m)| m.name.to_string());
+        (Some(uc.open.service().name().to_string()), method)
+    }
+
+    /// Writes a decision record (with the task and policy generation), within this session's
+    /// budget; lines over the budget are counted and reported with the next line written.
+    fn log(&mut self, record: serde_json::Value) {
+        let Some(log) = self.core.decision_log() else { return };
+        let (write, dropped) = self.budget.take();
+        if dropped > 0 {
+            log.write(self.stamp(
+                serde_json::json!({ "event": "dropped", "reason": "client over its log budget", "count": dropped }),
+            ));
+        }
+        if write {
+            log.write(self.stamp(record));
+        }
+    }
+
+    fn stamp(&self, mut record: serde_json::Value) -> serde_json::Value {
+        if let Some(map) = record.as_object_mut() {
+            map.insert("policy_generation".into(), self.generation.into());
+            map.insert("uid".into(), self.peer.uid.into());
+            map.insert("gid".into(), self.peer.gid.into());
+            map.insert("pid".into(), self.peer.pid.into());
+            map.insert("exe".into(), self.peer.exe.clone().into());
+            map.insert("abi".into(), self.abi.to_string().into());
+        }
+        record
+    }
+
+    /// Logs a refused request, naming the check that failed.
+    fn log_refusal(&mut self, event: &str, service: Option<&str>, what: serde_json::Value, refusal: &Refusal) {
+        let check = match (refusal.status, refusal.rule.is_some()) {
+            (Status::NotPrivileged, true) if refusal.message.starts_with("argument") => "argument constraint",
+            (Status::NotPrivileged, _) => "policy",
+            (Status::BadArgument, _) => "method table (count, size or value)",
+            (Status::Overflow, _) => "translation",
+            (Status::NotOpen, _) => "handle",
+            (Status::ExclusiveAccess, _) => "arbitration",
+            (other, _) => other.name(),
+        };
+        self.log(serde_json::json!({
+            "event": event,
+            "decision": "deny",
+            "service": service,
+            "request": what,
+            "status": refusal.status.name(),
+            "rule": refusal.rule.as_deref().unwrap_or(portcullis_policy::DEFAULT_DENY),
+            "check": check,
+            "reason": refusal.message,
+        }));
+    }
+
     /// Events the session produced itself since the last call, for the transport to send.
     pub fn take_outbox(&mut self) -> Vec<SessionEvent> {
         std::mem::take(&mut self.outbox)
@@ -256,7 +397,7 @@ impl Session {
 
     /// `open_user_client` (IOServiceOpen → initWithTask): admission by policy, then the open.
     /// Returns the handle, the service and the grant's privileges.
-    pub fn open_user_client(
+    fn open_user_client_inner(
         &mut self,
         service_id: ServiceId,
         mode: OpenMode,
@@ -318,7 +459,7 @@ impl Session {
     }
 
     /// `call` (IOConnectCallMethod): grant, method table, then the driver.
-    pub fn call(
+    fn call_inner(
         &mut self,
         handle: u64,
         selector: u32,
@@ -393,7 +534,7 @@ impl Session {
     /// `map_memory` (clientMemoryForType): a descriptor for memory type `memory_type` of the user
     /// client's service, with no more rights than the type allows. Mapping the same type again
     /// gives the same memory.
-    pub fn map_memory(&mut self, handle: u64, memory_type: u32) -> Result<(OwnedFd, MemoryType), Refusal> {
+    fn map_memory_inner(&mut self, handle: u64, memory_type: u32) -> Result<(OwnedFd, MemoryType), Refusal> {
         self.refresh();
         let uc = self.user_clients.get_mut(&handle).ok_or_else(|| not_open(handle))?;
         let service = uc.open.service().clone();
@@ -526,6 +667,10 @@ impl Session {
 
 impl Drop for Session {
     fn drop(&mut self) {
+        if let Some(log) = self.core.decision_log() {
+            let summary = serde_json::json!({ "event": "session_end", "calls_allowed": self.calls_allowed, "dropped": self.budget.dropped() });
+            log.write(self.stamp(summary));
+        }
         tracing::debug!(uid = self.peer.uid, pid = ?self.peer.pid, user_clients = self.user_clients.len(), "session ended, releasing everything");
     }
 }

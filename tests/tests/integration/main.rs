@@ -6,6 +6,7 @@ mod abi_matrix;
 mod bad_input;
 mod client_example;
 mod concurrency;
+mod decision_log;
 mod exclusive;
 mod native;
 mod policy;

@@ -1,0 +1,116 @@
+//! The decision log: admissions and refusals as JSON lines naming the rule and the failed
+//! check; allowed calls counted; a client flooding refusals cannot flood the log.
+
+use std::time::{Duration, Instant};
+
+use portcullis_tests::{
+    Broker, BrokerSetup,
+    client::{OpenMode, Status},
+};
+use serde_json::Value;
+
+const POLICY: &str = r#"
+[[principal]]
+name = "all"
+
+[[rule]]
+id = "use"
+effect = "allow"
+principals = ["all"]
+service = { class = "SampleDevice" }
+methods = ["add", "fire_event"]
+args.add.a = { max = 100 }
+
+[[rule]]
+id = "no-fire"
+effect = "forbid"
+principals = ["all"]
+methods = ["fire_event"]
+"#;
+
+fn records(path: &std::path::Path) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[tokio::test]
+async fn decision_log_names_rules_checks_and_survives_a_flood() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("decisions.jsonl");
+    let log_arg = log.to_str().unwrap().to_string();
+    let broker = Broker::with(BrokerSetup {
+        policy: Some(POLICY),
+        args: &["--decision-log", &log_arg],
+        ..Default::default()
+    });
+    {
+        let (session, uc) = broker.open("sample0", OpenMode::Shared).await;
+        for i in 0..10 {
+            session.call_named(&uc, "add", &[i, 1], &[]).await.unwrap();
+        }
+        let forbidden = session.call_named(&uc, "fire_event", &[1], &[]).await.unwrap_err();
+        assert_eq!(forbidden.rule(), Some("no-fire"));
+        let too_big = session.call_named(&uc, "add", &[101, 1], &[]).await.unwrap_err();
+        assert_eq!(too_big.rule(), Some("use"));
+        assert_eq!(
+            session.call(uc.handle, 99, &[], &[], 0).await.unwrap_err().status(),
+            Some(Status::BadArgument)
+        );
+        // A flood of refusals.
+        for _ in 0..2000 {
+            let _ = session.call(uc.handle, 99, &[], &[], 0).await;
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let all = loop {
+        let all = records(&log);
+        if all.iter().any(|r| r["event"] == "session_end") {
+            break all;
+        }
+        assert!(Instant::now() < deadline, "no session_end record: {all:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let admission = all.iter().find(|r| r["event"] == "admission").unwrap();
+    assert_eq!(
+        (admission["decision"].as_str(), admission["rule"].as_str()),
+        (Some("allow"), Some("use"))
+    );
+    assert_eq!(admission["uid"], 0);
+    assert_eq!(admission["policy_generation"], 1);
+    assert!(admission["exe"].is_string() && admission["id"].is_u64() && admission["time"].is_f64());
+
+    let denials: Vec<&Value> = all.iter().filter(|r| r["decision"] == "deny").collect();
+    let fire = denials.iter().find(|r| r["request"]["method"] == "fire_event").unwrap();
+    assert_eq!(
+        (fire["rule"].as_str(), fire["check"].as_str()),
+        (Some("no-fire"), Some("policy"))
+    );
+    let arg = denials.iter().find(|r| r["check"] == "argument constraint").unwrap();
+    assert_eq!(arg["rule"], "use");
+    assert!(arg["reason"].as_str().unwrap().contains("argument a = 101"));
+    let table = denials.iter().find(|r| r["request"]["selector"] == 99).unwrap();
+    assert_eq!(
+        (table["rule"].as_str(), table["status"].as_str()),
+        (Some("default deny"), Some("BAD_ARGUMENT"))
+    );
+
+    // The flood was cut to the session's budget, and what was cut is counted.
+    assert!(denials.len() < 400, "{} denial lines for 2,003 refusals", denials.len());
+    let end = all.iter().find(|r| r["event"] == "session_end").unwrap();
+    assert_eq!(end["calls_allowed"], 10, "allowed calls are counted, not logged");
+    let dropped = end["dropped"].as_u64().unwrap()
+        + all
+            .iter()
+            .filter(|r| r["event"] == "dropped")
+            .map(|r| r["count"].as_u64().unwrap())
+            .sum::<u64>();
+    assert_eq!(
+        dropped as usize + denials.len(),
+        2003,
+        "every refusal is either logged or counted as dropped"
+    );
+    assert!(!all.iter().any(|r| r["event"] == "call" && r["decision"] == "allow"));
+}
