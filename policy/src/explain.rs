@@ -47,6 +47,35 @@ impl Principal {
         if !self.exe.is_empty() && !task.exe.is_some_and(|e| self.exe.iter().any(|x| x == e)) {
             return Some(format!("exe {} not in {:?}", task.exe.unwrap_or("(unknown)"), self.exe));
         }
+        let unknown = "(unknown)";
+        if !self.exe_sha256.is_empty() && !task.exe_sha256.is_some_and(|h| self.exe_sha256.iter().any(|x| x == h)) {
+            return Some(format!(
+                "exe sha256 {} not in {:?}",
+                task.exe_sha256.unwrap_or(unknown),
+                self.exe_sha256
+            ));
+        }
+        if !self.cgroup.is_empty() {
+            match task.cgroup {
+                None => return Some("cgroup unknown".into()),
+                Some(c) if !self.cgroup.iter().any(|p| c == p || c.starts_with(&format!("{p}/"))) => {
+                    return Some(format!("cgroup {c} is not within {:?}", self.cgroup));
+                }
+                Some(_) => {}
+            }
+        }
+        if !self.lsm_label.is_empty() && !task.lsm_label.is_some_and(|l| self.lsm_label.iter().any(|x| x == l)) {
+            return Some(format!(
+                "lsm label {} not in {:?}",
+                task.lsm_label.unwrap_or(unknown),
+                self.lsm_label
+            ));
+        }
+        if let Some(not) = &self.not
+            && not.attrs_match(task)
+        {
+            return Some("excluded by its `not` block".into());
+        }
         if !self.abi.is_empty() && !self.abi.contains(&task.abi) {
             return Some(format!(
                 "abi {} not in {:?}",
@@ -226,6 +255,9 @@ methods = ["*"]
             groups: &groups,
             exe: None,
             abi: AbiId::X86_64,
+            exe_sha256: None,
+            cgroup: None,
+            lsm_label: None,
         };
         let props = Properties::new();
         let service = ServiceView {

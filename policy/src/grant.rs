@@ -24,6 +24,12 @@ pub struct Task<'a> {
     pub exe: Option<&'a str>,
     /// The struct-layout ABI the client declared (the native one for gRPC).
     pub abi: AbiId,
+    /// SHA-256 of the executable, lowercase hex, read through the pidfd.
+    pub exe_sha256: Option<&'a str>,
+    /// The cgroup v2 path.
+    pub cgroup: Option<&'a str>,
+    /// The LSM label.
+    pub lsm_label: Option<&'a str>,
 }
 
 /// The service being asked for.
@@ -149,12 +155,31 @@ impl Grant {
 
 impl Principal {
     pub(crate) fn matches(&self, task: &Task<'_>) -> bool {
+        self.attrs_match(task) && self.not.as_ref().is_none_or(|not| !not.attrs_match(task))
+    }
+
+    /// Every attribute that is set matches (ignoring `not`). A task attribute the broker could
+    /// not read never matches.
+    pub(crate) fn attrs_match(&self, task: &Task<'_>) -> bool {
+        let any =
+            |set: &[String], have: Option<&str>| set.is_empty() || have.is_some_and(|h| set.iter().any(|s| s == h));
         (self.uid.is_empty() || self.uid.contains(&task.uid))
             && (self.gid.is_empty() || self.gid.contains(&task.gid))
             && (self.groups.is_empty() || self.groups.iter().any(|g| task.groups.contains(g)))
-            && (self.exe.is_empty() || task.exe.is_some_and(|exe| self.exe.iter().any(|e| e == exe)))
+            && any(&self.exe, task.exe)
+            && any(&self.exe_sha256, task.exe_sha256)
+            && any(&self.lsm_label, task.lsm_label)
+            && (self.cgroup.is_empty()
+                || task
+                    .cgroup
+                    .is_some_and(|c| self.cgroup.iter().any(|p| cgroup_within(c, p))))
             && (self.abi.is_empty() || self.abi.contains(&task.abi))
     }
+}
+
+/// Whether cgroup `path` is `parent` or below it.
+fn cgroup_within(path: &str, parent: &str) -> bool {
+    parent.is_empty() || path == parent || path.strip_prefix(parent).is_some_and(|rest| rest.starts_with('/'))
 }
 
 impl ServiceMatch {
@@ -371,6 +396,9 @@ exe = ["/usr/bin/minicom"]
             groups,
             exe,
             abi: AbiId::X86_64,
+            exe_sha256: None,
+            cgroup: None,
+            lsm_label: None,
         }
     }
 
@@ -586,6 +614,64 @@ memory = ["dma"]
             p.can_see(&task(1000, &groups, None), &tty(&props)),
             "a memory-only forbid does not hide the service"
         );
+    }
+
+    #[test]
+    fn admit_exe_hash_cgroup_label_and_not() {
+        let hash = "ab".repeat(32);
+        let text = format!(
+            "[[principal]]\nname = \"app\"\nexe_sha256 = [\"{hash}\"]\ncgroup = [\"/system.slice/app.service\"]\nlsm_label = [\"app_t\"]\nnot = {{ uid = [0] }}\n[[rule]]\nid = \"app-only\"\neffect = \"allow\"\nprincipals = [\"app\"]\nmethods = [\"*\"]\n"
+        );
+        let p = Policy::parse(&[Source {
+            origin: "t",
+            text: &text,
+        }])
+        .unwrap();
+        let props = tty_props();
+        let ok = Task {
+            exe_sha256: Some(&hash),
+            cgroup: Some("/system.slice/app.service/worker"),
+            lsm_label: Some("app_t"),
+            ..task(1000, &[], None)
+        };
+        assert!(p.admit(&ok, &tty(&props), false, &METHODS, &[]).is_ok());
+        let other_hash = "cd".repeat(32);
+        for bad in [
+            Task {
+                exe_sha256: Some(&other_hash),
+                ..ok
+            },
+            Task { exe_sha256: None, ..ok },
+            Task {
+                cgroup: Some("/system.slice/app.service2"),
+                ..ok
+            },
+            Task {
+                cgroup: Some("/user.slice"),
+                ..ok
+            },
+            Task {
+                lsm_label: Some("unconfined"),
+                ..ok
+            },
+            Task { uid: 0, ..ok },
+        ] {
+            assert_eq!(
+                p.admit(&bad, &tty(&props), false, &METHODS, &[]).unwrap_err().rule,
+                DEFAULT_DENY,
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn parse_bad_hash_cgroup_and_empty_not_are_refused() {
+        let err = Policy::parse(&[Source {
+            origin: "t",
+            text: "[[principal]]\nname = \"x\"\nexe_sha256 = [\"ABC\"]\ncgroup = [\"user.slice\"]\nnot = {}\n",
+        }])
+        .unwrap_err();
+        assert_eq!(err.errors().len(), 3, "{err}");
     }
 
     #[test]

@@ -133,7 +133,121 @@ struct RawPrincipal {
     #[serde(default)]
     exe: Vec<String>,
     #[serde(default)]
+    exe_sha256: Vec<toml::Spanned<String>>,
+    #[serde(default)]
+    cgroup: Vec<toml::Spanned<String>>,
+    #[serde(default)]
+    lsm_label: Vec<String>,
+    #[serde(default)]
     abi: Vec<toml::Spanned<String>>,
+    /// Tasks that match this block are excluded.
+    not: Option<toml::Spanned<RawAttrs>>,
+}
+
+/// The attributes of a `not = { ... }` block: those of a principal, without name or nesting.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAttrs {
+    #[serde(default)]
+    uid: Vec<u32>,
+    #[serde(default)]
+    gid: Vec<u32>,
+    #[serde(default)]
+    groups: Vec<String>,
+    #[serde(default)]
+    exe: Vec<String>,
+    #[serde(default)]
+    exe_sha256: Vec<toml::Spanned<String>>,
+    #[serde(default)]
+    cgroup: Vec<toml::Spanned<String>>,
+    #[serde(default)]
+    lsm_label: Vec<String>,
+    #[serde(default)]
+    abi: Vec<toml::Spanned<String>>,
+}
+
+impl RawPrincipal {
+    fn split(self) -> (toml::Spanned<String>, RawAttrs, Option<toml::Spanned<RawAttrs>>) {
+        let attrs = RawAttrs {
+            uid: self.uid,
+            gid: self.gid,
+            groups: self.groups,
+            exe: self.exe,
+            exe_sha256: self.exe_sha256,
+            cgroup: self.cgroup,
+            lsm_label: self.lsm_label,
+            abi: self.abi,
+        };
+        (self.name, attrs, self.not)
+    }
+}
+
+impl RawAttrs {
+    fn is_empty(&self) -> bool {
+        self.uid.is_empty()
+            && self.gid.is_empty()
+            && self.groups.is_empty()
+            && self.exe.is_empty()
+            && self.exe_sha256.is_empty()
+            && self.cgroup.is_empty()
+            && self.lsm_label.is_empty()
+            && self.abi.is_empty()
+    }
+
+    /// The attributes as a (nameless) principal; errors go to `errors`.
+    fn build(self, name: String, source: &Source<'_>, errors: &mut Vec<SourceError>) -> Principal {
+        let mut abi = Vec::new();
+        for n in &self.abi {
+            match AbiId::by_name(n.get_ref()) {
+                Some(id) => abi.push(id),
+                None => errors.push(locate(
+                    source,
+                    Some(n.span()),
+                    format!(
+                        "unknown ABI {:?}{} (known: {})",
+                        n.get_ref(),
+                        did_you_mean(n.get_ref(), ABIS.iter().map(|a| a.name)),
+                        ABIS.iter().map(|a| a.name).collect::<Vec<_>>().join(", ")
+                    ),
+                )),
+            }
+        }
+        for h in &self.exe_sha256 {
+            let hex = h.get_ref();
+            if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+                errors.push(locate(
+                    source,
+                    Some(h.span()),
+                    format!("exe_sha256 {hex:?} is not 64 lowercase hex digits"),
+                ));
+            }
+        }
+        for c in &self.cgroup {
+            if !c.get_ref().starts_with('/') {
+                errors.push(locate(
+                    source,
+                    Some(c.span()),
+                    format!("cgroup {:?} must be an absolute path", c.get_ref()),
+                ));
+            }
+        }
+        let plain = |v: Vec<toml::Spanned<String>>| v.into_iter().map(toml::Spanned::into_inner).collect::<Vec<_>>();
+        Principal {
+            name,
+            uid: self.uid,
+            gid: self.gid,
+            groups: self.groups,
+            exe: self.exe,
+            exe_sha256: plain(self.exe_sha256),
+            cgroup: plain(self.cgroup)
+                .into_iter()
+                .map(|c| c.trim_end_matches('/').to_string())
+                .collect(),
+            lsm_label: self.lsm_label,
+            abi,
+            not: None,
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -174,7 +288,15 @@ pub(crate) struct Principal {
     pub(crate) gid: Vec<u32>,
     pub(crate) groups: Vec<String>,
     pub(crate) exe: Vec<String>,
+    /// SHA-256 of the executable, lowercase hex.
+    pub(crate) exe_sha256: Vec<String>,
+    /// cgroup paths: the task's cgroup is one of them or below one.
+    pub(crate) cgroup: Vec<String>,
+    /// LSM labels, exactly.
+    pub(crate) lsm_label: Vec<String>,
     pub(crate) abi: Vec<AbiId>,
+    /// A task matching this block is excluded.
+    pub(crate) not: Option<Box<Principal>>,
 }
 
 /// Which services a rule is about; unset fields match anything.
@@ -304,30 +426,21 @@ impl Policy {
                     ));
                     continue;
                 }
-                let mut abi = Vec::new();
-                for name in &p.abi {
-                    match AbiId::by_name(name.get_ref()) {
-                        Some(id) => abi.push(id),
-                        None => errors.push(locate(
+                let (name, attrs, not) = p.split();
+                let mut principal = attrs.build(name.into_inner(), source, &mut errors);
+                if let Some(not) = not {
+                    let span = not.span();
+                    let not = not.into_inner();
+                    if not.is_empty() {
+                        errors.push(locate(
                             source,
-                            Some(name.span()),
-                            format!(
-                                "unknown ABI {:?}{} (known: {})",
-                                name.get_ref(),
-                                did_you_mean(name.get_ref(), ABIS.iter().map(|a| a.name)),
-                                ABIS.iter().map(|a| a.name).collect::<Vec<_>>().join(", ")
-                            ),
-                        )),
+                            Some(span),
+                            "an empty `not` block would exclude every task".into(),
+                        ));
                     }
+                    principal.not = Some(Box::new(not.build(String::new(), source, &mut errors)));
                 }
-                principals.push(Principal {
-                    name: p.name.into_inner(),
-                    uid: p.uid,
-                    gid: p.gid,
-                    groups: p.groups,
-                    exe: p.exe,
-                    abi,
-                });
+                principals.push(principal);
             }
             raw_rules.extend(raw.rule.into_iter().map(|r| (source, r)));
         }

@@ -219,6 +219,10 @@ mod tests {
             groups: pick(&GROUPS, groups).into_iter().map(String::from).collect(),
             exe: pick(&EXES, exes).into_iter().map(String::from).collect(),
             abi: pick(&ABIS, abis),
+            exe_sha256: Vec::new(),
+            cgroup: Vec::new(),
+            lsm_label: Vec::new(),
+            not: None,
         })
     }
 
@@ -363,6 +367,9 @@ mod tests {
                 groups: &groups,
                 exe: EXES.get(usize::from(exe)).copied(),
                 abi: ABIS[usize::from(abi)],
+                exe_sha256: None,
+                cgroup: None,
+                lsm_label: None,
             };
             let props = if vendor { Properties::from([("vendor".to_string(), PropValue::Text("0403".into()))]) } else { Properties::new() };
             let service = ServiceView { class: CLASSES[usize::from(class)], name: NAMES[usize::from(name)], properties: &props };

@@ -65,6 +65,9 @@ struct TaskSpec {
     groups: Vec<String>,
     exe: Option<String>,
     abi: AbiId,
+    exe_sha256: Option<String>,
+    cgroup: Option<String>,
+    lsm_label: Option<String>,
 }
 
 impl TaskSpec {
@@ -75,6 +78,9 @@ impl TaskSpec {
             groups: &self.groups,
             exe: self.exe.as_deref(),
             abi: self.abi,
+            exe_sha256: self.exe_sha256.as_deref(),
+            cgroup: self.cgroup.as_deref(),
+            lsm_label: self.lsm_label.as_deref(),
         }
     }
 }
@@ -92,6 +98,9 @@ fn parse_task(spec: &str) -> Result<TaskSpec, String> {
         groups: Vec::new(),
         exe: None,
         abi: AbiId::native(),
+        exe_sha256: None,
+        cgroup: None,
+        lsm_label: None,
     };
     for pair in pairs(spec) {
         let (k, v) = pair?;
@@ -271,6 +280,9 @@ struct PrincipalCase {
     groups: Vec<String>,
     exe: Option<String>,
     abi: Option<String>,
+    exe_sha256: Option<String>,
+    cgroup: Option<String>,
+    lsm_label: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -324,6 +336,9 @@ fn run_case(policy: &Policy, case: &Case) -> Result<(), String> {
         groups: p.groups.clone(),
         exe: p.exe.clone(),
         abi,
+        exe_sha256: p.exe_sha256.clone(),
+        cgroup: p.cgroup.clone(),
+        lsm_label: p.lsm_label.clone(),
     };
     let mut properties = Properties::new();
     for (k, v) in &case.service.properties {

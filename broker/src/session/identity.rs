@@ -23,6 +23,12 @@ pub struct PeerIdentity {
     pub groups: Vec<String>,
     /// Executable path, when the broker may read it.
     pub exe: Option<String>,
+    /// SHA-256 of the executable's contents, lowercase hex.
+    pub exe_sha256: Option<String>,
+    /// The cgroup (v2) path.
+    pub cgroup: Option<String>,
+    /// The LSM label (AppArmor profile, SELinux context), where an LSM provides one.
+    pub lsm_label: Option<String>,
     /// Held for the connection's life: the process identity the checks above refer to.
     _pidfd: Option<OwnedFd>,
 }
@@ -57,6 +63,9 @@ impl PeerIdentity {
                 pid: None,
                 groups: group_names(gid, &[]),
                 exe: None,
+                exe_sha256: None,
+                cgroup: None,
+                lsm_label: None,
                 _pidfd: None,
             });
         };
@@ -67,6 +76,13 @@ impl PeerIdentity {
         let exe = fs::read_link(proc_dir.join("exe"))
             .ok()
             .and_then(|p| p.into_os_string().into_string().ok());
+        let exe_sha256 = exe_hash(&proc_dir.join("exe"));
+        let cgroup = fs::read_to_string(proc_dir.join("cgroup"))
+            .ok()
+            .and_then(|s| parse_cgroup(&s));
+        let lsm_label = fs::read(proc_dir.join("attr/current"))
+            .ok()
+            .and_then(|raw| parse_label(&raw));
         let supplementary = fs::read_to_string(proc_dir.join("status"))
             .map(|s| parse_groups(&s))
             .unwrap_or_default();
@@ -83,6 +99,9 @@ impl PeerIdentity {
             pid: Some(raw_pid),
             groups: group_names(gid, &supplementary),
             exe,
+            exe_sha256,
+            cgroup,
+            lsm_label,
             _pidfd: Some(pidfd),
         })
     }
@@ -102,8 +121,69 @@ impl PeerIdentity {
             groups: &self.groups,
             exe: self.exe.as_deref(),
             abi,
+            exe_sha256: self.exe_sha256.as_deref(),
+            cgroup: self.cgroup.as_deref(),
+            lsm_label: self.lsm_label.as_deref(),
         }
     }
+}
+
+/// The cgroup v2 path from `/proc/<pid>/cgroup` (its `0::` line).
+fn parse_cgroup(text: &str) -> Option<String> {
+    text.lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .map(|p| p.trim().to_string())
+}
+
+/// The label in `/proc/<pid>/attr/current`, without its trailing NUL or newline.
+fn parse_label(raw: &[u8]) -> Option<String> {
+    let text = String::from_utf8_lossy(raw);
+    let label = text.trim_end_matches(['\0', '\n']).trim();
+    (!label.is_empty()).then(|| label.to_string())
+}
+
+/// Cached hashes, by the executable's device, inode, size and modification time.
+type HashCache = std::collections::HashMap<(u64, u64, i64, i64, i64), String>;
+static EXE_HASHES: std::sync::Mutex<Option<HashCache>> = std::sync::Mutex::new(None);
+
+/// Most executables whose hash is remembered.
+const EXE_HASH_CACHE: usize = 256;
+
+/// SHA-256 of the file the `exe` link of a process points to (opened through the link, so a
+/// deleted or replaced binary is still the one running), cached by inode and mtime.
+fn exe_hash(link: &std::path::Path) -> Option<String> {
+    use std::{io::Read, os::unix::fs::MetadataExt};
+
+    use sha2::{Digest, Sha256};
+    let mut file = fs::File::open(link).ok()?;
+    let meta = file.metadata().ok()?;
+    let key = (
+        meta.dev(),
+        meta.ino(),
+        meta.size() as i64,
+        meta.mtime(),
+        meta.mtime_nsec(),
+    );
+    if let Some(hit) = EXE_HASHES.lock().ok()?.as_ref().and_then(|c| c.get(&key)).cloned() {
+        return Some(hit);
+    }
+    let mut hasher = Sha256::new();
+    let mut chunk = vec![0u8; 1 << 16];
+    loop {
+        let n = file.read(&mut chunk).ok()?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(chunk.get(..n)?);
+    }
+    let hex: String = hasher.finalize().iter().map(|b| format!("{b:02x}")).collect();
+    let mut cache = EXE_HASHES.lock().ok()?;
+    let cache = cache.get_or_insert_with(HashCache::new);
+    if cache.len() >= EXE_HASH_CACHE {
+        cache.clear();
+    }
+    cache.insert(key, hex.clone());
+    Some(hex)
 }
 
 /// Supplementary gids from the `Groups:` line of `/proc/<pid>/status`.
@@ -140,11 +220,37 @@ mod tests {
     }
 
     #[test]
-    fn identity_of_self_reads_exe_and_groups() {
+    fn identity_of_self_reads_exe_hash_groups_and_cgroup() {
+        use sha2::{Digest, Sha256};
         let me = PeerIdentity::of_self().unwrap();
         let exe = std::env::current_exe().unwrap();
         assert_eq!(me.exe.as_deref(), exe.to_str());
         assert!(!me.groups.is_empty());
+        let expected: String = Sha256::digest(std::fs::read(&exe).unwrap())
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        assert_eq!(me.exe_sha256.as_deref(), Some(expected.as_str()));
+        assert!(
+            me.cgroup.as_deref().is_some_and(|c| c.starts_with('/')),
+            "{:?}",
+            me.cgroup
+        );
+    }
+
+    #[test]
+    fn parse_cgroup_and_label() {
+        assert_eq!(
+            parse_cgroup("12:pids:/x\n0::/user.slice/app.scope\n").as_deref(),
+            Some("/user.slice/app.scope")
+        );
+        assert_eq!(parse_cgroup("12:pids:/x\n"), None);
+        assert_eq!(parse_label(b"unconfined\n").as_deref(), Some("unconfined"));
+        assert_eq!(
+            parse_label(b"system_u:system_r:app_t:s0\0").as_deref(),
+            Some("system_u:system_r:app_t:s0")
+        );
+        assert_eq!(parse_label(b"\0"), None);
     }
 
     #[test]

@@ -1,6 +1,8 @@
 //! Policy at the door: forbidden methods and default-denied services name their rule; the
 //! identity policy sees is the kernel's.
 
+use std::os::unix::process::CommandExt as _;
+
 use portcullis_tests::{
     Broker, BrokerSetup, NOBODY,
     client::{OpenMode, Status, matching},
@@ -152,5 +154,87 @@ fn broker_refuses_invalid_policy_with_location() {
     assert!(
         stderr.contains("bad.toml:4:15: rule \"r\" names unknown principal \"ghost\""),
         "{stderr}"
+    );
+}
+
+fn sha256_hex(path: &std::path::Path) -> String {
+    use sha2::{Digest, Sha256};
+    Sha256::digest(std::fs::read(path).unwrap())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// Runs the holder helper (opens sample0 exclusively) from `exe` with `argv0`, and says whether
+/// it was admitted.
+fn holder_admitted(broker: &Broker, exe: &std::path::Path, argv0: &str) -> bool {
+    use std::{io::Read, os::unix::process::CommandExt};
+    let mut child = std::process::Command::new(exe)
+        .arg0(argv0)
+        .arg(broker.run_dir())
+        .arg("sample0")
+        .env("PORTCULLIS_EXE_SHA256", "claimed")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut first = [0u8; 4];
+    let admitted = child.stdout.take().unwrap().read_exact(&mut first).is_ok() && &first == b"held";
+    let _ = child.kill();
+    let _ = child.wait();
+    admitted
+}
+
+#[test]
+fn identity_exe_hash_is_the_kernels_not_the_clients_claim() {
+    let trusted = std::path::PathBuf::from(env!("CARGO_BIN_EXE_holder"));
+    let policy = format!(
+        "[[principal]]\nname = \"trusted\"\nexe_sha256 = [\"{}\"]\n\n[[rule]]\nid = \"trusted-only\"\neffect = \"allow\"\nprincipals = [\"trusted\"]\nmethods = [\"*\"]\nopen = \"exclusive\"\n",
+        sha256_hex(&trusted)
+    );
+    let broker = Broker::with(BrokerSetup {
+        policy: Some(&policy),
+        ..Default::default()
+    });
+    assert!(
+        holder_admitted(&broker, &trusted, "holder"),
+        "the trusted binary is admitted"
+    );
+
+    // The same bytes elsewhere, under another name: still admitted (the hash, not the path).
+    let dir = tempfile::tempdir().unwrap();
+    let copy = dir.path().join("renamed");
+    std::fs::copy(&trusted, &copy).unwrap();
+    assert!(
+        holder_admitted(&broker, &copy, "anything"),
+        "a copy of the trusted bytes is admitted"
+    );
+
+    // Another binary lying as much as it can: named like the trusted one on disk, with the
+    // trusted path as argv[0] and a claimed hash in its environment. Refused.
+    let impostor = dir.path().join("holder");
+    std::fs::copy(portcullis_tests::bin(), &impostor).unwrap();
+    let out = std::process::Command::new(&impostor)
+        .arg0(trusted.to_str().unwrap())
+        .args([
+            "call",
+            "sample0",
+            "add",
+            "--scalar",
+            "1",
+            "--scalar",
+            "2",
+            "--json",
+            "--run-dir",
+        ])
+        .arg(broker.run_dir())
+        .env("PORTCULLIS_EXE_SHA256", sha256_hex(&trusted))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let refusal: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (refusal["status"].as_str(), refusal["rule"].as_str()),
+        (Some("NOT_PRIVILEGED"), Some("default deny"))
     );
 }
