@@ -8,7 +8,7 @@ use portcullis_proto::{layout::AbiId, property::Properties};
 use crate::{
     DEFAULT_DENY,
     args::{Compiled, ParamRef},
-    model::{Effect, OpenPermission, Policy, Principal, Rule, ServiceMatch},
+    model::{Effect, OpenPermission, Policy, Principal, Rate, Rule, ServiceMatch},
 };
 
 /// The kernel's view of a client task, as the broker collected it (never what the client says).
@@ -88,6 +88,8 @@ pub struct Grant {
     methods: Vec<MethodDecision>,
     /// The argument constraints of each granted method (those of the rule that granted it).
     constraints: Vec<Vec<Compiled>>,
+    /// The tightest rate limit among the applicable allow rules, and the rule that sets it.
+    rate: Option<(Rate, RuleRef)>,
     privileges: BTreeSet<String>,
     memory: Vec<MethodDecision>,
 }
@@ -128,6 +130,11 @@ impl Grant {
             })?;
         }
         Ok(())
+    }
+
+    /// The rate limit on this user client's calls and the rule that sets it.
+    pub fn rate_limit(&self) -> Option<(Rate, &str)> {
+        self.rate.as_ref().map(|(r, rule)| (*r, rule.as_str()))
     }
 
     /// The decision for mapping the memory type at `index` of the list given at admission.
@@ -346,11 +353,17 @@ impl Policy {
                 }
             })
             .collect();
+        let rate = rules
+            .iter()
+            .filter(|r| r.effect == Effect::Allow)
+            .filter_map(|r| r.rate.map(|rate| (rate, r.id.clone())))
+            .reduce(|best, next| if next.0.tighter_than(best.0) { next } else { best });
         Ok(Grant {
             admitted_by: admitted_by.id.clone(),
             memory,
             methods,
             constraints,
+            rate,
             privileges,
         })
     }
@@ -672,6 +685,61 @@ memory = ["dma"]
         }])
         .unwrap_err();
         assert_eq!(err.errors().len(), 3, "{err}");
+    }
+
+    #[test]
+    fn admit_rate_is_the_tightest_applicable() {
+        let p = policy(
+            r#"
+[[rule]]
+id = "fast"
+effect = "allow"
+principals = ["anyone"]
+methods = ["read"]
+rate = "1000/s"
+
+[[rule]]
+id = "slow"
+effect = "allow"
+principals = ["root"]
+methods = ["write"]
+rate = "60/m"
+"#,
+        );
+        let props = tty_props();
+        let user = p
+            .admit(&task(1000, &[], None), &tty(&props), false, &METHODS, &[])
+            .unwrap();
+        assert_eq!(
+            user.rate_limit(),
+            Some((
+                Rate {
+                    calls: 1000,
+                    seconds: 1
+                },
+                "fast"
+            ))
+        );
+        let root = p
+            .admit(&task(0, &[], None), &tty(&props), false, &METHODS, &[])
+            .unwrap();
+        assert_eq!(
+            root.rate_limit().map(|(r, rule)| (r.per_second(), rule)),
+            Some((1.0, "slow"))
+        );
+        for bad in ["0/s", "10/d", "fast", "-1/s"] {
+            let text = format!(
+                "{PRINCIPALS}\n[[rule]]\nid = \"r\"\neffect = \"allow\"\nprincipals = [\"anyone\"]\nrate = \"{bad}\"\n"
+            );
+            assert!(
+                Policy::parse(&[Source {
+                    origin: "t",
+                    text: &text
+                }])
+                .is_err(),
+                "{bad}"
+            );
+        }
     }
 
     #[test]

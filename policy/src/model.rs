@@ -265,6 +265,8 @@ struct RawRule {
     privileges: Vec<toml::Spanned<String>>,
     #[serde(default)]
     memory: Vec<toml::Spanned<String>>,
+    /// `rate = "N/s"` (or `/m`, `/h`): calls per user client.
+    rate: Option<toml::Spanned<String>>,
     /// `args.METHOD.PARAM = { ... }`.
     #[serde(default)]
     args: BTreeMap<String, BTreeMap<toml::Spanned<String>, toml::Spanned<RawConstraint>>>,
@@ -345,6 +347,8 @@ pub(crate) struct Rule {
     pub(crate) names: Vec<NameUse>,
     /// Argument constraints on the methods this (allow) rule grants.
     pub(crate) args: Vec<ArgRule>,
+    /// Calls a user client admitted under this rule may make, per period.
+    pub(crate) rate: Option<Rate>,
 }
 
 /// One argument constraint of a rule.
@@ -559,6 +563,24 @@ impl Policy {
                     }
                 }
             }
+            let rate = match r.rate {
+                None => None,
+                Some(text) => match parse_rate(text.get_ref()) {
+                    Ok(_) if r.effect == Effect::Forbid => {
+                        errors.push(locate(
+                            source,
+                            Some(text.span()),
+                            format!("rule {id:?}: rate limits belong on allow rules"),
+                        ));
+                        None
+                    }
+                    Ok(rate) => Some(rate),
+                    Err(why) => {
+                        errors.push(locate(source, Some(text.span()), format!("rule {id:?}: {why}")));
+                        None
+                    }
+                },
+            };
             rules.push(Rule {
                 id,
                 effect: r.effect,
@@ -574,6 +596,7 @@ impl Policy {
                 memory: plain(r.memory),
                 names,
                 args,
+                rate,
             });
         }
         let policy = Policy { principals, rules };
@@ -667,6 +690,44 @@ impl Policy {
     pub fn rule_count(&self) -> usize {
         self.rules.len()
     }
+}
+
+/// A rate limit: `calls` per `seconds`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Rate {
+    /// Calls allowed per period (also the burst).
+    pub calls: u32,
+    /// The period, in seconds.
+    pub seconds: u32,
+}
+
+impl Rate {
+    /// Calls per second.
+    pub fn per_second(self) -> f64 {
+        f64::from(self.calls) / f64::from(self.seconds)
+    }
+
+    /// Whether this rate is tighter than `other`.
+    pub(crate) fn tighter_than(self, other: Rate) -> bool {
+        u64::from(self.calls) * u64::from(other.seconds) < u64::from(other.calls) * u64::from(self.seconds)
+    }
+}
+
+/// `"N/s"`, `"N/m"` or `"N/h"`.
+fn parse_rate(text: &str) -> Result<Rate, String> {
+    let bad = || format!("rate {text:?} is not N/s, N/m or N/h with N a positive whole number");
+    let (n, unit) = text.split_once('/').ok_or_else(bad)?;
+    let n: u32 = n.trim().parse().map_err(|_| bad())?;
+    let seconds = match unit.trim() {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        _ => return Err(bad()),
+    };
+    if n == 0 {
+        return Err(bad());
+    }
+    Ok(Rate { calls: n, seconds })
 }
 
 fn prop_value(v: &toml::Value) -> Option<PropValue> {

@@ -260,6 +260,7 @@ mod tests {
                     privileges: pick(&PRIVILEGES, privileges).into_iter().map(String::from).collect(),
                     memory: pick(&MEMORY, memory).into_iter().map(String::from).collect(),
                     names: Vec::new(),
+                    rate: None,
                     args: if forbid {
                         Vec::new()
                     } else {

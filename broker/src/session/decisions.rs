@@ -9,7 +9,7 @@ use std::{
     io::Write,
     path::{Path, PathBuf},
     sync::atomic::{AtomicU64, Ordering},
-    time::{Instant, SystemTime, UNIX_EPOCH},
+    time::{SystemTime, UNIX_EPOCH},
 };
 
 use serde_json::{Value, json};
@@ -87,19 +87,17 @@ fn now() -> f64 {
         .map_or(0.0, |d| (d.as_millis() as f64) / 1000.0)
 }
 
-/// One session's line budget (a token bucket).
+/// One session's line budget.
 #[derive(Debug)]
 pub(crate) struct Budget {
-    tokens: f64,
-    last: Instant,
+    bucket: super::bucket::TokenBucket,
     dropped: u64,
 }
 
 impl Default for Budget {
     fn default() -> Self {
         Budget {
-            tokens: BURST,
-            last: Instant::now(),
+            bucket: super::bucket::TokenBucket::new(LINES_PER_SECOND, BURST),
             dropped: 0,
         }
     }
@@ -108,11 +106,7 @@ impl Default for Budget {
 impl Budget {
     /// Whether one more line may be written now; if lines were dropped before, also how many.
     pub(crate) fn take(&mut self) -> (bool, u64) {
-        let now = Instant::now();
-        self.tokens = (self.tokens + now.duration_since(self.last).as_secs_f64() * LINES_PER_SECOND).min(BURST);
-        self.last = now;
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
+        if self.bucket.take() {
             (true, std::mem::take(&mut self.dropped))
         } else {
             self.dropped += 1;
@@ -136,7 +130,7 @@ mod tests {
         let allowed = (0..1000).filter(|_| b.take().0).count();
         assert!((100..=110).contains(&allowed), "{allowed}");
         assert!(b.dropped() >= 890);
-        b.last -= std::time::Duration::from_secs(1);
+        b.bucket.rewind(std::time::Duration::from_secs(1));
         let (ok, reported) = b.take();
         assert!(ok);
         assert!(reported >= 890, "the drops are reported with the next line");

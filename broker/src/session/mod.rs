@@ -2,6 +2,7 @@
 //! session checks the grant, checks the method table, and dispatches to the driver. Nothing a
 //! session holds outlives it: dropping it releases every user client, open and pending call.
 
+mod bucket;
 mod command;
 mod core;
 mod decisions;

@@ -115,6 +115,8 @@ struct UserClient {
     mappings: Vec<Mapped>,
     /// Dropped with the user client: every pending call's receiver then sees the close.
     cancel: watch::Sender<()>,
+    /// The grant's rate limit, if it has one.
+    rate: Option<(super::bucket::TokenBucket, String)>,
 }
 
 impl Drop for UserClient {
@@ -213,7 +215,10 @@ impl Session {
             };
             let service = uc.open.service().clone();
             match admit(&policy, &self.peer, self.abi, &service, &uc.driver, uc.open.mode()) {
-                Ok(grant) => uc.grant = grant,
+                Ok(grant) => {
+                    uc.rate = rate_bucket(&grant);
+                    uc.grant = grant;
+                }
                 Err(denial) => {
                     tracing::info!(uid = self.peer.uid, pid = ?self.peer.pid, service = service.name(), handle, rule = %denial.rule, "user client closed by a policy reload");
                     self.user_clients.remove(&handle);
@@ -437,6 +442,7 @@ impl Session {
         let privileges = grant.privileges().map(str::to_string).collect();
         tracing::info!(uid = self.peer.uid, pid = ?self.peer.pid, service = service.name(), handle, rule = grant.admitted_by(), ?mode, "user client opened");
         let (cancel, _) = watch::channel(());
+        let rate = rate_bucket(&grant);
         self.user_clients.insert(
             handle,
             UserClient {
@@ -445,6 +451,7 @@ impl Session {
                 driver,
                 mappings: Vec::new(),
                 cancel,
+                rate,
             },
         );
         Ok((handle, service, privileges))
@@ -468,6 +475,16 @@ impl Session {
         struct_out_cap: u32,
     ) -> Result<CallStarted, Refusal> {
         self.refresh();
+        // The grant's rate limit counts every call of the user client, refused ones too.
+        if let Some((bucket, rule)) = self.user_clients.get_mut(&handle).and_then(|uc| uc.rate.as_mut())
+            && !bucket.take()
+        {
+            return Err(Refusal {
+                status: Status::RateLimited,
+                message: "the user client's rate limit is exceeded".into(),
+                rule: Some(rule.clone()),
+            });
+        }
         let uc = self.user_clients.get(&handle).ok_or_else(|| not_open(handle))?;
         let service = uc.open.service().clone();
         if service.is_terminated() {
@@ -712,6 +729,16 @@ fn admit(
         &methods,
         &memory_types,
     )
+}
+
+/// A fresh bucket for the grant's rate limit (burst: one period's calls).
+fn rate_bucket(grant: &Grant) -> Option<(super::bucket::TokenBucket, String)> {
+    grant.rate_limit().map(|(rate, rule)| {
+        (
+            super::bucket::TokenBucket::new(rate.per_second(), f64::from(rate.calls)),
+            rule.to_string(),
+        )
+    })
 }
 
 fn not_open(handle: u64) -> Refusal {

@@ -485,3 +485,49 @@ args.transform_record.name = { prefix = "ok" }
         "does not start with \"ok\"",
     );
 }
+
+#[tokio::test]
+async fn rate_limit_refuses_calls_over_the_rule_and_refills() {
+    let policy = "[[principal]]\nname = \"all\"\n[[rule]]\nid = \"slow\"\neffect = \"allow\"\nprincipals = [\"all\"]\nmethods = [\"add\"]\nrate = \"20/s\"\n";
+    let broker = Broker::with(portcullis_tests::BrokerSetup {
+        policy: Some(policy),
+        ..Default::default()
+    });
+    let (mut s, h) = open_sample(&broker, AbiId::native()).await;
+    let mut allowed = 0;
+    let mut limited = None;
+    for _ in 0..100 {
+        match s.call(h, 0, &[1, 1], &[], 0).await {
+            Ok(_) => allowed += 1,
+            Err(e) => {
+                limited = Some(e);
+                break;
+            }
+        }
+    }
+    let emptied = std::time::Instant::now();
+    let limited = limited.expect("never rate limited");
+    assert_eq!(
+        (limited.status(), limited.rule()),
+        (Some(Status::RateLimited), Some("slow"))
+    );
+    assert!(
+        (20..=22).contains(&allowed),
+        "{allowed} calls before the limit (burst 20)"
+    );
+    // Another user client of another session has a bucket of its own.
+    let (mut other, oh) = open_sample(&broker, AbiId::native()).await;
+    assert!(other.call(oh, 0, &[1, 1], &[], 0).await.is_ok());
+    // The bucket refills at 20 a second: about 4 calls after 200 ms, however long the wait
+    // really was on a loaded machine.
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let mut refilled = 0u32;
+    while s.call(h, 0, &[1, 1], &[], 0).await.is_ok() {
+        refilled += 1;
+    }
+    let expected = (emptied.elapsed().as_secs_f64() * 20.0).min(20.0);
+    assert!(
+        refilled >= 2 && f64::from(refilled) <= expected + 1.0,
+        "{refilled} calls refilled, {expected:.1} expected"
+    );
+}
