@@ -97,8 +97,8 @@ impl ServiceMatch {
         }
         self.properties
             .iter()
-            .find(|(k, v)| !service.properties.get(*k).is_some_and(|have| have.matches(v)))
-            .map(|(k, v)| format!("property {k} is not {v}"))
+            .find(|(k, m)| !service.properties.get(*k).is_some_and(|have| m.matches(have)))
+            .map(|(k, m)| format!("property {k} is not {m}"))
     }
 }
 

@@ -196,7 +196,7 @@ impl ServiceMatch {
             && self
                 .properties
                 .iter()
-                .all(|(k, v)| service.properties.get(k).is_some_and(|have| have.matches(v)))
+                .all(|(k, m)| service.properties.get(k).is_some_and(|have| m.matches(have)))
     }
 }
 
@@ -626,6 +626,50 @@ memory = ["dma"]
         assert!(
             p.can_see(&task(1000, &groups, None), &tty(&props)),
             "a memory-only forbid does not hide the service"
+        );
+    }
+
+    #[test]
+    fn admit_property_any_of_and_prefix() {
+        let p = policy(
+            r#"
+[[rule]]
+id = "ftdi-or-ch340"
+effect = "allow"
+principals = ["anyone"]
+service = { class = "TtyDevice", properties = { "usb.vendor" = ["0403", "1a86"], "serial" = { prefix = "FT" } } }
+methods = ["read"]
+"#,
+        );
+        let with = |vendor: &str, serial: &str| {
+            Properties::from([
+                ("usb.vendor".to_string(), PropValue::Text(vendor.into())),
+                ("serial".to_string(), PropValue::Text(serial.into())),
+            ])
+        };
+        let t = task(1000, &[], None);
+        for (vendor, serial, ok) in [
+            ("0403", "FT12", true),
+            ("1a86", "FTX", true),
+            ("dead", "FT12", false),
+            ("0403", "XX", false),
+        ] {
+            let props = with(vendor, serial);
+            assert_eq!(
+                p.admit(&t, &tty(&props), false, &METHODS, &[]).is_ok(),
+                ok,
+                "{vendor} {serial}"
+            );
+        }
+        let bad = format!(
+            "{PRINCIPALS}\n[[rule]]\nid = \"r\"\neffect = \"allow\"\nprincipals = [\"anyone\"]\nservice = {{ properties = {{ x = {{ suffix = \"a\" }} }} }}\n"
+        );
+        assert!(
+            Policy::parse(&[Source {
+                origin: "t",
+                text: &bad
+            }])
+            .is_err()
         );
     }
 

@@ -6,7 +6,7 @@ use std::{collections::BTreeMap, fmt, ops::Range};
 use crate::args::{Constraint, RawConstraint};
 use portcullis_proto::{
     layout::{ABIS, AbiId},
-    property::{PropValue, Properties},
+    property::PropValue,
 };
 use serde::Deserialize;
 
@@ -306,7 +306,60 @@ pub(crate) struct Principal {
 pub(crate) struct ServiceMatch {
     pub(crate) class: Option<String>,
     pub(crate) name: Option<String>,
-    pub(crate) properties: Properties,
+    pub(crate) properties: BTreeMap<String, PropMatch>,
+}
+
+/// How a rule matches one property.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum PropMatch {
+    /// `key = value`: equal.
+    Eq(PropValue),
+    /// `key = [a, b]` or `key = { any_of = [a, b] }`: equal to one of them.
+    AnyOf(Vec<PropValue>),
+    /// `key = { prefix = "04" }`: a text value starting with this.
+    Prefix(String),
+}
+
+impl PropMatch {
+    pub(crate) fn matches(&self, have: &PropValue) -> bool {
+        match self {
+            PropMatch::Eq(v) => have.matches(v),
+            PropMatch::AnyOf(values) => values.iter().any(|v| have.matches(v)),
+            PropMatch::Prefix(p) => matches!(have, PropValue::Text(t) if t.starts_with(p.as_str())),
+        }
+    }
+}
+
+impl std::fmt::Display for PropMatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PropMatch::Eq(v) => write!(f, "{v}"),
+            PropMatch::AnyOf(values) => write!(
+                f,
+                "one of [{}]",
+                values.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
+            ),
+            PropMatch::Prefix(p) => write!(f, "a text starting with {p:?}"),
+        }
+    }
+}
+
+/// A property match as written: a value, a list of values, or `{ prefix }` / `{ any_of }`.
+fn prop_match(v: &toml::Value) -> Option<PropMatch> {
+    match v {
+        toml::Value::Array(items) => items
+            .iter()
+            .map(prop_value)
+            .collect::<Option<Vec<_>>>()
+            .filter(|v| !v.is_empty())
+            .map(PropMatch::AnyOf),
+        toml::Value::Table(t) if t.len() == 1 => match (t.get("prefix"), t.get("any_of")) {
+            (Some(toml::Value::String(p)), None) => Some(PropMatch::Prefix(p.clone())),
+            (None, Some(list)) => prop_match(list).filter(|m| matches!(m, PropMatch::AnyOf(_))),
+            _ => None,
+        },
+        other => prop_value(other).map(PropMatch::Eq),
+    }
 }
 
 /// Methods a rule names.
@@ -480,16 +533,16 @@ impl Policy {
                     )),
                 }
             }
-            let mut properties = Properties::new();
+            let mut properties = BTreeMap::new();
             for (key, value) in r.service.properties {
-                match prop_value(value.get_ref()) {
-                    Some(v) => {
-                        properties.insert(key, v);
+                match prop_match(value.get_ref()) {
+                    Some(m) => {
+                        properties.insert(key, m);
                     }
                     None => errors.push(locate(
                         source,
                         Some(value.span()),
-                        format!("property {key:?}: only strings, integers and booleans can be matched"),
+                        format!("property {key:?}: a string, integer or boolean, a list of them, {{ prefix = \"…\" }} or {{ any_of = [...] }}"),
                     )),
                 }
             }

@@ -243,9 +243,13 @@ mod tests {
                         class: CLASSES.get(usize::from(class)).map(|c| c.to_string()),
                         name: NAMES.get(usize::from(name)).map(|n| n.to_string()),
                         properties: if vendor {
-                            Properties::from([("vendor".to_string(), PropValue::Text("0403".into()))])
+                            [(
+                                "vendor".to_string(),
+                                crate::model::PropMatch::Eq(PropValue::Text("0403".into())),
+                            )]
+                            .into()
                         } else {
-                            Properties::new()
+                            Default::default()
                         },
                     },
                     methods: if methods == 15 {
