@@ -2,7 +2,7 @@
 //! comparison runs its contenders in the same process run, taking turns round by round so that
 //! drift in machine load falls on all of them, and prints a Markdown table with ratios.
 //!
-//! usage: portcullis-bench [--quick] [--rounds N] [--iters N] [grpc] [native] [translate]
+//! usage: portcullis-bench [--quick] [--rounds N] [--iters N] [grpc] [native] [translate] [policy]
 //! (no names: all of them)
 
 #![allow(
@@ -14,6 +14,7 @@
 
 mod grpc;
 mod native;
+mod policy;
 mod translate;
 
 use std::{sync::Arc, time::Duration};
@@ -117,7 +118,7 @@ fn main() {
     let names: Vec<&str> = argv
         .iter()
         .map(String::as_str)
-        .filter(|a| ["grpc", "native", "translate"].contains(a))
+        .filter(|a| ["grpc", "native", "translate", "policy"].contains(a))
         .collect();
     let wants = |name: &str| names.is_empty() || names.contains(&name);
     if wants("grpc") {
@@ -128,5 +129,8 @@ fn main() {
     }
     if wants("translate") {
         translate::run(quick);
+    }
+    if wants("policy") {
+        policy::run(quick);
     }
 }

@@ -195,7 +195,7 @@ impl RawAttrs {
     }
 
     /// The attributes as a (nameless) principal; errors go to `errors`.
-    fn build(self, name: String, source: &Source<'_>, errors: &mut Vec<SourceError>) -> Principal {
+    fn build(self, name: String, source: &Located<'_>, errors: &mut Vec<SourceError>) -> Principal {
         let mut abi = Vec::new();
         for n in &self.abi {
             match AbiId::by_name(n.get_ref()) {
@@ -466,7 +466,10 @@ impl Policy {
         let mut errors = Vec::new();
         let mut principals: Vec<Principal> = Vec::new();
         let mut raw_rules = Vec::new();
-        for source in sources {
+        let files: Vec<Located<'_>> = sources.iter().map(Located::new).collect();
+        let mut principal_index: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
+        let mut rule_ids: std::collections::HashSet<String> = std::collections::HashSet::new();
+        for source in &files {
             let raw: RawFile = match toml::from_str(source.text) {
                 Ok(raw) => raw,
                 Err(e) => {
@@ -475,7 +478,7 @@ impl Policy {
                 }
             };
             for p in raw.principal {
-                if principals.iter().any(|q| q.name == *p.name.get_ref()) {
+                if principal_index.contains_key(p.name.get_ref()) {
                     errors.push(locate(
                         source,
                         Some(p.name.span()),
@@ -497,6 +500,7 @@ impl Policy {
                     }
                     principal.not = Some(Box::new(not.build(String::new(), source, &mut errors)));
                 }
+                principal_index.insert(principal.name.clone(), principals.len());
                 principals.push(principal);
             }
             raw_rules.extend(raw.rule.into_iter().map(|r| (source, r)));
@@ -508,7 +512,7 @@ impl Policy {
                 errors.push(locate(source, Some(r.id.span()), "rule id is empty".into()));
             } else if id == crate::DEFAULT_DENY {
                 errors.push(locate(source, Some(r.id.span()), format!("rule id {id:?} is reserved")));
-            } else if rules.iter().any(|q| q.id == id) {
+            } else if !rule_ids.insert(id.clone()) {
                 errors.push(locate(source, Some(r.id.span()), format!("duplicate rule id {id:?}")));
             }
             let mut indices = Vec::new();
@@ -520,7 +524,7 @@ impl Policy {
                 ));
             }
             for name in &r.principals {
-                match principals.iter().position(|p| p.name == *name.get_ref()) {
+                match principal_index.get(name.get_ref()).copied() {
                     Some(i) => indices.push(i),
                     None => errors.push(locate(
                         source,
@@ -792,22 +796,42 @@ fn prop_value(v: &toml::Value) -> Option<PropValue> {
     }
 }
 
-fn locate(source: &Source<'_>, span: Option<Range<usize>>, message: String) -> SourceError {
-    let (line, col) = span.map_or((0, 0), |s| line_col(source.text, s.start));
+/// A source with the offsets its lines start at, to locate errors in O(log n).
+struct Located<'a> {
+    origin: &'a str,
+    text: &'a str,
+    line_starts: Vec<usize>,
+}
+
+impl<'a> Located<'a> {
+    fn new(source: &Source<'a>) -> Located<'a> {
+        let line_starts = std::iter::once(0)
+            .chain(source.text.match_indices('\n').map(|(i, _)| i + 1))
+            .collect();
+        Located {
+            origin: source.origin,
+            text: source.text,
+            line_starts,
+        }
+    }
+
+    /// 1-based line and column (in characters) of a byte offset.
+    fn line_col(&self, offset: usize) -> (usize, usize) {
+        let line = self.line_starts.partition_point(|start| *start <= offset).max(1);
+        let start = self.line_starts.get(line - 1).copied().unwrap_or(0);
+        let col = self.text.get(start..offset).map_or(0, |l| l.chars().count()) + 1;
+        (line, col)
+    }
+}
+
+fn locate(source: &Located<'_>, span: Option<Range<usize>>, message: String) -> SourceError {
+    let (line, col) = span.map_or((0, 0), |s| source.line_col(s.start));
     SourceError {
         origin: source.origin.to_string(),
         line,
         col,
         message,
     }
-}
-
-/// 1-based line and column (in characters) of a byte offset.
-fn line_col(text: &str, offset: usize) -> (usize, usize) {
-    let before = text.get(..offset).unwrap_or(text);
-    let line = before.matches('\n').count() + 1;
-    let col = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
-    (line, col)
 }
 
 /// `" (did you mean \"x\"?)"` for the closest candidate within a small edit distance.
@@ -904,7 +928,13 @@ mod tests {
 
     #[test]
     fn line_col_counts_characters() {
-        assert_eq!(line_col("ab\ncé x", 7), (2, 4));
+        let text = "ab\ncé x\n\nz";
+        let located = Located::new(&Source { origin: "t", text });
+        assert_eq!(located.line_col(7), (2, 4));
+        assert_eq!(located.line_col(0), (1, 1));
+        assert_eq!(located.line_col(3), (2, 1));
+        assert_eq!(located.line_col(9), (3, 1));
+        assert_eq!(located.line_col(10), (4, 1));
     }
 }
 

@@ -1,0 +1,148 @@
+//! Policy at scale: parsing and compiling a 10,000-rule policy, admission (grant compilation)
+//! under it, and the per-call grant check — which must not grow with the number of rules.
+
+use std::{hint::black_box, time::Instant};
+
+use portcullis_policy::{MethodRef, ParamAt, ParamRef, Policy, ServiceView, Source, Task};
+use portcullis_proto::{layout::AbiId, property::Properties};
+
+/// `rules` rules over `rules / 10` principals: most for other uids and classes, so admission
+/// has to look through all of them; one in ten applies to the benchmark's task.
+fn policy_text(rules: usize) -> String {
+    let mut text = String::new();
+    for p in 0..rules / 10 {
+        text.push_str(&format!(
+            "[[principal]]\nname = \"p{p}\"\nuid = [{}]\n\n",
+            1000 + p % 50
+        ));
+    }
+    for r in 0..rules {
+        let class = if r % 10 == 0 { "SampleDevice" } else { "OtherDevice" };
+        text.push_str(&format!(
+            "[[rule]]\nid = \"r{r}\"\neffect = \"{}\"\nprincipals = [\"p{}\"]\nservice = {{ class = \"{class}\" }}\nmethods = [\"add\", \"echo\"]\nargs.add.a = {{ max = {} }}\n\n",
+            if r % 97 == 5 { "forbid" } else { "allow" },
+            r % (rules / 10),
+            1_000_000 + r
+        ));
+        if r % 97 == 5 {
+            // Forbid rules take no argument constraints.
+            let cut = text.rfind("args.add.a").unwrap_or(text.len());
+            text.truncate(cut);
+            text.push('\n');
+        }
+    }
+    text
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+pub(crate) fn run(quick: bool) {
+    let rules = 10_000;
+    let text = policy_text(rules);
+    let runs = if quick { 3 } else { 7 };
+    let compile: Vec<f64> = (0..runs)
+        .map(|_| {
+            let start = Instant::now();
+            black_box(
+                Policy::parse(&[Source {
+                    origin: "bench",
+                    text: &text,
+                }])
+                .unwrap(),
+            );
+            start.elapsed().as_secs_f64() * 1e3
+        })
+        .collect();
+    let policy = Policy::parse(&[Source {
+        origin: "bench",
+        text: &text,
+    }])
+    .unwrap();
+    assert_eq!(policy.rule_count(), rules);
+
+    let groups: Vec<String> = vec![];
+    let task = Task {
+        uid: 1000,
+        gid: 1000,
+        groups: &groups,
+        exe: None,
+        abi: AbiId::X86_64,
+        exe_sha256: None,
+        cgroup: None,
+        lsm_label: None,
+    };
+    let props = Properties::new();
+    let service = ServiceView {
+        name: "sample0",
+        class: "SampleDevice",
+        properties: &props,
+    };
+    let params = [
+        ParamRef {
+            name: "a",
+            at: ParamAt::Scalar(0),
+        },
+        ParamRef {
+            name: "b",
+            at: ParamAt::Scalar(1),
+        },
+    ];
+    let methods = [
+        MethodRef {
+            name: "add",
+            privilege: None,
+            params: &params,
+        },
+        MethodRef {
+            name: "echo",
+            privilege: None,
+            params: &[],
+        },
+    ];
+    let admissions: Vec<f64> = (0..runs)
+        .map(|_| {
+            let start = Instant::now();
+            black_box(policy.admit(&task, &service, false, &methods, &[]).unwrap());
+            start.elapsed().as_secs_f64() * 1e3
+        })
+        .collect();
+    let grant = policy.admit(&task, &service, false, &methods, &[]).unwrap();
+
+    // The per-call check: the grant's method decision and argument constraints, as the session
+    // makes it on every call.
+    let iters = if quick { 1_000_000 } else { 10_000_000 };
+    let per_call: Vec<f64> = (0..runs)
+        .map(|_| {
+            let start = Instant::now();
+            let mut allowed = 0u64;
+            for n in 0..iters {
+                let scalars = [black_box(n as u64 % 1000), 1];
+                if grant.check(black_box(0)).is_ok() && grant.check_args(0, &scalars, &[]).is_ok() {
+                    allowed += 1;
+                }
+            }
+            black_box(allowed);
+            start.elapsed().as_secs_f64() * 1e9 / f64::from(iters)
+        })
+        .collect();
+
+    println!("### Policy with {rules} rules\n");
+    println!(
+        "median of {runs} runs; the per-call check is {iters} checks (method decision + argument constraints) per run\n"
+    );
+    println!("| what | median | target |");
+    println!("|---|---|---|");
+    println!(
+        "| parse + validate 10,000 rules | {:.1} ms | ≤ 200 ms |",
+        median(compile)
+    );
+    println!(
+        "| admission: compile one grant (scans every rule) | {:.2} ms | — |",
+        median(admissions)
+    );
+    println!("| per-call grant check | {:.1} ns | ≤ 50 ns |", median(per_call));
+    println!();
+}
