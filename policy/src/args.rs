@@ -152,17 +152,14 @@ impl Constraint {
     /// `Ok` if the value satisfies the constraint; else why not.
     pub(crate) fn check(&self, param: &str, value: Value<'_>) -> Result<(), String> {
         match (self, value) {
-            (Constraint::Range { min, max }, Value::Int(v)) => {
-                if min.is_some_and(|m| v < m) || max.is_some_and(|m| v > m) {
-                    let bound = |b: &Option<i128>| b.map_or("…".to_string(), |b| b.to_string());
-                    return Err(format!(
-                        "argument {param} = {v} is outside {}..={}",
-                        bound(min),
-                        bound(max)
-                    ));
+            (Constraint::Range { min, max }, Value::Int(v)) => match (min, max) {
+                (Some(lo), Some(hi)) if v < *lo || v > *hi => {
+                    Err(format!("argument {param} = {v} is outside {lo}..={hi}"))
                 }
-                Ok(())
-            }
+                (Some(lo), None) if v < *lo => Err(format!("argument {param} = {v} is less than {lo}")),
+                (None, Some(hi)) if v > *hi => Err(format!("argument {param} = {v} is greater than {hi}")),
+                _ => Ok(()),
+            },
             (Constraint::OneOf(values), Value::Int(v)) => {
                 if values.contains(&v) {
                     Ok(())

@@ -57,6 +57,10 @@ pub(crate) struct ExplainArgs {
     /// Explain mapping a memory type.
     #[arg(long)]
     memory: Option<String>,
+    /// An argument of the call, NAME=VALUE (a scalar by name, or `len` for the struct
+    /// length); repeat for each. Checked against the granting rule's argument constraints.
+    #[arg(long = "arg", requires = "method")]
+    args: Vec<String>,
 }
 
 struct TaskSpec {
@@ -243,8 +247,94 @@ fn explain(args: ExplainArgs) -> Result<(), String> {
         args.open.as_deref(),
         args.memory.as_deref(),
     )?;
-    print!("{}", policy.explain(&task.task(), &view, req));
+    let mut explanation = policy.explain(&task.task(), &view, req);
+    let mut argument_line = None;
+    if let (Some(method), false) = (args.method.as_deref(), args.args.is_empty()) {
+        let (scalars, struct_in) = call_args(&service.class, method, &args.args)?;
+        let params = method_params(&service.class, method);
+        let refs: Vec<portcullis_policy::ParamRef<'_>> = params
+            .iter()
+            .map(|(n, at)| portcullis_policy::ParamRef { name: n, at: *at })
+            .collect();
+        let method_ref = portcullis_policy::MethodRef {
+            name: method,
+            privilege: method_privilege(&service.class, method),
+            params: &refs,
+        };
+        if let Ok(grant) = policy.admit(&task.task(), &view, false, std::slice::from_ref(&method_ref), &[])
+            && grant.check(0).is_ok()
+        {
+            match grant.check_args(0, &scalars, &struct_in) {
+                Ok(()) => argument_line = Some("arguments: within the granting rule's constraints".to_string()),
+                Err(denial) => {
+                    argument_line = Some(format!("arguments: {} (rule {:?})", denial.reason, denial.rule));
+                    explanation.decision = portcullis_policy::Decision {
+                        allowed: false,
+                        rule: denial.rule,
+                    };
+                }
+            }
+        }
+    }
+    let text = explanation.to_string();
+    let (first, rest) = text.split_once('\n').unwrap_or((&text, ""));
+    println!("{first}");
+    if let Some(line) = argument_line {
+        println!("{line}");
+    }
+    print!("{rest}");
     Ok(())
+}
+
+/// The parameters of a method of a class, from the drivers' tables.
+fn method_params(class: &str, method: &str) -> Vec<(String, portcullis_policy::ParamAt)> {
+    drivers::KINDS
+        .iter()
+        .filter_map(|k| drivers::create(k))
+        .filter(|d| d.class() == class)
+        .find_map(|d| {
+            let table = d.methods();
+            let index = table.rows().iter().position(|r| r.name == method)?;
+            Some(table.params(index).to_vec())
+        })
+        .unwrap_or_default()
+}
+
+/// Scalars and a struct of the given length from NAME=VALUE arguments.
+fn call_args(class: &str, method: &str, given: &[String]) -> Result<(Vec<u64>, Vec<u8>), String> {
+    use portcullis_policy::ParamAt;
+    let params = method_params(class, method);
+    let mut scalars = vec![0u64; params.iter().filter(|(_, at)| matches!(at, ParamAt::Scalar(_))).count()];
+    let mut struct_in = Vec::new();
+    for arg in given {
+        let (name, value) = arg
+            .split_once('=')
+            .ok_or_else(|| format!("--arg {arg:?} is not NAME=VALUE"))?;
+        let value: u64 = value
+            .parse()
+            .map_err(|_| format!("--arg {name}: {value:?} is not a number"))?;
+        match params.iter().find(|(n, _)| n == name).map(|(_, at)| *at) {
+            Some(ParamAt::Scalar(i)) => {
+                if let Some(slot) = scalars.get_mut(i) {
+                    *slot = value;
+                }
+            }
+            Some(ParamAt::StructLen) => {
+                let len = usize::try_from(value).map_err(|_| "len too large".to_string())?;
+                if len > portcullis_proto::limits::MAX_STRUCT as usize {
+                    return Err(format!("len {len} is larger than any struct a method takes"));
+                }
+                struct_in = vec![0; len];
+            }
+            Some(_) => {
+                return Err(format!(
+                    "--arg {name}: struct fields cannot be given on the command line"
+                ));
+            }
+            None => return Err(format!("{method} of {class} has no parameter {name:?}")),
+        }
+    }
+    Ok((scalars, struct_in))
 }
 
 #[derive(Deserialize)]

@@ -125,3 +125,61 @@ fn policy_check_finds_unknown_argument_names() {
     );
     assert!(out.contains("1 error(s)"), "{out}");
 }
+
+#[test]
+fn policy_explain_checks_arguments_against_the_granting_rule() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("p.toml");
+    std::fs::write(&path, "[[principal]]\nname = \"all\"\n[[rule]]\nid = \"bounded\"\neffect = \"allow\"\nprincipals = [\"all\"]\nservice = { class = \"SampleDevice\" }\nmethods = [\"echo\", \"add\"]\nargs.echo.len = { max = 4096 }\nargs.add.a = { one_of = [1, 2] }\n").unwrap();
+    let policy = path.to_str().unwrap();
+    let (ok, out) = run(&[
+        "policy",
+        "explain",
+        "--policy",
+        policy,
+        "--principal",
+        "uid=1000",
+        "--service",
+        "class=SampleDevice",
+        "--method",
+        "echo",
+        "--arg",
+        "len=8192",
+    ]);
+    assert!(ok, "{out}");
+    assert!(
+        out.starts_with("decision: DENY (rule \"bounded\")\narguments: argument len = 8192 is greater than 4096"),
+        "{out}"
+    );
+    let (ok, out) = run(&[
+        "policy",
+        "explain",
+        "--policy",
+        policy,
+        "--service",
+        "class=SampleDevice",
+        "--method",
+        "add",
+        "--arg",
+        "a=2",
+        "--arg",
+        "b=7",
+    ]);
+    assert!(
+        ok && out.starts_with("decision: ALLOW (rule \"bounded\")\narguments: within"),
+        "{out}"
+    );
+    let (ok, out) = run(&[
+        "policy",
+        "explain",
+        "--policy",
+        policy,
+        "--service",
+        "class=SampleDevice",
+        "--method",
+        "add",
+        "--arg",
+        "c=1",
+    ]);
+    assert!(!ok && out.contains("has no parameter \"c\""), "{out}");
+}
