@@ -204,6 +204,8 @@ pub(crate) struct Compiled {
     /// `None`: the method has no such parameter, and the constraint can never hold.
     pub(crate) at: Option<ParamAt>,
     pub(crate) constraint: Constraint,
+    /// The granting rule (or the whole policy) is in audit mode.
+    pub(crate) audit: bool,
 }
 
 impl Compiled {

@@ -189,8 +189,15 @@ impl Policy {
 
 impl fmt::Display for Explanation {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let verdict = if self.decision.allowed { "ALLOW" } else { "DENY" };
-        writeln!(f, "decision: {verdict} (rule {:?})", self.decision.rule)?;
+        match (self.decision.allowed, self.decision.audit) {
+            (true, _) => writeln!(f, "decision: ALLOW (rule {:?})", self.decision.rule)?,
+            (false, false) => writeln!(f, "decision: DENY (rule {:?})", self.decision.rule)?,
+            (false, true) => writeln!(
+                f,
+                "decision: ALLOW in audit mode: would DENY (rule {:?})",
+                self.decision.rule
+            )?,
+        }
         writeln!(f, "rules considered, in order:")?;
         for r in &self.rules {
             let effect = if r.effect == Effect::Allow { "allow " } else { "forbid" };
@@ -277,7 +284,8 @@ methods = ["*"]
             e.decision,
             Decision {
                 allowed: false,
-                rule: "no-write".into()
+                rule: "no-write".into(),
+                audit: false
             }
         );
         assert_eq!(e.rules[0].says.as_deref(), Some("admits the task, allows method write"));

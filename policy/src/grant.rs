@@ -64,6 +64,8 @@ pub struct Decision {
     pub allowed: bool,
     /// The deciding rule id, or [`DEFAULT_DENY`].
     pub rule: RuleRef,
+    /// A refusal in audit mode: the request goes through, logged as "would deny".
+    pub audit: bool,
 }
 
 /// A refusal: which rule decided, and why in words.
@@ -73,6 +75,8 @@ pub struct Denial {
     pub rule: RuleRef,
     /// A sentence for logs and clients.
     pub reason: String,
+    /// In audit mode: the request goes through, and the refusal is logged as "would deny".
+    pub audit: bool,
 }
 
 /// The decision for one method of the grant's service.
@@ -85,6 +89,8 @@ pub type Admission = Result<Grant, Denial>;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Grant {
     admitted_by: RuleRef,
+    /// Refusals of the admission itself that audit mode let through.
+    audited: Vec<Denial>,
     methods: Vec<MethodDecision>,
     /// The argument constraints of each granted method (those of the rule that granted it).
     constraints: Vec<Vec<Compiled>>,
@@ -95,9 +101,14 @@ pub struct Grant {
 }
 
 impl Grant {
-    /// The allow rule that admitted the task.
+    /// The allow rule that admitted the task ([`DEFAULT_DENY`] when audit mode let it in).
     pub fn admitted_by(&self) -> &str {
         &self.admitted_by
+    }
+
+    /// Refusals of the admission that audit mode let through, to log as "would deny".
+    pub fn audited(&self) -> &[Denial] {
+        &self.audited
     }
 
     /// The decision for the method at `index` of the method table given at admission. An index
@@ -109,6 +120,7 @@ impl Grant {
             None => Err(Denial {
                 rule: DEFAULT_DENY.into(),
                 reason: "no such method".into(),
+                audit: false,
             }),
         }
     }
@@ -127,6 +139,7 @@ impl Grant {
             c.check(scalars, struct_in).map_err(|reason| Denial {
                 rule: rule.clone(),
                 reason,
+                audit: c.audit,
             })?;
         }
         Ok(())
@@ -145,6 +158,7 @@ impl Grant {
             None => Err(Denial {
                 rule: DEFAULT_DENY.into(),
                 reason: "no such memory type".into(),
+                audit: false,
             }),
         }
     }
@@ -234,59 +248,58 @@ impl Policy {
         let first = |effect: Effect, pred: &dyn Fn(&Rule) -> bool| {
             rules.iter().copied().find(|r| r.effect == effect && pred(r))
         };
-        if let Some(r) = rules.iter().find(|r| r.forbids_service()) {
-            return Err(Denial {
-                rule: r.id.clone(),
-                reason: format!("service {} is forbidden to this task", service.name),
-            });
-        }
-        let Some(first_allow) = first(Effect::Allow, &|_| true) else {
-            return Err(Denial {
-                rule: DEFAULT_DENY.into(),
-                reason: format!("no rule allows this task to open {}", service.name),
-            });
+        let global = self.audit;
+        let by = |r: &Rule, reason: String| Denial {
+            rule: r.id.clone(),
+            reason,
+            audit: r.audit || global,
         };
-        let mut admitted_by = first_allow;
+        let default = |reason: String| Denial {
+            rule: DEFAULT_DENY.into(),
+            reason,
+            audit: global,
+        };
+        // Admission: an enforced refusal ends it; an audited one is recorded and admission goes on.
+        let mut audited = Vec::new();
+        let mut refuse = |d: Denial| {
+            if d.audit {
+                audited.push(d);
+                Ok(())
+            } else {
+                Err(d)
+            }
+        };
+        if let Some(r) = rules.iter().find(|r| r.forbids_service()) {
+            refuse(by(r, format!("service {} is forbidden to this task", service.name)))?;
+        }
+        let first_allow = first(Effect::Allow, &|_| true);
+        if first_allow.is_none() {
+            refuse(default(format!("no rule allows this task to open {}", service.name)))?;
+        }
+        let mut admitted_by = first_allow.map_or_else(|| DEFAULT_DENY.to_string(), |r| r.id.clone());
         if exclusive {
             if let Some(r) = first(Effect::Forbid, &|r| r.open == Some(OpenPermission::Exclusive)) {
-                return Err(Denial {
-                    rule: r.id.clone(),
-                    reason: format!("exclusive open of {} is forbidden", service.name),
-                });
+                refuse(by(r, format!("exclusive open of {} is forbidden", service.name)))?;
             }
             match first(Effect::Allow, &|r| r.open == Some(OpenPermission::Exclusive)) {
-                Some(r) => admitted_by = r,
-                None => {
-                    return Err(Denial {
-                        rule: DEFAULT_DENY.into(),
-                        reason: format!("no rule allows an exclusive open of {}", service.name),
-                    });
-                }
+                Some(r) => admitted_by = r.id.clone(),
+                None => refuse(default(format!("no rule allows an exclusive open of {}", service.name)))?,
             }
         }
-        let privilege = |p: &str| -> Decision {
+        let privilege = |p: &str| -> Result<(), Denial> {
             if let Some(r) = first(Effect::Forbid, &|r| r.privileges.iter().any(|q| q == p)) {
-                Decision {
-                    allowed: false,
-                    rule: r.id.clone(),
-                }
-            } else if let Some(r) = first(Effect::Allow, &|r| r.privileges.iter().any(|q| q == p)) {
-                Decision {
-                    allowed: true,
-                    rule: r.id.clone(),
-                }
+                Err(by(r, format!("privilege {p} is forbidden")))
+            } else if first(Effect::Allow, &|r| r.privileges.iter().any(|q| q == p)).is_some() {
+                Ok(())
             } else {
-                Decision {
-                    allowed: false,
-                    rule: DEFAULT_DENY.into(),
-                }
+                Err(default(format!("no rule grants privilege {p}")))
             }
         };
         let privileges: BTreeSet<String> = rules
             .iter()
             .filter(|r| r.effect == Effect::Allow)
             .flat_map(|r| r.privileges.iter())
-            .filter(|p| privilege(p).allowed)
+            .filter(|p| privilege(p).is_ok())
             .cloned()
             .collect();
         let constraints = methods
@@ -302,6 +315,7 @@ impl Policy {
                             param: a.param.clone(),
                             at: m.params.iter().find(|p| p.name == a.param).map(|p| p.at),
                             constraint: a.constraint.clone(),
+                            audit: rule.audit || global,
                         })
                         .collect()
                 })
@@ -311,25 +325,19 @@ impl Policy {
             .iter()
             .map(|m| {
                 if let Some(r) = first(Effect::Forbid, &|r| r.methods.contains(m.name)) {
-                    return Err(Denial {
-                        rule: r.id.clone(),
-                        reason: format!("method {} is forbidden", m.name),
-                    });
+                    return Err(by(r, format!("method {} is forbidden", m.name)));
                 }
                 let Some(allow) = first(Effect::Allow, &|r| r.methods.contains(m.name)) else {
-                    return Err(Denial {
-                        rule: DEFAULT_DENY.into(),
-                        reason: format!("no rule grants method {}", m.name),
-                    });
+                    return Err(default(format!("no rule grants method {}", m.name)));
                 };
                 match m.privilege.map(privilege) {
-                    Some(Decision { allowed: false, rule }) => Err(Denial {
-                        rule,
+                    Some(Err(d)) => Err(Denial {
                         reason: format!(
                             "method {} requires privilege {}, which is not granted",
                             m.name,
                             m.privilege.unwrap_or_default()
                         ),
+                        ..d
                     }),
                     _ => Ok(allow.id.clone()),
                 }
@@ -339,17 +347,11 @@ impl Policy {
             .iter()
             .map(|m| {
                 if let Some(r) = first(Effect::Forbid, &|r| r.memory.iter().any(|x| x == m)) {
-                    return Err(Denial {
-                        rule: r.id.clone(),
-                        reason: format!("mapping memory type {m} is forbidden"),
-                    });
+                    return Err(by(r, format!("mapping memory type {m} is forbidden")));
                 }
                 match first(Effect::Allow, &|r| r.memory.iter().any(|x| x == m)) {
                     Some(r) => Ok(r.id.clone()),
-                    None => Err(Denial {
-                        rule: DEFAULT_DENY.into(),
-                        reason: format!("no rule grants memory type {m}"),
-                    }),
+                    None => Err(default(format!("no rule grants memory type {m}"))),
                 }
             })
             .collect();
@@ -359,7 +361,8 @@ impl Policy {
             .filter_map(|r| r.rate.map(|rate| (rate, r.id.clone())))
             .reduce(|best, next| if next.0.tighter_than(best.0) { next } else { best });
         Ok(Grant {
-            admitted_by: admitted_by.id.clone(),
+            admitted_by,
+            audited,
             memory,
             methods,
             constraints,

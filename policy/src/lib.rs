@@ -21,7 +21,7 @@ mod reference;
 pub use args::{ParamAt, ParamRef};
 pub use explain::{Explanation, RuleTrace};
 pub use grant::{Admission, Decision, Denial, Grant, MethodDecision, MethodRef, RuleRef, ServiceView, Task};
-pub use model::{Catalog, ClassNames, Effect, OpenPermission, Policy, PolicyError, Rate, Source, SourceError};
+pub use model::{Catalog, ClassNames, Effect, Mode, OpenPermission, Policy, PolicyError, Rate, Source, SourceError};
 pub use reference::Request;
 
 /// What a denial names when no rule decided it.

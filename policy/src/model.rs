@@ -101,6 +101,16 @@ pub enum Effect {
     Forbid,
 }
 
+/// Whether refusals are enforced or only logged ("would deny").
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Refusals refuse.
+    Enforce,
+    /// Refusals are allowed and logged as "would deny".
+    Audit,
+}
+
 /// The open modes a rule speaks of.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -114,6 +124,8 @@ pub enum OpenPermission {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawFile {
+    /// `mode = "audit"`: the whole policy in audit mode.
+    mode: Option<Mode>,
     #[serde(default)]
     principal: Vec<RawPrincipal>,
     #[serde(default)]
@@ -267,6 +279,8 @@ struct RawRule {
     memory: Vec<toml::Spanned<String>>,
     /// `rate = "N/s"` (or `/m`, `/h`): calls per user client.
     rate: Option<toml::Spanned<String>>,
+    /// `mode = "audit"`: refusals this rule decides are logged, not enforced.
+    mode: Option<Mode>,
     /// `args.METHOD.PARAM = { ... }`.
     #[serde(default)]
     args: BTreeMap<String, BTreeMap<toml::Spanned<String>, toml::Spanned<RawConstraint>>>,
@@ -402,6 +416,8 @@ pub(crate) struct Rule {
     pub(crate) args: Vec<ArgRule>,
     /// Calls a user client admitted under this rule may make, per period.
     pub(crate) rate: Option<Rate>,
+    /// Refusals this rule decides are audited (allowed, logged as "would deny").
+    pub(crate) audit: bool,
 }
 
 /// One argument constraint of a rule.
@@ -451,6 +467,8 @@ impl Rule {
 pub struct Policy {
     pub(crate) principals: Vec<Principal>,
     pub(crate) rules: Vec<Rule>,
+    /// The whole policy is in audit mode: every refusal, default denies included, is audited.
+    pub(crate) audit: bool,
 }
 
 impl Policy {
@@ -466,6 +484,7 @@ impl Policy {
         let mut errors = Vec::new();
         let mut principals: Vec<Principal> = Vec::new();
         let mut raw_rules = Vec::new();
+        let mut audit = false;
         let files: Vec<Located<'_>> = sources.iter().map(Located::new).collect();
         let mut principal_index: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
         let mut rule_ids: std::collections::HashSet<String> = std::collections::HashSet::new();
@@ -477,6 +496,7 @@ impl Policy {
                     continue;
                 }
             };
+            audit |= raw.mode == Some(Mode::Audit);
             for p in raw.principal {
                 if principal_index.contains_key(p.name.get_ref()) {
                     errors.push(locate(
@@ -654,9 +674,14 @@ impl Policy {
                 names,
                 args,
                 rate,
+                audit: r.mode == Some(Mode::Audit),
             });
         }
-        let policy = Policy { principals, rules };
+        let policy = Policy {
+            principals,
+            rules,
+            audit,
+        };
         if let Some(catalog) = catalog {
             errors.extend(policy.check_names(catalog));
         }
@@ -741,6 +766,11 @@ impl Policy {
             }
         }
         errors
+    }
+
+    /// Whether the whole policy is in audit mode.
+    pub fn is_audit(&self) -> bool {
+        self.audit
     }
 
     /// Number of rules.

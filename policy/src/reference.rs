@@ -33,20 +33,36 @@ fn allow(rule: &Rule) -> Decision {
     Decision {
         allowed: true,
         rule: rule.id.clone(),
+        audit: false,
     }
 }
 
-fn deny(rule: &Rule) -> Decision {
-    Decision {
-        allowed: false,
-        rule: rule.id.clone(),
+impl Policy {
+    fn deny(&self, rule: &Rule) -> Decision {
+        Decision {
+            allowed: false,
+            rule: rule.id.clone(),
+            audit: rule.audit || self.audit,
+        }
+    }
+
+    fn default_deny(&self) -> Decision {
+        Decision {
+            allowed: false,
+            rule: DEFAULT_DENY.into(),
+            audit: self.audit,
+        }
     }
 }
 
-fn default_deny() -> Decision {
-    Decision {
-        allowed: false,
-        rule: DEFAULT_DENY.into(),
+/// An admission refusal: enforced ones end the evaluation (`Some`); the first audited one is
+/// remembered and the evaluation goes on (`None`).
+fn note(refusal: Decision, audited: &mut Option<Decision>) -> Option<Decision> {
+    if refusal.audit {
+        audited.get_or_insert(refusal);
+        None
+    } else {
+        Some(refusal)
     }
 }
 
@@ -72,60 +88,76 @@ impl Policy {
             .find(|r| r.effect == effect && self.applies(r, task, service) && pred(r))
     }
 
-    /// Decides one request by reading the rules.
+    /// Decides one request by reading the rules. A refusal in audit mode comes back with
+    /// `audit` set: the broker lets such a request through and logs it as "would deny".
     pub fn evaluate(&self, task: &Task<'_>, service: &ServiceView<'_>, request: Request<'_>) -> Decision {
-        // Admission first: a request on a service the task cannot open is refused as the open is.
-        if let Some(r) = self.find(task, service, Effect::Forbid, |r| r.forbids_service()) {
-            return deny(r);
+        // Admission first: a request on a service the task cannot open is refused as the open
+        // is. Audited admission refusals let the admission go on; an open reports the first.
+        let mut audited = None;
+        if let Some(r) = self.find(task, service, Effect::Forbid, |r| r.forbids_service())
+            && let Some(d) = note(self.deny(r), &mut audited)
+        {
+            return d;
         }
-        let Some(first_allow) = self.find(task, service, Effect::Allow, |_| true) else {
-            return default_deny();
-        };
+        let first_allow = self.find(task, service, Effect::Allow, |_| true);
+        if first_allow.is_none()
+            && let Some(d) = note(self.default_deny(), &mut audited)
+        {
+            return d;
+        }
         match request {
-            Request::Open { exclusive: false } => allow(first_allow),
-            Request::Open { exclusive: true } => {
-                if let Some(r) = self.find(task, service, Effect::Forbid, |r| {
-                    r.open == Some(OpenPermission::Exclusive)
-                }) {
-                    return deny(r);
+            Request::Open { exclusive } => {
+                let mut admitted = first_allow.map(allow);
+                if exclusive {
+                    if let Some(r) = self.find(task, service, Effect::Forbid, |r| {
+                        r.open == Some(OpenPermission::Exclusive)
+                    }) && let Some(d) = note(self.deny(r), &mut audited)
+                    {
+                        return d;
+                    }
+                    match self.find(task, service, Effect::Allow, |r| {
+                        r.open == Some(OpenPermission::Exclusive)
+                    }) {
+                        Some(r) => admitted = Some(allow(r)),
+                        None => {
+                            if let Some(d) = note(self.default_deny(), &mut audited) {
+                                return d;
+                            }
+                        }
+                    }
                 }
-                self.find(task, service, Effect::Allow, |r| {
-                    r.open == Some(OpenPermission::Exclusive)
-                })
-                .map_or_else(default_deny, allow)
+                audited.or(admitted).unwrap_or_else(|| self.default_deny())
             }
             Request::Method { name, privilege } => {
                 if let Some(r) = self.find(task, service, Effect::Forbid, |r| r.methods.contains(name)) {
-                    return deny(r);
+                    return self.deny(r);
                 }
                 let Some(granted) = self.find(task, service, Effect::Allow, |r| r.methods.contains(name)) else {
-                    return default_deny();
+                    return self.default_deny();
                 };
                 if let Some(p) = privilege {
                     if let Some(r) = self.find(task, service, Effect::Forbid, |r| r.privileges.iter().any(|q| q == p)) {
-                        return deny(r);
+                        return self.deny(r);
                     }
                     if self
                         .find(task, service, Effect::Allow, |r| r.privileges.iter().any(|q| q == p))
                         .is_none()
                     {
-                        return default_deny();
+                        return self.default_deny();
                     }
                 }
                 allow(granted)
             }
             Request::Memory { name } => {
                 if let Some(r) = self.find(task, service, Effect::Forbid, |r| r.memory.iter().any(|m| m == name)) {
-                    return deny(r);
+                    return self.deny(r);
                 }
                 self.find(task, service, Effect::Allow, |r| r.memory.iter().any(|m| m == name))
-                    .map_or_else(default_deny, allow)
+                    .map_or_else(|| self.default_deny(), allow)
             }
         }
     }
-}
 
-impl Policy {
     /// Decides a whole call: the method, then the argument constraints of the rule that grants
     /// it, read from the rules by name.
     pub fn evaluate_call(
@@ -148,7 +180,7 @@ impl Policy {
             return decision;
         }
         let Some(granting) = self.find(task, service, Effect::Allow, |r| r.methods.contains(method.name)) else {
-            return default_deny();
+            return self.default_deny();
         };
         for arg in granting.args.iter().filter(|a| a.method == method.name) {
             let param = method.params.iter().find(|p| p.name == arg.param);
@@ -156,7 +188,7 @@ impl Policy {
                 .and_then(|p| p.at.value(scalars, struct_in))
                 .is_some_and(|v| arg.constraint.check(&arg.param, v).is_ok());
             if !ok {
-                return deny(granting);
+                return self.deny(granting);
             }
         }
         decision
@@ -232,58 +264,64 @@ mod tests {
             proptest::collection::vec(0..principals, 1..3),
             (0u8..3, 0u8..3, any::<bool>()),
             (0u8..16, 0u8..3, 0u8..4, 0u8..4),
-            proptest::collection::vec((0usize..3, 0usize..4, 0u8..3, 0i64..20, 0i64..20), 0..3),
+            (
+                proptest::collection::vec((0usize..3, 0usize..4, 0u8..3, 0i64..20, 0i64..20), 0..3),
+                proptest::bool::weighted(0.25),
+            ),
         )
             .prop_map(
-                |(forbid, principals, (class, name, vendor), (methods, open, privileges, memory), args)| Rule {
-                    id: String::new(),
-                    effect: if forbid { Effect::Forbid } else { Effect::Allow },
-                    principals,
-                    service: ServiceMatch {
-                        class: CLASSES.get(usize::from(class)).map(|c| c.to_string()),
-                        name: NAMES.get(usize::from(name)).map(|n| n.to_string()),
-                        properties: if vendor {
-                            [(
-                                "vendor".to_string(),
-                                crate::model::PropMatch::Eq(PropValue::Text("0403".into())),
-                            )]
-                            .into()
-                        } else {
-                            Default::default()
+                |(forbid, principals, (class, name, vendor), (methods, open, privileges, memory), (args, audit))| {
+                    Rule {
+                        audit,
+                        id: String::new(),
+                        effect: if forbid { Effect::Forbid } else { Effect::Allow },
+                        principals,
+                        service: ServiceMatch {
+                            class: CLASSES.get(usize::from(class)).map(|c| c.to_string()),
+                            name: NAMES.get(usize::from(name)).map(|n| n.to_string()),
+                            properties: if vendor {
+                                [(
+                                    "vendor".to_string(),
+                                    crate::model::PropMatch::Eq(PropValue::Text("0403".into())),
+                                )]
+                                .into()
+                            } else {
+                                Default::default()
+                            },
                         },
-                    },
-                    methods: if methods == 15 {
-                        Methods::All
-                    } else {
-                        Methods::Named(pick(&METHODS, methods).into_iter().map(String::from).collect())
-                    },
-                    open: [None, Some(OpenPermission::Shared), Some(OpenPermission::Exclusive)]
-                        .get(usize::from(open))
-                        .copied()
-                        .flatten(),
-                    privileges: pick(&PRIVILEGES, privileges).into_iter().map(String::from).collect(),
-                    memory: pick(&MEMORY, memory).into_iter().map(String::from).collect(),
-                    names: Vec::new(),
-                    rate: None,
-                    args: if forbid {
-                        Vec::new()
-                    } else {
-                        args.into_iter()
-                            .filter(|(m, ..)| methods == 15 || methods & (1 << m) != 0)
-                            .map(|(m, param, kind, x, y)| crate::model::ArgRule {
-                                method: METHODS[m].to_string(),
-                                param: PARAMS[param].to_string(),
-                                constraint: match kind {
-                                    0 => crate::args::Constraint::Range {
-                                        min: Some(i128::from(x.min(y))),
-                                        max: Some(i128::from(x.max(y))),
+                        methods: if methods == 15 {
+                            Methods::All
+                        } else {
+                            Methods::Named(pick(&METHODS, methods).into_iter().map(String::from).collect())
+                        },
+                        open: [None, Some(OpenPermission::Shared), Some(OpenPermission::Exclusive)]
+                            .get(usize::from(open))
+                            .copied()
+                            .flatten(),
+                        privileges: pick(&PRIVILEGES, privileges).into_iter().map(String::from).collect(),
+                        memory: pick(&MEMORY, memory).into_iter().map(String::from).collect(),
+                        names: Vec::new(),
+                        rate: None,
+                        args: if forbid {
+                            Vec::new()
+                        } else {
+                            args.into_iter()
+                                .filter(|(m, ..)| methods == 15 || methods & (1 << m) != 0)
+                                .map(|(m, param, kind, x, y)| crate::model::ArgRule {
+                                    method: METHODS[m].to_string(),
+                                    param: PARAMS[param].to_string(),
+                                    constraint: match kind {
+                                        0 => crate::args::Constraint::Range {
+                                            min: Some(i128::from(x.min(y))),
+                                            max: Some(i128::from(x.max(y))),
+                                        },
+                                        1 => crate::args::Constraint::OneOf(vec![i128::from(x), i128::from(y)]),
+                                        _ => crate::args::Constraint::Mask(u64::try_from(x | y).unwrap_or(0)),
                                     },
-                                    1 => crate::args::Constraint::OneOf(vec![i128::from(x), i128::from(y)]),
-                                    _ => crate::args::Constraint::Mask(u64::try_from(x | y).unwrap_or(0)),
-                                },
-                            })
-                            .collect()
-                    },
+                                })
+                                .collect()
+                        },
+                    }
                 },
             )
     }
@@ -291,16 +329,22 @@ mod tests {
     fn policy() -> impl Strategy<Value = Policy> {
         proptest::collection::vec(principal(), 1..4).prop_flat_map(|principals| {
             let n = principals.len();
-            proptest::collection::vec(rule(n), 0..7).prop_map(move |mut rules| {
-                for (i, r) in rules.iter_mut().enumerate() {
-                    r.id = format!("r{i}");
-                }
-                let mut principals = principals.clone();
-                for (i, p) in principals.iter_mut().enumerate() {
-                    p.name = format!("p{i}");
-                }
-                Policy { principals, rules }
-            })
+            (proptest::collection::vec(rule(n), 0..7), proptest::bool::weighted(0.25)).prop_map(
+                move |(mut rules, audit)| {
+                    for (i, r) in rules.iter_mut().enumerate() {
+                        r.id = format!("r{i}");
+                    }
+                    let mut principals = principals.clone();
+                    for (i, p) in principals.iter_mut().enumerate() {
+                        p.name = format!("p{i}");
+                    }
+                    Policy {
+                        principals,
+                        rules,
+                        audit,
+                    }
+                },
+            )
         })
     }
 
@@ -325,10 +369,12 @@ mod tests {
             Ok(rule) => Decision {
                 allowed: true,
                 rule: rule.to_string(),
+                audit: false,
             },
             Err(d) => Decision {
                 allowed: false,
                 rule: d.rule,
+                audit: d.audit,
             },
         };
         let (exclusive, methods, memory): (bool, Vec<MethodRef<'_>>, Vec<&str>) = match request {
@@ -348,11 +394,20 @@ mod tests {
             Err(d) => Decision {
                 allowed: false,
                 rule: d.rule,
+                audit: d.audit,
             },
             Ok(grant) => match request {
-                Request::Open { .. } => Decision {
-                    allowed: true,
-                    rule: grant.admitted_by().to_string(),
+                Request::Open { .. } => match grant.audited().first() {
+                    Some(d) => Decision {
+                        allowed: false,
+                        rule: d.rule.clone(),
+                        audit: true,
+                    },
+                    None => Decision {
+                        allowed: true,
+                        rule: grant.admitted_by().to_string(),
+                        audit: false,
+                    },
                 },
                 Request::Method { .. } => to_decision(grant.check(0)),
                 Request::Memory { .. } => to_decision(grant.check_memory(0)),
@@ -384,10 +439,10 @@ mod tests {
                     let method = MethodRef { name: METHODS[usize::from(a)], privilege: PRIVILEGES.get(usize::from(b)).copied(), params: &PARAM_REFS };
                     let struct_in = vec![0u8; len];
                     let compiled = match policy.admit(&task, &service, false, std::slice::from_ref(&method), &[]) {
-                        Err(d) => Decision { allowed: false, rule: d.rule },
+                        Err(d) => Decision { allowed: false, rule: d.rule, audit: d.audit },
                         Ok(grant) => match grant.check(0).map(str::to_string).and_then(|rule| grant.check_args(0, &[x, y], &struct_in).map(|()| rule)) {
-                            Ok(rule) => Decision { allowed: true, rule },
-                            Err(d) => Decision { allowed: false, rule: d.rule },
+                            Ok(rule) => Decision { allowed: true, rule, audit: false },
+                            Err(d) => Decision { allowed: false, rule: d.rule, audit: d.audit },
                         },
                     };
                     prop_assert_eq!(compiled, policy.evaluate_call(&task, &service, &method, &[x, y], &struct_in), "call {:?}", (a, b, x, y, len));

@@ -270,6 +270,7 @@ fn explain(args: ExplainArgs) -> Result<(), String> {
                     argument_line = Some(format!("arguments: {} (rule {:?})", denial.reason, denial.rule));
                     explanation.decision = portcullis_policy::Decision {
                         allowed: false,
+                        audit: denial.audit,
                         rule: denial.rule,
                     };
                 }
@@ -385,11 +386,13 @@ struct ServiceCase {
     properties: toml::Table,
 }
 
-#[derive(Clone, Copy, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
 enum Expect {
     Allow,
     Deny,
+    /// Refused by a rule in audit mode: let through, logged as "would deny".
+    WouldDeny,
 }
 
 fn test(cases_path: &Path, policy: Option<&Path>) -> Result<(), String> {
@@ -452,14 +455,22 @@ fn run_case(policy: &Policy, case: &Case) -> Result<(), String> {
         case.memory.as_deref(),
     )?;
     let got = policy.evaluate(&task.task(), &view, req);
-    let want_allowed = case.expect == Expect::Allow;
-    let word = |allowed: bool| if allowed { "allow" } else { "deny" };
-    if got.allowed != want_allowed || case.rule.as_ref().is_some_and(|r| *r != got.rule) {
+    let outcome = match (got.allowed, got.audit) {
+        (true, _) => Expect::Allow,
+        (false, true) => Expect::WouldDeny,
+        (false, false) => Expect::Deny,
+    };
+    let word = |e: Expect| match e {
+        Expect::Allow => "allow",
+        Expect::Deny => "deny",
+        Expect::WouldDeny => "would_deny",
+    };
+    if outcome != case.expect || case.rule.as_ref().is_some_and(|r| *r != got.rule) {
         return Err(format!(
             "expected {}{}, got {} (rule {:?})",
-            word(want_allowed),
+            word(case.expect),
             case.rule.as_ref().map(|r| format!(" (rule {r:?})")).unwrap_or_default(),
-            word(got.allowed),
+            word(outcome),
             got.rule
         ));
     }

@@ -164,6 +164,8 @@ pub struct Session {
     outbox: Vec<SessionEvent>,
     /// This session's share of the decision log.
     budget: super::decisions::Budget,
+    /// Refusals audit mode let through in the request being handled, to log as "would deny".
+    audited: Vec<Denial>,
     /// Calls allowed (counted, not logged one by one).
     calls_allowed: u64,
 }
@@ -194,6 +196,7 @@ impl Session {
             generation,
             outbox: Vec::new(),
             budget: super::decisions::Budget::default(),
+            audited: Vec::new(),
             calls_allowed: 0,
         }
     }
@@ -252,6 +255,17 @@ impl Session {
                     .map(|uc| uc.grant.admitted_by().to_string());
                 let record = serde_json::json!({ "event": "admission", "decision": "allow", "service": service.name(), "request": { "open": mode_name }, "rule": rule, "handle": handle });
                 self.log(record);
+                let audited: Vec<Denial> = self
+                    .user_clients
+                    .get(handle)
+                    .map(|uc| uc.grant.audited().to_vec())
+                    .unwrap_or_default();
+                self.audited.extend(audited);
+                self.log_audited(
+                    "admission",
+                    Some(service.name()),
+                    &serde_json::json!({ "open": mode_name, "handle": handle }),
+                );
             }
             Err(refusal) => {
                 let name = self.core.registry().get(service_id).map(|s| s.name().to_string());
@@ -277,6 +291,11 @@ impl Session {
         struct_out_cap: u32,
     ) -> Result<CallStarted, Refusal> {
         let result = self.call_inner(handle, selector, scalars, struct_in, struct_out_cap);
+        if !self.audited.is_empty() {
+            let (service, method) = self.describe(handle, selector);
+            let what = serde_json::json!({ "handle": handle, "selector": selector, "method": method });
+            self.log_audited("call", service.as_deref(), &what);
+        }
         match &result {
             Ok(_) => self.calls_allowed += 1,
             Err(refusal) => {
@@ -296,6 +315,11 @@ impl Session {
     pub fn map_memory(&mut self, handle: u64, memory_type: u32) -> Result<(OwnedFd, MemoryType), Refusal> {
         let result = self.map_memory_inner(handle, memory_type);
         let (service, _) = self.describe(handle, u32::MAX);
+        self.log_audited(
+            "map_memory",
+            service.as_deref(),
+            &serde_json::json!({ "handle": handle, "memory_type": memory_type }),
+        );
         match &result {
             Ok((_, kind)) => {
                 let record = serde_json::json!({ "event": "map_memory", "decision": "allow", "service": service, "request": { "handle": handle, "memory_type": kind.name } });
@@ -345,6 +369,21 @@ impl Session {
             map.insert("abi".into(), self.abi.to_string().into());
         }
         record
+    }
+
+    /// Logs the refusals audit mode let through in this request.
+    fn log_audited(&mut self, event: &str, service: Option<&str>, what: &serde_json::Value) {
+        for denial in std::mem::take(&mut self.audited) {
+            self.log(serde_json::json!({
+                "event": event,
+                "decision": "would_deny",
+                "mode": "audit",
+                "service": service,
+                "request": what,
+                "rule": denial.rule,
+                "reason": denial.reason,
+            }));
+        }
     }
 
     /// Logs a refused request, naming the check that failed.
@@ -501,7 +540,12 @@ impl Session {
             )
         })?;
         let spec = *spec;
-        uc.grant.check(index).map_err(Refusal::denied)?;
+        if let Err(denial) = uc.grant.check(index) {
+            if !denial.audit {
+                return Err(Refusal::denied(denial));
+            }
+            self.audited.push(denial);
+        }
         if scalars.len() > limits::MAX_SCALARS {
             return Err(Refusal::new(
                 Status::BadArgument,
@@ -511,9 +555,12 @@ impl Session {
         let abi = self.abi;
         let args = table.prepare(index, abi, scalars, struct_in, struct_out_cap)?;
         // Argument constraints see the values in the broker's own layout, after translation.
-        uc.grant
-            .check_args(index, &args.scalars, &args.struct_in)
-            .map_err(Refusal::denied)?;
+        if let Err(denial) = uc.grant.check_args(index, &args.scalars, &args.struct_in) {
+            if !denial.audit {
+                return Err(Refusal::denied(denial));
+            }
+            self.audited.push(denial);
+        }
         let cap = args.struct_out_cap;
         if spec.is_async && self.pending.load(Ordering::Relaxed) >= limits::MAX_PENDING_CALLS_PER_SESSION {
             let limit = limits::MAX_PENDING_CALLS_PER_SESSION;
@@ -573,7 +620,12 @@ impl Session {
                     format!("{} has no memory type {memory_type}", service.name()),
                 )
             })?;
-        uc.grant.check_memory(index).map_err(Refusal::denied)?;
+        if let Err(denial) = uc.grant.check_memory(index) {
+            if !denial.audit {
+                return Err(Refusal::denied(denial));
+            }
+            self.audited.push(denial);
+        }
         let backing = match uc.mappings.iter().find(|m| m.memory_type.id == memory_type) {
             Some(m) => m.backing.clone(),
             None => {

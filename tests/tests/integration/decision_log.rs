@@ -114,3 +114,80 @@ async fn decision_log_names_rules_checks_and_survives_a_flood() {
     );
     assert!(!all.iter().any(|r| r["event"] == "call" && r["decision"] == "allow"));
 }
+
+async fn wait_for(log: &std::path::Path, what: impl Fn(&[Value]) -> bool) -> Vec<Value> {
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        let all = records(log);
+        if what(&all) {
+            return all;
+        }
+        assert!(Instant::now() < deadline, "log never showed it: {all:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn audit_mode_lets_requests_through_and_logs_would_deny() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("decisions.jsonl");
+    let log_arg = log.to_str().unwrap().to_string();
+    // A forbid rule in audit mode: fire_event goes through, logged.
+    let policy = format!("{POLICY}mode = \"audit\"\n");
+    let broker = Broker::with(BrokerSetup {
+        policy: Some(&policy),
+        args: &["--decision-log", &log_arg],
+        ..Default::default()
+    });
+    let (session, uc) = broker.open("sample0", OpenMode::Shared).await;
+    assert_eq!(
+        session.call_named(&uc, "fire_event", &[7], &[]).await.unwrap().scalars,
+        vec![0]
+    );
+    // An enforced argument constraint of the allow rule still refuses.
+    assert_eq!(
+        session.call_named(&uc, "add", &[101, 1], &[]).await.unwrap_err().rule(),
+        Some("use")
+    );
+    let all = wait_for(&log, |all| all.iter().any(|r| r["decision"] == "would_deny")).await;
+    let would = all.iter().find(|r| r["decision"] == "would_deny").unwrap();
+    assert_eq!(
+        (would["rule"].as_str(), would["event"].as_str(), would["mode"].as_str()),
+        (Some("no-fire"), Some("call"), Some("audit"))
+    );
+    assert_eq!(would["request"]["method"], "fire_event");
+    drop(session);
+
+    // The whole policy in audit mode: a service no rule allows opens, and says it would not.
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("decisions.jsonl");
+    let log_arg = log.to_str().unwrap().to_string();
+    let policy = "mode = \"audit\"\n\n[[principal]]\nname = \"all\"\n";
+    let broker = Broker::with(BrokerSetup {
+        policy: Some(policy),
+        args: &["--decision-log", &log_arg],
+        ..Default::default()
+    });
+    let (session, uc) = broker.open("sample0", OpenMode::Exclusive).await;
+    assert_eq!(
+        session.call_named(&uc, "add", &[1, 2], &[]).await.unwrap().scalars,
+        vec![3]
+    );
+    let all = wait_for(&log, |all| {
+        all.iter().filter(|r| r["decision"] == "would_deny").count() >= 2
+    })
+    .await;
+    let admission = all
+        .iter()
+        .find(|r| r["event"] == "admission" && r["decision"] == "would_deny")
+        .unwrap();
+    assert_eq!(admission["rule"], "default deny");
+    let call = all
+        .iter()
+        .find(|r| r["event"] == "call" && r["decision"] == "would_deny")
+        .unwrap();
+    assert_eq!(
+        (call["rule"].as_str(), call["request"]["method"].as_str()),
+        (Some("default deny"), Some("add"))
+    );
+}
