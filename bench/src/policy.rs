@@ -64,16 +64,7 @@ pub(crate) fn run(quick: bool) {
     assert_eq!(policy.rule_count(), rules);
 
     let groups: Vec<String> = vec![];
-    let task = Task {
-        uid: 1000,
-        gid: 1000,
-        groups: &groups,
-        exe: None,
-        abi: AbiId::X86_64,
-        exe_sha256: None,
-        cgroup: None,
-        lsm_label: None,
-    };
+    let task = Task::new(1000, 1000, &groups, AbiId::X86_64);
     let props = Properties::new();
     let service = ServiceView {
         name: "sample0",

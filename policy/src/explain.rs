@@ -256,16 +256,7 @@ methods = ["*"]
 "#;
         let p = Policy::parse(&[Source { origin: "p", text }]).unwrap();
         let groups = vec!["dialout".to_string()];
-        let task = Task {
-            uid: 1000,
-            gid: 1000,
-            groups: &groups,
-            exe: None,
-            abi: AbiId::X86_64,
-            exe_sha256: None,
-            cgroup: None,
-            lsm_label: None,
-        };
+        let task = Task::new(1000, 1000, &groups, AbiId::X86_64);
         let props = Properties::new();
         let service = ServiceView {
             name: "tty0",

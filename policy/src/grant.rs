@@ -32,6 +32,23 @@ pub struct Task<'a> {
     pub lsm_label: Option<&'a str>,
 }
 
+impl<'a> Task<'a> {
+    /// A task known by uid, gid, groups and declared ABI only (tools and tests); the
+    /// attributes read from `/proc` are unknown, so principals that need them never match.
+    pub fn new(uid: u32, gid: u32, groups: &'a [String], abi: AbiId) -> Task<'a> {
+        Task {
+            uid,
+            gid,
+            groups,
+            exe: None,
+            abi,
+            exe_sha256: None,
+            cgroup: None,
+            lsm_label: None,
+        }
+    }
+}
+
 /// The service being asked for.
 #[derive(Clone, Copy, Debug)]
 pub struct ServiceView<'a> {
@@ -114,15 +131,7 @@ impl Grant {
     /// The decision for the method at `index` of the method table given at admission. An index
     /// outside the table is a default denial.
     pub fn check(&self, index: usize) -> Result<&str, Denial> {
-        match self.methods.get(index) {
-            Some(Ok(rule)) => Ok(rule),
-            Some(Err(denial)) => Err(denial.clone()),
-            None => Err(Denial {
-                rule: DEFAULT_DENY.into(),
-                reason: "no such method".into(),
-                audit: false,
-            }),
-        }
+        decided(&self.methods, index, "no such method")
     }
 
     /// Checks a call's arguments (scalars, and the struct input in the broker's layout) against
@@ -152,15 +161,7 @@ impl Grant {
 
     /// The decision for mapping the memory type at `index` of the list given at admission.
     pub fn check_memory(&self, index: usize) -> Result<&str, Denial> {
-        match self.memory.get(index) {
-            Some(Ok(rule)) => Ok(rule),
-            Some(Err(denial)) => Err(denial.clone()),
-            None => Err(Denial {
-                rule: DEFAULT_DENY.into(),
-                reason: "no such memory type".into(),
-                audit: false,
-            }),
-        }
+        decided(&self.memory, index, "no such memory type")
     }
 
     /// `clientHasPrivilege`.
@@ -171,6 +172,19 @@ impl Grant {
     /// Granted privileges, sorted.
     pub fn privileges(&self) -> impl Iterator<Item = &str> {
         self.privileges.iter().map(String::as_str)
+    }
+}
+
+/// The decision at `index`; an index outside the list is a default denial.
+fn decided<'a>(decisions: &'a [MethodDecision], index: usize, missing: &str) -> Result<&'a str, Denial> {
+    match decisions.get(index) {
+        Some(Ok(rule)) => Ok(rule),
+        Some(Err(denial)) => Err(denial.clone()),
+        None => Err(Denial {
+            rule: DEFAULT_DENY.into(),
+            reason: missing.into(),
+            audit: false,
+        }),
     }
 }
 
@@ -407,14 +421,8 @@ exe = ["/usr/bin/minicom"]
 
     fn task<'a>(uid: u32, groups: &'a [String], exe: Option<&'a str>) -> Task<'a> {
         Task {
-            uid,
-            gid: uid,
-            groups,
             exe,
-            abi: AbiId::X86_64,
-            exe_sha256: None,
-            cgroup: None,
-            lsm_label: None,
+            ..Task::new(uid, uid, groups, AbiId::X86_64)
         }
     }
 

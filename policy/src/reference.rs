@@ -422,14 +422,8 @@ mod tests {
         fn compiled_grants_equal_reference_evaluator(policy in policy(), ((uid, gid, groups, exe, abi), (class, name, vendor), requests) in case()) {
             let groups: Vec<String> = pick(&GROUPS, groups).into_iter().map(String::from).collect();
             let task = Task {
-                uid: [0, 1000, 1001, 65534][uid as usize],
-                gid: [0, 100, 1000][usize::from(gid)],
-                groups: &groups,
                 exe: EXES.get(usize::from(exe)).copied(),
-                abi: ABIS[usize::from(abi)],
-                exe_sha256: None,
-                cgroup: None,
-                lsm_label: None,
+                ..Task::new([0, 1000, 1001, 65534][uid as usize], [0, 100, 1000][usize::from(gid)], &groups, ABIS[usize::from(abi)])
             };
             let props = if vendor { Properties::from([("vendor".to_string(), PropValue::Text("0403".into()))]) } else { Properties::new() };
             let service = ServiceView { class: CLASSES[usize::from(class)], name: NAMES[usize::from(name)], properties: &props };

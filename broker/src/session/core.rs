@@ -2,7 +2,10 @@
 
 use std::{
     path::PathBuf,
-    sync::{Arc, RwLock},
+    sync::{
+        Arc, RwLock,
+        atomic::{AtomicU64, Ordering},
+    },
 };
 
 use portcullis_policy::{Policy, ServiceView};
@@ -51,6 +54,8 @@ pub struct Core {
     registry: Registry,
     /// The running policy and its generation, swapped together.
     policy: RwLock<(Arc<Policy>, u64)>,
+    /// The running generation, readable without the lock (sessions look at it on every call).
+    generation: AtomicU64,
     /// Where the policy is loaded from on reload (`None`: the embedded default).
     policy_source: Option<PathBuf>,
     /// One permit per connection being served.
@@ -78,6 +83,7 @@ impl Core {
         Arc::new(Core {
             registry: Registry::new(),
             policy: RwLock::new((Arc::new(policy), 1)),
+            generation: AtomicU64::new(1),
             policy_source: source,
             connections: Arc::new(Semaphore::new(max_connections)),
             max_connections,
@@ -104,7 +110,7 @@ impl Core {
 
     /// The running policy's generation (1 for the policy loaded at start).
     pub fn policy_generation(&self) -> u64 {
-        self.policy.read().unwrap_or_else(|e| e.into_inner()).1
+        self.generation.load(Ordering::Acquire)
     }
 
     /// Swaps in a new policy atomically and tells every session; returns its generation.
@@ -113,6 +119,7 @@ impl Core {
             let mut guard = self.policy.write().unwrap_or_else(|e| e.into_inner());
             let generation = guard.1 + 1;
             *guard = (Arc::new(policy), generation);
+            self.generation.store(generation, Ordering::Release);
             generation
         };
         let _ = self.events.send(CoreEvent::PolicyReloaded { generation });

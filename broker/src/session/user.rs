@@ -206,10 +206,11 @@ impl Session {
     /// before every request, so no request is ever checked against an older policy than the
     /// one running when it arrived, nor against two policies.
     fn refresh(&mut self) {
-        let (policy, generation) = self.core.policy_snapshot();
-        if generation == self.generation {
+        // The common case costs one atomic load: nothing changed.
+        if self.core.policy_generation() == self.generation {
             return;
         }
+        let (policy, generation) = self.core.policy_snapshot();
         self.generation = generation;
         let handles: Vec<u64> = self.user_clients.keys().copied().collect();
         for handle in handles {

@@ -107,6 +107,18 @@ impl ClientError {
         }
     }
 
+    /// `Ok` for success, else the refusal, from a response's status, message and rule.
+    pub(crate) fn check_reply(status: Status, message: String, rule: String) -> Result<(), ClientError> {
+        if status == Status::Success {
+            return Ok(());
+        }
+        Err(ClientError::Refused {
+            status,
+            message,
+            rule: Some(rule).filter(|r| !r.is_empty()),
+        })
+    }
+
     /// The deciding policy rule, for policy refusals.
     pub fn rule(&self) -> Option<&str> {
         match self {

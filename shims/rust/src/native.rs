@@ -115,13 +115,7 @@ impl NativeSession {
                 ServerFrame::Response(r) if r.id == id => {
                     let status = Status::from_code(r.status)
                         .ok_or_else(|| ClientError::Protocol(format!("unknown status {}", r.status)))?;
-                    if status != Status::Success {
-                        return Err(ClientError::Refused {
-                            status,
-                            message: r.message,
-                            rule: Some(r.rule).filter(|r| !r.is_empty()),
-                        });
-                    }
+                    ClientError::check_reply(status, r.message, r.rule)?;
                     return Ok(r.body);
                 }
                 ServerFrame::Event(e) => self.events.push(e),

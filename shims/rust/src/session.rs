@@ -135,13 +135,7 @@ impl Session {
         }
         let response = response.await.map_err(|_| ClientError::Disconnected)?;
         let status = Status::try_from(response.status).map_err(|e| ClientError::Protocol(e.to_string()))?;
-        if status != Status::Success {
-            return Err(ClientError::Refused {
-                status,
-                message: response.message,
-                rule: Some(response.rule).filter(|r| !r.is_empty()),
-            });
-        }
+        ClientError::check_reply(status, response.message, response.rule)?;
         response
             .result
             .ok_or_else(|| ClientError::Protocol("a successful response without a result".into()))
