@@ -138,18 +138,10 @@ fn read(path: &Path) -> Result<String, ConfigError> {
     })
 }
 
-/// Loads the policy at `path` (a file, or a directory whose `*.toml` files are read in lexical
-/// order), or the embedded default, and checks every driver name it uses against the drivers.
-pub fn load_policy(path: Option<&Path>) -> Result<Policy, ConfigError> {
-    let catalog = crate::drivers::catalog();
-    let Some(path) = path else {
-        let default = Source {
-            origin: "embedded default policy",
-            text: DEFAULT_POLICY,
-        };
-        return Ok(Policy::parse_checked(&[default], Some(&catalog))?);
-    };
-    let files = if path.is_dir() {
+/// The files of the policy at `path`: the file itself, or a directory's `*.toml` files in
+/// lexical order.
+pub fn policy_files(path: &Path) -> Result<Vec<PathBuf>, ConfigError> {
+    if path.is_dir() {
         let mut files: Vec<PathBuf> = fs::read_dir(path)
             .map_err(|source| ConfigError::Read {
                 path: path.to_path_buf(),
@@ -162,10 +154,24 @@ pub fn load_policy(path: Option<&Path>) -> Result<Policy, ConfigError> {
         if files.is_empty() {
             return Err(ConfigError::EmptyPolicyDir(path.to_path_buf()));
         }
-        files
+        Ok(files)
     } else {
-        vec![path.to_path_buf()]
+        Ok(vec![path.to_path_buf()])
+    }
+}
+
+/// Loads the policy at `path` (a file, or a directory whose `*.toml` files are read in lexical
+/// order), or the embedded default, and checks every driver name it uses against the drivers.
+pub fn load_policy(path: Option<&Path>) -> Result<Policy, ConfigError> {
+    let catalog = crate::drivers::catalog();
+    let Some(path) = path else {
+        let default = Source {
+            origin: "embedded default policy",
+            text: DEFAULT_POLICY,
+        };
+        return Ok(Policy::parse_checked(&[default], Some(&catalog))?);
     };
+    let files = policy_files(path)?;
     let texts = files
         .iter()
         .map(|f| Ok((f.display().to_string(), read(f)?)))

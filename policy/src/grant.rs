@@ -213,7 +213,7 @@ impl Principal {
 }
 
 /// Whether cgroup `path` is `parent` or below it.
-fn cgroup_within(path: &str, parent: &str) -> bool {
+pub(crate) fn cgroup_within(path: &str, parent: &str) -> bool {
     parent.is_empty() || path == parent || path.strip_prefix(parent).is_some_and(|rest| rest.starts_with('/'))
 }
 

@@ -22,7 +22,7 @@ pub struct Source<'a> {
 /// The names the drivers define, to check a policy against (from `portcullis schema`).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Catalog {
-    classes: BTreeMap<String, ClassNames>,
+    pub(crate) classes: BTreeMap<String, ClassNames>,
 }
 
 /// The names one driver class defines.
@@ -36,6 +36,8 @@ pub struct ClassNames {
     pub memory: std::collections::BTreeSet<String>,
     /// The parameter names of each method (scalars, `len`, struct fields).
     pub params: BTreeMap<String, std::collections::BTreeSet<String>>,
+    /// The privilege each method requires, for the methods that require one.
+    pub method_privileges: BTreeMap<String, String>,
 }
 
 impl Catalog {
@@ -45,6 +47,7 @@ impl Catalog {
         entry.methods.extend(names.methods);
         entry.privileges.extend(names.privileges);
         entry.memory.extend(names.memory);
+        entry.method_privileges.extend(names.method_privileges);
         for (method, params) in names.params {
             entry.params.entry(method).or_default().extend(params);
         }
@@ -130,6 +133,29 @@ struct RawFile {
     principal: Vec<RawPrincipal>,
     #[serde(default)]
     rule: Vec<RawRule>,
+    /// `[[assert]]`: what must never be allowed.
+    #[serde(default, rename = "assert")]
+    asserts: Vec<RawAssert>,
+}
+
+/// `[[assert]]`: no task matching `principals` (every task when omitted) may be allowed the
+/// requests named, on any service matching `service`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAssert {
+    id: toml::Spanned<String>,
+    /// What the assertion protects, for the reader (and the error message).
+    description: Option<String>,
+    principals: Option<Vec<toml::Spanned<String>>>,
+    #[serde(default)]
+    service: RawServiceMatch,
+    #[serde(default)]
+    methods: Vec<toml::Spanned<String>>,
+    open: Option<OpenPermission>,
+    #[serde(default)]
+    privileges: Vec<toml::Spanned<String>>,
+    #[serde(default)]
+    memory: Vec<toml::Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -393,7 +419,7 @@ impl Methods {
         }
     }
 
-    fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         matches!(self, Methods::Named(names) if names.is_empty())
     }
 }
@@ -469,6 +495,8 @@ pub struct Policy {
     pub(crate) rules: Vec<Rule>,
     /// The whole policy is in audit mode: every refusal, default denies included, is audited.
     pub(crate) audit: bool,
+    /// Assertions, checked at load.
+    pub(crate) asserts: Vec<Assertion>,
 }
 
 impl Policy {
@@ -484,6 +512,7 @@ impl Policy {
         let mut errors = Vec::new();
         let mut principals: Vec<Principal> = Vec::new();
         let mut raw_rules = Vec::new();
+        let mut raw_asserts = Vec::new();
         let mut audit = false;
         let files: Vec<Located<'_>> = sources.iter().map(Located::new).collect();
         let mut principal_index: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
@@ -524,166 +553,56 @@ impl Policy {
                 principals.push(principal);
             }
             raw_rules.extend(raw.rule.into_iter().map(|r| (source, r)));
+            raw_asserts.extend(raw.asserts.into_iter().map(|a| (source, a)));
         }
-        let mut rules: Vec<Rule> = Vec::new();
-        for (source, r) in raw_rules {
-            let id = r.id.get_ref().clone();
-            if id.trim().is_empty() {
-                errors.push(locate(source, Some(r.id.span()), "rule id is empty".into()));
-            } else if id == crate::DEFAULT_DENY {
-                errors.push(locate(source, Some(r.id.span()), format!("rule id {id:?} is reserved")));
-            } else if !rule_ids.insert(id.clone()) {
-                errors.push(locate(source, Some(r.id.span()), format!("duplicate rule id {id:?}")));
-            }
-            let mut indices = Vec::new();
-            if r.principals.is_empty() {
-                errors.push(locate(
-                    source,
-                    Some(r.id.span()),
-                    format!("rule {id:?} names no principals"),
-                ));
-            }
-            for name in &r.principals {
-                match principal_index.get(name.get_ref()).copied() {
-                    Some(i) => indices.push(i),
-                    None => errors.push(locate(
-                        source,
-                        Some(name.span()),
-                        format!(
-                            "rule {id:?} names unknown principal {:?}{}",
-                            name.get_ref(),
-                            did_you_mean(name.get_ref(), principals.iter().map(|p| p.name.as_str()))
-                        ),
-                    )),
-                }
-            }
-            let mut properties = BTreeMap::new();
-            for (key, value) in r.service.properties {
-                match prop_match(value.get_ref()) {
-                    Some(m) => {
-                        properties.insert(key, m);
-                    }
-                    None => errors.push(locate(
-                        source,
-                        Some(value.span()),
-                        format!("property {key:?}: a string, integer or boolean, a list of them, {{ prefix = \"…\" }} or {{ any_of = [...] }}"),
-                    )),
-                }
-            }
-            let mut names = Vec::new();
-            let mut used = |kind: NameKind, name: &toml::Spanned<String>| {
-                let at = locate(source, Some(name.span()), String::new());
-                names.push(NameUse {
-                    kind,
-                    name: name.get_ref().clone(),
-                    method: None,
+        let known = Principals {
+            index: &principal_index,
+            all: &principals,
+        };
+        let rules: Vec<Rule> = raw_rules
+            .into_iter()
+            .map(|(source, r)| build_rule(source, r, "rule", &mut rule_ids, &known, &mut errors))
+            .collect();
+        let mut assert_ids = std::collections::HashSet::new();
+        let asserts: Vec<Assertion> = raw_asserts
+            .into_iter()
+            .map(|(source, a)| {
+                let at = locate(source, Some(a.id.span()), String::new());
+                let every_task = a.principals.is_none();
+                let raw = RawRule {
+                    id: a.id,
+                    effect: Effect::Forbid,
+                    principals: a.principals.unwrap_or_default(),
+                    service: a.service,
+                    methods: a.methods,
+                    open: a.open,
+                    privileges: a.privileges,
+                    memory: a.memory,
+                    rate: None,
+                    mode: None,
+                    args: BTreeMap::new(),
+                };
+                Assertion {
+                    scope: build_rule(source, raw, "assert", &mut assert_ids, &known, &mut errors),
+                    every_task,
+                    description: a.description,
                     origin: at.origin,
                     line: at.line,
                     col: at.col,
-                });
-            };
-            if let Some(class) = &r.service.class {
-                used(NameKind::Class, class);
-            }
-            r.methods
-                .iter()
-                .filter(|m| m.get_ref() != "*")
-                .for_each(|m| used(NameKind::Method, m));
-            r.privileges.iter().for_each(|p| used(NameKind::Privilege, p));
-            r.memory.iter().for_each(|m| used(NameKind::Memory, m));
-            let plain =
-                |v: Vec<toml::Spanned<String>>| v.into_iter().map(toml::Spanned::into_inner).collect::<Vec<_>>();
-            let methods = if r.methods.iter().any(|m| m.get_ref() == "*") {
-                Methods::All
-            } else {
-                Methods::Named(plain(r.methods))
-            };
-            let mut args = Vec::new();
-            for (method, params) in r.args {
-                for (param, raw) in params {
-                    let at = locate(source, Some(raw.span()), String::new());
-                    if r.effect == Effect::Forbid {
-                        errors.push(SourceError {
-                            message: format!("rule {id:?}: argument constraints belong on allow rules"),
-                            ..at
-                        });
-                        continue;
-                    }
-                    if !methods.contains(&method) {
-                        errors.push(SourceError {
-                            message: format!("rule {id:?}: args.{method} constrains a method the rule does not grant"),
-                            ..at
-                        });
-                        continue;
-                    }
-                    match raw.into_inner().parse() {
-                        Ok(constraint) => {
-                            let p = locate(source, Some(param.span()), String::new());
-                            names.push(NameUse {
-                                kind: NameKind::Param,
-                                name: param.get_ref().clone(),
-                                method: Some(method.clone()),
-                                origin: p.origin,
-                                line: p.line,
-                                col: p.col,
-                            });
-                            args.push(ArgRule {
-                                method: method.clone(),
-                                param: param.into_inner(),
-                                constraint,
-                            });
-                        }
-                        Err(why) => errors.push(SourceError {
-                            message: format!("rule {id:?}: args.{method}.{}: {why}", param.get_ref()),
-                            ..at
-                        }),
-                    }
                 }
-            }
-            let rate = match r.rate {
-                None => None,
-                Some(text) => match parse_rate(text.get_ref()) {
-                    Ok(_) if r.effect == Effect::Forbid => {
-                        errors.push(locate(
-                            source,
-                            Some(text.span()),
-                            format!("rule {id:?}: rate limits belong on allow rules"),
-                        ));
-                        None
-                    }
-                    Ok(rate) => Some(rate),
-                    Err(why) => {
-                        errors.push(locate(source, Some(text.span()), format!("rule {id:?}: {why}")));
-                        None
-                    }
-                },
-            };
-            rules.push(Rule {
-                id,
-                effect: r.effect,
-                principals: indices,
-                service: ServiceMatch {
-                    class: r.service.class.map(toml::Spanned::into_inner),
-                    name: r.service.name,
-                    properties,
-                },
-                methods,
-                open: r.open,
-                privileges: plain(r.privileges),
-                memory: plain(r.memory),
-                names,
-                args,
-                rate,
-                audit: r.mode == Some(Mode::Audit),
-            });
-        }
+            })
+            .collect();
         let policy = Policy {
             principals,
             rules,
             audit,
+            asserts,
         };
         if let Some(catalog) = catalog {
             errors.extend(policy.check_names(catalog));
+        }
+        if errors.is_empty() {
+            errors.extend(policy.check_assertions(catalog));
         }
         if errors.is_empty() {
             Ok(policy)
@@ -697,7 +616,8 @@ impl Policy {
     /// does not have. Each error is located and suggests the closest known name.
     pub fn check_names(&self, catalog: &Catalog) -> Vec<SourceError> {
         let mut errors = Vec::new();
-        for rule in &self.rules {
+        let scopes = (self.rules.iter().map(|r| ("rule", r))).chain(self.asserts.iter().map(|a| ("assert", &a.scope)));
+        for (noun, rule) in scopes {
             let class = rule.service.class.as_deref().and_then(|c| catalog.classes.get(c));
             for n in &rule.names {
                 let known: Vec<&str> = match n.kind {
@@ -742,7 +662,7 @@ impl Policy {
                             line: n.line,
                             col: n.col,
                             message: format!(
-                                "rule {:?}: {subject} is not in {scope}{}",
+                                "{noun} {:?}: {subject} is not in {scope}{}",
                                 rule.id,
                                 did_you_mean(&n.name, all.iter().map(String::as_str))
                             ),
@@ -756,7 +676,7 @@ impl Policy {
                         line: n.line,
                         col: n.col,
                         message: format!(
-                            "rule {:?}: class {:?} is not a driver class{}",
+                            "{noun} {:?}: class {:?} is not a driver class{}",
                             rule.id,
                             n.name,
                             did_you_mean(&n.name, known.iter().copied())
@@ -777,6 +697,194 @@ impl Policy {
     pub fn rule_count(&self) -> usize {
         self.rules.len()
     }
+
+    /// Number of `[[assert]]`s (all of which hold: a policy whose assertion fails is not loaded).
+    pub fn assertion_count(&self) -> usize {
+        self.asserts.len()
+    }
+}
+
+/// Where principals are looked up while rules are built.
+struct Principals<'p> {
+    index: &'p std::collections::HashMap<String, usize>,
+    all: &'p [Principal],
+}
+
+/// Builds a rule (or, with `noun` "assert", an assertion's scope) from its raw form; errors go
+/// to `errors`.
+fn build_rule(
+    source: &Located<'_>,
+    r: RawRule,
+    noun: &str,
+    ids: &mut std::collections::HashSet<String>,
+    known: &Principals<'_>,
+    errors: &mut Vec<SourceError>,
+) -> Rule {
+    let id = r.id.get_ref().clone();
+    if id.trim().is_empty() {
+        errors.push(locate(source, Some(r.id.span()), format!("{noun} id is empty")));
+    } else if id == crate::DEFAULT_DENY {
+        errors.push(locate(
+            source,
+            Some(r.id.span()),
+            format!("{noun} id {id:?} is reserved"),
+        ));
+    } else if !ids.insert(id.clone()) {
+        errors.push(locate(source, Some(r.id.span()), format!("duplicate {noun} id {id:?}")));
+    }
+    let mut indices = Vec::new();
+    if r.principals.is_empty() && noun == "rule" {
+        errors.push(locate(
+            source,
+            Some(r.id.span()),
+            format!("{noun} {id:?} names no principals"),
+        ));
+    }
+    for name in &r.principals {
+        match known.index.get(name.get_ref()).copied() {
+            Some(i) => indices.push(i),
+            None => errors.push(locate(
+                source,
+                Some(name.span()),
+                format!(
+                    "{noun} {id:?} names unknown principal {:?}{}",
+                    name.get_ref(),
+                    did_you_mean(name.get_ref(), known.all.iter().map(|p| p.name.as_str()))
+                ),
+            )),
+        }
+    }
+    let mut properties = BTreeMap::new();
+    for (key, value) in r.service.properties {
+        match prop_match(value.get_ref()) {
+            Some(m) => {
+                properties.insert(key, m);
+            }
+            None => errors.push(locate(
+                source,
+                Some(value.span()),
+                format!("property {key:?}: a string, integer or boolean, a list of them, {{ prefix = \"…\" }} or {{ any_of = [...] }}"),
+            )),
+        }
+    }
+    let mut names = Vec::new();
+    let mut used = |kind: NameKind, name: &toml::Spanned<String>| {
+        let at = locate(source, Some(name.span()), String::new());
+        names.push(NameUse {
+            kind,
+            name: name.get_ref().clone(),
+            method: None,
+            origin: at.origin,
+            line: at.line,
+            col: at.col,
+        });
+    };
+    if let Some(class) = &r.service.class {
+        used(NameKind::Class, class);
+    }
+    r.methods
+        .iter()
+        .filter(|m| m.get_ref() != "*")
+        .for_each(|m| used(NameKind::Method, m));
+    r.privileges.iter().for_each(|p| used(NameKind::Privilege, p));
+    r.memory.iter().for_each(|m| used(NameKind::Memory, m));
+    let plain = |v: Vec<toml::Spanned<String>>| v.into_iter().map(toml::Spanned::into_inner).collect::<Vec<_>>();
+    let methods = if r.methods.iter().any(|m| m.get_ref() == "*") {
+        Methods::All
+    } else {
+        Methods::Named(plain(r.methods))
+    };
+    let mut args = Vec::new();
+    for (method, params) in r.args {
+        for (param, raw) in params {
+            let at = locate(source, Some(raw.span()), String::new());
+            if r.effect == Effect::Forbid {
+                errors.push(SourceError {
+                    message: format!("rule {id:?}: argument constraints belong on allow rules"),
+                    ..at
+                });
+                continue;
+            }
+            if !methods.contains(&method) {
+                errors.push(SourceError {
+                    message: format!("rule {id:?}: args.{method} constrains a method the rule does not grant"),
+                    ..at
+                });
+                continue;
+            }
+            match raw.into_inner().parse() {
+                Ok(constraint) => {
+                    let p = locate(source, Some(param.span()), String::new());
+                    names.push(NameUse {
+                        kind: NameKind::Param,
+                        name: param.get_ref().clone(),
+                        method: Some(method.clone()),
+                        origin: p.origin,
+                        line: p.line,
+                        col: p.col,
+                    });
+                    args.push(ArgRule {
+                        method: method.clone(),
+                        param: param.into_inner(),
+                        constraint,
+                    });
+                }
+                Err(why) => errors.push(SourceError {
+                    message: format!("rule {id:?}: args.{method}.{}: {why}", param.get_ref()),
+                    ..at
+                }),
+            }
+        }
+    }
+    let rate = match r.rate {
+        None => None,
+        Some(text) => match parse_rate(text.get_ref()) {
+            Ok(_) if r.effect == Effect::Forbid => {
+                errors.push(locate(
+                    source,
+                    Some(text.span()),
+                    format!("rule {id:?}: rate limits belong on allow rules"),
+                ));
+                None
+            }
+            Ok(rate) => Some(rate),
+            Err(why) => {
+                errors.push(locate(source, Some(text.span()), format!("rule {id:?}: {why}")));
+                None
+            }
+        },
+    };
+    Rule {
+        id,
+        effect: r.effect,
+        principals: indices,
+        service: ServiceMatch {
+            class: r.service.class.map(toml::Spanned::into_inner),
+            name: r.service.name,
+            properties,
+        },
+        methods,
+        open: r.open,
+        privileges: plain(r.privileges),
+        memory: plain(r.memory),
+        names,
+        args,
+        rate,
+        audit: r.mode == Some(Mode::Audit),
+    }
+}
+
+/// `[[assert]]`: no task matching the scope's principals (every task, with `every_task`) may be
+/// allowed what the scope names on a service it matches.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Assertion {
+    /// Id, principals, service and requests, in a rule's shape.
+    pub(crate) scope: Rule,
+    pub(crate) every_task: bool,
+    pub(crate) description: Option<String>,
+    pub(crate) origin: String,
+    pub(crate) line: usize,
+    pub(crate) col: usize,
 }
 
 /// A rate limit: `calls` per `seconds`.
@@ -981,6 +1089,7 @@ mod catalog_tests {
                 privileges: ["sample.admin"].map(String::from).into(),
                 memory: ["dma"].map(String::from).into(),
                 params: [("add".to_string(), ["a", "b"].map(String::from).into())].into(),
+                method_privileges: [("reset".to_string(), "sample.admin".to_string())].into(),
             },
         );
         c

@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 
 use clap::{Args, Subcommand};
-use portcullis_policy::{Policy, PolicyError, Request, ServiceView, Task};
+use portcullis_policy::{Policy, PolicyError, Request, ServiceView, TaskParts};
 use portcullis_proto::{
     layout::AbiId,
     property::{PropValue, Properties},
@@ -26,6 +26,25 @@ pub(crate) enum PolicyCommand {
     Reload {
         #[command(flatten)]
         run_dir: super::RunDir,
+    },
+    /// Requests whose decision changes between two policies, each with a task and service that
+    /// shows it and the deciding rules before and after.
+    Diff {
+        /// The policy before the change (file or directory).
+        old: PathBuf,
+        /// The policy after the change.
+        new: PathBuf,
+        /// Exit with status 1 when anything changes (for CI gates).
+        #[arg(long)]
+        exit_code: bool,
+    },
+    /// Rewrite policy files in the canonical layout (comments kept; rule order kept).
+    Fmt {
+        /// Policy file, or directory of *.toml files.
+        path: PathBuf,
+        /// Change nothing; list the files that are not formatted and exit 1 if any.
+        #[arg(long)]
+        check: bool,
     },
     /// Run test cases (TOML) against a policy; prints `N passed, N failed`.
     Test {
@@ -63,40 +82,14 @@ pub(crate) struct ExplainArgs {
     args: Vec<String>,
 }
 
-struct TaskSpec {
-    uid: u32,
-    gid: u32,
-    groups: Vec<String>,
-    exe: Option<String>,
-    abi: AbiId,
-    exe_sha256: Option<String>,
-    cgroup: Option<String>,
-    lsm_label: Option<String>,
-}
-
-impl TaskSpec {
-    fn task(&self) -> Task<'_> {
-        Task {
-            uid: self.uid,
-            gid: self.gid,
-            groups: &self.groups,
-            exe: self.exe.as_deref(),
-            abi: self.abi,
-            exe_sha256: self.exe_sha256.as_deref(),
-            cgroup: self.cgroup.as_deref(),
-            lsm_label: self.lsm_label.as_deref(),
-        }
-    }
-}
-
 fn pairs(spec: &str) -> impl Iterator<Item = Result<(&str, &str), String>> {
     spec.split(',')
         .filter(|p| !p.is_empty())
         .map(|p| p.split_once('=').ok_or_else(|| format!("{p:?} is not KEY=VALUE")))
 }
 
-fn parse_task(spec: &str) -> Result<TaskSpec, String> {
-    let mut t = TaskSpec {
+fn parse_task(spec: &str) -> Result<TaskParts, String> {
+    let mut t = TaskParts {
         uid: 0,
         gid: 0,
         groups: Vec::new(),
@@ -174,6 +167,8 @@ pub(crate) fn run(command: PolicyCommand) -> Result<(), String> {
         PolicyCommand::Explain(args) => explain(args),
         PolicyCommand::Test { cases, policy } => test(&cases, policy.as_deref()),
         PolicyCommand::Reload { run_dir } => reload(&run_dir),
+        PolicyCommand::Diff { old, new, exit_code } => diff(&old, &new, exit_code),
+        PolicyCommand::Fmt { path, check } => fmt(&path, check),
     }
 }
 
@@ -198,7 +193,12 @@ fn reload(run_dir: &super::RunDir) -> Result<(), String> {
 fn check(path: &Path) -> Result<(), String> {
     match config::load_policy(Some(path)) {
         Ok(policy) => {
-            println!("{}: ok ({} rules)", path.display(), policy.rule_count());
+            println!(
+                "{}: ok ({} rules, {} assertions hold)",
+                path.display(),
+                policy.rule_count(),
+                policy.assertion_count()
+            );
             Ok(())
         }
         Err(config::ConfigError::Policy(PolicyError::Invalid(errors))) => {
@@ -209,6 +209,62 @@ fn check(path: &Path) -> Result<(), String> {
         }
         Err(e) => Err(e.to_string()),
     }
+}
+
+fn diff(old: &Path, new: &Path, exit_code: bool) -> Result<(), String> {
+    let (before, after) = (load(Some(old))?, load(Some(new))?);
+    let catalog = drivers::catalog();
+    let changes = portcullis_policy::diff(&before, &after, Some(&catalog)).map_err(|e| e.to_string())?;
+    let decided = |d: &portcullis_policy::Decision| {
+        if d.allowed {
+            format!("allowed by {:?}", d.rule)
+        } else if d.rule == portcullis_policy::DEFAULT_DENY {
+            "default deny".to_string()
+        } else {
+            format!("denied by {:?}", d.rule)
+        }
+    };
+    let gained = changes.iter().filter(|c| c.new.allowed).count();
+    for c in &changes {
+        let (task, service) = c.world.describe();
+        let sign = if c.new.allowed { '+' } else { '-' };
+        println!("{sign} {} on {service} to {task}", c.question);
+        println!("    was {}; now {}", decided(&c.old), decided(&c.new));
+    }
+    println!(
+        "{} change(s): {gained} newly allowed, {} no longer allowed",
+        changes.len(),
+        changes.len() - gained
+    );
+    if exit_code && !changes.is_empty() {
+        return Err("the policies differ".into());
+    }
+    Ok(())
+}
+
+fn fmt(path: &Path, check: bool) -> Result<(), String> {
+    // Only a policy that loads is formatted: fmt never hides an error.
+    load(Some(path))?;
+    let files = config::policy_files(path).map_err(|e| e.to_string())?;
+    let mut unformatted = Vec::new();
+    for file in &files {
+        let text = std::fs::read_to_string(file).map_err(|e| format!("{}: {e}", file.display()))?;
+        let formatted = portcullis_policy::format(&text).map_err(|e| format!("{}: {e}", file.display()))?;
+        if formatted == text {
+            continue;
+        }
+        if check {
+            println!("{}: not formatted", file.display());
+        } else {
+            std::fs::write(file, &formatted).map_err(|e| format!("{}: {e}", file.display()))?;
+            println!("{}: formatted", file.display());
+        }
+        unformatted.push(file);
+    }
+    if check && !unformatted.is_empty() {
+        return Err(format!("{} file(s) not formatted", unformatted.len()));
+    }
+    Ok(())
 }
 
 fn request<'a>(
@@ -423,7 +479,7 @@ fn run_case(policy: &Policy, case: &Case) -> Result<(), String> {
         Some(name) => AbiId::by_name(name).ok_or_else(|| format!("unknown ABI {name:?}"))?,
         None => AbiId::native(),
     };
-    let task = TaskSpec {
+    let task = TaskParts {
         uid: p.uid,
         gid: p.gid,
         groups: p.groups.clone(),

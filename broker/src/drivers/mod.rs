@@ -22,6 +22,10 @@ pub fn catalog() -> portcullis_policy::Catalog {
                 methods: rows.iter().map(|r| r.name.to_string()).collect(),
                 privileges: rows.iter().filter_map(|r| r.privilege).map(String::from).collect(),
                 memory: driver.memory_types().iter().map(|m| m.name.to_string()).collect(),
+                method_privileges: rows
+                    .iter()
+                    .filter_map(|r| r.privilege.map(|p| (r.name.to_string(), p.to_string())))
+                    .collect(),
                 params: rows
                     .iter()
                     .enumerate()

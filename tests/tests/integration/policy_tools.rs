@@ -183,3 +183,110 @@ fn policy_explain_checks_arguments_against_the_granting_rule() {
     ]);
     assert!(!ok && out.contains("has no parameter \"c\""), "{out}");
 }
+
+/// The default policy with one edit.
+fn edited(from: &str, to: &str) -> String {
+    let text = std::fs::read_to_string(root().join("broker/src/default_policy.toml")).unwrap();
+    assert!(text.contains(from), "the default policy no longer has {from:?}");
+    text.replace(from, to)
+}
+
+#[test]
+fn policy_check_refuses_a_broken_assertion_with_a_counterexample() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("p.toml");
+    // Everyone gets reset and its privilege: the default policy's assertion must catch it.
+    std::fs::write(
+        &path,
+        edited(
+            "\"checksum_dma\"]",
+            "\"checksum_dma\", \"reset\"]\nprivileges = [\"sample.admin\"]",
+        ),
+    )
+    .unwrap();
+    let (ok, out) = run(&["policy", "check", path.to_str().unwrap()]);
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains("assert \"only-root-resets\" fails")
+            && out.contains("rule \"sample-use\" allows method reset (privilege sample.admin) to uid=")
+            && out.contains("on class=SampleDevice"),
+        "{out}"
+    );
+    // The running broker refuses it too (it checks the same way at load).
+    let (ok, out) = run(&[
+        "broker",
+        "--policy",
+        path.to_str().unwrap(),
+        "--run-dir",
+        dir.path().to_str().unwrap(),
+    ]);
+    assert!(!ok && out.contains("only-root-resets"), "{out}");
+}
+
+#[test]
+fn policy_diff_lists_changed_decisions_with_witnesses() {
+    let dir = tempfile::tempdir().unwrap();
+    let old = root().join("broker/src/default_policy.toml");
+    let new = dir.path().join("new.toml");
+    std::fs::write(
+        &new,
+        edited("memory = [\"registers\", \"dma\"]", "memory = [\"registers\"]"),
+    )
+    .unwrap();
+    let (ok, out) = run(&["policy", "diff", old.to_str().unwrap(), new.to_str().unwrap()]);
+    assert!(ok, "{out}");
+    assert!(
+        out.contains(
+            "- map memory dma on class=SampleDevice to any task\n    was allowed by \"sample-use\"; now default deny"
+        ),
+        "{out}"
+    );
+    assert!(
+        out.contains("1 change(s): 0 newly allowed, 1 no longer allowed"),
+        "{out}"
+    );
+    // Reversed, the change is a gain; --exit-code turns any change into a failure.
+    let (ok, out) = run(&[
+        "policy",
+        "diff",
+        new.to_str().unwrap(),
+        old.to_str().unwrap(),
+        "--exit-code",
+    ]);
+    assert!(!ok && out.contains("+ map memory dma"), "{out}");
+    let (ok, out) = run(&[
+        "policy",
+        "diff",
+        old.to_str().unwrap(),
+        old.to_str().unwrap(),
+        "--exit-code",
+    ]);
+    assert!(ok && out.contains("0 change(s)"), "{out}");
+}
+
+#[test]
+fn policy_fmt_rewrites_to_the_canonical_layout_and_checks() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("p.toml");
+    let messy = "[[principal]]\nuid=[0]\nname =   \"root\" # the admin\n[[rule]]\nmethods=[\"add\",\"echo\"]\nprincipals=[\"root\"]\neffect = \"allow\"\nid=\"r\"\n";
+    std::fs::write(&path, messy).unwrap();
+    let (ok, out) = run(&["policy", "fmt", "--check", path.to_str().unwrap()]);
+    assert!(!ok && out.contains("p.toml: not formatted"), "{out}");
+    assert_eq!(std::fs::read_to_string(&path).unwrap(), messy, "--check wrote the file");
+    let (ok, out) = run(&["policy", "fmt", path.to_str().unwrap()]);
+    assert!(ok, "{out}");
+    assert_eq!(
+        std::fs::read_to_string(&path).unwrap(),
+        "[[principal]]\nname = \"root\" # the admin\nuid = [0]\n\n[[rule]]\nid = \"r\"\neffect = \"allow\"\nprincipals = [\"root\"]\nmethods = [\"add\", \"echo\"]\n"
+    );
+    let (ok, out) = run(&["policy", "fmt", "--check", path.to_str().unwrap()]);
+    assert!(ok, "{out}");
+    // The project's own policy is formatted.
+    let default = root().join("broker/src/default_policy.toml");
+    let (ok, out) = run(&["policy", "fmt", "--check", default.to_str().unwrap()]);
+    assert!(ok, "{out}");
+    // A policy that does not load is not formatted.
+    std::fs::write(&path, "[[rule]]\nid = \"r\"\n").unwrap();
+    let (ok, _) = run(&["policy", "fmt", path.to_str().unwrap()]);
+    assert!(!ok);
+}

@@ -1,0 +1,167 @@
+//! Random policies and requests for the property tests (the differential test and the
+//! analysis tests share them).
+
+use portcullis_proto::{layout::AbiId, property::PropValue};
+use proptest::prelude::*;
+
+use crate::{
+    Policy,
+    model::{Effect, Methods, OpenPermission, Principal, PropMatch, Rule, ServiceMatch},
+};
+
+pub(crate) const GROUPS: [&str; 3] = ["dialout", "video", "disk"];
+pub(crate) const EXES: [&str; 2] = ["/usr/bin/app", "/usr/bin/other"];
+pub(crate) const ABIS: [AbiId; 2] = [AbiId::X86_64, AbiId::I386];
+pub(crate) const CLASSES: [&str; 2] = ["TtyDevice", "BlockDevice"];
+pub(crate) const NAMES: [&str; 2] = ["dev0", "dev1"];
+pub(crate) const METHODS: [&str; 3] = ["read", "write", "reset"];
+pub(crate) const PRIVILEGES: [&str; 2] = ["admin", "raw"];
+pub(crate) const MEMORY: [&str; 2] = ["registers", "dma"];
+/// Parameters constraints may name; "ghost" is not a parameter of any method.
+pub(crate) const PARAMS: [&str; 4] = ["a", "b", "len", "ghost"];
+pub(crate) const PARAM_REFS: [crate::ParamRef<'static>; 3] = [
+    crate::ParamRef {
+        name: "a",
+        at: crate::ParamAt::Scalar(0),
+    },
+    crate::ParamRef {
+        name: "b",
+        at: crate::ParamAt::Scalar(1),
+    },
+    crate::ParamRef {
+        name: "len",
+        at: crate::ParamAt::StructLen,
+    },
+];
+
+pub(crate) fn pick<T: Clone>(items: &[T], mask: u8) -> Vec<T> {
+    items
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| mask & (1 << i) != 0)
+        .map(|(_, x)| x.clone())
+        .collect()
+}
+
+pub(crate) fn principal() -> impl Strategy<Value = Principal> {
+    (0u8..16, 0u8..8, 0u8..8, 0u8..4, 0u8..4, 0u8..6).prop_map(|(uids, gids, groups, exes, abis, not)| Principal {
+        name: String::new(),
+        uid: pick(&[0, 1000, 1001, 65534], uids),
+        gid: pick(&[0, 100, 1000], gids),
+        groups: pick(&GROUPS, groups).into_iter().map(String::from).collect(),
+        exe: pick(&EXES, exes).into_iter().map(String::from).collect(),
+        abi: pick(&ABIS, abis),
+        exe_sha256: Vec::new(),
+        cgroup: Vec::new(),
+        lsm_label: Vec::new(),
+        // Sometimes a `not` block: one uid, or one group.
+        not: match not {
+            1 => Some(Box::new(Principal { uid: vec![0], ..bare() })),
+            2 => Some(Box::new(Principal {
+                groups: vec![GROUPS[1].to_string()],
+                ..bare()
+            })),
+            _ => None,
+        },
+    })
+}
+
+fn bare() -> Principal {
+    Principal {
+        name: String::new(),
+        uid: Vec::new(),
+        gid: Vec::new(),
+        groups: Vec::new(),
+        exe: Vec::new(),
+        abi: Vec::new(),
+        exe_sha256: Vec::new(),
+        cgroup: Vec::new(),
+        lsm_label: Vec::new(),
+        not: None,
+    }
+}
+
+pub(crate) fn rule(principals: usize) -> impl Strategy<Value = Rule> {
+    (
+        any::<bool>(),
+        proptest::collection::vec(0..principals, 1..3),
+        (0u8..3, 0u8..3, 0u8..4),
+        (0u8..16, 0u8..3, 0u8..4, 0u8..4),
+        (
+            proptest::collection::vec((0usize..3, 0usize..4, 0u8..3, 0i64..20, 0i64..20), 0..3),
+            proptest::bool::weighted(0.25),
+        ),
+    )
+        .prop_map(
+            |(forbid, principals, (class, name, vendor), (methods, open, privileges, memory), (args, audit))| Rule {
+                audit,
+                id: String::new(),
+                effect: if forbid { Effect::Forbid } else { Effect::Allow },
+                principals,
+                service: ServiceMatch {
+                    class: CLASSES.get(usize::from(class)).map(|c| c.to_string()),
+                    name: NAMES.get(usize::from(name)).map(|n| n.to_string()),
+                    properties: match vendor {
+                        0 => Default::default(),
+                        1 => [("vendor".to_string(), PropMatch::Prefix("04".into()))].into(),
+                        _ => [("vendor".to_string(), PropMatch::Eq(PropValue::Text("0403".into())))].into(),
+                    },
+                },
+                methods: if methods == 15 {
+                    Methods::All
+                } else {
+                    Methods::Named(pick(&METHODS, methods).into_iter().map(String::from).collect())
+                },
+                open: [None, Some(OpenPermission::Shared), Some(OpenPermission::Exclusive)]
+                    .get(usize::from(open))
+                    .copied()
+                    .flatten(),
+                privileges: pick(&PRIVILEGES, privileges).into_iter().map(String::from).collect(),
+                memory: pick(&MEMORY, memory).into_iter().map(String::from).collect(),
+                names: Vec::new(),
+                rate: None,
+                args: if forbid {
+                    Vec::new()
+                } else {
+                    args.into_iter()
+                        .filter(|(m, ..)| methods == 15 || methods & (1 << m) != 0)
+                        .map(|(m, param, kind, x, y)| crate::model::ArgRule {
+                            method: METHODS[m].to_string(),
+                            param: PARAMS[param].to_string(),
+                            constraint: match kind {
+                                0 => crate::args::Constraint::Range {
+                                    min: Some(i128::from(x.min(y))),
+                                    max: Some(i128::from(x.max(y))),
+                                },
+                                1 => crate::args::Constraint::OneOf(vec![i128::from(x), i128::from(y)]),
+                                _ => crate::args::Constraint::Mask(u64::try_from(x | y).unwrap_or(0)),
+                            },
+                        })
+                        .collect()
+                },
+            },
+        )
+}
+
+pub(crate) fn policy() -> impl Strategy<Value = Policy> {
+    proptest::collection::vec(principal(), 1..4).prop_flat_map(|principals| {
+        let n = principals.len();
+        (proptest::collection::vec(rule(n), 0..7), proptest::bool::weighted(0.25)).prop_map(
+            move |(mut rules, audit)| {
+                for (i, r) in rules.iter_mut().enumerate() {
+                    r.id = format!("r{i}");
+                }
+                let mut principals = principals.clone();
+                for (i, p) in principals.iter_mut().enumerate() {
+                    p.name = format!("p{i}");
+                }
+                Policy {
+                    principals,
+                    rules,
+                    audit,
+                    asserts: Vec::new(),
+                }
+            },
+        )
+    })
+}
