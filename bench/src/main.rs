@@ -12,6 +12,8 @@
     missing_debug_implementations
 )]
 
+#[cfg(feature = "peers")]
+mod cedar;
 mod grpc;
 mod native;
 mod policy;

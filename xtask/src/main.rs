@@ -166,7 +166,15 @@ fn install_debian(packages: &[&str]) -> Result<()> {
 fn bench(args: &[String]) -> Result<()> {
     step("benchmarks (release build)");
     run(cargo()
-        .args(["run", "--release", "--package", "portcullis-bench", "--"])
+        .args([
+            "run",
+            "--release",
+            "--package",
+            "portcullis-bench",
+            "--features",
+            "peers",
+            "--",
+        ])
         .args(args))
 }
 
