@@ -38,7 +38,7 @@ pub(crate) fn policy_text(rules: usize) -> String {
 /// One rule in 97 is a forbid, except for the benchmark's task (uid 1000): its calls are allowed,
 /// so the per-call check measured is the whole one (decision and argument constraints).
 pub(crate) fn is_forbid(r: usize, rules: usize) -> bool {
-    r % 97 == 5 && (r % (rules / 10)) % 50 != 0
+    r % 97 == 5 && !(r % (rules / 10)).is_multiple_of(50)
 }
 
 /// The bound of every rule's constraint on `add`'s `a`.
