@@ -33,6 +33,23 @@ pub struct Config {
     /// Devices the virtual bus publishes.
     #[serde(default, rename = "device")]
     pub devices: Vec<DeviceConfig>,
+    /// gRPC over TCP with mutual TLS, for remote clients (off unless configured).
+    pub tls: Option<TlsConfig>,
+}
+
+/// `[tls]`: the remote gRPC listener. Clients must present a certificate signed by
+/// `client_ca`; policy principals match them by its SAN URI, SAN DNS or subject CN.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// Address to listen on (`0.0.0.0:7443`, `[::1]:7443`; port 0 picks one, logged).
+    pub listen: std::net::SocketAddr,
+    /// The broker's certificate chain (PEM); relative paths are relative to the config file.
+    pub cert: PathBuf,
+    /// The broker's private key (PEM).
+    pub key: PathBuf,
+    /// The CA (PEM) that client certificates must chain to.
+    pub client_ca: PathBuf,
 }
 
 /// One `[[device]]`.
@@ -103,6 +120,11 @@ impl Config {
         if let Some(dir) = path.parent() {
             config.policy = config.policy.map(|p| dir.join(p));
             config.decision_log = config.decision_log.map(|p| dir.join(p));
+            if let Some(tls) = &mut config.tls {
+                for path in [&mut tls.cert, &mut tls.key, &mut tls.client_ca] {
+                    *path = dir.join(&*path);
+                }
+            }
         }
         Ok(config)
     }

@@ -33,6 +33,9 @@ pub struct BrokerOptions {
     pub decision_log: Option<PathBuf>,
 }
 
+/// In the run dir: the TLS listener's address once bound (useful with `listen = "…:0"`).
+pub const TLS_ADDR_FILE: &str = "tls.addr";
+
 /// Why the broker could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
@@ -47,6 +50,14 @@ pub enum BrokerError {
     RunDir {
         /// The directory.
         path: PathBuf,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// The TLS listener could not be bound.
+    #[error("TLS listener {addr}: {source}")]
+    Listen {
+        /// The configured address.
+        addr: std::net::SocketAddr,
         /// The OS error.
         source: io::Error,
     },
@@ -116,6 +127,31 @@ pub async fn run(options: BrokerOptions, shutdown: impl Future<Output = ()>) -> 
         }
     }
     let native_task = tokio::spawn(native::serve(core.clone(), native_listener, stopped(stop_rx.clone())));
+    let tls_task = match &config.tls {
+        Some(tls) => {
+            let server_tls = grpc::server_tls(tls)?;
+            let listen_err = |source| BrokerError::Listen {
+                addr: tls.listen,
+                source,
+            };
+            let listener = tokio::net::TcpListener::bind(tls.listen).await.map_err(listen_err)?;
+            let local = listener.local_addr().map_err(listen_err)?;
+            tracing::info!(tls = %local, "serving gRPC over TCP with mutual TLS");
+            std::fs::write(options.run_dir.join(TLS_ADDR_FILE), local.to_string()).map_err(|source| {
+                BrokerError::RunDir {
+                    path: options.run_dir.clone(),
+                    source,
+                }
+            })?;
+            Some(tokio::spawn(grpc::serve_tls(
+                core.clone(),
+                listener,
+                server_tls,
+                stopped(stop_rx.clone()),
+            )))
+        }
+        None => None,
+    };
     let mut grpc_task = tokio::spawn(grpc::serve(core, grpc_listener, stopped(stop_rx)));
     let result = tokio::select! {
         result = &mut grpc_task => result,
@@ -126,7 +162,14 @@ pub async fn run(options: BrokerOptions, shutdown: impl Future<Output = ()>) -> 
     };
     let _ = stop_tx.send(true);
     let _ = native_task.await;
-    for path in [&grpc_path, &native_path] {
+    if let Some(task) = tls_task {
+        match task.await {
+            Ok(Err(e)) => tracing::error!(error = %e, "the TLS listener failed"),
+            Err(e) => tracing::error!(error = %e, "the TLS listener task failed"),
+            Ok(Ok(())) => {}
+        }
+    }
+    for path in [&grpc_path, &native_path, &options.run_dir.join(TLS_ADDR_FILE)] {
         let _ = std::fs::remove_file(path);
     }
     drop(watchers);

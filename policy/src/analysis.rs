@@ -42,6 +42,14 @@ pub(crate) enum Atom {
     Name(String),
     /// The service's property `key`, present and matching.
     Prop(String, PropMatch),
+    /// A TCP client with a TLS certificate.
+    Remote,
+    /// The certificate has this SAN URI.
+    SanUri(String),
+    /// The certificate has this SAN DNS name.
+    SanDns(String),
+    /// The certificate's subject CN is one of these.
+    SubjectCn(Vec<String>),
 }
 
 /// The attribute an atom reads.
@@ -57,6 +65,10 @@ enum Key {
     Abi,
     Name,
     Prop(String),
+    Remote,
+    SanUri(String),
+    SanDns(String),
+    SubjectCn,
 }
 
 /// A value of one attribute.
@@ -82,6 +94,10 @@ impl Atom {
             Atom::Abi(_) => Key::Abi,
             Atom::Name(_) => Key::Name,
             Atom::Prop(k, _) => Key::Prop(k.clone()),
+            Atom::Remote => Key::Remote,
+            Atom::SanUri(u) => Key::SanUri(u.clone()),
+            Atom::SanDns(d) => Key::SanDns(d.clone()),
+            Atom::SubjectCn(_) => Key::SubjectCn,
         }
     }
 
@@ -89,8 +105,8 @@ impl Atom {
         let text = |set: &[String]| matches!(value, Value::Text(Some(v)) if set.contains(v));
         match (self, value) {
             (Atom::Uid(set) | Atom::Gid(set), Value::Num(v)) => set.contains(v),
-            (Atom::Member(_), Value::Flag(b)) => *b,
-            (Atom::Exe(set) | Atom::ExeSha256(set) | Atom::LsmLabel(set), _) => text(set),
+            (Atom::Member(_) | Atom::Remote | Atom::SanUri(_) | Atom::SanDns(_), Value::Flag(b)) => *b,
+            (Atom::Exe(set) | Atom::ExeSha256(set) | Atom::LsmLabel(set) | Atom::SubjectCn(set), _) => text(set),
             (Atom::Cgroup(set), Value::Text(Some(v))) => set.iter().any(|p| crate::grant::cgroup_within(v, p)),
             (Atom::Abi(set), Value::Abi(a)) => set.contains(a),
             (Atom::Name(n), Value::Text(Some(v))) => n == v,
@@ -219,6 +235,20 @@ impl World {
                 Value::Abi(a) => a,
                 _ => AbiId::X86_64,
             },
+            remote: (self.value(&Key::Remote) == Value::Flag(true)).then(|| {
+                let named = |want: fn(&Key) -> Option<&String>| {
+                    self.values
+                        .iter()
+                        .filter(|(_, v)| **v == Value::Flag(true))
+                        .filter_map(|(k, _)| want(k).cloned())
+                        .collect()
+                };
+                (
+                    named(|k| if let Key::SanUri(u) = k { Some(u) } else { None }),
+                    named(|k| if let Key::SanDns(d) = k { Some(d) } else { None }),
+                    self.text(&Key::SubjectCn),
+                )
+            }),
         }
     }
 
@@ -261,6 +291,13 @@ impl World {
                 Key::Cgroup => task.push(format!("cgroup={}", show(parts.cgroup.as_deref()))),
                 Key::LsmLabel => task.push(format!("lsm_label={}", show(parts.lsm_label.as_deref()))),
                 Key::Abi => task.push(format!("abi={}", parts.abi)),
+                Key::Remote if parts.remote.is_some() => task.push("TLS client".to_string()),
+                Key::Remote => {}
+                Key::SanUri(u) if self.value(key) == Value::Flag(true) => task.push(format!("san_uri={u}")),
+                Key::SanDns(d) if self.value(key) == Value::Flag(true) => task.push(format!("san_dns={d}")),
+                Key::SanUri(u) => task.push(format!("no san_uri {u}")),
+                Key::SanDns(d) => task.push(format!("no san_dns {d}")),
+                Key::SubjectCn => task.push(format!("cn={}", show(self.text(key).as_deref()))),
                 Key::Name | Key::Prop(_) => {}
             }
         }
@@ -271,7 +308,8 @@ impl World {
             task.push(format!("not in groups [{}]", non_members.join(",")));
         }
         if task.is_empty() {
-            task.push("any task".into());
+            let local = self.constrained.contains(&Key::Remote) && parts.remote.is_none();
+            task.push(if local { "any local task" } else { "any task" }.into());
         }
         let mut service = vec![format!("class={}", self.class)];
         if self.constrained.contains(&Key::Name) {
@@ -312,6 +350,8 @@ pub struct TaskParts {
     pub lsm_label: Option<String>,
     /// Declared ABI.
     pub abi: AbiId,
+    /// For a TCP client: its certificate's SAN URIs, SAN DNS names and subject CN.
+    pub remote: Option<(Vec<String>, Vec<String>, Option<String>)>,
 }
 
 impl TaskParts {
@@ -326,6 +366,11 @@ impl TaskParts {
             exe_sha256: self.exe_sha256.as_deref(),
             cgroup: self.cgroup.as_deref(),
             lsm_label: self.lsm_label.as_deref(),
+            remote: self.remote.as_ref().map(|(san_uri, san_dns, cn)| crate::Remote {
+                san_uri,
+                san_dns,
+                subject_cn: cn.as_deref(),
+            }),
         }
     }
 }
@@ -333,11 +378,11 @@ impl TaskParts {
 fn default_value(key: &Key) -> Value {
     match key {
         Key::Uid | Key::Gid => Value::Num(1000),
-        Key::Member(_) => Value::Flag(false),
+        Key::Member(_) | Key::Remote | Key::SanUri(_) | Key::SanDns(_) => Value::Flag(false),
         Key::Abi => Value::Abi(AbiId::X86_64),
         Key::Prop(_) => Value::Prop(None),
         Key::Name => Value::Text(Some("any".into())),
-        Key::Exe | Key::ExeSha256 | Key::Cgroup | Key::LsmLabel => Value::Text(None),
+        Key::Exe | Key::ExeSha256 | Key::Cgroup | Key::LsmLabel | Key::SubjectCn => Value::Text(None),
     }
 }
 
@@ -367,12 +412,14 @@ fn candidates(key: &Key, lits: &[(bool, &Atom)]) -> Vec<Value> {
             let fresh = (1000..=u32::MAX).find(|v| !used.contains(v)).unwrap_or(0);
             used.into_iter().chain([fresh]).map(Value::Num).collect()
         }
-        Key::Member(_) => vec![Value::Flag(true), Value::Flag(false)],
+        Key::Member(_) | Key::Remote | Key::SanUri(_) | Key::SanDns(_) => vec![Value::Flag(true), Value::Flag(false)],
         Key::Abi => ABIS.iter().map(|a| Value::Abi(a.id)).collect(),
-        Key::Exe | Key::ExeSha256 | Key::LsmLabel | Key::Cgroup | Key::Name => {
+        Key::Exe | Key::ExeSha256 | Key::LsmLabel | Key::Cgroup | Key::Name | Key::SubjectCn => {
             let used: BTreeSet<String> = atoms
                 .flat_map(|a| match a {
-                    Atom::Exe(s) | Atom::ExeSha256(s) | Atom::LsmLabel(s) | Atom::Cgroup(s) => s.clone(),
+                    Atom::Exe(s) | Atom::ExeSha256(s) | Atom::LsmLabel(s) | Atom::Cgroup(s) | Atom::SubjectCn(s) => {
+                        s.clone()
+                    }
                     Atom::Name(n) => vec![n.clone()],
                     _ => Vec::new(),
                 })
@@ -729,7 +776,23 @@ impl Policy {
 }
 
 fn attrs_formula(p: &crate::model::Principal) -> Formula {
-    let mut parts = Vec::new();
+    // As `attrs_match`: the kind of task first, then that kind's attributes.
+    let mut parts = vec![Formula::Lit(p.remote, Atom::Remote)];
+    if p.remote {
+        let some_of = |values: &[String], atom: fn(String) -> Atom| {
+            Formula::or(values.iter().map(|v| Formula::lit(atom(v.clone()))).collect())
+        };
+        if !p.tls_san_uri.is_empty() {
+            parts.push(some_of(&p.tls_san_uri, Atom::SanUri));
+        }
+        if !p.tls_san_dns.is_empty() {
+            parts.push(some_of(&p.tls_san_dns, Atom::SanDns));
+        }
+        if !p.tls_subject_cn.is_empty() {
+            parts.push(Formula::lit(Atom::SubjectCn(p.tls_subject_cn.clone())));
+        }
+        return Formula::and(parts);
+    }
     let mut set = |nonempty: bool, atom: Atom| {
         if nonempty {
             parts.push(Formula::lit(atom));

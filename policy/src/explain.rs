@@ -35,6 +35,41 @@ pub struct Explanation {
 impl Principal {
     /// Why the task does not match, or `None` when it does.
     fn mismatch(&self, task: &Task<'_>) -> Option<String> {
+        match (self.remote, &task.remote) {
+            (true, None) => return Some("names a TLS certificate; the task is local".into()),
+            (false, Some(_)) => return Some("a principal of local tasks; the task is a TLS client".into()),
+            (true, Some(r)) => {
+                let some_of = |set: &[String], have: &[String]| set.is_empty() || set.iter().any(|s| have.contains(s));
+                if !some_of(&self.tls_san_uri, r.san_uri) {
+                    return Some(format!(
+                        "certificate SAN URIs {:?} include none of {:?}",
+                        r.san_uri, self.tls_san_uri
+                    ));
+                }
+                if !some_of(&self.tls_san_dns, r.san_dns) {
+                    return Some(format!(
+                        "certificate SAN DNS names {:?} include none of {:?}",
+                        r.san_dns, self.tls_san_dns
+                    ));
+                }
+                if !self.tls_subject_cn.is_empty()
+                    && !r.subject_cn.is_some_and(|c| self.tls_subject_cn.iter().any(|x| x == c))
+                {
+                    return Some(format!(
+                        "certificate CN {} not in {:?}",
+                        r.subject_cn.unwrap_or("(none)"),
+                        self.tls_subject_cn
+                    ));
+                }
+                if let Some(not) = &self.not
+                    && not.attrs_match(task)
+                {
+                    return Some("excluded by its `not` block".into());
+                }
+                return None;
+            }
+            (false, None) => {}
+        }
         if !self.uid.is_empty() && !self.uid.contains(&task.uid) {
             return Some(format!("uid {} not in {:?}", task.uid, self.uid));
         }

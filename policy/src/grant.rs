@@ -30,6 +30,21 @@ pub struct Task<'a> {
     pub cgroup: Option<&'a str>,
     /// The LSM label.
     pub lsm_label: Option<&'a str>,
+    /// For a client that connected over TCP: what its TLS client certificate says. Such a task
+    /// has no uid, gid, groups or process attributes, and matches only principals that name
+    /// certificate attributes; a local task never matches those.
+    pub remote: Option<Remote<'a>>,
+}
+
+/// The identity in a verified TLS client certificate.
+#[derive(Clone, Copy, Debug)]
+pub struct Remote<'a> {
+    /// Subject alternative names of type URI (`spiffe://…`).
+    pub san_uri: &'a [String],
+    /// Subject alternative names of type DNS.
+    pub san_dns: &'a [String],
+    /// The subject's common name.
+    pub subject_cn: Option<&'a str>,
 }
 
 impl<'a> Task<'a> {
@@ -45,6 +60,7 @@ impl<'a> Task<'a> {
             exe_sha256: None,
             cgroup: None,
             lsm_label: None,
+            remote: None,
         }
     }
 }
@@ -198,6 +214,15 @@ impl Principal {
     pub(crate) fn attrs_match(&self, task: &Task<'_>) -> bool {
         let any =
             |set: &[String], have: Option<&str>| set.is_empty() || have.is_some_and(|h| set.iter().any(|s| s == h));
+        let some_of = |set: &[String], have: &[String]| set.is_empty() || set.iter().any(|s| have.contains(s));
+        if self.remote != task.remote.is_some() {
+            return false;
+        }
+        if let Some(r) = &task.remote {
+            return some_of(&self.tls_san_uri, r.san_uri)
+                && some_of(&self.tls_san_dns, r.san_dns)
+                && any(&self.tls_subject_cn, r.subject_cn);
+        }
         (self.uid.is_empty() || self.uid.contains(&task.uid))
             && (self.gid.is_empty() || self.gid.contains(&task.gid))
             && (self.groups.is_empty() || self.groups.iter().any(|g| task.groups.contains(g)))

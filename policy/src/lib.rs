@@ -26,7 +26,7 @@ pub use analysis::{Change, Question, TaskParts, TooHard, World, diff};
 pub use args::{ParamAt, ParamRef};
 pub use explain::{Explanation, RuleTrace};
 pub use format::format;
-pub use grant::{Admission, Decision, Denial, Grant, MethodDecision, MethodRef, RuleRef, ServiceView, Task};
+pub use grant::{Admission, Decision, Denial, Grant, MethodDecision, MethodRef, Remote, RuleRef, ServiceView, Task};
 pub use model::{Catalog, ClassNames, Effect, Mode, OpenPermission, Policy, PolicyError, Rate, Source, SourceError};
 pub use reference::Request;
 

@@ -178,6 +178,12 @@ struct RawPrincipal {
     lsm_label: Vec<String>,
     #[serde(default)]
     abi: Vec<toml::Spanned<String>>,
+    #[serde(default)]
+    tls_san_uri: Vec<String>,
+    #[serde(default)]
+    tls_san_dns: Vec<String>,
+    #[serde(default)]
+    tls_subject_cn: Vec<String>,
     /// Tasks that match this block are excluded.
     not: Option<toml::Spanned<RawAttrs>>,
 }
@@ -202,6 +208,12 @@ struct RawAttrs {
     lsm_label: Vec<String>,
     #[serde(default)]
     abi: Vec<toml::Spanned<String>>,
+    #[serde(default)]
+    tls_san_uri: Vec<String>,
+    #[serde(default)]
+    tls_san_dns: Vec<String>,
+    #[serde(default)]
+    tls_subject_cn: Vec<String>,
 }
 
 impl RawPrincipal {
@@ -215,6 +227,9 @@ impl RawPrincipal {
             cgroup: self.cgroup,
             lsm_label: self.lsm_label,
             abi: self.abi,
+            tls_san_uri: self.tls_san_uri,
+            tls_san_dns: self.tls_san_dns,
+            tls_subject_cn: self.tls_subject_cn,
         };
         (self.name, attrs, self.not)
     }
@@ -230,6 +245,23 @@ impl RawAttrs {
             && self.cgroup.is_empty()
             && self.lsm_label.is_empty()
             && self.abi.is_empty()
+            && !self.has_tls()
+    }
+
+    fn has_tls(&self) -> bool {
+        !self.tls_san_uri.is_empty() || !self.tls_san_dns.is_empty() || !self.tls_subject_cn.is_empty()
+    }
+
+    /// Local attributes (those of a task on this machine).
+    fn has_local(&self) -> bool {
+        !(self.uid.is_empty()
+            && self.gid.is_empty()
+            && self.groups.is_empty()
+            && self.exe.is_empty()
+            && self.exe_sha256.is_empty()
+            && self.cgroup.is_empty()
+            && self.lsm_label.is_empty()
+            && self.abi.is_empty())
     }
 
     /// The attributes as a (nameless) principal; errors go to `errors`.
@@ -284,6 +316,10 @@ impl RawAttrs {
             lsm_label: self.lsm_label,
             abi,
             not: None,
+            tls_san_uri: self.tls_san_uri,
+            tls_san_dns: self.tls_san_dns,
+            tls_subject_cn: self.tls_subject_cn,
+            remote: false,
         }
     }
 }
@@ -339,6 +375,15 @@ pub(crate) struct Principal {
     pub(crate) abi: Vec<AbiId>,
     /// A task matching this block is excluded.
     pub(crate) not: Option<Box<Principal>>,
+    /// TLS certificate SAN URIs (any of).
+    pub(crate) tls_san_uri: Vec<String>,
+    /// TLS certificate SAN DNS names (any of).
+    pub(crate) tls_san_dns: Vec<String>,
+    /// TLS certificate subject common names (any of).
+    pub(crate) tls_subject_cn: Vec<String>,
+    /// A principal of TCP clients (it names certificate attributes, itself or in its `not`
+    /// block): it matches only them, and a local principal never matches them.
+    pub(crate) remote: bool,
 }
 
 /// Which services a rule is about; unset fields match anything.
@@ -536,7 +581,20 @@ impl Policy {
                     continue;
                 }
                 let (name, attrs, not) = p.split();
+                let tls = attrs.has_tls() || not.as_ref().is_some_and(|n| n.get_ref().has_tls());
+                let local = attrs.has_local() || not.as_ref().is_some_and(|n| n.get_ref().has_local());
+                if tls && local {
+                    errors.push(locate(
+                        source,
+                        Some(name.span()),
+                        format!(
+                            "principal {:?} mixes TLS certificate attributes with local ones: a TCP client has only a certificate, a local one has none",
+                            name.get_ref()
+                        ),
+                    ));
+                }
                 let mut principal = attrs.build(name.into_inner(), source, &mut errors);
+                principal.remote = tls;
                 if let Some(not) = not {
                     let span = not.span();
                     let not = not.into_inner();
@@ -547,7 +605,9 @@ impl Policy {
                             "an empty `not` block would exclude every task".into(),
                         ));
                     }
-                    principal.not = Some(Box::new(not.build(String::new(), source, &mut errors)));
+                    let mut not = not.build(String::new(), source, &mut errors);
+                    not.remote = tls;
+                    principal.not = Some(Box::new(not));
                 }
                 principal_index.insert(principal.name.clone(), principals.len());
                 principals.push(principal);

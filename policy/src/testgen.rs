@@ -44,27 +44,56 @@ pub(crate) fn pick<T: Clone>(items: &[T], mask: u8) -> Vec<T> {
 }
 
 pub(crate) fn principal() -> impl Strategy<Value = Principal> {
-    (0u8..16, 0u8..8, 0u8..8, 0u8..4, 0u8..4, 0u8..6).prop_map(|(uids, gids, groups, exes, abis, not)| Principal {
-        name: String::new(),
-        uid: pick(&[0, 1000, 1001, 65534], uids),
-        gid: pick(&[0, 100, 1000], gids),
-        groups: pick(&GROUPS, groups).into_iter().map(String::from).collect(),
-        exe: pick(&EXES, exes).into_iter().map(String::from).collect(),
-        abi: pick(&ABIS, abis),
-        exe_sha256: Vec::new(),
-        cgroup: Vec::new(),
-        lsm_label: Vec::new(),
-        // Sometimes a `not` block: one uid, or one group.
-        not: match not {
-            1 => Some(Box::new(Principal { uid: vec![0], ..bare() })),
-            2 => Some(Box::new(Principal {
-                groups: vec![GROUPS[1].to_string()],
-                ..bare()
-            })),
-            _ => None,
-        },
+    (0u8..16, 0u8..8, 0u8..8, 0u8..4, 0u8..4, 0u8..6, 0u8..12).prop_map(|(uids, gids, groups, exes, abis, not, tls)| {
+        // One principal in four is of TLS clients.
+        if tls < 3 {
+            return tls_principal(tls, not);
+        }
+        Principal {
+            name: String::new(),
+            uid: pick(&[0, 1000, 1001, 65534], uids),
+            gid: pick(&[0, 100, 1000], gids),
+            groups: pick(&GROUPS, groups).into_iter().map(String::from).collect(),
+            exe: pick(&EXES, exes).into_iter().map(String::from).collect(),
+            abi: pick(&ABIS, abis),
+            exe_sha256: Vec::new(),
+            cgroup: Vec::new(),
+            lsm_label: Vec::new(),
+            // Sometimes a `not` block: one uid, or one group.
+            not: match not {
+                1 => Some(Box::new(Principal { uid: vec![0], ..bare() })),
+                2 => Some(Box::new(Principal {
+                    groups: vec![GROUPS[1].to_string()],
+                    ..bare()
+                })),
+                _ => None,
+            },
+            ..bare()
+        }
     })
 }
+
+/// A principal of TLS clients: by SAN URI, SAN DNS or CN, sometimes with a `not` block.
+fn tls_principal(kind: u8, not: u8) -> Principal {
+    let mut p = Principal { remote: true, ..bare() };
+    match kind {
+        0 => p.tls_san_uri = vec![SAN_URIS[0].to_string(), SAN_URIS[1].to_string()],
+        1 => p.tls_san_dns = vec![SAN_DNS[0].to_string()],
+        _ => p.tls_subject_cn = vec![CNS[0].to_string()],
+    }
+    if not == 1 {
+        p.not = Some(Box::new(Principal {
+            remote: true,
+            tls_subject_cn: vec![CNS[1].to_string()],
+            ..bare()
+        }));
+    }
+    p
+}
+
+pub(crate) const SAN_URIS: [&str; 2] = ["spiffe://test/a", "spiffe://test/b"];
+pub(crate) const SAN_DNS: [&str; 2] = ["a.test", "b.test"];
+pub(crate) const CNS: [&str; 2] = ["alice", "mallory"];
 
 fn bare() -> Principal {
     Principal {
@@ -78,6 +107,10 @@ fn bare() -> Principal {
         cgroup: Vec::new(),
         lsm_label: Vec::new(),
         not: None,
+        tls_san_uri: Vec::new(),
+        tls_san_dns: Vec::new(),
+        tls_subject_cn: Vec::new(),
+        remote: false,
     }
 }
 

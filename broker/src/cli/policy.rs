@@ -98,6 +98,7 @@ fn parse_task(spec: &str) -> Result<TaskParts, String> {
         exe_sha256: None,
         cgroup: None,
         lsm_label: None,
+        remote: None,
     };
     for pair in pairs(spec) {
         let (k, v) = pair?;
@@ -110,9 +111,18 @@ fn parse_task(spec: &str) -> Result<TaskParts, String> {
                 .extend(v.split(':').filter(|g| !g.is_empty()).map(String::from)),
             "exe" => t.exe = Some(v.to_string()),
             "abi" => t.abi = AbiId::by_name(v).ok_or_else(|| format!("unknown ABI {v:?}"))?,
+            // A TCP client: what its certificate says.
+            "tls_san_uri" | "tls_san_dns" | "tls_subject_cn" => {
+                let (uris, dns, cn) = t.remote.get_or_insert_with(Default::default);
+                match k {
+                    "tls_san_uri" => uris.push(v.to_string()),
+                    "tls_san_dns" => dns.push(v.to_string()),
+                    _ => *cn = Some(v.to_string()),
+                }
+            }
             other => {
                 return Err(format!(
-                    "unknown principal attribute {other:?} (uid, gid, groups, exe, abi)"
+                    "unknown principal attribute {other:?} (uid, gid, groups, exe, abi; tls_san_uri, tls_san_dns, tls_subject_cn for a TLS client)"
                 ));
             }
         }
@@ -430,6 +440,12 @@ struct PrincipalCase {
     exe_sha256: Option<String>,
     cgroup: Option<String>,
     lsm_label: Option<String>,
+    /// A TCP client's certificate SAN URIs, SAN DNS names and CN (any one makes it a TLS client).
+    #[serde(default)]
+    tls_san_uri: Vec<String>,
+    #[serde(default)]
+    tls_san_dns: Vec<String>,
+    tls_subject_cn: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -488,6 +504,8 @@ fn run_case(policy: &Policy, case: &Case) -> Result<(), String> {
         exe_sha256: p.exe_sha256.clone(),
         cgroup: p.cgroup.clone(),
         lsm_label: p.lsm_label.clone(),
+        remote: (!p.tls_san_uri.is_empty() || !p.tls_san_dns.is_empty() || p.tls_subject_cn.is_some())
+            .then(|| (p.tls_san_uri.clone(), p.tls_san_dns.clone(), p.tls_subject_cn.clone())),
     };
     let mut properties = Properties::new();
     for (k, v) in &case.service.properties {

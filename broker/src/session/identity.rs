@@ -29,8 +29,53 @@ pub struct PeerIdentity {
     pub cgroup: Option<String>,
     /// The LSM label (AppArmor profile, SELinux context), where an LSM provides one.
     pub lsm_label: Option<String>,
+    /// For a TCP client: its verified TLS client certificate's identity (and then no uid, gid,
+    /// groups or process attributes count: they are not the kernel's).
+    pub tls: Option<TlsPeer>,
     /// Held for the connection's life: the process identity the checks above refer to.
     _pidfd: Option<OwnedFd>,
+}
+
+/// The identity a verified TLS client certificate carries.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TlsPeer {
+    /// Subject alternative names of type URI.
+    pub san_uri: Vec<String>,
+    /// Subject alternative names of type DNS.
+    pub san_dns: Vec<String>,
+    /// The subject's common name.
+    pub subject_cn: Option<String>,
+}
+
+impl TlsPeer {
+    /// Reads the identity from a DER certificate (already verified by the TLS handshake against
+    /// the configured client CA).
+    pub fn from_der(der: &[u8]) -> Result<TlsPeer, String> {
+        use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
+        let (_, cert) = X509Certificate::from_der(der).map_err(|e| format!("client certificate: {e}"))?;
+        let mut peer = TlsPeer {
+            subject_cn: cert
+                .subject()
+                .iter_common_name()
+                .next()
+                .and_then(|cn| cn.as_str().ok())
+                .map(String::from),
+            ..TlsPeer::default()
+        };
+        if let Some(san) = cert
+            .subject_alternative_name()
+            .map_err(|e| format!("client certificate SAN: {e}"))?
+        {
+            for name in &san.value.general_names {
+                match name {
+                    GeneralName::URI(u) => peer.san_uri.push((*u).to_string()),
+                    GeneralName::DNSName(d) => peer.san_dns.push((*d).to_string()),
+                    _ => {}
+                }
+            }
+        }
+        Ok(peer)
+    }
 }
 
 /// Why a peer's identity could not be established; the connection is refused.
@@ -66,6 +111,7 @@ impl PeerIdentity {
                 exe_sha256: None,
                 cgroup: None,
                 lsm_label: None,
+                tls: None,
                 _pidfd: None,
             });
         };
@@ -102,6 +148,7 @@ impl PeerIdentity {
             exe_sha256,
             cgroup,
             lsm_label,
+            tls: None,
             _pidfd: Some(pidfd),
         })
     }
@@ -111,6 +158,22 @@ impl PeerIdentity {
         let uid = rustix::process::geteuid().as_raw();
         let gid = rustix::process::getegid().as_raw();
         PeerIdentity::from_peer_cred(uid, gid, Some(rustix::process::getpid().as_raw_nonzero().get()))
+    }
+
+    /// A TCP client known by its certificate alone.
+    pub fn remote(tls: TlsPeer) -> PeerIdentity {
+        PeerIdentity {
+            uid: u32::MAX,
+            gid: u32::MAX,
+            pid: None,
+            groups: Vec::new(),
+            exe: None,
+            exe_sha256: None,
+            cgroup: None,
+            lsm_label: None,
+            tls: Some(tls),
+            _pidfd: None,
+        }
     }
 
     /// The policy's view of this task, speaking `abi`.
@@ -124,6 +187,11 @@ impl PeerIdentity {
             exe_sha256: self.exe_sha256.as_deref(),
             cgroup: self.cgroup.as_deref(),
             lsm_label: self.lsm_label.as_deref(),
+            remote: self.tls.as_ref().map(|t| portcullis_policy::Remote {
+                san_uri: &t.san_uri,
+                san_dns: &t.san_dns,
+                subject_cn: t.subject_cn.as_deref(),
+            }),
         }
     }
 }

@@ -12,5 +12,5 @@ mod user;
 pub use command::{Command, Reply, Started};
 pub use core::{Core, CoreEvent};
 pub use decisions::DecisionLog;
-pub use identity::{IdentityError, PeerIdentity};
+pub use identity::{IdentityError, PeerIdentity, TlsPeer};
 pub use user::{CallStarted, Refusal, Session, SessionEvent};

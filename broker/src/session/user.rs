@@ -363,10 +363,18 @@ impl Session {
     fn stamp(&self, mut record: serde_json::Value) -> serde_json::Value {
         if let Some(map) = record.as_object_mut() {
             map.insert("policy_generation".into(), self.generation.into());
-            map.insert("uid".into(), self.peer.uid.into());
-            map.insert("gid".into(), self.peer.gid.into());
-            map.insert("pid".into(), self.peer.pid.into());
-            map.insert("exe".into(), self.peer.exe.clone().into());
+            if let Some(tls) = &self.peer.tls {
+                // A TCP client: its certificate is its identity.
+                map.insert(
+                    "tls".into(),
+                    serde_json::json!({ "san_uri": tls.san_uri, "san_dns": tls.san_dns, "subject_cn": tls.subject_cn }),
+                );
+            } else {
+                map.insert("uid".into(), self.peer.uid.into());
+                map.insert("gid".into(), self.peer.gid.into());
+                map.insert("pid".into(), self.peer.pid.into());
+                map.insert("exe".into(), self.peer.exe.clone().into());
+            }
             map.insert("abi".into(), self.abi.to_string().into());
         }
         record

@@ -1,8 +1,11 @@
-//! gRPC over a Unix socket (tonic): the `Broker` service, gRPC health and reflection.
+//! gRPC (tonic): the `Broker` service, gRPC health and reflection — over a Unix socket for
+//! local clients and, when configured, over TCP with mutual TLS for remote ones.
 //!
-//! Each accepted connection's identity is taken from the kernel at accept time and travels with
-//! the connection as tonic connect info; a connection whose identity cannot be established is
-//! closed before any request is read.
+//! A local connection's identity is taken from the kernel at accept time and travels with the
+//! connection as tonic connect info; a connection whose identity cannot be established is
+//! closed before any request is read. A TCP connection's identity is its client certificate,
+//! verified in the handshake against the configured CA; a client without one never gets a
+//! request through.
 
 use std::{
     io,
@@ -21,15 +24,21 @@ use portcullis_proto::{
 };
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
-    net::{UnixListener, UnixStream},
+    net::{TcpListener, TcpStream, UnixListener, UnixStream},
     sync::{broadcast::error::RecvError, mpsc},
 };
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Streaming, transport::server::Connected};
+use tonic::{
+    Streaming,
+    transport::{
+        Certificate, Identity, ServerTlsConfig,
+        server::{Connected, TcpConnectInfo},
+    },
+};
 
 use crate::{
     registry::{Matching, OpenMode, Service, ServiceId},
-    session::{Command, Core, CoreEvent, PeerIdentity, Refusal, Reply, Session, SessionEvent, Started},
+    session::{Command, Core, CoreEvent, PeerIdentity, Refusal, Reply, Session, SessionEvent, Started, TlsPeer},
 };
 
 /// Responses and events queued to one session's client before the session waits for it to
@@ -43,29 +52,32 @@ const ACCEPT_QUEUE: usize = 64;
 #[derive(Clone, Debug)]
 pub struct Peer(pub Arc<PeerIdentity>);
 
-/// A Unix stream with its peer's identity.
+/// A connection holding its place in the connection limit, with its connect info.
 #[derive(Debug)]
-pub struct PeerStream {
-    inner: UnixStream,
-    peer: Peer,
+pub struct Counted<S, I> {
+    inner: S,
+    info: I,
     /// Held for the connection's life: its place in the connection limit.
     _permit: tokio::sync::OwnedSemaphorePermit,
 }
 
-impl Connected for PeerStream {
-    type ConnectInfo = Peer;
-    fn connect_info(&self) -> Peer {
-        self.peer.clone()
+/// A Unix stream with its peer's identity.
+pub type PeerStream = Counted<UnixStream, Peer>;
+
+impl<S, I: Clone + Send + Sync + 'static> Connected for Counted<S, I> {
+    type ConnectInfo = I;
+    fn connect_info(&self) -> I {
+        self.info.clone()
     }
 }
 
-impl AsyncRead for PeerStream {
+impl<S: AsyncRead + Unpin, I: Unpin> AsyncRead for Counted<S, I> {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.inner).poll_read(cx, buf)
     }
 }
 
-impl AsyncWrite for PeerStream {
+impl<S: AsyncWrite + Unpin, I: Unpin> AsyncWrite for Counted<S, I> {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         Pin::new(&mut self.inner).poll_write(cx, buf)
     }
@@ -122,7 +134,7 @@ fn incoming(core: Arc<Core>, listener: UnixListener) -> ReceiverStream<io::Resul
                         let _ = ready
                             .send(Ok(PeerStream {
                                 inner: stream,
-                                peer: Peer(Arc::new(identity)),
+                                info: Peer(Arc::new(identity)),
                                 _permit: permit,
                             }))
                             .await;
@@ -172,12 +184,92 @@ pub async fn bind(path: &Path) -> Result<UnixListener, GrpcError> {
     Ok(listener)
 }
 
+/// Accepts TCP connections within the connection limit (TLS is tonic's, on top).
+fn tcp_incoming(
+    core: Arc<Core>,
+    listener: TcpListener,
+) -> ReceiverStream<io::Result<Counted<TcpStream, TcpConnectInfo>>> {
+    let (tx, rx) = mpsc::channel(ACCEPT_QUEUE);
+    tokio::spawn(async move {
+        loop {
+            let (stream, remote) = match listener.accept().await {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    tracing::warn!(error = %e, "TCP accept failed");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                }
+            };
+            let Some(permit) = core.admit_connection() else {
+                tracing::debug!(%remote, "TCP connection refused: connection limit reached");
+                continue;
+            };
+            let _ = stream.set_nodelay(true);
+            let info = TcpConnectInfo {
+                local_addr: stream.local_addr().ok(),
+                remote_addr: Some(remote),
+            };
+            let counted = Counted {
+                inner: stream,
+                info,
+                _permit: permit,
+            };
+            if tx.send(Ok(counted)).await.is_err() {
+                break;
+            }
+        }
+    });
+    ReceiverStream::new(rx)
+}
+
+/// The TLS files of `[tls]`, read.
+pub fn server_tls(tls: &crate::config::TlsConfig) -> Result<ServerTlsConfig, GrpcError> {
+    let read = |path: &Path| {
+        std::fs::read(path).map_err(|source| GrpcError::Socket {
+            path: path.display().to_string(),
+            source,
+        })
+    };
+    Ok(ServerTlsConfig::new()
+        .identity(Identity::from_pem(read(&tls.cert)?, read(&tls.key)?))
+        .client_ca_root(Certificate::from_pem(read(&tls.client_ca)?))
+        .client_auth_optional(false))
+}
+
+/// Serves `Broker`, health and reflection to TCP clients with verified certificates until
+/// `shutdown` completes.
+pub async fn serve_tls(
+    core: Arc<Core>,
+    listener: TcpListener,
+    tls: ServerTlsConfig,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), GrpcError> {
+    let server = tonic::transport::Server::builder().tls_config(tls)?;
+    router(core.clone(), server)
+        .await?
+        .serve_with_incoming_shutdown(tcp_incoming(core, listener), shutdown)
+        .await?;
+    Ok(())
+}
+
 /// Serves `Broker`, health and reflection on the listener until `shutdown` completes.
 pub async fn serve(
     core: Arc<Core>,
     listener: UnixListener,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), GrpcError> {
+    router(core.clone(), tonic::transport::Server::builder())
+        .await?
+        .serve_with_incoming_shutdown(incoming(core, listener), shutdown)
+        .await?;
+    Ok(())
+}
+
+/// The services, on a server builder.
+async fn router(
+    core: Arc<Core>,
+    server: tonic::transport::Server,
+) -> Result<tonic::transport::server::Router, GrpcError> {
     let (health_reporter, health) = tonic_health::server::health_reporter();
     health_reporter.set_serving::<BrokerServer<BrokerService>>().await;
     let reflection = || {
@@ -188,17 +280,14 @@ pub async fn serve(
     let broker = BrokerServer::new(BrokerService { core: core.clone() })
         .max_decoding_message_size(limits::MAX_GRPC_MESSAGE)
         .max_encoding_message_size(limits::MAX_GRPC_MESSAGE);
-    tonic::transport::Server::builder()
+    Ok(server
         .max_concurrent_streams(Some(64))
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .add_service(health)
         .add_service(reflection().build_v1()?)
         .add_service(reflection().build_v1alpha()?)
-        .add_service(broker)
-        .serve_with_incoming_shutdown(incoming(core.clone(), listener), shutdown)
-        .await?;
-    Ok(())
+        .add_service(broker))
 }
 
 /// The `Broker` gRPC service.
@@ -207,11 +296,19 @@ pub struct BrokerService {
     core: Arc<Core>,
 }
 
+/// The caller: the kernel's view of a local peer, or what a TCP peer's verified certificate says.
 fn peer_of<T>(req: &tonic::Request<T>) -> Result<Arc<PeerIdentity>, tonic::Status> {
-    req.extensions()
-        .get::<Peer>()
-        .map(|p| p.0.clone())
-        .ok_or_else(|| tonic::Status::unauthenticated("the connection has no kernel-verified identity"))
+    if let Some(peer) = req.extensions().get::<Peer>() {
+        return Ok(peer.0.clone());
+    }
+    let certs = req
+        .peer_certs()
+        .ok_or_else(|| tonic::Status::unauthenticated("the connection has no verified identity"))?;
+    let leaf = certs
+        .first()
+        .ok_or_else(|| tonic::Status::unauthenticated("no client certificate"))?;
+    let tls = TlsPeer::from_der(leaf).map_err(tonic::Status::unauthenticated)?;
+    Ok(Arc::new(PeerIdentity::remote(tls)))
 }
 
 #[tonic::async_trait]
@@ -239,7 +336,7 @@ impl pb::broker_server::Broker for BrokerService {
     ) -> Result<tonic::Response<pb::ReloadPolicyResponse>, tonic::Status> {
         let peer = peer_of(&req)?;
         let own = rustix::process::geteuid().as_raw();
-        if peer.uid != 0 && peer.uid != own {
+        if peer.tls.is_some() || (peer.uid != 0 && peer.uid != own) {
             tracing::warn!(uid = peer.uid, pid = ?peer.pid, "policy reload refused: not an administrator");
             return Err(tonic::Status::permission_denied(
                 "only root or the broker's own user may reload the policy",

@@ -37,6 +37,7 @@ fn world(
         Key::Prop("vendor".into()),
         Value::Prop(vendor.map(|v| PropValue::Text(v.to_string()))),
     );
+    values.insert(Key::Remote, Value::Flag(false));
     World {
         values,
         constrained: BTreeSet::new(),
@@ -61,13 +62,41 @@ fn questions() -> Vec<Question> {
     qs
 }
 
-type WorldCase = (u8, u8, u8, u8, u8, u8, u8, u8);
+type WorldCase = ((u8, u8, u8, u8, u8, u8, u8, u8), u8);
 
 fn world_case() -> impl Strategy<Value = WorldCase> {
-    (0u8..3, 0u8..5, 0u8..4, 0u8..8, 0u8..4, 0u8..3, 0u8..3, 0u8..4)
+    ((0u8..3, 0u8..5, 0u8..4, 0u8..8, 0u8..4, 0u8..3, 0u8..3, 0u8..4), 0u8..6)
+}
+
+/// A TLS client's certificate: SAN URIs, SAN DNS names, CN.
+fn certificate(which: u8) -> Option<(&'static [&'static str], &'static [&'static str], Option<&'static str>)> {
+    match which {
+        1 => Some((&[SAN_URIS[0]], &[], Some(CNS[0]))),
+        2 => Some((&[], &[SAN_DNS[0]], Some(CNS[1]))),
+        3 => Some((&[SAN_URIS[1], "spiffe://test/c"], &[SAN_DNS[1]], None)),
+        _ => None,
+    }
 }
 
 fn build(case: WorldCase) -> World {
+    let ((class, uid, gid, groups, exe, abi, name, vendor), remote) = case;
+    let mut w = build_local((class, uid, gid, groups, exe, abi, name, vendor));
+    if let Some((uris, dns, cn)) = certificate(remote) {
+        w.values.insert(Key::Remote, Value::Flag(true));
+        for u in SAN_URIS.iter().chain(uris) {
+            w.values
+                .insert(Key::SanUri(u.to_string()), Value::Flag(uris.contains(u)));
+        }
+        for d in SAN_DNS.iter().chain(dns) {
+            w.values
+                .insert(Key::SanDns(d.to_string()), Value::Flag(dns.contains(d)));
+        }
+        w.values.insert(Key::SubjectCn, Value::Text(cn.map(String::from)));
+    }
+    w
+}
+
+fn build_local(case: (u8, u8, u8, u8, u8, u8, u8, u8)) -> World {
     let (class, uid, gid, groups, exe, abi, name, vendor) = case;
     let groups = pick(&GROUPS, groups);
     world(

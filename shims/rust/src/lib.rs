@@ -84,6 +84,14 @@ pub enum ClientError {
         /// Why.
         source: tonic::transport::Error,
     },
+    /// The TCP/TLS endpoint could not be reached, or the handshake failed.
+    #[error("cannot connect to {endpoint}: {source}")]
+    ConnectTls {
+        /// The address.
+        endpoint: String,
+        /// Why.
+        source: tonic::transport::Error,
+    },
     /// A gRPC-level failure.
     #[error("gRPC: {0}")]
     Rpc(#[from] tonic::Status),
@@ -169,6 +177,19 @@ pub async fn uds_channel(path: &Path) -> Result<Channel, ClientError> {
         })
 }
 
+/// What a client needs for mutual TLS (PEM).
+#[derive(Clone, Debug)]
+pub struct TlsOptions {
+    /// The CA that signed the broker's certificate.
+    pub ca_pem: Vec<u8>,
+    /// This client's certificate (its identity to the policy: SAN URI, SAN DNS, CN).
+    pub cert_pem: Vec<u8>,
+    /// This client's private key.
+    pub key_pem: Vec<u8>,
+    /// The name in the broker's certificate (SAN DNS).
+    pub server_name: String,
+}
+
 /// A connection to a broker.
 #[derive(Clone, Debug)]
 pub struct Client {
@@ -183,10 +204,37 @@ impl Client {
 
     /// Connects to a broker's gRPC socket.
     pub async fn connect_socket(path: &Path) -> Result<Client, ClientError> {
-        let grpc = BrokerClient::new(uds_channel(path).await?)
+        Ok(Client::over(uds_channel(path).await?))
+    }
+
+    /// Connects to a broker's TCP listener with mutual TLS: `addr` is `host:port`, `tls` the
+    /// CA that signed the broker's certificate, this client's certificate and key, and the name
+    /// the broker's certificate carries.
+    pub async fn connect_tls(addr: &str, tls: &TlsOptions) -> Result<Client, ClientError> {
+        let endpoint = format!("https://{addr}");
+        let err = |source| ClientError::ConnectTls {
+            endpoint: endpoint.clone(),
+            source,
+        };
+        let config = tonic::transport::ClientTlsConfig::new()
+            .ca_certificate(tonic::transport::Certificate::from_pem(&tls.ca_pem))
+            .identity(tonic::transport::Identity::from_pem(&tls.cert_pem, &tls.key_pem))
+            .domain_name(tls.server_name.clone());
+        let channel = Endpoint::from_shared(endpoint.clone())
+            .map_err(err)?
+            .tls_config(config)
+            .map_err(err)?
+            .connect()
+            .await
+            .map_err(err)?;
+        Ok(Client::over(channel))
+    }
+
+    fn over(channel: Channel) -> Client {
+        let grpc = BrokerClient::new(channel)
             .max_decoding_message_size(limits::MAX_GRPC_MESSAGE)
             .max_encoding_message_size(limits::MAX_GRPC_MESSAGE);
-        Ok(Client { grpc })
+        Client { grpc }
     }
 
     /// The services matching the dictionary that this task may see (no session needed).

@@ -14,3 +14,4 @@ mod policy_tools;
 mod python_client;
 mod reload;
 mod session;
+mod tls;

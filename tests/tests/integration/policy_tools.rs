@@ -237,7 +237,7 @@ fn policy_diff_lists_changed_decisions_with_witnesses() {
     assert!(ok, "{out}");
     assert!(
         out.contains(
-            "- map memory dma on class=SampleDevice to any task\n    was allowed by \"sample-use\"; now default deny"
+            "- map memory dma on class=SampleDevice to any local task\n    was allowed by \"sample-use\"; now default deny"
         ),
         "{out}"
     );
