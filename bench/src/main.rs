@@ -5,6 +5,7 @@
 //! usage: portcullis-bench [--quick] [--rounds N] [--iters N] [grpc] [native] [translate] [policy]
 //! (no names: all of them)
 
+#![forbid(unsafe_code)]
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,

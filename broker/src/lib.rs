@@ -6,8 +6,11 @@
 //! - [`session`]: identity, admission, grants, calls, events;
 //! - [`transport`]: gRPC (and, later, the native socket and ring);
 //! - [`server`]: assembling and running a broker; [`cli`]: the `portcullis` command.
+//!
+//! Unsafe code is denied everywhere but in `sys`, which holds the system calls no safe wrapper
+//! crate offers (`SO_PEERSEC`), each with its safety argument.
 
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
 
 pub mod bus;
 pub mod cli;
@@ -17,4 +20,6 @@ pub mod drivers;
 pub mod registry;
 pub mod server;
 pub mod session;
+#[allow(unsafe_code)]
+mod sys;
 pub mod transport;

@@ -5,6 +5,8 @@
 //! - [`status`]: the one status-code enum, numbers fixed forever, shared by every transport.
 //! - [`limits`]: the bounds every transport enforces on what a client may send.
 
+#![forbid(unsafe_code)]
+
 pub mod frame;
 pub mod layout;
 pub mod limits;

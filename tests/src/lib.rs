@@ -4,6 +4,7 @@
 //! The binary is built once (`cargo xtask test` builds it and passes `PORTCULLIS_BIN`); every
 //! test reuses it.
 
+#![forbid(unsafe_code)]
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,

@@ -5,6 +5,8 @@
 //! - `bench [--quick]`: build the benchmarks in release mode and run them.
 //! - `codegen [--check]`: regenerate the checked-in gRPC code; with `--check`, fail on a diff.
 
+#![forbid(unsafe_code)]
+
 use std::{
     env, fs,
     path::{Path, PathBuf},

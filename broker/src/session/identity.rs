@@ -98,8 +98,14 @@ pub enum IdentityError {
 }
 
 impl PeerIdentity {
-    /// Collects the identity of the peer with these `SO_PEERCRED` values.
-    pub fn from_peer_cred(uid: u32, gid: u32, pid: Option<i32>) -> Result<PeerIdentity, IdentityError> {
+    /// Collects the identity of the peer with these `SO_PEERCRED` values and, where the
+    /// kernel provides it, the `SO_PEERSEC` label (else the label is read from `/proc`).
+    pub fn from_peer_cred(
+        uid: u32,
+        gid: u32,
+        pid: Option<i32>,
+        peersec: Option<String>,
+    ) -> Result<PeerIdentity, IdentityError> {
         let Some(raw_pid) = pid.filter(|p| *p > 0) else {
             // A peer in another pid namespace has pid 0 here: uid and gid are still the kernel's.
             return Ok(PeerIdentity {
@@ -110,7 +116,7 @@ impl PeerIdentity {
                 exe: None,
                 exe_sha256: None,
                 cgroup: None,
-                lsm_label: None,
+                lsm_label: peersec,
                 tls: None,
                 _pidfd: None,
             });
@@ -126,9 +132,11 @@ impl PeerIdentity {
         let cgroup = fs::read_to_string(proc_dir.join("cgroup"))
             .ok()
             .and_then(|s| parse_cgroup(&s));
-        let lsm_label = fs::read(proc_dir.join("attr/current"))
-            .ok()
-            .and_then(|raw| parse_label(&raw));
+        let lsm_label = peersec.or_else(|| {
+            fs::read(proc_dir.join("attr/current"))
+                .ok()
+                .and_then(|raw| parse_label(&raw))
+        });
         let supplementary = fs::read_to_string(proc_dir.join("status"))
             .map(|s| parse_groups(&s))
             .unwrap_or_default();
@@ -157,7 +165,7 @@ impl PeerIdentity {
     pub fn of_self() -> Result<PeerIdentity, IdentityError> {
         let uid = rustix::process::geteuid().as_raw();
         let gid = rustix::process::getegid().as_raw();
-        PeerIdentity::from_peer_cred(uid, gid, Some(rustix::process::getpid().as_raw_nonzero().get()))
+        PeerIdentity::from_peer_cred(uid, gid, Some(rustix::process::getpid().as_raw_nonzero().get()), None)
     }
 
     /// A TCP client known by its certificate alone.
@@ -204,7 +212,7 @@ fn parse_cgroup(text: &str) -> Option<String> {
 }
 
 /// The label in `/proc/<pid>/attr/current`, without its trailing NUL or newline.
-fn parse_label(raw: &[u8]) -> Option<String> {
+pub(crate) fn parse_label(raw: &[u8]) -> Option<String> {
     let text = String::from_utf8_lossy(raw);
     let label = text.trim_end_matches(['\0', '\n']).trim();
     (!label.is_empty()).then(|| label.to_string())
@@ -328,7 +336,7 @@ mod tests {
         child.wait().unwrap();
         // The zombie is reaped, so either the pid is gone or (rarely) reused by another process,
         // which pidfd_open would then open: it must never be accepted as the child.
-        match PeerIdentity::from_peer_cred(0, 0, Some(pid)) {
+        match PeerIdentity::from_peer_cred(0, 0, Some(pid), None) {
             Err(IdentityError::Pidfd { .. } | IdentityError::Exited(_)) => {}
             Ok(other) => assert_ne!(other.exe.as_deref(), Some("/usr/bin/true")),
             Err(e) => panic!("unexpected {e}"),

@@ -12,5 +12,6 @@ mod user;
 pub use command::{Command, Reply, Started};
 pub use core::{Core, CoreEvent};
 pub use decisions::DecisionLog;
+pub(crate) use identity::parse_label;
 pub use identity::{IdentityError, PeerIdentity, TlsPeer};
 pub use user::{CallStarted, Refusal, Session, SessionEvent};

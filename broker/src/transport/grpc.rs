@@ -125,8 +125,12 @@ fn incoming(core: Arc<Core>, listener: UnixListener) -> ReceiverStream<io::Resul
                         return tracing::warn!(error = %e, "no peer credentials; connection closed");
                     }
                 };
+                let peersec = crate::sys::peer_security_label(std::os::fd::AsFd::as_fd(&stream))
+                    .inspect_err(|e| tracing::debug!(error = %e, "SO_PEERSEC unavailable"))
+                    .ok()
+                    .flatten();
                 let identity = tokio::task::spawn_blocking(move || {
-                    PeerIdentity::from_peer_cred(cred.uid(), cred.gid(), cred.pid())
+                    PeerIdentity::from_peer_cred(cred.uid(), cred.gid(), cred.pid(), peersec)
                 })
                 .await;
                 match identity {

@@ -4,6 +4,8 @@
 //! `cargo run -p portcullis-client --example add -- 2 3`
 //! The run dir is `$PORTCULLIS_RUN_DIR`, or the broker's default.
 
+#![forbid(unsafe_code)]
+
 use std::path::Path;
 
 use portcullis_client::{ClientError, OpenMode, blocking::Client, default_run_dir, matching};

@@ -19,6 +19,8 @@
 //!
 //! Refusals carry the broker's [`Status`] and, for policy refusals, the deciding rule.
 
+#![forbid(unsafe_code)]
+
 pub mod blocking;
 pub mod native;
 mod session;

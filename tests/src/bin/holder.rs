@@ -1,6 +1,7 @@
 //! Test helper: opens a service exclusively, prints `held`, and holds it until killed.
 //! usage: holder RUN_DIR SERVICE
 
+#![forbid(unsafe_code)]
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use portcullis_client::{OpenMode, blocking::Client, matching};

@@ -1,5 +1,6 @@
 //! Integration tests against a real `portcullis` broker process on real sockets.
 
+#![forbid(unsafe_code)]
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
 mod abi_matrix;

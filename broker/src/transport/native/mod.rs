@@ -146,9 +146,16 @@ async fn connection(core: Arc<Core>, conn: UnixSeqpacket) {
         );
         return goodbye(&conn, Status::NoMemory, reason).await;
     };
+    let peersec = crate::sys::peer_security_label(std::os::fd::AsFd::as_fd(&conn))
+        .inspect_err(|e| tracing::debug!(error = %e, "SO_PEERSEC unavailable"))
+        .ok()
+        .flatten();
     let peer = match conn.peer_cred() {
         Ok(cred) => {
-            tokio::task::spawn_blocking(move || PeerIdentity::from_peer_cred(cred.uid(), cred.gid(), cred.pid())).await
+            tokio::task::spawn_blocking(move || {
+                PeerIdentity::from_peer_cred(cred.uid(), cred.gid(), cred.pid(), peersec)
+            })
+            .await
         }
         Err(e) => return tracing::warn!(error = %e, "native: no peer credentials; connection closed"),
     };
