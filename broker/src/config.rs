@@ -198,6 +198,11 @@ pub fn load_policy(path: Option<&Path>) -> Result<Policy, ConfigError> {
         .iter()
         .map(|f| Ok((f.display().to_string(), read(f)?)))
         .collect::<Result<Vec<_>, ConfigError>>()?;
+    if crate::capture::enabled() {
+        texts
+            .iter()
+            .for_each(|(_, text)| crate::capture::record("policy_text", text.as_bytes()));
+    }
     let sources: Vec<Source<'_>> = texts.iter().map(|(origin, text)| Source { origin, text }).collect();
     Ok(Policy::parse_checked(&sources, Some(&catalog))?)
 }

@@ -13,10 +13,13 @@
 #![deny(unsafe_code)]
 
 pub mod bus;
+mod capture;
 pub mod cli;
 pub mod config;
 pub mod driver;
 pub mod drivers;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod registry;
 pub mod server;
 pub mod session;

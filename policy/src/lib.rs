@@ -16,6 +16,8 @@ mod analysis;
 mod args;
 mod explain;
 mod format;
+#[doc(hidden)]
+pub mod fuzzing;
 mod grant;
 mod model;
 mod reference;

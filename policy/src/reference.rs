@@ -218,58 +218,6 @@ mod tests {
         )
     }
 
-    /// The compiled answer to a reference request.
-    fn compiled(policy: &Policy, task: &Task<'_>, service: &ServiceView<'_>, request: Request<'_>) -> Decision {
-        let to_decision = |r: Result<&str, crate::Denial>| match r {
-            Ok(rule) => Decision {
-                allowed: true,
-                rule: rule.to_string(),
-                audit: false,
-            },
-            Err(d) => Decision {
-                allowed: false,
-                rule: d.rule,
-                audit: d.audit,
-            },
-        };
-        let (exclusive, methods, memory): (bool, Vec<MethodRef<'_>>, Vec<&str>) = match request {
-            Request::Open { exclusive } => (exclusive, vec![], vec![]),
-            Request::Method { name, privilege } => (
-                false,
-                vec![MethodRef {
-                    name,
-                    privilege,
-                    params: &[],
-                }],
-                vec![],
-            ),
-            Request::Memory { name } => (false, vec![], vec![name]),
-        };
-        match policy.admit(task, service, exclusive, &methods, &memory) {
-            Err(d) => Decision {
-                allowed: false,
-                rule: d.rule,
-                audit: d.audit,
-            },
-            Ok(grant) => match request {
-                Request::Open { .. } => match grant.audited().first() {
-                    Some(d) => Decision {
-                        allowed: false,
-                        rule: d.rule.clone(),
-                        audit: true,
-                    },
-                    None => Decision {
-                        allowed: true,
-                        rule: grant.admitted_by().to_string(),
-                        audit: false,
-                    },
-                },
-                Request::Method { .. } => to_decision(grant.check(0)),
-                Request::Memory { .. } => to_decision(grant.check_memory(0)),
-            },
-        }
-    }
-
     proptest! {
         // 10,000 random policies × 10 requests each: 100,000 decisions compared.
         #![proptest_config(ProptestConfig { cases: 10_000, failure_persistence: None, ..ProptestConfig::default() })]
@@ -302,7 +250,7 @@ mod tests {
                     1 | 2 => Request::Method { name: METHODS[usize::from(a)], privilege: PRIVILEGES.get(usize::from(b)).copied() },
                     _ => Request::Memory { name: MEMORY[usize::from(a) % 2] },
                 };
-                prop_assert_eq!(compiled(&policy, &task, &service, request), policy.evaluate(&task, &service, request), "{:?}", request);
+                prop_assert_eq!(crate::fuzzing::compiled(&policy, &task, &service, request), policy.evaluate(&task, &service, request), "{:?}", request);
             }
         }
     }

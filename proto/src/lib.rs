@@ -8,6 +8,8 @@
 #![forbid(unsafe_code)]
 
 pub mod frame;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod layout;
 pub mod limits;
 pub mod property;

@@ -4,6 +4,8 @@
 //!   check generated code is current, build the broker once, run every test in the workspace.
 //! - `bench [--quick]`: build the benchmarks in release mode and run them.
 //! - `codegen [--check]`: regenerate the checked-in gRPC code; with `--check`, fail on a diff.
+//! - `fuzz [--minutes N] [--jobs J] [--target T] | --coverage | --capture`: fuzzing campaigns
+//!   (docs/FUZZING.md).
 
 #![forbid(unsafe_code)]
 
@@ -12,6 +14,8 @@ use std::{
     path::{Path, PathBuf},
     process::{Command, ExitCode},
 };
+
+mod fuzz;
 
 type Result<T> = std::result::Result<T, String>;
 
@@ -22,7 +26,11 @@ fn main() -> ExitCode {
         Some("test") => test(rest),
         Some("bench") => bench(rest),
         Some("codegen") => codegen(args.iter().any(|a| a == "--check")),
-        _ => Err("usage: cargo xtask <test [-- cargo-test-args] | bench [--quick] | codegen [--check]>".into()),
+        Some("fuzz") => fuzz::fuzz(rest),
+        _ => Err(
+            "usage: cargo xtask <test [-- cargo-test-args] | bench [--quick] | codegen [--check] | fuzz [--minutes N] [--jobs J] [--target T] | fuzz --coverage | fuzz --capture>"
+                .into(),
+        ),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -86,7 +94,13 @@ fn test(extra: &[String]) -> Result<()> {
         .args(["test", "--workspace", "--no-fail-fast"])
         .args(extra)
         .env("PORTCULLIS_BIN", &bin)
-        .env("PORTCULLIS_PYTHON", &python))
+        .env("PORTCULLIS_PYTHON", &python))?;
+
+    step("every fuzz target, 30 s each (any crash fails)");
+    fuzz::ensure_tools()?;
+    fuzz::build()?;
+    let targets: Vec<String> = fuzz::TARGETS.iter().map(|t| t.to_string()).collect();
+    fuzz::campaign(&targets, 30, 2, false)
 }
 
 /// A venv under `target/` holding the pinned packages of `tests/python/requirements.txt`;

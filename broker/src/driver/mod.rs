@@ -190,4 +190,19 @@ pub trait Driver: Send + Sync + fmt::Debug {
 
     /// The service is terminating: abort pending work.
     fn terminate(&self) {}
+
+    /// Live objects the driver holds for clients: user clients open on it, and calls waiting on
+    /// it (for `portcullis stats` and leak checks).
+    fn live(&self) -> DriverLive {
+        DriverLive::default()
+    }
+}
+
+/// What [`Driver::live`] counts.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DriverLive {
+    /// User clients open (handleOpen without handleClose).
+    pub opens: usize,
+    /// Asynchronous calls waiting.
+    pub waiting: usize,
 }

@@ -66,6 +66,19 @@ impl OpenGuard {
     }
 }
 
+impl Arbitration {
+    /// Opens held: shared ones, plus one for an exclusive open.
+    pub(super) fn held(&self) -> usize {
+        let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        state.shared + usize::from(state.exclusive)
+    }
+
+    /// Whether an exclusive open is held.
+    pub(super) fn exclusive(&self) -> bool {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).exclusive
+    }
+}
+
 impl Drop for OpenGuard {
     fn drop(&mut self) {
         let mut state = self.service.arbitration.state.lock().unwrap_or_else(|e| e.into_inner());

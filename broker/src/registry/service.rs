@@ -73,6 +73,16 @@ impl Service {
         self.driver.as_ref()
     }
 
+    /// Opens of this service held now (shared ones, plus one for an exclusive open).
+    pub fn opens_held(&self) -> usize {
+        self.arbitration.held()
+    }
+
+    /// Whether an exclusive open of this service is held.
+    pub fn held_exclusively(&self) -> bool {
+        self.arbitration.exclusive()
+    }
+
     /// Whether the service has been terminated (its device is gone).
     pub fn is_terminated(&self) -> bool {
         self.terminated.load(Ordering::Acquire)

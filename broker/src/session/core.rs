@@ -4,7 +4,7 @@ use std::{
     path::PathBuf,
     sync::{
         Arc, RwLock,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicU64, AtomicUsize, Ordering},
     },
 };
 
@@ -64,6 +64,56 @@ pub struct Core {
     decisions: std::sync::OnceLock<super::DecisionLog>,
     max_connections: usize,
     events: broadcast::Sender<CoreEvent>,
+    /// Live sessions, user clients, mappings and pending calls, for `stats` and leak checks.
+    pub(crate) live: LiveCounts,
+}
+
+/// Counters of live objects, each kept by a [`Live`] guard held by the object.
+#[derive(Debug, Default)]
+pub(crate) struct LiveCounts {
+    pub(crate) sessions: Arc<AtomicUsize>,
+    pub(crate) user_clients: Arc<AtomicUsize>,
+    pub(crate) mappings: Arc<AtomicUsize>,
+    pub(crate) pending: Arc<AtomicUsize>,
+}
+
+/// Counts one live object for as long as it lives.
+#[derive(Debug)]
+pub(crate) struct Live(Arc<AtomicUsize>);
+
+impl Live {
+    pub(crate) fn new(counter: &Arc<AtomicUsize>) -> Live {
+        counter.fetch_add(1, Ordering::Relaxed);
+        Live(counter.clone())
+    }
+}
+
+impl Drop for Live {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// What the broker holds for its clients right now (`portcullis stats`). After every client
+/// has gone, everything but `services` is zero.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Stats {
+    /// Services in the registry.
+    pub services: usize,
+    /// Sessions (connections) being served.
+    pub sessions: usize,
+    /// User clients open, each with its grant.
+    pub user_clients: usize,
+    /// Memory mappings handed out and not yet released.
+    pub mappings: usize,
+    /// Asynchronous calls not yet completed.
+    pub pending_calls: usize,
+    /// Opens the registry's arbitration holds.
+    pub service_opens: usize,
+    /// User clients the drivers count as open.
+    pub driver_opens: usize,
+    /// Calls waiting inside drivers.
+    pub driver_waiting: usize,
 }
 
 impl Core {
@@ -89,7 +139,25 @@ impl Core {
             max_connections,
             decisions: std::sync::OnceLock::new(),
             events,
+            live: LiveCounts::default(),
         })
+    }
+
+    /// What the broker holds for its clients right now.
+    pub fn stats(&self) -> Stats {
+        let services = self.registry.find(&crate::registry::Matching::default());
+        let drivers: Vec<crate::driver::DriverLive> =
+            services.iter().filter_map(|s| s.driver()).map(|d| d.live()).collect();
+        Stats {
+            services: services.len(),
+            sessions: self.live.sessions.load(Ordering::Relaxed),
+            user_clients: self.live.user_clients.load(Ordering::Relaxed),
+            mappings: self.live.mappings.load(Ordering::Relaxed),
+            pending_calls: self.live.pending.load(Ordering::Relaxed),
+            service_opens: services.iter().map(|s| s.opens_held()).sum(),
+            driver_opens: drivers.iter().map(|d| d.opens).sum(),
+            driver_waiting: drivers.iter().map(|d| d.waiting).sum(),
+        }
     }
 
     /// The registry.

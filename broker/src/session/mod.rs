@@ -10,7 +10,7 @@ mod identity;
 mod user;
 
 pub use command::{Command, Reply, Started};
-pub use core::{Core, CoreEvent};
+pub use core::{Core, CoreEvent, Stats};
 pub use decisions::DecisionLog;
 pub(crate) use identity::parse_label;
 pub use identity::{IdentityError, PeerIdentity, TlsPeer};

@@ -117,6 +117,9 @@ struct UserClient {
     cancel: watch::Sender<()>,
     /// The grant's rate limit, if it has one.
     rate: Option<(super::bucket::TokenBucket, String)>,
+    /// Counts this user client, and each of its mappings, as live.
+    _live: super::core::Live,
+    mapping_live: Vec<super::core::Live>,
 }
 
 impl Drop for UserClient {
@@ -168,6 +171,8 @@ pub struct Session {
     audited: Vec<Denial>,
     /// Calls allowed (counted, not logged one by one).
     calls_allowed: u64,
+    /// Counts this session as live.
+    _live: super::core::Live,
 }
 
 impl fmt::Debug for Session {
@@ -185,7 +190,9 @@ impl Session {
     pub fn new(core: Arc<Core>, peer: Arc<PeerIdentity>, abi: AbiId) -> Session {
         let generation = core.policy_generation();
         tracing::debug!(uid = peer.uid, pid = ?peer.pid, exe = ?peer.exe, %abi, "session started");
+        let live = super::core::Live::new(&core.live.sessions);
         Session {
+            _live: live,
             core,
             peer,
             abi,
@@ -500,6 +507,8 @@ impl Session {
                 mappings: Vec::new(),
                 cancel,
                 rate,
+                _live: super::core::Live::new(&self.core.live.user_clients),
+                mapping_live: Vec::new(),
             },
         );
         Ok((handle, service, privileges))
@@ -590,7 +599,10 @@ impl Session {
             Completion::Ready(result) => Ok(CallStarted::Ready(table.finish(index, abi, result?, cap)?)),
             Completion::Pending(future) => {
                 self.pending.fetch_add(1, Ordering::Relaxed);
-                let guard = PendingGuard(self.pending.clone());
+                let guard = (
+                    PendingGuard(self.pending.clone()),
+                    super::core::Live::new(&self.core.live.pending),
+                );
                 let mut cancelled = uc.cancel.subscribe();
                 let driver = uc.driver.clone();
                 Ok(CallStarted::Pending(Box::pin(async move {
@@ -643,6 +655,7 @@ impl Session {
                     memory_type: kind,
                     backing: backing.clone(),
                 });
+                uc.mapping_live.push(super::core::Live::new(&self.core.live.mappings));
                 backing
             }
         };
@@ -983,7 +996,7 @@ mod tests {
     #[tokio::test]
     async fn transform_record_translates_for_every_abi() {
         let core = core();
-        let schema = Schema::from_toml(crate::drivers::sample::LAYOUTS_FOR_TESTS).unwrap();
+        let schema = Schema::from_toml(crate::drivers::sample::LAYOUTS).unwrap();
         for abi in portcullis_proto::layout::ABIS.iter().map(|a| a.id) {
             let mut s = Session::new(core.clone(), Arc::new(PeerIdentity::of_self().unwrap()), abi);
             let (handle, _, _) = s.open_user_client(sample(&core).id(), OpenMode::Shared).unwrap();

@@ -379,10 +379,15 @@ type Outbound = mpsc::Sender<Result<pb::ServerMessage, tonic::Status>>;
 /// is dropped, releasing everything it held.
 async fn run_session(mut session: Session, core: Arc<Core>, mut inbound: Streaming<pb::ClientMessage>, tx: Outbound) {
     let mut events = core.subscribe();
+    // With traffic recording on: this session's messages, as one `grpc_request` seed.
+    let mut recorded: Option<Vec<u8>> = crate::capture::enabled().then(Vec::new);
     loop {
         tokio::select! {
             message = inbound.message() => match message {
                 Ok(Some(message)) => {
+                    if let Some(rec) = recorded.as_mut().filter(|r| r.len() < 64 * 1024) {
+                        let _ = prost::Message::encode_length_delimited(&message, rec);
+                    }
                     let reply = handle(&mut session, message, &tx);
                     // Events the request caused (user clients a policy reload closed) come first.
                     let out = session.take_outbox().into_iter().filter_map(event_message).chain(reply);
@@ -410,6 +415,9 @@ async fn run_session(mut session: Session, core: Arc<Core>, mut inbound: Streami
             }
             () = tx.closed() => break,
         }
+    }
+    if let Some(rec) = recorded.filter(|r| !r.is_empty()) {
+        crate::capture::record("grpc_request", &rec);
     }
 }
 
@@ -442,7 +450,7 @@ fn handle(session: &mut Session, message: pb::ClientMessage, tx: &Outbound) -> O
 }
 
 /// The session command a request carries.
-fn command(request: Option<Request>) -> Result<Command, Refusal> {
+pub(crate) fn command(request: Option<Request>) -> Result<Command, Refusal> {
     Ok(
         match request.ok_or_else(|| Refusal::new(Status::ProtocolError, "the message carries no request"))? {
             Request::FindServices(find) => Command::FindServices(
@@ -473,7 +481,7 @@ fn open_mode(mode: i32) -> Result<OpenMode, Refusal> {
     }
 }
 
-fn response(request_id: u64, result: Result<Reply, Refusal>) -> pb::ServerMessage {
+pub(crate) fn response(request_id: u64, result: Result<Reply, Refusal>) -> pb::ServerMessage {
     use pb::response::Result as R;
     let native = AbiId::native();
     let result = match result {

@@ -211,6 +211,13 @@ impl Driver for SampleDevice {
         // Dropping the senders completes every waiter with Aborted.
         self.waiters.lock().unwrap_or_else(|e| e.into_inner()).clear();
     }
+
+    fn live(&self) -> crate::driver::DriverLive {
+        crate::driver::DriverLive {
+            opens: self.opens.load(Ordering::Relaxed) as usize,
+            waiting: self.pending_waiters(),
+        }
+    }
 }
 
 /// FNV-1a 64 of the calling user client's `dma[offset..offset + len]`, read with `pread` (the

@@ -7,6 +7,5 @@ mod methods;
 pub use device::SampleDevice;
 pub use methods::{SAMPLE_VERSION, Selector};
 
-/// The sample device's struct descriptions (for tests of translation).
-#[cfg(test)]
-pub(crate) use methods::LAYOUTS as LAYOUTS_FOR_TESTS;
+/// The sample device's struct descriptions (for tests and fuzzing of translation).
+pub(crate) use methods::LAYOUTS;

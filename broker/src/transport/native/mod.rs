@@ -198,6 +198,7 @@ async fn receive(conn: &UnixSeqpacket, buf: &mut [u8]) -> Result<Option<ClientFr
         return Ok(None);
     }
     let bytes = buf.get(..len).unwrap_or_default();
+    crate::capture::record("native_frame", bytes);
     ClientFrame::decode(bytes)
         .map(Some)
         .map_err(|e| Close::protocol(e.to_string()))

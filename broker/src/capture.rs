@@ -1,0 +1,35 @@
+//! Recording real traffic as fuzzing seeds: when `PORTCULLIS_CAPTURE_DIR` is set (by
+//! `cargo xtask fuzz --capture`, around the integration tests), every native frame received,
+//! every gRPC session's messages and every policy loaded are written there, one file each, under
+//! the fuzz target they seed. Unset, this costs one check of a `OnceLock` per use.
+
+use std::{
+    path::PathBuf,
+    sync::{
+        OnceLock,
+        atomic::{AtomicU64, Ordering},
+    },
+};
+
+fn dir() -> Option<&'static PathBuf> {
+    static DIR: OnceLock<Option<PathBuf>> = OnceLock::new();
+    DIR.get_or_init(|| std::env::var_os("PORTCULLIS_CAPTURE_DIR").map(PathBuf::from))
+        .as_ref()
+}
+
+/// Whether traffic is being recorded.
+pub(crate) fn enabled() -> bool {
+    dir().is_some()
+}
+
+/// Records one input of the fuzz target `target`.
+pub(crate) fn record(target: &str, bytes: &[u8]) {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let Some(dir) = dir() else { return };
+    let dir = dir.join(target);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let path = dir.join(format!("{}-{n}", std::process::id()));
+    if let Err(e) = std::fs::create_dir_all(&dir).and_then(|()| std::fs::write(&path, bytes)) {
+        tracing::warn!(error = %e, path = %path.display(), "cannot record a fuzzing seed");
+    }
+}
