@@ -542,6 +542,8 @@ pub struct Policy {
     pub(crate) audit: bool,
     /// Assertions, checked at load.
     pub(crate) asserts: Vec<Assertion>,
+    /// SHA-256 (hex) of the sources, origin and text each, in order.
+    pub(crate) revision: String,
 }
 
 impl Policy {
@@ -657,6 +659,7 @@ impl Policy {
             rules,
             audit,
             asserts,
+            revision: revision(sources),
         };
         if let Some(catalog) = catalog {
             errors.extend(policy.check_names(catalog));
@@ -756,6 +759,12 @@ impl Policy {
     /// Number of rules.
     pub fn rule_count(&self) -> usize {
         self.rules.len()
+    }
+
+    /// The policy's revision: SHA-256 (hex) of its sources, so that a decision-log record names
+    /// the exact text that decided.
+    pub fn revision(&self) -> &str {
+        &self.revision
     }
 
     /// Number of `[[assert]]`s (all of which hold: a policy whose assertion fails is not loaded).
@@ -945,6 +954,19 @@ pub(crate) struct Assertion {
     pub(crate) origin: String,
     pub(crate) line: usize,
     pub(crate) col: usize,
+}
+
+/// SHA-256 over each source's origin and text, length-prefixed, in order.
+fn revision(sources: &[Source<'_>]) -> String {
+    use sha2::{Digest, Sha256};
+    let mut hash = Sha256::new();
+    for s in sources {
+        for part in [s.origin, s.text] {
+            hash.update((part.len() as u64).to_le_bytes());
+            hash.update(part.as_bytes());
+        }
+    }
+    hash.finalize().iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// A rate limit: `calls` per `seconds`.

@@ -193,6 +193,7 @@ pub(crate) fn policy() -> impl Strategy<Value = Policy> {
                     rules,
                     audit,
                     asserts: Vec::new(),
+                    revision: String::new(),
                 }
             },
         )

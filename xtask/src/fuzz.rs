@@ -30,6 +30,7 @@ pub(crate) const TARGETS: &[&str] = &[
 const COVERAGE_FILES: &[&str] = &[
     "proto/src/frame.rs",
     "proto/src/layout/abi.rs",
+    "proto/src/layout/c.rs",
     "proto/src/layout/compute.rs",
     "proto/src/layout/desc.rs",
     "proto/src/layout/plan.rs",
@@ -392,41 +393,53 @@ fn minimize_into(target: &str, into: &Path, sources: &[PathBuf]) -> Result<()> {
     Ok(())
 }
 
-/// Per-file line coverage of the decoders over each target's corpus.
+/// Per-file line coverage of the decoders: every target's corpus run through a coverage build
+/// (`cargo fuzz coverage`), the profiles merged, and one report over all the targets' binaries
+/// (a line counts as covered when any target covers it).
 fn coverage(targets: &[String]) -> Result<()> {
     step("line coverage of the decoders (cargo fuzz coverage + llvm-cov)");
     let llvm = llvm_tools()?;
-    let mut totals: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+    let mut profiles = Vec::new();
+    let mut binaries = Vec::new();
     for t in targets {
         let mut corpus = working(t);
         if list(&corpus).is_empty() {
             corpus = seeds(t);
         }
         run(cargo_fuzz().args(["coverage", t.as_str()]).arg(&corpus))?;
-        let bin = fuzz_dir()
-            .join("target/x86_64-unknown-linux-gnu/coverage/x86_64-unknown-linux-gnu/release")
-            .join(t);
-        let profdata = fuzz_dir().join("coverage").join(t).join("coverage.profdata");
-        let out = Command::new(llvm.join("llvm-cov"))
-            .args(["export", "--format=text", "--summary-only"])
-            .arg(format!("--instr-profile={}", profdata.display()))
-            .arg(&bin)
-            .output()
-            .map_err(|e| e.to_string())?;
-        if !out.status.success() {
-            return Err(format!(
-                "llvm-cov export failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            ));
+        binaries.push(
+            fuzz_dir()
+                .join("target/x86_64-unknown-linux-gnu/coverage/x86_64-unknown-linux-gnu/release")
+                .join(t),
+        );
+        profiles.push(fuzz_dir().join("coverage").join(t).join("coverage.profdata"));
+    }
+    let merged = fuzz_dir().join("coverage").join("all.profdata");
+    run(Command::new(llvm.join("llvm-profdata"))
+        .args(["merge", "-sparse"])
+        .args(&profiles)
+        .arg("-o")
+        .arg(&merged))?;
+    let mut cmd = Command::new(llvm.join("llvm-cov"));
+    cmd.args(["export", "--format=text", "--summary-only"])
+        .arg(format!("--instr-profile={}", merged.display()));
+    for (i, bin) in binaries.iter().enumerate() {
+        if i > 0 {
+            cmd.arg("-object");
         }
-        for (file, (covered, count)) in line_summary(&String::from_utf8_lossy(&out.stdout)) {
-            if let Some(rel) = COVERAGE_FILES.iter().find(|f| file.ends_with(*f)) {
-                let e = totals.entry((*rel).to_string()).or_default();
-                // The union over targets is not available from summaries: take the best target.
-                if covered * e.1.max(1) > e.0 * count.max(1) || e.1 == 0 {
-                    *e = (covered, count);
-                }
-            }
+        cmd.arg(bin);
+    }
+    let out = cmd.output().map_err(|e| e.to_string())?;
+    if !out.status.success() {
+        return Err(format!(
+            "llvm-cov export failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    let mut totals: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+    for (file, lines) in line_summary(&String::from_utf8_lossy(&out.stdout)) {
+        if let Some(rel) = COVERAGE_FILES.iter().find(|f| file.ends_with(*f)) {
+            totals.insert((*rel).to_string(), lines);
         }
     }
     eprintln!("{:<32} {:>8} {:>8} {:>7}", "file", "lines", "covered", "%");

@@ -204,10 +204,11 @@ fn check(path: &Path) -> Result<(), String> {
     match config::load_policy(Some(path)) {
         Ok(policy) => {
             println!(
-                "{}: ok ({} rules, {} assertions hold)",
+                "{}: ok ({} rules, {} assertions hold; revision {})",
                 path.display(),
                 policy.rule_count(),
-                policy.assertion_count()
+                policy.assertion_count(),
+                policy.revision().get(..12).unwrap_or_default()
             );
             Ok(())
         }

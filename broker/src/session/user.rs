@@ -162,6 +162,8 @@ pub struct Session {
     subscription: Subscription,
     /// The policy generation every grant of this session was compiled under.
     generation: u64,
+    /// That policy's revision (SHA-256 of its sources), for the decision log.
+    revision: Arc<str>,
     /// Events the session produced on its own (user clients closed by a policy change), for
     /// the transport to send.
     outbox: Vec<SessionEvent>,
@@ -188,7 +190,8 @@ impl fmt::Debug for Session {
 impl Session {
     /// A new session for the peer.
     pub fn new(core: Arc<Core>, peer: Arc<PeerIdentity>, abi: AbiId) -> Session {
-        let generation = core.policy_generation();
+        let (policy, generation) = core.policy_snapshot();
+        let revision: Arc<str> = policy.revision().into();
         tracing::debug!(uid = peer.uid, pid = ?peer.pid, exe = ?peer.exe, %abi, "session started");
         let live = super::core::Live::new(&core.live.sessions);
         Session {
@@ -201,6 +204,7 @@ impl Session {
             pending: Arc::new(AtomicUsize::new(0)),
             subscription: Subscription::None,
             generation,
+            revision,
             outbox: Vec::new(),
             budget: super::decisions::Budget::default(),
             audited: Vec::new(),
@@ -219,6 +223,7 @@ impl Session {
         }
         let (policy, generation) = self.core.policy_snapshot();
         self.generation = generation;
+        self.revision = policy.revision().into();
         let handles: Vec<u64> = self.user_clients.keys().copied().collect();
         for handle in handles {
             let Some(uc) = self.user_clients.get_mut(&handle) else {
@@ -370,6 +375,7 @@ impl Session {
     fn stamp(&self, mut record: serde_json::Value) -> serde_json::Value {
         if let Some(map) = record.as_object_mut() {
             map.insert("policy_generation".into(), self.generation.into());
+            map.insert("policy_revision".into(), self.revision.as_ref().into());
             if let Some(tls) = &self.peer.tls {
                 // A TCP client: its certificate is its identity.
                 map.insert(

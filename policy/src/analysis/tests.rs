@@ -161,6 +161,14 @@ proptest! {
                 // A class no rule names is analysed as the one unlisted class.
                 let named = old.rules.iter().chain(&new.rules).any(|r| r.service.class.as_deref() == Some(w.class.as_str()));
                 let class = if named { w.class.clone() } else { "UnlistedClass".into() };
+                // Likewise a method no rule names (only `"*"` reaches it).
+                let q = match q {
+                    Question::Method { name, privilege } => {
+                        let named = old.rules.iter().chain(&new.rules).any(|r| matches!(&r.methods, crate::model::Methods::Named(n) if n.contains(&name)));
+                        Question::Method { name: if named { name } else { "unlisted_method".into() }, privilege }
+                    }
+                    other => other,
+                };
                 prop_assert!(
                     changes.iter().any(|c| c.question == q && c.world.class == class),
                     "{} in {:?} changes but the diff says nothing", q, case

@@ -80,6 +80,16 @@ async fn decision_log_names_rules_checks_and_survives_a_flood() {
     );
     assert_eq!(admission["uid"], 0);
     assert_eq!(admission["policy_generation"], 1);
+    // The revision is the SHA-256 of the policy the broker loaded: the same as `policy check`
+    // prints for that file.
+    let revision = admission["policy_revision"].as_str().unwrap();
+    assert_eq!(revision.len(), 64);
+    let check = std::process::Command::new(portcullis_tests::bin())
+        .args(["policy", "check", broker.policy_path().to_str().unwrap()])
+        .output()
+        .unwrap();
+    let printed = String::from_utf8_lossy(&check.stdout);
+    assert!(printed.contains(&format!("revision {}", &revision[..12])), "{printed}");
     assert!(admission["exe"].is_string() && admission["id"].is_u64() && admission["time"].is_f64());
 
     let denials: Vec<&Value> = all.iter().filter(|r| r["decision"] == "deny").collect();
