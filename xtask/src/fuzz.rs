@@ -407,8 +407,9 @@ fn coverage(targets: &[String]) -> Result<()> {
             corpus = seeds(t);
         }
         run(cargo_fuzz().args(["coverage", t.as_str()]).arg(&corpus))?;
+        // cargo-fuzz builds coverage binaries under the project's target/, not fuzz/target/.
         binaries.push(
-            fuzz_dir()
+            root()
                 .join("target/x86_64-unknown-linux-gnu/coverage/x86_64-unknown-linux-gnu/release")
                 .join(t),
         );
