@@ -34,6 +34,20 @@ pub(crate) enum Constraint {
     },
 }
 
+impl Constraint {
+    /// The numbers the constraint names (bounds, values, mask; a text's length limit), to fuzz
+    /// arguments near them.
+    pub(crate) fn numbers(&self) -> Vec<u64> {
+        let cut = |v: i128| v as i64 as u64;
+        match self {
+            Constraint::Range { min, max } => min.iter().chain(max).map(|v| cut(*v)).collect(),
+            Constraint::OneOf(values) => values.iter().map(|v| cut(*v)).collect(),
+            Constraint::Mask(m) => vec![*m, m.wrapping_add(1)],
+            Constraint::Text { max_len, .. } => max_len.iter().map(|m| u64::from(*m)).collect(),
+        }
+    }
+}
+
 impl RawConstraint {
     pub(crate) fn parse(self) -> Result<Constraint, String> {
         let numeric = self.min.is_some() || self.max.is_some();

@@ -9,7 +9,7 @@ use portcullis_proto::{
     property::{PropValue, Properties},
 };
 
-use crate::{Decision, MethodRef, Policy, Remote, Request, ServiceView, Source, Task};
+use crate::{Decision, MethodRef, ParamAt, ParamRef, Policy, Remote, Request, ServiceView, Source, Task};
 
 /// The compiled answer to a reference request.
 pub(crate) fn compiled(policy: &Policy, task: &Task<'_>, service: &ServiceView<'_>, request: Request<'_>) -> Decision {
@@ -133,6 +133,33 @@ pub fn policy_text(data: &[u8]) {
             (k.clone(), v)
         })
         .collect();
+    // The parameters the policy constrains (each a scalar, `len` the struct length) and the
+    // numbers its constraints name.
+    let mut param_names: Vec<&str> = policy
+        .rules
+        .iter()
+        .flat_map(|r| r.args.iter().map(|a| a.param.as_str()))
+        .collect();
+    param_names.sort_unstable();
+    param_names.dedup();
+    let params: Vec<ParamRef<'_>> = param_names
+        .iter()
+        .enumerate()
+        .map(|(i, n)| ParamRef {
+            name: n,
+            at: if *n == "len" {
+                ParamAt::StructLen
+            } else {
+                ParamAt::Scalar(i)
+            },
+        })
+        .collect();
+    let bounds: Vec<u64> = policy
+        .rules
+        .iter()
+        .flat_map(|r| r.args.iter())
+        .flat_map(|a| a.constraint.numbers())
+        .collect();
     for _ in 0..8 {
         if p.bytes.is_empty() {
             break;
@@ -164,6 +191,49 @@ pub fn policy_text(data: &[u8]) {
             class,
             properties: &properties,
         };
+        if p.byte().is_multiple_of(3) {
+            // A whole call: the method decision, then the granting rule's argument constraints,
+            // on arguments near the constraints' own bounds.
+            let name = p.pick(&methods).map_or("other", String::as_str);
+            let method = MethodRef {
+                name,
+                privilege: p.pick(&privileges).map(String::as_str),
+                params: &params,
+            };
+            let scalars: Vec<u64> = (0..params.len())
+                .map(|_| {
+                    let base = p.pick(&bounds).copied().unwrap_or(0);
+                    base.wrapping_add(u64::from(p.byte() % 3)).wrapping_sub(1)
+                })
+                .collect();
+            let struct_in = vec![0u8; usize::from(p.byte())];
+            let expected = policy.evaluate_call(&task, &service, &method, &scalars, &struct_in);
+            let got = match policy.admit(&task, &service, false, std::slice::from_ref(&method), &[]) {
+                Err(d) => Decision {
+                    allowed: false,
+                    rule: d.rule,
+                    audit: d.audit,
+                },
+                Ok(grant) => match grant
+                    .check(0)
+                    .map(str::to_string)
+                    .and_then(|rule| grant.check_args(0, &scalars, &struct_in).map(|()| rule))
+                {
+                    Ok(rule) => Decision {
+                        allowed: true,
+                        rule,
+                        audit: false,
+                    },
+                    Err(d) => Decision {
+                        allowed: false,
+                        rule: d.rule,
+                        audit: d.audit,
+                    },
+                },
+            };
+            assert_eq!(got, expected, "call {name} {scalars:?} len {}", struct_in.len());
+            continue;
+        }
         let request = match p.byte() % 4 {
             0 => Request::Open { exclusive: false },
             1 => Request::Open { exclusive: true },
@@ -178,5 +248,20 @@ pub fn policy_text(data: &[u8]) {
         let expected = policy.evaluate(&task, &service, request);
         let got = compiled(&policy, &task, &service, request);
         assert_eq!(got, expected, "{request:?}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fuzzing_policy_text_compares_calls_and_requests() {
+        let policy = "[[principal]]\nname = \"u\"\nuid = [1000]\n\n[[rule]]\nid = \"r\"\neffect = \"allow\"\nprincipals = [\"u\"]\nservice = { class = \"C\" }\nmethods = [\"add\"]\nargs.add.a = { max = 10 }\nargs.add.len = { max = 4 }\n";
+        // Every byte pattern: calls (first byte % 3 == 0) and requests, on both sides of the bounds.
+        for seed in 0..=255u8 {
+            let requests: Vec<u8> = (0..64u8).map(|i| i.wrapping_mul(seed).wrapping_add(seed)).collect();
+            policy_text(&[policy.as_bytes(), &[0], &requests].concat());
+        }
     }
 }
