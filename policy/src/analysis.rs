@@ -982,14 +982,15 @@ pub fn diff(old: &Policy, new: &Policy, catalog: Option<&crate::Catalog>) -> Res
                 class: class.clone(),
                 question: question.clone(),
             };
-            // Lost: allowed by old under rule r, not by new; gained: the other way round.
-            for (from, allowed, denied) in [(old, &a_old, &a_new), (new, &a_new, &a_old)] {
+            // Lost: allowed by old, not by new; gained: the other way round. Each side's
+            // negation is built once per request, not once per rule.
+            let (lost, gained) = (
+                Formula::and(vec![a_old.clone(), a_new.clone().not()]),
+                Formula::and(vec![a_new, a_old.not()]),
+            );
+            for (from, differs) in [(old, &lost), (new, &gained)] {
                 for rule in from.rules.iter().filter(|r| r.effect == Effect::Allow) {
-                    let f = Formula::and(vec![
-                        from.applies_formula(rule, class),
-                        allowed.clone(),
-                        denied.clone().not(),
-                    ]);
+                    let f = Formula::and(vec![from.applies_formula(rule, class), differs.clone()]);
                     let Some(world) = solve(f, class).map_err(too_hard)? else {
                         continue;
                     };

@@ -237,15 +237,7 @@ impl RawPrincipal {
 
 impl RawAttrs {
     fn is_empty(&self) -> bool {
-        self.uid.is_empty()
-            && self.gid.is_empty()
-            && self.groups.is_empty()
-            && self.exe.is_empty()
-            && self.exe_sha256.is_empty()
-            && self.cgroup.is_empty()
-            && self.lsm_label.is_empty()
-            && self.abi.is_empty()
-            && !self.has_tls()
+        !self.has_local() && !self.has_tls()
     }
 
     fn has_tls(&self) -> bool {

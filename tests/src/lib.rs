@@ -174,10 +174,20 @@ impl Broker {
             fs::copy(bin(), &copy).unwrap();
             fs::set_permissions(&copy, fs::Permissions::from_mode(0o755)).unwrap();
         }
-        let mut cmd = self.cli_command(copy, args);
+        let mut cmd = self.cli_command(copy.clone(), args);
         // std drops supplementary groups (setgroups(0)) when root sets a uid.
         cmd.uid(uid).gid(uid);
-        cmd.output().unwrap()
+        // A test thread that forks while the copy is being written holds its write descriptor
+        // until that child execs: exec then fails with ETXTBSY for a moment. Retry that only.
+        for _ in 0..100 {
+            match cmd.output() {
+                Err(e) if e.raw_os_error() == Some(rustix::io::Errno::TXTBSY.raw_os_error()) => {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                result => return result.unwrap(),
+            }
+        }
+        panic!("{} stayed busy (ETXTBSY)", copy.display())
     }
 }
 

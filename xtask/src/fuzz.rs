@@ -179,14 +179,12 @@ struct Progress {
 
 /// Reads a libFuzzer status line (`#4096 pulse cov: 412 ft: 980 corp: 37/1210b … exec/s: 2048`).
 fn parse_status(line: &str, p: &mut Progress) {
-    let mut words = line.split_whitespace();
-    if let Some(first) = words.next()
-        && let Some(n) = first.strip_prefix('#')
+    let words: Vec<&str> = line.split_whitespace().collect();
+    if let Some(n) = words.first().and_then(|w| w.strip_prefix('#'))
         && let Ok(n) = n.parse()
     {
         p.execs = n;
     }
-    let words: Vec<&str> = line.split_whitespace().collect();
     for pair in words.windows(2) {
         let [key, value] = pair else { continue };
         let num = || {

@@ -141,15 +141,6 @@ enum Subscription {
     Services(BTreeSet<ServiceId>),
 }
 
-/// Counts a pending call for as long as it lives.
-struct PendingGuard(Arc<AtomicUsize>);
-
-impl Drop for PendingGuard {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
 /// One connection's session.
 pub struct Session {
     core: Arc<Core>,
@@ -604,9 +595,9 @@ impl Session {
         match uc.driver.call(&ctx, &spec, args) {
             Completion::Ready(result) => Ok(CallStarted::Ready(table.finish(index, abi, result?, cap)?)),
             Completion::Pending(future) => {
-                self.pending.fetch_add(1, Ordering::Relaxed);
+                // Counted for this session (its limit) and for the broker (stats), while it lives.
                 let guard = (
-                    PendingGuard(self.pending.clone()),
+                    super::core::Live::new(&self.pending),
                     super::core::Live::new(&self.core.live.pending),
                 );
                 let mut cancelled = uc.cancel.subscribe();
