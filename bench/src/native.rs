@@ -67,7 +67,12 @@ pub(crate) fn run(args: &Args) {
     let (mut broker, handle) = client_runtime().block_on(async {
         let _guard = servers.enter();
         let listener = native::bind(&broker_socket).unwrap();
-        servers.spawn(native::serve(core(), listener, std::future::pending()));
+        servers.spawn(native::serve(
+            core(),
+            listener,
+            Default::default(),
+            std::future::pending(),
+        ));
         let mut c = Client {
             conn: UnixSeqpacket::connect(&broker_socket).await.unwrap(),
             buf: vec![0; MAX_FRAME + 1],

@@ -35,6 +35,33 @@ pub struct Config {
     pub devices: Vec<DeviceConfig>,
     /// gRPC over TCP with mutual TLS, for remote clients (off unless configured).
     pub tls: Option<TlsConfig>,
+    /// The shared-memory ring of the native protocol.
+    #[serde(default)]
+    pub ring: RingConfig,
+}
+
+/// `[ring]`: how the broker serves shared-memory rings.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RingConfig {
+    /// `adaptive` (spin up to `spin_us`, then sleep on the eventfd), `spin` (never sleep; a
+    /// core per ring) or `sleep` (never spin) [default: adaptive].
+    pub wait: portcullis_proto::ring::WaitMode,
+    /// How long an idle ring is polled before its thread sleeps, in microseconds [default: 50].
+    pub spin_us: u64,
+    /// Most rings served at once (each has a thread) [default: 64]; more are refused with
+    /// `NO_MEMORY` and the client stays on the socket.
+    pub max_rings: usize,
+}
+
+impl Default for RingConfig {
+    fn default() -> RingConfig {
+        RingConfig {
+            wait: portcullis_proto::ring::WaitMode::Adaptive,
+            spin_us: 50,
+            max_rings: 64,
+        }
+    }
 }
 
 /// `[tls]`: the remote gRPC listener. Clients must present a certificate signed by

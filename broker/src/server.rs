@@ -126,7 +126,12 @@ pub async fn run(options: BrokerOptions, shutdown: impl Future<Output = ()>) -> 
             }
         }
     }
-    let native_task = tokio::spawn(native::serve(core.clone(), native_listener, stopped(stop_rx.clone())));
+    let native_task = tokio::spawn(native::serve(
+        core.clone(),
+        native_listener,
+        config.ring,
+        stopped(stop_rx.clone()),
+    ));
     let tls_task = match &config.tls {
         Some(tls) => {
             let server_tls = grpc::server_tls(tls)?;

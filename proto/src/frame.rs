@@ -89,6 +89,14 @@ pub enum Request {
         /// Memory type id.
         memory_type: u32,
     },
+    /// Upgrade to the shared-memory ring (tag 6; see `ring`): the response carries the memfd
+    /// and two eventfds as `SCM_RIGHTS`. Only over the socket, at most once per session.
+    EnableRing {
+        /// Submission ring bytes (0: the default).
+        sq_size: u32,
+        /// Completion ring bytes (0: the default).
+        cq_size: u32,
+    },
 }
 
 /// Frames the broker sends.
@@ -159,6 +167,15 @@ pub enum Body {
         size: u64,
         /// Whether the descriptor allows writing.
         writable: bool,
+    },
+    /// The ring is ready (tag 5): three descriptors travel in the same packet as `SCM_RIGHTS`,
+    /// in this order: the memfd to map (`ring::HEADER_SIZE + sq_size + cq_size` bytes), the
+    /// eventfd that wakes the broker, the eventfd that wakes the client.
+    Ring {
+        /// Submission ring bytes.
+        sq_size: u32,
+        /// Completion ring bytes.
+        cq_size: u32,
     },
 }
 

@@ -13,6 +13,7 @@ pub mod fuzzing;
 pub mod layout;
 pub mod limits;
 pub mod property;
+pub mod ring;
 pub mod status;
 
 pub use status::Status;

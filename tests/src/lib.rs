@@ -103,6 +103,56 @@ impl Broker {
         panic!("broker did not serve {} within 20 s:\n{}", socket.display(), self.log());
     }
 
+    /// `portcullis stats --json`: what the broker holds for its clients.
+    pub fn stats(&self) -> serde_json::Value {
+        let out = self.cli(&["stats", "--json"]);
+        serde_json::from_str(&stdout_ok(&out)).unwrap()
+    }
+
+    /// Waits (up to 10 s) until the broker holds nothing for any client — no session, user
+    /// client, mapping, pending call, open or ring — and no more descriptors than `baseline_fds`
+    /// (the figure before the clients came). Panics with the last statistics otherwise.
+    pub fn assert_no_leaks(&self, baseline_fds: u64) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let s = self.stats();
+            let held = [
+                "sessions",
+                "user_clients",
+                "mappings",
+                "pending_calls",
+                "service_opens",
+                "driver_opens",
+                "driver_waiting",
+                "rings",
+            ]
+            .iter()
+            .map(|k| s[*k].as_u64().unwrap())
+            .sum::<u64>();
+            // The stats request itself holds one connection while it is answered.
+            let fds = s["open_fds"].as_u64().unwrap();
+            if held == 0 && fds <= baseline_fds {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the broker still holds resources (baseline {baseline_fds} fds): {s}\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Descriptors the idle broker holds (while answering the stats request).
+    pub fn baseline_fds(&self) -> u64 {
+        self.stats()["open_fds"].as_u64().unwrap()
+    }
+
+    /// The broker's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// The policy file the broker was started with (`BrokerSetup::policy`).
     pub fn policy_path(&self) -> PathBuf {
         self.dir.path().join("policy.toml")
@@ -211,4 +261,18 @@ pub fn stdout_ok(out: &Output) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8(out.stdout.clone()).unwrap()
+}
+
+/// FNV-1a 64, what the sample device's `checksum_dma` computes.
+pub fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+/// A 1 MiB pattern for the sample device's dma memory: no two neighbouring bytes alike.
+pub fn dma_pattern() -> Vec<u8> {
+    (0..1u32 << 20)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect()
 }

@@ -52,6 +52,48 @@ enum Command {
     /// Policy tools: check, explain, test.
     #[command(subcommand)]
     Policy(policy::PolicyCommand),
+    /// What the running broker holds for its clients: sessions, user clients, mappings,
+    /// pending calls, rings, descriptors (root or the broker's own user).
+    Stats(StatsArgs),
+}
+
+#[derive(Debug, Args)]
+struct StatsArgs {
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    run_dir: RunDir,
+}
+
+async fn stats(args: StatsArgs) -> Result<(), String> {
+    let client = args.run_dir.connect().await.map_err(|e| e.to_string())?;
+    let s = client.stats().await.map_err(|e| match e {
+        ClientError::Rpc(status) => status.message().to_string(),
+        e => e.to_string(),
+    })?;
+    let rows = [
+        ("services", s.services),
+        ("sessions", s.sessions),
+        ("user_clients", s.user_clients),
+        ("mappings", s.mappings),
+        ("pending_calls", s.pending_calls),
+        ("service_opens", s.service_opens),
+        ("driver_opens", s.driver_opens),
+        ("driver_waiting", s.driver_waiting),
+        ("rings", s.rings),
+        ("open_fds", s.open_fds),
+    ];
+    if args.json {
+        let map: serde_json::Map<String, serde_json::Value> =
+            rows.iter().map(|(k, v)| ((*k).to_string(), (*v).into())).collect();
+        println!("{}", serde_json::Value::Object(map));
+    } else {
+        for (k, v) in rows {
+            println!("{k:<16}{v}");
+        }
+    }
+    Ok(())
 }
 
 /// Where the broker's sockets are.
@@ -120,6 +162,7 @@ pub fn main() -> ExitCode {
             Command::Ls(args) => ls::run(args).await,
             Command::Call(args) => call::run(args).await,
             Command::Watch(args) => watch::run(args).await,
+            Command::Stats(args) => stats(args).await,
             Command::Layout(_) | Command::Schema(_) | Command::Policy(_) => Ok(()),
         }
     });

@@ -75,6 +75,7 @@ pub(crate) struct LiveCounts {
     pub(crate) user_clients: Arc<AtomicUsize>,
     pub(crate) mappings: Arc<AtomicUsize>,
     pub(crate) pending: Arc<AtomicUsize>,
+    pub(crate) rings: Arc<AtomicUsize>,
 }
 
 /// Counts one live object for as long as it lives.
@@ -114,6 +115,11 @@ pub struct Stats {
     pub driver_opens: usize,
     /// Calls waiting inside drivers.
     pub driver_waiting: usize,
+    /// Shared-memory rings being served (each with its thread, memfd and eventfds).
+    pub rings: usize,
+    /// File descriptors the broker process holds (listening sockets, logs and watches
+    /// included: compare against the figure with no client connected).
+    pub open_fds: usize,
 }
 
 impl Core {
@@ -157,7 +163,18 @@ impl Core {
             service_opens: services.iter().map(|s| s.opens_held()).sum(),
             driver_opens: drivers.iter().map(|d| d.opens).sum(),
             driver_waiting: drivers.iter().map(|d| d.waiting).sum(),
+            rings: self.live.rings.load(Ordering::Relaxed),
+            open_fds: std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count().saturating_sub(1)),
         }
+    }
+
+    /// Counts a new ring while fewer than `max` are served; `None` when the limit is reached.
+    pub(crate) fn admit_ring(&self, max: usize) -> Option<Live> {
+        self.live
+            .rings
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1))
+            .ok()
+            .map(|_| Live(self.live.rings.clone()))
     }
 
     /// The registry.

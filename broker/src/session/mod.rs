@@ -10,6 +10,7 @@ mod identity;
 mod user;
 
 pub use command::{Command, Reply, Started};
+pub(crate) use core::Live;
 pub use core::{Core, CoreEvent, Stats};
 pub use decisions::DecisionLog;
 pub(crate) use identity::parse_label;

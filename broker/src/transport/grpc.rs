@@ -300,6 +300,19 @@ pub struct BrokerService {
     core: Arc<Core>,
 }
 
+/// The peer of an administrative call: root or the broker's own user, over a local socket.
+fn admin<T>(req: &tonic::Request<T>, what: &str) -> Result<Arc<PeerIdentity>, tonic::Status> {
+    let peer = peer_of(req)?;
+    let own = rustix::process::geteuid().as_raw();
+    if peer.tls.is_some() || (peer.uid != 0 && peer.uid != own) {
+        tracing::warn!(uid = peer.uid, pid = ?peer.pid, "refused to {what}: not an administrator");
+        return Err(tonic::Status::permission_denied(format!(
+            "only root or the broker's own user may {what}"
+        )));
+    }
+    Ok(peer)
+}
+
 /// The caller: the kernel's view of a local peer, or what a TCP peer's verified certificate says.
 fn peer_of<T>(req: &tonic::Request<T>) -> Result<Arc<PeerIdentity>, tonic::Status> {
     if let Some(peer) = req.extensions().get::<Peer>() {
@@ -338,14 +351,7 @@ impl pb::broker_server::Broker for BrokerService {
         &self,
         req: tonic::Request<pb::ReloadPolicyRequest>,
     ) -> Result<tonic::Response<pb::ReloadPolicyResponse>, tonic::Status> {
-        let peer = peer_of(&req)?;
-        let own = rustix::process::geteuid().as_raw();
-        if peer.tls.is_some() || (peer.uid != 0 && peer.uid != own) {
-            tracing::warn!(uid = peer.uid, pid = ?peer.pid, "policy reload refused: not an administrator");
-            return Err(tonic::Status::permission_denied(
-                "only root or the broker's own user may reload the policy",
-            ));
-        }
+        let peer = admin(&req, "reload the policy")?;
         tracing::info!(uid = peer.uid, pid = ?peer.pid, "policy reload requested");
         match self.core.reload_policy() {
             Ok((generation, rules)) => Ok(tonic::Response::new(pb::ReloadPolicyResponse {
@@ -354,6 +360,27 @@ impl pb::broker_server::Broker for BrokerService {
             })),
             Err(e) => Err(tonic::Status::failed_precondition(e.to_string())),
         }
+    }
+
+    async fn stats(
+        &self,
+        req: tonic::Request<pb::StatsRequest>,
+    ) -> Result<tonic::Response<pb::StatsResponse>, tonic::Status> {
+        admin(&req, "read the broker's statistics")?;
+        let s = self.core.stats();
+        let n = |v: usize| v as u64;
+        Ok(tonic::Response::new(pb::StatsResponse {
+            services: n(s.services),
+            sessions: n(s.sessions),
+            user_clients: n(s.user_clients),
+            mappings: n(s.mappings),
+            pending_calls: n(s.pending_calls),
+            service_opens: n(s.service_opens),
+            driver_opens: n(s.driver_opens),
+            driver_waiting: n(s.driver_waiting),
+            rings: n(s.rings),
+            open_fds: n(s.open_fds),
+        }))
     }
 
     async fn list_services(

@@ -335,6 +335,43 @@ pub struct ReloadPolicyResponse {
     #[prost(uint32, tag = "2")]
     pub rules: u32,
 }
+#[allow(clippy::all)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct StatsRequest {}
+#[allow(clippy::all)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct StatsResponse {
+    /// Services in the registry.
+    #[prost(uint64, tag = "1")]
+    pub services: u64,
+    /// Sessions (connections) being served, over every transport.
+    #[prost(uint64, tag = "2")]
+    pub sessions: u64,
+    /// User clients open.
+    #[prost(uint64, tag = "3")]
+    pub user_clients: u64,
+    /// Memory mappings handed out and not yet released.
+    #[prost(uint64, tag = "4")]
+    pub mappings: u64,
+    /// Asynchronous calls not yet completed.
+    #[prost(uint64, tag = "5")]
+    pub pending_calls: u64,
+    /// Opens the registry's arbitration holds.
+    #[prost(uint64, tag = "6")]
+    pub service_opens: u64,
+    /// User clients the drivers count as open.
+    #[prost(uint64, tag = "7")]
+    pub driver_opens: u64,
+    /// Calls waiting inside drivers.
+    #[prost(uint64, tag = "8")]
+    pub driver_waiting: u64,
+    /// Shared-memory rings being served.
+    #[prost(uint64, tag = "9")]
+    pub rings: u64,
+    /// File descriptors the broker process holds.
+    #[prost(uint64, tag = "10")]
+    pub open_fds: u64,
+}
 /// The one status enum, shared by every transport. Numbers never change.
 #[allow(clippy::all)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
@@ -595,6 +632,29 @@ pub mod broker_client {
                 .insert(GrpcMethod::new("portcullis.v1.Broker", "ReloadPolicy"));
             self.inner.unary(req, path, codec).await
         }
+        /// Administration: what the broker holds for its clients right now (root or the broker's own
+        /// user only). With no client connected, everything but `services` and `open_fds` is zero.
+        pub async fn stats(
+            &mut self,
+            request: impl tonic::IntoRequest<super::StatsRequest>,
+        ) -> std::result::Result<tonic::Response<super::StatsResponse>, tonic::Status> {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/portcullis.v1.Broker/Stats",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("portcullis.v1.Broker", "Stats"));
+            self.inner.unary(req, path, codec).await
+        }
     }
 }
 /// Generated server implementations.
@@ -640,6 +700,12 @@ pub mod broker_server {
             tonic::Response<super::ReloadPolicyResponse>,
             tonic::Status,
         >;
+        /// Administration: what the broker holds for its clients right now (root or the broker's own
+        /// user only). With no client connected, everything but `services` and `open_fds` is zero.
+        async fn stats(
+            &self,
+            request: tonic::Request<super::StatsRequest>,
+        ) -> std::result::Result<tonic::Response<super::StatsResponse>, tonic::Status>;
     }
     #[derive(Debug)]
     pub struct BrokerServer<T> {
@@ -838,6 +904,49 @@ pub mod broker_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = ReloadPolicySvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/portcullis.v1.Broker/Stats" => {
+                    #[allow(non_camel_case_types)]
+                    struct StatsSvc<T: Broker>(pub Arc<T>);
+                    impl<T: Broker> tonic::server::UnaryService<super::StatsRequest>
+                    for StatsSvc<T> {
+                        type Response = super::StatsResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::StatsRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Broker>::stats(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = StatsSvc(inner);
                         let codec = tonic_prost::ProstCodec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(

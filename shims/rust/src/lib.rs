@@ -23,6 +23,7 @@
 
 pub mod blocking;
 pub mod native;
+pub mod ring;
 mod session;
 
 use std::{
@@ -262,6 +263,11 @@ impl Client {
             .await?
             .into_inner();
         Ok((response.generation, response.rules))
+    }
+
+    /// What the broker holds for its clients (root or the broker's own user only).
+    pub async fn stats(&self) -> Result<pb::StatsResponse, ClientError> {
+        Ok(self.grpc.clone().stats(pb::StatsRequest {}).await?.into_inner())
     }
 
     /// Starts a session.

@@ -14,5 +14,6 @@ mod policy;
 mod policy_tools;
 mod python_client;
 mod reload;
+mod ring;
 mod session;
 mod tls;

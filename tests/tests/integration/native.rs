@@ -9,6 +9,7 @@ use portcullis_proto::{
 use portcullis_tests::{
     Broker,
     client::{NATIVE_SOCKET, native::NativeSession},
+    dma_pattern, fnv1a,
 };
 use tokio_seqpacket::UnixSeqpacket;
 
@@ -271,12 +272,6 @@ methods = ["add"]
     );
 }
 
-fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-        (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3)
-    })
-}
-
 #[tokio::test]
 async fn map_memory_registers_are_read_only_and_dma_is_shared() {
     let broker = Broker::start();
@@ -295,9 +290,7 @@ async fn map_memory_registers_are_read_only_and_dma_is_shared() {
 
     let dma = s.map_memory(h, 1).await.unwrap();
     assert_eq!((dma.size, dma.writable), (1 << 20, true));
-    let pattern: Vec<u8> = (0..1u32 << 20)
-        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
-        .collect();
+    let pattern = dma_pattern();
     rustix::io::pwrite(&dma.fd, &pattern, 0).unwrap();
     // The broker reads what the client wrote: the bytes are shared.
     assert_eq!(

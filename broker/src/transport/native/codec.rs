@@ -12,8 +12,10 @@ use crate::{
     session::{Command, CoreEvent, Refusal, Reply, SessionEvent},
 };
 
-pub(super) fn command(request: Request) -> Command {
-    match request {
+/// The session command of a request; `None` for requests the transport itself answers
+/// (`EnableRing`).
+pub(super) fn command(request: Request) -> Option<Command> {
+    Some(match request {
         Request::FindServices { class, name } => Command::FindServices(Matching {
             class: Some(class).filter(|c| !c.is_empty()),
             name: Some(name).filter(|n| !n.is_empty()),
@@ -43,7 +45,8 @@ pub(super) fn command(request: Request) -> Command {
         },
         Request::Subscribe { services } => Command::Subscribe(services.into_iter().map(ServiceId).collect()),
         Request::MapMemory { handle, memory_type } => Command::MapMemory { handle, memory_type },
-    }
+        Request::EnableRing { .. } => return None,
+    })
 }
 
 fn summary(service: &Service) -> ServiceSummary {

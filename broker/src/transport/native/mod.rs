@@ -7,24 +7,30 @@
 //! session is closed; everyone else is served on.
 
 mod codec;
+mod ring;
 
 use std::{
     io,
-    os::fd::{AsFd, OwnedFd},
+    os::fd::{AsFd, BorrowedFd, OwnedFd},
     path::Path,
-    sync::Arc,
+    sync::{Arc, Mutex},
     time::Duration,
 };
 
 use portcullis_proto::{
     Status,
-    frame::{ClientFrame, MAX_FRAME, PROTOCOL_VERSION, ServerFrame, encode},
+    frame::{
+        Body, ClientFrame, MAX_FRAME, PROTOCOL_VERSION, Request, RequestFrame, ResponseFrame, ServerFrame, encode,
+    },
     layout::AbiId,
 };
 use tokio::sync::{broadcast::error::RecvError, mpsc};
 use tokio_seqpacket::{UnixSeqpacket, UnixSeqpacketListener, ancillary::AncillaryMessageWriter};
 
-use crate::session::{Core, PeerIdentity, Session, Started};
+use crate::{
+    config::RingConfig,
+    session::{Core, PeerIdentity, Refusal, Session, Started},
+};
 
 /// How long a new connection may take to say `Hello`.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -54,15 +60,20 @@ pub fn bind(path: &Path) -> Result<UnixSeqpacketListener, NativeError> {
     Ok(listener)
 }
 
-/// Serves connections until `shutdown` completes.
-pub async fn serve(core: Arc<Core>, mut listener: UnixSeqpacketListener, shutdown: impl Future<Output = ()>) {
+/// Serves connections until `shutdown` completes; rings as `ring` says.
+pub async fn serve(
+    core: Arc<Core>,
+    mut listener: UnixSeqpacketListener,
+    ring: RingConfig,
+    shutdown: impl Future<Output = ()>,
+) {
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
             () = &mut shutdown => break,
             accepted = listener.accept() => match accepted {
                 Ok(conn) => {
-                    tokio::spawn(connection(core.clone(), conn));
+                    tokio::spawn(connection(core.clone(), conn, ring));
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "native accept failed");
@@ -117,27 +128,24 @@ async fn goodbye(conn: &UnixSeqpacket, status: Status, reason: String) {
 }
 
 async fn send(conn: &UnixSeqpacket, frame: &ServerFrame) -> io::Result<()> {
-    send_with(conn, frame, None).await
+    send_with(conn, frame, &[]).await
 }
 
-/// Sends a frame, with a descriptor as `SCM_RIGHTS` when there is one.
-async fn send_with(conn: &UnixSeqpacket, frame: &ServerFrame, fd: Option<&OwnedFd>) -> io::Result<()> {
+/// Sends a frame, with descriptors as `SCM_RIGHTS` when there are any.
+async fn send_with(conn: &UnixSeqpacket, frame: &ServerFrame, fds: &[BorrowedFd<'_>]) -> io::Result<()> {
     let bytes = encode(frame).ok_or_else(|| io::Error::other("frame too large to encode"))?;
-    match fd {
-        None => conn.send(&bytes).await.map(drop),
-        Some(fd) => {
-            let mut space = [0u8; 64];
-            let mut ancillary = AncillaryMessageWriter::new(&mut space);
-            let fds = [fd.as_fd()];
-            ancillary
-                .add_fds(&fds)
-                .map_err(|_| io::Error::other("no room for the descriptor"))?;
-            conn.send_with_ancillary(&bytes, &mut ancillary).await.map(drop)
-        }
+    if fds.is_empty() {
+        return conn.send(&bytes).await.map(drop);
     }
+    let mut space = [0u8; 128];
+    let mut ancillary = AncillaryMessageWriter::new(&mut space);
+    ancillary
+        .add_fds(fds)
+        .map_err(|_| io::Error::other("no room for the descriptors"))?;
+    conn.send_with_ancillary(&bytes, &mut ancillary).await.map(drop)
 }
 
-async fn connection(core: Arc<Core>, conn: UnixSeqpacket) {
+async fn connection(core: Arc<Core>, conn: UnixSeqpacket, ring: RingConfig) {
     let Some(_permit) = core.admit_connection() else {
         tracing::debug!("native connection refused: connection limit reached");
         let reason = format!(
@@ -174,7 +182,14 @@ async fn connection(core: Arc<Core>, conn: UnixSeqpacket) {
             if send(&conn, &welcome).await.is_err() {
                 return;
             }
-            serve_session(Session::new(core.clone(), peer.clone(), abi), &core, &conn, &mut buf).await
+            serve_session(
+                Session::new(core.clone(), peer.clone(), abi),
+                &core,
+                &conn,
+                &mut buf,
+                ring,
+            )
+            .await
         }
         Err(close) => Some(close),
     };
@@ -229,20 +244,63 @@ async fn hello(conn: &UnixSeqpacket, buf: &mut [u8]) -> Result<AbiId, Close> {
     }
 }
 
-/// Serves requests until the peer leaves (`None`) or breaks the protocol.
-async fn serve_session(mut session: Session, core: &Core, conn: &UnixSeqpacket, buf: &mut [u8]) -> Option<Close> {
+/// Serves requests until the peer leaves (`None`) or breaks the protocol. After `EnableRing`
+/// the ring's thread serves the ring beside this loop, which goes on serving the socket and
+/// forwards events to the ring; the socket's end stops the ring and releases everything.
+async fn serve_session(
+    session: Session,
+    core: &Core,
+    conn: &UnixSeqpacket,
+    buf: &mut [u8],
+    ring_config: RingConfig,
+) -> Option<Close> {
+    let session = Arc::new(Mutex::new(session));
+    let mut ring: Option<ring::RingHandle> = None;
+    let ended = serve_socket(&session, core, conn, buf, ring_config, &mut ring).await;
+    if let Some(ring) = ring {
+        ring.stop().await;
+    }
+    ended
+}
+
+fn locked(session: &Mutex<Session>) -> std::sync::MutexGuard<'_, Session> {
+    session.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+async fn serve_socket(
+    session: &Arc<Mutex<Session>>,
+    core: &Core,
+    conn: &UnixSeqpacket,
+    buf: &mut [u8],
+    ring_config: RingConfig,
+    ring: &mut Option<ring::RingHandle>,
+) -> Option<Close> {
     let mut events = core.subscribe();
     let (done_tx, mut done_rx) = mpsc::channel(COMPLETION_QUEUE);
     loop {
-        let out: Vec<(ServerFrame, Option<OwnedFd>)> = tokio::select! {
+        let ring_ended = async {
+            match ring.as_mut() {
+                Some(r) => r.ended().await,
+                None => std::future::pending().await,
+            }
+        };
+        let out: Vec<(ServerFrame, Vec<OwnedFd>)> = tokio::select! {
             frame = receive(conn, buf) => match frame {
+                Ok(Some(ClientFrame::Request(RequestFrame { id, request: Request::EnableRing { sq_size, cq_size } }))) => {
+                    vec![enable_ring(core, session, ring, id, sq_size, cq_size, ring_config)]
+                }
                 Ok(Some(ClientFrame::Request(request))) => {
                     let id = request.id;
-                    let started = session.execute(codec::command(request.request));
+                    let Some(command) = codec::command(request.request) else { continue };
+                    let mut session = locked(session);
+                    let started = session.execute(command);
                     // Events the request caused (user clients a policy reload closed) come first.
-                    let mut out: Vec<_> = session.take_outbox().into_iter().filter_map(|e| codec::event(e).map(|f| (f, None))).collect();
+                    let mut out: Vec<_> = session.take_outbox().into_iter().filter_map(|e| codec::event(e).map(|f| (f, Vec::new()))).collect();
                     match started {
-                        Started::Now(result) => out.push(codec::response(id, result)),
+                        Started::Now(result) => {
+                            let (frame, fd) = codec::response(id, result);
+                            out.push((frame, fd.into_iter().collect()));
+                        }
                         Started::Later(pending) => {
                             let done_tx = done_tx.clone();
                             tokio::spawn(async move {
@@ -256,20 +314,65 @@ async fn serve_session(mut session: Session, core: &Core, conn: &UnixSeqpacket, 
                 Ok(None) => return None,
                 Err(close) => return Some(close),
             },
-            Some(done) = done_rx.recv() => vec![done],
-            event = events.recv() => match event {
-                Ok(event) => session.on_core_event(&event),
-                Err(RecvError::Lagged(n)) => session.on_events_lost(n),
-                Err(RecvError::Closed) => return Some(Close { status: Status::Aborted, reason: "the broker is stopping".into() }),
+            Some((frame, fd)) = done_rx.recv() => vec![(frame, fd.into_iter().collect())],
+            reason = ring_ended => return reason.map(|reason| Close::protocol(format!("ring: {reason}"))),
+            event = events.recv() => {
+                let events = match event {
+                    Ok(event) => locked(session).on_core_event(&event),
+                    Err(RecvError::Lagged(n)) => locked(session).on_events_lost(n),
+                    Err(RecvError::Closed) => return Some(Close { status: Status::Aborted, reason: "the broker is stopping".into() }),
+                };
+                let frames = events.into_iter().filter_map(codec::event);
+                match ring.as_mut() {
+                    Some(ring) => {
+                        ring.deliver(frames);
+                        Vec::new()
+                    }
+                    None => frames.map(|f| (f, Vec::new())).collect(),
+                }
             }
-            .into_iter()
-            .filter_map(|e| codec::event(e).map(|f| (f, None)))
-            .collect(),
         };
-        for (frame, fd) in out {
-            if send_with(conn, &frame, fd.as_ref()).await.is_err() {
+        for (frame, fds) in out {
+            let fds: Vec<BorrowedFd<'_>> = fds.iter().map(AsFd::as_fd).collect();
+            if send_with(conn, &frame, &fds).await.is_err() {
                 return None;
             }
+        }
+    }
+}
+
+/// Answers `EnableRing`: the ring's sizes and its three descriptors, or a refusal.
+fn enable_ring(
+    core: &Core,
+    session: &Arc<Mutex<Session>>,
+    ring: &mut Option<ring::RingHandle>,
+    id: u64,
+    sq_size: u32,
+    cq_size: u32,
+    config: RingConfig,
+) -> (ServerFrame, Vec<OwnedFd>) {
+    if ring.is_some() {
+        let refusal = Refusal::new(Status::BadArgument, "the ring is already enabled");
+        return (codec::response(id, Err(refusal)).0, Vec::new());
+    }
+    match ring::start(core, session, sq_size, cq_size, config) {
+        Ok(enabled) => {
+            *ring = Some(enabled.handle);
+            let frame = ServerFrame::Response(ResponseFrame {
+                id,
+                status: Status::Success.code(),
+                message: String::new(),
+                rule: String::new(),
+                body: Body::Ring {
+                    sq_size: enabled.sq_size,
+                    cq_size: enabled.cq_size,
+                },
+            });
+            (frame, enabled.fds.into())
+        }
+        Err(refusal) => {
+            tracing::debug!(%refusal, "ring refused");
+            (codec::response(id, Err(refusal)).0, Vec::new())
         }
     }
 }

@@ -1,0 +1,431 @@
+//! The shared-memory ring (layout: `portcullis_proto::ring`; memory: `portcullis-ring`).
+//!
+//! A ring is served by one thread of its own: it copies each submission out of the mapping
+//! once, decodes and validates the copy, executes it on the session, and writes completions
+//! (responses and events) to the completion ring. The mapping is hostile: an index past the
+//! ring, a record that claims more than was published, or a record that is not a request
+//! ends this session (a `Goodbye` in the ring and on the socket, and a log line); other
+//! sessions run on their own threads and don't notice.
+//!
+//! Memory stays bounded when a client stops reading completions: completions wait in a
+//! backlog of at most [`BACKLOG_BYTES`], and while anything waits no new submission is taken,
+//! so the client's own submission ring fills and it is the client that waits. Asynchronous
+//! completions are bounded by the per-session pending-call limit, events by the inbox.
+
+use std::{
+    collections::VecDeque,
+    os::fd::{AsFd, OwnedFd},
+    sync::{
+        Arc, Mutex, MutexGuard,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use portcullis_proto::{
+    Status,
+    frame::{ClientFrame, Event, Request, RequestFrame, ServerFrame, encode},
+    ring::{RingError, RingSize, WaitMode},
+};
+use portcullis_ring::{Consumer, Mapping, Producer, wake};
+use tokio::sync::{mpsc, oneshot};
+
+use super::codec;
+use crate::{
+    config::RingConfig,
+    session::{Core, Live, Refusal, Session, Started},
+};
+
+/// Most submissions taken per wake-up before completions are flushed.
+const BATCH: usize = 256;
+/// Most completion bytes waiting for room in the completion ring.
+const BACKLOG_BYTES: usize = 256 << 10;
+/// Frames (asynchronous completions, events) queued for the ring thread.
+const INBOX: usize = 1024;
+/// Longest sleep before the thread looks at its flags again.
+const NAP: Duration = Duration::from_millis(500);
+
+/// The tokio side's handle on a running ring.
+#[derive(Debug)]
+pub(super) struct RingHandle {
+    inbox: mpsc::Sender<Vec<u8>>,
+    wake: Arc<OwnedFd>,
+    closed: Arc<AtomicBool>,
+    ended: Option<oneshot::Receiver<Option<String>>>,
+    lost: u64,
+}
+
+/// What `EnableRing` answers: the sizes, and the memfd and the two eventfds for the client.
+pub(super) struct Enabled {
+    pub(super) handle: RingHandle,
+    pub(super) sq_size: u32,
+    pub(super) cq_size: u32,
+    pub(super) fds: [OwnedFd; 3],
+}
+
+/// Creates a ring for `session` and starts its thread.
+pub(super) fn start(
+    core: &Core,
+    session: &Arc<Mutex<Session>>,
+    sq_size: u32,
+    cq_size: u32,
+    options: RingConfig,
+) -> Result<Enabled, Refusal> {
+    let bad = |e: RingError| Refusal::new(Status::BadArgument, e.to_string());
+    let sq = RingSize::requested(sq_size).map_err(bad)?;
+    let cq = RingSize::requested(cq_size).map_err(bad)?;
+    let live = core.admit_ring(options.max_rings).ok_or_else(|| {
+        Refusal::new(
+            Status::NoMemory,
+            format!(
+                "the broker serves at most {} rings at once; stay on the socket",
+                options.max_rings
+            ),
+        )
+    })?;
+    let os = |e: std::io::Error| Refusal::new(Status::NoMemory, format!("cannot create the ring: {e}"));
+    let (memfd, map) = Mapping::create(sq, cq).map_err(os)?;
+    let to_broker = wake::eventfd().map_err(os)?;
+    let to_client = wake::eventfd().map_err(os)?;
+    let waiter = wake::BrokerWaiter::new(&to_broker).map_err(os)?;
+    let wake_fd = Arc::new(waiter.private_clone().map_err(os)?);
+    let client_fds = [memfd, to_broker, to_client.try_clone().map_err(os)?];
+    let (inbox_tx, inbox) = mpsc::channel(INBOX);
+    let (ended_tx, ended) = oneshot::channel();
+    let closed = Arc::new(AtomicBool::new(false));
+    let peer = session.lock().map(|s| (s.peer().uid, s.peer().pid)).unwrap_or_default();
+    let worker = Worker {
+        sq: Consumer::new("submission", sq),
+        cq: Producer::new("completion", cq),
+        map,
+        waiter,
+        to_client,
+        session: session.clone(),
+        inbox,
+        inbox_tx: inbox_tx.clone(),
+        wake: wake_fd.clone(),
+        closed: closed.clone(),
+        backlog: VecDeque::new(),
+        backlog_bytes: 0,
+        options,
+        runtime: tokio::runtime::Handle::current(),
+        record: Vec::new(),
+        _live: live,
+    };
+    std::thread::Builder::new()
+        .name(format!("ring-{}", peer.0))
+        .spawn(move || {
+            let reason = worker.run();
+            if let Some(reason) = &reason {
+                tracing::warn!(uid = peer.0, pid = ?peer.1, %reason, "ring session ended: the client broke its ring");
+            }
+            let _ = ended_tx.send(reason);
+        })
+        .map_err(os)?;
+    Ok(Enabled {
+        handle: RingHandle {
+            inbox: inbox_tx,
+            wake: wake_fd,
+            closed,
+            ended: Some(ended),
+            lost: 0,
+        },
+        sq_size: sq.get(),
+        cq_size: cq.get(),
+        fds: client_fds,
+    })
+}
+
+impl RingHandle {
+    /// Queues frames (events) for the completion ring. Frames that find the inbox full are
+    /// counted and reported as one `Lost` event once there is room again.
+    pub(super) fn deliver(&mut self, frames: impl IntoIterator<Item = ServerFrame>) {
+        for frame in frames {
+            if self.lost > 0 {
+                let lost = ServerFrame::Event(Event::Lost { count: self.lost });
+                match encode(&lost).map(|b| self.inbox.try_send(b)) {
+                    Some(Ok(())) => self.lost = 0,
+                    _ => {
+                        self.lost += 1;
+                        continue;
+                    }
+                }
+            }
+            match encode(&frame).map(|b| self.inbox.try_send(b)) {
+                Some(Ok(())) => {}
+                _ => self.lost += 1,
+            }
+        }
+        wake::ring(self.wake.as_fd());
+    }
+
+    /// Resolves when the ring's thread has ended by itself: `Some(reason)` when the client
+    /// broke the ring.
+    pub(super) async fn ended(&mut self) -> Option<String> {
+        match self.ended.as_mut() {
+            Some(ended) => {
+                let reason = ended.await.ok().flatten();
+                self.ended = None;
+                reason
+            }
+            None => std::future::pending().await,
+        }
+    }
+
+    /// Stops the thread and waits until it has released the ring.
+    pub(super) async fn stop(mut self) {
+        self.closed.store(true, Ordering::Release);
+        wake::ring(self.wake.as_fd());
+        if let Some(ended) = self.ended.take()
+            && tokio::time::timeout(Duration::from_secs(5), ended).await.is_err()
+        {
+            tracing::error!("a ring thread did not stop within 5 s");
+        }
+    }
+}
+
+/// Why a ring ends.
+#[derive(Debug, thiserror::Error)]
+enum Broken {
+    /// An index or record header is wrong.
+    #[error(transparent)]
+    Ring(#[from] RingError),
+    /// A record that does not decode as a request.
+    #[error("submission record: {0}")]
+    Record(String),
+}
+
+struct Worker {
+    map: Mapping,
+    sq: Consumer,
+    cq: Producer,
+    waiter: wake::BrokerWaiter,
+    to_client: OwnedFd,
+    session: Arc<Mutex<Session>>,
+    inbox: mpsc::Receiver<Vec<u8>>,
+    inbox_tx: mpsc::Sender<Vec<u8>>,
+    wake: Arc<OwnedFd>,
+    closed: Arc<AtomicBool>,
+    backlog: VecDeque<Vec<u8>>,
+    backlog_bytes: usize,
+    options: RingConfig,
+    runtime: tokio::runtime::Handle,
+    record: Vec<u8>,
+    _live: Live,
+}
+
+impl Worker {
+    /// Serves until the socket side closes the ring (`None`) or the client breaks it.
+    fn run(mut self) -> Option<String> {
+        let _runtime = self.runtime.enter();
+        let spin = Duration::from_micros(self.options.spin_us);
+        let mut idle_since = Instant::now();
+        loop {
+            if self.closed.load(Ordering::Acquire) {
+                return None;
+            }
+            match self.step() {
+                Err(broken) => {
+                    let reason = broken.to_string();
+                    self.goodbye(&reason);
+                    return Some(reason);
+                }
+                Ok(true) => {
+                    idle_since = Instant::now();
+                    continue;
+                }
+                Ok(false) => {}
+            }
+            let sleep = match self.options.wait {
+                WaitMode::Spin => false,
+                WaitMode::Sleep => true,
+                WaitMode::Adaptive => idle_since.elapsed() >= spin,
+            };
+            if sleep {
+                let header = self.map.header();
+                let (sq, cq, inbox, closed) = (&self.sq, &self.cq, &self.inbox, &self.closed);
+                let backlog = !self.backlog.is_empty();
+                wake::sleep_unless(
+                    &header.broker_sleeping.0,
+                    || {
+                        closed.load(Ordering::Acquire)
+                            || !inbox.is_empty()
+                            || if backlog {
+                                cq.head_moved(&header.cq_head.0)
+                            } else {
+                                sq.has_more(&header.sq_tail.0)
+                            }
+                    },
+                    || {
+                        let _ = self.waiter.wait(NAP);
+                    },
+                );
+            } else {
+                std::hint::spin_loop();
+            }
+        }
+    }
+
+    /// One pass: take queued frames, take submissions (unless completions wait), flush
+    /// completions. Returns whether anything moved.
+    fn step(&mut self) -> Result<bool, Broken> {
+        let mut progress = false;
+        while self.backlog_bytes < BACKLOG_BYTES {
+            match self.inbox.try_recv() {
+                Ok(frame) => {
+                    self.push_backlog(frame);
+                    progress = true;
+                }
+                Err(_) => break,
+            }
+        }
+        if self.backlog.is_empty() {
+            progress |= self.take_submissions()?;
+        }
+        let header = self.map.header();
+        let mut pushed = false;
+        while let Some(front) = self.backlog.front() {
+            if !self.cq.push(self.map.cq(), &header.cq_head.0, front)? {
+                break;
+            }
+            self.backlog_bytes -= front.len();
+            self.backlog.pop_front();
+            pushed = true;
+        }
+        if pushed && self.cq.publish(&header.cq_tail.0) {
+            wake::wake_if_sleeping(&header.client_sleeping.0, &self.to_client);
+            progress = true;
+        }
+        Ok(progress)
+    }
+
+    fn take_submissions(&mut self) -> Result<bool, Broken> {
+        let header = self.map.header();
+        let mut taken = 0;
+        let mut session: Option<MutexGuard<'_, Session>> = None;
+        let mut out = Outbox {
+            backlog: &mut self.backlog,
+            bytes: &mut self.backlog_bytes,
+        };
+        while taken < BATCH && *out.bytes < BACKLOG_BYTES {
+            if !self.sq.pop(self.map.sq(), &header.sq_tail.0, &mut self.record)? {
+                break;
+            }
+            taken += 1;
+            crate::capture::record("ring_records", &self.record);
+            let frame = ClientFrame::decode(&self.record).map_err(|e| Broken::Record(e.to_string()))?;
+            let ClientFrame::Request(RequestFrame { id, request }) = frame else {
+                return Err(Broken::Record("a Hello inside the ring".into()));
+            };
+            let session = match &mut session {
+                Some(s) => s,
+                None => session.insert(
+                    self.session
+                        .lock()
+                        .map_err(|_| Broken::Record("the session is gone".into()))?,
+                ),
+            };
+            execute(session, id, request, &mut out, &self.inbox_tx, &self.wake);
+        }
+        if taken > 0 {
+            self.sq.publish(&header.sq_head.0);
+            wake::wake_if_sleeping(&header.client_sleeping.0, &self.to_client);
+        }
+        Ok(taken > 0)
+    }
+
+    fn push_backlog(&mut self, frame: Vec<u8>) {
+        Outbox {
+            backlog: &mut self.backlog,
+            bytes: &mut self.backlog_bytes,
+        }
+        .push(frame);
+    }
+
+    /// Best effort: a `Goodbye` in the completion ring before it is abandoned.
+    fn goodbye(&mut self, reason: &str) {
+        let frame = ServerFrame::Goodbye {
+            status: Status::ProtocolError.code(),
+            reason: reason.to_string(),
+        };
+        let header = self.map.header();
+        if let Some(bytes) = encode(&frame)
+            && matches!(self.cq.push(self.map.cq(), &header.cq_head.0, &bytes), Ok(true))
+        {
+            self.cq.publish(&header.cq_tail.0);
+            wake::ring(&self.to_client);
+        }
+    }
+}
+
+struct Outbox<'a> {
+    backlog: &'a mut VecDeque<Vec<u8>>,
+    bytes: &'a mut usize,
+}
+
+impl Outbox<'_> {
+    fn push(&mut self, frame: Vec<u8>) {
+        *self.bytes += frame.len();
+        self.backlog.push_back(frame);
+    }
+
+    fn frame(&mut self, frame: &ServerFrame) {
+        match encode(frame) {
+            Some(bytes) => self.push(bytes),
+            None => tracing::error!("a completion too large to encode was dropped"),
+        }
+    }
+}
+
+fn refusal(id: u64, status: Status, message: &str) -> ServerFrame {
+    codec::response(id, Err(Refusal::new(status, message))).0
+}
+
+/// Executes one request from the ring; its completion goes to the backlog now, or through
+/// the inbox when an asynchronous method completes.
+fn execute(
+    session: &mut Session,
+    id: u64,
+    request: Request,
+    out: &mut Outbox<'_>,
+    inbox: &mpsc::Sender<Vec<u8>>,
+    wake: &Arc<OwnedFd>,
+) {
+    let command = match request {
+        Request::EnableRing { .. } => {
+            return out.frame(&refusal(id, Status::BadArgument, "the ring is already enabled"));
+        }
+        Request::MapMemory { .. } => {
+            return out.frame(&refusal(
+                id,
+                Status::Unsupported,
+                "descriptors cannot travel through the ring: map memory over the socket",
+            ));
+        }
+        request => match codec::command(request) {
+            Some(command) => command,
+            None => return out.frame(&refusal(id, Status::Unsupported, "not over the ring")),
+        },
+    };
+    let started = session.execute(command);
+    for event in session.take_outbox() {
+        if let Some(frame) = codec::event(event) {
+            out.frame(&frame);
+        }
+    }
+    match started {
+        Started::Now(result) => out.frame(&codec::response(id, result).0),
+        Started::Later(pending) => {
+            let inbox = inbox.clone();
+            let wake = wake.clone();
+            tokio::spawn(async move {
+                let frame = codec::response(id, pending.await).0;
+                if let Some(bytes) = encode(&frame)
+                    && inbox.send(bytes).await.is_ok()
+                {
+                    wake::ring(wake.as_fd());
+                }
+            });
+        }
+    }
+}
