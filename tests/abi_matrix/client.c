@@ -1,7 +1,8 @@
 /* The ABI-matrix client: built by each ABI's real cross compiler, run under qemu-user against
  * one broker. It calls add, echo, get_info and transform_record with edge values and checks
  * every returned field, including that padding bytes come back zero.
- *   client RUN_DIR        prints "ok: N checks on ABI" and exits 0, or lists failures, exit 1 */
+ *   client RUN_DIR        prints "ok: N checks on ABI" and exits 0, or lists failures, exit 1
+ *   client RUN_DIR ring   the same over the shared-memory ring ("ok: N checks on ABI over the ring") */
 #define _POSIX_C_SOURCE 200809L
 #include <float.h>
 #include <limits.h>
@@ -9,6 +10,9 @@
 #include <stdint.h>
 #include <stdio.h>
 #include <string.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
 
 #include <portcullis.h>
 #include <portcullis/sample.h>
@@ -325,13 +329,62 @@ static void events(uint64_t service) {
           "notification kind %d service %lu value %lu", ev.kind, (unsigned long)ev.service, (unsigned long)ev.value);
 }
 
+/* wait_event (asynchronous): a timeout, then a completion fired by another process; and the
+ * privileged reset (the matrix runs as root, which the default policy lets reset). */
+static void async_and_reset(const char *run_dir, uint64_t service) {
+    uint64_t timeout_ms = 20, value = 0;
+    uint32_t n = 1;
+    pid_t child;
+    int rc = pc_call(conn, handle, PC_SAMPLE_WAIT_EVENT, &timeout_ms, 1, &value, &n, NULL, 0, NULL, NULL);
+    CHECK(rc == PC_TIMEOUT, "wait_event without a fire: %s", pc_status_name(rc));
+    child = fork();
+    if (child == 0) {
+        /* Fire until the parent's wait has taken it (fire_event reports how many it completed). */
+        pc_conn *other;
+        uint64_t h2, v = 31337, done = 0;
+        uint32_t m = 1;
+        int i;
+        if (pc_connect(run_dir, &other) != PC_SUCCESS || pc_open(other, service, 0, &h2) != PC_SUCCESS) _exit(2);
+        for (i = 0; i < 500 && done == 0; i++) {
+            struct timespec pause = {0, 10000000L};
+            nanosleep(&pause, NULL);
+            m = 1;
+            if (pc_call(other, h2, PC_SAMPLE_FIRE_EVENT, &v, 1, &done, &m, NULL, 0, NULL, NULL) != PC_SUCCESS) _exit(3);
+        }
+        pc_disconnect(other);
+        _exit(done == 1 ? 0 : 4);
+    }
+    timeout_ms = 20000;
+    n = 1;
+    rc = pc_call(conn, handle, PC_SAMPLE_WAIT_EVENT, &timeout_ms, 1, &value, &n, NULL, 0, NULL, NULL);
+    CHECK(rc == PC_SUCCESS && n == 1 && value == 31337, "wait_event completed: %s, value %lu", pc_status_name(rc),
+          (unsigned long)value);
+    if (child > 0) {
+        int status = 0;
+        waitpid(child, &status, 0);
+        CHECK(WIFEXITED(status) && WEXITSTATUS(status) == 0, "the firing process: status %d", status);
+    }
+    rc = pc_call(conn, handle, PC_SAMPLE_RESET, NULL, 0, NULL, NULL, NULL, 0, NULL, NULL);
+    CHECK(rc == PC_SUCCESS, "reset: %s", pc_status_name(rc));
+}
+
 int main(int argc, char **argv) {
     pc_service found[4];
     size_t n = 0;
+    /* usage: client RUN_DIR [ring] */
+    int ring = argc > 2 && strcmp(argv[2], "ring") == 0;
     int rc = pc_connect(argc > 1 ? argv[1] : NULL, &conn);
     if (rc != PC_SUCCESS) {
         printf("FAIL connect: %s\n", pc_status_name(rc));
         return 1;
+    }
+    if (ring) {
+        rc = pc_ring_enable(conn, 0, 0, PC_RING_ADAPTIVE);
+        if (rc != PC_SUCCESS) {
+            printf("FAIL ring: %s: %s\n", pc_status_name(rc), pc_last_message(conn));
+            return 1;
+        }
+        CHECK(pc_ring_enable(conn, 0, 0, PC_RING_ADAPTIVE) == PC_BAD_ARGUMENT, "a second ring is refused");
     }
     rc = pc_find_services(conn, NULL, "sample0", found, 4, &n);
     CHECK(rc == PC_SUCCESS && n == 1, "find sample0: %s, %lu found", pc_status_name(rc), (unsigned long)n);
@@ -344,13 +397,14 @@ int main(int argc, char **argv) {
     records();
     memory();
     events(found[0].id);
+    async_and_reset(argc > 1 ? argv[1] : NULL, found[0].id);
     CHECK(pc_close(conn, handle) == PC_SUCCESS, "close");
     CHECK(call_add(1, 1, NULL) == PC_NOT_OPEN, "closed handle");
     pc_disconnect(conn);
     if (failures) {
-        printf("%d of %d checks failed on %s\n", failures, checks, abi_names[PC_ABI]);
+        printf("%d of %d checks failed on %s%s\n", failures, checks, abi_names[PC_ABI], ring ? " over the ring" : "");
         return 1;
     }
-    printf("ok: %d checks on %s\n", checks, abi_names[PC_ABI]);
+    printf("ok: %d checks on %s%s\n", checks, abi_names[PC_ABI], ring ? " over the ring" : "");
     return 0;
 }

@@ -140,6 +140,20 @@ int pc_call(pc_conn *conn, uint64_t handle, uint32_t selector, const uint64_t *s
  * The broker empties read-write memory when the user client closes: unmap before closing. */
 int pc_map_memory(pc_conn *conn, uint64_t handle, uint32_t memory_type, void **addr, size_t *size, int *writable);
 
+/* How pc_ring_enable's connection waits for completions. */
+enum pc_ring_wait {
+    PC_RING_ADAPTIVE = 0, /* spin for about 50 µs, then sleep on the eventfd */
+    PC_RING_SPIN = 1,     /* only spin (lowest latency; a core while waiting) */
+    PC_RING_SLEEP = 2     /* only sleep */
+};
+
+/* Upgrades the connection to the shared-memory ring: from now on requests and responses (and
+ * events) travel through shared memory; the socket stays open beside it and its closure ends
+ * the session as before. sq_size and cq_size are ring bytes (0: the broker's default); wait is
+ * an enum pc_ring_wait. pc_map_memory keeps using the socket (descriptors can't travel through
+ * shared memory). PC_NO_MEMORY when the broker serves no more rings: the socket still works. */
+int pc_ring_enable(pc_conn *conn, uint32_t sq_size, uint32_t cq_size, int wait);
+
 /* Unmaps memory from pc_map_memory. */
 int pc_unmap_memory(void *addr, size_t size);
 

@@ -7,6 +7,7 @@
 
 #include <errno.h>
 #include <poll.h>
+#include <sched.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -14,6 +15,7 @@
 #include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/un.h>
+#include <time.h>
 #include <unistd.h>
 
 #define PC_PROTOCOL_VERSION 1u
@@ -30,8 +32,170 @@ struct pc_conn {
     pc_event events[PC_EVENT_QUEUE];
     size_t ev_head, ev_len;
     uint64_t ev_lost;
-    int fd_in; /* a descriptor that came with the last frame, or -1 */
+    int fd_in;       /* the first descriptor that came with the last frame, or -1 */
+    int fd_more[2];  /* the second and third (the ring's eventfds), or -1 */
+    struct pc_ring {
+        unsigned char *base; /* NULL until pc_ring_enable */
+        size_t len;
+        uint32_t sq_size, cq_size;
+        uint32_t sq_tail, cq_head; /* ours; the shared copies are only written */
+        int efd_broker, efd_client;
+        int wait;
+    } ring;
 };
+
+/* ---- the shared-memory ring (proto/src/ring.rs, docs/PROTOCOL.md) ------------------------ */
+
+static void set_message(pc_conn *c, const char *m);
+
+#define RING_HEADER 4096u
+#define RING_SQ_TAIL 64u
+#define RING_SQ_HEAD 128u
+#define RING_CQ_TAIL 192u
+#define RING_CQ_HEAD 256u
+#define RING_BROKER_SLEEPING 320u
+#define RING_CLIENT_SLEEPING 384u
+#define RING_SPIN_NS 50000L
+
+/* Control words are little-endian whatever this machine is. */
+static uint32_t le32(uint32_t v) {
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
+    return __builtin_bswap32(v);
+#else
+    return v;
+#endif
+}
+
+static uint32_t *ring_word(pc_conn *c, size_t off) { return (uint32_t *)(void *)(c->ring.base + off); }
+static uint32_t ring_load(pc_conn *c, size_t off) { return le32(__atomic_load_n(ring_word(c, off), __ATOMIC_ACQUIRE)); }
+static void ring_store(pc_conn *c, size_t off, uint32_t v) { __atomic_store_n(ring_word(c, off), le32(v), __ATOMIC_RELEASE); }
+
+static void ring_bell(int fd) {
+    uint64_t one = 1;
+    ssize_t n = write(fd, &one, sizeof one); /* non-blocking: a full counter already wakes */
+    (void)n;
+}
+
+/* Wakes the broker if it said it sleeps (after a fence that pairs with its own). */
+static void ring_wake_broker(pc_conn *c) {
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    if (__atomic_load_n(ring_word(c, RING_BROKER_SLEEPING), __ATOMIC_RELAXED) != 0) ring_bell(c->ring.efd_broker);
+}
+
+/* Copies n bytes into (to = 1) or out of a ring at index, wrapping at its end. */
+static void ring_copy(unsigned char *ring, uint32_t size, uint32_t index, unsigned char *buf, size_t n, int to) {
+    size_t at = index & (size - 1u), first = n < size - at ? n : size - at;
+    if (to) {
+        memcpy(ring + at, buf, first);
+        memcpy(ring, buf + first, n - first);
+    } else {
+        memcpy(buf, ring + at, first);
+        memcpy(buf + first, ring, n - first);
+    }
+}
+
+static long elapsed_ns(const struct timespec *since) {
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    return (long)(now.tv_sec - since->tv_sec) * 1000000000L + (now.tv_nsec - since->tv_nsec);
+}
+
+/* Publishes one submission record. One request is in flight at a time, so room frees as soon
+ * as the broker takes the previous one. */
+static int ring_push(pc_conn *c, const unsigned char *p, size_t n) {
+    uint32_t span = 8u + (uint32_t)((n + 7u) & ~(size_t)7u);
+    unsigned char hdr[8] = {0};
+    static const unsigned char zeros[8] = {0};
+    unsigned char *sq = c->ring.base + RING_HEADER;
+    for (;;) {
+        uint32_t used = c->ring.sq_tail - ring_load(c, RING_SQ_HEAD);
+        if (used > c->ring.sq_size) {
+            set_message(c, "the broker's submission head is past the ring");
+            return PC_PROTOCOL_ERROR;
+        }
+        if (c->ring.sq_size - used >= span) break;
+        sched_yield();
+    }
+    hdr[0] = (unsigned char)n;
+    hdr[1] = (unsigned char)(n >> 8);
+    hdr[2] = (unsigned char)(n >> 16);
+    hdr[3] = (unsigned char)(n >> 24);
+    ring_copy(sq, c->ring.sq_size, c->ring.sq_tail, hdr, 8, 1);
+    ring_copy(sq, c->ring.sq_size, c->ring.sq_tail + 8u, (unsigned char *)p, n, 1);
+    ring_copy(sq, c->ring.sq_size, c->ring.sq_tail + 8u + (uint32_t)n, (unsigned char *)zeros, span - 8u - n, 1);
+    c->ring.sq_tail += span;
+    ring_store(c, RING_SQ_TAIL, c->ring.sq_tail);
+    ring_wake_broker(c);
+    return PC_SUCCESS;
+}
+
+/* Takes the next completion record into c->in: 1 with its length, 0 when none is published,
+ * or an error for a record that cannot be right. */
+static int ring_pop(pc_conn *c, size_t *len) {
+    unsigned char hdr[8];
+    uint32_t tail = ring_load(c, RING_CQ_TAIL), used = tail - c->ring.cq_head, n;
+    unsigned char *cq = c->ring.base + RING_HEADER + c->ring.sq_size;
+    if (used == 0) return 0;
+    if (used > c->ring.cq_size || used % 8u != 0) {
+        set_message(c, "the completion tail is past the ring");
+        return PC_PROTOCOL_ERROR;
+    }
+    ring_copy(cq, c->ring.cq_size, c->ring.cq_head, hdr, 8, 0);
+    n = (uint32_t)hdr[0] | (uint32_t)hdr[1] << 8 | (uint32_t)hdr[2] << 16 | (uint32_t)hdr[3] << 24;
+    if (n == 0 || n > PC_MAX_FRAME || (hdr[4] | hdr[5] | hdr[6] | hdr[7]) != 0 || 8u + ((n + 7u) & ~7u) > used) {
+        set_message(c, "a completion record that cannot be right");
+        return PC_PROTOCOL_ERROR;
+    }
+    ring_copy(cq, c->ring.cq_size, c->ring.cq_head + 8u, c->in, n, 0);
+    c->ring.cq_head += 8u + ((n + 7u) & ~7u);
+    ring_store(c, RING_CQ_HEAD, c->ring.cq_head);
+    ring_wake_broker(c);
+    *len = n;
+    return 1;
+}
+
+/* Waits until a completion is published (1), the socket has a frame (2), or the timeout
+ * passes (PC_TIMEOUT). Spins first unless told to sleep; sleeps on the eventfd. */
+static int ring_wait(pc_conn *c, int timeout_ms) {
+    struct timespec start;
+    clock_gettime(CLOCK_MONOTONIC, &start);
+    for (;;) {
+        long spent = elapsed_ns(&start);
+        struct pollfd pfd[2];
+        int ready, left;
+        if (ring_load(c, RING_CQ_TAIL) != c->ring.cq_head) return 1;
+        if (timeout_ms >= 0 && spent / 1000000L >= timeout_ms) return PC_TIMEOUT;
+        if (c->ring.wait == PC_RING_SPIN || (c->ring.wait == PC_RING_ADAPTIVE && spent < RING_SPIN_NS)) continue;
+        __atomic_store_n(ring_word(c, RING_CLIENT_SLEEPING), le32(1), __ATOMIC_RELAXED);
+        __atomic_thread_fence(__ATOMIC_SEQ_CST);
+        if (ring_load(c, RING_CQ_TAIL) != c->ring.cq_head) {
+            __atomic_store_n(ring_word(c, RING_CLIENT_SLEEPING), 0, __ATOMIC_RELAXED);
+            return 1;
+        }
+        pfd[0].fd = c->ring.efd_client;
+        pfd[1].fd = c->fd;
+        pfd[0].events = pfd[1].events = POLLIN;
+        pfd[0].revents = pfd[1].revents = 0;
+        left = timeout_ms < 0 ? 1000 : timeout_ms - (int)(spent / 1000000L);
+        ready = poll(pfd, 2, left < 1000 ? left : 1000);
+        __atomic_store_n(ring_word(c, RING_CLIENT_SLEEPING), 0, __ATOMIC_RELAXED);
+        if (ready > 0 && pfd[0].revents) {
+            uint64_t counter;
+            ssize_t got = read(c->ring.efd_client, &counter, sizeof counter);
+            (void)got;
+        }
+        if (ready > 0 && pfd[1].revents && ring_load(c, RING_CQ_TAIL) == c->ring.cq_head) return 2;
+    }
+}
+
+static void ring_release(pc_conn *c) {
+    if (c->ring.base != NULL) munmap(c->ring.base, c->ring.len);
+    if (c->ring.base != NULL) {
+        close(c->ring.efd_broker);
+        close(c->ring.efd_client);
+    }
+    c->ring.base = NULL;
+}
 
 /* ---- encoding ---------------------------------------------------------------------------- */
 
@@ -192,10 +356,33 @@ static int parse_event(struct rd *r, pc_event *e) {
 /* Receives one frame, waiting up to timeout_ms (-1: forever). Events are queued and 0 is
  * returned; a response returns 1 with *r at its body, *id and *status set, the message and
  * rule stored. Errors: PC_TIMEOUT, PC_PROTOCOL_ERROR, PC_ERR_SYSTEM, or a Goodbye's status. */
+static int parse_frame(pc_conn *c, size_t n, struct rd *r, uint64_t *id, int *status);
+static int socket_frame(pc_conn *c, int timeout_ms, struct rd *r, uint64_t *id, int *status);
+
+/* The next frame: from the completion ring when one is enabled (unless socket is set), else
+ * from the socket. 1: a response (*id, *status; r at its body); 0: an event (queued);
+ * otherwise a status (a Goodbye's, PC_TIMEOUT, an error). */
+static int next_frame_on(pc_conn *c, int timeout_ms, struct rd *r, uint64_t *id, int *status, int socket) {
+    size_t n = 0;
+    int rc;
+    if (c->ring.base == NULL || socket) return socket_frame(c, timeout_ms, r, id, status);
+    for (;;) {
+        rc = ring_pop(c, &n);
+        if (rc == 1) return parse_frame(c, n, r, id, status);
+        if (rc != 0) return rc;
+        rc = ring_wait(c, timeout_ms);
+        if (rc == 2) return socket_frame(c, 0, r, id, status);
+        if (rc != 1) return rc;
+    }
+}
+
 static int next_frame(pc_conn *c, int timeout_ms, struct rd *r, uint64_t *id, int *status) {
+    return next_frame_on(c, timeout_ms, r, id, status, 0);
+}
+
+static int socket_frame(pc_conn *c, int timeout_ms, struct rd *r, uint64_t *id, int *status) {
     struct pollfd pfd;
     ssize_t n;
-    unsigned tag;
     pfd.fd = c->fd;
     pfd.events = POLLIN;
     pfd.revents = 0;
@@ -221,22 +408,22 @@ static int next_frame(pc_conn *c, int timeout_ms, struct rd *r, uint64_t *id, in
         msg.msg_iovlen = 1;
         msg.msg_control = control.space;
         msg.msg_controllen = sizeof control.space;
-        do n = recvmsg(c->fd, &msg, 0);
+        do n = recvmsg(c->fd, &msg, MSG_CMSG_CLOEXEC);
         while (n < 0 && errno == EINTR);
         if (c->fd_in >= 0) close(c->fd_in);
-        c->fd_in = -1;
+        if (c->fd_more[0] >= 0) close(c->fd_more[0]);
+        if (c->fd_more[1] >= 0) close(c->fd_more[1]);
+        c->fd_in = c->fd_more[0] = c->fd_more[1] = -1;
         for (cm = n >= 0 ? CMSG_FIRSTHDR(&msg) : NULL; cm != NULL; cm = CMSG_NXTHDR(&msg, cm)) {
             if (cm->cmsg_level == SOL_SOCKET && cm->cmsg_type == SCM_RIGHTS) {
                 size_t k, count = (cm->cmsg_len - CMSG_LEN(0)) / sizeof(int);
                 for (k = 0; k < count; k++) {
                     int fd;
                     memcpy(&fd, CMSG_DATA(cm) + k * sizeof(int), sizeof fd);
-                    if (c->fd_in < 0) {
-                        c->fd_in = fd;
-                        (void)fcntl(fd, F_SETFD, FD_CLOEXEC);
-                    } else {
-                        close(fd); /* only one is ever expected */
-                    }
+                    if (c->fd_in < 0) c->fd_in = fd;
+                    else if (c->fd_more[0] < 0) c->fd_more[0] = fd;
+                    else if (c->fd_more[1] < 0) c->fd_more[1] = fd;
+                    else close(fd); /* at most three are ever expected */
                 }
             }
         }
@@ -251,8 +438,13 @@ static int next_frame(pc_conn *c, int timeout_ms, struct rd *r, uint64_t *id, in
         set_message(c, "oversized frame from the broker");
         return PC_PROTOCOL_ERROR;
     }
+    return parse_frame(c, (size_t)n, r, id, status);
+}
+
+static int parse_frame(pc_conn *c, size_t n, struct rd *r, uint64_t *id, int *status) {
+    unsigned tag;
     r->p = c->in;
-    r->len = (size_t)n;
+    r->len = n;
     r->pos = 0;
     r->bad = 0;
     tag = r_u32(r);
@@ -296,20 +488,32 @@ static uint64_t begin_request(pc_conn *c, struct wr *w, unsigned request_tag) {
     return id;
 }
 
-/* Sends the request and waits for its response; on success *r is at the body. */
-static int exchange(pc_conn *c, struct wr *w, uint64_t id, struct rd *r) {
-    int rc = send_frame(c, w);
+/* Sends the request (through the ring when one is enabled, unless socket is set) and waits
+ * for its response; on success *r is at the body. */
+static int exchange_on(pc_conn *c, struct wr *w, uint64_t id, struct rd *r, int socket) {
+    int rc;
+    if (c->ring.base != NULL && !socket) {
+        if (w->overflow) {
+            errno = EMSGSIZE;
+            return PC_ERR_SYSTEM;
+        }
+        rc = ring_push(c, w->p, w->len);
+    } else {
+        rc = send_frame(c, w);
+    }
     if (rc != PC_SUCCESS) return rc;
     for (;;) {
         uint64_t got = 0;
         int status = 0;
-        rc = next_frame(c, -1, r, &got, &status);
+        rc = next_frame_on(c, -1, r, &got, &status, socket);
         if (rc == 0) continue;
         if (rc != 1) return rc;
         if (got != id) return PC_PROTOCOL_ERROR;
         return status;
     }
 }
+
+static int exchange(pc_conn *c, struct wr *w, uint64_t id, struct rd *r) { return exchange_on(c, w, id, r, 0); }
 
 /* Reads a body's tag and checks it is the expected one. */
 static int expect_body(struct rd *r, unsigned tag) {
@@ -358,7 +562,7 @@ int pc_connect(const char *run_dir, pc_conn **out) {
     c->in = malloc(PC_MAX_FRAME + 1);
     c->out = malloc(PC_MAX_FRAME);
     c->next_id = 1;
-    c->fd_in = -1;
+    c->fd_in = c->fd_more[0] = c->fd_more[1] = -1;
     c->fd = socket(AF_UNIX, SOCK_SEQPACKET, 0);
     if (c->in == NULL || c->out == NULL || c->fd < 0 || connect(c->fd, (struct sockaddr *)&addr, sizeof addr) != 0) {
         int saved = errno;
@@ -404,6 +608,9 @@ void pc_disconnect(pc_conn *c) {
     if (c == NULL) return;
     if (c->fd >= 0) close(c->fd);
     if (c->fd_in >= 0) close(c->fd_in);
+    if (c->fd_more[0] >= 0) close(c->fd_more[0]);
+    if (c->fd_more[1] >= 0) close(c->fd_more[1]);
+    ring_release(c);
     free(c->in);
     free(c->out);
     free(c);
@@ -511,7 +718,8 @@ int pc_map_memory(pc_conn *c, uint64_t handle, uint32_t memory_type, void **addr
     int rc, fd;
     w_varint(&w, handle);
     w_varint(&w, memory_type);
-    rc = exchange(c, &w, id, &r);
+    /* Descriptors cannot travel through shared memory: this request always uses the socket. */
+    rc = exchange_on(c, &w, id, &r, 1);
     if (rc != PC_SUCCESS) return rc;
     if (expect_body(&r, 4) != PC_SUCCESS) return PC_PROTOCOL_ERROR;
     (void)r_u32(&r);
@@ -530,6 +738,49 @@ int pc_map_memory(pc_conn *c, uint64_t handle, uint32_t memory_type, void **addr
     *addr = at;
     *size = (size_t)length;
     if (writable) *writable = rw;
+    return PC_SUCCESS;
+}
+
+int pc_ring_enable(pc_conn *c, uint32_t sq_size, uint32_t cq_size, int wait) {
+    struct wr w;
+    struct rd r;
+    uint64_t id, len;
+    uint32_t sq, cq;
+    void *at;
+    int rc, memfd;
+    if (c->ring.base != NULL) {
+        set_message(c, "the ring is already enabled");
+        return PC_BAD_ARGUMENT;
+    }
+    if (wait != PC_RING_ADAPTIVE && wait != PC_RING_SPIN && wait != PC_RING_SLEEP) return PC_BAD_ARGUMENT;
+    id = begin_request(c, &w, 6);
+    w_varint(&w, sq_size);
+    w_varint(&w, cq_size);
+    rc = exchange_on(c, &w, id, &r, 1);
+    if (rc != PC_SUCCESS) return rc;
+    if (expect_body(&r, 5) != PC_SUCCESS) return PC_PROTOCOL_ERROR;
+    sq = r_u32(&r);
+    cq = r_u32(&r);
+    memfd = c->fd_in;
+    len = (uint64_t)RING_HEADER + sq + cq;
+    if (r.bad || memfd < 0 || c->fd_more[0] < 0 || c->fd_more[1] < 0 || sq < 4096u || cq < 4096u ||
+        (sq & (sq - 1u)) != 0 || (cq & (cq - 1u)) != 0 || len > SIZE_MAX) {
+        set_message(c, "a ring reply without usable descriptors or sizes");
+        return PC_PROTOCOL_ERROR;
+    }
+    at = mmap(NULL, (size_t)len, PROT_READ | PROT_WRITE, MAP_SHARED, memfd, 0);
+    if (at == MAP_FAILED) return PC_ERR_SYSTEM;
+    close(memfd);
+    c->fd_in = -1;
+    c->ring.base = at;
+    c->ring.len = (size_t)len;
+    c->ring.sq_size = sq;
+    c->ring.cq_size = cq;
+    c->ring.sq_tail = c->ring.cq_head = 0;
+    c->ring.efd_broker = c->fd_more[0];
+    c->ring.efd_client = c->fd_more[1];
+    c->fd_more[0] = c->fd_more[1] = -1;
+    c->ring.wait = wait;
     return PC_SUCCESS;
 }
 

@@ -176,13 +176,20 @@ fn abi_matrix_clients_run_against_one_broker() {
             c.arg(&client);
             c
         };
-        let out = cmd.arg(broker.run_dir()).output().unwrap();
-        let stdout = String::from_utf8_lossy(&out.stdout).to_string();
-        results.push((
-            row.abi.clone(),
-            out.status.success() && stdout.contains("ok: ") && stdout.contains(&format!(" on {}", row.abi)),
-            stdout,
-        ));
+        cmd.arg(broker.run_dir());
+        let socket = cmd.output().unwrap();
+        // The same client again, upgraded to the shared-memory ring.
+        let ring = cmd.arg("ring").output().unwrap();
+        let stdout = [&socket, &ring]
+            .iter()
+            .map(|out| String::from_utf8_lossy(&out.stdout).to_string())
+            .collect::<Vec<_>>()
+            .join("");
+        let ok = socket.status.success()
+            && ring.status.success()
+            && stdout.contains(&format!(" on {}\n", row.abi))
+            && stdout.contains(&format!(" on {} over the ring\n", row.abi));
+        results.push((row.abi.clone(), ok, stdout));
     }
     let failed: Vec<String> = results
         .iter()
