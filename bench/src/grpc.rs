@@ -21,7 +21,7 @@ use echo_pb::{
     echo_server::{Echo, EchoServer},
 };
 
-struct EchoService;
+pub(crate) struct EchoService;
 
 #[tonic::async_trait]
 impl Echo for EchoService {
@@ -64,7 +64,7 @@ impl Echo for EchoService {
 }
 
 /// One ping-pong stream: send a message, wait for its response.
-struct PingPong {
+pub(crate) struct PingPong {
     tx: mpsc::Sender<pb::ClientMessage>,
     inbound: tonic::Streaming<pb::ServerMessage>,
     next_id: u64,
@@ -89,7 +89,7 @@ impl PingPong {
     }
 }
 
-async fn broker_stream(socket: &Path) -> (PingPong, u64) {
+pub(crate) async fn broker_stream(socket: &Path) -> (PingPong, u64) {
     let channel = portcullis_client::uds_channel(socket).await.unwrap();
     let (tx, rx) = mpsc::channel(16);
     let inbound = pb::broker_client::BrokerClient::new(channel)
@@ -125,7 +125,7 @@ async fn broker_stream(socket: &Path) -> (PingPong, u64) {
     (s, opened.handle)
 }
 
-async fn echo_stream(socket: &Path) -> PingPong {
+pub(crate) async fn echo_stream(socket: &Path) -> PingPong {
     let channel = portcullis_client::uds_channel(socket).await.unwrap();
     let (tx, rx) = mpsc::channel(16);
     let inbound = EchoClient::new(channel)
@@ -140,7 +140,7 @@ async fn echo_stream(socket: &Path) -> PingPong {
     }
 }
 
-async fn measure(s: &mut PingPong, handle: u64, iters: usize, samples: &mut Vec<Duration>) {
+pub(crate) async fn measure(s: &mut PingPong, handle: u64, iters: usize, samples: &mut Vec<Duration>) {
     for i in 0..iters as u64 {
         let start = Instant::now();
         let call = pb::CallMethod {
@@ -159,11 +159,11 @@ async fn measure(s: &mut PingPong, handle: u64, iters: usize, samples: &mut Vec<
     }
 }
 
-pub(crate) fn run(args: &Args) {
-    let dir = tempfile::tempdir().unwrap();
-    let broker_socket = dir.path().join("broker.sock");
-    let echo_socket = dir.path().join("echo.sock");
-    let servers = server_runtime();
+/// Starts the broker's gRPC server and the bare tonic echo server on `servers`; returns their
+/// sockets.
+pub(crate) fn start(servers: &tokio::runtime::Runtime, dir: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    let broker_socket = dir.join("broker.sock");
+    let echo_socket = dir.join("echo.sock");
     servers.block_on(async {
         let listener = grpc::bind(&broker_socket).await.unwrap();
         tokio::spawn(grpc::serve(core(), listener, std::future::pending()));
@@ -174,6 +174,13 @@ pub(crate) fn run(args: &Args) {
                 .serve_with_incoming(tokio_stream::wrappers::UnixListenerStream::new(echo)),
         );
     });
+    (broker_socket, echo_socket)
+}
+
+pub(crate) fn run(args: &Args) {
+    let dir = tempfile::tempdir().unwrap();
+    let servers = server_runtime();
+    let (broker_socket, echo_socket) = start(&servers, dir.path());
     let (broker, echo) = client_runtime().block_on(async {
         let (mut broker, handle) = broker_stream(&broker_socket).await;
         let mut echo = echo_stream(&echo_socket).await;

@@ -2,7 +2,7 @@
 //! comparison runs its contenders in the same process run, taking turns round by round so that
 //! drift in machine load falls on all of them, and prints a Markdown table with ratios.
 //!
-//! usage: portcullis-bench [--quick] [--rounds N] [--iters N] [grpc] [native] [translate] [policy]
+//! usage: portcullis-bench [--quick] [--rounds N] [--iters N] [--plot PNG] [transports] [grpc] [native] [translate] [policy]
 //! (no names: all of them)
 
 #![forbid(unsafe_code)]
@@ -19,6 +19,7 @@ mod grpc;
 mod native;
 mod policy;
 mod translate;
+mod transports;
 
 use std::{sync::Arc, time::Duration};
 
@@ -121,9 +122,20 @@ fn main() {
     let names: Vec<&str> = argv
         .iter()
         .map(String::as_str)
-        .filter(|a| ["grpc", "native", "translate", "policy"].contains(a))
+        .filter(|a| ["transports", "grpc", "native", "translate", "policy"].contains(a))
         .collect();
     let wants = |name: &str| names.is_empty() || names.contains(&name);
+    if wants("transports") {
+        let plot = argv
+            .iter()
+            .position(|a| a == "--plot")
+            .and_then(|i| argv.get(i + 1))
+            .map_or_else(
+                || std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/bench-latency.png"),
+                std::path::PathBuf::from,
+            );
+        transports::run(&args, &plot);
+    }
     if wants("grpc") {
         grpc::run(&args);
     }

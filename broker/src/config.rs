@@ -52,6 +52,9 @@ pub struct RingConfig {
     /// Most rings served at once (each has a thread) [default: 64]; more are refused with
     /// `NO_MEMORY` and the client stays on the socket.
     pub max_rings: usize,
+    /// Pin every ring thread to this CPU (for `spin` on a machine with a core set aside)
+    /// [default: unpinned].
+    pub cpu: Option<usize>,
 }
 
 impl Default for RingConfig {
@@ -60,6 +63,7 @@ impl Default for RingConfig {
             wait: portcullis_proto::ring::WaitMode::Adaptive,
             spin_us: 50,
             max_rings: 64,
+            cpu: None,
         }
     }
 }

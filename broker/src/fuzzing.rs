@@ -133,10 +133,37 @@ fn assert_nothing_held(stats: Stats) {
         stats,
         Stats {
             services: stats.services,
+            open_fds: stats.open_fds,
             ..Stats::default()
         },
         "objects left behind after every client disconnected"
     );
+}
+
+/// `ring_records`: arbitrary bytes as a client's submission ring — the first four bytes are
+/// the published tail, the rest the ring's contents — served by the broker's ring worker as it
+/// serves a real one. The worker either serves every record or ends the ring with a reason;
+/// every completion it writes decodes; nothing of the session remains afterwards. Returns the
+/// completions.
+pub fn ring_records(data: &[u8]) -> Vec<portcullis_proto::frame::ServerFrame> {
+    let _serial = serial();
+    let core = core();
+    let _runtime = runtime().enter();
+    let session = Session::new(core.clone(), peer(0), AbiId::native());
+    let completions = crate::transport::native::fuzz_ring(core, session, data);
+    drop(_runtime);
+    // Asynchronous calls the records started end (Aborted) now that their session is gone.
+    runtime().block_on(async {
+        for _ in 0..16 {
+            tokio::task::yield_now().await;
+        }
+    });
+    let frames = completions
+        .iter()
+        .map(|frame| portcullis_proto::frame::ServerFrame::decode(frame).expect("a completion that decodes"))
+        .collect();
+    assert_nothing_held(core.stats());
+    frames
 }
 
 /// `grpc_request`: arbitrary bytes → length-delimited protobuf `ClientMessage`s → the session
@@ -509,6 +536,67 @@ mod tests {
         ]);
         let _serial = serial();
         assert_eq!(core().stats().user_clients, 0);
+    }
+
+    #[test]
+    fn fuzzing_ring_records_serves_real_records_and_survives_garbage() {
+        use portcullis_proto::frame::{ClientFrame, Request, RequestFrame, ServerFrame, encode};
+        let mut ring = Vec::new();
+        let mut tail = 0u32;
+        for (id, request) in [
+            Request::FindServices {
+                class: String::new(),
+                name: "sample0".into(),
+            },
+            Request::Open {
+                service: sample(core()).id().0,
+                exclusive: false,
+            },
+            Request::Call {
+                handle: 1,
+                selector: 0,
+                scalars: vec![2, 3],
+                struct_in: vec![],
+                struct_out_len: 0,
+            },
+            Request::Call {
+                handle: 1,
+                selector: 3,
+                scalars: vec![60_000],
+                struct_in: vec![],
+                struct_out_len: 0,
+            },
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let payload = encode(&ClientFrame::Request(RequestFrame { id: id as u64, request })).unwrap();
+            ring.extend_from_slice(&portcullis_proto::ring::header(payload.len() as u32));
+            ring.extend_from_slice(&payload);
+            ring.resize(ring.len().next_multiple_of(8), 0);
+            tail = ring.len() as u32;
+        }
+        let mut data = tail.to_ne_bytes().to_vec();
+        data.extend_from_slice(&ring);
+        // find, open, add answer at once; wait_event is pending when the ring goes away.
+        let frames = super::ring_records(&data);
+        assert_eq!(frames.len(), 3, "{frames:#?}");
+        assert!(
+            matches!(&frames[2], ServerFrame::Response(r) if r.body == portcullis_proto::frame::Body::Call { scalars: vec![5], struct_out: vec![] }),
+            "{frames:#?}"
+        );
+        // Garbage: a tail past the ring, and a record that is not a frame.
+        assert!(matches!(
+            super::ring_records(&[0xff, 0xff, 0xff, 0x7f, 1, 2, 3]).as_slice(),
+            [ServerFrame::Goodbye { .. }]
+        ));
+        let mut junk = 16u32.to_ne_bytes().to_vec();
+        junk.extend_from_slice(&[5, 0, 0, 0, 0, 0, 0, 0, 9, 9, 9, 9, 9, 0, 0, 0]);
+        // The worker ends the ring with a Goodbye in the completion ring.
+        assert!(matches!(
+            super::ring_records(&junk).as_slice(),
+            [ServerFrame::Goodbye { .. }]
+        ));
     }
 
     #[test]

@@ -24,6 +24,7 @@ pub(crate) const TARGETS: &[&str] = &[
     "layout_differential",
     "policy_text",
     "session_ops",
+    "ring_records",
 ];
 
 /// The files whose line coverage `--coverage` reports (the decoders and the policy parser).

@@ -180,6 +180,9 @@ fn install_debian(packages: &[&str]) -> Result<()> {
 }
 
 fn bench(args: &[String]) -> Result<()> {
+    // iceoryx2 runs bindgen (libclang); the latency plot's labels use DejaVu Sans.
+    step("bench prerequisites");
+    install_debian(&["libclang-dev", "fonts-dejavu-core"])?;
     step("benchmarks (release build)");
     run(cargo()
         .args([

@@ -9,6 +9,10 @@
 mod codec;
 mod ring;
 
+#[doc(hidden)]
+pub use ring::fuzz_ring;
+pub use ring::pin_to;
+
 use std::{
     io,
     os::fd::{AsFd, BorrowedFd, OwnedFd},

@@ -115,6 +115,9 @@ pub(super) fn start(
     std::thread::Builder::new()
         .name(format!("ring-{}", peer.0))
         .spawn(move || {
+            if let Some(cpu) = options.cpu {
+                pin_to(cpu);
+            }
             let reason = worker.run();
             if let Some(reason) = &reason {
                 tracing::warn!(uid = peer.0, pid = ?peer.1, %reason, "ring session ended: the client broke its ring");
@@ -134,6 +137,15 @@ pub(super) fn start(
         cq_size: cq.get(),
         fds: client_fds,
     })
+}
+
+/// Pins the calling thread to one CPU; a CPU this machine lacks is logged and ignored.
+pub fn pin_to(cpu: usize) {
+    let mut set = rustix::thread::CpuSet::new();
+    set.set(cpu);
+    if let Err(e) = rustix::thread::sched_setaffinity(None, &set) {
+        tracing::warn!(cpu, error = %e, "cannot pin the ring thread");
+    }
 }
 
 impl RingHandle {
@@ -428,4 +440,81 @@ fn execute(
             });
         }
     }
+}
+
+/// Fuzzing: `data` (tail word, then ring contents) as the submission ring of a ring served by
+/// the real worker, stepped until it has nothing left to do or ends the ring. Returns the
+/// completion records it wrote.
+#[doc(hidden)]
+pub fn fuzz_ring(core: &Core, session: Session, data: &[u8]) -> Vec<Vec<u8>> {
+    let Some((tail, contents)) = data.split_first_chunk::<4>() else {
+        return Vec::new();
+    };
+    let Ok(size) = RingSize::requested(portcullis_proto::ring::MIN_RING) else {
+        return Vec::new();
+    };
+    let Some(live) = core.admit_ring(usize::MAX) else {
+        return Vec::new();
+    };
+    let Ok((_fd, map)) = Mapping::create(size, size) else {
+        return Vec::new();
+    };
+    for (word, chunk) in map.sq().iter().zip(contents.chunks(8)) {
+        let mut bytes = [0u8; 8];
+        bytes.get_mut(..chunk.len()).unwrap_or_default().copy_from_slice(chunk);
+        word.store(u64::from_ne_bytes(bytes), Ordering::Relaxed);
+    }
+    map.header()
+        .sq_tail
+        .0
+        .store(u32::from_ne_bytes(*tail), Ordering::Release);
+    let (Ok(to_broker), Ok(to_client)) = (wake::eventfd(), wake::eventfd()) else {
+        return Vec::new();
+    };
+    let Ok(waiter) = wake::BrokerWaiter::new(&to_broker) else {
+        return Vec::new();
+    };
+    let Ok(private) = waiter.private_clone() else {
+        return Vec::new();
+    };
+    let (inbox_tx, inbox) = mpsc::channel(INBOX);
+    let mut worker = Worker {
+        sq: Consumer::new("submission", size),
+        cq: Producer::new("completion", size),
+        map,
+        waiter,
+        to_client,
+        session: Arc::new(Mutex::new(session)),
+        inbox,
+        inbox_tx,
+        wake: Arc::new(private),
+        closed: Arc::new(AtomicBool::new(false)),
+        backlog: VecDeque::new(),
+        backlog_bytes: 0,
+        options: RingConfig::default(),
+        runtime: tokio::runtime::Handle::current(),
+        record: Vec::new(),
+        _live: live,
+    };
+    let mut completions = Vec::new();
+    let mut reader = Consumer::new("completion", size);
+    for _ in 0..64 {
+        let progress = match worker.step() {
+            Ok(progress) => progress,
+            Err(broken) => {
+                worker.goodbye(&broken.to_string());
+                false
+            }
+        };
+        let header = worker.map.header();
+        let mut record = Vec::new();
+        while matches!(reader.pop(worker.map.cq(), &header.cq_tail.0, &mut record), Ok(true)) {
+            completions.push(std::mem::take(&mut record));
+        }
+        reader.publish(&header.cq_head.0);
+        if !progress {
+            break;
+        }
+    }
+    completions
 }
