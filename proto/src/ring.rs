@@ -24,8 +24,8 @@
 //! | 128 | `sq_head` | broker |
 //! | 192 | `cq_tail` | broker |
 //! | 256 | `cq_head` | client |
-//! | 320 | `broker_sleeping` (0 or 1) | broker |
-//! | 384 | `client_sleeping` (0 or 1) | client |
+//! | 320 | `broker_sleeping` (bit 1: waits for records, bit 2: for room) | broker |
+//! | 384 | `client_sleeping` (bit 1: waits for records, bit 2: for room) | client |
 //!
 //! Indices are free-running byte counts (they wrap at 2³²); a record at index `i` starts at
 //! byte `i & (size − 1)` of its ring. A record is an 8-byte header — payload length (`u32`
@@ -36,9 +36,9 @@
 //!
 //! A producer writes the record, then publishes its tail with release ordering. A consumer
 //! reads the tail with acquire ordering, copies the records out, then publishes its head.
-//! A side about to sleep sets its `*_sleeping` word, re-checks, and reads its eventfd; a side
-//! that publishes something wakes the other by writing the other's eventfd when the other's
-//! `*_sleeping` word is set.
+//! A side about to sleep sets its `*_sleeping` word to what would wake it, re-checks, and waits
+//! on its eventfd; a side that publishes a tail (records) or a head (room) writes the other's
+//! eventfd when the other's word has that bit.
 
 use crate::frame::MAX_FRAME;
 

@@ -146,7 +146,7 @@ fn two_mappings_of_one_memfd_share_records() {
 #[test]
 fn waiter_wakes_on_the_client_eventfd_without_reading_it() {
     let client = crate::wake::eventfd().unwrap();
-    let waiter = crate::wake::BrokerWaiter::new(&client).unwrap();
+    let waiter = crate::wake::Waiter::new(&client).unwrap();
     crate::wake::ring(&client);
     let start = std::time::Instant::now();
     waiter.wait(std::time::Duration::from_secs(5)).unwrap();

@@ -13,7 +13,7 @@ use std::{
     time::Duration,
 };
 
-use rustix::event::{EventfdFlags, PollFd, PollFlags, Timespec, epoll};
+use rustix::event::{EventfdFlags, Timespec, epoll};
 
 /// A new eventfd, non-blocking and close-on-exec.
 pub fn eventfd() -> io::Result<OwnedFd> {
@@ -28,20 +28,26 @@ pub fn ring(fd: impl AsFd) {
     let _ = rustix::io::write(fd, &1u64.to_ne_bytes());
 }
 
-/// Rings `fd` if the other side says it sleeps. Call after publishing.
-pub fn wake_if_sleeping(sleeping: &AtomicU32, fd: impl AsFd) -> bool {
+/// A `*_sleeping` bit: wake me when the other side publishes records (a tail).
+pub const ON_RECORDS: u32 = 1;
+/// A `*_sleeping` bit: wake me when the other side frees room (a head).
+pub const ON_ROOM: u32 = 2;
+
+/// Rings `fd` if the other side sleeps waiting for `what` (`ON_RECORDS` after publishing a
+/// tail, `ON_ROOM` after publishing a head).
+pub fn wake_if(sleeping: &AtomicU32, what: u32, fd: impl AsFd) -> bool {
     fence(Ordering::SeqCst);
-    if sleeping.load(Ordering::Relaxed) != 0 {
+    if u32::from_le(sleeping.load(Ordering::Relaxed)) & what != 0 {
         ring(fd);
         return true;
     }
     false
 }
 
-/// Announces sleep in `sleeping`, re-checks `ready`, and waits with `wait` only if there is
-/// still nothing to do.
-pub fn sleep_unless(sleeping: &AtomicU32, ready: impl FnOnce() -> bool, wait: impl FnOnce()) {
-    sleeping.store(1u32.to_le(), Ordering::Relaxed);
+/// Announces sleep in `sleeping` (the bits of what would wake it), re-checks `ready`, and
+/// waits with `wait` only if there is still nothing to do.
+pub fn sleep_unless(sleeping: &AtomicU32, waiting_for: u32, ready: impl FnOnce() -> bool, wait: impl FnOnce()) {
+    sleeping.store(waiting_for.to_le(), Ordering::Relaxed);
     fence(Ordering::SeqCst);
     if !ready() {
         wait();
@@ -56,33 +62,34 @@ fn timespec(timeout: Duration) -> Timespec {
     }
 }
 
-/// Waits until `fd` is readable or `timeout` passes, then drains it. For the client's eventfd,
-/// which only the client reads.
-pub fn wait_and_drain(fd: BorrowedFd<'_>, timeout: Duration) -> io::Result<()> {
-    let mut fds = [PollFd::new(&fd, PollFlags::IN)];
-    match rustix::event::poll(&mut fds, Some(&timespec(timeout))) {
-        Ok(_) | Err(rustix::io::Errno::INTR) => {}
-        Err(e) => return Err(e.into()),
-    }
-    let mut counter = [0u8; 8];
-    let _ = rustix::io::read(fd, &mut counter);
-    Ok(())
-}
-
-/// The broker's wait: the client's eventfd, edge-triggered and never read, and a private
-/// eventfd the broker's own tasks ring (completions, events, the socket's end).
+/// A wait on the other side's eventfd, edge-triggered and never read (each write is an edge,
+/// so nothing needs draining and the other side cannot make a read block), plus a private
+/// eventfd this side's own threads ring, plus any level-triggered descriptors watched (the
+/// client watches its socket).
 #[derive(Debug)]
-pub struct BrokerWaiter {
+pub struct Waiter {
     epoll: OwnedFd,
     private: OwnedFd,
 }
 
 const CLIENT: u64 = 0;
 const PRIVATE: u64 = 1;
+const WATCHED: u64 = 2;
 
-impl BrokerWaiter {
-    /// Watches `client` (the eventfd the client rings).
-    pub fn new(client: impl AsFd) -> io::Result<BrokerWaiter> {
+impl Waiter {
+    /// Also wakes when `fd` is readable; [`Waiter::wait`] then says so.
+    pub fn watch(&self, fd: impl AsFd) -> io::Result<()> {
+        epoll::add(
+            &self.epoll,
+            fd,
+            epoll::EventData::new_u64(WATCHED),
+            epoll::EventFlags::IN,
+        )?;
+        Ok(())
+    }
+
+    /// Watches `client` (the eventfd the other side rings).
+    pub fn new(client: impl AsFd) -> io::Result<Waiter> {
         let epoll = epoll::create(epoll::CreateFlags::CLOEXEC)?;
         let private = eventfd()?;
         epoll::add(
@@ -97,7 +104,7 @@ impl BrokerWaiter {
             epoll::EventData::new_u64(PRIVATE),
             epoll::EventFlags::IN,
         )?;
-        Ok(BrokerWaiter { epoll, private })
+        Ok(Waiter { epoll, private })
     }
 
     /// The private eventfd, for the broker's tasks to [`ring`].
@@ -110,9 +117,10 @@ impl BrokerWaiter {
         self.private.try_clone()
     }
 
-    /// Waits for either eventfd, or `timeout`.
-    pub fn wait(&self, timeout: Duration) -> io::Result<()> {
-        let mut events = Vec::with_capacity(2);
+    /// Waits for either eventfd, a watched descriptor, or `timeout`. Returns whether a watched
+    /// descriptor is readable.
+    pub fn wait(&self, timeout: Duration) -> io::Result<bool> {
+        let mut events = Vec::with_capacity(3);
         match epoll::wait(
             &self.epoll,
             rustix::buffer::spare_capacity(&mut events),
@@ -125,6 +133,6 @@ impl BrokerWaiter {
             let mut counter = [0u8; 8];
             let _ = rustix::io::read(&self.private, &mut counter);
         }
-        Ok(())
+        Ok(events.iter().any(|e| e.data.u64() == WATCHED))
     }
 }

@@ -76,10 +76,14 @@ static void ring_bell(int fd) {
     (void)n;
 }
 
-/* Wakes the broker if it said it sleeps (after a fence that pairs with its own). */
-static void ring_wake_broker(pc_conn *c) {
+/* The bits of a *_sleeping word: what the sleeper waits for. */
+#define RING_ON_RECORDS 1u /* a tail published */
+#define RING_ON_ROOM 2u    /* a head published */
+
+/* Wakes the broker if it sleeps waiting for `what` (after a fence that pairs with its own). */
+static void ring_wake_broker(pc_conn *c, uint32_t what) {
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
-    if (__atomic_load_n(ring_word(c, RING_BROKER_SLEEPING), __ATOMIC_RELAXED) != 0) ring_bell(c->ring.efd_broker);
+    if (le32(__atomic_load_n(ring_word(c, RING_BROKER_SLEEPING), __ATOMIC_RELAXED)) & what) ring_bell(c->ring.efd_broker);
 }
 
 /* Copies n bytes into (to = 1) or out of a ring at index, wrapping at its end. */
@@ -125,7 +129,7 @@ static int ring_push(pc_conn *c, const unsigned char *p, size_t n) {
     ring_copy(sq, c->ring.sq_size, c->ring.sq_tail + 8u + (uint32_t)n, (unsigned char *)zeros, span - 8u - n, 1);
     c->ring.sq_tail += span;
     ring_store(c, RING_SQ_TAIL, c->ring.sq_tail);
-    ring_wake_broker(c);
+    ring_wake_broker(c, RING_ON_RECORDS);
     return PC_SUCCESS;
 }
 
@@ -149,7 +153,7 @@ static int ring_pop(pc_conn *c, size_t *len) {
     ring_copy(cq, c->ring.cq_size, c->ring.cq_head + 8u, c->in, n, 0);
     c->ring.cq_head += 8u + ((n + 7u) & ~7u);
     ring_store(c, RING_CQ_HEAD, c->ring.cq_head);
-    ring_wake_broker(c);
+    ring_wake_broker(c, RING_ON_ROOM);
     *len = n;
     return 1;
 }
@@ -166,7 +170,7 @@ static int ring_wait(pc_conn *c, int timeout_ms) {
         if (ring_load(c, RING_CQ_TAIL) != c->ring.cq_head) return 1;
         if (timeout_ms >= 0 && spent / 1000000L >= timeout_ms) return PC_TIMEOUT;
         if (c->ring.wait == PC_RING_SPIN || (c->ring.wait == PC_RING_ADAPTIVE && spent < RING_SPIN_NS)) continue;
-        __atomic_store_n(ring_word(c, RING_CLIENT_SLEEPING), le32(1), __ATOMIC_RELAXED);
+        __atomic_store_n(ring_word(c, RING_CLIENT_SLEEPING), le32(RING_ON_RECORDS), __ATOMIC_RELAXED);
         __atomic_thread_fence(__ATOMIC_SEQ_CST);
         if (ring_load(c, RING_CQ_TAIL) != c->ring.cq_head) {
             __atomic_store_n(ring_word(c, RING_CLIENT_SLEEPING), 0, __ATOMIC_RELAXED);

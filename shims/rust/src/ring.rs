@@ -82,7 +82,8 @@ pub struct RingClient {
     sq: Producer,
     cq: Consumer,
     to_broker: OwnedFd,
-    to_client: OwnedFd,
+    /// Sleeps on the broker's eventfd (edge-triggered, never read) and the socket.
+    waiter: wake::Waiter,
     options: RingOptions,
     next_id: u64,
     unflushed: bool,
@@ -204,6 +205,8 @@ impl RingClient {
         let sq = RingSize::requested(sq_size).map_err(io_err)?;
         let cq = RingSize::requested(cq_size).map_err(io_err)?;
         let map = Mapping::map(&memfd, sq, cq).map_err(io_err)?;
+        let waiter = wake::Waiter::new(&to_client).map_err(io_err)?;
+        waiter.watch(&sock).map_err(io_err)?;
         Ok(RingClient {
             sock,
             memfd,
@@ -211,7 +214,7 @@ impl RingClient {
             sq: Producer::new("submission", sq),
             cq: Consumer::new("completion", cq),
             to_broker,
-            to_client,
+            waiter,
             options,
             next_id: 1,
             unflushed: false,
@@ -240,7 +243,9 @@ impl RingClient {
             self.flush();
             // Take completions aside so the broker is never stuck on a full completion ring.
             if !self.drain_completions()? {
-                self.wait_for(&mut since, |c| c.sq.head_moved(&c.map.header().sq_head.0))?;
+                self.wait_for(&mut since, wake::ON_ROOM, |c| {
+                    c.sq.head_moved(&c.map.header().sq_head.0)
+                })?;
             }
         }
     }
@@ -286,7 +291,7 @@ impl RingClient {
         self.unflushed = false;
         let header = self.map.header();
         if self.sq.publish(&header.sq_tail.0) {
-            wake::wake_if_sleeping(&header.broker_sleeping.0, &self.to_broker);
+            wake::wake_if(&header.broker_sleeping.0, wake::ON_RECORDS, &self.to_broker);
         }
     }
 
@@ -313,7 +318,7 @@ impl RingClient {
                 return Ok(None);
             }
             self.cq.publish(&header.cq_head.0);
-            wake::wake_if_sleeping(&header.broker_sleeping.0, &self.to_broker);
+            wake::wake_if(&header.broker_sleeping.0, wake::ON_ROOM, &self.to_broker);
             match ServerFrame::decode(&self.record).map_err(io_err)? {
                 ServerFrame::Response(r) => return Ok(Some(r)),
                 ServerFrame::Event(e) => self.events.push(e),
@@ -325,7 +330,12 @@ impl RingClient {
 
     /// Waits (spinning, then sleeping, as the options say) until `ready` or a completion is
     /// published. A `Goodbye` or the end of the socket while asleep ends the wait with an error.
-    fn wait_for(&mut self, since: &mut Instant, ready: impl Fn(&RingClient) -> bool) -> Result<(), ClientError> {
+    fn wait_for(
+        &mut self,
+        since: &mut Instant,
+        also: u32,
+        ready: impl Fn(&RingClient) -> bool,
+    ) -> Result<(), ClientError> {
         let header = self.map.header();
         let published = |c: &RingClient| ready(c) || c.cq.has_more(&c.map.header().cq_tail.0);
         let sleep = match self.options.wait {
@@ -340,18 +350,9 @@ impl RingClient {
         let mut socket_ready = false;
         wake::sleep_unless(
             &header.client_sleeping.0,
+            wake::ON_RECORDS | also,
             || published(self),
-            || {
-                let mut fds = [
-                    rustix::event::PollFd::new(&self.to_client, rustix::event::PollFlags::IN),
-                    rustix::event::PollFd::new(&self.sock, rustix::event::PollFlags::IN),
-                ];
-                let timeout = rustix::event::Timespec { tv_sec: 1, tv_nsec: 0 };
-                let _ = rustix::event::poll(&mut fds, Some(&timeout));
-                socket_ready = fds.get(1).is_some_and(|f| !f.revents().is_empty());
-                let mut counter = [0u8; 8];
-                let _ = rustix::io::read(&self.to_client, &mut counter);
-            },
+            || socket_ready = self.waiter.wait(Duration::from_secs(1)).unwrap_or(true),
         );
         if socket_ready && !published(self) {
             // The broker speaks on the socket only to say goodbye or to forward an event.
@@ -379,7 +380,7 @@ impl RingClient {
             if let Some(r) = self.pop_completion()? {
                 return Ok(r);
             }
-            self.wait_for(&mut since, |_| false)?;
+            self.wait_for(&mut since, 0, |_| false)?;
         }
     }
 
@@ -396,7 +397,7 @@ impl RingClient {
                 Some(r) => {
                     self.parked.insert(r.id, r);
                 }
-                None => self.wait_for(&mut since, |_| false)?,
+                None => self.wait_for(&mut since, 0, |_| false)?,
             }
         }
     }

@@ -87,7 +87,7 @@ pub(super) fn start(
     let (memfd, map) = Mapping::create(sq, cq).map_err(os)?;
     let to_broker = wake::eventfd().map_err(os)?;
     let to_client = wake::eventfd().map_err(os)?;
-    let waiter = wake::BrokerWaiter::new(&to_broker).map_err(os)?;
+    let waiter = wake::Waiter::new(&to_broker).map_err(os)?;
     let wake_fd = Arc::new(waiter.private_clone().map_err(os)?);
     let client_fds = [memfd, to_broker, to_client.try_clone().map_err(os)?];
     let (inbox_tx, inbox) = mpsc::channel(INBOX);
@@ -211,7 +211,7 @@ struct Worker {
     map: Mapping,
     sq: Consumer,
     cq: Producer,
-    waiter: wake::BrokerWaiter,
+    waiter: wake::Waiter,
     to_client: OwnedFd,
     session: Arc<Mutex<Session>>,
     inbox: mpsc::Receiver<Vec<u8>>,
@@ -257,8 +257,10 @@ impl Worker {
                 let header = self.map.header();
                 let (sq, cq, inbox, closed) = (&self.sq, &self.cq, &self.inbox, &self.closed);
                 let backlog = !self.backlog.is_empty();
+                let waiting_for = if backlog { wake::ON_ROOM } else { wake::ON_RECORDS };
                 wake::sleep_unless(
                     &header.broker_sleeping.0,
+                    waiting_for,
                     || {
                         closed.load(Ordering::Acquire)
                             || !inbox.is_empty()
@@ -305,7 +307,7 @@ impl Worker {
             pushed = true;
         }
         if pushed && self.cq.publish(&header.cq_tail.0) {
-            wake::wake_if_sleeping(&header.client_sleeping.0, &self.to_client);
+            wake::wake_if(&header.client_sleeping.0, wake::ON_RECORDS, &self.to_client);
             progress = true;
         }
         Ok(progress)
@@ -324,7 +326,9 @@ impl Worker {
                 break;
             }
             taken += 1;
-            crate::capture::record("ring_records", &self.record);
+            if crate::capture::enabled() {
+                crate::capture::record("ring_records", &fuzz_seed(&self.record));
+            }
             let frame = ClientFrame::decode(&self.record).map_err(|e| Broken::Record(e.to_string()))?;
             let ClientFrame::Request(RequestFrame { id, request }) = frame else {
                 return Err(Broken::Record("a Hello inside the ring".into()));
@@ -341,7 +345,7 @@ impl Worker {
         }
         if taken > 0 {
             self.sq.publish(&header.sq_head.0);
-            wake::wake_if_sleeping(&header.client_sleeping.0, &self.to_client);
+            wake::wake_if(&header.client_sleeping.0, wake::ON_ROOM, &self.to_client);
         }
         Ok(taken > 0)
     }
@@ -442,6 +446,16 @@ fn execute(
     }
 }
 
+/// A `ring_records` seed holding one record: the tail word, then the record as it lies in a ring.
+fn fuzz_seed(payload: &[u8]) -> Vec<u8> {
+    let len = u32::try_from(payload.len()).unwrap_or(u32::MAX);
+    let mut seed = portcullis_proto::ring::record_span(len).to_ne_bytes().to_vec();
+    seed.extend_from_slice(&portcullis_proto::ring::header(len));
+    seed.extend_from_slice(payload);
+    seed.resize(4 + portcullis_proto::ring::record_span(len) as usize, 0);
+    seed
+}
+
 /// Fuzzing: `data` (tail word, then ring contents) as the submission ring of a ring served by
 /// the real worker, stepped until it has nothing left to do or ends the ring. Returns the
 /// completion records it wrote.
@@ -471,7 +485,7 @@ pub fn fuzz_ring(core: &Core, session: Session, data: &[u8]) -> Vec<Vec<u8>> {
     let (Ok(to_broker), Ok(to_client)) = (wake::eventfd(), wake::eventfd()) else {
         return Vec::new();
     };
-    let Ok(waiter) = wake::BrokerWaiter::new(&to_broker) else {
+    let Ok(waiter) = wake::Waiter::new(&to_broker) else {
         return Vec::new();
     };
     let Ok(private) = waiter.private_clone() else {
