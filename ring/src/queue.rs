@@ -87,11 +87,6 @@ impl Consumer {
     pub fn publish(&self, head: &AtomicU32) {
         store_word(head, self.head);
     }
-
-    /// The private head.
-    pub fn head(&self) -> u32 {
-        self.head
-    }
 }
 
 /// The producing side of a ring. Its tail lives here; the shared copy is only ever written.
@@ -171,10 +166,5 @@ impl Producer {
     /// Whether the consumer's head moved since the producer last looked (room may have freed).
     pub fn head_moved(&self, head: &AtomicU32) -> bool {
         load_word(head) != self.head_seen
-    }
-
-    /// Whether everything pushed has been consumed (reads the head).
-    pub fn drained(&self, head: &AtomicU32) -> bool {
-        load_word(head) == self.tail
     }
 }

@@ -8,7 +8,7 @@
 
 use std::{
     io,
-    os::fd::{AsFd, BorrowedFd, OwnedFd},
+    os::fd::{AsFd, OwnedFd},
     sync::atomic::{AtomicU32, Ordering, fence},
     time::Duration,
 };
@@ -107,12 +107,7 @@ impl Waiter {
         Ok(Waiter { epoll, private })
     }
 
-    /// The private eventfd, for the broker's tasks to [`ring`].
-    pub fn private(&self) -> BorrowedFd<'_> {
-        self.private.as_fd()
-    }
-
-    /// A duplicate of the private eventfd, for tasks that outlive a borrow.
+    /// A duplicate of the private eventfd, for this side's tasks to [`ring`].
     pub fn private_clone(&self) -> io::Result<OwnedFd> {
         self.private.try_clone()
     }

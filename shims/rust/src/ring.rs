@@ -229,17 +229,9 @@ impl RingClient {
     /// next [`RingClient::flush`] (or wait); when the ring is full this publishes, takes
     /// completions aside and waits for room — a full ring is back-pressure, never a lost call.
     pub fn submit(&mut self, request: Request) -> Result<u64, ClientError> {
-        let id = self.next_id;
-        self.next_id += 1;
-        let bytes = encode(&ClientFrame::Request(RequestFrame { id, request }))
-            .ok_or_else(|| ClientError::Protocol("request too large".into()))?;
+        let (id, bytes) = self.encode(request)?;
         let mut since = Instant::now();
-        loop {
-            let header = self.map.header();
-            if self.sq.push(self.map.sq(), &header.sq_head.0, &bytes).map_err(io_err)? {
-                self.unflushed = true;
-                return Ok(id);
-            }
+        while !self.push(&bytes)? {
             self.flush();
             // Take completions aside so the broker is never stuck on a full completion ring.
             if !self.drain_completions()? {
@@ -248,21 +240,31 @@ impl RingClient {
                 })?;
             }
         }
+        Ok(id)
     }
 
     /// Queues a request if the submission ring has room: `Ok(None)` when it is full. Never
     /// waits and never reads completions.
     pub fn try_submit(&mut self, request: Request) -> Result<Option<u64>, ClientError> {
+        let (id, bytes) = self.encode(request)?;
+        Ok(self.push(&bytes)?.then_some(id))
+    }
+
+    /// The request's frame under a fresh id.
+    fn encode(&mut self, request: Request) -> Result<(u64, Vec<u8>), ClientError> {
         let id = self.next_id;
+        self.next_id += 1;
         let bytes = encode(&ClientFrame::Request(RequestFrame { id, request }))
             .ok_or_else(|| ClientError::Protocol("request too large".into()))?;
+        Ok((id, bytes))
+    }
+
+    /// Writes a record if it fits; published at the next flush.
+    fn push(&mut self, bytes: &[u8]) -> Result<bool, ClientError> {
         let header = self.map.header();
-        if !self.sq.push(self.map.sq(), &header.sq_head.0, &bytes).map_err(io_err)? {
-            return Ok(None);
-        }
-        self.next_id += 1;
-        self.unflushed = true;
-        Ok(Some(id))
+        let pushed = self.sq.push(self.map.sq(), &header.sq_head.0, bytes).map_err(io_err)?;
+        self.unflushed |= pushed;
+        Ok(pushed)
     }
 
     /// Submits a method call (see [`RingClient::submit`]).

@@ -84,34 +84,15 @@ pub(super) fn start(
         )
     })?;
     let os = |e: std::io::Error| Refusal::new(Status::NoMemory, format!("cannot create the ring: {e}"));
-    let (memfd, map) = Mapping::create(sq, cq).map_err(os)?;
-    let to_broker = wake::eventfd().map_err(os)?;
-    let to_client = wake::eventfd().map_err(os)?;
-    let waiter = wake::Waiter::new(&to_broker).map_err(os)?;
-    let wake_fd = Arc::new(waiter.private_clone().map_err(os)?);
-    let client_fds = [memfd, to_broker, to_client.try_clone().map_err(os)?];
-    let (inbox_tx, inbox) = mpsc::channel(INBOX);
-    let (ended_tx, ended) = oneshot::channel();
-    let closed = Arc::new(AtomicBool::new(false));
     let peer = session.lock().map(|s| (s.peer().uid, s.peer().pid)).unwrap_or_default();
-    let worker = Worker {
-        sq: Consumer::new("submission", sq),
-        cq: Producer::new("completion", cq),
-        map,
-        waiter,
-        to_client,
-        session: session.clone(),
+    let Built {
+        worker,
+        client_fds,
         inbox,
-        inbox_tx: inbox_tx.clone(),
-        wake: wake_fd.clone(),
-        closed: closed.clone(),
-        backlog: VecDeque::new(),
-        backlog_bytes: 0,
-        options,
-        runtime: tokio::runtime::Handle::current(),
-        record: Vec::new(),
-        _live: live,
-    };
+        wake,
+        closed,
+    } = Worker::build(session.clone(), sq, cq, options, live).map_err(os)?;
+    let (ended_tx, ended) = oneshot::channel();
     std::thread::Builder::new()
         .name(format!("ring-{}", peer.0))
         .spawn(move || {
@@ -127,8 +108,8 @@ pub(super) fn start(
         .map_err(os)?;
     Ok(Enabled {
         handle: RingHandle {
-            inbox: inbox_tx,
-            wake: wake_fd,
+            inbox,
+            wake,
             closed,
             ended: Some(ended),
             lost: 0,
@@ -226,7 +207,60 @@ struct Worker {
     _live: Live,
 }
 
+/// A new ring's worker, and what the client and the tokio side keep of it.
+struct Built {
+    worker: Worker,
+    /// The memfd, the eventfd that wakes the broker, the eventfd that wakes the client.
+    client_fds: [OwnedFd; 3],
+    inbox: mpsc::Sender<Vec<u8>>,
+    wake: Arc<OwnedFd>,
+    closed: Arc<AtomicBool>,
+}
+
 impl Worker {
+    /// Creates the ring's memory and eventfds and a worker to serve it for `session`.
+    fn build(
+        session: Arc<Mutex<Session>>,
+        sq: RingSize,
+        cq: RingSize,
+        options: RingConfig,
+        live: Live,
+    ) -> std::io::Result<Built> {
+        let (memfd, map) = Mapping::create(sq, cq)?;
+        let to_broker = wake::eventfd()?;
+        let to_client = wake::eventfd()?;
+        let waiter = wake::Waiter::new(&to_broker)?;
+        let wake = Arc::new(waiter.private_clone()?);
+        let client_fds = [memfd, to_broker, to_client.try_clone()?];
+        let (inbox_tx, inbox) = mpsc::channel(INBOX);
+        let closed = Arc::new(AtomicBool::new(false));
+        let worker = Worker {
+            sq: Consumer::new("submission", sq),
+            cq: Producer::new("completion", cq),
+            map,
+            waiter,
+            to_client,
+            session,
+            inbox,
+            inbox_tx: inbox_tx.clone(),
+            wake: wake.clone(),
+            closed: closed.clone(),
+            backlog: VecDeque::new(),
+            backlog_bytes: 0,
+            options,
+            runtime: tokio::runtime::Handle::current(),
+            record: Vec::new(),
+            _live: live,
+        };
+        Ok(Built {
+            worker,
+            client_fds,
+            inbox: inbox_tx,
+            wake,
+            closed,
+        })
+    }
+
     /// Serves until the socket side closes the ring (`None`) or the client breaks it.
     fn run(mut self) -> Option<String> {
         let _runtime = self.runtime.enter();
@@ -335,11 +369,7 @@ impl Worker {
             };
             let session = match &mut session {
                 Some(s) => s,
-                None => session.insert(
-                    self.session
-                        .lock()
-                        .map_err(|_| Broken::Record("the session is gone".into()))?,
-                ),
+                None => session.insert(super::locked(&self.session)),
             };
             execute(session, id, request, &mut out, &self.inbox_tx, &self.wake);
         }
@@ -470,46 +500,22 @@ pub fn fuzz_ring(core: &Core, session: Session, data: &[u8]) -> Vec<Vec<u8>> {
     let Some(live) = core.admit_ring(usize::MAX) else {
         return Vec::new();
     };
-    let Ok((_fd, map)) = Mapping::create(size, size) else {
+    let Ok(Built { mut worker, .. }) =
+        Worker::build(Arc::new(Mutex::new(session)), size, size, RingConfig::default(), live)
+    else {
         return Vec::new();
     };
-    for (word, chunk) in map.sq().iter().zip(contents.chunks(8)) {
+    for (word, chunk) in worker.map.sq().iter().zip(contents.chunks(8)) {
         let mut bytes = [0u8; 8];
         bytes.get_mut(..chunk.len()).unwrap_or_default().copy_from_slice(chunk);
         word.store(u64::from_ne_bytes(bytes), Ordering::Relaxed);
     }
-    map.header()
+    worker
+        .map
+        .header()
         .sq_tail
         .0
         .store(u32::from_ne_bytes(*tail), Ordering::Release);
-    let (Ok(to_broker), Ok(to_client)) = (wake::eventfd(), wake::eventfd()) else {
-        return Vec::new();
-    };
-    let Ok(waiter) = wake::Waiter::new(&to_broker) else {
-        return Vec::new();
-    };
-    let Ok(private) = waiter.private_clone() else {
-        return Vec::new();
-    };
-    let (inbox_tx, inbox) = mpsc::channel(INBOX);
-    let mut worker = Worker {
-        sq: Consumer::new("submission", size),
-        cq: Producer::new("completion", size),
-        map,
-        waiter,
-        to_client,
-        session: Arc::new(Mutex::new(session)),
-        inbox,
-        inbox_tx,
-        wake: Arc::new(private),
-        closed: Arc::new(AtomicBool::new(false)),
-        backlog: VecDeque::new(),
-        backlog_bytes: 0,
-        options: RingConfig::default(),
-        runtime: tokio::runtime::Handle::current(),
-        record: Vec::new(),
-        _live: live,
-    };
     let mut completions = Vec::new();
     let mut reader = Consumer::new("completion", size);
     for _ in 0..64 {
