@@ -1,19 +1,28 @@
-//! Every transport in one table: the broker's ring (spinning and sleeping), its native socket
-//! and its gRPC session, each serving `add` with the full policy check and dispatch; and the
-//! peers a user would pick instead: a raw Unix-socket ping-pong, a bare tonic echo server and
-//! iceoryx2 request-response (`peers` feature). Contenders take turns round by round in the same
-//! process, the client pinned to CPU 0 and every server thread to CPU 1. Then pipelined `add`
-//! throughput over one ring, `checksum_dma` over 1 MiB against an in-process checksum, and a
-//! latency-distribution plot (PNG).
+//! Every transport in one table: the broker's ring (spinning, adaptive and sleeping), its
+//! native socket and its gRPC session, each serving `add` with the full policy check and
+//! dispatch; and the peers a user would pick instead: a raw Unix-socket ping-pong, a bare tonic
+//! echo server and iceoryx2 request-response (`peers` feature), with a bare eventfd ping-pong as
+//! the floor of any transport that sleeps on an eventfd. Contenders take turns round by round in
+//! the same process, the client pinned to CPU 0 and every server thread to CPU 1.
+//!
+//! The table is measured twice: with the machine's idle policy as it comes, and latency-tuned —
+//! the PM QoS CPU latency request held at 0 µs, as `cyclictest` does by default and `tuned`'s
+//! latency-performance profile does, so that an idle CPU polls instead of halting. On a virtual
+//! machine a halted vCPU costs tens of microseconds to wake, and that cost, the same for every
+//! transport that sleeps, hides what the transports themselves cost.
+//!
+//! Then pipelined `add` throughput over one ring, `checksum_dma` over 1 MiB against an
+//! in-process checksum, and a latency-distribution plot (PNG) of both tables.
 
 use std::{
     io::{Read, Write},
     os::unix::net::UnixStream,
     path::{Path, PathBuf},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
-use portcullis_broker::{config::RingConfig, transport::native};
+use portcullis_broker::{config::RingConfig, session::Core, transport::native};
 use portcullis_client::{
     native::NativeSession,
     ring::{RingClient, RingOptions},
@@ -46,13 +55,41 @@ fn unpin() {
     let _ = rustix::thread::sched_setaffinity(None, &set);
 }
 
-/// A broker serving only its native socket (and rings) in `dir`, with this ring configuration.
-fn native_broker(servers: &tokio::runtime::Runtime, dir: &Path, ring: RingConfig) -> PathBuf {
-    std::fs::create_dir_all(dir).unwrap();
-    let _guard = servers.enter();
-    let listener = native::bind(&dir.join("native.sock")).unwrap();
-    servers.spawn(native::serve(core(), listener, ring, std::future::pending()));
-    dir.to_path_buf()
+/// A broker serving only its native socket (and rings), with this ring configuration.
+struct RingBroker {
+    dir: PathBuf,
+    core: Arc<Core>,
+    wait: WaitMode,
+}
+
+impl RingBroker {
+    fn start(servers: &tokio::runtime::Runtime, dir: &Path, wait: WaitMode) -> RingBroker {
+        std::fs::create_dir_all(dir).unwrap();
+        let _guard = servers.enter();
+        let listener = native::bind(&dir.join("native.sock")).unwrap();
+        let core = core();
+        servers.spawn(native::serve(
+            core.clone(),
+            listener,
+            ring_config(wait),
+            std::future::pending(),
+        ));
+        RingBroker {
+            dir: dir.to_path_buf(),
+            core,
+            wait,
+        }
+    }
+
+    /// Waits until the broker has ended every ring (a spinning ring thread left running would
+    /// keep the server CPU awake, and flatter whatever is measured next).
+    fn drained(&self) {
+        let start = Instant::now();
+        while self.core.stats().rings > 0 {
+            assert!(start.elapsed() < Duration::from_secs(10), "a ring thread did not end");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
 }
 
 fn ring_config(wait: WaitMode) -> RingConfig {
@@ -74,15 +111,18 @@ fn ring_client(run_dir: &Path, wait: WaitMode) -> (RingClient, u64) {
     (ring, handle)
 }
 
-fn ring_round(run_dir: &Path, wait: WaitMode, iters: usize, samples: &mut Vec<Duration>) {
+/// The client waits as its broker's ring thread does.
+fn ring_round(broker: &RingBroker, iters: usize, samples: &mut Vec<Duration>) {
     // A ring per round: a spinning broker thread must not run while the others are measured.
-    let (mut ring, h) = ring_client(run_dir, wait);
+    let (mut ring, h) = ring_client(&broker.dir, broker.wait);
     for i in 0..iters as u64 {
         let start = Instant::now();
         let out = ring.call(h, 0, &[i, 1], &[], 0).unwrap();
         samples.push(start.elapsed());
         assert_eq!(out.scalars, [i + 1]);
     }
+    drop(ring);
+    broker.drained();
 }
 
 /// A raw Unix-socket ping-pong: 16 bytes each way, a blocking server thread.
@@ -109,6 +149,32 @@ fn uds_round(iters: usize, samples: &mut Vec<Duration>) {
         assert_eq!(u64::from_le_bytes(buf[..8].try_into().unwrap()), i + 1);
     }
     drop(client);
+    echo.join().unwrap();
+}
+
+/// Two eventfds and blocking reads: what any transport that sleeps on an eventfd pays to
+/// wake the other side and be woken, with nothing else done.
+fn eventfd_round(iters: usize, samples: &mut Vec<Duration>) {
+    use rustix::event::{EventfdFlags, eventfd};
+    let there = eventfd(0, EventfdFlags::CLOEXEC).unwrap();
+    let back = eventfd(0, EventfdFlags::CLOEXEC).unwrap();
+    let (there_echo, back_echo) = (there.try_clone().unwrap(), back.try_clone().unwrap());
+    let echo = std::thread::spawn(move || {
+        pin(SERVER_CPU);
+        let mut buf = [0u8; 8];
+        for _ in 0..iters {
+            rustix::io::read(&there_echo, &mut buf).unwrap();
+            rustix::io::write(&back_echo, &1u64.to_ne_bytes()).unwrap();
+        }
+    });
+    let mut buf = [0u8; 8];
+    for _ in 0..iters {
+        let start = Instant::now();
+        rustix::io::write(&there, &1u64.to_ne_bytes()).unwrap();
+        rustix::io::read(&back, &mut buf).unwrap();
+        samples.push(start.elapsed());
+        assert_eq!(u64::from_ne_bytes(buf), 1);
+    }
     echo.join().unwrap();
 }
 
@@ -180,6 +246,103 @@ struct Contender {
     samples: Vec<Duration>,
 }
 
+/// The contenders of the round-trip table, in the order they take turns.
+const CONTENDERS: &[&str] = &[
+    "ring, spinning (broker and client spin)",
+    "ring, adaptive (the default: spin 50 µs, then sleep)",
+    "ring, sleeping (eventfd wake-ups)",
+    "native socket (SOCK_SEQPACKET)",
+    "gRPC session (Unix socket)",
+    "peer: raw Unix-socket ping-pong",
+    "peer: bare tonic echo (Unix socket)",
+    #[cfg(feature = "peers")]
+    "peer: iceoryx2 request-response (busy-poll)",
+    "floor: bare eventfd ping-pong (no ring, no work)",
+];
+
+/// Everything the round-trip table talks to, set up once.
+struct Rig {
+    spin: RingBroker,
+    adaptive: RingBroker,
+    sleep: RingBroker,
+    client_rt: tokio::runtime::Runtime,
+    native: (NativeSession, u64),
+    grpc: (grpc::PingPong, u64),
+    echo: grpc::PingPong,
+}
+
+impl Rig {
+    fn round(&mut self, name: &str, iters: usize, samples: &mut Vec<Duration>) {
+        let starts = |prefix: &str| name.starts_with(prefix);
+        if starts("ring, spinning") {
+            ring_round(&self.spin, iters, samples);
+        } else if starts("ring, adaptive") {
+            ring_round(&self.adaptive, iters, samples);
+        } else if starts("ring, sleeping") {
+            ring_round(&self.sleep, iters, samples);
+        } else if starts("native socket") {
+            let (session, handle) = &mut self.native;
+            self.client_rt.block_on(async {
+                for i in 0..iters as u64 {
+                    let start = Instant::now();
+                    let out = session.call(*handle, 0, &[i, 1], &[], 0).await.unwrap();
+                    samples.push(start.elapsed());
+                    assert_eq!(out.scalars, [i + 1]);
+                }
+            });
+        } else if starts("gRPC session") {
+            let (stream, handle) = &mut self.grpc;
+            self.client_rt.block_on(grpc::measure(stream, *handle, iters, samples));
+        } else if starts("peer: raw Unix") {
+            uds_round(iters, samples);
+        } else if starts("peer: bare tonic") {
+            self.client_rt
+                .block_on(grpc::measure(&mut self.echo, 0, iters, samples));
+        } else if starts("floor: bare eventfd") {
+            eventfd_round(iters, samples);
+        } else {
+            #[cfg(feature = "peers")]
+            if starts("peer: iceoryx2") {
+                return iceoryx2_round(iters, samples);
+            }
+            unreachable!("{name}");
+        }
+    }
+
+    /// Every contender, taking turns: a warm-up round each, then `args.rounds` rounds.
+    fn table(&mut self, args: &Args) -> Vec<Contender> {
+        let mut contenders: Vec<Contender> = CONTENDERS
+            .iter()
+            .map(|&name| Contender {
+                name,
+                samples: Vec::new(),
+            })
+            .collect();
+        for c in &contenders {
+            self.round(c.name, args.iters / 5, &mut Vec::new());
+        }
+        for _ in 0..args.rounds {
+            for c in &mut contenders {
+                self.round(c.name, args.iters, &mut c.samples);
+            }
+        }
+        contenders
+    }
+}
+
+/// While alive, holds the PM QoS CPU latency request at 0 µs (`/dev/cpu_dma_latency`, root
+/// only): idle CPUs poll instead of entering an idle state. The kernel drops the request when
+/// the file is closed, so nothing outlives the bench.
+struct LatencyTuned(#[allow(dead_code)] std::fs::File);
+
+impl LatencyTuned {
+    fn hold() -> std::io::Result<LatencyTuned> {
+        let mut file = std::fs::OpenOptions::new().write(true).open("/dev/cpu_dma_latency")?;
+        file.write_all(&0i32.to_ne_bytes())?;
+        Ok(LatencyTuned(file))
+    }
+}
+
 pub(crate) fn run(args: &Args, plot: &Path) {
     cpus();
     let dir = tempfile::tempdir().unwrap();
@@ -188,68 +351,60 @@ pub(crate) fn run(args: &Args, plot: &Path) {
         .on_thread_start(|| pin(SERVER_CPU))
         .build()
         .unwrap();
-    let spin_dir = native_broker(&servers, &dir.path().join("spin"), ring_config(WaitMode::Spin));
-    let sleep_dir = native_broker(&servers, &dir.path().join("sleep"), ring_config(WaitMode::Sleep));
-    let adaptive_dir = native_broker(&servers, &dir.path().join("adaptive"), ring_config(WaitMode::Adaptive));
+    let spin = RingBroker::start(&servers, &dir.path().join("spin"), WaitMode::Spin);
+    let sleep = RingBroker::start(&servers, &dir.path().join("sleep"), WaitMode::Sleep);
+    let adaptive = RingBroker::start(&servers, &dir.path().join("adaptive"), WaitMode::Adaptive);
     let (grpc_socket, echo_socket) = grpc::start(&servers, dir.path());
     pin(CLIENT_CPU);
     let client_rt = client_runtime();
-    let (mut native_session, native_handle) = client_rt.block_on(async {
-        let mut s = NativeSession::connect(&sleep_dir, AbiId::native()).await.unwrap();
+    let native = client_rt.block_on(async {
+        let mut s = NativeSession::connect(&sleep.dir, AbiId::native()).await.unwrap();
         let sample = s.find("sample0").await.unwrap()[0].id;
         let h = s.open(sample, false).await.unwrap();
         (s, h)
     });
-    let (mut grpc_stream, grpc_handle) = client_rt.block_on(grpc::broker_stream(&grpc_socket));
-    let mut echo_stream = client_rt.block_on(grpc::echo_stream(&echo_socket));
-
-    let mut contenders: Vec<Contender> = [
-        "ring, spinning (broker and client spin)",
-        "ring, sleeping (eventfd wake-ups)",
-        "native socket (SOCK_SEQPACKET)",
-        "gRPC session (Unix socket)",
-        "peer: raw Unix-socket ping-pong",
-        "peer: bare tonic echo (Unix socket)",
-        #[cfg(feature = "peers")]
-        "peer: iceoryx2 request-response (busy-poll)",
-    ]
-    .into_iter()
-    .map(|name| Contender {
-        name,
-        samples: Vec::new(),
-    })
-    .collect();
-    let mut one_round = |index: usize, iters: usize, samples: &mut Vec<Duration>| match index {
-        0 => ring_round(&spin_dir, WaitMode::Spin, iters, samples),
-        1 => ring_round(&sleep_dir, WaitMode::Sleep, iters, samples),
-        2 => client_rt.block_on(async {
-            for i in 0..iters as u64 {
-                let start = Instant::now();
-                let out = native_session.call(native_handle, 0, &[i, 1], &[], 0).await.unwrap();
-                samples.push(start.elapsed());
-                assert_eq!(out.scalars, [i + 1]);
-            }
-        }),
-        3 => client_rt.block_on(grpc::measure(&mut grpc_stream, grpc_handle, iters, samples)),
-        4 => uds_round(iters, samples),
-        5 => client_rt.block_on(grpc::measure(&mut echo_stream, 0, iters, samples)),
-        #[cfg(feature = "peers")]
-        6 => iceoryx2_round(iters, samples),
-        _ => unreachable!(),
+    let grpc = client_rt.block_on(grpc::broker_stream(&grpc_socket));
+    let echo = client_rt.block_on(grpc::echo_stream(&echo_socket));
+    let mut rig = Rig {
+        spin,
+        adaptive,
+        sleep,
+        client_rt,
+        native,
+        grpc,
+        echo,
     };
-    for index in 0..contenders.len() {
-        one_round(index, args.iters / 5, &mut Vec::new()); // warm-up
-    }
-    for _ in 0..args.rounds {
-        for (index, contender) in contenders.iter_mut().enumerate() {
-            one_round(index, args.iters, &mut contender.samples);
+
+    let mut plotted = Vec::new();
+    let as_it_comes = rig.table(args);
+    print_round_trips("idle policy as the machine comes", &as_it_comes, args);
+    plotted.push(("idle policy as the machine comes", as_it_comes));
+    match LatencyTuned::hold() {
+        Ok(tuned) => {
+            let table = rig.table(args);
+            drop(tuned);
+            let title = "latency-tuned idle (PM QoS CPU latency 0 µs)";
+            print_round_trips(title, &table, args);
+            plotted.push((title, table));
         }
+        Err(e) => println!("(no latency-tuned table: /dev/cpu_dma_latency: {e}; run as root)\n"),
     }
+    throughput(&rig.spin, &rig.adaptive, args);
+    checksum(&rig.adaptive, args);
+    unpin();
+    match plot_cdf(plot, &plotted) {
+        Ok(()) => println!("Latency distribution plot: `{}`\n", plot.display()),
+        Err(e) => println!("(no plot: {e})\n"),
+    }
+}
+
+/// The round-trip table of one idle policy, and the ratios the targets are about.
+fn print_round_trips(policy: &str, contenders: &[Contender], args: &Args) {
     let summaries: Vec<(&str, Summary)> = contenders
-        .iter_mut()
-        .map(|c| (c.name, summarize(&mut c.samples)))
+        .iter()
+        .map(|c| (c.name, summarize(&mut c.samples.clone())))
         .collect();
-    println!("### Every transport: `add` round trips (client CPU {CLIENT_CPU}, servers CPU {SERVER_CPU})\n");
+    println!("### Every transport: `add` round trips, {policy} (client CPU {CLIENT_CPU}, servers CPU {SERVER_CPU})\n");
     println!(
         "{} rounds × {} sequential round trips per contender, contenders alternating; ours run the full\npolicy check and dispatch; the peers only echo\n",
         args.rounds, args.iters
@@ -276,46 +431,35 @@ pub(crate) fn run(args: &Args, plot: &Path) {
         )
     };
     println!();
-    if let (Some(ring), Some(peer)) = (get("ring, spinning"), get("peer: iceoryx2")) {
-        println!(
-            "- ring (spin) / iceoryx2 request-response: {} (target ≤ 1.5×)",
-            ratio(ring, peer)
-        );
-    }
-    if let (Some(ring), Some(peer)) = (get("ring, sleeping"), get("peer: raw Unix")) {
-        println!(
-            "- ring (event) / raw Unix-socket ping-pong: {} (target ≤ 1.0×)",
-            ratio(ring, peer)
-        );
-    }
-    if let (Some(ours), Some(peer)) = (get("native socket"), get("peer: raw Unix")) {
-        println!("- native socket / raw Unix-socket ping-pong: {}", ratio(ours, peer));
-    }
-    if let (Some(ours), Some(peer)) = (get("gRPC"), get("peer: bare tonic")) {
-        println!("- gRPC session / bare tonic echo: {}", ratio(ours, peer));
+    let pairs: &[(&str, &str, &str)] = &[
+        ("ring, spinning", "peer: iceoryx2", " (target ≤ 1.5×)"),
+        ("ring, sleeping", "peer: raw Unix", " (target ≤ 1.0×)"),
+        ("ring, adaptive", "peer: raw Unix", ""),
+        ("ring, sleeping", "floor: bare eventfd", ""),
+        ("floor: bare eventfd", "peer: raw Unix", ""),
+        ("native socket", "peer: raw Unix", ""),
+        ("gRPC", "peer: bare tonic", ""),
+    ];
+    for (ours, peer, target) in pairs {
+        if let (Some(a), Some(b)) = (get(ours), get(peer)) {
+            println!("- {ours} / {peer}: {}{target}", ratio(a, b));
+        }
     }
     println!();
-    throughput(&spin_dir, &adaptive_dir, args);
-    checksum(&adaptive_dir, args);
-    unpin();
-    match plot_cdf(plot, &contenders) {
-        Ok(()) => println!("Latency distribution plot: `{}`\n", plot.display()),
-        Err(e) => println!("(no plot: {e})\n"),
-    }
 }
 
 /// Pipelined `add` over one ring: a window of requests in flight, for a fixed number of calls.
-fn throughput(spin_dir: &Path, adaptive_dir: &Path, args: &Args) {
+fn throughput(spin: &RingBroker, adaptive: &RingBroker, args: &Args) {
     const WINDOW: u64 = 4096;
     let calls = (args.iters as u64 * 400).max(200_000);
     println!("### Pipelined `add` over one ring ({calls} calls, {WINDOW} in flight, policy checks on)\n");
     println!("| broker ring thread / client | calls/s |");
     println!("|---|---|");
-    for (label, run_dir, wait) in [
-        ("spinning / spinning", spin_dir, WaitMode::Spin),
-        ("adaptive (default) / adaptive", adaptive_dir, WaitMode::Adaptive),
+    for (label, broker) in [
+        ("spinning / spinning", spin),
+        ("adaptive (default) / adaptive", adaptive),
     ] {
-        let (mut ring, h) = ring_client(run_dir, wait);
+        let (mut ring, h) = ring_client(&broker.dir, broker.wait);
         let start = Instant::now();
         let (mut sent, mut answered) = (0u64, 0u64);
         while answered < calls {
@@ -335,8 +479,8 @@ fn throughput(spin_dir: &Path, adaptive_dir: &Path, args: &Args) {
 
 /// `checksum_dma` over the whole 1 MiB dma buffer through the ring, against FNV-1a over the
 /// same bytes in this process.
-fn checksum(run_dir: &Path, args: &Args) {
-    let (mut ring, h) = ring_client(run_dir, WaitMode::Adaptive);
+fn checksum(broker: &RingBroker, args: &Args) {
+    let (mut ring, h) = ring_client(&broker.dir, broker.wait);
     let dma = ring.map_memory(h, 1).unwrap();
     let bytes: Vec<u8> = (0..1u32 << 20)
         .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
@@ -376,60 +520,84 @@ fn checksum(run_dir: &Path, args: &Args) {
     );
 }
 
-/// The latency distributions as CDFs on a log time axis.
-fn plot_cdf(path: &Path, contenders: &[Contender]) -> Result<(), Box<dyn std::error::Error>> {
+/// Line colours, one per contender (Tableau 10: told apart easily, also in print).
+const COLORS: [(u8, u8, u8); 10] = [
+    (31, 119, 180),
+    (255, 127, 14),
+    (44, 160, 44),
+    (214, 39, 40),
+    (148, 103, 189),
+    (140, 86, 75),
+    (227, 119, 194),
+    (127, 127, 127),
+    (188, 189, 34),
+    (23, 190, 207),
+];
+
+/// The latency distributions as CDFs on a log time axis, one panel per idle policy.
+fn plot_cdf(path: &Path, tables: &[(&str, Vec<Contender>)]) -> Result<(), Box<dyn std::error::Error>> {
     use plotters::prelude::*;
     let font = std::fs::read("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf")
         .map_err(|e| format!("DejaVuSans.ttf (Debian fonts-dejavu-core): {e}"))?;
     plotters::style::register_font("sans-serif", FontStyle::Normal, Box::leak(font.into_boxed_slice()))
         .map_err(|_| "the font does not load")?;
     let us = |d: &Duration| d.as_secs_f64() * 1e6;
-    let lo = contenders
-        .iter()
-        .filter_map(|c| c.samples.first())
-        .map(us)
-        .fold(f64::MAX, f64::min)
-        .max(0.05);
-    let hi = contenders
-        .iter()
-        .filter_map(|c| c.samples.get(c.samples.len() * 999 / 1000))
-        .map(us)
-        .fold(0.0, f64::max);
-    let root = BitMapBackend::new(path, (1200, 700)).into_drawing_area();
+    let height = 700 * u32::try_from(tables.len()).unwrap_or(1);
+    let root = BitMapBackend::new(path, (1200, height)).into_drawing_area();
     root.fill(&WHITE)?;
-    let mut chart = ChartBuilder::on(&root)
-        .caption("`add` round-trip latency, cumulative (to p99.9)", ("sans-serif", 26))
-        .margin(20)
-        .x_label_area_size(50)
-        .y_label_area_size(60)
-        .build_cartesian_2d((lo * 0.8..hi * 1.2).log_scale(), 0.0..1.0)?;
-    chart
-        .configure_mesh()
-        .x_desc("round trip (µs, log scale)")
-        .y_desc("fraction of calls")
-        .label_style(("sans-serif", 16))
-        .draw()?;
-    for (i, c) in contenders.iter().enumerate() {
-        let color = Palette99::pick(i).to_rgba();
-        let n = c.samples.len();
-        let points: Vec<(f64, f64)> = (0..=500)
-            .map(|k| {
-                let at = ((n - 1) * k / 500).min(n * 999 / 1000);
-                (us(&c.samples[at]), at as f64 / (n - 1) as f64)
+    for ((policy, contenders), area) in tables.iter().zip(root.split_evenly((tables.len(), 1))) {
+        let sorted: Vec<(&str, Vec<Duration>)> = contenders
+            .iter()
+            .filter(|c| !c.samples.is_empty())
+            .map(|c| {
+                let mut samples = c.samples.clone();
+                samples.sort_unstable();
+                (c.name, samples)
             })
             .collect();
+        let lo = sorted.iter().map(|(_, s)| us(&s[0])).fold(f64::MAX, f64::min).max(0.05);
+        let hi = sorted
+            .iter()
+            .map(|(_, s)| us(&s[s.len() * 999 / 1000]))
+            .fold(0.0, f64::max);
+        let mut chart = ChartBuilder::on(&area)
+            .caption(
+                format!("`add` round trip, cumulative to p99.9 — {policy}"),
+                ("sans-serif", 24),
+            )
+            .margin(20)
+            .x_label_area_size(50)
+            .y_label_area_size(60)
+            .build_cartesian_2d((lo * 0.8..hi * 1.2).log_scale(), 0.0..1.0)?;
         chart
-            .draw_series(LineSeries::new(points, color.stroke_width(3)))?
-            .label(c.name)
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(3)));
+            .configure_mesh()
+            .x_desc("round trip (µs, log scale)")
+            .y_desc("fraction of calls")
+            .label_style(("sans-serif", 16))
+            .draw()?;
+        for (i, (name, samples)) in sorted.iter().enumerate() {
+            let (r, g, b) = COLORS[i % COLORS.len()];
+            let color = RGBColor(r, g, b).to_rgba();
+            let n = samples.len();
+            let points: Vec<(f64, f64)> = (0..=500)
+                .map(|k| {
+                    let at = ((n - 1) * k / 500).min(n * 999 / 1000);
+                    (us(&samples[at]), at as f64 / (n - 1).max(1) as f64)
+                })
+                .collect();
+            chart
+                .draw_series(LineSeries::new(points, color.stroke_width(3)))?
+                .label(*name)
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(3)));
+        }
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::LowerRight)
+            .label_font(("sans-serif", 15))
+            .background_style(WHITE.mix(0.9))
+            .border_style(BLACK)
+            .draw()?;
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::LowerRight)
-        .label_font(("sans-serif", 16))
-        .background_style(WHITE.mix(0.9))
-        .border_style(BLACK)
-        .draw()?;
     root.present()?;
     Ok(())
 }

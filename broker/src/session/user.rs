@@ -540,7 +540,7 @@ impl Session {
             });
         }
         let uc = self.user_clients.get(&handle).ok_or_else(|| not_open(handle))?;
-        let service = uc.open.service().clone();
+        let service = uc.open.service();
         if service.is_terminated() {
             return Err(Refusal::new(
                 Status::NoDevice,
@@ -584,9 +584,8 @@ impl Session {
                 format!("a session may have at most {limit} pending calls"),
             ));
         }
-        let core = self.core.clone();
-        let notify_service = service.clone();
-        let notify = move |notice| core.notify(&notify_service, notice);
+        let core = &self.core;
+        let notify = |notice| core.notify(service, notice);
         let ctx = CallContext {
             memory: &uc.mappings,
             service: service.id(),

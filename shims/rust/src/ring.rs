@@ -32,7 +32,7 @@ use portcullis_proto::{
     Status,
     frame::{
         Body, ClientFrame, Event, Hello, MAX_FRAME, PROTOCOL_VERSION, Request, RequestFrame, ResponseFrame,
-        ServerFrame, ServiceSummary, encode,
+        ServerFrame, ServiceSummary, encode, encode_to,
     },
     layout::AbiId,
     ring::{RingSize, WaitMode},
@@ -91,6 +91,8 @@ pub struct RingClient {
     events: Vec<Event>,
     record: Vec<u8>,
     buf: Vec<u8>,
+    /// Where requests are encoded before they go to the ring.
+    scratch: Box<[u8]>,
 }
 
 fn io_err(e: impl std::fmt::Display) -> ClientError {
@@ -222,6 +224,7 @@ impl RingClient {
             events,
             record: Vec::new(),
             buf,
+            scratch: vec![0; MAX_FRAME].into_boxed_slice(),
         })
     }
 
@@ -229,9 +232,9 @@ impl RingClient {
     /// next [`RingClient::flush`] (or wait); when the ring is full this publishes, takes
     /// completions aside and waits for room — a full ring is back-pressure, never a lost call.
     pub fn submit(&mut self, request: Request) -> Result<u64, ClientError> {
-        let (id, bytes) = self.encode(request)?;
-        let mut since = Instant::now();
-        while !self.push(&bytes)? {
+        let (id, len) = self.encode(request)?;
+        let mut since = None;
+        while !self.push(len)? {
             self.flush();
             // Take completions aside so the broker is never stuck on a full completion ring.
             if !self.drain_completions()? {
@@ -246,22 +249,26 @@ impl RingClient {
     /// Queues a request if the submission ring has room: `Ok(None)` when it is full. Never
     /// waits and never reads completions.
     pub fn try_submit(&mut self, request: Request) -> Result<Option<u64>, ClientError> {
-        let (id, bytes) = self.encode(request)?;
-        Ok(self.push(&bytes)?.then_some(id))
+        let (id, len) = self.encode(request)?;
+        Ok(self.push(len)?.then_some(id))
     }
 
-    /// The request's frame under a fresh id.
-    fn encode(&mut self, request: Request) -> Result<(u64, Vec<u8>), ClientError> {
+    /// Encodes the request's frame, under a fresh id, into the scratch buffer; returns the id
+    /// and the frame's length.
+    fn encode(&mut self, request: Request) -> Result<(u64, usize), ClientError> {
         let id = self.next_id;
         self.next_id += 1;
-        let bytes = encode(&ClientFrame::Request(RequestFrame { id, request }))
-            .ok_or_else(|| ClientError::Protocol("request too large".into()))?;
-        Ok((id, bytes))
+        let len = encode_to(&ClientFrame::Request(RequestFrame { id, request }), &mut self.scratch)
+            .ok_or_else(|| ClientError::Protocol("request too large".into()))?
+            .len();
+        Ok((id, len))
     }
 
-    /// Writes a record if it fits; published at the next flush.
-    fn push(&mut self, bytes: &[u8]) -> Result<bool, ClientError> {
+    /// Writes the encoded request (the first `len` scratch bytes) if it fits; published at the
+    /// next flush.
+    fn push(&mut self, len: usize) -> Result<bool, ClientError> {
         let header = self.map.header();
+        let bytes = self.scratch.get(..len).unwrap_or_default();
         let pushed = self.sq.push(self.map.sq(), &header.sq_head.0, bytes).map_err(io_err)?;
         self.unflushed |= pushed;
         Ok(pushed)
@@ -334,7 +341,7 @@ impl RingClient {
     /// published. A `Goodbye` or the end of the socket while asleep ends the wait with an error.
     fn wait_for(
         &mut self,
-        since: &mut Instant,
+        since: &mut Option<Instant>,
         also: u32,
         ready: impl Fn(&RingClient) -> bool,
     ) -> Result<(), ClientError> {
@@ -343,7 +350,8 @@ impl RingClient {
         let sleep = match self.options.wait {
             WaitMode::Spin => false,
             WaitMode::Sleep => true,
-            WaitMode::Adaptive => since.elapsed() >= self.options.spin,
+            // The clock is read only once there is nothing to do.
+            WaitMode::Adaptive => since.get_or_insert_with(Instant::now).elapsed() >= self.options.spin,
         };
         if !sleep {
             std::hint::spin_loop();
@@ -364,7 +372,7 @@ impl RingClient {
                 other => return Err(ClientError::Protocol(format!("unexpected frame {other:?}"))),
             }
         }
-        *since = Instant::now();
+        *since = None;
         Ok(())
     }
 
@@ -377,7 +385,7 @@ impl RingClient {
         {
             return Ok(r);
         }
-        let mut since = Instant::now();
+        let mut since = None;
         loop {
             if let Some(r) = self.pop_completion()? {
                 return Ok(r);
@@ -389,7 +397,7 @@ impl RingClient {
     /// Waits for the response to request `id`; others that arrive meanwhile are kept.
     pub fn wait(&mut self, id: u64) -> Result<ResponseFrame, ClientError> {
         self.flush();
-        let mut since = Instant::now();
+        let mut since = None;
         loop {
             if let Some(r) = self.parked.remove(&id) {
                 return Ok(r);

@@ -24,7 +24,7 @@ use std::{
 
 use portcullis_proto::{
     Status,
-    frame::{ClientFrame, Event, Request, RequestFrame, ServerFrame, encode},
+    frame::{ClientFrame, Event, MAX_FRAME, Request, RequestFrame, ServerFrame, encode, encode_to},
     ring::{RingError, RingSize, WaitMode},
 };
 use portcullis_ring::{Consumer, Mapping, Producer, wake};
@@ -203,7 +203,10 @@ struct Worker {
     backlog_bytes: usize,
     options: RingConfig,
     runtime: tokio::runtime::Handle,
+    /// The submission being decoded, copied out of the ring.
     record: Vec<u8>,
+    /// Where completions are encoded before they go to the ring.
+    scratch: Box<[u8]>,
     _live: Live,
 }
 
@@ -250,6 +253,7 @@ impl Worker {
             options,
             runtime: tokio::runtime::Handle::current(),
             record: Vec::new(),
+            scratch: vec![0; MAX_FRAME].into_boxed_slice(),
             _live: live,
         };
         Ok(Built {
@@ -265,7 +269,8 @@ impl Worker {
     fn run(mut self) -> Option<String> {
         let _runtime = self.runtime.enter();
         let spin = Duration::from_micros(self.options.spin_us);
-        let mut idle_since = Instant::now();
+        // When the ring went idle; the clock is read only once there is nothing to do.
+        let mut idle_since: Option<Instant> = None;
         loop {
             if self.closed.load(Ordering::Acquire) {
                 return None;
@@ -277,7 +282,7 @@ impl Worker {
                     return Some(reason);
                 }
                 Ok(true) => {
-                    idle_since = Instant::now();
+                    idle_since = None;
                     continue;
                 }
                 Ok(false) => {}
@@ -285,7 +290,7 @@ impl Worker {
             let sleep = match self.options.wait {
                 WaitMode::Spin => false,
                 WaitMode::Sleep => true,
-                WaitMode::Adaptive => idle_since.elapsed() >= spin,
+                WaitMode::Adaptive => idle_since.get_or_insert_with(Instant::now).elapsed() >= spin,
             };
             if sleep {
                 let header = self.map.header();
@@ -327,11 +332,11 @@ impl Worker {
                 Err(_) => break,
             }
         }
+        let mut pushed = false;
         if self.backlog.is_empty() {
-            progress |= self.take_submissions()?;
+            progress |= self.take_submissions(&mut pushed)?;
         }
         let header = self.map.header();
-        let mut pushed = false;
         while let Some(front) = self.backlog.front() {
             if !self.cq.push(self.map.cq(), &header.cq_head.0, front)? {
                 break;
@@ -347,13 +352,17 @@ impl Worker {
         Ok(progress)
     }
 
-    fn take_submissions(&mut self) -> Result<bool, Broken> {
+    /// Executes submissions; their completions go straight to the completion ring while it
+    /// has room (`pushed` says so), to the backlog after that.
+    fn take_submissions(&mut self, pushed: &mut bool) -> Result<bool, Broken> {
         let header = self.map.header();
         let mut taken = 0;
         let mut session: Option<MutexGuard<'_, Session>> = None;
         let mut out = Outbox {
             backlog: &mut self.backlog,
             bytes: &mut self.backlog_bytes,
+            ring: Some((&mut self.cq, &self.map, pushed)),
+            scratch: &mut self.scratch,
         };
         while taken < BATCH && *out.bytes < BACKLOG_BYTES {
             if !self.sq.pop(self.map.sq(), &header.sq_tail.0, &mut self.record)? {
@@ -381,11 +390,8 @@ impl Worker {
     }
 
     fn push_backlog(&mut self, frame: Vec<u8>) {
-        Outbox {
-            backlog: &mut self.backlog,
-            bytes: &mut self.backlog_bytes,
-        }
-        .push(frame);
+        self.backlog_bytes += frame.len();
+        self.backlog.push_back(frame);
     }
 
     /// Best effort: a `Goodbye` in the completion ring before it is abandoned.
@@ -404,22 +410,34 @@ impl Worker {
     }
 }
 
+/// Where completions go: encoded in the scratch buffer, then straight into the completion
+/// ring while nothing waits in the backlog and the ring has room (no allocation, one copy),
+/// into the backlog otherwise, so that they stay in order.
 struct Outbox<'a> {
     backlog: &'a mut VecDeque<Vec<u8>>,
     bytes: &'a mut usize,
+    /// The completion ring, its mapping, and whether anything was pushed to it (unpublished).
+    ring: Option<(&'a mut Producer, &'a Mapping, &'a mut bool)>,
+    scratch: &'a mut [u8],
 }
 
 impl Outbox<'_> {
-    fn push(&mut self, frame: Vec<u8>) {
-        *self.bytes += frame.len();
-        self.backlog.push_back(frame);
-    }
-
     fn frame(&mut self, frame: &ServerFrame) {
-        match encode(frame) {
-            Some(bytes) => self.push(bytes),
-            None => tracing::error!("a completion too large to encode was dropped"),
+        let Some(bytes) = encode_to(frame, self.scratch) else {
+            tracing::error!("a completion too large to encode was dropped");
+            return;
+        };
+        if self.backlog.is_empty()
+            && let Some((cq, map, pushed)) = &mut self.ring
+            // An error (a corrupt head) leaves the frame to the backlog, whose flush meets the
+            // same error and ends the ring.
+            && matches!(cq.push(map.cq(), &map.header().cq_head.0, bytes), Ok(true))
+        {
+            **pushed = true;
+            return;
         }
+        *self.bytes += bytes.len();
+        self.backlog.push_back(bytes.to_vec());
     }
 }
 
