@@ -159,3 +159,58 @@ fn waiter_wakes_on_the_client_eventfd_without_reading_it() {
     rustix::io::read(&client, &mut counter).unwrap();
     assert_eq!(u64::from_ne_bytes(counter), 1);
 }
+
+#[test]
+fn doorbell_ring_never_blocks_whatever_the_sleeper_does_with_its_end() {
+    use std::time::{Duration, Instant};
+    let (reader, writer) = crate::wake::doorbell().unwrap();
+    // The sleeper makes its end blocking, never drains, and cannot write through it.
+    let flags = rustix::fs::fcntl_getfl(&reader).unwrap();
+    rustix::fs::fcntl_setfl(&reader, flags - rustix::fs::OFlags::NONBLOCK).unwrap();
+    assert!(rustix::io::write(&reader, &1u64.to_ne_bytes()).is_err());
+    // Far more rings than the pipe holds: each returns at once (a full pipe is EAGAIN). On a
+    // thread, so that a ring that blocked fails the test instead of hanging it.
+    let (done, finished) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let start = Instant::now();
+        for _ in 0..100_000 {
+            crate::wake::ring(&writer);
+        }
+        let full = rustix::io::write(&writer, &1u64.to_ne_bytes()).is_err();
+        let _ = done.send((start.elapsed(), full));
+    });
+    let (took, full) = finished.recv_timeout(Duration::from_secs(30)).expect("a ring blocked");
+    assert!(took < Duration::from_secs(10), "100,000 rings took {took:?}");
+    assert!(full, "the pipe filled up");
+    drop(reader);
+}
+
+#[test]
+fn waiter_wakes_on_a_doorbell_rung_after_it_was_drained() {
+    use std::time::{Duration, Instant};
+    let (reader, writer) = crate::wake::doorbell().unwrap();
+    let waiter = crate::wake::Waiter::new(&reader).unwrap();
+    for _ in 0..10_000 {
+        crate::wake::ring(&writer);
+    }
+    crate::wake::drain(&reader);
+    let mut byte = [0u8; 1];
+    assert!(rustix::io::read(&reader, &mut byte).is_err(), "drained to empty");
+    // A stale edge may end the first wait at once; after that, only a ring ends one early.
+    let _ = waiter.wait(Duration::from_millis(1)).unwrap();
+    let start = Instant::now();
+    let _ = waiter.wait(Duration::from_millis(200)).unwrap();
+    assert!(start.elapsed() >= Duration::from_millis(150), "no ring, so the timeout");
+    let ringer = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(50));
+        crate::wake::ring(&writer);
+        writer
+    });
+    let start = Instant::now();
+    let _ = waiter.wait(Duration::from_secs(5)).unwrap();
+    assert!(
+        start.elapsed() < Duration::from_secs(4),
+        "woken by the ring, not the timeout"
+    );
+    drop(ringer.join().unwrap());
+}

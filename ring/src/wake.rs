@@ -1,10 +1,18 @@
 //! Sleeping and waking. A side about to sleep sets its `*_sleeping` word, re-checks for work,
 //! and only then waits; a side that publishes work checks the other's word after a fence and
-//! rings the other's eventfd only when it is set. The two fences make the pair a Dekker
+//! rings the other's doorbell only when it is set. The two fences make the pair a Dekker
 //! handshake: either the sleeper sees the work, or the waker sees the flag.
 //!
-//! The broker never reads the eventfd the client rings (an edge-triggered epoll reports each
-//! write), so a client that drains it or makes it blocking cannot stall the broker.
+//! The broker's doorbell is an eventfd the client rings. The broker never reads it (an
+//! edge-triggered epoll reports each write), so nothing the client does to it can make the
+//! broker block.
+//!
+//! The client's doorbell is a pipe ([`doorbell`]), not an eventfd: a descriptor passed to the
+//! client shares its open file description, and with it `O_NONBLOCK`. A client that cleared
+//! `O_NONBLOCK` on a shared eventfd and wrote it full would make the broker's next wake-up write
+//! block (Linux has no per-call non-blocking eventfd write: `RWF_NOWAIT` gives `EOPNOTSUPP`).
+//! A pipe's ends are two descriptions: the broker alone holds the write end, and the client's
+//! read end cannot write.
 
 use std::{
     io,
@@ -23,9 +31,27 @@ pub fn eventfd() -> io::Result<OwnedFd> {
     )?)
 }
 
-/// Rings an eventfd: adds 1 without blocking (a full counter already means "wake up").
+/// Rings a doorbell, an eventfd or the write end of a [`doorbell`] pipe: writes a `u64` 1
+/// without blocking (a full counter or pipe already means "wake up").
 pub fn ring(fd: impl AsFd) {
     let _ = rustix::io::write(fd, &1u64.to_ne_bytes());
+}
+
+/// A doorbell pipe, non-blocking and close-on-exec at both ends: `(read end, write end)`. The
+/// waker keeps the write end and a copy of the read end (never read: the pipe always has a
+/// reader, so a write never raises `SIGPIPE`); the sleeper gets the read end and
+/// [`drain`]s it before it sleeps.
+pub fn doorbell() -> io::Result<(OwnedFd, OwnedFd)> {
+    Ok(rustix::pipe::pipe_with(
+        rustix::pipe::PipeFlags::CLOEXEC | rustix::pipe::PipeFlags::NONBLOCK,
+    )?)
+}
+
+/// Empties the read end of a doorbell pipe, without blocking while it is non-blocking. Done
+/// before announcing sleep, so that a ring that comes later stays readable.
+pub fn drain(fd: impl AsFd) {
+    let mut buf = [0u8; 512];
+    while matches!(rustix::io::read(&fd, &mut buf), Ok(n) if n == buf.len()) {}
 }
 
 /// A `*_sleeping` bit: wake me when the other side publishes records (a tail).
@@ -62,10 +88,10 @@ fn timespec(timeout: Duration) -> Timespec {
     }
 }
 
-/// A wait on the other side's eventfd, edge-triggered and never read (each write is an edge,
-/// so nothing needs draining and the other side cannot make a read block), plus a private
-/// eventfd this side's own threads ring, plus any level-triggered descriptors watched (the
-/// client watches its socket).
+/// A wait on the other side's doorbell, edge-triggered (each write is an edge: the broker never
+/// reads the client's eventfd, the client drains its pipe only before it sleeps), plus a
+/// private eventfd this side's own threads ring, plus any level-triggered descriptors watched
+/// (the client watches its socket).
 #[derive(Debug)]
 pub struct Waiter {
     epoll: OwnedFd,
@@ -88,7 +114,7 @@ impl Waiter {
         Ok(())
     }
 
-    /// Watches `client` (the eventfd the other side rings).
+    /// Watches `client` (the doorbell the other side rings).
     pub fn new(client: impl AsFd) -> io::Result<Waiter> {
         let epoll = epoll::create(epoll::CreateFlags::CLOEXEC)?;
         let private = eventfd()?;

@@ -142,7 +142,7 @@ int pc_map_memory(pc_conn *conn, uint64_t handle, uint32_t memory_type, void **a
 
 /* How pc_ring_enable's connection waits for completions. */
 enum pc_ring_wait {
-    PC_RING_ADAPTIVE = 0, /* spin for about 50 µs, then sleep on the eventfd */
+    PC_RING_ADAPTIVE = 0, /* spin for about 50 µs, then sleep until the broker wakes us */
     PC_RING_SPIN = 1,     /* only spin (lowest latency; a core while waiting) */
     PC_RING_SLEEP = 2     /* only sleep */
 };

@@ -33,13 +33,13 @@ struct pc_conn {
     size_t ev_head, ev_len;
     uint64_t ev_lost;
     int fd_in;       /* the first descriptor that came with the last frame, or -1 */
-    int fd_more[2];  /* the second and third (the ring's eventfds), or -1 */
+    int fd_more[2];  /* the second and third (the broker's eventfd, our doorbell pipe), or -1 */
     struct pc_ring {
         unsigned char *base; /* NULL until pc_ring_enable */
         size_t len;
         uint32_t sq_size, cq_size;
         uint32_t sq_tail, cq_head; /* ours; the shared copies are only written */
-        int efd_broker, efd_client;
+        int efd_broker, efd_client; /* the broker's eventfd; our doorbell pipe's read end */
         int wait;
     } ring;
 };
@@ -159,7 +159,8 @@ static int ring_pop(pc_conn *c, size_t *len) {
 }
 
 /* Waits until a completion is published (1), the socket has a frame (2), or the timeout
- * passes (PC_TIMEOUT). Spins first unless told to sleep; sleeps on the eventfd. */
+ * passes (PC_TIMEOUT). Spins first unless told to sleep; sleeps on the doorbell pipe the broker
+ * writes, and empties it on waking. */
 static int ring_wait(pc_conn *c, int timeout_ms) {
     struct timespec start;
     clock_gettime(CLOCK_MONOTONIC, &start);
@@ -184,9 +185,9 @@ static int ring_wait(pc_conn *c, int timeout_ms) {
         ready = poll(pfd, 2, left < 1000 ? left : 1000);
         __atomic_store_n(ring_word(c, RING_CLIENT_SLEEPING), 0, __ATOMIC_RELAXED);
         if (ready > 0 && pfd[0].revents) {
-            uint64_t counter;
-            ssize_t got = read(c->ring.efd_client, &counter, sizeof counter);
-            (void)got;
+            unsigned char drained[512];
+            ssize_t got = read(c->ring.efd_client, drained, sizeof drained);
+            (void)got; /* what is left makes the next poll return at once */
         }
         if (ready > 0 && pfd[1].revents && ring_load(c, RING_CQ_TAIL) == c->ring.cq_head) return 2;
     }

@@ -82,7 +82,9 @@ pub struct RingClient {
     sq: Producer,
     cq: Consumer,
     to_broker: OwnedFd,
-    /// Sleeps on the broker's eventfd (edge-triggered, never read) and the socket.
+    /// The read end of the doorbell pipe the broker rings; drained before each sleep.
+    doorbell: OwnedFd,
+    /// Sleeps on the doorbell (edge-triggered) and the socket.
     waiter: wake::Waiter,
     options: RingOptions,
     next_id: u64,
@@ -201,13 +203,13 @@ impl RingClient {
             Body::Ring { sq_size, cq_size } => (sq_size, cq_size),
             other => return Err(ClientError::Protocol(format!("unexpected {other:?}"))),
         };
-        let [memfd, to_broker, to_client]: [OwnedFd; 3] = fds.try_into().map_err(|fds: Vec<OwnedFd>| {
+        let [memfd, to_broker, doorbell]: [OwnedFd; 3] = fds.try_into().map_err(|fds: Vec<OwnedFd>| {
             ClientError::Protocol(format!("{} descriptors with the ring, not 3", fds.len()))
         })?;
         let sq = RingSize::requested(sq_size).map_err(io_err)?;
         let cq = RingSize::requested(cq_size).map_err(io_err)?;
         let map = Mapping::map(&memfd, sq, cq).map_err(io_err)?;
-        let waiter = wake::Waiter::new(&to_client).map_err(io_err)?;
+        let waiter = wake::Waiter::new(&doorbell).map_err(io_err)?;
         waiter.watch(&sock).map_err(io_err)?;
         Ok(RingClient {
             sock,
@@ -216,6 +218,7 @@ impl RingClient {
             sq: Producer::new("submission", sq),
             cq: Consumer::new("completion", cq),
             to_broker,
+            doorbell,
             waiter,
             options,
             next_id: 1,
@@ -358,6 +361,7 @@ impl RingClient {
             return Ok(());
         }
         let mut socket_ready = false;
+        wake::drain(&self.doorbell);
         wake::sleep_unless(
             &header.client_sleeping.0,
             wake::ON_RECORDS | also,
@@ -506,5 +510,12 @@ impl RingClient {
     #[doc(hidden)]
     pub fn broker_eventfd(&self) -> std::os::fd::BorrowedFd<'_> {
         self.to_broker.as_fd()
+    }
+
+    /// The read end of the doorbell pipe that wakes this client, for tests that play a
+    /// hostile client.
+    #[doc(hidden)]
+    pub fn doorbell(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.doorbell.as_fd()
     }
 }

@@ -1,7 +1,8 @@
 //! The shared-memory ring: every sample method through it, many clients pipelining, and
 //! hostile clients (bytes flipped under the broker, garbage in the header, indices past the
-//! ring, a client that never reads completions, a client killed mid-batch). After each, a
-//! fresh client is served and `portcullis stats` shows nothing left behind.
+//! ring, a client that never reads completions, one that blocks and never drains its doorbell,
+//! a client killed mid-batch). After each, a fresh client is served and `portcullis stats`
+//! shows nothing left behind.
 
 use std::{
     collections::HashMap,
@@ -415,6 +416,38 @@ fn ring_client_that_never_reads_completions_cannot_block_or_grow_the_broker() {
     }
     drop(ring);
     broker.assert_no_leaks(baseline);
+}
+
+#[test]
+fn ring_client_that_blocks_and_never_drains_its_doorbell_cannot_stall_the_broker() {
+    let broker = Broker::start();
+    let baseline = broker.baseline_fds();
+    let spin = RingOptions {
+        wait: WaitMode::Spin,
+        ..RingOptions::default()
+    };
+    let (mut ring, h) = ring_client_with(&broker, spin);
+    // What would stall a broker sharing an eventfd with its client: make it blocking, fill it.
+    // The doorbell is the read end of a pipe: it can be made blocking, but not written.
+    let bell = ring.doorbell();
+    let flags = rustix::fs::fcntl_getfl(bell).unwrap();
+    rustix::fs::fcntl_setfl(bell, flags - rustix::fs::OFlags::NONBLOCK).unwrap();
+    assert!(rustix::io::write(bell, &(u64::MAX - 1).to_ne_bytes()).is_err());
+    // Claim to sleep, so that the broker rings at every completion, and never drain (a spinning
+    // client never does): the pipe fills after 8,192 rings and the broker must not care.
+    store_word(&ring.mapping().header().client_sleeping.0, wake::ON_RECORDS);
+    // One call at a time, so that every completion is published (and rung) on its own.
+    for i in 0..30_000u64 {
+        assert_eq!(ring.call(h, 0, &[i, 1], &[], 0).unwrap().scalars, [i + 1]);
+    }
+    let queued = rustix::io::ioctl_fionread(ring.doorbell()).unwrap();
+    assert!(queued >= 60_000, "the broker's rings filled the pipe ({queued} bytes)");
+    let started = Instant::now();
+    assert_fresh_client_served(&broker);
+    assert!(started.elapsed() < Duration::from_secs(2));
+    drop(ring);
+    broker.assert_no_leaks(baseline);
+    assert!(!broker.log().contains("did not stop"), "{}", broker.log());
 }
 
 #[test]

@@ -55,7 +55,8 @@ pub(super) struct RingHandle {
     lost: u64,
 }
 
-/// What `EnableRing` answers: the sizes, and the memfd and the two eventfds for the client.
+/// What `EnableRing` answers: the sizes, and the memfd, the broker's eventfd and the client's
+/// doorbell pipe for the client.
 pub(super) struct Enabled {
     pub(super) handle: RingHandle,
     pub(super) sq_size: u32,
@@ -193,7 +194,10 @@ struct Worker {
     sq: Consumer,
     cq: Producer,
     waiter: wake::Waiter,
+    /// The write end of the client's doorbell pipe (only the broker holds it).
     to_client: OwnedFd,
+    /// A copy of the pipe's read end, never read: the pipe always has a reader.
+    _doorbell_reader: OwnedFd,
     session: Arc<Mutex<Session>>,
     inbox: mpsc::Receiver<Vec<u8>>,
     inbox_tx: mpsc::Sender<Vec<u8>>,
@@ -213,7 +217,8 @@ struct Worker {
 /// A new ring's worker, and what the client and the tokio side keep of it.
 struct Built {
     worker: Worker,
-    /// The memfd, the eventfd that wakes the broker, the eventfd that wakes the client.
+    /// The memfd, the eventfd that wakes the broker, the read end of the pipe that wakes the
+    /// client.
     client_fds: [OwnedFd; 3],
     inbox: mpsc::Sender<Vec<u8>>,
     wake: Arc<OwnedFd>,
@@ -231,10 +236,10 @@ impl Worker {
     ) -> std::io::Result<Built> {
         let (memfd, map) = Mapping::create(sq, cq)?;
         let to_broker = wake::eventfd()?;
-        let to_client = wake::eventfd()?;
+        let (doorbell_reader, to_client) = wake::doorbell()?;
         let waiter = wake::Waiter::new(&to_broker)?;
         let wake = Arc::new(waiter.private_clone()?);
-        let client_fds = [memfd, to_broker, to_client.try_clone()?];
+        let client_fds = [memfd, to_broker, doorbell_reader.try_clone()?];
         let (inbox_tx, inbox) = mpsc::channel(INBOX);
         let closed = Arc::new(AtomicBool::new(false));
         let worker = Worker {
@@ -243,6 +248,7 @@ impl Worker {
             map,
             waiter,
             to_client,
+            _doorbell_reader: doorbell_reader,
             session,
             inbox,
             inbox_tx: inbox_tx.clone(),
