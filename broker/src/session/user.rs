@@ -529,8 +529,9 @@ impl Session {
         struct_out_cap: u32,
     ) -> Result<CallStarted, Refusal> {
         self.refresh();
+        let uc = self.user_clients.get_mut(&handle).ok_or_else(|| not_open(handle))?;
         // The grant's rate limit counts every call of the user client, refused ones too.
-        if let Some((bucket, rule)) = self.user_clients.get_mut(&handle).and_then(|uc| uc.rate.as_mut())
+        if let Some((bucket, rule)) = uc.rate.as_mut()
             && !bucket.take()
         {
             return Err(Refusal {
@@ -539,7 +540,7 @@ impl Session {
                 rule: Some(rule.clone()),
             });
         }
-        let uc = self.user_clients.get(&handle).ok_or_else(|| not_open(handle))?;
+        let uc = &*uc;
         let service = uc.open.service();
         if service.is_terminated() {
             return Err(Refusal::new(
