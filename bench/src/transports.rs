@@ -242,22 +242,42 @@ fn fnv1a(bytes: &[u8]) -> u64 {
 }
 
 struct Contender {
+    kind: Kind,
     name: &'static str,
     samples: Vec<Duration>,
 }
 
-/// The contenders of the round-trip table, in the order they take turns.
-const CONTENDERS: &[&str] = &[
-    "ring, spinning (broker and client spin)",
-    "ring, adaptive (the default: spin 50 µs, then sleep)",
-    "ring, sleeping (woken by eventfd and pipe)",
-    "native socket (SOCK_SEQPACKET)",
-    "gRPC session (Unix socket)",
-    "peer: raw Unix-socket ping-pong",
-    "peer: bare tonic echo (Unix socket)",
+/// What a contender is.
+#[derive(Clone, Copy)]
+enum Kind {
+    RingSpin,
+    RingAdaptive,
+    RingSleep,
+    Native,
+    Grpc,
+    RawUds,
+    TonicEcho,
     #[cfg(feature = "peers")]
-    "peer: iceoryx2 request-response (busy-poll)",
-    "floor: bare eventfd ping-pong (no ring, no work)",
+    Iceoryx2,
+    EventfdFloor,
+}
+
+/// The contenders of the round-trip table, in the order they take turns. The ratios below the
+/// table find them by these names' beginnings.
+const CONTENDERS: &[(Kind, &str)] = &[
+    (Kind::RingSpin, "ring, spinning (broker and client spin)"),
+    (
+        Kind::RingAdaptive,
+        "ring, adaptive (the default: spin 50 µs, then sleep)",
+    ),
+    (Kind::RingSleep, "ring, sleeping (woken by eventfd and pipe)"),
+    (Kind::Native, "native socket (SOCK_SEQPACKET)"),
+    (Kind::Grpc, "gRPC session (Unix socket)"),
+    (Kind::RawUds, "peer: raw Unix-socket ping-pong"),
+    (Kind::TonicEcho, "peer: bare tonic echo (Unix socket)"),
+    #[cfg(feature = "peers")]
+    (Kind::Iceoryx2, "peer: iceoryx2 request-response (busy-poll)"),
+    (Kind::EventfdFloor, "floor: bare eventfd ping-pong (no ring, no work)"),
 ];
 
 /// Everything the round-trip table talks to, set up once.
@@ -272,40 +292,33 @@ struct Rig {
 }
 
 impl Rig {
-    fn round(&mut self, name: &str, iters: usize, samples: &mut Vec<Duration>) {
-        let starts = |prefix: &str| name.starts_with(prefix);
-        if starts("ring, spinning") {
-            ring_round(&self.spin, iters, samples);
-        } else if starts("ring, adaptive") {
-            ring_round(&self.adaptive, iters, samples);
-        } else if starts("ring, sleeping") {
-            ring_round(&self.sleep, iters, samples);
-        } else if starts("native socket") {
-            let (session, handle) = &mut self.native;
-            self.client_rt.block_on(async {
-                for i in 0..iters as u64 {
-                    let start = Instant::now();
-                    let out = session.call(*handle, 0, &[i, 1], &[], 0).await.unwrap();
-                    samples.push(start.elapsed());
-                    assert_eq!(out.scalars, [i + 1]);
-                }
-            });
-        } else if starts("gRPC session") {
-            let (stream, handle) = &mut self.grpc;
-            self.client_rt.block_on(grpc::measure(stream, *handle, iters, samples));
-        } else if starts("peer: raw Unix") {
-            uds_round(iters, samples);
-        } else if starts("peer: bare tonic") {
-            self.client_rt
-                .block_on(grpc::measure(&mut self.echo, 0, iters, samples));
-        } else if starts("floor: bare eventfd") {
-            eventfd_round(iters, samples);
-        } else {
-            #[cfg(feature = "peers")]
-            if starts("peer: iceoryx2") {
-                return iceoryx2_round(iters, samples);
+    fn round(&mut self, kind: Kind, iters: usize, samples: &mut Vec<Duration>) {
+        match kind {
+            Kind::RingSpin => ring_round(&self.spin, iters, samples),
+            Kind::RingAdaptive => ring_round(&self.adaptive, iters, samples),
+            Kind::RingSleep => ring_round(&self.sleep, iters, samples),
+            Kind::Native => {
+                let (session, handle) = &mut self.native;
+                self.client_rt.block_on(async {
+                    for i in 0..iters as u64 {
+                        let start = Instant::now();
+                        let out = session.call(*handle, 0, &[i, 1], &[], 0).await.unwrap();
+                        samples.push(start.elapsed());
+                        assert_eq!(out.scalars, [i + 1]);
+                    }
+                });
             }
-            unreachable!("{name}");
+            Kind::Grpc => {
+                let (stream, handle) = &mut self.grpc;
+                self.client_rt.block_on(grpc::measure(stream, *handle, iters, samples));
+            }
+            Kind::RawUds => uds_round(iters, samples),
+            Kind::TonicEcho => self
+                .client_rt
+                .block_on(grpc::measure(&mut self.echo, 0, iters, samples)),
+            #[cfg(feature = "peers")]
+            Kind::Iceoryx2 => iceoryx2_round(iters, samples),
+            Kind::EventfdFloor => eventfd_round(iters, samples),
         }
     }
 
@@ -313,17 +326,18 @@ impl Rig {
     fn table(&mut self, args: &Args) -> Vec<Contender> {
         let mut contenders: Vec<Contender> = CONTENDERS
             .iter()
-            .map(|&name| Contender {
+            .map(|&(kind, name)| Contender {
+                kind,
                 name,
                 samples: Vec::new(),
             })
             .collect();
         for c in &contenders {
-            self.round(c.name, args.iters / 5, &mut Vec::new());
+            self.round(c.kind, args.iters / 5, &mut Vec::new());
         }
         for _ in 0..args.rounds {
             for c in &mut contenders {
-                self.round(c.name, args.iters, &mut c.samples);
+                self.round(c.kind, args.iters, &mut c.samples);
             }
         }
         contenders
@@ -333,13 +347,15 @@ impl Rig {
 /// While alive, holds the PM QoS CPU latency request at 0 µs (`/dev/cpu_dma_latency`, root
 /// only): idle CPUs poll instead of entering an idle state. The kernel drops the request when
 /// the file is closed, so nothing outlives the bench.
-struct LatencyTuned(#[allow(dead_code)] std::fs::File);
+struct LatencyTuned {
+    _request: std::fs::File,
+}
 
 impl LatencyTuned {
     fn hold() -> std::io::Result<LatencyTuned> {
         let mut file = std::fs::OpenOptions::new().write(true).open("/dev/cpu_dma_latency")?;
         file.write_all(&0i32.to_ne_bytes())?;
-        Ok(LatencyTuned(file))
+        Ok(LatencyTuned { _request: file })
     }
 }
 

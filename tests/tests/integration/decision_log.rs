@@ -183,8 +183,13 @@ async fn audit_mode_lets_requests_through_and_logs_would_deny() {
         session.call_named(&uc, "add", &[1, 2], &[]).await.unwrap().scalars,
         vec![3]
     );
+    // Wait for both records themselves: other would-deny lines (finding the service, say) may
+    // come first, and the call's line is written after the call returns.
     let all = wait_for(&log, |all| {
-        all.iter().filter(|r| r["decision"] == "would_deny").count() >= 2
+        ["admission", "call"].iter().all(|event| {
+            all.iter()
+                .any(|r| r["event"] == *event && r["decision"] == "would_deny")
+        })
     })
     .await;
     let admission = all

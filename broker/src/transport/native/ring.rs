@@ -367,7 +367,9 @@ impl Worker {
         let mut out = Outbox {
             backlog: &mut self.backlog,
             bytes: &mut self.backlog_bytes,
-            ring: Some((&mut self.cq, &self.map, pushed)),
+            cq: &mut self.cq,
+            map: &self.map,
+            pushed,
             scratch: &mut self.scratch,
         };
         while taken < BATCH && *out.bytes < BACKLOG_BYTES {
@@ -422,8 +424,10 @@ impl Worker {
 struct Outbox<'a> {
     backlog: &'a mut VecDeque<Vec<u8>>,
     bytes: &'a mut usize,
-    /// The completion ring, its mapping, and whether anything was pushed to it (unpublished).
-    ring: Option<(&'a mut Producer, &'a Mapping, &'a mut bool)>,
+    cq: &'a mut Producer,
+    map: &'a Mapping,
+    /// Whether anything was pushed to the completion ring (not yet published).
+    pushed: &'a mut bool,
     scratch: &'a mut [u8],
 }
 
@@ -433,13 +437,15 @@ impl Outbox<'_> {
             tracing::error!("a completion too large to encode was dropped");
             return;
         };
+        // An error (a corrupt head) leaves the frame to the backlog, whose flush meets the same
+        // error and ends the ring.
         if self.backlog.is_empty()
-            && let Some((cq, map, pushed)) = &mut self.ring
-            // An error (a corrupt head) leaves the frame to the backlog, whose flush meets the
-            // same error and ends the ring.
-            && matches!(cq.push(map.cq(), &map.header().cq_head.0, bytes), Ok(true))
+            && matches!(
+                self.cq.push(self.map.cq(), &self.map.header().cq_head.0, bytes),
+                Ok(true)
+            )
         {
-            **pushed = true;
+            *self.pushed = true;
             return;
         }
         *self.bytes += bytes.len();
