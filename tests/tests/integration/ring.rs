@@ -39,6 +39,17 @@ fn ring_client_with(broker: &Broker, options: RingOptions) -> (RingClient, u64) 
     (ring, handle)
 }
 
+/// An `echo` of 4,000 bytes of `fill` (answered with as many): fills rings quickly.
+fn echo_4k(handle: u64, fill: u8) -> Request {
+    Request::Call {
+        handle,
+        selector: 1,
+        scalars: vec![],
+        struct_in: vec![fill; 4000],
+        struct_out_len: 4096,
+    }
+}
+
 fn assert_fresh_client_served(broker: &Broker) {
     let (mut ring, h) = ring_client(broker);
     assert_eq!(ring.call(h, 0, &[40, 2], &[], 0).unwrap().scalars, vec![42]);
@@ -295,13 +306,7 @@ fn ring_garbage_in_every_header_field_is_survived() {
         let (mut ring, h) = ring_client(&broker);
         ring.call(h, 0, &[1, 1], &[], 0).unwrap();
         store_word(&ring.mapping().header().cq_head.0, value);
-        let echo = Request::Call {
-            handle: h,
-            selector: 1,
-            scalars: vec![],
-            struct_in: vec![7; 4000],
-            struct_out_len: 4096,
-        };
+        let echo = echo_4k(h, 7);
         // Two rounds of 60 4-KiB echoes: the second needs the room the first took.
         for _ in 0..2 {
             for _ in 0..60 {
@@ -358,13 +363,7 @@ fn ring_client_that_never_reads_completions_cannot_block_or_grow_the_broker() {
         let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap().to_string();
         line.split_whitespace().nth(1).unwrap().parse().unwrap()
     };
-    let echo = Request::Call {
-        handle: h,
-        selector: 1,
-        scalars: vec![],
-        struct_in: vec![0x5a; 4000],
-        struct_out_len: 4096,
-    };
+    let echo = echo_4k(h, 0x5a);
     let mut submitted = 0u32;
     let deadline = Instant::now() + Duration::from_secs(20);
     let mut last_head = u32::MAX;
