@@ -38,6 +38,75 @@ pub struct Config {
     /// The shared-memory ring of the native protocol.
     #[serde(default)]
     pub ring: RingConfig,
+    /// What one client identity may hold.
+    #[serde(default)]
+    pub limits: Limits,
+}
+
+/// `[limits]`: what one client identity (a uid; for TCP clients, a certificate) may hold, so
+/// that no user can starve the others, and how long the broker waits on clients.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Connections one uid may hold at once, over all transports [default: 64]. Root and the
+    /// broker's own user are not limited per uid.
+    pub max_connections_per_uid: usize,
+    /// Of `max_connections`, slots only root and the broker's own user may take, so that an
+    /// administrator can always connect (`portcullis stats`) [default: 1/64 of
+    /// `max_connections`, at least 1 and at most 16].
+    pub reserved_connections: Option<usize>,
+    /// How long a new connection may take before it can be served: a native client's `Hello`,
+    /// a gRPC client's HTTP/2 preface, a TLS client's handshake, in milliseconds [default: 10000].
+    pub handshake_timeout_ms: u64,
+    /// Asynchronous calls one uid may have pending at once, over all its sessions (each session
+    /// also at most 1024) [default: 4096]. Over it: `NO_MEMORY`.
+    pub max_pending_calls_per_uid: usize,
+    /// Responses and events queued for one uid's clients that they have not read yet, over all
+    /// its sessions [default: 4096]. Over it, events are dropped (the client is told how many it
+    /// lost) and calls are refused with `NO_MEMORY` until the clients read.
+    pub max_queued_messages_per_uid: usize,
+    /// Executables larger than this are not hashed: they match no `exe_sha256` principal
+    /// [default: 64 MiB].
+    pub max_exe_hash_bytes: u64,
+    /// Executables hashed at once for one uid [default: 1]; more connections wait their turn.
+    pub max_exe_hashes_per_uid: usize,
+    /// When stopping, how long in-flight calls may take to finish before they are aborted, in
+    /// milliseconds [default: 5000].
+    pub shutdown_timeout_ms: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            max_connections_per_uid: 64,
+            reserved_connections: None,
+            handshake_timeout_ms: 10_000,
+            max_pending_calls_per_uid: 4096,
+            max_queued_messages_per_uid: 4096,
+            max_exe_hash_bytes: 64 << 20,
+            max_exe_hashes_per_uid: 1,
+            shutdown_timeout_ms: 5_000,
+        }
+    }
+}
+
+impl Limits {
+    /// Slots kept for administrators, of `max_connections`.
+    pub fn reserved(&self, max_connections: usize) -> usize {
+        self.reserved_connections
+            .unwrap_or((max_connections / 64).clamp(1, 16))
+            .min(max_connections.saturating_sub(1))
+    }
+
+    /// The handshake deadline.
+    pub fn handshake_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.handshake_timeout_ms)
+    }
+
+    /// The shutdown deadline.
+    pub fn shutdown_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.shutdown_timeout_ms)
+    }
 }
 
 /// `[ring]`: how the broker serves shared-memory rings.
@@ -129,15 +198,47 @@ pub enum ConfigError {
     /// A policy directory holds no `*.toml` file.
     #[error("{0}: no *.toml policy files")]
     EmptyPolicyDir(PathBuf),
+    /// Two settings contradict each other, or one is out of range.
+    #[error("{origin}: {message}")]
+    Invalid {
+        /// The file, or "embedded default config".
+        origin: String,
+        /// What is wrong.
+        message: String,
+    },
 }
 
 impl Config {
     /// Parses configuration text.
     pub fn parse(origin: &str, text: &str) -> Result<Config, ConfigError> {
-        toml::from_str(text).map_err(|source| ConfigError::Parse {
+        let config: Config = toml::from_str(text).map_err(|source| ConfigError::Parse {
             origin: origin.to_string(),
             source,
-        })
+        })?;
+        let invalid = |message: String| ConfigError::Invalid {
+            origin: origin.to_string(),
+            message,
+        };
+        let max = config.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS);
+        let limits = &config.limits;
+        if max == 0 || limits.max_connections_per_uid == 0 {
+            return Err(invalid(
+                "max_connections and limits.max_connections_per_uid must be at least 1".into(),
+            ));
+        }
+        if let Some(reserved) = limits.reserved_connections
+            && reserved >= max
+        {
+            return Err(invalid(format!(
+                "limits.reserved_connections ({reserved}) must be less than max_connections ({max}), or nobody but root could connect"
+            )));
+        }
+        if limits.max_pending_calls_per_uid == 0 || limits.max_queued_messages_per_uid == 0 {
+            return Err(invalid(
+                "limits.max_pending_calls_per_uid and limits.max_queued_messages_per_uid must be at least 1".into(),
+            ));
+        }
+        Ok(config)
     }
 
     /// Loads a config file, or the embedded default. A relative `policy` path is resolved

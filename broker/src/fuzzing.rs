@@ -119,7 +119,7 @@ fn sample(core: &Core) -> Arc<Service> {
 }
 
 fn peer(uid: u32) -> Arc<PeerIdentity> {
-    Arc::new(PeerIdentity::from_peer_cred(uid, uid, None, None).expect("an identity without a pid"))
+    Arc::new(PeerIdentity::from_peer_cred(uid, uid, None, None, Default::default()).expect("an identity without a pid"))
 }
 
 /// Polls a pending call once (it may complete, or stay pending and be dropped by the caller).

@@ -25,4 +25,5 @@ pub mod server;
 pub mod session;
 #[allow(unsafe_code)]
 mod sys;
+mod throttle;
 pub mod transport;

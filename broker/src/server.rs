@@ -78,7 +78,12 @@ pub fn build_core(config: &Config, policy: Option<&Path>) -> Result<Arc<Core>, B
     let policy = config::load_policy(policy_path)?;
     tracing::info!(source = %policy_path.map_or("embedded default".into(), |p| p.display().to_string()), rules = policy.rule_count(), "policy loaded");
     let max_connections = config.max_connections.unwrap_or(config::DEFAULT_MAX_CONNECTIONS);
-    let core = Core::with_limits(policy, policy_path.map(Path::to_path_buf), max_connections);
+    let core = Core::with_limits(
+        policy,
+        policy_path.map(Path::to_path_buf),
+        max_connections,
+        config.limits,
+    );
     bus::publish(&core, config)?;
     Ok(core)
 }
@@ -157,23 +162,42 @@ pub async fn run(options: BrokerOptions, shutdown: impl Future<Output = ()>) -> 
         }
         None => None,
     };
-    let mut grpc_task = tokio::spawn(grpc::serve(core, grpc_listener, stopped(stop_rx)));
+    let mut grpc_task = tokio::spawn(grpc::serve(core.clone(), grpc_listener, stopped(stop_rx)));
     let result = tokio::select! {
-        result = &mut grpc_task => result,
-        () = shutdown => {
-            let _ = stop_tx.send(true);
-            (&mut grpc_task).await
+        result = &mut grpc_task => Some(result),
+        () = shutdown => None,
+    };
+    // Stop accepting; every session lets its calls in flight finish (or aborts them at the
+    // deadline), says goodbye and ends; the transports then finish. A client that holds its
+    // connection open after that does not hold the broker: it stops at the deadline regardless.
+    core.stop();
+    let _ = stop_tx.send(true);
+    let grace = core.accounts().limits().shutdown_timeout() + std::time::Duration::from_secs(2);
+    let stopping = async {
+        let result = match result {
+            Some(result) => result,
+            None => (&mut grpc_task).await,
+        };
+        let _ = native_task.await;
+        if let Some(task) = tls_task {
+            match task.await {
+                Ok(Err(e)) => tracing::error!(error = %e, "the TLS listener failed"),
+                Err(e) => tracing::error!(error = %e, "the TLS listener task failed"),
+                Ok(Ok(())) => {}
+            }
+        }
+        result
+    };
+    let result = match tokio::time::timeout(grace, stopping).await {
+        Ok(result) => result,
+        Err(_) => {
+            tracing::warn!(
+                grace_ms = grace.as_millis(),
+                "connections still open at the shutdown deadline are dropped"
+            );
+            Ok(Ok(()))
         }
     };
-    let _ = stop_tx.send(true);
-    let _ = native_task.await;
-    if let Some(task) = tls_task {
-        match task.await {
-            Ok(Err(e)) => tracing::error!(error = %e, "the TLS listener failed"),
-            Err(e) => tracing::error!(error = %e, "the TLS listener task failed"),
-            Ok(Ok(())) => {}
-        }
-    }
     for path in [&grpc_path, &native_path, &options.run_dir.join(TLS_ADDR_FILE)] {
         let _ = std::fs::remove_file(path);
     }

@@ -256,6 +256,21 @@ impl RawAttrs {
             && self.abi.is_empty())
     }
 
+    /// A principal that names a program (`exe`, `exe_sha256`) but no uid, gid, group, cgroup or
+    /// LSM label: any user can run that program, or make its own process look like it
+    /// (`LD_PRELOAD`, `exec` after connecting), so the principal admits everyone.
+    fn exe_without_owner(&self) -> Option<&'static str> {
+        let names_program = !self.exe.is_empty() || !self.exe_sha256.is_empty();
+        let names_owner = !(self.uid.is_empty()
+            && self.gid.is_empty()
+            && self.groups.is_empty()
+            && self.cgroup.is_empty()
+            && self.lsm_label.is_empty());
+        (names_program && !names_owner).then_some(
+            "relies on exe/exe_sha256 alone: any user who can run that program, or make a process of their own look like it (LD_PRELOAD, exec after connecting), matches it. Also name a uid, gid, group, cgroup or lsm_label that an attacker cannot use (docs/POLICY.md, \"What an executable proves\")",
+        )
+    }
+
     /// The attributes as a (nameless) principal; errors go to `errors`.
     fn build(self, name: String, source: &Located<'_>, errors: &mut Vec<SourceError>) -> Principal {
         let mut abi = Vec::new();
@@ -536,6 +551,9 @@ pub struct Policy {
     pub(crate) asserts: Vec<Assertion>,
     /// SHA-256 (hex) of the sources, origin and text each, in order.
     pub(crate) revision: String,
+    /// What is legal but probably not what the author meant (`policy check` prints these; the
+    /// broker logs them when it loads the policy).
+    pub(crate) warnings: Vec<SourceError>,
 }
 
 impl Policy {
@@ -549,6 +567,7 @@ impl Policy {
     /// rules use (see [`Policy::check_names`]), reporting parse and name errors together.
     pub fn parse_checked(sources: &[Source<'_>], catalog: Option<&Catalog>) -> Result<Policy, PolicyError> {
         let mut errors = Vec::new();
+        let mut warnings = Vec::new();
         let mut principals: Vec<Principal> = Vec::new();
         let mut raw_rules = Vec::new();
         let mut raw_asserts = Vec::new();
@@ -585,6 +604,13 @@ impl Policy {
                             "principal {:?} mixes TLS certificate attributes with local ones: a TCP client has only a certificate, a local one has none",
                             name.get_ref()
                         ),
+                    ));
+                }
+                if let Some(warning) = attrs.exe_without_owner() {
+                    warnings.push(locate(
+                        source,
+                        Some(name.span()),
+                        format!("principal {:?} {warning}", name.get_ref()),
                     ));
                 }
                 let mut principal = attrs.build(name.into_inner(), source, &mut errors);
@@ -652,6 +678,7 @@ impl Policy {
             audit,
             asserts,
             revision: revision(sources),
+            warnings,
         };
         if let Some(catalog) = catalog {
             errors.extend(policy.check_names(catalog));
@@ -762,6 +789,27 @@ impl Policy {
     /// Number of `[[assert]]`s (all of which hold: a policy whose assertion fails is not loaded).
     pub fn assertion_count(&self) -> usize {
         self.asserts.len()
+    }
+
+    /// What is legal but probably not meant, located like errors.
+    pub fn warnings(&self) -> &[SourceError] {
+        &self.warnings
+    }
+
+    /// Whether any principal (or `not` block) names an `exe_sha256`: only then does the broker
+    /// hash executables.
+    pub fn uses_exe_sha256(&self) -> bool {
+        self.principals
+            .iter()
+            .any(|p| !p.exe_sha256.is_empty() || p.not.as_ref().is_some_and(|n| !n.exe_sha256.is_empty()))
+    }
+
+    /// Whether any principal (or `not` block) names this executable path: only then does the
+    /// broker check that the path, in its own mount namespace, is the file a task runs.
+    pub fn names_exe(&self, path: &str) -> bool {
+        self.principals
+            .iter()
+            .any(|p| p.exe.iter().any(|e| e == path) || p.not.as_ref().is_some_and(|n| n.exe.iter().any(|e| e == path)))
     }
 }
 

@@ -194,6 +194,7 @@ pub(crate) fn policy() -> impl Strategy<Value = Policy> {
                     audit,
                     asserts: Vec::new(),
                     revision: String::new(),
+                    warnings: Vec::new(),
                 }
             },
         )

@@ -219,25 +219,36 @@ impl Broker {
     /// `portcullis ARGS` run as another uid (gid the same, no supplementary groups), from a
     /// copy of the binary that uid can execute.
     pub fn cli_as(&self, uid: u32, args: &[&str]) -> Output {
-        let copy = self.dir.path().join("portcullis");
-        if !copy.exists() {
-            fs::copy(bin(), &copy).unwrap();
-            fs::set_permissions(&copy, fs::Permissions::from_mode(0o755)).unwrap();
-        }
-        let mut cmd = self.cli_command(copy.clone(), args);
+        let copy = self.copy_program(&bin(), "portcullis");
+        let mut cmd = self.cli_command(copy, args);
         // std drops supplementary groups (setgroups(0)) when root sets a uid.
         cmd.uid(uid).gid(uid);
-        // A test thread that forks while the copy is being written holds its write descriptor
-        // until that child execs: exec then fails with ETXTBSY for a moment. Retry that only.
-        for _ in 0..100 {
-            match cmd.output() {
-                Err(e) if e.raw_os_error() == Some(rustix::io::Errno::TXTBSY.raw_os_error()) => {
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-                result => return result.unwrap(),
-            }
+        output_retrying_busy(&mut cmd)
+    }
+
+    /// A copy of `program` in the broker's private directory (which every uid may read), named
+    /// `name`: a program another uid can run, and a file of its own (its own inode).
+    pub fn copy_program(&self, program: &Path, name: &str) -> PathBuf {
+        let copy = self.dir.path().join(name);
+        if !copy.exists() {
+            let partial = self.dir.path().join(format!(".{name}.partial"));
+            fs::copy(program, &partial).unwrap();
+            fs::set_permissions(&partial, fs::Permissions::from_mode(0o755)).unwrap();
+            fs::rename(&partial, &copy).unwrap();
         }
-        panic!("{} stayed busy (ETXTBSY)", copy.display())
+        copy
+    }
+
+    /// `program ARGS` run as `uid` (gid the same, no supplementary groups).
+    pub fn run_as(&self, uid: u32, program: &Path, args: &[&str]) -> Output {
+        let mut cmd = Command::new(program);
+        cmd.args(args).uid(uid).gid(uid).env_remove("RUST_LOG");
+        output_retrying_busy(&mut cmd)
+    }
+
+    /// A directory private to this broker's test, readable by every uid.
+    pub fn private_dir(&self) -> &Path {
+        self.dir.path()
     }
 }
 
@@ -249,6 +260,21 @@ impl Drop for Broker {
             eprintln!("--- broker log ---\n{}", self.log());
         }
     }
+}
+
+/// Runs `cmd` to completion. A test thread that forks while a copied program is being written
+/// holds its write descriptor until that child execs: exec then fails with ETXTBSY for a moment.
+/// That, and only that, is retried.
+pub fn output_retrying_busy(cmd: &mut Command) -> Output {
+    for _ in 0..100 {
+        match cmd.output() {
+            Err(e) if e.raw_os_error() == Some(rustix::io::Errno::TXTBSY.raw_os_error()) => {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            result => return result.unwrap(),
+        }
+    }
+    panic!("{cmd:?} stayed busy (ETXTBSY)")
 }
 
 /// Stdout of a successful run, or a panic with everything it printed.

@@ -26,8 +26,6 @@ pub(crate) struct CallArgs {
     /// Print JSON.
     #[arg(long)]
     json: bool,
-    #[command(flatten)]
-    run_dir: RunDir,
 }
 
 fn parse_scalar(s: &str) -> Result<u64, String> {
@@ -61,8 +59,8 @@ fn parse_hex(s: &str) -> Result<Hex, String> {
         .map(Hex)
 }
 
-pub(crate) async fn run(args: CallArgs) -> Result<(), String> {
-    let result = call(&args).await;
+pub(crate) async fn run(args: CallArgs, run_dir: &RunDir) -> Result<(), String> {
+    let result = call(&args, run_dir).await;
     match (&result, args.json) {
         (Ok(out), true) => println!(
             "{}",
@@ -103,8 +101,8 @@ pub(crate) async fn resolve_service(session: &Session, service: &str) -> Result<
     }
 }
 
-async fn call(args: &CallArgs) -> Result<portcullis_client::CallOutput, ClientError> {
-    let client = args.run_dir.connect().await?;
+async fn call(args: &CallArgs, run_dir: &RunDir) -> Result<portcullis_client::CallOutput, ClientError> {
+    let client = run_dir.connect().await?;
     let session = client.session().await?;
     let service = resolve_service(&session, &args.service).await?;
     let mode = if args.exclusive {

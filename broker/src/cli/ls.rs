@@ -12,12 +12,10 @@ pub(crate) struct LsArgs {
     /// Print JSON (an array of services) instead of a tree.
     #[arg(long)]
     json: bool,
-    #[command(flatten)]
-    run_dir: RunDir,
 }
 
-pub(crate) async fn run(args: LsArgs) -> Result<(), String> {
-    let client = args.run_dir.connect().await.map_err(|e| e.to_string())?;
+pub(crate) async fn run(args: LsArgs, run_dir: &RunDir) -> Result<(), String> {
+    let client = run_dir.connect().await.map_err(|e| e.to_string())?;
     let services = client.list_services(matching::all()).await.map_err(|e| e.to_string())?;
     if args.json {
         let all: Vec<_> = services.iter().map(json::service).collect();

@@ -25,6 +25,8 @@ pub struct Cli {
     /// Log format on stderr.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Human)]
     log_format: LogFormat,
+    #[command(flatten)]
+    run_dir: RunDir,
     #[command(subcommand)]
     command: Command,
 }
@@ -49,7 +51,7 @@ enum Command {
     Layout(layout::LayoutArgs),
     /// Every driver's selectors and struct layouts, as C headers or JSON.
     Schema(schema::SchemaArgs),
-    /// Policy tools: check, explain, test.
+    /// Policy tools: check, explain, test, diff, fmt; reload the running broker's policy.
     #[command(subcommand)]
     Policy(policy::PolicyCommand),
     /// What the running broker holds for its clients: sessions, user clients, mappings,
@@ -62,12 +64,10 @@ struct StatsArgs {
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
-    #[command(flatten)]
-    run_dir: RunDir,
 }
 
-async fn stats(args: StatsArgs) -> Result<(), String> {
-    let client = args.run_dir.connect().await.map_err(|e| e.to_string())?;
+async fn stats(args: StatsArgs, run_dir: &RunDir) -> Result<(), String> {
+    let client = run_dir.connect().await.map_err(|e| e.to_string())?;
     let s = client.stats().await.map_err(|e| match e {
         ClientError::Rpc(status) => status.message().to_string(),
         e => e.to_string(),
@@ -99,15 +99,27 @@ async fn stats(args: StatsArgs) -> Result<(), String> {
 /// Where the broker's sockets are.
 #[derive(Clone, Debug, Args)]
 pub(crate) struct RunDir {
-    /// Directory holding the broker's sockets [default: /run/portcullis for root,
-    /// $XDG_RUNTIME_DIR/portcullis otherwise].
-    #[arg(long, env = RUN_DIR_ENV)]
+    /// Directory holding the broker's sockets [default for clients: $XDG_RUNTIME_DIR/portcullis
+    /// when a broker of your own serves it, else the system broker's /run/portcullis; for
+    /// `broker`: /run/portcullis as root, else $XDG_RUNTIME_DIR/portcullis].
+    #[arg(long, global = true, env = RUN_DIR_ENV)]
     run_dir: Option<PathBuf>,
 }
 
 impl RunDir {
+    /// Where a client looks for the broker.
     fn path(&self) -> PathBuf {
         self.run_dir.clone().unwrap_or_else(portcullis_client::default_run_dir)
+    }
+
+    /// Where `portcullis broker` serves.
+    fn serve_path(&self) -> Result<PathBuf, String> {
+        match &self.run_dir {
+            Some(dir) => Ok(dir.clone()),
+            None => portcullis_client::own_run_dir().ok_or_else(|| {
+                "no run dir: a broker not run as root serves $XDG_RUNTIME_DIR/portcullis, and XDG_RUNTIME_DIR is not set; pass --run-dir DIR (a directory only you can write)".to_string()
+            }),
+        }
     }
 
     pub(crate) async fn connect(&self) -> Result<Client, ClientError> {
@@ -128,18 +140,17 @@ struct BrokerArgs {
     /// `decision_log`, else none].
     #[arg(long)]
     decision_log: Option<PathBuf>,
-    #[command(flatten)]
-    run_dir: RunDir,
 }
 
 /// Runs the command line; returns the process exit status.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    let run_dir = cli.run_dir;
     // Offline commands need no runtime.
     match cli.command {
         Command::Layout(args) => return finish(layout::run(args)),
         Command::Schema(args) => return finish(schema::run(args)),
-        Command::Policy(command) => return finish(policy::run(command)),
+        Command::Policy(command) => return finish(policy::run(command, &run_dir)),
         _ => {}
     }
     let is_broker = matches!(cli.command, Command::Broker(_));
@@ -158,14 +169,16 @@ pub fn main() -> ExitCode {
     };
     let result = runtime.block_on(async move {
         match cli.command {
-            Command::Broker(args) => broker(args).await,
-            Command::Ls(args) => ls::run(args).await,
-            Command::Call(args) => call::run(args).await,
-            Command::Watch(args) => watch::run(args).await,
-            Command::Stats(args) => stats(args).await,
+            Command::Broker(args) => broker(args, &run_dir).await,
+            Command::Ls(args) => ls::run(args, &run_dir).await,
+            Command::Call(args) => call::run(args, &run_dir).await,
+            Command::Watch(args) => watch::run(args, &run_dir).await,
+            Command::Stats(args) => stats(args, &run_dir).await,
             Command::Layout(_) | Command::Schema(_) | Command::Policy(_) => Ok(()),
         }
     });
+    // Work still running on the blocking pool (an identity being read) does not hold the exit.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
     finish(result)
 }
 
@@ -184,8 +197,11 @@ fn finish(result: Result<(), String>) -> ExitCode {
 fn init_logging(format: LogFormat, default_level: &str) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level));
+    use std::io::IsTerminal;
+    // Colours only for a person at a terminal, never into a file or a journal.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Human => builder.init(),
@@ -193,11 +209,11 @@ fn init_logging(format: LogFormat, default_level: &str) {
     }
 }
 
-async fn broker(args: BrokerArgs) -> Result<(), String> {
+async fn broker(args: BrokerArgs, run_dir: &RunDir) -> Result<(), String> {
     let options = BrokerOptions {
         config: args.config,
         policy: args.policy,
-        run_dir: args.run_dir.path(),
+        run_dir: run_dir.serve_path()?,
         decision_log: args.decision_log,
     };
     server::run(options, shutdown_signal()).await.map_err(|e| e.to_string())

@@ -23,10 +23,7 @@ pub(crate) enum PolicyCommand {
     Explain(ExplainArgs),
     /// Ask the running broker to reload its policy (root or the broker's user only). A policy
     /// that does not compile is refused, with every error, and the running one stays.
-    Reload {
-        #[command(flatten)]
-        run_dir: super::RunDir,
-    },
+    Reload,
     /// Requests whose decision changes between two policies, each with a task and service that
     /// shows it and the deciding rules before and after.
     Diff {
@@ -171,12 +168,12 @@ fn load(path: Option<&Path>) -> Result<Policy, String> {
     config::load_policy(path).map_err(|e| e.to_string())
 }
 
-pub(crate) fn run(command: PolicyCommand) -> Result<(), String> {
+pub(crate) fn run(command: PolicyCommand, run_dir: &super::RunDir) -> Result<(), String> {
     match command {
         PolicyCommand::Check { path } => check(&path),
         PolicyCommand::Explain(args) => explain(args),
         PolicyCommand::Test { cases, policy } => test(&cases, policy.as_deref()),
-        PolicyCommand::Reload { run_dir } => reload(&run_dir),
+        PolicyCommand::Reload => reload(run_dir),
         PolicyCommand::Diff { old, new, exit_code } => diff(&old, &new, exit_code),
         PolicyCommand::Fmt { path, check } => fmt(&path, check),
     }

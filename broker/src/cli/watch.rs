@@ -17,12 +17,10 @@ pub(crate) struct WatchArgs {
     /// Print one JSON object per line.
     #[arg(long)]
     json: bool,
-    #[command(flatten)]
-    run_dir: RunDir,
 }
 
-pub(crate) async fn run(args: WatchArgs) -> Result<(), String> {
-    let client = args.run_dir.connect().await.map_err(|e| e.to_string())?;
+pub(crate) async fn run(args: WatchArgs, run_dir: &RunDir) -> Result<(), String> {
+    let client = run_dir.connect().await.map_err(|e| e.to_string())?;
     let session = client.session().await.map_err(|e| e.to_string())?;
     let mut ids = Vec::new();
     for name in &args.services {
@@ -73,6 +71,7 @@ fn render(event: &pb::Event) -> String {
             c.reason
         ),
         Some(Kind::Lost(l)) => format!("lost {} event(s)", l.count),
+        Some(Kind::Goodbye(g)) => format!("goodbye {}: {}", json::status_name(g.status), g.reason),
         None => "unknown event".into(),
     }
 }
@@ -92,6 +91,9 @@ fn render_json(event: &pb::Event) -> serde_json::Value {
             json!({ "event": "user_client_closed", "handle": c.handle, "status": json::status_name(c.status), "reason": c.reason })
         }
         Some(Kind::Lost(l)) => json!({ "event": "lost", "count": l.count }),
+        Some(Kind::Goodbye(g)) => {
+            json!({ "event": "goodbye", "status": json::status_name(g.status), "reason": g.reason })
+        }
         None => json!({ "event": "unknown" }),
     }
 }

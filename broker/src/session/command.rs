@@ -98,6 +98,9 @@ impl fmt::Debug for Started {
 impl Session {
     /// Executes one command.
     pub fn execute(&mut self, command: Command) -> Started {
+        if let Some(ended) = self.end_reason() {
+            return Started::Now(Err(ended.clone()));
+        }
         let now = match command {
             Command::FindServices(matching) => Ok(Reply::Found(self.find_services(&matching))),
             Command::Open { service, mode } => {

@@ -11,10 +11,15 @@ use std::{
 use portcullis_policy::{Policy, ServiceView};
 use portcullis_proto::layout::AbiId;
 use portcullis_proto::property::Properties;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, broadcast};
+use tokio::sync::{broadcast, watch};
 
-use super::PeerIdentity;
+use super::{
+    PeerIdentity,
+    accounts::{AccountKey, Accounts},
+    identity::{ExeHashing, IdentityOptions},
+};
 use crate::{
+    config::Limits,
     driver::{Driver, DriverNotice},
     registry::{Matching, Registry, RegistryError, Service, ServiceId},
 };
@@ -58,12 +63,14 @@ pub struct Core {
     generation: AtomicU64,
     /// Where the policy is loaded from on reload (`None`: the embedded default).
     policy_source: Option<PathBuf>,
-    /// One permit per connection being served.
-    connections: Arc<Semaphore>,
+    /// What each client identity holds, and the connection slots.
+    accounts: Arc<Accounts>,
     /// Where decisions are logged, when configured.
     decisions: std::sync::OnceLock<super::DecisionLog>,
     max_connections: usize,
     events: broadcast::Sender<CoreEvent>,
+    /// Set when the broker is stopping: sessions say goodbye and end.
+    stopping: watch::Sender<bool>,
     /// Live sessions, user clients, mappings and pending calls, for `stats` and leak checks.
     pub(crate) live: LiveCounts,
 }
@@ -85,6 +92,11 @@ pub(crate) struct Live(Arc<AtomicUsize>);
 impl Live {
     pub(crate) fn new(counter: &Arc<AtomicUsize>) -> Live {
         counter.fetch_add(1, Ordering::Relaxed);
+        Live(counter.clone())
+    }
+
+    /// Takes over one count the caller already added.
+    pub(crate) fn adopt(counter: &Arc<AtomicUsize>) -> Live {
         Live(counter.clone())
     }
 }
@@ -130,21 +142,28 @@ impl Core {
 
     /// A core whose policy reloads from `source` (a file or directory; `None`: the embedded default).
     pub fn with_source(policy: Policy, source: Option<PathBuf>) -> Arc<Core> {
-        Core::with_limits(policy, source, crate::config::DEFAULT_MAX_CONNECTIONS)
+        Core::with_limits(
+            policy,
+            source,
+            crate::config::DEFAULT_MAX_CONNECTIONS,
+            Limits::default(),
+        )
     }
 
-    /// A core like [`Core::with_source`] serving at most `max_connections` connections at once.
-    pub fn with_limits(policy: Policy, source: Option<PathBuf>, max_connections: usize) -> Arc<Core> {
+    /// A core like [`Core::with_source`] serving at most `max_connections` connections at once,
+    /// each client identity within `limits`.
+    pub fn with_limits(policy: Policy, source: Option<PathBuf>, max_connections: usize, limits: Limits) -> Arc<Core> {
         let (events, _) = broadcast::channel(EVENT_BUS_CAPACITY);
         Arc::new(Core {
             registry: Registry::new(),
             policy: RwLock::new((Arc::new(policy), 1)),
             generation: AtomicU64::new(1),
             policy_source: source,
-            connections: Arc::new(Semaphore::new(max_connections)),
+            accounts: Accounts::new(max_connections, limits),
             max_connections,
             decisions: std::sync::OnceLock::new(),
             events,
+            stopping: watch::Sender::new(false),
             live: LiveCounts::default(),
         })
     }
@@ -229,10 +248,68 @@ impl Core {
         }
     }
 
-    /// A permit to serve one more connection, held for the connection's life; `None` when the
-    /// broker already serves as many as it may.
-    pub fn admit_connection(&self) -> Option<OwnedSemaphorePermit> {
-        self.connections.clone().try_acquire_owned().ok()
+    /// Every client identity's account, and the connection slots.
+    pub fn accounts(&self) -> &Arc<Accounts> {
+        &self.accounts
+    }
+
+    /// The account a peer's sessions count against.
+    pub fn account_of(&self, peer: &PeerIdentity) -> Arc<super::accounts::Account> {
+        let key = match &peer.tls {
+            Some(tls) => AccountKey::Remote(
+                tls.san_uri
+                    .first()
+                    .or_else(|| tls.san_dns.first())
+                    .or(tls.subject_cn.as_ref())
+                    .cloned()
+                    .unwrap_or_default(),
+            ),
+            None => AccountKey::Uid(peer.uid),
+        };
+        self.accounts.account(key)
+    }
+
+    /// What to read of a new peer: its executable is hashed only while the policy names an
+    /// `exe_sha256`.
+    pub fn identity_options(&self) -> IdentityOptions {
+        IdentityOptions {
+            hash_exe: self.policy().uses_exe_sha256().then_some(ExeHashing {
+                max_bytes: self.accounts.limits().max_exe_hash_bytes,
+            }),
+        }
+    }
+
+    /// The peer's executable path as the policy may see it: only a path the policy names, and
+    /// only when that path, looked up in the broker's own mount namespace, is the very file the
+    /// peer runs (device and inode). A path seen through another mount namespace (a bind mount
+    /// over an allowed program) or a replaced binary is not the program it names.
+    pub fn exe_for<'a>(&self, policy: &Policy, peer: &'a PeerIdentity) -> Option<&'a str> {
+        let path = peer.exe.as_deref()?;
+        if !policy.names_exe(path) {
+            // Nothing can match it; looking it up would only let the peer choose what the
+            // broker's file system calls touch.
+            return None;
+        }
+        let program = peer.program?;
+        (super::identity::file_id(path) == Some(program)).then_some(path)
+    }
+
+    /// Tells every session that the broker is stopping.
+    pub fn stop(&self) {
+        self.stopping.send_replace(true);
+    }
+
+    /// Completes (at once, if it has already happened) when the broker starts stopping.
+    pub fn stopping(&self) -> impl Future<Output = ()> + Send + 'static {
+        let mut rx = self.stopping.subscribe();
+        async move {
+            let _ = rx.wait_for(|stop| *stop).await;
+        }
+    }
+
+    /// Whether the broker is stopping.
+    pub fn is_stopping(&self) -> bool {
+        *self.stopping.borrow()
     }
 
     /// Logs decisions to `log` from now on (once; later calls are ignored).
@@ -296,13 +373,14 @@ impl Core {
 
     /// Whether the policy lets this peer see the service.
     pub fn can_see(&self, peer: &PeerIdentity, abi: AbiId, service: &Service) -> bool {
-        self.policy().can_see(&peer.task(abi), &view(service))
+        let policy = self.policy();
+        policy.can_see(&peer.task(abi, self.exe_for(&policy, peer)), &view(service))
     }
 
     /// The services matching the dictionary that this peer may see (IOServiceGetMatchingServices).
     pub fn find_services(&self, peer: &PeerIdentity, abi: AbiId, matching: &Matching) -> Vec<Arc<Service>> {
         let policy = self.policy();
-        let task = peer.task(abi);
+        let task = peer.task(abi, self.exe_for(&policy, peer));
         self.registry
             .find(matching)
             .into_iter()

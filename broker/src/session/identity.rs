@@ -1,7 +1,22 @@
 //! Who is on the other end of a connection, from the kernel's point of view only: `SO_PEERCRED`
 //! at accept, a pidfd taken at once (so a recycled pid cannot stand in for the peer), the
-//! executable path and groups read through `/proc`, and a final check through the pidfd that
-//! the process read is still the one that connected.
+//! executable, groups, cgroup and label read through `/proc`, and a final check through the
+//! pidfd that the process read is still the one that connected.
+//!
+//! What the executable proves, and what it does not (docs/POLICY.md says the same to policy
+//! authors): a process of some uid can make itself run any program that uid can run
+//! (`LD_PRELOAD`, `ptrace`, or connecting and then `exec`ing an allowed program while a child
+//! keeps the socket). An executable identifies a program only where the uid it runs under is one
+//! the attacker cannot use. Within that, the broker makes the executable as hard to fake as it
+//! can be:
+//! - the program is the file `/proc/<pid>/exe` refers to, known by **device and inode**; a path
+//!   counts only when the same path, looked up in the broker's own mount namespace, is that very
+//!   file (a bind mount over an allowed path in a private mount namespace is another file);
+//! - the identity is read when the connection is accepted and re-checked at every admission: a
+//!   session whose process has exited or become another program since it connected is refused;
+//! - the executable is hashed only while the policy names an `exe_sha256`, only up to a size
+//!   limit, a bounded number at once per uid, and each file once (cached by device, inode, size
+//!   and change time).
 
 use std::{fs, os::fd::OwnedFd, path::PathBuf};
 
@@ -9,6 +24,29 @@ use rustix::{
     event::{PollFd, PollFlags, Timespec, poll},
     process::{Pid, PidfdFlags, pidfd_open},
 };
+
+/// A file as the kernel knows it, whatever path reaches it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FileId {
+    /// Device number.
+    pub dev: u64,
+    /// Inode number.
+    pub ino: u64,
+}
+
+/// How to hash the peer's executable, when the policy asks for it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ExeHashing {
+    /// Larger executables are not hashed (they match no `exe_sha256`; the log says why).
+    pub max_bytes: u64,
+}
+
+/// What to read of a peer at accept.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IdentityOptions {
+    /// Hash the executable (`None`: the policy names no `exe_sha256`, so nothing is hashed).
+    pub hash_exe: Option<ExeHashing>,
+}
 
 /// The kernel's view of a connected task.
 #[derive(Debug)]
@@ -21,9 +59,14 @@ pub struct PeerIdentity {
     pub pid: Option<i32>,
     /// Names of the primary and supplementary groups (numeric when a gid has no name).
     pub groups: Vec<String>,
-    /// Executable path, when the broker may read it.
+    /// The executable's path as the process's own mount namespace shows it (`/proc/<pid>/exe`):
+    /// for logs. Policy sees it only through [`crate::session::Core`], which checks that the
+    /// broker's own view of the path is the same file ([`PeerIdentity::program`]).
     pub exe: Option<String>,
-    /// SHA-256 of the executable's contents, lowercase hex.
+    /// The executable the process ran when it connected (device and inode), when the broker
+    /// may read it.
+    pub program: Option<FileId>,
+    /// SHA-256 of the executable's contents, lowercase hex (only while the policy uses it).
     pub exe_sha256: Option<String>,
     /// The cgroup (v2) path.
     pub cgroup: Option<String>,
@@ -33,7 +76,7 @@ pub struct PeerIdentity {
     /// groups or process attributes count: they are not the kernel's).
     pub tls: Option<TlsPeer>,
     /// Held for the connection's life: the process identity the checks above refer to.
-    _pidfd: Option<OwnedFd>,
+    pidfd: Option<OwnedFd>,
 }
 
 /// The identity a verified TLS client certificate carries.
@@ -78,15 +121,19 @@ impl TlsPeer {
     }
 }
 
-/// Why a peer's identity could not be established; the connection is refused.
+/// Why a peer's identity could not be established (the connection is refused), or no longer
+/// holds (the session is refused).
 #[derive(Debug, thiserror::Error)]
 pub enum IdentityError {
     /// The socket gave no credentials.
     #[error("the peer's credentials are unavailable")]
     NoCredentials,
-    /// The peer exited before its identity was read, so what was read may be another process's.
-    #[error("process {0} exited while its identity was read")]
+    /// The peer exited: what was read, or would be read now, may be another process's.
+    #[error("process {0} that connected has exited, so its identity cannot be checked")]
     Exited(i32),
+    /// The peer runs another program than when it connected (it called `exec`).
+    #[error("process {0} has become another program since it connected")]
+    Changed(i32),
     /// The pidfd could not be opened.
     #[error("pidfd for process {pid}: {source}")]
     Pidfd {
@@ -105,6 +152,7 @@ impl PeerIdentity {
         gid: u32,
         pid: Option<i32>,
         peersec: Option<String>,
+        options: IdentityOptions,
     ) -> Result<PeerIdentity, IdentityError> {
         let Some(raw_pid) = pid.filter(|p| *p > 0) else {
             // A peer in another pid namespace has pid 0 here: uid and gid are still the kernel's.
@@ -114,21 +162,26 @@ impl PeerIdentity {
                 pid: None,
                 groups: group_names(gid, &[]),
                 exe: None,
+                program: None,
                 exe_sha256: None,
                 cgroup: None,
                 lsm_label: peersec,
                 tls: None,
-                _pidfd: None,
+                pidfd: None,
             });
         };
         let pid = Pid::from_raw(raw_pid).ok_or(IdentityError::NoCredentials)?;
         let pidfd =
             pidfd_open(pid, PidfdFlags::empty()).map_err(|source| IdentityError::Pidfd { pid: raw_pid, source })?;
         let proc_dir = PathBuf::from(format!("/proc/{raw_pid}"));
+        let program = program_of(raw_pid);
         let exe = fs::read_link(proc_dir.join("exe"))
             .ok()
             .and_then(|p| p.into_os_string().into_string().ok());
-        let exe_sha256 = exe_hash(&proc_dir.join("exe"));
+        let exe_sha256 = match (options.hash_exe, program) {
+            (Some(hashing), Some(program)) => exe_hash(raw_pid, program, hashing),
+            _ => None,
+        };
         let cgroup = fs::read_to_string(proc_dir.join("cgroup"))
             .ok()
             .and_then(|s| parse_cgroup(&s));
@@ -142,9 +195,7 @@ impl PeerIdentity {
             .unwrap_or_default();
         // A pidfd becomes readable when its process exits: if it has, the pid may have been
         // reused between accept and the reads above, so nothing read can be trusted.
-        let mut fds = [PollFd::new(&pidfd, PollFlags::IN)];
-        let zero = Timespec { tv_sec: 0, tv_nsec: 0 };
-        if poll(&mut fds, Some(&zero)).unwrap_or(1) != 0 {
+        if exited(&pidfd) {
             return Err(IdentityError::Exited(raw_pid));
         }
         Ok(PeerIdentity {
@@ -153,19 +204,30 @@ impl PeerIdentity {
             pid: Some(raw_pid),
             groups: group_names(gid, &supplementary),
             exe,
+            program,
             exe_sha256,
             cgroup,
             lsm_label,
             tls: None,
-            _pidfd: Some(pidfd),
+            pidfd: Some(pidfd),
         })
     }
 
-    /// For in-process callers (tests, benchmarks): this process's own identity.
+    /// For in-process callers (tests, benchmarks): this process's own identity, executable
+    /// hashed.
     pub fn of_self() -> Result<PeerIdentity, IdentityError> {
         let uid = rustix::process::geteuid().as_raw();
         let gid = rustix::process::getegid().as_raw();
-        PeerIdentity::from_peer_cred(uid, gid, Some(rustix::process::getpid().as_raw_nonzero().get()), None)
+        let options = IdentityOptions {
+            hash_exe: Some(ExeHashing { max_bytes: u64::MAX }),
+        };
+        PeerIdentity::from_peer_cred(
+            uid,
+            gid,
+            Some(rustix::process::getpid().as_raw_nonzero().get()),
+            None,
+            options,
+        )
     }
 
     /// A TCP client known by its certificate alone.
@@ -176,21 +238,51 @@ impl PeerIdentity {
             pid: None,
             groups: Vec::new(),
             exe: None,
+            program: None,
             exe_sha256: None,
             cgroup: None,
             lsm_label: None,
             tls: Some(tls),
-            _pidfd: None,
+            pidfd: None,
         }
     }
 
-    /// The policy's view of this task, speaking `abi`.
-    pub fn task(&self, abi: portcullis_proto::layout::AbiId) -> portcullis_policy::Task<'_> {
+    /// Checks that the process that connected is still alive and still runs the program it
+    /// ran then. A peer with no process to check (a TCP client, or one in another pid
+    /// namespace) passes.
+    pub fn verify_unchanged(&self) -> Result<(), IdentityError> {
+        let (Some(pid), Some(pidfd)) = (self.pid, self.pidfd.as_ref()) else {
+            return Ok(());
+        };
+        let now = program_of(pid);
+        // Read first, then check the process is still the one that connected: while its pidfd
+        // is not readable, the pid has not been reused, so what was read is its own.
+        if exited(pidfd) {
+            return Err(IdentityError::Exited(pid));
+        }
+        if now != self.program {
+            return Err(IdentityError::Changed(pid));
+        }
+        Ok(())
+    }
+
+    /// The pid for logs: the number, or `-` when the peer has none here.
+    pub fn pid_text(&self) -> String {
+        self.pid.map_or_else(|| "-".to_string(), |p| p.to_string())
+    }
+
+    /// The policy's view of this task, speaking `abi`, whose executable path (when it is
+    /// known to be the program the task runs) is `exe`.
+    pub fn task<'a>(
+        &'a self,
+        abi: portcullis_proto::layout::AbiId,
+        exe: Option<&'a str>,
+    ) -> portcullis_policy::Task<'a> {
         portcullis_policy::Task {
             uid: self.uid,
             gid: self.gid,
             groups: &self.groups,
-            exe: self.exe.as_deref(),
+            exe,
             abi,
             exe_sha256: self.exe_sha256.as_deref(),
             cgroup: self.cgroup.as_deref(),
@@ -202,6 +294,30 @@ impl PeerIdentity {
             }),
         }
     }
+}
+
+/// Whether a pidfd's process has exited (its pidfd is readable).
+fn exited(pidfd: &OwnedFd) -> bool {
+    let mut fds = [PollFd::new(pidfd, PollFlags::IN)];
+    let zero = Timespec { tv_sec: 0, tv_nsec: 0 };
+    poll(&mut fds, Some(&zero)).unwrap_or(1) != 0
+}
+
+/// The file `/proc/<pid>/exe` refers to. `AT_STATX_DONT_SYNC`: the inode's identity comes from
+/// the kernel's cache, so a file system the peer serves (FUSE) is never asked.
+fn program_of(pid: i32) -> Option<FileId> {
+    file_id(&format!("/proc/{pid}/exe"))
+}
+
+/// The file at `path` (following links), by device and inode, without asking a remote or user
+/// file system to refresh anything.
+pub(crate) fn file_id(path: &str) -> Option<FileId> {
+    use rustix::fs::{AtFlags, CWD, StatxFlags, makedev, statx};
+    let stx = statx(CWD, path, AtFlags::STATX_DONT_SYNC, StatxFlags::INO).ok()?;
+    Some(FileId {
+        dev: makedev(stx.stx_dev_major, stx.stx_dev_minor),
+        ino: stx.stx_ino,
+    })
 }
 
 /// The cgroup v2 path from `/proc/<pid>/cgroup` (its `0::` line).
@@ -218,38 +334,61 @@ pub(crate) fn parse_label(raw: &[u8]) -> Option<String> {
     (!label.is_empty()).then(|| label.to_string())
 }
 
-/// Cached hashes, by the executable's device, inode, size and modification time.
-type HashCache = std::collections::HashMap<(u64, u64, i64, i64, i64), String>;
+/// What identifies a file's contents for the hash cache: device, inode, size and change time
+/// (`ctime` cannot be set back by the file's owner, unlike `mtime`).
+type HashKey = (u64, u64, i64, i64, i64);
+type HashCache = std::collections::HashMap<HashKey, String>;
 static EXE_HASHES: std::sync::Mutex<Option<HashCache>> = std::sync::Mutex::new(None);
 
 /// Most executables whose hash is remembered.
 const EXE_HASH_CACHE: usize = 256;
 
-/// SHA-256 of the file the `exe` link of a process points to (opened through the link, so a
-/// deleted or replaced binary is still the one running), cached by inode and mtime.
-fn exe_hash(link: &std::path::Path) -> Option<String> {
+/// SHA-256 of the file the `exe` link of `pid` points to (opened through the link, so a deleted
+/// or replaced binary is still the one running), when it is still `program` and at most
+/// `hashing.max_bytes` long; cached.
+fn exe_hash(pid: i32, program: FileId, hashing: ExeHashing) -> Option<String> {
     use std::{io::Read, os::unix::fs::MetadataExt};
 
     use sha2::{Digest, Sha256};
-    let mut file = fs::File::open(link).ok()?;
+    let mut file = fs::File::open(format!("/proc/{pid}/exe")).ok()?;
     let meta = file.metadata().ok()?;
+    if (FileId {
+        dev: meta.dev(),
+        ino: meta.ino(),
+    }) != program
+    {
+        // Another program since the identity was read (an exec in between): nothing to hash.
+        return None;
+    }
+    if meta.size() > hashing.max_bytes {
+        tracing::info!(
+            pid,
+            bytes = meta.size(),
+            limit = hashing.max_bytes,
+            "executable not hashed: larger than max_exe_hash_bytes (it matches no exe_sha256)"
+        );
+        return None;
+    }
     let key = (
         meta.dev(),
         meta.ino(),
         meta.size() as i64,
-        meta.mtime(),
-        meta.mtime_nsec(),
+        meta.ctime(),
+        meta.ctime_nsec(),
     );
     if let Some(hit) = EXE_HASHES.lock().ok()?.as_ref().and_then(|c| c.get(&key)).cloned() {
         return Some(hit);
     }
     let mut hasher = Sha256::new();
     let mut chunk = vec![0u8; 1 << 16];
+    let mut left = hashing.max_bytes;
     loop {
         let n = file.read(&mut chunk).ok()?;
         if n == 0 {
             break;
         }
+        // The file may grow while it is read: never hash more than the limit.
+        left = left.checked_sub(n as u64)?;
         hasher.update(chunk.get(..n)?);
     }
     let hex: String = hasher.finalize().iter().map(|b| format!("{b:02x}")).collect();
@@ -296,11 +435,13 @@ mod tests {
     }
 
     #[test]
-    fn identity_of_self_reads_exe_hash_groups_and_cgroup() {
+    fn identity_of_self_reads_program_exe_hash_groups_and_cgroup() {
         use sha2::{Digest, Sha256};
         let me = PeerIdentity::of_self().unwrap();
         let exe = std::env::current_exe().unwrap();
         assert_eq!(me.exe.as_deref(), exe.to_str());
+        assert_eq!(me.program, file_id(exe.to_str().unwrap()));
+        assert!(me.program.is_some());
         assert!(!me.groups.is_empty());
         let expected: String = Sha256::digest(std::fs::read(&exe).unwrap())
             .iter()
@@ -312,6 +453,25 @@ mod tests {
             "{:?}",
             me.cgroup
         );
+        me.verify_unchanged().unwrap();
+    }
+
+    #[test]
+    fn identity_without_hashing_has_no_hash() {
+        let me = PeerIdentity::from_peer_cred(0, 0, Some(std::process::id() as i32), None, IdentityOptions::default())
+            .unwrap();
+        assert!(me.program.is_some());
+        assert_eq!(me.exe_sha256, None);
+    }
+
+    #[test]
+    fn identity_over_the_hash_limit_has_no_hash() {
+        let options = IdentityOptions {
+            hash_exe: Some(ExeHashing { max_bytes: 1024 }),
+        };
+        let me = PeerIdentity::from_peer_cred(0, 0, Some(std::process::id() as i32), None, options).unwrap();
+        assert!(me.program.is_some());
+        assert_eq!(me.exe_sha256, None, "a test binary is larger than 1 KiB");
     }
 
     #[test]
@@ -336,10 +496,51 @@ mod tests {
         child.wait().unwrap();
         // The zombie is reaped, so either the pid is gone or (rarely) reused by another process,
         // which pidfd_open would then open: it must never be accepted as the child.
-        match PeerIdentity::from_peer_cred(0, 0, Some(pid), None) {
+        match PeerIdentity::from_peer_cred(0, 0, Some(pid), None, IdentityOptions::default()) {
             Err(IdentityError::Pidfd { .. } | IdentityError::Exited(_)) => {}
             Ok(other) => assert_ne!(other.exe.as_deref(), Some("/usr/bin/true")),
             Err(e) => panic!("unexpected {e}"),
         }
+    }
+
+    #[test]
+    fn verify_unchanged_refuses_a_peer_that_exited() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("60")
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let peer =
+            PeerIdentity::from_peer_cred(0, 0, Some(child.id() as i32), None, IdentityOptions::default()).unwrap();
+        peer.verify_unchanged().unwrap();
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert!(matches!(peer.verify_unchanged(), Err(IdentityError::Exited(_))));
+    }
+
+    #[test]
+    fn verify_unchanged_refuses_a_peer_that_became_another_program() {
+        // `sh` reads a line, then execs `sleep`: the identity taken before the line is sh's.
+        use std::io::Write;
+        let mut child = std::process::Command::new("sh")
+            .args(["-c", "read line; exec sleep 60"])
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let pid = child.id() as i32;
+        let peer = PeerIdentity::from_peer_cred(0, 0, Some(pid), None, IdentityOptions::default()).unwrap();
+        assert_eq!(peer.program, file_id("/bin/sh"));
+        peer.verify_unchanged().unwrap();
+        child.stdin.take().unwrap().write_all(b"go\n").unwrap();
+        // Wait for the exec itself: the program /proc shows changes to sleep's.
+        let sleep = file_id("/bin/sleep");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while program_of(pid) != sleep {
+            assert!(std::time::Instant::now() < deadline, "sh never exec'd sleep");
+            std::thread::yield_now();
+        }
+        assert!(matches!(peer.verify_unchanged(), Err(IdentityError::Changed(p)) if p == pid));
+        child.kill().unwrap();
+        child.wait().unwrap();
     }
 }

@@ -2,6 +2,7 @@
 //! session checks the grant, checks the method table, and dispatches to the driver. Nothing a
 //! session holds outlives it: dropping it releases every user client, open and pending call.
 
+pub mod accounts;
 mod bucket;
 mod command;
 mod core;
@@ -14,5 +15,5 @@ pub(crate) use core::Live;
 pub use core::{Core, CoreEvent, Stats};
 pub use decisions::DecisionLog;
 pub(crate) use identity::parse_label;
-pub use identity::{IdentityError, PeerIdentity, TlsPeer};
+pub use identity::{ExeHashing, FileId, IdentityError, IdentityOptions, PeerIdentity, TlsPeer};
 pub use user::{CallStarted, Refusal, Session, SessionEvent};

@@ -145,6 +145,13 @@ enum Subscription {
 pub struct Session {
     core: Arc<Core>,
     peer: Arc<PeerIdentity>,
+    /// What the peer's identity holds over all its sessions.
+    account: Arc<super::accounts::Account>,
+    /// Why the session must end, once it must (its process became another program): every
+    /// later request is refused and the transport closes the connection.
+    ended: Option<Refusal>,
+    /// Refusals written to the broker's log (info level), throttled per session.
+    refusal_log: crate::throttle::Throttle,
     /// The client's struct layout ABI (declared in the native `Hello`; native for gRPC).
     abi: AbiId,
     user_clients: HashMap<u64, UserClient>,
@@ -183,12 +190,16 @@ impl Session {
     pub fn new(core: Arc<Core>, peer: Arc<PeerIdentity>, abi: AbiId) -> Session {
         let (policy, generation) = core.policy_snapshot();
         let revision: Arc<str> = policy.revision().into();
-        tracing::debug!(uid = peer.uid, pid = ?peer.pid, exe = ?peer.exe, %abi, "session started");
+        tracing::debug!(uid = peer.uid, pid = %peer.pid_text(), exe = peer.exe.as_deref().unwrap_or("-"), %abi, "session started");
         let live = super::core::Live::new(&core.live.sessions);
+        let account = core.account_of(&peer);
         Session {
             _live: live,
             core,
             peer,
+            account,
+            ended: None,
+            refusal_log: crate::throttle::Throttle::new(20, std::time::Duration::from_secs(1)),
             abi,
             user_clients: HashMap::new(),
             next_handle: 1,
@@ -221,13 +232,21 @@ impl Session {
                 continue;
             };
             let service = uc.open.service().clone();
-            match admit(&policy, &self.peer, self.abi, &service, &uc.driver, uc.open.mode()) {
+            match admit(
+                &self.core,
+                &policy,
+                &self.peer,
+                self.abi,
+                &service,
+                &uc.driver,
+                uc.open.mode(),
+            ) {
                 Ok(grant) => {
                     uc.rate = rate_bucket(&grant);
                     uc.grant = grant;
                 }
                 Err(denial) => {
-                    tracing::info!(uid = self.peer.uid, pid = ?self.peer.pid, service = service.name(), handle, rule = %denial.rule, "user client closed by a policy reload");
+                    tracing::info!(uid = self.peer.uid, pid = %self.peer.pid_text(), service = service.name(), handle, rule = %denial.rule, "user client closed by a policy reload");
                     self.user_clients.remove(&handle);
                     self.outbox.push(SessionEvent::UserClientClosed {
                         handle,
@@ -273,6 +292,7 @@ impl Session {
             }
             Err(refusal) => {
                 let name = self.core.registry().get(service_id).map(|s| s.name().to_string());
+                crate::throttle::throttled_info!(self.refusal_log, uid = self.peer.uid, pid = %self.peer.pid_text(), service = name.as_deref().unwrap_or("-"), status = %refusal.status, rule = refusal.rule.as_deref().unwrap_or("-"), reason = %refusal.message, "admission denied");
                 self.log_refusal(
                     "admission",
                     name.as_deref(),
@@ -304,6 +324,7 @@ impl Session {
             Ok(_) => self.calls_allowed += 1,
             Err(refusal) => {
                 let (service, method) = self.describe(handle, selector);
+                crate::throttle::throttled_info!(self.refusal_log, uid = self.peer.uid, pid = %self.peer.pid_text(), service = service.as_deref().unwrap_or("-"), handle, method = method.as_deref().unwrap_or("-"), selector, status = %refusal.status, rule = refusal.rule.as_deref().unwrap_or("-"), reason = %refusal.message, "call refused");
                 self.log_refusal(
                     "call",
                     service.as_deref(),
@@ -329,12 +350,15 @@ impl Session {
                 let record = serde_json::json!({ "event": "map_memory", "decision": "allow", "service": service, "request": { "handle": handle, "memory_type": kind.name } });
                 self.log(record);
             }
-            Err(refusal) => self.log_refusal(
-                "map_memory",
-                service.as_deref(),
-                serde_json::json!({ "handle": handle, "memory_type": memory_type }),
-                refusal,
-            ),
+            Err(refusal) => {
+                crate::throttle::throttled_info!(self.refusal_log, uid = self.peer.uid, pid = %self.peer.pid_text(), service = service.as_deref().unwrap_or("-"), handle, memory_type, status = %refusal.status, rule = refusal.rule.as_deref().unwrap_or("-"), reason = %refusal.message, "map_memory refused");
+                self.log_refusal(
+                    "map_memory",
+                    service.as_deref(),
+                    serde_json::json!({ "handle": handle, "memory_type": memory_type }),
+                    refusal,
+                );
+            }
         }
         result
     }
@@ -422,6 +446,16 @@ impl Session {
         }));
     }
 
+    /// Why the session must end, once it must: the transport closes it with this reason.
+    pub fn end_reason(&self) -> Option<&Refusal> {
+        self.ended.as_ref()
+    }
+
+    /// The account the session counts against.
+    pub fn account(&self) -> &Arc<super::accounts::Account> {
+        &self.account
+    }
+
     /// Events the session produced itself since the last call, for the transport to send.
     pub fn take_outbox(&mut self) -> Vec<SessionEvent> {
         std::mem::take(&mut self.outbox)
@@ -474,11 +508,28 @@ impl Session {
             .driver()
             .cloned()
             .ok_or_else(|| Refusal::new(Status::Unsupported, format!("{} has no driver to open", service.name())))?;
+        // initWithTask sees the task as it is now: the process that connected, still running
+        // the program it ran then.
+        if let Err(changed) = self.peer.verify_unchanged() {
+            let refusal = Refusal::new(
+                Status::NotPrivileged,
+                format!("{changed}: the session is closed; a program must connect itself"),
+            );
+            tracing::warn!(uid = self.peer.uid, pid = %self.peer.pid_text(), exe = self.peer.exe.as_deref().unwrap_or("-"), "{changed}: session refused");
+            self.ended = Some(refusal.clone());
+            return Err(refusal);
+        }
         self.refresh();
-        let grant = admit(&self.core.policy_snapshot().0, &self.peer, self.abi, &service, &driver, mode).map_err(|denial| {
-            tracing::info!(uid = self.peer.uid, pid = ?self.peer.pid, service = service.name(), rule = %denial.rule, reason = %denial.reason, "admission denied");
-            Refusal::denied(denial)
-        })?;
+        let grant = admit(
+            &self.core,
+            &self.core.policy_snapshot().0,
+            &self.peer,
+            self.abi,
+            &service,
+            &driver,
+            mode,
+        )
+        .map_err(Refusal::denied)?;
         let open = OpenGuard::acquire(&service, mode).map_err(|status| {
             Refusal::new(
                 status,
@@ -492,7 +543,7 @@ impl Session {
         let handle = self.next_handle;
         self.next_handle += 1;
         let privileges = grant.privileges().map(str::to_string).collect();
-        tracing::info!(uid = self.peer.uid, pid = ?self.peer.pid, service = service.name(), handle, rule = grant.admitted_by(), ?mode, "user client opened");
+        tracing::info!(uid = self.peer.uid, pid = %self.peer.pid_text(), service = service.name(), handle, rule = grant.admitted_by(), ?mode, "user client opened");
         let (cancel, _) = watch::channel(());
         let rate = rate_bucket(&grant);
         self.user_clients.insert(
@@ -509,6 +560,15 @@ impl Session {
             },
         );
         Ok((handle, service, privileges))
+    }
+
+    /// Closes every user client (the broker is stopping): pending calls complete with
+    /// `Aborted`.
+    pub fn close_all(&mut self, why: &str) {
+        if !self.user_clients.is_empty() {
+            tracing::debug!(uid = self.peer.uid, pid = %self.peer.pid_text(), user_clients = self.user_clients.len(), why, "closing every user client");
+        }
+        self.user_clients.clear();
     }
 
     /// Closes a user client; its pending calls complete with `Aborted`.
@@ -585,6 +645,30 @@ impl Session {
                 format!("a session may have at most {limit} pending calls"),
             ));
         }
+        let account_pending = if spec.is_async {
+            Some(self.account.take_pending().ok_or_else(|| {
+                Refusal::new(
+                    Status::NoMemory,
+                    format!(
+                        "{} has {} calls pending over all its sessions, the most it may",
+                        self.account.key(),
+                        self.account.limits().max_pending_calls_per_uid
+                    ),
+                )
+            })?)
+        } else {
+            None
+        };
+        if self.account.queue_full() {
+            return Err(Refusal::new(
+                Status::NoMemory,
+                format!(
+                    "{}'s clients have {} messages queued that they have not read, the most they may",
+                    self.account.key(),
+                    self.account.limits().max_queued_messages_per_uid
+                ),
+            ));
+        }
         let core = &self.core;
         let notify = |notice| core.notify(service, notice);
         let ctx = CallContext {
@@ -599,6 +683,7 @@ impl Session {
                 let guard = (
                     super::core::Live::new(&self.pending),
                     super::core::Live::new(&self.core.live.pending),
+                    account_pending,
                 );
                 let mut cancelled = uc.cancel.subscribe();
                 let driver = uc.driver.clone();
@@ -658,7 +743,7 @@ impl Session {
         };
         let fd = memory::client_fd(&backing.fd, kind.writable)
             .map_err(|e| Refusal::new(Status::NoMemory, format!("{}: {e}", kind.name)))?;
-        tracing::info!(uid = self.peer.uid, pid = ?self.peer.pid, service = service.name(), handle, memory_type = kind.name, "memory mapped");
+        tracing::info!(uid = self.peer.uid, pid = %self.peer.pid_text(), service = service.name(), handle, memory_type = kind.name, "memory mapped");
         Ok((fd, kind))
     }
 
@@ -759,12 +844,13 @@ impl Drop for Session {
             let summary = serde_json::json!({ "event": "session_end", "calls_allowed": self.calls_allowed, "dropped": self.budget.dropped() });
             log.write(self.stamp(summary));
         }
-        tracing::debug!(uid = self.peer.uid, pid = ?self.peer.pid, user_clients = self.user_clients.len(), "session ended, releasing everything");
+        tracing::debug!(uid = self.peer.uid, pid = %self.peer.pid_text(), user_clients = self.user_clients.len(), "session ended, releasing everything");
     }
 }
 
 /// `initWithTask` under `policy`: the grant for this peer, ABI, service and open mode.
 fn admit(
+    core: &Core,
     policy: &portcullis_policy::Policy,
     peer: &PeerIdentity,
     abi: AbiId,
@@ -794,7 +880,7 @@ fn admit(
         .collect();
     let memory_types: Vec<&str> = driver.memory_types().iter().map(|m| m.name).collect();
     policy.admit(
-        &peer.task(abi),
+        &peer.task(abi, core.exe_for(policy, peer)),
         &view(service),
         mode == OpenMode::Exclusive,
         &methods,

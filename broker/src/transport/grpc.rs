@@ -23,62 +23,108 @@ use portcullis_proto::{
     pb::{self, broker_server::BrokerServer, client_message::Request, server_message::Kind},
 };
 use tokio::{
-    io::{AsyncRead, AsyncWrite, ReadBuf},
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf},
     net::{TcpListener, TcpStream, UnixListener, UnixStream},
-    sync::{broadcast::error::RecvError, mpsc},
+    sync::{OwnedSemaphorePermit, Semaphore, broadcast::error::RecvError, mpsc},
+    task::JoinSet,
 };
-use tokio_stream::wrappers::ReceiverStream;
-use tonic::{
-    Streaming,
-    transport::{
-        Certificate, Identity, ServerTlsConfig,
-        server::{Connected, TcpConnectInfo},
-    },
-};
+use tokio_rustls::{TlsAcceptor, server::TlsStream};
+use tokio_stream::{Stream, StreamExt, wrappers::ReceiverStream};
+use tonic::{Streaming, transport::server::Connected};
 
 use crate::{
     registry::{Matching, OpenMode, Service, ServiceId},
-    session::{Command, Core, CoreEvent, PeerIdentity, Refusal, Reply, Session, SessionEvent, Started, TlsPeer},
+    session::{
+        Command, Core, CoreEvent, Live, PeerIdentity, Refusal, Reply, Session, SessionEvent, Started, TlsPeer,
+        accounts::ConnectionSlot,
+    },
+    throttle::{Throttle, throttled_info},
 };
 
 /// Responses and events queued to one session's client before the session waits for it to
 /// read (back-pressure: a client that does not read stops being served, nobody else does).
 const OUTBOUND_QUEUE: usize = 256;
 
-/// Accepted connections waiting for their identity to be collected.
+/// Accepted connections handed to tonic but not yet taken by it.
 const ACCEPT_QUEUE: usize = 64;
 
-/// The kernel's view of a connection's peer, as tonic connect info.
-#[derive(Clone, Debug)]
-pub struct Peer(pub Arc<PeerIdentity>);
+/// Connections over a limit that are still answered (every call: `RESOURCE_EXHAUSTED` with the
+/// reason) so that the client can say why; more are closed at once.
+const REFUSING: usize = 32;
 
-/// A connection holding its place in the connection limit, with its connect info.
-#[derive(Debug)]
-pub struct Counted<S, I> {
-    inner: S,
-    info: I,
-    /// Held for the connection's life: its place in the connection limit.
-    _permit: tokio::sync::OwnedSemaphorePermit,
+/// How long a connection over a limit is kept to say why.
+const REFUSAL_LINGER: Duration = Duration::from_secs(2);
+
+/// What every HTTP/2 client sends first.
+const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Connection-level log lines (refused at a limit, handshake failed or timed out), which a
+/// flood could otherwise multiply without bound.
+static CONNECTION_LOG: Throttle = Throttle::new(20, Duration::from_secs(1));
+
+/// How a connection reached tonic: the identity its calls are served under, or why it is
+/// refused (every call is answered `RESOURCE_EXHAUSTED` with the reason; then it is closed).
+#[derive(Clone, Debug)]
+pub enum Peer {
+    /// The kernel's view of a local peer, or a TCP peer's verified certificate.
+    Known(Arc<PeerIdentity>),
+    /// Over a limit.
+    Refused(Arc<str>),
 }
 
-/// A Unix stream with its peer's identity.
-pub type PeerStream = Counted<UnixStream, Peer>;
+/// A connection with its identity, holding its connection slot, that has passed its handshake
+/// (the TLS handshake for TCP, and the HTTP/2 preface, which it replays to tonic).
+pub struct Conn<S> {
+    inner: S,
+    /// The preface, read ahead; served before anything else.
+    replay: &'static [u8],
+    info: Peer,
+    /// A refused connection ends then, whatever the client does.
+    linger: Option<Pin<Box<tokio::time::Sleep>>>,
+    _slot: Option<ConnectionSlot>,
+    _refusing: Option<OwnedSemaphorePermit>,
+}
 
-impl<S, I: Clone + Send + Sync + 'static> Connected for Counted<S, I> {
-    type ConnectInfo = I;
-    fn connect_info(&self) -> I {
+impl<S> std::fmt::Debug for Conn<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Conn").field("info", &self.info).finish_non_exhaustive()
+    }
+}
+
+impl<S> Conn<S> {
+    fn lingered(&mut self, cx: &mut Context<'_>) -> bool {
+        self.linger.as_mut().is_some_and(|l| l.as_mut().poll(cx).is_ready())
+    }
+}
+
+impl<S> Connected for Conn<S> {
+    type ConnectInfo = Peer;
+    fn connect_info(&self) -> Peer {
         self.info.clone()
     }
 }
 
-impl<S: AsyncRead + Unpin, I: Unpin> AsyncRead for Counted<S, I> {
+impl<S: AsyncRead + Unpin> AsyncRead for Conn<S> {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        if self.lingered(cx) {
+            return Poll::Ready(Ok(()));
+        }
+        if !self.replay.is_empty() {
+            let n = self.replay.len().min(buf.remaining());
+            let (now, later) = self.replay.split_at(n);
+            buf.put_slice(now);
+            self.replay = later;
+            return Poll::Ready(Ok(()));
+        }
         Pin::new(&mut self.inner).poll_read(cx, buf)
     }
 }
 
-impl<S: AsyncWrite + Unpin, I: Unpin> AsyncWrite for Counted<S, I> {
+impl<S: AsyncWrite + Unpin> AsyncWrite for Conn<S> {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        if self.lingered(cx) {
+            return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
+        }
         Pin::new(&mut self.inner).poll_write(cx, buf)
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -92,6 +138,9 @@ impl<S: AsyncWrite + Unpin, I: Unpin> AsyncWrite for Counted<S, I> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
+        if self.lingered(cx) {
+            return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
+        }
         Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
     }
     fn is_write_vectored(&self) -> bool {
@@ -99,12 +148,26 @@ impl<S: AsyncWrite + Unpin, I: Unpin> AsyncWrite for Counted<S, I> {
     }
 }
 
-/// Accepts connections and collects each peer's identity off the accept path.
-fn incoming(core: Arc<Core>, listener: UnixListener) -> ReceiverStream<io::Result<PeerStream>> {
+/// Reads the HTTP/2 preface; anything else is not a gRPC client.
+async fn preface<S: AsyncRead + Unpin>(stream: &mut S) -> io::Result<()> {
+    let mut got = [0u8; PREFACE.len()];
+    stream.read_exact(&mut got).await?;
+    if &got == PREFACE {
+        Ok(())
+    } else {
+        Err(io::Error::new(io::ErrorKind::InvalidData, "not an HTTP/2 client"))
+    }
+}
+
+/// Accepts local connections: each gets its uid's connection slot, its identity and its
+/// HTTP/2 preface read within the handshake timeout, off the accept path; a connection over a
+/// limit is told why on its first call.
+fn incoming(core: Arc<Core>, listener: UnixListener) -> ReceiverStream<io::Result<Conn<UnixStream>>> {
     let (tx, rx) = mpsc::channel(ACCEPT_QUEUE);
+    let refusing = Arc::new(Semaphore::new(REFUSING));
     tokio::spawn(async move {
         loop {
-            let stream = match listener.accept().await {
+            let mut stream = match listener.accept().await {
                 Ok((stream, _)) => stream,
                 Err(e) => {
                     tracing::warn!(error = %e, "accept failed");
@@ -112,49 +175,78 @@ fn incoming(core: Arc<Core>, listener: UnixListener) -> ReceiverStream<io::Resul
                     continue;
                 }
             };
-            let Some(permit) = core.admit_connection() else {
-                tracing::debug!("gRPC connection refused: connection limit reached");
-                drop(stream);
-                continue;
-            };
-            let ready = tx.clone();
-            tokio::spawn(async move {
-                let cred = match stream.peer_cred() {
-                    Ok(cred) => cred,
-                    Err(e) => {
-                        return tracing::warn!(error = %e, "no peer credentials; connection closed");
-                    }
-                };
-                let peersec = crate::sys::peer_security_label(std::os::fd::AsFd::as_fd(&stream))
-                    .inspect_err(|e| tracing::debug!(error = %e, "SO_PEERSEC unavailable"))
-                    .ok()
-                    .flatten();
-                let identity = tokio::task::spawn_blocking(move || {
-                    PeerIdentity::from_peer_cred(cred.uid(), cred.gid(), cred.pid(), peersec)
-                })
-                .await;
-                match identity {
-                    Ok(Ok(identity)) => {
-                        let _ = ready
-                            .send(Ok(PeerStream {
-                                inner: stream,
-                                info: Peer(Arc::new(identity)),
-                                _permit: permit,
-                            }))
-                            .await;
-                    }
-                    Ok(Err(e)) => {
-                        tracing::warn!(error = %e, "peer identity unavailable; connection closed")
-                    }
-                    Err(e) => tracing::error!(error = %e, "identity task failed"),
-                }
-            });
             if tx.is_closed() {
                 break;
             }
+            let (core, ready, refusing) = (core.clone(), tx.clone(), refusing.clone());
+            tokio::spawn(async move {
+                let cred = match stream.peer_cred() {
+                    Ok(cred) => super::Cred {
+                        uid: cred.uid(),
+                        gid: cred.gid(),
+                        pid: cred.pid(),
+                    },
+                    Err(e) => return tracing::warn!(error = %e, "no peer credentials; connection closed"),
+                };
+                let slot = match core.accounts().connect_local(cred.uid) {
+                    Ok(slot) => slot,
+                    Err(refusal) => {
+                        throttled_info!(CONNECTION_LOG, uid = cred.uid, reason = %refusal, "gRPC connection refused at a limit");
+                        if let Some(conn) = refused(stream, refusal.to_string(), &refusing).await {
+                            let _ = ready.send(Ok(conn)).await;
+                        }
+                        return;
+                    }
+                };
+                let handshake = core.accounts().limits().handshake_timeout();
+                let admitted = tokio::time::timeout(handshake, async {
+                    let identity = super::identify(&core, &stream, cred).await?;
+                    preface(&mut stream).await.map_err(|e| e.to_string())?;
+                    Ok::<_, String>(identity)
+                })
+                .await;
+                match admitted {
+                    Ok(Ok(identity)) => {
+                        let conn = Conn {
+                            inner: stream,
+                            replay: PREFACE,
+                            info: Peer::Known(Arc::new(identity)),
+                            linger: None,
+                            _slot: Some(slot),
+                            _refusing: None,
+                        };
+                        let _ = ready.send(Ok(conn)).await;
+                    }
+                    Ok(Err(e)) => throttled_info!(CONNECTION_LOG, uid = cred.uid, error = %e, "gRPC connection closed"),
+                    Err(_) => throttled_info!(
+                        CONNECTION_LOG,
+                        uid = cred.uid,
+                        timeout_ms = handshake.as_millis(),
+                        "gRPC connection closed: no HTTP/2 preface within the handshake timeout"
+                    ),
+                }
+            });
         }
     });
     ReceiverStream::new(rx)
+}
+
+/// A connection over a limit, kept for a moment so that its first call learns why; `None`
+/// when too many such are being answered already, or it is not an HTTP/2 client.
+async fn refused<S: AsyncRead + Unpin>(mut stream: S, reason: String, refusing: &Arc<Semaphore>) -> Option<Conn<S>> {
+    let permit = refusing.clone().try_acquire_owned().ok()?;
+    tokio::time::timeout(REFUSAL_LINGER, preface(&mut stream))
+        .await
+        .ok()?
+        .ok()?;
+    Some(Conn {
+        inner: stream,
+        replay: PREFACE,
+        info: Peer::Refused(reason.into()),
+        linger: Some(Box::pin(tokio::time::sleep(REFUSAL_LINGER))),
+        _slot: None,
+        _refusing: Some(permit),
+    })
 }
 
 /// Why the gRPC transport stopped.
@@ -166,6 +258,14 @@ pub enum GrpcError {
     /// The server failed.
     #[error("gRPC server: {0}")]
     Transport(#[from] tonic::transport::Error),
+    /// The TLS certificate, key or client CA could not be used.
+    #[error("{path}: {message}")]
+    Tls {
+        /// The file.
+        path: String,
+        /// What is wrong.
+        message: String,
+    },
     /// The socket could not be set up.
     #[error("{path}: {source}")]
     Socket {
@@ -188,11 +288,14 @@ pub async fn bind(path: &Path) -> Result<UnixListener, GrpcError> {
     Ok(listener)
 }
 
-/// Accepts TCP connections within the connection limit (TLS is tonic's, on top).
+/// Accepts TCP connections within the connection limit; each completes its TLS handshake
+/// (a client certificate that chains to the configured CA) and sends its HTTP/2 preface within
+/// the handshake timeout, off the accept path.
 fn tcp_incoming(
     core: Arc<Core>,
     listener: TcpListener,
-) -> ReceiverStream<io::Result<Counted<TcpStream, TcpConnectInfo>>> {
+    acceptor: TlsAcceptor,
+) -> ReceiverStream<io::Result<Conn<TlsStream<TcpStream>>>> {
     let (tx, rx) = mpsc::channel(ACCEPT_QUEUE);
     tokio::spawn(async move {
         loop {
@@ -204,40 +307,103 @@ fn tcp_incoming(
                     continue;
                 }
             };
-            let Some(permit) = core.admit_connection() else {
-                tracing::debug!(%remote, "TCP connection refused: connection limit reached");
-                continue;
-            };
-            let _ = stream.set_nodelay(true);
-            let info = TcpConnectInfo {
-                local_addr: stream.local_addr().ok(),
-                remote_addr: Some(remote),
-            };
-            let counted = Counted {
-                inner: stream,
-                info,
-                _permit: permit,
-            };
-            if tx.send(Ok(counted)).await.is_err() {
+            if tx.is_closed() {
                 break;
             }
+            let slot = match core.accounts().connect_remote() {
+                Ok(slot) => slot,
+                Err(refusal) => {
+                    throttled_info!(CONNECTION_LOG, %remote, reason = %refusal, "TCP connection refused at a limit");
+                    continue;
+                }
+            };
+            let _ = stream.set_nodelay(true);
+            let (ready, acceptor) = (tx.clone(), acceptor.clone());
+            let handshake = core.accounts().limits().handshake_timeout();
+            tokio::spawn(async move {
+                let admitted = tokio::time::timeout(handshake, async {
+                    let mut tls = acceptor
+                        .accept(stream)
+                        .await
+                        .map_err(|e| format!("TLS handshake: {e}"))?;
+                    let leaf = tls
+                        .get_ref()
+                        .1
+                        .peer_certificates()
+                        .and_then(|c| c.first())
+                        .ok_or("no client certificate")?;
+                    let peer = TlsPeer::from_der(leaf)?;
+                    preface(&mut tls).await.map_err(|e| e.to_string())?;
+                    Ok::<_, String>((tls, peer))
+                })
+                .await;
+                match admitted {
+                    Ok(Ok((tls, peer))) => {
+                        let conn = Conn {
+                            inner: tls,
+                            replay: PREFACE,
+                            info: Peer::Known(Arc::new(PeerIdentity::remote(peer))),
+                            linger: None,
+                            _slot: Some(slot),
+                            _refusing: None,
+                        };
+                        let _ = ready.send(Ok(conn)).await;
+                    }
+                    Ok(Err(e)) => throttled_info!(CONNECTION_LOG, %remote, error = %e, "TCP connection closed"),
+                    Err(_) => {
+                        throttled_info!(CONNECTION_LOG, %remote, timeout_ms = handshake.as_millis(), "TCP connection closed: TLS handshake and HTTP/2 preface not done within the handshake timeout")
+                    }
+                }
+            });
         }
     });
     ReceiverStream::new(rx)
 }
 
-/// The TLS files of `[tls]`, read.
-pub fn server_tls(tls: &crate::config::TlsConfig) -> Result<ServerTlsConfig, GrpcError> {
-    let read = |path: &Path| {
-        std::fs::read(path).map_err(|source| GrpcError::Socket {
-            path: path.display().to_string(),
-            source,
-        })
+/// The TLS acceptor of `[tls]`: the broker's certificate and key, client certificates required
+/// and verified against `client_ca`, HTTP/2 only.
+pub fn server_tls(tls: &crate::config::TlsConfig) -> Result<TlsAcceptor, GrpcError> {
+    use tokio_rustls::rustls::{
+        RootCertStore, ServerConfig,
+        pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject},
+        server::WebPkiClientVerifier,
     };
-    Ok(ServerTlsConfig::new()
-        .identity(Identity::from_pem(read(&tls.cert)?, read(&tls.key)?))
-        .client_ca_root(Certificate::from_pem(read(&tls.client_ca)?))
-        .client_auth_optional(false))
+    let pem = |path: &Path, e: tokio_rustls::rustls::pki_types::pem::Error| GrpcError::Tls {
+        path: path.display().to_string(),
+        message: e.to_string(),
+    };
+    let certs = CertificateDer::pem_file_iter(&tls.cert)
+        .and_then(Iterator::collect::<Result<Vec<_>, _>>)
+        .map_err(|e| pem(&tls.cert, e))?;
+    let key = PrivateKeyDer::from_pem_file(&tls.key).map_err(|e| pem(&tls.key, e))?;
+    let mut roots = RootCertStore::empty();
+    for ca in CertificateDer::pem_file_iter(&tls.client_ca).map_err(|e| pem(&tls.client_ca, e))? {
+        roots
+            .add(ca.map_err(|e| pem(&tls.client_ca, e))?)
+            .map_err(|e| GrpcError::Tls {
+                path: tls.client_ca.display().to_string(),
+                message: e.to_string(),
+            })?;
+    }
+    let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
+    let invalid = |e: tokio_rustls::rustls::Error| GrpcError::Tls {
+        path: tls.cert.display().to_string(),
+        message: e.to_string(),
+    };
+    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+        .build()
+        .map_err(|e| GrpcError::Tls {
+            path: tls.client_ca.display().to_string(),
+            message: e.to_string(),
+        })?;
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(invalid)?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(certs, key)
+        .map_err(invalid)?;
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(TlsAcceptor::from(Arc::new(config)))
 }
 
 /// Serves `Broker`, health and reflection to TCP clients with verified certificates until
@@ -245,13 +411,12 @@ pub fn server_tls(tls: &crate::config::TlsConfig) -> Result<ServerTlsConfig, Grp
 pub async fn serve_tls(
     core: Arc<Core>,
     listener: TcpListener,
-    tls: ServerTlsConfig,
+    tls: TlsAcceptor,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), GrpcError> {
-    let server = tonic::transport::Server::builder().tls_config(tls)?;
-    router(core.clone(), server)
+    router(core.clone(), tonic::transport::Server::builder())
         .await?
-        .serve_with_incoming_shutdown(tcp_incoming(core, listener), shutdown)
+        .serve_with_incoming_shutdown(tcp_incoming(core, listener, tls), shutdown)
         .await?;
     Ok(())
 }
@@ -305,7 +470,7 @@ fn admin<T>(req: &tonic::Request<T>, what: &str) -> Result<Arc<PeerIdentity>, to
     let peer = peer_of(req)?;
     let own = rustix::process::geteuid().as_raw();
     if peer.tls.is_some() || (peer.uid != 0 && peer.uid != own) {
-        tracing::warn!(uid = peer.uid, pid = ?peer.pid, "refused to {what}: not an administrator");
+        tracing::warn!(uid = peer.uid, pid = %peer.pid_text(), "refused to {what}: not an administrator");
         return Err(tonic::Status::permission_denied(format!(
             "only root or the broker's own user may {what}"
         )));
@@ -313,38 +478,37 @@ fn admin<T>(req: &tonic::Request<T>, what: &str) -> Result<Arc<PeerIdentity>, to
     Ok(peer)
 }
 
-/// The caller: the kernel's view of a local peer, or what a TCP peer's verified certificate says.
+/// The caller: the kernel's view of a local peer, or what a TCP peer's verified certificate
+/// says; a connection over a limit is told which.
 fn peer_of<T>(req: &tonic::Request<T>) -> Result<Arc<PeerIdentity>, tonic::Status> {
-    if let Some(peer) = req.extensions().get::<Peer>() {
-        return Ok(peer.0.clone());
+    match req.extensions().get::<Peer>() {
+        Some(Peer::Known(peer)) => Ok(peer.clone()),
+        Some(Peer::Refused(reason)) => Err(tonic::Status::resource_exhausted(reason.to_string())),
+        None => Err(tonic::Status::unauthenticated(
+            "the connection has no verified identity",
+        )),
     }
-    let certs = req
-        .peer_certs()
-        .ok_or_else(|| tonic::Status::unauthenticated("the connection has no verified identity"))?;
-    let leaf = certs
-        .first()
-        .ok_or_else(|| tonic::Status::unauthenticated("no client certificate"))?;
-    let tls = TlsPeer::from_der(leaf).map_err(tonic::Status::unauthenticated)?;
-    Ok(Arc::new(PeerIdentity::remote(tls)))
 }
 
 #[tonic::async_trait]
 impl pb::broker_server::Broker for BrokerService {
-    type SessionStream = ReceiverStream<Result<pb::ServerMessage, tonic::Status>>;
+    type SessionStream = Pin<Box<dyn Stream<Item = Result<pb::ServerMessage, tonic::Status>> + Send>>;
 
     async fn session(
         &self,
         req: tonic::Request<Streaming<pb::ClientMessage>>,
     ) -> Result<tonic::Response<Self::SessionStream>, tonic::Status> {
         let peer = peer_of(&req)?;
-        let (tx, rx) = mpsc::channel(OUTBOUND_QUEUE);
+        let (tx, rx) = mpsc::channel::<Outgoing>(OUTBOUND_QUEUE);
         tokio::spawn(run_session(
             Session::new(self.core.clone(), peer, AbiId::native()),
             self.core.clone(),
             req.into_inner(),
             tx,
         ));
-        Ok(tonic::Response::new(ReceiverStream::new(rx)))
+        // A message stops counting against its account when tonic takes it to send.
+        let stream = ReceiverStream::new(rx).map(|(_queued, message)| message);
+        Ok(tonic::Response::new(Box::pin(stream)))
     }
 
     async fn reload_policy(
@@ -352,7 +516,7 @@ impl pb::broker_server::Broker for BrokerService {
         req: tonic::Request<pb::ReloadPolicyRequest>,
     ) -> Result<tonic::Response<pb::ReloadPolicyResponse>, tonic::Status> {
         let peer = admin(&req, "reload the policy")?;
-        tracing::info!(uid = peer.uid, pid = ?peer.pid, "policy reload requested");
+        tracing::info!(uid = peer.uid, pid = %peer.pid_text(), "policy reload requested");
         match self.core.reload_policy() {
             Ok((generation, rules)) => Ok(tonic::Response::new(pb::ReloadPolicyResponse {
                 generation,
@@ -400,65 +564,132 @@ impl pb::broker_server::Broker for BrokerService {
     }
 }
 
-type Outbound = mpsc::Sender<Result<pb::ServerMessage, tonic::Status>>;
+/// A message for the client, counted against its account while it waits in the queue.
+type Outgoing = (Live, Result<pb::ServerMessage, tonic::Status>);
+type Outbound = mpsc::Sender<Outgoing>;
 
-/// Serves one session until the client's stream ends or its connection drops; then the session
-/// is dropped, releasing everything it held.
+/// Serves one session until the client's stream ends, its connection drops, or the broker
+/// stops; then the session is dropped, releasing everything it held.
 async fn run_session(mut session: Session, core: Arc<Core>, mut inbound: Streaming<pb::ClientMessage>, tx: Outbound) {
     let mut events = core.subscribe();
+    // Asynchronous calls in flight, each sending its own response when it completes.
+    let mut calls = JoinSet::new();
+    // Events left out because the account's queue was full, told to the client once there is room.
+    let mut lost = 0u64;
     // With traffic recording on: this session's messages, as one `grpc_request` seed.
     let mut recorded: Option<Vec<u8>> = crate::capture::enabled().then(Vec::new);
-    loop {
+    let goodbye = loop {
         tokio::select! {
             message = inbound.message() => match message {
                 Ok(Some(message)) => {
                     if let Some(rec) = recorded.as_mut().filter(|r| r.len() < 64 * 1024) {
                         let _ = prost::Message::encode_length_delimited(&message, rec);
                     }
-                    let reply = handle(&mut session, message, &tx);
+                    let reply = handle(&mut session, message, &tx, &mut calls);
                     // Events the request caused (user clients a policy reload closed) come first.
                     let out = session.take_outbox().into_iter().filter_map(event_message).chain(reply);
-                    if send_all(&tx, out).await.is_err() {
-                        break;
+                    if send_all(&tx, &session, out).await.is_err() {
+                        break None;
+                    }
+                    if let Some(ended) = session.end_reason() {
+                        break Some((ended.status, ended.message.clone()));
                     }
                 }
-                Ok(None) => break,
+                Ok(None) => break None,
                 Err(status) => {
                     // Tell the client why its stream ends (an oversized or undecodable message).
                     tracing::debug!(%status, "session stream failed");
-                    let _ = tx.send(Err(status)).await;
-                    break;
+                    let _ = tx.send((Live::new(&session.account().queued), Err(status))).await;
+                    break None;
                 }
             },
             event = events.recv() => {
                 let out = match event {
                     Ok(event) => session.on_core_event(&event),
                     Err(RecvError::Lagged(n)) => session.on_events_lost(n),
-                    Err(RecvError::Closed) => break,
+                    Err(RecvError::Closed) => break None,
                 };
-                if send_all(&tx, out.into_iter().filter_map(event_message)).await.is_err() {
-                    break;
+                if send_events(&tx, &session, out, &mut lost).await.is_err() {
+                    break None;
                 }
             }
-            () = tx.closed() => break,
+            Some(_) = calls.join_next(), if !calls.is_empty() => {}
+            () = core.stopping() => {
+                finish_for_shutdown(&mut session, &core, &mut calls).await;
+                break Some((Status::Aborted, "the broker is stopping".to_string()));
+            }
+            () = tx.closed() => break None,
         }
+    };
+    if let Some((status, reason)) = goodbye {
+        let message = goodbye_message(status, reason);
+        let _ = tx.send((Live::new(&session.account().queued), Ok(message))).await;
     }
     if let Some(rec) = recorded.filter(|r| !r.is_empty()) {
         crate::capture::record("grpc_request", &rec);
     }
 }
 
-/// Sends messages in order; `Err` when the client has gone.
-async fn send_all(tx: &Outbound, messages: impl Iterator<Item = pb::ServerMessage>) -> Result<(), ()> {
+/// The broker is stopping: no more requests are read; calls in flight may finish within the
+/// shutdown deadline (their responses are sent), then the rest are aborted.
+async fn finish_for_shutdown(session: &mut Session, core: &Core, calls: &mut JoinSet<()>) {
+    let deadline = core.accounts().limits().shutdown_timeout();
+    if tokio::time::timeout(deadline, async { while calls.join_next().await.is_some() {} })
+        .await
+        .is_err()
+    {
+        // Their user clients closed, the calls end with ABORTED, which their tasks send.
+        session.close_all("the broker is stopping");
+        let _ = tokio::time::timeout(Duration::from_secs(1), async {
+            while calls.join_next().await.is_some() {}
+        })
+        .await;
+    }
+}
+
+/// Sends responses in order; `Err` when the client has gone.
+async fn send_all(
+    tx: &Outbound,
+    session: &Session,
+    messages: impl Iterator<Item = pb::ServerMessage>,
+) -> Result<(), ()> {
     for message in messages {
-        tx.send(Ok(message)).await.map_err(drop)?;
+        tx.send((Live::new(&session.account().queued), Ok(message)))
+            .await
+            .map_err(drop)?;
+    }
+    Ok(())
+}
+
+/// Sends events while the account's queue has room; the others are counted in `lost` and the
+/// client is told how many with the next event that fits. `Err` when the client has gone.
+async fn send_events(tx: &Outbound, session: &Session, events: Vec<SessionEvent>, lost: &mut u64) -> Result<(), ()> {
+    for message in events.into_iter().filter_map(event_message) {
+        if *lost > 0 {
+            let Some(room) = session.account().take_queued() else {
+                *lost += 1;
+                continue;
+            };
+            let note = event_message(SessionEvent::Lost(*lost)).ok_or(())?;
+            tx.send((room, Ok(note))).await.map_err(drop)?;
+            *lost = 0;
+        }
+        match session.account().take_queued() {
+            Some(room) => tx.send((room, Ok(message))).await.map_err(drop)?,
+            None => *lost += 1,
+        }
     }
     Ok(())
 }
 
 /// Handles one request. Returns the response to send now; an asynchronous call's response is
-/// sent by its own task when it completes.
-fn handle(session: &mut Session, message: pb::ClientMessage, tx: &Outbound) -> Option<pb::ServerMessage> {
+/// sent by its own task (in `calls`) when it completes.
+fn handle(
+    session: &mut Session,
+    message: pb::ClientMessage,
+    tx: &Outbound,
+    calls: &mut JoinSet<()>,
+) -> Option<pb::ServerMessage> {
     let id = message.request_id;
     let started = match command(message.request) {
         Ok(command) => session.execute(command),
@@ -468,11 +699,25 @@ fn handle(session: &mut Session, message: pb::ClientMessage, tx: &Outbound) -> O
         Started::Now(result) => Some(response(id, result)),
         Started::Later(pending) => {
             let tx = tx.clone();
-            tokio::spawn(async move {
-                let _ = tx.send(Ok(response(id, pending.await))).await;
+            let queued = session.account().queued.clone();
+            calls.spawn(async move {
+                let response = response(id, pending.await);
+                let _ = tx.send((Live::new(&queued), Ok(response))).await;
             });
             None
         }
+    }
+}
+
+/// The last message of a session the broker ends: why.
+fn goodbye_message(status: Status, reason: String) -> pb::ServerMessage {
+    pb::ServerMessage {
+        kind: Some(Kind::Event(pb::Event {
+            kind: Some(pb::event::Kind::Goodbye(pb::Goodbye {
+                status: pb::StatusCode::from(status).into(),
+                reason,
+            })),
+        })),
     }
 }
 

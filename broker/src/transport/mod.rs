@@ -4,7 +4,41 @@
 pub mod grpc;
 pub mod native;
 
-use std::{io, os::unix::fs::PermissionsExt, path::Path};
+use std::{io, os::fd::AsFd, os::unix::fs::PermissionsExt, path::Path};
+
+use crate::session::{Core, PeerIdentity};
+
+/// A local peer's `SO_PEERCRED`.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Cred {
+    pub(crate) uid: u32,
+    pub(crate) gid: u32,
+    pub(crate) pid: Option<i32>,
+}
+
+/// Reads a local peer's identity: the LSM label from the socket, then (on a blocking thread)
+/// what `/proc` says. The executable is hashed only while the policy names an `exe_sha256`,
+/// and only as many at once for one uid as the limits allow (the others wait their turn).
+pub(crate) async fn identify(core: &Core, socket: &impl AsFd, cred: Cred) -> Result<PeerIdentity, String> {
+    let peersec = crate::sys::peer_security_label(socket.as_fd())
+        .inspect_err(|e| tracing::debug!(error = %e, "SO_PEERSEC unavailable"))
+        .ok()
+        .flatten();
+    let options = core.identity_options();
+    let _hashing = match options.hash_exe {
+        Some(_) => {
+            let account = core
+                .accounts()
+                .account(crate::session::accounts::AccountKey::Uid(cred.uid));
+            Some(account.hashing_slot().await)
+        }
+        None => None,
+    };
+    tokio::task::spawn_blocking(move || PeerIdentity::from_peer_cred(cred.uid, cred.gid, cred.pid, peersec, options))
+        .await
+        .map_err(|e| format!("identity task failed: {e}"))?
+        .map_err(|e| e.to_string())
+}
 
 /// Makes `path` free for a new socket: a stale file left by a dead broker is removed; a socket a
 /// live broker still serves is an error.

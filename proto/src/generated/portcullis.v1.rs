@@ -271,10 +271,20 @@ pub struct EventsLost {
     #[prost(uint64, tag = "1")]
     pub count: u64,
 }
+/// The broker ends the session (it is stopping, or the client's process has become another
+/// program): the last message on the stream, with the reason.
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct Goodbye {
+    #[prost(enumeration = "StatusCode", tag = "1")]
+    pub status: i32,
+    #[prost(string, tag = "2")]
+    pub reason: ::prost::alloc::string::String,
+}
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct Event {
-    #[prost(oneof = "event::Kind", tags = "1, 2, 3, 4, 5")]
+    #[prost(oneof = "event::Kind", tags = "1, 2, 3, 4, 5, 6")]
     pub kind: ::core::option::Option<event::Kind>,
 }
 /// Nested message and enum types in `Event`.
@@ -292,6 +302,8 @@ pub mod event {
         UserClientClosed(super::UserClientClosed),
         #[prost(message, tag = "5")]
         Lost(super::EventsLost),
+        #[prost(message, tag = "6")]
+        Goodbye(super::Goodbye),
     }
 }
 #[allow(clippy::all)]

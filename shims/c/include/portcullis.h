@@ -110,8 +110,10 @@ typedef struct pc_event {
     char text[128];      /* service name, notification detail, or reason */
 } pc_event;
 
-/* Connects to the broker serving run_dir (NULL: $PORTCULLIS_RUN_DIR, else /run/portcullis for
- * root, else $XDG_RUNTIME_DIR/portcullis) and declares this build's ABI. */
+/* Connects to the broker serving run_dir and declares this build's ABI. run_dir NULL: the rule
+ * every client follows: $PORTCULLIS_RUN_DIR when set; else a broker of this user's own where one
+ * serves ($XDG_RUNTIME_DIR/portcullis holds its socket); else the system broker, /run/portcullis.
+ * The socket, and every descriptor the library receives, is close-on-exec. */
 int pc_connect(const char *run_dir, pc_conn **out);
 
 /* Ends the session: the broker releases everything it held. Always frees conn. */

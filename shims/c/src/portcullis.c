@@ -528,14 +528,25 @@ static int expect_body(struct rd *r, unsigned tag) {
 
 /* ---- API --------------------------------------------------------------------------------- */
 
+/* The same rule as every client: $PORTCULLIS_RUN_DIR; else a broker of this user's own where one
+ * serves ($XDG_RUNTIME_DIR/portcullis holds its socket; root's own is the system broker); else the
+ * system broker, /run/portcullis. */
 static int default_run_dir(char *out, size_t cap) {
     const char *env = getenv("PORTCULLIS_RUN_DIR");
     const char *xdg = getenv("XDG_RUNTIME_DIR");
     int n;
-    if (env && *env) n = snprintf(out, cap, "%s", env);
-    else if (geteuid() == 0) n = snprintf(out, cap, "/run/portcullis");
-    else if (xdg && *xdg) n = snprintf(out, cap, "%s/portcullis", xdg);
-    else n = snprintf(out, cap, "/tmp/portcullis-%lu", (unsigned long)geteuid());
+    if (env && *env) {
+        n = snprintf(out, cap, "%s", env);
+        return n > 0 && (size_t)n < cap ? 0 : -1;
+    }
+    if (geteuid() != 0 && xdg && *xdg) {
+        n = snprintf(out, cap, "%s/portcullis/native.sock", xdg);
+        if (n > 0 && (size_t)n < cap && access(out, F_OK) == 0) {
+            n = snprintf(out, cap, "%s/portcullis", xdg);
+            return n > 0 && (size_t)n < cap ? 0 : -1;
+        }
+    }
+    n = snprintf(out, cap, "/run/portcullis");
     return n > 0 && (size_t)n < cap ? 0 : -1;
 }
 
@@ -568,7 +579,9 @@ int pc_connect(const char *run_dir, pc_conn **out) {
     c->out = malloc(PC_MAX_FRAME);
     c->next_id = 1;
     c->fd_in = c->fd_more[0] = c->fd_more[1] = -1;
-    c->fd = socket(AF_UNIX, SOCK_SEQPACKET, 0);
+    /* Close-on-exec, like every descriptor this library holds: a program that forks and execs
+     * must not hand its session (and the rights the policy gave it) to what it runs. */
+    c->fd = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0);
     if (c->in == NULL || c->out == NULL || c->fd < 0 || connect(c->fd, (struct sockaddr *)&addr, sizeof addr) != 0) {
         int saved = errno;
         pc_disconnect(c);

@@ -29,6 +29,7 @@ mod session;
 use std::{
     env, io,
     path::{Path, PathBuf},
+    sync::{Arc, Mutex},
 };
 
 use hyper_util::rt::TokioIo;
@@ -50,19 +51,50 @@ pub const RUN_DIR_ENV: &str = "PORTCULLIS_RUN_DIR";
 /// Open modes.
 pub use portcullis_proto::pb::OpenMode;
 
-/// The default run dir: `$PORTCULLIS_RUN_DIR`, else `/run/portcullis` for root, else
-/// `$XDG_RUNTIME_DIR/portcullis` (or `/tmp/portcullis-<uid>` without one).
+/// Where the system broker (run as root) serves.
+pub const SYSTEM_RUN_DIR: &str = "/run/portcullis";
+
+/// Where a client finds the broker, like the D-Bus system bus, with the same rule in the Rust
+/// and C clients: `$PORTCULLIS_RUN_DIR` when set; else a broker of the user's own where one
+/// serves (`$XDG_RUNTIME_DIR/portcullis` holds its socket); else the system broker,
+/// `/run/portcullis`.
 pub fn default_run_dir() -> PathBuf {
-    if let Some(dir) = env::var_os(RUN_DIR_ENV) {
+    if let Some(dir) = env::var_os(RUN_DIR_ENV).filter(|d| !d.is_empty()) {
         return PathBuf::from(dir);
     }
-    let uid = rustix::process::getuid().as_raw();
-    if uid == 0 {
-        return PathBuf::from("/run/portcullis");
+    match own_run_dir() {
+        Some(own) if own.join(GRPC_SOCKET).exists() || own.join(NATIVE_SOCKET).exists() => own,
+        _ => PathBuf::from(SYSTEM_RUN_DIR),
     }
-    match env::var_os("XDG_RUNTIME_DIR") {
-        Some(dir) => Path::new(&dir).join("portcullis"),
-        None => PathBuf::from(format!("/tmp/portcullis-{uid}")),
+}
+
+/// Where a broker run by this user serves: `/run/portcullis` for root (its broker is the
+/// system's), else `$XDG_RUNTIME_DIR/portcullis`; `None` without `XDG_RUNTIME_DIR` (a shared
+/// directory like `/tmp` is never used: another user could take the name first).
+pub fn own_run_dir() -> Option<PathBuf> {
+    if rustix::process::geteuid().is_root() {
+        return Some(PathBuf::from(SYSTEM_RUN_DIR));
+    }
+    env::var_os("XDG_RUNTIME_DIR")
+        .filter(|d| !d.is_empty())
+        .map(|dir| Path::new(&dir).join("portcullis"))
+}
+
+/// Why a socket could not be reached, in words that say what to do.
+fn unreachable(path: &Path, error: &io::Error) -> String {
+    let path = path.display();
+    match error.kind() {
+        io::ErrorKind::NotFound => format!(
+            "no broker at {path}: the socket does not exist. Start one (`portcullis broker`), or say where one serves with --run-dir DIR or PORTCULLIS_RUN_DIR"
+        ),
+        io::ErrorKind::ConnectionRefused => format!(
+            "no broker is listening on {path}: the socket is left from a broker that stopped. Start it again, or say where another serves with --run-dir DIR or PORTCULLIS_RUN_DIR"
+        ),
+        io::ErrorKind::PermissionDenied => format!(
+            "permission denied on {path}: uid {} may not reach that socket (the mode of the socket or of a directory above it). Ask the broker's administrator, or use a broker of your own (--run-dir DIR)",
+            rustix::process::geteuid().as_raw()
+        ),
+        _ => format!("cannot connect to {path}: {error}"),
     }
 }
 
@@ -79,7 +111,16 @@ pub enum ClientError {
         /// The policy rule that decided, for policy refusals.
         rule: Option<String>,
     },
-    /// The socket could not be reached.
+    /// The socket could not be reached: no broker there, a stale socket, or no permission
+    /// (the message says which, and what to do).
+    #[error("{message}")]
+    Unreachable {
+        /// The socket path.
+        path: PathBuf,
+        /// Why, and what to do.
+        message: String,
+    },
+    /// The socket was reached but the connection failed.
     #[error("cannot connect to {path}: {source}")]
     Connect {
         /// The socket path.
@@ -87,6 +128,9 @@ pub enum ClientError {
         /// Why.
         source: tonic::transport::Error,
     },
+    /// The broker serves as many connections as it may (overall, or for this user), and said so.
+    #[error("the broker refused the connection: {0}")]
+    Busy(String),
     /// The TCP/TLS endpoint could not be reached, or the handshake failed.
     #[error("cannot connect to {endpoint}: {source}")]
     ConnectTls {
@@ -96,8 +140,8 @@ pub enum ClientError {
         source: tonic::transport::Error,
     },
     /// A gRPC-level failure.
-    #[error("gRPC: {0}")]
-    Rpc(#[from] tonic::Status),
+    #[error("gRPC: {}: {}", .0.code(), .0.message())]
+    Rpc(tonic::Status),
     /// The session ended (broker stopped or connection lost).
     #[error("the session ended")]
     Disconnected,
@@ -109,7 +153,26 @@ pub enum ClientError {
     NotFound(String),
 }
 
+impl From<tonic::Status> for ClientError {
+    fn from(status: tonic::Status) -> ClientError {
+        // The broker answers RESOURCE_EXHAUSTED on a connection it serves only to say it is
+        // over a connection limit.
+        if status.code() == tonic::Code::ResourceExhausted {
+            return ClientError::Busy(status.message().to_string());
+        }
+        ClientError::Rpc(status)
+    }
+}
+
 impl ClientError {
+    /// Connecting to the socket at `path` failed.
+    pub fn unreachable(path: &Path, error: &io::Error) -> ClientError {
+        ClientError::Unreachable {
+            path: path.to_path_buf(),
+            message: unreachable(path, error),
+        }
+    }
+
     /// The broker's status, for refusals.
     pub fn status(&self) -> Option<Status> {
         match self {
@@ -165,13 +228,25 @@ pub mod matching {
     }
 }
 
-/// A gRPC channel to a Unix socket.
+/// A gRPC channel to a Unix socket. The socket is connected once first, so that a failure
+/// says why (no broker, a stale socket, no permission).
 pub async fn uds_channel(path: &Path) -> Result<Channel, ClientError> {
+    let first = UnixStream::connect(path)
+        .await
+        .map_err(|e| ClientError::unreachable(path, &e))?;
+    let first = Arc::new(Mutex::new(Some(first)));
     let socket = path.to_path_buf();
     Endpoint::from_static("http://localhost")
         .connect_with_connector(tower::service_fn(move |_: Uri| {
-            let socket = socket.clone();
-            async move { Ok::<_, io::Error>(TokioIo::new(UnixStream::connect(socket).await?)) }
+            let (socket, first) = (socket.clone(), first.clone());
+            async move {
+                let ready = first.lock().unwrap_or_else(|e| e.into_inner()).take();
+                let stream = match ready {
+                    Some(stream) => stream,
+                    None => UnixStream::connect(socket).await?,
+                };
+                Ok::<_, io::Error>(TokioIo::new(stream))
+            }
         }))
         .await
         .map_err(|source| ClientError::Connect {

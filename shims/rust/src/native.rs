@@ -46,7 +46,7 @@ impl NativeSession {
         let path = run_dir.as_ref().join(NATIVE_SOCKET);
         let conn = UnixSeqpacket::connect(&path)
             .await
-            .map_err(|e| ClientError::Protocol(format!("{}: {e}", path.display())))?;
+            .map_err(|e| ClientError::unreachable(&path, &e))?;
         let mut session = NativeSession {
             conn,
             next_id: 1,

@@ -180,7 +180,7 @@ impl RingClient {
         )
         .map_err(io_err)?;
         let addr = SocketAddrUnix::new(&path).map_err(io_err)?;
-        rustix::net::connect(&sock, &addr).map_err(|e| ClientError::Protocol(format!("{}: {e}", path.display())))?;
+        rustix::net::connect(&sock, &addr).map_err(|e| ClientError::unreachable(&path, &e.into()))?;
         let mut buf = vec![0u8; MAX_FRAME + 1];
         let mut fds = Vec::new();
         send_frame(

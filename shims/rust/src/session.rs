@@ -25,6 +25,9 @@ const EVENT_QUEUE: usize = 1024;
 
 type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<pb::Response>>>>;
 
+/// Why the broker ended the session, once it has said (its `Goodbye`).
+type Farewell = Arc<Mutex<Option<(Status, String)>>>;
+
 /// An open user client: the handle, its service and what the grant holds.
 #[derive(Clone, Debug)]
 pub struct UserClient {
@@ -62,6 +65,7 @@ pub struct Session {
     events_lost: Arc<AtomicU64>,
     next_id: AtomicU64,
     reader: tokio::task::JoinHandle<()>,
+    farewell: Farewell,
 }
 
 impl Drop for Session {
@@ -77,9 +81,11 @@ impl Session {
         let pending: Pending = Arc::default();
         let (event_tx, event_rx) = mpsc::channel(EVENT_QUEUE);
         let events_lost = Arc::new(AtomicU64::new(0));
+        let farewell: Farewell = Arc::default();
         let reader = tokio::spawn({
             let pending = pending.clone();
             let events_lost = events_lost.clone();
+            let farewell = farewell.clone();
             async move {
                 while let Ok(Some(message)) = inbound.message().await {
                     match message.kind {
@@ -93,6 +99,11 @@ impl Session {
                             }
                         }
                         Some(Kind::Event(event)) => {
+                            if let Some(pb::event::Kind::Goodbye(bye)) = &event.kind {
+                                let status = Status::try_from(bye.status).unwrap_or(Status::ProtocolError);
+                                *farewell.lock().unwrap_or_else(|e| e.into_inner()) =
+                                    Some((status, bye.reason.clone()));
+                            }
                             let lost = event_tx.try_send(event).is_err();
                             events_lost.fetch_add(u64::from(lost), Ordering::Relaxed);
                         }
@@ -110,7 +121,20 @@ impl Session {
             events_lost,
             next_id: AtomicU64::new(1),
             reader,
+            farewell,
         })
+    }
+
+    /// The session has ended: why, when the broker said so.
+    fn ended(&self) -> ClientError {
+        match self.farewell.lock().unwrap_or_else(|e| e.into_inner()).clone() {
+            Some((status, reason)) => ClientError::Refused {
+                status,
+                message: format!("session closed by the broker: {reason}"),
+                rule: None,
+            },
+            None => ClientError::Disconnected,
+        }
     }
 
     /// Sends a request and waits for its response; a non-success status is an error.
@@ -131,9 +155,9 @@ impl Session {
             .is_err()
         {
             self.pending.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
-            return Err(ClientError::Disconnected);
+            return Err(self.ended());
         }
-        let response = response.await.map_err(|_| ClientError::Disconnected)?;
+        let response = response.await.map_err(|_| self.ended())?;
         let status = Status::try_from(response.status).map_err(|e| ClientError::Protocol(e.to_string()))?;
         ClientError::check_reply(status, response.message, response.rule)?;
         response

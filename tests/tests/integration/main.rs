@@ -9,6 +9,7 @@ mod client_example;
 mod concurrency;
 mod decision_log;
 mod exclusive;
+mod gate;
 mod native;
 mod policy;
 mod policy_tools;

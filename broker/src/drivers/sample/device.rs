@@ -146,16 +146,18 @@ impl Driver for SampleDevice {
                         revocable: false,
                     });
                 }
-                let fd = memory::create("portcullis-sample-registers", REGISTERS.size).map_err(failed)?;
                 let mut page = SAMPLE_VERSION.to_le_bytes().to_vec();
                 page.extend_from_slice(&REGISTERS_MAGIC.to_le_bytes());
-                rustix::io::pwrite(&fd, &page, 0).map_err(|e| failed(e.into()))?;
+                let fd = memory::create_read_only("portcullis-sample-registers", REGISTERS.size, |fd| {
+                    rustix::io::pwrite(fd, &page, 0).map(drop).map_err(Into::into)
+                })
+                .map_err(failed)?;
                 let fd = Arc::new(fd);
                 *registers = Some(fd.clone());
                 Ok(Backing { fd, revocable: false })
             }
             id if id == DMA.id => {
-                let fd = memory::create("portcullis-sample-dma", DMA.size).map_err(failed)?;
+                let fd = memory::create_writable("portcullis-sample-dma", DMA.size).map_err(failed)?;
                 Ok(Backing {
                     fd: Arc::new(fd),
                     revocable: true,

@@ -33,11 +33,13 @@ use tokio_seqpacket::{UnixSeqpacket, UnixSeqpacketListener, ancillary::Ancillary
 
 use crate::{
     config::RingConfig,
-    session::{Core, PeerIdentity, Refusal, Session, Started},
+    session::{Core, Refusal, Session, Started},
+    throttle::{Throttle, throttled_info},
 };
 
-/// How long a new connection may take to say `Hello`.
-const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connection-level log lines (refused at a limit, closed for breaking the protocol), which a
+/// flood of connections could otherwise multiply without bound.
+static CONNECTION_LOG: Throttle = Throttle::new(20, Duration::from_secs(1));
 
 /// Completed asynchronous calls queued for one connection.
 const COMPLETION_QUEUE: usize = 256;
@@ -150,34 +152,40 @@ async fn send_with(conn: &UnixSeqpacket, frame: &ServerFrame, fds: &[BorrowedFd<
 }
 
 async fn connection(core: Arc<Core>, conn: UnixSeqpacket, ring: RingConfig) {
-    let Some(_permit) = core.admit_connection() else {
-        tracing::debug!("native connection refused: connection limit reached");
-        let reason = format!(
-            "the broker serves at most {} connections at once",
-            core.max_connections()
-        );
-        return goodbye(&conn, Status::NoMemory, reason).await;
-    };
-    let peersec = crate::sys::peer_security_label(std::os::fd::AsFd::as_fd(&conn))
-        .inspect_err(|e| tracing::debug!(error = %e, "SO_PEERSEC unavailable"))
-        .ok()
-        .flatten();
-    let peer = match conn.peer_cred() {
-        Ok(cred) => {
-            tokio::task::spawn_blocking(move || {
-                PeerIdentity::from_peer_cred(cred.uid(), cred.gid(), cred.pid(), peersec)
-            })
-            .await
-        }
+    let cred = match conn.peer_cred() {
+        Ok(cred) => cred,
         Err(e) => return tracing::warn!(error = %e, "native: no peer credentials; connection closed"),
     };
+    let _slot = match core.accounts().connect_local(cred.uid()) {
+        Ok(slot) => slot,
+        Err(refusal) => {
+            throttled_info!(CONNECTION_LOG, uid = cred.uid(), reason = %refusal, "native connection refused at a limit");
+            return goodbye(&conn, Status::NoMemory, refusal.to_string()).await;
+        }
+    };
+    let handshake = core.accounts().limits().handshake_timeout();
+    let cred = super::Cred {
+        uid: cred.uid(),
+        gid: cred.gid(),
+        pid: cred.pid(),
+    };
+    let Ok(peer) = tokio::time::timeout(handshake, super::identify(&core, &conn, cred)).await else {
+        throttled_info!(
+            CONNECTION_LOG,
+            uid = cred.uid,
+            "native: identity not read within the handshake timeout; connection closed"
+        );
+        return;
+    };
     let peer = match peer {
-        Ok(Ok(peer)) => Arc::new(peer),
-        Ok(Err(e)) => return tracing::warn!(error = %e, "native: peer identity unavailable; connection closed"),
-        Err(e) => return tracing::error!(error = %e, "native: identity task failed"),
+        Ok(peer) => Arc::new(peer),
+        Err(e) => {
+            throttled_info!(CONNECTION_LOG, uid = cred.uid, error = %e, "native: peer identity unavailable; connection closed");
+            return;
+        }
     };
     let mut buf = vec![0u8; MAX_FRAME + 1];
-    let ended = match hello(&conn, &mut buf).await {
+    let ended = match hello(&conn, &mut buf, handshake).await {
         Ok(abi) => {
             let welcome = ServerFrame::Welcome {
                 version: PROTOCOL_VERSION,
@@ -198,7 +206,7 @@ async fn connection(core: Arc<Core>, conn: UnixSeqpacket, ring: RingConfig) {
         Err(close) => Some(close),
     };
     if let Some(close) = ended {
-        tracing::info!(uid = peer.uid, pid = ?peer.pid, status = %close.status, reason = %close.reason, "native session closed by the broker");
+        throttled_info!(CONNECTION_LOG, uid = peer.uid, pid = %peer.pid_text(), status = %close.status, reason = %close.reason, "native session closed by the broker");
         goodbye(&conn, close.status, close.reason).await;
     }
 }
@@ -223,10 +231,10 @@ async fn receive(conn: &UnixSeqpacket, buf: &mut [u8]) -> Result<Option<ClientFr
         .map_err(|e| Close::protocol(e.to_string()))
 }
 
-async fn hello(conn: &UnixSeqpacket, buf: &mut [u8]) -> Result<AbiId, Close> {
-    let first = tokio::time::timeout(HELLO_TIMEOUT, receive(conn, buf))
+async fn hello(conn: &UnixSeqpacket, buf: &mut [u8], timeout: Duration) -> Result<AbiId, Close> {
+    let first = tokio::time::timeout(timeout, receive(conn, buf))
         .await
-        .map_err(|_| Close::protocol("no Hello within 10 s"))??;
+        .map_err(|_| Close::protocol(format!("no Hello within {} ms", timeout.as_millis())))??;
     match first {
         Some(ClientFrame::Hello(hello)) => {
             if hello.version != PROTOCOL_VERSION {
@@ -296,10 +304,13 @@ async fn serve_socket(
                 Ok(Some(ClientFrame::Request(request))) => {
                     let id = request.id;
                     let Some(command) = codec::command(request.request) else { continue };
-                    let mut session = locked(session);
-                    let started = session.execute(command);
-                    // Events the request caused (user clients a policy reload closed) come first.
-                    let mut out: Vec<_> = session.take_outbox().into_iter().filter_map(|e| codec::event(e).map(|f| (f, Vec::new()))).collect();
+                    let (started, mut out, ended) = {
+                        let mut session = locked(session);
+                        let started = session.execute(command);
+                        // Events the request caused (user clients a policy reload closed) come first.
+                        let out: Vec<_> = session.take_outbox().into_iter().filter_map(|e| codec::event(e).map(|f| (f, Vec::new()))).collect();
+                        (started, out, session.end_reason().cloned())
+                    };
                     match started {
                         Started::Now(result) => {
                             let (frame, fd) = codec::response(id, result);
@@ -312,6 +323,11 @@ async fn serve_socket(
                             });
                         }
                     }
+                    if let Some(ended) = ended {
+                        // The refusal first, then the goodbye.
+                        send_all(conn, out).await;
+                        return Some(Close { status: ended.status, reason: ended.message });
+                    }
                     out
                 }
                 Ok(Some(ClientFrame::Hello(_))) => return Some(Close::protocol("a second Hello")),
@@ -319,7 +335,8 @@ async fn serve_socket(
                 Err(close) => return Some(close),
             },
             Some((frame, fd)) = done_rx.recv() => vec![(frame, fd.into_iter().collect())],
-            reason = ring_ended => return reason.map(|reason| Close::protocol(format!("ring: {reason}"))),
+            reason = ring_ended => return reason.map(|(status, reason)| Close { status, reason: format!("ring: {reason}") }),
+            () = core.stopping() => return Some(finish_for_shutdown(session, core, conn, done_tx, done_rx).await),
             event = events.recv() => {
                 let events = match event {
                     Ok(event) => locked(session).on_core_event(&event),
@@ -336,12 +353,56 @@ async fn serve_socket(
                 }
             }
         };
-        for (frame, fds) in out {
-            let fds: Vec<BorrowedFd<'_>> = fds.iter().map(AsFd::as_fd).collect();
-            if send_with(conn, &frame, &fds).await.is_err() {
-                return None;
+        if !send_all(conn, out).await {
+            return None;
+        }
+    }
+}
+
+/// Sends frames (with their descriptors) in order, until one fails.
+async fn send_all(conn: &UnixSeqpacket, out: Vec<(ServerFrame, Vec<OwnedFd>)>) -> bool {
+    for (frame, fds) in out {
+        let fds: Vec<BorrowedFd<'_>> = fds.iter().map(AsFd::as_fd).collect();
+        if send_with(conn, &frame, &fds).await.is_err() {
+            return false;
+        }
+    }
+    true
+}
+
+/// The broker is stopping: nothing more is read; calls in flight may finish within the
+/// shutdown deadline (their responses are sent), then the rest are aborted (`ABORTED`
+/// responses); the caller then says goodbye.
+async fn finish_for_shutdown(
+    session: &Mutex<Session>,
+    core: &Core,
+    conn: &UnixSeqpacket,
+    done_tx: mpsc::Sender<(ServerFrame, Option<OwnedFd>)>,
+    mut done_rx: mpsc::Receiver<(ServerFrame, Option<OwnedFd>)>,
+) -> Close {
+    // Every call in flight holds a sender: when all have answered, `recv` says `None`.
+    drop(done_tx);
+    let deadline = tokio::time::Instant::now() + core.accounts().limits().shutdown_timeout();
+    let mut aborted = false;
+    loop {
+        tokio::select! {
+            next = done_rx.recv() => match next {
+                Some((frame, fd)) => {
+                    if !send_all(conn, vec![(frame, fd.into_iter().collect())]).await {
+                        break;
+                    }
+                }
+                None => break,
+            },
+            () = tokio::time::sleep_until(deadline), if !aborted => {
+                aborted = true;
+                locked(session).close_all("the broker is stopping");
             }
         }
+    }
+    Close {
+        status: Status::Aborted,
+        reason: "the broker is stopping".into(),
     }
 }
 

@@ -51,7 +51,7 @@ pub(super) struct RingHandle {
     inbox: mpsc::Sender<Vec<u8>>,
     wake: Arc<OwnedFd>,
     closed: Arc<AtomicBool>,
-    ended: Option<oneshot::Receiver<Option<String>>>,
+    ended: Option<oneshot::Receiver<Option<(Status, String)>>>,
     lost: u64,
 }
 
@@ -85,7 +85,10 @@ pub(super) fn start(
         )
     })?;
     let os = |e: std::io::Error| Refusal::new(Status::NoMemory, format!("cannot create the ring: {e}"));
-    let peer = session.lock().map(|s| (s.peer().uid, s.peer().pid)).unwrap_or_default();
+    let peer = session
+        .lock()
+        .map(|s| (s.peer().uid, s.peer().pid_text()))
+        .unwrap_or_default();
     let Built {
         worker,
         client_fds,
@@ -101,8 +104,8 @@ pub(super) fn start(
                 pin_to(cpu);
             }
             let reason = worker.run();
-            if let Some(reason) = &reason {
-                tracing::warn!(uid = peer.0, pid = ?peer.1, %reason, "ring session ended: the client broke its ring");
+            if let Some((status, reason)) = &reason {
+                tracing::warn!(uid = peer.0, pid = %peer.1, %status, %reason, "ring session ended");
             }
             let _ = ended_tx.send(reason);
         })
@@ -153,9 +156,9 @@ impl RingHandle {
         wake::ring(self.wake.as_fd());
     }
 
-    /// Resolves when the ring's thread has ended by itself: `Some(reason)` when the client
-    /// broke the ring.
-    pub(super) async fn ended(&mut self) -> Option<String> {
+    /// Resolves when the ring's thread has ended by itself: `Some((status, reason))` when the
+    /// client broke the ring or its session must end.
+    pub(super) async fn ended(&mut self) -> Option<(Status, String)> {
         match self.ended.as_mut() {
             Some(ended) => {
                 let reason = ended.await.ok().flatten();
@@ -187,6 +190,18 @@ enum Broken {
     /// A record that does not decode as a request.
     #[error("submission record: {0}")]
     Record(String),
+    /// The session must end (its process became another program).
+    #[error("{0}")]
+    Session(Refusal),
+}
+
+impl Broken {
+    fn status(&self) -> Status {
+        match self {
+            Broken::Session(refusal) => refusal.status,
+            Broken::Ring(_) | Broken::Record(_) => Status::ProtocolError,
+        }
+    }
 }
 
 struct Worker {
@@ -272,7 +287,7 @@ impl Worker {
     }
 
     /// Serves until the socket side closes the ring (`None`) or the client breaks it.
-    fn run(mut self) -> Option<String> {
+    fn run(mut self) -> Option<(Status, String)> {
         let _runtime = self.runtime.enter();
         let spin = Duration::from_micros(self.options.spin_us);
         // When the ring went idle; the clock is read only once there is nothing to do.
@@ -283,9 +298,9 @@ impl Worker {
             }
             match self.step() {
                 Err(broken) => {
-                    let reason = broken.to_string();
-                    self.goodbye(&reason);
-                    return Some(reason);
+                    let (status, reason) = (broken.status(), broken.to_string());
+                    self.goodbye(status, &reason);
+                    return Some((status, reason));
                 }
                 Ok(true) => {
                     idle_since = None;
@@ -389,6 +404,12 @@ impl Worker {
                 None => session.insert(super::locked(&self.session)),
             };
             execute(session, id, request, &mut out, &self.inbox_tx, &self.wake);
+            if let Some(ended) = session.end_reason() {
+                let ended = Broken::Session(ended.clone());
+                // The refusal itself must reach the client before the goodbye.
+                self.sq.publish(&header.sq_head.0);
+                return Err(ended);
+            }
         }
         if taken > 0 {
             self.sq.publish(&header.sq_head.0);
@@ -403,9 +424,18 @@ impl Worker {
     }
 
     /// Best effort: a `Goodbye` in the completion ring before it is abandoned.
-    fn goodbye(&mut self, reason: &str) {
+    fn goodbye(&mut self, status: Status, reason: &str) {
+        let header = self.map.header();
+        // Completions already written go first.
+        while let Some(front) = self.backlog.front() {
+            if !matches!(self.cq.push(self.map.cq(), &header.cq_head.0, front), Ok(true)) {
+                break;
+            }
+            self.backlog_bytes -= front.len();
+            self.backlog.pop_front();
+        }
         let frame = ServerFrame::Goodbye {
-            status: Status::ProtocolError.code(),
+            status: status.code(),
             reason: reason.to_string(),
         };
         let header = self.map.header();
@@ -552,7 +582,7 @@ pub fn fuzz_ring(core: &Core, session: Session, data: &[u8]) -> Vec<Vec<u8>> {
         let progress = match worker.step() {
             Ok(progress) => progress,
             Err(broken) => {
-                worker.goodbye(&broken.to_string());
+                worker.goodbye(broken.status(), &broken.to_string());
                 false
             }
         };

@@ -1,0 +1,328 @@
+//! What each client identity holds across all its connections, so that one user cannot starve
+//! the others: connection slots (with some kept for root and the broker's own user), pending
+//! calls, messages queued for its clients to read, and executables being hashed.
+//!
+//! Local clients are counted by uid; TCP clients by their certificate's identity.
+
+use std::{
+    collections::HashMap,
+    fmt,
+    sync::{
+        Arc, Mutex, Weak,
+        atomic::{AtomicUsize, Ordering},
+    },
+};
+
+use tokio::sync::Semaphore;
+
+use crate::config::Limits;
+
+/// Who an account belongs to.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum AccountKey {
+    /// A local task's effective uid.
+    Uid(u32),
+    /// A TCP client, by the first of its certificate's SAN URI, SAN DNS name or subject CN.
+    Remote(String),
+}
+
+impl fmt::Display for AccountKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            AccountKey::Uid(uid) => write!(f, "uid {uid}"),
+            AccountKey::Remote(name) => write!(f, "TLS client {name:?}"),
+        }
+    }
+}
+
+/// One identity's usage. Shared by its connections and sessions; counters go down as the
+/// guards that hold them drop.
+#[derive(Debug)]
+pub struct Account {
+    key: AccountKey,
+    /// Connections being served (under the accounts lock, with the total).
+    connections: AtomicUsize,
+    /// Asynchronous calls pending, over all sessions.
+    pub(crate) pending: Arc<AtomicUsize>,
+    /// Messages queued for this identity's clients that they have not read yet.
+    pub(crate) queued: Arc<AtomicUsize>,
+    /// Executables being hashed at once for this identity.
+    hashing: Arc<Semaphore>,
+    limits: Limits,
+}
+
+impl Account {
+    /// Whom it counts.
+    pub fn key(&self) -> &AccountKey {
+        &self.key
+    }
+
+    /// One more pending call, unless the identity is at its bound.
+    pub(crate) fn take_pending(&self) -> Option<super::Live> {
+        take(&self.pending, self.limits.max_pending_calls_per_uid)
+    }
+
+    /// One more queued message, unless the identity is at its bound.
+    pub(crate) fn take_queued(&self) -> Option<super::Live> {
+        take(&self.queued, self.limits.max_queued_messages_per_uid)
+    }
+
+    /// Whether the identity's clients have as many unread messages queued as it may.
+    pub(crate) fn queue_full(&self) -> bool {
+        self.queued.load(Ordering::Relaxed) >= self.limits.max_queued_messages_per_uid
+    }
+
+    /// Waits for a place to hash an executable for this identity; held while hashing.
+    pub(crate) async fn hashing_slot(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        self.hashing.clone().acquire_owned().await.ok()
+    }
+
+    /// The limits in force.
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+}
+
+fn take(counter: &Arc<AtomicUsize>, max: usize) -> Option<super::Live> {
+    counter
+        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1))
+        .ok()
+        .map(|_| super::Live::adopt(counter))
+}
+
+/// Every identity's account, and the connection slots.
+#[derive(Debug)]
+pub struct Accounts {
+    inner: Mutex<Inner>,
+    max_connections: usize,
+    limits: Limits,
+    /// The broker's own uid, which (like root) may use the reserved slots.
+    own_uid: u32,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    accounts: HashMap<AccountKey, Weak<Account>>,
+    /// Connections being served over all identities.
+    total: usize,
+}
+
+/// Why a connection was refused.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum SlotRefusal {
+    /// Every slot is taken (those kept for administrators excepted, for others).
+    #[error(
+        "the broker serves at most {max} connections at once and all of them are taken{}; try again later, or ask the administrator to raise max_connections",
+        if *.reserved > 0 { format!(" ({} of them kept for root and the broker's own user)", .reserved) } else { String::new() }
+    )]
+    Full {
+        /// max_connections.
+        max: usize,
+        /// Slots kept for administrators.
+        reserved: usize,
+    },
+    /// The identity already holds as many connections as one may.
+    #[error(
+        "{key} already holds {max} connections, the most one user may; close some, or ask the administrator to raise limits.max_connections_per_uid"
+    )]
+    PerIdentity {
+        /// Whose.
+        key: AccountKey,
+        /// The limit.
+        max: usize,
+    },
+}
+
+/// A connection's slot, held for its life.
+#[derive(Debug)]
+pub struct ConnectionSlot {
+    accounts: Arc<Accounts>,
+    account: Option<Arc<Account>>,
+}
+
+impl ConnectionSlot {
+    /// The account the connection counts against (`None` for a TCP connection before its
+    /// certificate is known).
+    pub fn account(&self) -> Option<&Arc<Account>> {
+        self.account.as_ref()
+    }
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        let mut inner = self.accounts.lock();
+        inner.total = inner.total.saturating_sub(1);
+        if let Some(account) = &self.account {
+            account.connections.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+impl Accounts {
+    /// Accounts under these limits; `max_connections` over all identities.
+    pub fn new(max_connections: usize, limits: Limits) -> Arc<Accounts> {
+        Arc::new(Accounts {
+            inner: Mutex::new(Inner::default()),
+            max_connections,
+            limits,
+            own_uid: rustix::process::geteuid().as_raw(),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The limits in force.
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// Whether this uid is an administrator's: root or the broker's own user.
+    pub fn is_admin(&self, uid: u32) -> bool {
+        uid == 0 || uid == self.own_uid
+    }
+
+    /// The account of `key`, made if it has none.
+    pub fn account(&self, key: AccountKey) -> Arc<Account> {
+        let mut inner = self.lock();
+        self.account_locked(&mut inner, key)
+    }
+
+    fn account_locked(&self, inner: &mut Inner, key: AccountKey) -> Arc<Account> {
+        if let Some(live) = inner.accounts.get(&key).and_then(Weak::upgrade) {
+            return live;
+        }
+        if inner.accounts.len() >= 1024 {
+            inner.accounts.retain(|_, a| a.strong_count() > 0);
+        }
+        let account = Arc::new(Account {
+            key: key.clone(),
+            connections: AtomicUsize::new(0),
+            pending: Arc::new(AtomicUsize::new(0)),
+            queued: Arc::new(AtomicUsize::new(0)),
+            hashing: Arc::new(Semaphore::new(self.limits.max_exe_hashes_per_uid.max(1))),
+            limits: self.limits,
+        });
+        inner.accounts.insert(key, Arc::downgrade(&account));
+        account
+    }
+
+    /// A slot for a local connection from `uid`: within the identity's own limit, and outside
+    /// the slots kept for administrators unless `uid` is one.
+    pub fn connect_local(self: &Arc<Self>, uid: u32) -> Result<ConnectionSlot, SlotRefusal> {
+        let mut inner = self.lock();
+        let admin = self.is_admin(uid);
+        let reserved = self.limits.reserved(self.max_connections);
+        let room = if admin {
+            self.max_connections
+        } else {
+            self.max_connections - reserved
+        };
+        if inner.total >= room {
+            return Err(SlotRefusal::Full {
+                max: self.max_connections,
+                reserved,
+            });
+        }
+        let account = self.account_locked(&mut inner, AccountKey::Uid(uid));
+        if !admin && account.connections.load(Ordering::Relaxed) >= self.limits.max_connections_per_uid {
+            return Err(SlotRefusal::PerIdentity {
+                key: AccountKey::Uid(uid),
+                max: self.limits.max_connections_per_uid,
+            });
+        }
+        account.connections.fetch_add(1, Ordering::Relaxed);
+        inner.total += 1;
+        Ok(ConnectionSlot {
+            accounts: self.clone(),
+            account: Some(account),
+        })
+    }
+
+    /// A slot for a TCP connection, whose identity is not known until its handshake: it counts
+    /// in the total only, outside the administrators' slots.
+    pub fn connect_remote(self: &Arc<Self>) -> Result<ConnectionSlot, SlotRefusal> {
+        let mut inner = self.lock();
+        let reserved = self.limits.reserved(self.max_connections);
+        if inner.total >= self.max_connections - reserved {
+            return Err(SlotRefusal::Full {
+                max: self.max_connections,
+                reserved,
+            });
+        }
+        inner.total += 1;
+        Ok(ConnectionSlot {
+            accounts: self.clone(),
+            account: None,
+        })
+    }
+
+    /// Connections being served.
+    pub fn connections(&self) -> usize {
+        self.lock().total
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits(per_uid: usize, reserved: usize) -> Limits {
+        Limits {
+            max_connections_per_uid: per_uid,
+            reserved_connections: Some(reserved),
+            ..Limits::default()
+        }
+    }
+
+    #[test]
+    fn one_uid_cannot_take_every_slot() {
+        let accounts = Accounts::new(10, limits(4, 2));
+        let held: Vec<_> = (0..4).map(|_| accounts.connect_local(1000).unwrap()).collect();
+        assert!(matches!(
+            accounts.connect_local(1000),
+            Err(SlotRefusal::PerIdentity { max: 4, .. })
+        ));
+        assert!(accounts.connect_local(1001).is_ok(), "another uid is unaffected");
+        drop(held);
+        assert!(
+            accounts.connect_local(1000).is_ok(),
+            "slots come back when connections close"
+        );
+    }
+
+    #[test]
+    fn reserved_slots_are_kept_for_root() {
+        let accounts = Accounts::new(4, limits(10, 2));
+        let _a = accounts.connect_local(1000).unwrap();
+        let _b = accounts.connect_local(1001).unwrap();
+        assert!(matches!(
+            accounts.connect_local(1002),
+            Err(SlotRefusal::Full { max: 4, reserved: 2 })
+        ));
+        assert!(matches!(accounts.connect_remote(), Err(SlotRefusal::Full { .. })));
+        let _root = accounts.connect_local(0).unwrap();
+        let _root2 = accounts.connect_local(0).unwrap();
+        assert!(accounts.connect_local(0).is_err(), "the total still holds");
+        assert_eq!(accounts.connections(), 4);
+    }
+
+    #[test]
+    fn pending_calls_are_bounded_per_account_and_released() {
+        let accounts = Accounts::new(
+            10,
+            Limits {
+                max_pending_calls_per_uid: 2,
+                ..Limits::default()
+            },
+        );
+        let account = accounts.account(AccountKey::Uid(5));
+        let a = account.take_pending().unwrap();
+        let _b = accounts.account(AccountKey::Uid(5)).take_pending().unwrap();
+        assert!(account.take_pending().is_none());
+        assert!(accounts.account(AccountKey::Uid(6)).take_pending().is_some());
+        drop(a);
+        assert!(account.take_pending().is_some());
+    }
+}

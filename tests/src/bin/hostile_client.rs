@@ -1,0 +1,259 @@
+//! A hostile local client, for the integration tests: it does what an attacker on the machine
+//! would try against the broker, and prints one JSON object saying what worked. The tests run
+//! it as another uid and assert on that report.
+//!
+//! - `registers RUN_DIR`: maps the sample device's read-only `registers` memory and tries every
+//!   way to change it: reopening `/proc/self/fd/N` read-write, a shared writable mapping,
+//!   `write`, `ftruncate`, `fallocate`, adding seals.
+//! - `dma RUN_DIR`: maps its `dma` memory, tries to add every seal (one would stop the broker
+//!   emptying it), closes the user client and reports what is left.
+//! - `exec RUN_DIR PROGRAM`: connects, says `Hello`, then `exec`s PROGRAM with the connection
+//!   (`PROGRAM resume FD`): a process that became another program after it connected.
+//! - `resume FD`: over an inherited connection, finds and opens `sample0`, and reports the
+//!   answer and the goodbye that follows.
+
+#![deny(unsafe_code)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
+
+use std::{
+    os::fd::{AsFd, AsRawFd, OwnedFd},
+    path::Path,
+};
+
+use portcullis_client::native::NativeSession;
+use portcullis_proto::{
+    frame::{Body, ClientFrame, Hello, MAX_FRAME, PROTOCOL_VERSION, Request, RequestFrame, ServerFrame, encode},
+    layout::AbiId,
+};
+use rustix::{
+    fs::{FallocateFlags, Mode, OFlags, SealFlags},
+    io::Errno,
+};
+use serde_json::{Map, Value, json};
+use tokio_seqpacket::UnixSeqpacket;
+
+const REGISTERS: u32 = 0;
+const DMA: u32 = 1;
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let report = match args.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
+        ["registers", run_dir] => registers(Path::new(run_dir)).await,
+        ["dma", run_dir] => dma(Path::new(run_dir)).await,
+        ["exec", run_dir, program] => exec(Path::new(run_dir), program).await,
+        ["resume", fd] => resume(fd.parse().expect("a descriptor number")).await,
+        _ => {
+            eprintln!("usage: hostile_client registers|dma RUN_DIR | exec RUN_DIR PROGRAM | resume FD");
+            std::process::exit(2);
+        }
+    };
+    println!("{report}");
+}
+
+/// One attempt's outcome: `"ok"`, or the errno's name.
+fn outcome<T>(result: Result<T, Errno>) -> Value {
+    match result {
+        Ok(_) => "ok".into(),
+        Err(e) => format!("{e:?}").into(),
+    }
+}
+
+async fn open_sample(run_dir: &Path) -> (NativeSession, u64) {
+    let mut session = NativeSession::connect(run_dir, AbiId::native()).await.unwrap();
+    let sample = session.find("sample0").await.unwrap().remove(0);
+    let handle = session.open(sample.id, false).await.unwrap();
+    (session, handle)
+}
+
+/// A shared mapping of `fd` with `prot`, unmapped at once: whether the kernel allows it.
+#[allow(unsafe_code)]
+fn map_shared(fd: impl AsFd, len: usize, prot: rustix::mm::ProtFlags) -> Result<(), Errno> {
+    // SAFETY: a new mapping at an address the kernel picks, never dereferenced, unmapped before
+    // anything else could refer to it.
+    unsafe {
+        let at = rustix::mm::mmap(std::ptr::null_mut(), len, prot, rustix::mm::MapFlags::SHARED, fd, 0)?;
+        rustix::mm::munmap(at, len)
+    }
+}
+
+async fn registers(run_dir: &Path) -> Value {
+    use rustix::mm::ProtFlags;
+    let (mut session, handle) = open_sample(run_dir).await;
+    let mapped = session.map_memory(handle, REGISTERS).await.unwrap();
+    let (fd, size) = (mapped.fd, usize::try_from(mapped.size).unwrap());
+    let proc_path = format!("/proc/self/fd/{}", fd.as_raw_fd());
+    let mut report = Map::new();
+    let reopened = rustix::fs::open(&proc_path, OFlags::RDWR | OFlags::CLOEXEC, Mode::empty());
+    report.insert("reopen_rw".into(), outcome(reopened.as_ref().map(drop).map_err(|e| *e)));
+    // Whatever descriptor it holds (a writable reopen, if that worked), nothing may change the
+    // memory.
+    let target: OwnedFd = match reopened {
+        Ok(rw) => rw,
+        Err(_) => fd.try_clone().unwrap(),
+    };
+    report.insert(
+        "mmap_shared_write".into(),
+        outcome(map_shared(&target, size, ProtFlags::READ | ProtFlags::WRITE)),
+    );
+    report.insert("write".into(), outcome(rustix::io::pwrite(&target, b"owned", 0)));
+    report.insert("ftruncate_shrink".into(), outcome(rustix::fs::ftruncate(&target, 0)));
+    report.insert(
+        "ftruncate_grow".into(),
+        outcome(rustix::fs::ftruncate(&target, (size * 2) as u64)),
+    );
+    report.insert(
+        "fallocate_grow".into(),
+        outcome(rustix::fs::fallocate(
+            &target,
+            FallocateFlags::empty(),
+            0,
+            (size * 2) as u64,
+        )),
+    );
+    report.insert(
+        "fallocate_punch".into(),
+        outcome(rustix::fs::fallocate(
+            &target,
+            FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE,
+            0,
+            size as u64,
+        )),
+    );
+    for (name, seal) in seals() {
+        report.insert(
+            format!("add_seal_{name}"),
+            outcome(rustix::fs::fcntl_add_seals(&target, seal)),
+        );
+    }
+    let mut first = [0u8; 8];
+    rustix::io::pread(&fd, &mut first, 0).unwrap();
+    report.insert("first_bytes".into(), hex(&first).into());
+    report.insert("size".into(), rustix::fs::fstat(&fd).unwrap().st_size.into());
+    Value::Object(report)
+}
+
+fn seals() -> [(&'static str, SealFlags); 6] {
+    [
+        ("seal", SealFlags::SEAL),
+        ("shrink", SealFlags::SHRINK),
+        ("grow", SealFlags::GROW),
+        ("write", SealFlags::WRITE),
+        ("future_write", SealFlags::FUTURE_WRITE),
+        ("exec", SealFlags::EXEC),
+    ]
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+async fn dma(run_dir: &Path) -> Value {
+    let (mut session, handle) = open_sample(run_dir).await;
+    let mapped = session.map_memory(handle, DMA).await.unwrap();
+    let fd = mapped.fd;
+    rustix::io::pwrite(&fd, b"secret data", 0).unwrap();
+    let mut report = Map::new();
+    for (name, seal) in seals() {
+        report.insert(
+            format!("add_seal_{name}"),
+            outcome(rustix::fs::fcntl_add_seals(&fd, seal)),
+        );
+    }
+    session.close(handle).await.unwrap();
+    let mut left = [0u8; 11];
+    let read = rustix::io::pread(&fd, &mut left, 0).unwrap();
+    report.insert(
+        "size_after_close".into(),
+        rustix::fs::fstat(&fd).unwrap().st_size.into(),
+    );
+    report.insert("read_after_close".into(), hex(&left[..read]).into());
+    Value::Object(report)
+}
+
+async fn exec(run_dir: &Path, program: &str) -> Value {
+    use std::os::unix::process::CommandExt;
+    let conn = UnixSeqpacket::connect(run_dir.join(portcullis_client::NATIVE_SOCKET))
+        .await
+        .unwrap();
+    let hello = ClientFrame::Hello(Hello {
+        version: PROTOCOL_VERSION,
+        abi: AbiId::native() as u8,
+    });
+    conn.send(&encode(&hello).unwrap()).await.unwrap();
+    // The broker reads the peer's identity before it answers.
+    let mut buf = vec![0u8; MAX_FRAME + 1];
+    let n = conn.recv(&mut buf).await.unwrap().bytes_read();
+    assert!(matches!(
+        ServerFrame::decode(&buf[..n]),
+        Ok(ServerFrame::Welcome { .. })
+    ));
+    let fd = OwnedFd::from(conn);
+    rustix::io::fcntl_setfd(&fd, rustix::io::FdFlags::empty()).unwrap();
+    let error = std::process::Command::new(program)
+        .arg("resume")
+        .arg(fd.as_raw_fd().to_string())
+        .exec();
+    json!({ "exec_failed": error.to_string() })
+}
+
+/// Takes over descriptor `fd`, inherited across `exec`.
+#[allow(unsafe_code)]
+fn inherited(fd: i32) -> OwnedFd {
+    use std::os::fd::FromRawFd;
+    // SAFETY: `exec` mode passed this open descriptor to this process, which owns it and has
+    // not used it; nothing else closes it.
+    unsafe { OwnedFd::from_raw_fd(fd) }
+}
+
+async fn request(conn: &UnixSeqpacket, id: u64, request: Request) -> ServerFrame {
+    let frame = ClientFrame::Request(RequestFrame { id, request });
+    conn.send(&encode(&frame).unwrap()).await.unwrap();
+    next(conn).await
+}
+
+async fn next(conn: &UnixSeqpacket) -> ServerFrame {
+    let mut buf = vec![0u8; MAX_FRAME + 1];
+    let n = conn.recv(&mut buf).await.unwrap().bytes_read();
+    ServerFrame::decode(&buf[..n]).unwrap()
+}
+
+async fn resume(fd: i32) -> Value {
+    let conn = UnixSeqpacket::try_from(inherited(fd)).unwrap();
+    let found = request(
+        &conn,
+        1,
+        Request::FindServices {
+            class: String::new(),
+            name: "sample0".into(),
+        },
+    )
+    .await;
+    let ServerFrame::Response(found) = found else {
+        return json!({ "find": format!("{found:?}") });
+    };
+    let Body::Found(services) = found.body else {
+        return json!({ "find_status": found.status });
+    };
+    let opened = request(
+        &conn,
+        2,
+        Request::Open {
+            service: services[0].id,
+            exclusive: false,
+        },
+    )
+    .await;
+    let ServerFrame::Response(opened) = opened else {
+        return json!({ "open": format!("{opened:?}") });
+    };
+    let mut report = json!({ "open_status": opened.status, "open_message": opened.message });
+    if opened.status == 0 {
+        return report;
+    }
+    if let ServerFrame::Goodbye { status, reason } = next(&conn).await {
+        report["goodbye_status"] = status.into();
+        report["goodbye_reason"] = reason.into();
+    }
+    report
+}

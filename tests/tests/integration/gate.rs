@@ -1,0 +1,212 @@
+//! The gate's holes, tried as a hostile local user would: read-only memory written through
+//! another path, revocation defeated by seals, identity borrowed from another program,
+//! descriptors leaked across exec.
+
+use std::{path::PathBuf, process::Command};
+
+use portcullis_client::{OpenMode, native::NativeSession};
+use portcullis_proto::layout::AbiId;
+use portcullis_tests::{Broker, BrokerSetup, NOBODY, bin, stdout_ok};
+use serde_json::Value;
+
+fn hostile() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_hostile_client"))
+}
+
+/// Runs the hostile client as `nobody` and returns its report.
+fn hostile_as_nobody(broker: &Broker, args: &[&str]) -> Value {
+    let program = broker.copy_program(&hostile(), "hostile_client");
+    let out = broker.run_as(NOBODY, &program, args);
+    serde_json::from_str(&stdout_ok(&out)).unwrap()
+}
+
+#[tokio::test]
+async fn registers_memory_is_read_only_whatever_path_a_client_takes() {
+    let broker = Broker::start();
+    let run_dir = broker.run_dir();
+    let report = hostile_as_nobody(&broker, &["registers", run_dir.to_str().unwrap()]);
+    for attempt in [
+        "reopen_rw",
+        "mmap_shared_write",
+        "write",
+        "ftruncate_shrink",
+        "ftruncate_grow",
+        "fallocate_grow",
+        "fallocate_punch",
+        "add_seal_seal",
+        "add_seal_shrink",
+        "add_seal_grow",
+        "add_seal_write",
+        "add_seal_future_write",
+        "add_seal_exec",
+    ] {
+        assert_ne!(report[attempt], "ok", "{attempt} worked: {report}");
+    }
+    assert_eq!(report["size"], 4096, "{report}");
+    // Another client still reads what the driver wrote: version 1, magic "PCUL" (LE words).
+    let mut other = NativeSession::connect(&run_dir, AbiId::native()).await.unwrap();
+    let sample = other.find("sample0").await.unwrap().remove(0);
+    let handle = other.open(sample.id, false).await.unwrap();
+    let mapped = other.map_memory(handle, 0).await.unwrap();
+    let mut page = vec![0u8; 4096];
+    assert_eq!(rustix::io::pread(&mapped.fd, &mut page, 0).unwrap(), 4096);
+    assert_eq!(report["first_bytes"], hex(&page[..8]), "{report}");
+    assert!(page[8..].iter().all(|b| *b == 0), "the rest of the page is untouched");
+    assert_ne!(&page[..8], &[0u8; 8], "the driver's registers are there");
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[tokio::test]
+async fn dma_revocation_holds_after_a_client_tries_every_seal() {
+    let broker = Broker::start();
+    let run_dir = broker.run_dir();
+    let report = hostile_as_nobody(&broker, &["dma", run_dir.to_str().unwrap()]);
+    for seal in ["seal", "shrink", "grow", "write", "future_write", "exec"] {
+        assert_ne!(
+            report[format!("add_seal_{seal}")],
+            "ok",
+            "F_SEAL_{seal} was added: {report}"
+        );
+    }
+    assert_eq!(
+        report["size_after_close"], 0,
+        "the client kept its dma memory: {report}"
+    );
+    assert_eq!(report["read_after_close"], "", "{report}");
+}
+
+#[tokio::test]
+async fn a_process_that_became_another_program_is_refused_at_admission() {
+    let broker = Broker::start();
+    let run_dir = broker.run_dir();
+    let first = broker.copy_program(&hostile(), "hostile_client");
+    // The same bytes in another file: another program as the kernel knows it (and one whose
+    // SHA-256 is the same, which must not help it).
+    let second = broker.copy_program(&hostile(), "hostile_client_again");
+    let out = broker.run_as(
+        NOBODY,
+        &first,
+        &["exec", run_dir.to_str().unwrap(), second.to_str().unwrap()],
+    );
+    let report: Value = serde_json::from_str(&stdout_ok(&out)).unwrap();
+    assert_eq!(report["open_status"], 2, "NOT_PRIVILEGED expected: {report}");
+    let message = report["open_message"].as_str().unwrap();
+    assert!(message.contains("has become another program"), "{report}");
+    assert_eq!(report["goodbye_status"], 2, "the session is closed: {report}");
+    assert!(broker.log().contains("has become another program since it connected"));
+}
+
+#[test]
+fn a_bind_mount_over_an_allowed_path_does_not_make_the_allowed_program() {
+    // The genuine program and an impostor: both copies of the CLI, so both can make the call.
+    let policy_dir = tempfile::Builder::new().prefix("portcullis-exe-").tempdir().unwrap();
+    std::fs::set_permissions(policy_dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let allowed = policy_dir.path().join("allowed");
+    let impostor = policy_dir.path().join("impostor");
+    for copy in [&allowed, &impostor] {
+        std::fs::copy(bin(), copy).unwrap();
+        std::fs::set_permissions(copy, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    }
+    let policy = format!(
+        "[[principal]]\nname = \"the-program\"\nuid = [{NOBODY}]\nexe = [\"{}\"]\n\n[[rule]]\nid = \"program-adds\"\neffect = \"allow\"\nprincipals = [\"the-program\"]\nmethods = [\"add\"]\n",
+        allowed.display()
+    );
+    let broker = Broker::with(BrokerSetup {
+        policy: Some(&policy),
+        ..BrokerSetup::default()
+    });
+    let run_dir = broker.run_dir();
+    let call = format!("call sample0 add --scalar 2 --scalar 3 --run-dir {}", run_dir.display());
+    let as_nobody = format!("setpriv --reuid={NOBODY} --regid={NOBODY} --clear-groups");
+    // The genuine program is admitted.
+    let genuine = Command::new("sh")
+        .arg("-c")
+        .arg(format!("exec {as_nobody} {} {call}", allowed.display()))
+        .output()
+        .unwrap();
+    assert_eq!(stdout_ok(&genuine).trim(), "5");
+    // In a private mount namespace the impostor is mounted over the allowed path: the peer's
+    // /proc/<pid>/exe names the allowed path, but it is another file.
+    let attack = Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-c"])
+        .arg(format!(
+            "mount --bind {impostor} {allowed} && exec {as_nobody} {allowed} {call}",
+            impostor = impostor.display(),
+            allowed = allowed.display()
+        ))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&attack.stderr);
+    assert_eq!(
+        attack.status.code(),
+        Some(1),
+        "the impostor was admitted: {}{stderr}",
+        String::from_utf8_lossy(&attack.stdout)
+    );
+    assert!(stderr.contains("sample0"), "{stderr}");
+}
+
+#[test]
+fn c_client_descriptors_are_close_on_exec() {
+    let broker = Broker::start();
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/c-cloexec");
+    std::fs::create_dir_all(&dir).unwrap();
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let make = Command::new("make")
+        .arg("-s")
+        .arg("-C")
+        .arg(root.join("shims/c"))
+        .arg(format!("BUILD={}", dir.display()))
+        .arg("all")
+        .output()
+        .unwrap();
+    assert!(make.status.success(), "{}", String::from_utf8_lossy(&make.stderr));
+    let program = dir.join("cloexec");
+    let cc = Command::new("cc")
+        .args(["-std=c99", "-Wall", "-Wextra", "-Werror", "-I"])
+        .arg(root.join("shims/c/include"))
+        .arg(root.join("tests/c/cloexec.c"))
+        .arg(dir.join("libportcullis.a"))
+        .arg("-o")
+        .arg(&program)
+        .output()
+        .unwrap();
+    assert!(cc.status.success(), "{}", String::from_utf8_lossy(&cc.stderr));
+    let out = Command::new(&program).arg(broker.run_dir()).output().unwrap();
+    let stdout = stdout_ok(&out);
+    // The program holds the socket, a mapping's pages and the ring's three descriptors: it
+    // checks each descriptor it has, and that an exec'd child inherits none.
+    assert!(stdout.contains("descriptors checked: "), "{stdout}");
+    assert!(
+        stdout.contains("inheritable: 0\n"),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("child sees: 0\n"), "{stdout}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_root_session_is_unaffected_by_a_hostile_one() {
+    // The hostile client's attempts leave the broker serving everyone, holding nothing.
+    let broker = Broker::start();
+    let run_dir = broker.run_dir();
+    // The driver keeps its registers page once made: make it before the baseline.
+    {
+        let mut first = NativeSession::connect(&run_dir, AbiId::native()).await.unwrap();
+        let sample = first.find("sample0").await.unwrap().remove(0);
+        let handle = first.open(sample.id, false).await.unwrap();
+        first.map_memory(handle, 0).await.unwrap();
+    }
+    broker.assert_no_leaks(u64::MAX);
+    let baseline = broker.baseline_fds();
+    hostile_as_nobody(&broker, &["registers", run_dir.to_str().unwrap()]);
+    hostile_as_nobody(&broker, &["dma", run_dir.to_str().unwrap()]);
+    let (session, sample) = broker.open("sample0", OpenMode::Shared).await;
+    let out = session.call_named(&sample, "add", &[2, 3], &[]).await.unwrap();
+    assert_eq!(out.scalars, vec![5]);
+    drop(session);
+    broker.assert_no_leaks(baseline);
+}
