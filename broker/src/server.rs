@@ -3,7 +3,6 @@
 use std::{
     future::Future,
     io,
-    os::unix::fs::PermissionsExt,
     path::{Path, PathBuf},
     sync::Arc,
 };
@@ -53,6 +52,14 @@ pub enum BrokerError {
         /// The OS error.
         source: io::Error,
     },
+    /// The decision log could not be opened.
+    #[error("decision log {path}: {source}")]
+    DecisionLog {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        source: io::Error,
+    },
     /// The TLS listener could not be bound.
     #[error("TLS listener {addr}: {source}")]
     Listen {
@@ -88,14 +95,55 @@ pub fn build_core(config: &Config, policy: Option<&Path>) -> Result<Arc<Core>, B
     Ok(core)
 }
 
-/// Creates the run dir, searchable by every local user (the sockets in it are the doors).
+/// Makes the run dir ready. A new one is created mode 0755 (every local user may reach the
+/// sockets, which are the doors; the policy is the gate). One that exists is used as it is —
+/// its mode is never changed — but refused when it is a symbolic link, belongs to another user,
+/// or others may write it (they could replace the sockets).
 fn prepare_run_dir(dir: &Path) -> Result<(), BrokerError> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
     let err = |source| BrokerError::RunDir {
         path: dir.to_path_buf(),
         source,
     };
-    std::fs::create_dir_all(dir).map_err(err)?;
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).map_err(err)
+    let refuse = |why: String| err(io::Error::new(io::ErrorKind::InvalidInput, why));
+    match std::fs::symlink_metadata(dir) {
+        Ok(meta) if meta.file_type().is_symlink() => Err(refuse(
+            "is a symbolic link: the broker serves only in a directory named as itself".into(),
+        )),
+        Ok(meta) if !meta.is_dir() => Err(refuse("is not a directory".into())),
+        Ok(meta) => {
+            let own = rustix::process::geteuid().as_raw();
+            if meta.uid() != own {
+                return Err(refuse(format!(
+                    "belongs to uid {}, not the broker's uid {own}: another user could replace the sockets",
+                    meta.uid()
+                )));
+            }
+            if meta.mode() & 0o022 != 0 {
+                return Err(refuse(format!(
+                    "is writable by others (mode {:o}): they could replace the sockets; chmod go-w it",
+                    meta.mode() & 0o7777
+                )));
+            }
+            Ok(())
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            if let Some(parent) = dir.parent() {
+                std::fs::create_dir_all(parent).map_err(err)?;
+            }
+            std::fs::DirBuilder::new().mode(0o755).create(dir).map_err(err)?;
+            // The umask may have taken bits away: set the mode on the directory just created,
+            // through a descriptor that refuses to follow a link swapped in meanwhile.
+            let fd = rustix::fs::open(
+                dir,
+                rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::NOFOLLOW | rustix::fs::OFlags::CLOEXEC,
+                rustix::fs::Mode::empty(),
+            )
+            .map_err(|e| err(e.into()))?;
+            rustix::fs::fchmod(&fd, rustix::fs::Mode::from_raw_mode(0o755)).map_err(|e| err(e.into()))
+        }
+        Err(e) => Err(err(e)),
+    }
 }
 
 /// Runs the broker until `shutdown` completes, then removes its sockets.
@@ -103,7 +151,7 @@ pub async fn run(options: BrokerOptions, shutdown: impl Future<Output = ()>) -> 
     let config = Config::load(options.config.as_deref())?;
     let core = build_core(&config, options.policy.as_deref())?;
     if let Some(path) = options.decision_log.as_ref().or(config.decision_log.as_ref()) {
-        let log = DecisionLog::open(path).map_err(|source| BrokerError::RunDir {
+        let log = DecisionLog::open(path).map_err(|source| BrokerError::DecisionLog {
             path: path.clone(),
             source,
         })?;

@@ -125,6 +125,7 @@ impl Broker {
                 "driver_opens",
                 "driver_waiting",
                 "rings",
+                "queued_messages",
             ]
             .iter()
             .map(|k| s[*k].as_u64().unwrap())
@@ -176,6 +177,23 @@ impl Broker {
     /// What the broker logged so far.
     pub fn log(&self) -> String {
         fs::read_to_string(self.dir.path().join("broker.log")).unwrap_or_default()
+    }
+
+    /// Waits for the broker process to exit (at most `bound`, a bound on a hang: a broker that
+    /// is still running then fails the test) and returns its exit status.
+    pub fn wait_exit(&mut self, bound: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + bound;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the broker was still running after {bound:?}:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 
     /// Whether the broker process is still running.

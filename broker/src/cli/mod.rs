@@ -83,6 +83,8 @@ async fn stats(args: StatsArgs, run_dir: &RunDir) -> Result<(), String> {
         ("driver_waiting", s.driver_waiting),
         ("rings", s.rings),
         ("open_fds", s.open_fds),
+        ("queued_messages", s.queued_messages),
+        ("connections", s.connections),
     ];
     if args.json {
         let map: serde_json::Map<String, serde_json::Value> =

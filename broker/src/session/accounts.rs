@@ -262,6 +262,16 @@ impl Accounts {
     pub fn connections(&self) -> usize {
         self.lock().total
     }
+
+    /// Messages queued for clients over every identity.
+    pub fn queued_messages(&self) -> usize {
+        self.lock()
+            .accounts
+            .values()
+            .filter_map(Weak::upgrade)
+            .map(|a| a.queued.load(Ordering::Relaxed))
+            .sum()
+    }
 }
 
 #[cfg(test)]

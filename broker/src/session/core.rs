@@ -132,6 +132,10 @@ pub struct Stats {
     /// File descriptors the broker process holds (listening sockets, logs and watches
     /// included: compare against the figure with no client connected).
     pub open_fds: usize,
+    /// Responses and events queued for clients that have not read them yet.
+    pub queued_messages: usize,
+    /// Connections being served, over every transport.
+    pub connections: usize,
 }
 
 impl Core {
@@ -184,6 +188,8 @@ impl Core {
             driver_waiting: drivers.iter().map(|d| d.waiting).sum(),
             rings: self.live.rings.load(Ordering::Relaxed),
             open_fds: std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count().saturating_sub(1)),
+            queued_messages: self.accounts.queued_messages(),
+            connections: self.accounts.connections(),
         }
     }
 

@@ -32,9 +32,34 @@ pub struct DecisionLog {
 }
 
 impl DecisionLog {
-    /// Opens (appends to) `path` and starts the writer task.
+    /// Opens (appends to) `path` and starts the writer task. The log names every client's uid,
+    /// pid and executable: it is created `0640`, never through a symbolic link (`O_NOFOLLOW`),
+    /// and must be a regular file (a FIFO or a device is refused, without blocking).
     pub fn open(path: &Path) -> std::io::Result<DecisionLog> {
-        let mut file = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
+        use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o640)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+            .open(path)
+            .map_err(|e| match e.raw_os_error() {
+                Some(libc::ELOOP) => std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    "is a symbolic link: the decision log is never opened through one (name the file itself)",
+                ),
+                _ => e,
+            })?;
+        let meta = file.metadata()?;
+        if !meta.is_file() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "is not a regular file",
+            ));
+        }
+        if meta.mode() & 0o004 != 0 {
+            tracing::warn!(path = %path.display(), mode = format!("{:o}", meta.mode() & 0o777), "the decision log is readable by every user; it names every client's uid, pid and executable (chmod 640)");
+        }
         let (tx, mut rx) = mpsc::channel::<Value>(QUEUE);
         let overflow = std::sync::Arc::new(AtomicU64::new(0));
         let lost = overflow.clone();

@@ -544,6 +544,8 @@ impl pb::broker_server::Broker for BrokerService {
             driver_waiting: n(s.driver_waiting),
             rings: n(s.rings),
             open_fds: n(s.open_fds),
+            queued_messages: n(s.queued_messages),
+            connections: n(s.connections),
         }))
     }
 

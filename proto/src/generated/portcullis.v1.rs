@@ -383,6 +383,12 @@ pub struct StatsResponse {
     /// File descriptors the broker process holds.
     #[prost(uint64, tag = "10")]
     pub open_fds: u64,
+    /// Responses and events queued for clients that have not read them yet.
+    #[prost(uint64, tag = "11")]
+    pub queued_messages: u64,
+    /// Connections being served, over every transport.
+    #[prost(uint64, tag = "12")]
+    pub connections: u64,
 }
 /// The one status enum, shared by every transport. Numbers never change.
 #[allow(clippy::all)]

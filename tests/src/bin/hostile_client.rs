@@ -11,6 +11,14 @@
 //!   (`PROGRAM resume FD`): a process that became another program after it connected.
 //! - `resume FD`: over an inherited connection, finds and opens `sample0`, and reports the
 //!   answer and the goodbye that follows.
+//! - `hold RUN_DIR N`: opens up to N native connections, reports how many it got and why the
+//!   next was refused, and holds them until its standard input closes.
+//! - `pending RUN_DIR CALLS LIMIT`: starts CALLS `wait_event` calls over two gRPC sessions,
+//!   reports the answers of the CALLS - LIMIT that come back at once, and holds the rest until
+//!   its standard input closes.
+//! - `unread RUN_DIR`: subscribes to every event on a gRPC session (with a tiny HTTP/2 window)
+//!   and then never reads it; on a line on its standard input it calls `add` on another session
+//!   and reports the answer; it ends when its standard input closes.
 
 #![deny(unsafe_code)]
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
@@ -43,12 +51,154 @@ async fn main() {
         ["dma", run_dir] => dma(Path::new(run_dir)).await,
         ["exec", run_dir, program] => exec(Path::new(run_dir), program).await,
         ["resume", fd] => resume(fd.parse().expect("a descriptor number")).await,
+        ["hold", run_dir, n] => hold(Path::new(run_dir), n.parse().expect("a count")).await,
+        ["pending", run_dir, calls, limit] => {
+            pending(
+                Path::new(run_dir),
+                calls.parse().expect("a count"),
+                limit.parse().expect("a count"),
+            )
+            .await
+        }
+        ["unread", run_dir] => unread(Path::new(run_dir)).await,
         _ => {
-            eprintln!("usage: hostile_client registers|dma RUN_DIR | exec RUN_DIR PROGRAM | resume FD");
+            eprintln!(
+                "usage: hostile_client registers|dma|unread RUN_DIR | exec RUN_DIR PROGRAM | resume FD | hold RUN_DIR N | pending RUN_DIR CALLS LIMIT"
+            );
             std::process::exit(2);
         }
     };
     println!("{report}");
+}
+
+/// Prints a report at once (the test reads it while this process holds what it holds).
+fn say(report: &Value) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{report}");
+    let _ = out.flush();
+}
+
+/// Waits until standard input closes (the test says so by dropping it).
+async fn until_stdin_closes() {
+    let _ = tokio::task::spawn_blocking(|| {
+        let mut sink = String::new();
+        while std::io::stdin().read_line(&mut sink).is_ok_and(|n| n > 0) {}
+    })
+    .await;
+}
+
+async fn hold(run_dir: &Path, n: usize) -> Value {
+    let mut held = Vec::new();
+    let mut refused = Value::Null;
+    for _ in 0..n {
+        match NativeSession::connect(run_dir, AbiId::native()).await {
+            Ok(session) => held.push(session),
+            Err(e) => {
+                refused = e.to_string().into();
+                break;
+            }
+        }
+    }
+    say(&json!({ "held": held.len(), "refused": refused }));
+    until_stdin_closes().await;
+    json!({ "released": held.len() })
+}
+
+async fn pending(run_dir: &Path, calls: usize, limit: usize) -> Value {
+    let client = portcullis_client::Client::connect(run_dir).await.unwrap();
+    let mut sessions = Vec::new();
+    let mut handles = Vec::new();
+    for _ in 0..2 {
+        let session = client.session().await.unwrap();
+        let sample = session
+            .find_one(portcullis_client::matching::by_name("sample0"))
+            .await
+            .unwrap();
+        handles.push(
+            session
+                .open(sample.id, portcullis_client::OpenMode::Shared)
+                .await
+                .unwrap(),
+        );
+        sessions.push(std::sync::Arc::new(session));
+    }
+    let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel();
+    for i in 0..calls {
+        let (session, handle) = (sessions[i % 2].clone(), handles[i % 2].handle);
+        let done_tx = done_tx.clone();
+        tokio::spawn(async move {
+            // wait_event (selector 3) for ten minutes: it pends unless refused.
+            let result = session.call(handle, 3, &[600_000], &[], 0).await;
+            let _ = done_tx.send(result.err().map(|e| e.to_string()));
+        });
+    }
+    let mut refusals = Vec::new();
+    while refusals.len() < calls.saturating_sub(limit) {
+        match done_rx.recv().await {
+            Some(Some(refusal)) => refusals.push(refusal),
+            Some(None) => return json!({ "error": "a wait_event completed" }),
+            None => break,
+        }
+    }
+    refusals.sort();
+    refusals.dedup();
+    say(&json!({ "refused": calls.saturating_sub(limit), "reasons": refusals }));
+    until_stdin_closes().await;
+    drop(sessions);
+    json!({ "done": true })
+}
+
+async fn unread(run_dir: &Path) -> Value {
+    use hyper_util::rt::TokioIo;
+    use portcullis_proto::pb::{self, broker_client::BrokerClient, client_message::Request as R};
+    let socket = run_dir.join(portcullis_client::GRPC_SOCKET);
+    // A 1 KiB stream window: once that much is unread, the broker can send this stream nothing.
+    let channel = tonic::transport::Endpoint::from_static("http://localhost")
+        .initial_stream_window_size(1024)
+        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
+            let socket = socket.clone();
+            async move { Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(socket).await?)) }
+        }))
+        .await
+        .unwrap();
+    let mut grpc = BrokerClient::new(channel);
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(pb::ClientMessage {
+        request_id: 1,
+        request: Some(R::Subscribe(pb::Subscribe {
+            service_ids: Vec::new(),
+        })),
+    })
+    .await
+    .unwrap();
+    let mut stream = grpc
+        .session(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    // The subscription's answer, then nothing more is read from this stream.
+    let answered = stream.message().await.unwrap().is_some();
+    say(&json!({ "subscribed": answered }));
+    let other = portcullis_client::Client::connect(run_dir).await.unwrap();
+    let session = other.session().await.unwrap();
+    let sample = session
+        .find_one(portcullis_client::matching::by_name("sample0"))
+        .await
+        .unwrap();
+    let sample = session
+        .open(sample.id, portcullis_client::OpenMode::Shared)
+        .await
+        .unwrap();
+    let mut line = String::new();
+    let reader = tokio::task::spawn_blocking(move || std::io::stdin().read_line(&mut line).map(|n| n > 0));
+    if matches!(reader.await, Ok(Ok(true))) {
+        let result = session.call_named(&sample, "add", &[2, 3], &[]).await;
+        say(&json!({ "add": result.map(|o| o.scalars).map_err(|e| e.to_string()) }));
+    }
+    until_stdin_closes().await;
+    drop((stream, tx));
+    json!({ "done": true })
 }
 
 /// One attempt's outcome: `"ok"`, or the errno's name.

@@ -210,3 +210,115 @@ async fn a_root_session_is_unaffected_by_a_hostile_one() {
     drop(session);
     broker.assert_no_leaks(baseline);
 }
+
+/// Starts `portcullis ARGS`, which must fail: its stderr. A broker still running after 20 s
+/// (a bound on a hang) fails the test.
+fn broker_must_refuse(args: &[&std::ffi::OsStr]) -> String {
+    let mut child = Command::new(bin())
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            let mut stderr = String::new();
+            std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+            assert_eq!(status.code(), Some(1), "{stderr}");
+            return stderr;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the broker started where it must refuse");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
+fn mode(path: &std::path::Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path).unwrap().permissions().mode() & 0o7777
+}
+
+#[test]
+fn run_dir_through_a_symlink_or_writable_by_others_is_refused_and_left_alone() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let target = dir.path().join("target");
+    std::fs::create_dir(&target).unwrap();
+    std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let link = dir.path().join("link");
+    std::os::unix::fs::symlink(&target, &link).unwrap();
+    let stderr = broker_must_refuse(&["broker".as_ref(), "--run-dir".as_ref(), link.as_os_str()]);
+    assert!(stderr.contains("is a symbolic link"), "{stderr}");
+    assert_eq!(mode(&target), 0o700, "the link's target was changed");
+    assert!(!target.join("grpc.sock").exists());
+
+    let open = dir.path().join("open");
+    std::fs::create_dir(&open).unwrap();
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let stderr = broker_must_refuse(&["broker".as_ref(), "--run-dir".as_ref(), open.as_os_str()]);
+    assert!(stderr.contains("writable by others"), "{stderr}");
+    assert_eq!(mode(&open), 0o777);
+}
+
+#[test]
+fn an_existing_run_dir_keeps_its_mode_and_a_new_one_is_0755() {
+    use std::os::unix::fs::PermissionsExt;
+    let broker = Broker::start();
+    assert_eq!(mode(&broker.run_dir()), 0o755, "the run dir the broker made");
+    let dir = tempfile::tempdir().unwrap();
+    let own = dir.path().join("own");
+    std::fs::create_dir(&own).unwrap();
+    std::fs::set_permissions(&own, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let mut child = Command::new(bin())
+        .args(["broker", "--run-dir"])
+        .arg(&own)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while std::os::unix::net::UnixStream::connect(own.join("grpc.sock")).is_err() {
+        assert!(child.try_wait().unwrap().is_none(), "the broker exited");
+        assert!(std::time::Instant::now() < deadline, "the broker never served");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    assert_eq!(
+        mode(&own),
+        0o700,
+        "a directory the broker did not create keeps its mode"
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+#[test]
+fn decision_log_is_never_opened_through_a_symlink_and_is_created_0640() {
+    let dir = tempfile::tempdir().unwrap();
+    let victim = dir.path().join("victim");
+    std::fs::write(&victim, "important\n").unwrap();
+    let link = dir.path().join("decisions.log");
+    std::os::unix::fs::symlink(&victim, &link).unwrap();
+    let run = dir.path().join("run");
+    let stderr = broker_must_refuse(&[
+        "broker".as_ref(),
+        "--run-dir".as_ref(),
+        run.as_os_str(),
+        "--decision-log".as_ref(),
+        link.as_os_str(),
+    ]);
+    assert!(stderr.contains("symbolic link"), "{stderr}");
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "important\n");
+
+    let log = dir.path().join("fresh.log");
+    let broker = Broker::with(BrokerSetup {
+        args: &["--decision-log", log.to_str().unwrap()],
+        ..BrokerSetup::default()
+    });
+    // 0640 less the umask: never readable by other users (it names every client's uid, pid
+    // and executable).
+    let created = mode(&log);
+    assert_eq!(created & !0o640, 0, "created {created:o}");
+    drop(broker);
+}

@@ -10,6 +10,7 @@ mod concurrency;
 mod decision_log;
 mod exclusive;
 mod gate;
+mod limits;
 mod native;
 mod policy;
 mod policy_tools;

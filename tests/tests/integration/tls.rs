@@ -233,3 +233,42 @@ fn policy_explain_and_test_speak_of_tls_clients() {
         "{text}"
     );
 }
+
+#[tokio::test]
+async fn tls_connections_that_stall_their_handshake_are_closed() {
+    let pki = Pki::new();
+    let config = format!("{}\n[limits]\nhandshake_timeout_ms = 200\n", pki.config());
+    let broker = Broker::with(BrokerSetup {
+        config: Some(&config),
+        policy: Some(POLICY),
+        ..BrokerSetup::default()
+    });
+    let addr = addr(&broker);
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // One sends nothing at all; one starts a ClientHello and stops.
+    let mut silent = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let mut stalled = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    stalled.write_all(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01]).await.unwrap();
+    for stream in [&mut silent, &mut stalled] {
+        let mut buf = [0u8; 64];
+        // The broker closes it (EOF, or a reset after an alert); the bound is only on a hang.
+        let read = tokio::time::timeout(std::time::Duration::from_secs(20), async {
+            loop {
+                match stream.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => continue,
+                }
+            }
+        })
+        .await;
+        assert!(read.is_ok(), "the broker kept a stalled TLS connection open");
+    }
+    assert!(
+        broker
+            .log()
+            .contains("TLS handshake and HTTP/2 preface not done within the handshake timeout")
+    );
+    // A real client is served.
+    let app_a = pki.client(&[], &["spiffe://portcullis.test/app-a"], Some("app-a"));
+    assert_eq!(call(&addr, &app_a, "add").await, Ok(vec![5]));
+}

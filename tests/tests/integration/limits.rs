@@ -1,0 +1,338 @@
+//! One user cannot starve the others: connection slots per uid and for administrators, pending
+//! calls and unread messages per uid, a handshake deadline for every transport; and a broker
+//! told to stop stops, whoever is connected.
+
+use std::{
+    io::{BufRead, BufReader, Write},
+    os::unix::process::CommandExt,
+    path::PathBuf,
+    process::{Child, ChildStdin, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use portcullis_client::{ClientError, OpenMode, Status, pb};
+use portcullis_proto::{
+    frame::{ClientFrame, Hello, MAX_FRAME, PROTOCOL_VERSION, ServerFrame, encode},
+    layout::AbiId,
+};
+use portcullis_tests::{Broker, BrokerSetup, NOBODY, bin, stdout_ok};
+use serde_json::Value;
+
+/// A hostile client running as `uid`, holding what it took until dropped.
+struct Held {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    lines: std::io::Lines<BufReader<std::process::ChildStdout>>,
+}
+
+impl Held {
+    fn start(broker: &Broker, uid: u32, args: &[&str]) -> Held {
+        let program = broker.copy_program(&PathBuf::from(env!("CARGO_BIN_EXE_hostile_client")), "hostile_client");
+        let mut child = Command::new(program)
+            .args(args)
+            .uid(uid)
+            .gid(uid)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        Held {
+            stdin: child.stdin.take(),
+            child,
+            lines,
+        }
+    }
+
+    /// The next report it prints.
+    fn report(&mut self) -> Value {
+        let line = self.lines.next().expect("the client ended without a report").unwrap();
+        serde_json::from_str(&line).unwrap()
+    }
+
+    fn say(&mut self, line: &str) {
+        writeln!(self.stdin.as_mut().unwrap(), "{line}").unwrap();
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        drop(self.stdin.take());
+        let _ = self.child.wait();
+    }
+}
+
+fn run_dir(broker: &Broker) -> String {
+    broker.run_dir().to_str().unwrap().to_string()
+}
+
+#[test]
+fn one_uid_cannot_take_every_connection_and_root_keeps_its_slots() {
+    let broker = Broker::with(BrokerSetup {
+        config: Some(
+            "max_connections = 6\n[limits]\nmax_connections_per_uid = 3\nreserved_connections = 2\n[[device]]\nname = \"sample0\"\ndriver = \"sample\"\n",
+        ),
+        ..BrokerSetup::default()
+    });
+    let dir = run_dir(&broker);
+    let mut nobody = Held::start(&broker, NOBODY, &["hold", &dir, "4"]);
+    let report = nobody.report();
+    assert_eq!(report["held"], 3, "{report}");
+    let refused = report["refused"].as_str().unwrap();
+    assert!(refused.contains("uid 65534 already holds 3 connections"), "{refused}");
+    // Over gRPC the same uid hears why, and what to do.
+    let ls = broker.cli_as(NOBODY, &["ls"]);
+    assert_eq!(ls.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&ls.stderr);
+    assert!(
+        stderr.contains("the broker refused the connection: uid 65534 already holds 3 connections")
+            && stderr.contains("max_connections_per_uid"),
+        "{stderr}"
+    );
+    // Another uid is unaffected, up to the slots kept for administrators.
+    let mut other = Held::start(&broker, NOBODY - 1, &["hold", &dir, "2"]);
+    let report = other.report();
+    assert_eq!(report["held"], 1, "{report}");
+    assert!(
+        report["refused"]
+            .as_str()
+            .unwrap()
+            .contains("2 of them kept for root and the broker's own user"),
+        "{report}"
+    );
+    // Root still gets in: the statistics say who holds what.
+    let stats = broker.stats();
+    assert_eq!(stats["sessions"], 4, "{stats}");
+    drop(nobody);
+    drop(other);
+    broker.assert_no_leaks(broker.baseline_fds());
+    assert!(broker.log().contains("native connection refused at a limit"));
+}
+
+#[test]
+fn pending_calls_are_bounded_per_uid_and_others_are_unaffected() {
+    let broker = Broker::with(BrokerSetup {
+        config: Some("[limits]\nmax_pending_calls_per_uid = 40\n[[device]]\nname = \"sample0\"\ndriver = \"sample\"\n"),
+        ..BrokerSetup::default()
+    });
+    let dir = run_dir(&broker);
+    let mut nobody = Held::start(&broker, NOBODY, &["pending", &dir, "50", "40"]);
+    let report = nobody.report();
+    assert_eq!(report["refused"], 10, "{report}");
+    let reasons = report["reasons"].as_array().unwrap();
+    assert_eq!(reasons.len(), 1, "{report}");
+    let reason = reasons[0].as_str().unwrap();
+    assert!(
+        reason.starts_with("NO_MEMORY") && reason.contains("uid 65534 has 40 calls pending"),
+        "{reason}"
+    );
+    assert_eq!(broker.stats()["pending_calls"], 40);
+    // Root's calls still pend: another uid's bound is its own.
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let (session, sample) = broker.open("sample0", OpenMode::Shared).await;
+        let wait = session.call_named(&sample, "wait_event", &[600_000], &[]);
+        tokio::pin!(wait);
+        // It is pending once the broker counts it.
+        loop {
+            tokio::select! {
+                early = &mut wait => panic!("wait_event answered at once: {early:?}"),
+                () = tokio::task::yield_now() => {}
+            }
+            if broker.stats()["pending_calls"] == 41 {
+                break;
+            }
+        }
+        session.call_named(&sample, "fire_event", &[7], &[]).await.unwrap();
+        assert_eq!(wait.await.unwrap().scalars, vec![7]);
+    });
+    drop(nobody);
+    broker.assert_no_leaks(broker.baseline_fds());
+}
+
+#[test]
+fn unread_messages_are_bounded_per_uid_and_others_still_hear_everything() {
+    const EVENTS: u64 = 400;
+    let broker = Broker::with(BrokerSetup {
+        config: Some(
+            "[limits]\nmax_queued_messages_per_uid = 64\n[[device]]\nname = \"sample0\"\ndriver = \"sample\"\n",
+        ),
+        ..BrokerSetup::default()
+    });
+    let dir = run_dir(&broker);
+    let mut nobody = Held::start(&broker, NOBODY, &["unread", &dir]);
+    assert_eq!(nobody.report()["subscribed"], true);
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let (watcher, _) = broker.open("sample0", OpenMode::Shared).await;
+        watcher.subscribe(&[]).await.unwrap();
+        let (session, sample) = broker.open("sample0", OpenMode::Shared).await;
+        for value in 0..EVENTS {
+            session.call_named(&sample, "fire_event", &[value], &[]).await.unwrap();
+        }
+        // The root watcher hears every one of them.
+        let mut heard = 0;
+        while heard < EVENTS {
+            let event = watcher.next_event().await.expect("the session ended");
+            if let Some(pb::event::Kind::Notification(n)) = event.kind {
+                assert_eq!(n.value, heard);
+                heard += 1;
+            }
+        }
+        assert_eq!(watcher.events_lost(), 0);
+    });
+    // The reader that never reads holds its uid's bound of messages, no more.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let queued = broker.stats()["queued_messages"].as_u64().unwrap();
+        assert!(queued <= 64, "{queued} messages queued for one uid");
+        if queued == 64 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the queue never filled: {queued}");
+        std::thread::yield_now();
+    }
+    // At its bound, that uid's calls are refused with NO_MEMORY, on any of its sessions.
+    nobody.say("call");
+    let report = nobody.report();
+    let refusal = report["add"]["Err"].as_str().unwrap_or_default();
+    assert!(
+        refusal.starts_with("NO_MEMORY") && refusal.contains("messages queued"),
+        "{report}"
+    );
+    drop(nobody);
+    broker.assert_no_leaks(broker.baseline_fds());
+}
+
+#[test]
+fn a_grpc_connection_that_never_sends_its_preface_is_closed() {
+    let broker = Broker::with(BrokerSetup {
+        config: Some("[limits]\nhandshake_timeout_ms = 200\n[[device]]\nname = \"sample0\"\ndriver = \"sample\"\n"),
+        ..BrokerSetup::default()
+    });
+    let mut silent = std::os::unix::net::UnixStream::connect(broker.socket()).unwrap();
+    // Waits for the broker to close it (a read of 0 bytes); the test's own timeout is a bound
+    // on a hang, far from the 200 ms deadline.
+    silent.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut byte = [0u8; 1];
+    let n = std::io::Read::read(&mut silent, &mut byte).expect("closed by the broker, not timed out");
+    assert_eq!(n, 0);
+    assert!(broker.log().contains("no HTTP/2 preface within the handshake timeout"));
+    // Served clients are unaffected.
+    assert_eq!(
+        stdout_ok(&broker.cli(&["call", "sample0", "add", "--scalar", "2", "--scalar", "3"])).trim(),
+        "5"
+    );
+}
+
+#[test]
+fn sigterm_with_clients_connected_says_goodbye_and_exits_zero() {
+    let mut broker = Broker::with(BrokerSetup {
+        config: Some("[limits]\nshutdown_timeout_ms = 500\n[[device]]\nname = \"sample0\"\ndriver = \"sample\"\n"),
+        ..BrokerSetup::default()
+    });
+    // A bare connection that sends nothing, and one that sent only half a preface.
+    let _bare = std::os::unix::net::UnixStream::connect(broker.socket()).unwrap();
+    let mut half = std::os::unix::net::UnixStream::connect(broker.socket()).unwrap();
+    half.write_all(b"PRI * HTTP/2.0").unwrap();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let (session, sample, native) = runtime.block_on(async {
+        let (session, sample) = broker.open("sample0", OpenMode::Shared).await;
+        let native = tokio_seqpacket::UnixSeqpacket::connect(broker.run_dir().join(portcullis_client::NATIVE_SOCKET))
+            .await
+            .unwrap();
+        let hello = ClientFrame::Hello(Hello {
+            version: PROTOCOL_VERSION,
+            abi: AbiId::native() as u8,
+        });
+        native.send(&encode(&hello).unwrap()).await.unwrap();
+        let mut buf = vec![0u8; MAX_FRAME + 1];
+        let n = native.recv(&mut buf).await.unwrap().bytes_read();
+        assert!(matches!(
+            ServerFrame::decode(&buf[..n]),
+            Ok(ServerFrame::Welcome { .. })
+        ));
+        (session, sample, native)
+    });
+    let waiting = runtime.spawn({
+        let session = std::sync::Arc::new(session);
+        let handle = sample.handle;
+        let s = session.clone();
+        async move {
+            let result = s.call(handle, 3, &[600_000], &[], 0).await;
+            // After the aborted call, the session's last event says why it ends.
+            let mut goodbye = None;
+            while let Some(event) = s.next_event().await {
+                if let Some(pb::event::Kind::Goodbye(bye)) = event.kind {
+                    goodbye = Some(bye);
+                }
+            }
+            (result, goodbye)
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while broker.stats()["pending_calls"] != 1 {
+        assert!(Instant::now() < deadline, "the call never pended");
+        std::thread::yield_now();
+    }
+    broker.signal(rustix::process::Signal::TERM);
+    let status = broker.wait_exit(Duration::from_secs(30));
+    assert!(status.success(), "{status}\n{}", broker.log());
+    let (result, goodbye) = runtime.block_on(waiting).unwrap();
+    let aborted = result.unwrap_err();
+    assert_eq!(aborted.status(), Some(Status::Aborted), "{aborted}");
+    let goodbye = goodbye.expect("a goodbye event");
+    assert_eq!(goodbye.reason, "the broker is stopping");
+    let frame = runtime.block_on(async {
+        let mut buf = vec![0u8; MAX_FRAME + 1];
+        let n = native.recv(&mut buf).await.unwrap().bytes_read();
+        ServerFrame::decode(&buf[..n]).unwrap()
+    });
+    assert!(
+        matches!(&frame, ServerFrame::Goodbye { status, reason } if *status == Status::Aborted.code() && reason == "the broker is stopping"),
+        "{frame:?}"
+    );
+    assert!(broker.log().contains("broker stopped"));
+}
+
+#[test]
+fn clients_say_why_they_cannot_connect() {
+    let broker = Broker::start();
+    let portcullis = broker.copy_program(&bin(), "portcullis");
+    let ls =
+        |uid: u32, dir: &std::path::Path| broker.run_as(uid, &portcullis, &["ls", "--run-dir", dir.to_str().unwrap()]);
+    let missing = broker.private_dir().join("nowhere");
+    let out = ls(0, &missing);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("the socket does not exist") && stderr.contains("portcullis broker"),
+        "{stderr}"
+    );
+    // A socket file left by a broker that stopped.
+    let stale = broker.private_dir().join("stale");
+    std::fs::create_dir_all(&stale).unwrap();
+    drop(std::os::unix::net::UnixListener::bind(stale.join(portcullis_client::GRPC_SOCKET)).unwrap());
+    let out = ls(0, &stale);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("no broker is listening"), "{stderr}");
+    // A directory nobody may enter.
+    let closed = broker.private_dir().join("closed");
+    std::fs::create_dir_all(&closed).unwrap();
+    std::os::unix::net::UnixListener::bind(closed.join(portcullis_client::GRPC_SOCKET)).unwrap();
+    std::fs::set_permissions(&closed, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
+    let out = ls(NOBODY, &closed);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("permission denied") && stderr.contains("uid 65534"),
+        "{stderr}"
+    );
+    let native = tokio::runtime::Runtime::new().unwrap().block_on(async {
+        portcullis_client::native::NativeSession::connect(&missing, AbiId::native())
+            .await
+            .unwrap_err()
+    });
+    assert!(
+        matches!(&native, ClientError::Unreachable { message, .. } if message.contains("does not exist")),
+        "{native}"
+    );
+}
