@@ -336,7 +336,11 @@ pub fn load_policy(path: Option<&Path>) -> Result<Policy, ConfigError> {
             .for_each(|(_, text)| crate::capture::record("policy_text", text.as_bytes()));
     }
     let sources: Vec<Source<'_>> = texts.iter().map(|(origin, text)| Source { origin, text }).collect();
-    Ok(Policy::parse_checked(&sources, Some(&catalog))?)
+    let policy = Policy::parse_checked(&sources, Some(&catalog))?;
+    for warning in policy.warnings() {
+        tracing::warn!("{warning}");
+    }
+    Ok(policy)
 }
 
 #[cfg(test)]

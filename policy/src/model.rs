@@ -610,7 +610,7 @@ impl Policy {
                     warnings.push(locate(
                         source,
                         Some(name.span()),
-                        format!("principal {:?} {warning}", name.get_ref()),
+                        format!("warning: principal {:?} {warning}", name.get_ref()),
                     ));
                 }
                 let mut principal = attrs.build(name.into_inner(), source, &mut errors);
@@ -1135,6 +1135,26 @@ mod tests {
         let e = &err.errors()[0];
         assert_eq!((e.line, e.col), (7, 15));
         assert!(e.message.contains("did you mean \"dialout\""), "{e}");
+    }
+
+    #[test]
+    fn exe_principal_without_an_owner_is_warned_about_and_with_one_is_not() {
+        let policy = parse("[[principal]]\nname = \"minicom\"\nexe = [\"/usr/bin/minicom\"]\n\n[[principal]]\nname = \"hashed\"\nexe_sha256 = [\"0000000000000000000000000000000000000000000000000000000000000000\"]\nnot = { uid = [0] }\n\n[[principal]]\nname = \"owned\"\nexe = [\"/usr/bin/minicom\"]\ngroups = [\"dialout\"]\n").unwrap();
+        let warnings: Vec<String> = policy.warnings().iter().map(ToString::to_string).collect();
+        assert_eq!(warnings.len(), 2, "{warnings:?}");
+        assert!(
+            warnings[0].starts_with("p.toml:2:8: warning: principal \"minicom\" relies on exe/exe_sha256 alone"),
+            "{warnings:?}"
+        );
+        assert!(warnings[1].contains("\"hashed\""), "{warnings:?}");
+        assert!(policy.names_exe("/usr/bin/minicom"));
+        assert!(!policy.names_exe("/usr/bin/other"));
+        assert!(policy.uses_exe_sha256());
+        assert!(
+            !parse("[[principal]]\nname = \"a\"\nuid = [1]\n")
+                .unwrap()
+                .uses_exe_sha256()
+        );
     }
 
     #[test]

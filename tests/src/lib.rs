@@ -54,6 +54,8 @@ pub struct BrokerSetup<'a> {
     pub policy: Option<&'a str>,
     /// More arguments for `portcullis broker`.
     pub args: &'a [&'a str],
+    /// `RUST_LOG` for the broker [default: debug].
+    pub log_level: Option<&'a str>,
 }
 
 impl Broker {
@@ -81,7 +83,9 @@ impl Broker {
         }
         cmd.args(setup.args);
         let log = fs::File::create(dir.path().join("broker.log")).unwrap();
-        cmd.env("RUST_LOG", "debug").stdout(Stdio::null()).stderr(log);
+        cmd.env("RUST_LOG", setup.log_level.unwrap_or("debug"))
+            .stdout(Stdio::null())
+            .stderr(log);
         let child = cmd.spawn().unwrap();
         let mut broker = Broker { child, dir };
         broker.wait_ready();

@@ -23,7 +23,7 @@ pub(crate) struct LayoutArgs {
     c_header: bool,
     /// Print C11 `_Static_assert`s of every offset, size and alignment for one `--abi`: compile
     /// them with that ABI's compiler to check the broker's layout against it.
-    #[arg(long)]
+    #[arg(long, requires = "abis")]
     c_asserts: bool,
 }
 
@@ -51,7 +51,13 @@ pub(crate) fn run(args: LayoutArgs) -> Result<(), String> {
     };
     if args.c_asserts {
         let [abi] = abis.as_slice() else {
-            return Err("--c-asserts needs exactly one --abi".into());
+            use clap::CommandFactory;
+            super::Cli::command()
+                .error(
+                    clap::error::ErrorKind::ArgumentConflict,
+                    "--c-asserts takes exactly one --abi",
+                )
+                .exit()
         };
         print!(
             "#include <stddef.h>\n#include <stdint.h>\n#include <stdbool.h>\n\n{}{}",

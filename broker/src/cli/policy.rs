@@ -61,9 +61,13 @@ pub(crate) struct ExplainArgs {
     /// The task: uid=N,gid=N,groups=a:b,exe=PATH,abi=NAME (all optional; uid and gid default to 0).
     #[arg(long, default_value = "")]
     principal: String,
-    /// The service: class=C,name=N and KEY=VALUE properties.
+    /// The service: class=C,name=N and KEY=VALUE properties. A name alone is looked up in the
+    /// broker's configuration (`--config`), which gives its class and properties.
     #[arg(long)]
     service: String,
+    /// Broker configuration in which `--service name=N` is looked up [default: the embedded one].
+    #[arg(long)]
+    config: Option<PathBuf>,
     /// Explain a method call.
     #[arg(long, conflicts_with_all = ["open", "memory"])]
     method: Option<String>,
@@ -155,6 +159,34 @@ fn parse_service(spec: &str) -> Result<ServiceSpec, String> {
     Ok(s)
 }
 
+/// Fills in a service named without a class from the broker configuration: its driver's class
+/// and its configured properties (those given on the command line win).
+fn configured(service: &mut ServiceSpec, config: Option<&Path>) -> Result<(), String> {
+    if service.name.is_empty() {
+        return Err("--service needs class=C, or name=N of a configured device".into());
+    }
+    let config = config::Config::load(config).map_err(|e| e.to_string())?;
+    let device = config.devices.iter().find(|d| d.name == service.name).ok_or_else(|| {
+        let known: Vec<&str> = config.devices.iter().map(|d| d.name.as_str()).collect();
+        format!(
+            "no device {:?} in the configuration (it has: {}); give its class with class=C",
+            service.name,
+            known.join(", ")
+        )
+    })?;
+    let driver = drivers::create(&device.driver)
+        .ok_or_else(|| format!("device {:?}: unknown driver {:?}", device.name, device.driver))?;
+    service.class = driver.class().to_string();
+    for (key, value) in device.registry_properties().map_err(|e| e.to_string())? {
+        service.properties.entry(key).or_insert(value);
+    }
+    service
+        .properties
+        .entry("driver".into())
+        .or_insert_with(|| PropValue::Text(device.driver.clone()));
+    Ok(())
+}
+
 /// The privilege a method of a class requires, from the drivers' tables.
 fn method_privilege(class: &str, method: &str) -> Option<&'static str> {
     drivers::KINDS
@@ -200,12 +232,19 @@ fn reload(run_dir: &super::RunDir) -> Result<(), String> {
 fn check(path: &Path) -> Result<(), String> {
     match config::load_policy(Some(path)) {
         Ok(policy) => {
+            for warning in policy.warnings() {
+                println!("{warning}");
+            }
             println!(
-                "{}: ok ({} rules, {} assertions hold; revision {})",
+                "{}: ok ({} rules, {} assertions hold; revision {}){}",
                 path.display(),
                 policy.rule_count(),
                 policy.assertion_count(),
-                policy.revision().get(..12).unwrap_or_default()
+                policy.revision().get(..12).unwrap_or_default(),
+                match policy.warnings().len() {
+                    0 => String::new(),
+                    n => format!("; {n} warning(s)"),
+                }
             );
             Ok(())
         }
@@ -299,7 +338,10 @@ fn request<'a>(
 fn explain(args: ExplainArgs) -> Result<(), String> {
     let policy = load(args.policy.as_deref())?;
     let task = parse_task(&args.principal)?;
-    let service = parse_service(&args.service)?;
+    let mut service = parse_service(&args.service)?;
+    if service.class.is_empty() {
+        configured(&mut service, args.config.as_deref())?;
+    }
     let view = ServiceView {
         name: &service.name,
         class: &service.class,

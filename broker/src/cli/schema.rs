@@ -105,6 +105,7 @@ pub(crate) fn run(args: SchemaArgs) -> Result<(), String> {
         if dir.as_os_str() == "-" {
             print!("{text}");
         } else {
+            std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
             let path = dir.join(format!("{kind}.h"));
             std::fs::write(&path, text).map_err(|e| format!("{}: {e}", path.display()))?;
             eprintln!("wrote {}", path.display());

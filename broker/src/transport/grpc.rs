@@ -148,10 +148,16 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Conn<S> {
     }
 }
 
+/// What [`preface`] says of a client that closed before sending one.
+const EARLY_EOF: &str = "closed before its HTTP/2 preface";
+
 /// Reads the HTTP/2 preface; anything else is not a gRPC client.
 async fn preface<S: AsyncRead + Unpin>(stream: &mut S) -> io::Result<()> {
     let mut got = [0u8; PREFACE.len()];
-    stream.read_exact(&mut got).await?;
+    stream.read_exact(&mut got).await.map_err(|e| match e.kind() {
+        io::ErrorKind::UnexpectedEof => io::Error::new(io::ErrorKind::UnexpectedEof, EARLY_EOF),
+        _ => e,
+    })?;
     if &got == PREFACE {
         Ok(())
     } else {
@@ -216,6 +222,10 @@ fn incoming(core: Arc<Core>, listener: UnixListener) -> ReceiverStream<io::Resul
                             _refusing: None,
                         };
                         let _ = ready.send(Ok(conn)).await;
+                    }
+                    // The client left before saying anything (a probe): nothing to report.
+                    Ok(Err(e)) if e == EARLY_EOF => {
+                        tracing::debug!(uid = cred.uid, "gRPC connection closed before its preface")
                     }
                     Ok(Err(e)) => throttled_info!(CONNECTION_LOG, uid = cred.uid, error = %e, "gRPC connection closed"),
                     Err(_) => throttled_info!(

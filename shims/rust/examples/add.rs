@@ -24,10 +24,21 @@ pub fn add(run_dir: &Path, a: u64, b: u64) -> Result<u64, ClientError> {
         .ok_or_else(|| ClientError::Protocol("add returned no scalar".into()))
 }
 
-fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let mut args = std::env::args().skip(1).map(|a| a.parse::<u64>());
-    let a = args.next().unwrap_or(Ok(2))?;
-    let b = args.next().unwrap_or(Ok(3))?;
-    println!("{a} + {b} = {}", add(&default_run_dir(), a, b)?);
-    Ok(())
+fn main() -> std::process::ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let numbers: Vec<Result<u64, _>> = args.iter().map(|a| a.parse::<u64>()).collect();
+    let [Ok(a), Ok(b)] = numbers.as_slice() else {
+        eprintln!("usage: add A B   (two unsigned integers; got {args:?})");
+        return std::process::ExitCode::from(2);
+    };
+    match add(&default_run_dir(), *a, *b) {
+        Ok(sum) => {
+            println!("{a} + {b} = {sum}");
+            std::process::ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("add: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
 }

@@ -5,6 +5,7 @@
 
 mod abi_matrix;
 mod bad_input;
+mod cli;
 mod client_example;
 mod concurrency;
 mod decision_log;

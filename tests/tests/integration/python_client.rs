@@ -45,4 +45,5 @@ fn python_grpcio_client_drives_a_session() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(stdout.contains("python session: ok"), "{stdout}");
+    assert!(stdout.contains("reset: refused by rule default deny"), "{stdout}");
 }

@@ -1,0 +1,210 @@
+//! What a new user trips on: where options go, usage errors, directories that don't exist yet,
+//! explain on a configured name, and logs a person or a program can read.
+
+use std::process::Command;
+
+use portcullis_client::OpenMode;
+use portcullis_tests::{Broker, BrokerSetup, bin, stdout_ok};
+
+#[test]
+fn run_dir_goes_before_or_after_the_subcommand() {
+    let broker = Broker::start();
+    let run_dir = broker.run_dir();
+    for args in [
+        vec![
+            "--run-dir",
+            run_dir.to_str().unwrap(),
+            "call",
+            "sample0",
+            "add",
+            "--scalar",
+            "2",
+            "--scalar",
+            "3",
+        ],
+        vec![
+            "call",
+            "sample0",
+            "add",
+            "--scalar",
+            "2",
+            "--scalar",
+            "3",
+            "--run-dir",
+            run_dir.to_str().unwrap(),
+        ],
+    ] {
+        let out = Command::new(bin()).args(&args).output().unwrap();
+        assert_eq!(stdout_ok(&out).trim(), "5", "{args:?}");
+    }
+}
+
+#[test]
+fn usage_errors_exit_2_and_output_directories_are_made() {
+    let dir = tempfile::tempdir().unwrap();
+    let layout = dir.path().join("s.toml");
+    std::fs::write(&layout, "[[struct]]\nname = \"s\"\nfields = [[\"a\", \"u32\"]]\n").unwrap();
+    for args in [
+        vec!["layout", "--c-asserts"],
+        vec!["layout", "--c-asserts", "--abi", "i386", "--abi", "armhf"],
+    ] {
+        let out = Command::new(bin()).args(&args).arg(&layout).output().unwrap();
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let headers = dir.path().join("include/portcullis");
+    let out = Command::new(bin())
+        .args(["schema", "--c-header"])
+        .arg(&headers)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(headers.join("sample.h").exists());
+}
+
+#[test]
+fn policy_help_names_every_policy_subcommand() {
+    let top = stdout_ok(&Command::new(bin()).arg("--help").output().unwrap());
+    let line = top.lines().find(|l| l.trim_start().starts_with("policy")).unwrap();
+    let sub = stdout_ok(&Command::new(bin()).args(["policy", "--help"]).output().unwrap());
+    for command in ["check", "explain", "test", "diff", "fmt", "reload"] {
+        assert!(line.contains(command), "`portcullis --help` says: {line}");
+        assert!(sub.contains(&format!("  {command} ")), "{sub}");
+    }
+}
+
+#[test]
+fn policy_explain_finds_a_configured_service_by_name() {
+    let out = Command::new(bin())
+        .args([
+            "policy",
+            "explain",
+            "--principal",
+            "uid=1000",
+            "--service",
+            "name=sample0",
+            "--method",
+            "add",
+        ])
+        .output()
+        .unwrap();
+    let text = stdout_ok(&out);
+    assert!(text.starts_with("decision: ALLOW (rule \"sample-use\")"), "{text}");
+    assert!(!text.contains("class  is not"), "{text}");
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("c.toml");
+    std::fs::write(
+        &config,
+        "[[device]]\nname = \"lab\"\ndriver = \"sample\"\nproperties = { model = \"x\" }\n",
+    )
+    .unwrap();
+    let out = Command::new(bin())
+        .args([
+            "policy",
+            "explain",
+            "--service",
+            "name=lab",
+            "--method",
+            "reset",
+            "--config",
+        ])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(stdout_ok(&out).contains("decision: ALLOW (rule \"sample-admin\")"));
+    let out = Command::new(bin())
+        .args(["policy", "explain", "--service", "name=nothere", "--method", "add"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("no device \"nothere\""),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn policy_check_warns_about_a_program_without_an_owner() {
+    let dir = tempfile::tempdir().unwrap();
+    let policy = dir.path().join("p.toml");
+    std::fs::write(
+        &policy,
+        "[[principal]]\nname = \"term\"\nexe = [\"/usr/bin/minicom\"]\n\n[[rule]]\nid = \"r\"\neffect = \"allow\"\nprincipals = [\"term\"]\nmethods = [\"add\"]\n",
+    )
+    .unwrap();
+    let out = Command::new(bin())
+        .args(["policy", "check"])
+        .arg(&policy)
+        .output()
+        .unwrap();
+    let text = stdout_ok(&out);
+    assert!(
+        text.contains("p.toml:2:8: warning: principal \"term\" relies on exe/exe_sha256 alone")
+            && text.contains("1 warning(s)"),
+        "{text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_log_has_refusals_at_info_plain_pids_and_no_colours() {
+    let broker = Broker::with(BrokerSetup {
+        log_level: Some("info"),
+        ..BrokerSetup::default()
+    });
+    let (session, sample) = broker.open("sample0", OpenMode::Shared).await;
+    // Refused by the method table, then by policy (reset is root's; this test runs as root, so
+    // ask for a selector the table does not have, and a call on a closed handle).
+    assert!(session.call(sample.handle, 99, &[], &[], 0).await.is_err());
+    assert!(session.call(sample.handle + 7, 0, &[1, 2], &[], 0).await.is_err());
+    drop(session);
+    let refused = broker.cli_as(portcullis_tests::NOBODY, &["call", "sample0", "reset"]);
+    assert_eq!(refused.status.code(), Some(1));
+    let log = broker.log();
+    assert!(log.contains("call refused") && log.contains("selector=99"), "{log}");
+    assert!(log.contains("status=NOT_OPEN"), "{log}");
+    assert!(
+        log.contains("uid=65534") && log.contains("rule=\"default deny\"") && log.contains("NOT_PRIVILEGED"),
+        "{log}"
+    );
+    assert!(!log.contains('\u{1b}'), "ANSI escapes in a log file");
+    assert!(!log.contains("Some("), "{log}");
+}
+
+#[test]
+fn a_flood_of_protocol_breaking_connections_costs_the_log_a_few_lines() {
+    const FLOOD: usize = 300;
+    let broker = Broker::with(BrokerSetup {
+        log_level: Some("info"),
+        ..BrokerSetup::default()
+    });
+    let native = broker.run_dir().join(portcullis_client::NATIVE_SOCKET);
+    let started = std::time::Instant::now();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        for _ in 0..FLOOD {
+            let conn = tokio_seqpacket::UnixSeqpacket::connect(&native).await.unwrap();
+            conn.send(&[0xff, 0xff, 0xff]).await.unwrap();
+            // The broker answers with a Goodbye and closes; read to the end.
+            let mut buf = [0u8; 512];
+            while conn.recv(&mut buf).await.is_ok_and(|n| n.bytes_read() > 0) {}
+        }
+    });
+    let seconds = started.elapsed().as_secs();
+    let log = broker.log();
+    let lines = log
+        .lines()
+        .filter(|l| l.contains("native session closed by the broker"))
+        .count();
+    // A burst of 20, then one a second: each connection got its Goodbye, the log did not get
+    // a line each.
+    assert!(lines >= 20, "{lines} lines");
+    assert!(
+        lines as u64 <= 20 + seconds + 2,
+        "{lines} log lines for {FLOOD} bad connections in {seconds} s"
+    );
+    assert!(broker.is_running_ref());
+}
