@@ -43,10 +43,15 @@ impl Schema {
         match elem {
             Elem::Scalar(s) => (s.size(abi), s.align(abi)),
             Elem::Char => (1, 1),
-            Elem::Struct(i) => {
-                let l = self.layout(i, abi);
-                (l.size, l.align)
-            }
+            Elem::Struct(i) => match self.sizes.get(i).and_then(|s| s.get(abi.id as usize)) {
+                // Computed once, when the struct was added; an ABI outside the list (a test's
+                // own) is laid out afresh.
+                Some(known) if super::ABIS.get(abi.id as usize) == Some(abi) => *known,
+                _ => {
+                    let l = self.layout(i, abi);
+                    (l.size, l.align)
+                }
+            },
         }
     }
 

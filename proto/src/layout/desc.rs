@@ -34,6 +34,8 @@ pub enum Scalar {
     CULong,
     /// `uintptr_t`: an opaque pointer-sized handle (never dereferenced).
     Handle,
+    /// `intptr_t` (`ssize_t`, `ptrdiff_t`): a signed pointer-sized integer.
+    ISize,
     /// `float`.
     F32,
     /// `double`.
@@ -43,7 +45,7 @@ pub enum Scalar {
 }
 
 /// Names in descriptions, in the order `portcullis layout` lists them.
-pub const SCALAR_NAMES: [(&str, Scalar); 14] = [
+pub const SCALAR_NAMES: [(&str, Scalar); 15] = [
     ("u8", Scalar::U8),
     ("i8", Scalar::I8),
     ("u16", Scalar::U16),
@@ -55,6 +57,7 @@ pub const SCALAR_NAMES: [(&str, Scalar); 14] = [
     ("c_long", Scalar::CLong),
     ("c_ulong", Scalar::CULong),
     ("handle", Scalar::Handle),
+    ("isize", Scalar::ISize),
     ("f32", Scalar::F32),
     ("f64", Scalar::F64),
     ("bool", Scalar::Bool),
@@ -69,7 +72,7 @@ impl Scalar {
             Scalar::U32 | Scalar::I32 | Scalar::F32 => 4,
             Scalar::U64 | Scalar::I64 | Scalar::F64 => 8,
             Scalar::CLong | Scalar::CULong => u32::from(abi.long),
-            Scalar::Handle => u32::from(abi.pointer),
+            Scalar::Handle | Scalar::ISize => u32::from(abi.pointer),
         }
     }
 
@@ -78,7 +81,9 @@ impl Scalar {
         let natural = match self {
             Scalar::U64 | Scalar::I64 => u32::from(abi.align_i64),
             Scalar::F64 => u32::from(abi.align_f64),
-            Scalar::CLong | Scalar::CULong | Scalar::Handle if self.size(abi) == 8 => u32::from(abi.align_i64),
+            Scalar::CLong | Scalar::CULong | Scalar::Handle | Scalar::ISize if self.size(abi) == 8 => {
+                u32::from(abi.align_i64)
+            }
             other => other.size(abi),
         };
         natural.min(u32::from(abi.align_cap))
@@ -88,7 +93,7 @@ impl Scalar {
     pub fn is_signed(self) -> bool {
         matches!(
             self,
-            Scalar::I8 | Scalar::I16 | Scalar::I32 | Scalar::I64 | Scalar::CLong
+            Scalar::I8 | Scalar::I16 | Scalar::I32 | Scalar::I64 | Scalar::CLong | Scalar::ISize
         )
     }
 
@@ -111,6 +116,7 @@ impl Scalar {
             Scalar::CLong => "long",
             Scalar::CULong => "unsigned long",
             Scalar::Handle => "uintptr_t",
+            Scalar::ISize => "intptr_t",
             Scalar::F32 => "float",
             Scalar::F64 => "double",
             Scalar::Bool => "bool",
@@ -154,6 +160,9 @@ pub struct StructDesc {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Schema {
     structs: Vec<StructDesc>,
+    /// Each struct's size and alignment under each ABI of the list (by wire number), computed
+    /// once when it is added: nesting costs a lookup, not a recomputation.
+    pub(super) sizes: Vec<[(u32, u32); super::ABIS.len()]>,
 }
 
 /// Why a description was refused.
@@ -227,6 +236,18 @@ impl Schema {
                     s.name
                 )));
             }
+            if let Some(why) = reserved_name(&s.name) {
+                return Err(LayoutError::Name(format!(
+                    "struct name {:?} {why}: the generated C would not compile",
+                    s.name
+                )));
+            }
+            if SCALAR_NAMES.iter().any(|(n, _)| *n == s.name) || s.name == "char" {
+                return Err(LayoutError::Name(format!(
+                    "struct name {:?} names a scalar type: a field of that type would be ambiguous",
+                    s.name
+                )));
+            }
             if schema.index(&s.name).is_some() {
                 return Err(LayoutError::Name(format!("struct {} is described twice", s.name)));
             }
@@ -246,6 +267,12 @@ impl Schema {
                         s.name, f.name
                     )));
                 }
+                if let Some(why) = reserved_name(&f.name) {
+                    return Err(LayoutError::Name(format!(
+                        "struct {}: field name {:?} {why}: the generated C would not compile",
+                        s.name, f.name
+                    )));
+                }
                 if fields.iter().any(|g| g.name == f.name) {
                     return Err(LayoutError::Name(format!(
                         "struct {}: field {} appears twice",
@@ -261,10 +288,13 @@ impl Schema {
             }
             schema.structs.push(StructDesc { name: s.name, fields });
             let index = schema.structs.len() - 1;
-            if super::ABIS
-                .iter()
-                .any(|abi| schema.layout(index, abi).size > crate::limits::MAX_STRUCT)
-            {
+            let mut sizes = [(0, 1); super::ABIS.len()];
+            for (size, abi) in sizes.iter_mut().zip(super::ABIS.iter()) {
+                let layout = schema.layout(index, abi);
+                *size = (layout.size, layout.align);
+            }
+            schema.sizes.push(sizes);
+            if sizes.iter().any(|(size, _)| *size > crate::limits::MAX_STRUCT) {
                 return Err(LayoutError::TooLarge(
                     schema.structs.last().map(|s| s.name.clone()).unwrap_or_default(),
                 ));
@@ -297,7 +327,7 @@ impl Schema {
             }
             None => (ty, None),
         };
-        if base.starts_with("union") {
+        if base == "union" || base.starts_with("union ") {
             return Err("unions are refused: describe each interpretation as its own struct".into());
         }
         if base.contains("long double") || base == "f128" || base == "long_double" {
@@ -348,6 +378,109 @@ impl Schema {
             .map(|(i, s)| (i, s.name.as_str()))
             .collect()
     }
+}
+
+/// Why a C identifier cannot name a struct or a field of the generated C: a keyword, a name the
+/// standard headers the generated code includes define, or one reserved for the implementation.
+fn reserved_name(s: &str) -> Option<&'static str> {
+    const KEYWORDS: &[&str] = &[
+        "auto",
+        "break",
+        "case",
+        "char",
+        "const",
+        "continue",
+        "default",
+        "do",
+        "double",
+        "else",
+        "enum",
+        "extern",
+        "float",
+        "for",
+        "goto",
+        "if",
+        "inline",
+        "int",
+        "long",
+        "register",
+        "restrict",
+        "return",
+        "short",
+        "signed",
+        "sizeof",
+        "static",
+        "struct",
+        "switch",
+        "typedef",
+        "union",
+        "unsigned",
+        "void",
+        "volatile",
+        "while",
+        "_Alignas",
+        "_Alignof",
+        "_Atomic",
+        "_Bool",
+        "_Complex",
+        "_Generic",
+        "_Imaginary",
+        "_Noreturn",
+        "_Static_assert",
+        "_Thread_local",
+        "alignas",
+        "alignof",
+        "bool",
+        "constexpr",
+        "false",
+        "nullptr",
+        "static_assert",
+        "thread_local",
+        "true",
+        "typeof",
+        "typeof_unqual",
+        "_BitInt",
+        "_Decimal32",
+        "_Decimal64",
+        "_Decimal128",
+    ];
+    const STANDARD: &[&str] = &[
+        "NULL",
+        "offsetof",
+        "size_t",
+        "ssize_t",
+        "ptrdiff_t",
+        "wchar_t",
+        "max_align_t",
+        "intptr_t",
+        "uintptr_t",
+        "intmax_t",
+        "uintmax_t",
+        "__bool_true_false_are_defined",
+    ];
+    if KEYWORDS.contains(&s) {
+        return Some("is a C keyword");
+    }
+    let int_type = |t: &str| {
+        let t = t.strip_prefix('u').unwrap_or(t);
+        let t = t.strip_prefix("int").and_then(|t| t.strip_suffix("_t"));
+        let t = t.map(|t| t.strip_prefix("_least").or(t.strip_prefix("_fast")).unwrap_or(t));
+        matches!(t, Some("8" | "16" | "32" | "64"))
+    };
+    let int_macro = |m: &str| {
+        let prefixed = ["INT", "UINT", "SIZE_", "PTRDIFF_", "SIG_ATOMIC_", "WCHAR_", "WINT_"]
+            .iter()
+            .any(|p| m.starts_with(p));
+        prefixed && (m.ends_with("_MAX") || m.ends_with("_MIN") || m.ends_with("_C") || m == "SIZE_MAX")
+    };
+    if STANDARD.contains(&s) || int_type(s) || int_macro(s) {
+        return Some("is defined by the C standard headers");
+    }
+    let mut chars = s.chars();
+    if s.starts_with("__") || (chars.next() == Some('_') && chars.next().is_some_and(|c| c.is_ascii_uppercase())) {
+        return Some("is reserved for the C implementation");
+    }
+    None
 }
 
 fn is_identifier(s: &str) -> bool {

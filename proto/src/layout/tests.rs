@@ -236,3 +236,102 @@ fn description_json_matches_toml() {
     let toml = "[[struct]]\nname = \"t\"\nfields = [{name=\"a\",type=\"u16\"},{name=\"b\",type=\"char[3]\"}]\n";
     assert_eq!(Schema::from_json(json).unwrap(), Schema::from_toml(toml).unwrap());
 }
+
+#[test]
+fn isize_is_pointer_sized_sign_extended_and_overflows_like_c_long() {
+    let s = Schema::from_toml("[[struct]]\nname = \"io\"\nfields = [{ name = \"n\", type = \"isize\" }, { name = \"p\", type = \"handle\" }]\n").unwrap();
+    let i = s.index("io").unwrap();
+    let i386 = s.layout(i, abi("i386"));
+    assert_eq!((i386.size, i386.fields[0].size), (8, 4));
+    let native_layout = s.layout(i, native());
+    assert_eq!(native_layout.fields[0].size, 8);
+    assert!(s.c_declarations().contains("intptr_t n;"), "{}", s.c_declarations());
+    // A 32-bit client's -1 is -1 (sign-extended), not 4294967295.
+    let mut buf = vec![0u8; 8];
+    put(&mut buf, 0, &(-1i32).to_le_bytes());
+    let out = s.plan(i, abi("i386"), native()).translate(&buf).unwrap();
+    assert_eq!(i64::from_ne_bytes(out[..8].try_into().unwrap()), -1);
+    // A value a 32-bit intptr_t can't hold is OVERFLOW on the way back, never truncated.
+    let mut big = vec![0u8; native_layout.size as usize];
+    put(&mut big, 0, &(1i64 << 40).to_ne_bytes());
+    assert_eq!(
+        s.plan(i, native(), abi("i386")).translate(&big).unwrap_err(),
+        TranslateError::Overflow { field: "n".into() }
+    );
+    put(&mut big, 0, &i64::from(i32::MIN).to_ne_bytes());
+    assert!(s.plan(i, native(), abi("armhf")).translate(&big).is_ok());
+}
+
+#[test]
+fn description_names_that_would_not_compile_are_refused() {
+    let one = |name: &str, field: &str| {
+        Schema::from_toml(&format!(
+            "[[struct]]\nname = \"{name}\"\nfields = [{{ name = \"{field}\", type = \"u32\" }}]\n"
+        ))
+    };
+    for bad in [
+        "int",
+        "struct",
+        "_Bool",
+        "bool",
+        "true",
+        "NULL",
+        "uint32_t",
+        "INT32_MAX",
+        "__x",
+        "_Reserved",
+    ] {
+        let struct_err = one(bad, "ok").unwrap_err().to_string();
+        assert!(struct_err.contains("would not compile"), "{bad}: {struct_err}");
+        let field_err = one("ok", bad).unwrap_err().to_string();
+        assert!(field_err.contains("would not compile"), "{bad}: {field_err}");
+    }
+    for scalar in ["u8", "c_long", "handle", "isize", "f64"] {
+        let err = one(scalar, "a").unwrap_err().to_string();
+        assert!(err.contains("names a scalar type"), "{scalar}: {err}");
+    }
+    // Names that only begin like a keyword or a union are fine.
+    assert!(one("integer", "structure").is_ok());
+    assert!(one("_private", "bool_flag").is_ok());
+}
+
+#[test]
+fn a_struct_named_union_something_is_a_struct() {
+    let s = Schema::from_toml(
+        "[[struct]]\nname = \"union_info\"\nfields = [{ name = \"a\", type = \"u32\" }]\n\n[[struct]]\nname = \"outer\"\nfields = [{ name = \"u\", type = \"union_info\" }, { name = \"v\", type = \"struct union_info[2]\" }]\n",
+    )
+    .unwrap();
+    assert_eq!(s.layout(s.index("outer").unwrap(), native()).size, 12);
+    let err =
+        Schema::from_toml("[[struct]]\nname = \"s\"\nfields = [{ name = \"u\", type = \"union x\" }]\n").unwrap_err();
+    assert!(err.to_string().contains("unions are refused"), "{err}");
+}
+
+#[test]
+fn deep_nesting_lays_out_each_struct_once_and_right() {
+    // s_k holds two s_(k-1): laid out recursively that is 2^k work per ABI; from the sizes
+    // computed when each struct was added, it is one lookup per field.
+    let mut text = String::from("[[struct]]\nname = \"s0\"\nfields = [{ name = \"a\", type = \"u8\" }]\n");
+    for k in 1..=15 {
+        text.push_str(&format!(
+            "\n[[struct]]\nname = \"s{k}\"\nfields = [{{ name = \"x\", type = \"s{p}\" }}, {{ name = \"y\", type = \"s{p}\" }}]\n",
+            p = k - 1
+        ));
+    }
+    // And a long chain, each struct holding the one before and a byte.
+    for k in 1..=3000 {
+        let before = if k == 1 {
+            "s0".to_string()
+        } else {
+            format!("c{}", k - 1)
+        };
+        text.push_str(&format!(
+            "\n[[struct]]\nname = \"c{k}\"\nfields = [{{ name = \"x\", type = \"{before}\" }}, {{ name = \"b\", type = \"u8\" }}]\n"
+        ));
+    }
+    let s = Schema::from_toml(&text).unwrap();
+    for abi in ABIS.iter() {
+        assert_eq!(s.layout(s.index("s15").unwrap(), abi).size, 1 << 15, "{}", abi.name);
+        assert_eq!(s.layout(s.index("c3000").unwrap(), abi).size, 3001, "{}", abi.name);
+    }
+}
