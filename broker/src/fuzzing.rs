@@ -168,10 +168,11 @@ pub fn ring_records(data: &[u8]) -> Vec<portcullis_proto::frame::ServerFrame> {
 
 /// `grpc_request`: arbitrary bytes → length-delimited protobuf `ClientMessage`s → the session
 /// core, as the gRPC transport hands them over. Every response must encode; when the session
-/// ends, nothing it held may remain.
-pub fn grpc_request(data: &[u8]) {
+/// ends, nothing it held may remain. Returns the responses given at once.
+pub fn grpc_request(data: &[u8]) -> Vec<pb::ServerMessage> {
     let _serial = serial();
     let core = core();
+    let mut responses = Vec::new();
     runtime().block_on(async {
         let mut session = Session::new(core.clone(), peer(0), AbiId::native());
         let mut buf = data;
@@ -184,7 +185,9 @@ pub fn grpc_request(data: &[u8]) {
             };
             match started {
                 Started::Now(result) => {
-                    let _ = grpc::response(id, result).encode_to_vec();
+                    let response = grpc::response(id, result);
+                    let _ = response.encode_to_vec();
+                    responses.push(response);
                 }
                 Started::Later(mut later) => {
                     if !poll_once(&mut later).await {
@@ -200,6 +203,7 @@ pub fn grpc_request(data: &[u8]) {
         drop(session);
     });
     assert_nothing_held(core.stats());
+    responses
 }
 
 /// One step of `session_ops`.
@@ -622,6 +626,20 @@ mod tests {
             .encode_length_delimited(&mut bytes)
             .unwrap();
         }
-        grpc_request(&bytes);
+        let responses = grpc_request(&bytes);
+        let results: Vec<_> = responses
+            .into_iter()
+            .map(|m| match m.kind {
+                Some(pb::server_message::Kind::Response(r)) => (r.status, r.result),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert!(
+            matches!(&results[..], [
+                (0, Some(pb::response::Result::Opened(opened))),
+                (0, Some(pb::response::Result::Call(call))),
+            ] if opened.handle == 1 && call.scalars == [5]),
+            "the broker served the real messages: {results:?}"
+        );
     }
 }

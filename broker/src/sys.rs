@@ -42,17 +42,33 @@ mod tests {
     use super::*;
 
     #[test]
-    fn peersec_agrees_with_proc_when_the_kernel_provides_it() {
+    fn peersec_agrees_with_proc_or_identity_falls_back_to_proc() {
+        use crate::session::{IdentityOptions, PeerIdentity};
         let (a, _b) = UnixStream::pair().unwrap();
         let from_socket = peer_security_label(a.as_fd()).expect("SO_PEERSEC on a connected Unix socket");
         let from_proc = std::fs::read("/proc/self/attr/current")
             .ok()
             .and_then(|raw| crate::session::parse_label(&raw));
-        // Where an LSM labels sockets, both name this process; where none does, SO_PEERSEC
-        // says so (ENOPROTOOPT, `Ok(None)`) and the broker falls back to /proc.
-        if from_socket.is_some() {
-            assert_eq!(from_socket, from_proc);
+        let me = |peersec| {
+            let pid = i32::try_from(std::process::id()).unwrap();
+            PeerIdentity::from_peer_cred(0, 0, Some(pid), peersec, IdentityOptions::default()).unwrap()
+        };
+        match from_socket {
+            // An LSM that labels sockets names this process both ways.
+            Some(label) => assert_eq!(Some(label), from_proc),
+            None => {
+                // No socket label (ENOPROTOOPT): the identity takes the label from /proc.
+                assert_eq!(me(None).lsm_label, from_proc);
+                if from_proc.is_none() {
+                    eprintln!("no LSM labels processes on this kernel: the SO_PEERSEC comparison is skipped");
+                }
+            }
         }
+        // A label from the socket wins over /proc's: it was taken when the peer connected.
+        assert_eq!(
+            me(Some("from_socket_t".into())).lsm_label.as_deref(),
+            Some("from_socket_t")
+        );
     }
 
     #[test]

@@ -1,3 +1,5 @@
 #![no_main]
 
-libfuzzer_sys::fuzz_target!(|data: &[u8]| portcullis_broker::fuzzing::grpc_request(data));
+libfuzzer_sys::fuzz_target!(|data: &[u8]| {
+    portcullis_broker::fuzzing::grpc_request(data);
+});

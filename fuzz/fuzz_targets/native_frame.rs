@@ -1,3 +1,5 @@
 #![no_main]
 
-libfuzzer_sys::fuzz_target!(|data: &[u8]| portcullis_proto::fuzzing::native_frame(data));
+libfuzzer_sys::fuzz_target!(|data: &[u8]| {
+    portcullis_proto::fuzzing::native_frame(data);
+});

@@ -10,22 +10,26 @@ use crate::{
 };
 
 /// Native frames: arbitrary bytes → decode. A frame that decodes is canonical: encoding it again
-/// gives exactly the bytes it came from (strict decoding admits one encoding per frame).
-pub fn native_frame(data: &[u8]) {
-    if let Ok(frame) = ClientFrame::decode(data) {
+/// gives exactly the bytes it came from (strict decoding admits one encoding per frame). Returns
+/// what decoded, as a client frame and as a server frame.
+pub fn native_frame(data: &[u8]) -> (Option<ClientFrame>, Option<ServerFrame>) {
+    let client = ClientFrame::decode(data).ok();
+    if let Some(frame) = &client {
         assert_eq!(
-            encode(&frame).as_deref(),
+            encode(frame).as_deref(),
             Some(data),
             "client frame not canonical: {frame:?}"
         );
     }
-    if let Ok(frame) = ServerFrame::decode(data) {
+    let server = ServerFrame::decode(data).ok();
+    if let Some(frame) = &server {
         assert_eq!(
-            encode(&frame).as_deref(),
+            encode(frame).as_deref(),
             Some(data),
             "server frame not canonical: {frame:?}"
         );
     }
+    (client, server)
 }
 
 /// Which bytes of a struct hold data (the rest is padding), nested structs included.
@@ -389,6 +393,11 @@ fields = [
             version: 1,
             abi: AbiId::I386 as u8,
         });
-        native_frame(&encode(&frame).unwrap());
+        let bytes = encode(&frame).unwrap();
+        let (client, _) = native_frame(&bytes);
+        assert_eq!(client, Some(frame), "a real Hello decodes as itself");
+        // The same Hello with a redundant varint byte is not the canonical frame: refused.
+        let padded = [&[bytes[0] | 0x80, 0x00][..], &bytes[1..]].concat();
+        assert_eq!(native_frame(&padded).0, None);
     }
 }

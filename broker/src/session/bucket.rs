@@ -24,9 +24,14 @@ impl TokenBucket {
 
     /// Takes one token if there is one.
     pub(crate) fn take(&mut self) -> bool {
-        let now = Instant::now();
-        self.tokens = (self.tokens + now.duration_since(self.last).as_secs_f64() * self.rate).min(self.burst);
-        self.last = now;
+        self.take_at(Instant::now())
+    }
+
+    /// Takes one token if there is one at `now` (never earlier than the last call's).
+    pub(crate) fn take_at(&mut self, now: Instant) -> bool {
+        let elapsed = now.saturating_duration_since(self.last);
+        self.tokens = (self.tokens + elapsed.as_secs_f64() * self.rate).min(self.burst);
+        self.last = self.last.max(now);
         if self.tokens >= 1.0 {
             self.tokens -= 1.0;
             true
@@ -35,9 +40,10 @@ impl TokenBucket {
         }
     }
 
+    /// When the bucket was last looked at.
     #[cfg(test)]
-    pub(crate) fn rewind(&mut self, by: std::time::Duration) {
-        self.last -= by;
+    pub(crate) fn last(&self) -> Instant {
+        self.last
     }
 }
 
@@ -45,11 +51,20 @@ impl TokenBucket {
 mod tests {
     use super::*;
 
+    use std::time::Duration;
+
     #[test]
     fn bucket_allows_burst_then_refills_at_rate() {
         let mut b = TokenBucket::new(10.0, 5.0);
-        assert_eq!((0..20).filter(|_| b.take()).count(), 5);
-        b.rewind(std::time::Duration::from_millis(300));
-        assert_eq!((0..20).filter(|_| b.take()).count(), 3);
+        let start = b.last();
+        assert_eq!((0..20).filter(|_| b.take_at(start)).count(), 5);
+        // 300 ms at 10 a second: three more, exactly.
+        let later = start + Duration::from_millis(300);
+        assert_eq!((0..20).filter(|_| b.take_at(later)).count(), 3);
+        // Never more than the burst, however long it was idle.
+        let much_later = later + Duration::from_secs(3600);
+        assert_eq!((0..20).filter(|_| b.take_at(much_later)).count(), 5);
+        // A clock read out of order takes nothing back.
+        assert!(!b.take_at(start));
     }
 }

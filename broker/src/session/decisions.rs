@@ -131,7 +131,11 @@ impl Default for Budget {
 impl Budget {
     /// Whether one more line may be written now; if lines were dropped before, also how many.
     pub(crate) fn take(&mut self) -> (bool, u64) {
-        if self.bucket.take() {
+        self.take_at(std::time::Instant::now())
+    }
+
+    fn take_at(&mut self, now: std::time::Instant) -> (bool, u64) {
+        if self.bucket.take_at(now) {
             (true, std::mem::take(&mut self.dropped))
         } else {
             self.dropped += 1;
@@ -152,13 +156,14 @@ mod tests {
     #[test]
     fn budget_allows_a_burst_then_counts_drops() {
         let mut b = Budget::default();
-        let allowed = (0..1000).filter(|_| b.take().0).count();
-        assert!((100..=110).contains(&allowed), "{allowed}");
-        assert!(b.dropped() >= 890);
-        b.bucket.rewind(std::time::Duration::from_secs(1));
-        let (ok, reported) = b.take();
-        assert!(ok);
-        assert!(reported >= 890, "the drops are reported with the next line");
+        let start = b.bucket.last();
+        let allowed = (0..1000).filter(|_| b.take_at(start).0).count();
+        assert_eq!(allowed, 100, "the burst");
+        assert_eq!(b.dropped(), 900);
+        let (ok, reported) = b.take_at(start + std::time::Duration::from_millis(20));
+        assert!(ok, "one line a fiftieth of a second");
+        assert_eq!(reported, 900, "the drops are reported with the next line");
         assert_eq!(b.dropped(), 0);
+        assert_eq!(b.take_at(start + std::time::Duration::from_millis(20)), (false, 0));
     }
 }

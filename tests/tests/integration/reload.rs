@@ -155,9 +155,10 @@ async fn reload_that_refuses_admission_closes_the_user_client_with_an_event() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reload_under_load_every_call_sees_one_policy() {
-    // Policy A allows add (rule "a") and forbids echo ("no-echo-a"); B allows add ("b") and
-    // forbids echo ("no-echo-b"). A call that saw half of each would be refused by the other's
-    // rule, or allowed where neither allows it.
+    // Policies A and B each allow add and echo and forbid echo, by rules of their own names.
+    // Every refusal is logged with the revision (SHA-256) of the policy the session checked it
+    // against: a call that saw half of each policy would show a rule of one with the revision
+    // of the other.
     let a = format!(
         "{HEAD}{}{}",
         allow("a", "\"add\", \"echo\""),
@@ -168,29 +169,42 @@ async fn reload_under_load_every_call_sees_one_policy() {
         allow("b", "\"add\", \"echo\""),
         forbid("no-echo-b", "\"echo\"")
     );
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("decisions.jsonl");
+    let log_arg = log.to_str().unwrap().to_string();
     let broker = Broker::with(BrokerSetup {
         policy: Some(&a),
+        args: &["--decision-log", &log_arg],
         ..Default::default()
     });
+    // Each policy's revision, as `policy check` computes it for the broker's policy file.
+    let revision = |text: &str| {
+        write(&broker, text);
+        let out = stdout_ok(&broker.cli(&["policy", "check", broker.policy_path().to_str().unwrap()]));
+        let at = out.find("revision ").unwrap() + "revision ".len();
+        out[at..at + 12].to_string()
+    };
+    let (revision_a, revision_b) = (revision(&a), revision(&b));
+    assert_ne!(revision_a, revision_b);
+    write(&broker, &a);
     let (session, uc) = broker.open("sample0", OpenMode::Shared).await;
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let calls = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
     let load = {
-        let stop = stop.clone();
+        let (stop, calls) = (stop.clone(), calls.clone());
         tokio::spawn(async move {
-            let (mut calls, mut refusals) = (0u64, 0u64);
-            let start = Instant::now();
+            let mut n = 0u64;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 assert_eq!(
-                    session.call_named(&uc, "add", &[calls, 1], &[]).await.unwrap().scalars,
-                    vec![calls + 1]
+                    session.call_named(&uc, "add", &[n, 1], &[]).await.unwrap().scalars,
+                    vec![n + 1]
                 );
                 let echo = session.call_named(&uc, "echo", &[], b"x").await.unwrap_err();
                 assert_eq!(echo.status(), Some(Status::NotPrivileged));
                 assert!(matches!(echo.rule(), Some("no-echo-a" | "no-echo-b")), "{echo}");
-                calls += 2;
-                refusals += 1;
+                n += 2;
+                calls.store(n, std::sync::atomic::Ordering::Relaxed);
             }
-            (calls, refusals, start.elapsed())
         })
     };
     let client = broker.client().await;
@@ -201,12 +215,45 @@ async fn reload_under_load_every_call_sees_one_policy() {
         assert_eq!(rules, 2);
         assert!(g > generation, "generations increase");
         generation = g;
-        tokio::time::sleep(Duration::from_millis(10)).await;
+        // Let calls run under this policy before the next reload (a hundred refusals: the
+        // session's log budget refills meanwhile, so both policies' refusals are logged).
+        let before = calls.load(std::sync::atomic::Ordering::Relaxed);
+        while calls.load(std::sync::atomic::Ordering::Relaxed) < before + 200 {
+            tokio::task::yield_now().await;
+        }
     }
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let (calls, refusals, elapsed) = load.await.unwrap();
-    let rate = calls as f64 / elapsed.as_secs_f64();
+    load.await.unwrap();
     assert!(generation >= 101, "generation {generation}");
-    assert!(refusals > 0);
-    assert!(rate >= 1000.0, "only {rate:.0} calls/s under reload");
+    drop(client);
+    // The session's refusals, each with the revision it was checked under.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let records = loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let records: Vec<serde_json::Value> = text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+        if records.iter().any(|r| r["event"] == "session_end") {
+            break records;
+        }
+        assert!(Instant::now() < deadline, "no session_end in the decision log");
+        tokio::task::yield_now().await;
+    };
+    let mut seen = std::collections::BTreeMap::new();
+    for r in records
+        .iter()
+        .filter(|r| r["event"] == "call" && r["decision"] == "deny")
+    {
+        let rule = r["rule"].as_str().unwrap();
+        let revision = &r["policy_revision"].as_str().unwrap()[..12];
+        let expected = match rule {
+            "no-echo-a" => &revision_a,
+            "no-echo-b" => &revision_b,
+            other => panic!("refused by {other}: {r}"),
+        };
+        assert_eq!(
+            revision, expected,
+            "a call refused by {rule} under the other policy: {r}"
+        );
+        *seen.entry(rule).or_insert(0) += 1;
+    }
+    assert_eq!(seen.len(), 2, "refusals from both policies were logged: {seen:?}");
 }

@@ -161,14 +161,19 @@ async fn session_every_sample_method_then_close() {
     );
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn closing_user_client_aborts_its_pending_call() {
     let broker = Broker::start();
     let (session, uc) = broker.open("sample0", OpenMode::Shared).await;
     let other = session.open(uc.service.id, OpenMode::Shared).await.unwrap();
     let waiting = session.call_named(&uc, "wait_event", &[60_000], &[]);
     let close = async {
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        // Close once the call is waiting in the driver (not before it arrived).
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while broker.stats()["driver_waiting"] != 1 {
+            assert!(std::time::Instant::now() < deadline, "wait_event never pended");
+            tokio::task::yield_now().await;
+        }
         session.close(&uc).await.unwrap();
     };
     let (waited, ()) = tokio::join!(waiting, close);
