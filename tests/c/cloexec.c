@@ -1,7 +1,7 @@
 /* Every descriptor libportcullis holds is close-on-exec: connects, maps memory, enables the
  * ring, then checks each descriptor that appeared meanwhile (FD_CLOEXEC), and that a child it
  * execs inherits none of them. (Descriptors the process inherited itself are not the library's.)
- * Prints "descriptors checked: N", "inheritable: K", "child sees: M". Usage: cloexec RUN_DIR */
+ * Prints "descriptors checked: N", "inheritable: K", "child sees: M". Usage: cloexec RUN_DIR|- */
 #define _POSIX_C_SOURCE 200809L
 
 #include <portcullis.h>
@@ -51,7 +51,8 @@ int main(int argc, char **argv) {
         return 2;
     }
     open_now(before);
-    check(pc_connect(argv[1], &conn), "connect", NULL);
+    /* "-": the library finds the broker itself. */
+    check(pc_connect(strcmp(argv[1], "-") == 0 ? NULL : argv[1], &conn), "connect", NULL);
     check(pc_find_services(conn, NULL, "sample0", found, 4, &count), "find", conn);
     if (count == 0) return 1;
     check(pc_open(conn, found[0].id, 0, &handle), "open", conn);

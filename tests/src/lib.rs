@@ -311,6 +311,33 @@ pub fn stdout_ok(out: &Output) -> String {
     String::from_utf8(out.stdout.clone()).unwrap()
 }
 
+/// A native connection, straight on the socket with no client library, that has said `Hello`
+/// (this build's ABI) and been welcomed.
+pub async fn native_hello(run_dir: &Path) -> tokio_seqpacket::UnixSeqpacket {
+    use portcullis_proto::{
+        frame::{ClientFrame, Hello, PROTOCOL_VERSION, ServerFrame, encode},
+        layout::AbiId,
+    };
+    let conn = tokio_seqpacket::UnixSeqpacket::connect(run_dir.join(portcullis_client::NATIVE_SOCKET))
+        .await
+        .unwrap();
+    let hello = ClientFrame::Hello(Hello {
+        version: PROTOCOL_VERSION,
+        abi: AbiId::native() as u8,
+    });
+    conn.send(&encode(&hello).unwrap()).await.unwrap();
+    let welcome = next_frame(&conn).await;
+    assert!(matches!(welcome, ServerFrame::Welcome { .. }), "{welcome:?}");
+    conn
+}
+
+/// The next frame the broker sends on a raw native connection.
+pub async fn next_frame(conn: &tokio_seqpacket::UnixSeqpacket) -> portcullis_proto::frame::ServerFrame {
+    let mut buf = vec![0u8; portcullis_proto::frame::MAX_FRAME + 1];
+    let n = conn.recv(&mut buf).await.unwrap().bytes_read();
+    portcullis_proto::frame::ServerFrame::decode(&buf[..n]).unwrap()
+}
+
 /// FNV-1a 64, what the sample device's `checksum_dma` computes.
 pub fn fnv1a(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {

@@ -72,15 +72,27 @@ impl Account {
         self.queued.load(Ordering::Relaxed) >= self.limits.max_queued_messages_per_uid
     }
 
-    /// Waits for a place to hash an executable for this identity; held while hashing.
-    pub(crate) async fn hashing_slot(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
-        self.hashing.clone().acquire_owned().await.ok()
+    /// Waits for a place to hash an executable for this identity; held while hashing (it keeps
+    /// the account, and so its bound, alive).
+    pub(crate) async fn hashing_slot(self: &Arc<Self>) -> Option<HashingSlot> {
+        let permit = self.hashing.clone().acquire_owned().await.ok()?;
+        Some(HashingSlot {
+            _account: self.clone(),
+            _permit: permit,
+        })
     }
 
     /// The limits in force.
     pub fn limits(&self) -> &Limits {
         &self.limits
     }
+}
+
+/// A place to hash an executable, for one identity.
+#[derive(Debug)]
+pub(crate) struct HashingSlot {
+    _account: Arc<Account>,
+    _permit: tokio::sync::OwnedSemaphorePermit,
 }
 
 fn take(counter: &Arc<AtomicUsize>, max: usize) -> Option<super::Live> {
@@ -316,6 +328,20 @@ mod tests {
         let _root2 = accounts.connect_local(0).unwrap();
         assert!(accounts.connect_local(0).is_err(), "the total still holds");
         assert_eq!(accounts.connections(), 4);
+    }
+
+    #[tokio::test]
+    async fn hashing_is_one_at_a_time_per_uid() {
+        let accounts = Accounts::new(10, Limits::default());
+        let held = accounts.account(AccountKey::Uid(7)).hashing_slot().await.unwrap();
+        let again = accounts.account(AccountKey::Uid(7));
+        let next = tokio::spawn(async move { again.hashing_slot().await.is_some() });
+        // Another uid's executable is hashed meanwhile.
+        assert!(accounts.account(AccountKey::Uid(8)).hashing_slot().await.is_some());
+        tokio::task::yield_now().await;
+        assert!(!next.is_finished(), "a second hash for the same uid waits its turn");
+        drop(held);
+        assert!(next.await.unwrap());
     }
 
     #[test]

@@ -59,11 +59,19 @@ pub const SYSTEM_RUN_DIR: &str = "/run/portcullis";
 /// serves (`$XDG_RUNTIME_DIR/portcullis` holds its socket); else the system broker,
 /// `/run/portcullis`.
 pub fn default_run_dir() -> PathBuf {
-    if let Some(dir) = env::var_os(RUN_DIR_ENV).filter(|d| !d.is_empty()) {
+    find_run_dir(env::var_os(RUN_DIR_ENV), own_run_dir(), |dir| {
+        dir.join(GRPC_SOCKET).exists() || dir.join(NATIVE_SOCKET).exists()
+    })
+}
+
+/// The rule of [`default_run_dir`], given what it reads: `$PORTCULLIS_RUN_DIR`, the user's own
+/// run dir, and whether a broker's socket is in a directory.
+fn find_run_dir(named: Option<std::ffi::OsString>, own: Option<PathBuf>, serves: impl Fn(&Path) -> bool) -> PathBuf {
+    if let Some(dir) = named.filter(|d| !d.is_empty()) {
         return PathBuf::from(dir);
     }
-    match own_run_dir() {
-        Some(own) if own.join(GRPC_SOCKET).exists() || own.join(NATIVE_SOCKET).exists() => own,
+    match own {
+        Some(own) if serves(&own) => own,
         _ => PathBuf::from(SYSTEM_RUN_DIR),
     }
 }
@@ -72,12 +80,50 @@ pub fn default_run_dir() -> PathBuf {
 /// system's), else `$XDG_RUNTIME_DIR/portcullis`; `None` without `XDG_RUNTIME_DIR` (a shared
 /// directory like `/tmp` is never used: another user could take the name first).
 pub fn own_run_dir() -> Option<PathBuf> {
-    if rustix::process::geteuid().is_root() {
+    own_run_dir_of(rustix::process::geteuid().is_root(), env::var_os("XDG_RUNTIME_DIR"))
+}
+
+fn own_run_dir_of(root: bool, xdg: Option<std::ffi::OsString>) -> Option<PathBuf> {
+    if root {
         return Some(PathBuf::from(SYSTEM_RUN_DIR));
     }
-    env::var_os("XDG_RUNTIME_DIR")
-        .filter(|d| !d.is_empty())
+    xdg.filter(|d| !d.is_empty())
         .map(|dir| Path::new(&dir).join("portcullis"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn run_dir_named_wins_then_own_broker_then_system() {
+        let own = Some(PathBuf::from("/run/user/1000/portcullis"));
+        assert_eq!(
+            find_run_dir(Some("/srv/pc".into()), own.clone(), |_| true),
+            PathBuf::from("/srv/pc")
+        );
+        assert_eq!(
+            find_run_dir(None, own.clone(), |d| d == Path::new("/run/user/1000/portcullis")),
+            PathBuf::from("/run/user/1000/portcullis")
+        );
+        // No broker of the user's own: the system broker, with no option at all.
+        assert_eq!(find_run_dir(None, own, |_| false), PathBuf::from(SYSTEM_RUN_DIR));
+        assert_eq!(
+            find_run_dir(Some("".into()), None, |_| true),
+            PathBuf::from(SYSTEM_RUN_DIR)
+        );
+    }
+
+    #[test]
+    fn own_run_dir_is_never_a_shared_directory() {
+        assert_eq!(own_run_dir_of(true, None), Some(PathBuf::from(SYSTEM_RUN_DIR)));
+        assert_eq!(
+            own_run_dir_of(false, Some("/run/user/1000".into())),
+            Some(PathBuf::from("/run/user/1000/portcullis"))
+        );
+        assert_eq!(own_run_dir_of(false, None), None, "no /tmp fallback");
+        assert_eq!(own_run_dir_of(false, Some("".into())), None);
+    }
 }
 
 /// Why a socket could not be reached, in words that say what to do.

@@ -16,6 +16,9 @@
 //! - `pending RUN_DIR CALLS LIMIT`: starts CALLS `wait_event` calls over two gRPC sessions,
 //!   reports the answers of the CALLS - LIMIT that come back at once, and holds the rest until
 //!   its standard input closes.
+//! - `cloexec RUN_DIR`: a gRPC session, a native session with both memory types mapped and a
+//!   ring: reports how many descriptors the Rust client opened and how many of them an `exec`
+//!   would hand on (not close-on-exec).
 //! - `unread RUN_DIR`: subscribes to every event on a gRPC session (with a tiny HTTP/2 window)
 //!   and then never reads it; on a line on its standard input it calls `add` on another session
 //!   and reports the answer; it ends when its standard input closes.
@@ -30,7 +33,7 @@ use std::{
 
 use portcullis_client::native::NativeSession;
 use portcullis_proto::{
-    frame::{Body, ClientFrame, Hello, MAX_FRAME, PROTOCOL_VERSION, Request, RequestFrame, ServerFrame, encode},
+    frame::{Body, ClientFrame, Request, RequestFrame, ServerFrame, encode},
     layout::AbiId,
 };
 use rustix::{
@@ -61,6 +64,7 @@ async fn main() {
             .await
         }
         ["unread", run_dir] => unread(Path::new(run_dir)).await,
+        ["cloexec", run_dir] => cloexec(Path::new(run_dir)).await,
         _ => {
             eprintln!(
                 "usage: hostile_client registers|dma|unread RUN_DIR | exec RUN_DIR PROGRAM | resume FD | hold RUN_DIR N | pending RUN_DIR CALLS LIMIT"
@@ -147,6 +151,53 @@ async fn pending(run_dir: &Path, calls: usize, limit: usize) -> Value {
     until_stdin_closes().await;
     drop(sessions);
     json!({ "done": true })
+}
+
+/// The descriptors open now.
+fn open_fds() -> std::collections::BTreeSet<i32> {
+    std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect()
+}
+
+async fn cloexec(run_dir: &Path) -> Value {
+    let before = open_fds();
+    let client = portcullis_client::Client::connect(run_dir).await.unwrap();
+    let session = client.session().await.unwrap();
+    let (mut native, handle) = open_sample(run_dir).await;
+    let registers = native.map_memory(handle, REGISTERS).await.unwrap();
+    let dma = native.map_memory(handle, DMA).await.unwrap();
+    let ring = tokio::task::spawn_blocking({
+        let run_dir = run_dir.to_path_buf();
+        move || {
+            portcullis_client::ring::RingClient::connect(run_dir, portcullis_client::ring::RingOptions::default())
+                .unwrap()
+        }
+    })
+    .await
+    .unwrap();
+    let mut inheritable = Vec::new();
+    let mut opened: Vec<i32> = open_fds().difference(&before).copied().collect();
+    opened.retain(|fd| std::path::Path::new(&format!("/proc/self/fd/{fd}")).exists());
+    for fd in &opened {
+        // O_CLOEXEC in the flags the kernel shows for the descriptor. (One that closed since it
+        // was listed, as the listing's own directory descriptor does, is not the client's.)
+        let Ok(flags) = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")) else {
+            continue;
+        };
+        let cloexec = flags
+            .lines()
+            .find_map(|l| l.strip_prefix("flags:"))
+            .and_then(|f| u32::from_str_radix(f.trim(), 8).ok())
+            .is_some_and(|f| f & 0o2000000 != 0);
+        if !cloexec {
+            let what = std::fs::read_link(format!("/proc/self/fd/{fd}")).unwrap_or_default();
+            inheritable.push(format!("{fd} {}", what.display()));
+        }
+    }
+    drop((ring, registers, dma, native, session, client));
+    json!({ "opened": opened.len(), "inheritable": inheritable })
 }
 
 async fn unread(run_dir: &Path) -> Value {
@@ -323,21 +374,8 @@ async fn dma(run_dir: &Path) -> Value {
 
 async fn exec(run_dir: &Path, program: &str) -> Value {
     use std::os::unix::process::CommandExt;
-    let conn = UnixSeqpacket::connect(run_dir.join(portcullis_client::NATIVE_SOCKET))
-        .await
-        .unwrap();
-    let hello = ClientFrame::Hello(Hello {
-        version: PROTOCOL_VERSION,
-        abi: AbiId::native() as u8,
-    });
-    conn.send(&encode(&hello).unwrap()).await.unwrap();
-    // The broker reads the peer's identity before it answers.
-    let mut buf = vec![0u8; MAX_FRAME + 1];
-    let n = conn.recv(&mut buf).await.unwrap().bytes_read();
-    assert!(matches!(
-        ServerFrame::decode(&buf[..n]),
-        Ok(ServerFrame::Welcome { .. })
-    ));
+    // The broker reads the peer's identity before it welcomes it.
+    let conn = portcullis_tests::native_hello(run_dir).await;
     let fd = OwnedFd::from(conn);
     rustix::io::fcntl_setfd(&fd, rustix::io::FdFlags::empty()).unwrap();
     let error = std::process::Command::new(program)
@@ -359,13 +397,7 @@ fn inherited(fd: i32) -> OwnedFd {
 async fn request(conn: &UnixSeqpacket, id: u64, request: Request) -> ServerFrame {
     let frame = ClientFrame::Request(RequestFrame { id, request });
     conn.send(&encode(&frame).unwrap()).await.unwrap();
-    next(conn).await
-}
-
-async fn next(conn: &UnixSeqpacket) -> ServerFrame {
-    let mut buf = vec![0u8; MAX_FRAME + 1];
-    let n = conn.recv(&mut buf).await.unwrap().bytes_read();
-    ServerFrame::decode(&buf[..n]).unwrap()
+    portcullis_tests::next_frame(conn).await
 }
 
 async fn resume(fd: i32) -> Value {
@@ -401,7 +433,7 @@ async fn resume(fd: i32) -> Value {
     if opened.status == 0 {
         return report;
     }
-    if let ServerFrame::Goodbye { status, reason } = next(&conn).await {
+    if let ServerFrame::Goodbye { status, reason } = portcullis_tests::next_frame(&conn).await {
         report["goodbye_status"] = status.into();
         report["goodbye_reason"] = reason.into();
     }

@@ -77,21 +77,25 @@ fn policy_help_names_every_policy_subcommand() {
     }
 }
 
+/// `portcullis policy explain ARGS`.
+fn explain(args: &[&str]) -> std::process::Output {
+    Command::new(bin())
+        .args(["policy", "explain"])
+        .args(args)
+        .output()
+        .unwrap()
+}
+
 #[test]
 fn policy_explain_finds_a_configured_service_by_name() {
-    let out = Command::new(bin())
-        .args([
-            "policy",
-            "explain",
-            "--principal",
-            "uid=1000",
-            "--service",
-            "name=sample0",
-            "--method",
-            "add",
-        ])
-        .output()
-        .unwrap();
+    let out = explain(&[
+        "--principal",
+        "uid=1000",
+        "--service",
+        "name=sample0",
+        "--method",
+        "add",
+    ]);
     let text = stdout_ok(&out);
     assert!(text.starts_with("decision: ALLOW (rule \"sample-use\")"), "{text}");
     assert!(!text.contains("class  is not"), "{text}");
@@ -102,24 +106,16 @@ fn policy_explain_finds_a_configured_service_by_name() {
         "[[device]]\nname = \"lab\"\ndriver = \"sample\"\nproperties = { model = \"x\" }\n",
     )
     .unwrap();
-    let out = Command::new(bin())
-        .args([
-            "policy",
-            "explain",
-            "--service",
-            "name=lab",
-            "--method",
-            "reset",
-            "--config",
-        ])
-        .arg(&config)
-        .output()
-        .unwrap();
+    let out = explain(&[
+        "--service",
+        "name=lab",
+        "--method",
+        "reset",
+        "--config",
+        config.to_str().unwrap(),
+    ]);
     assert!(stdout_ok(&out).contains("decision: ALLOW (rule \"sample-admin\")"));
-    let out = Command::new(bin())
-        .args(["policy", "explain", "--service", "name=nothere", "--method", "add"])
-        .output()
-        .unwrap();
+    let out = explain(&["--service", "name=nothere", "--method", "add"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         !out.status.success() && stderr.contains("no device \"nothere\""),

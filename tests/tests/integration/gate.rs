@@ -149,9 +149,13 @@ fn a_bind_mount_over_an_allowed_path_does_not_make_the_allowed_program() {
     assert!(stderr.contains("sample0"), "{stderr}");
 }
 
-#[test]
-fn c_client_descriptors_are_close_on_exec() {
-    let broker = Broker::start();
+/// Builds tests/c/cloexec.c against libportcullis (once per test run); returns the program.
+fn c_cloexec_program() -> PathBuf {
+    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BUILT.get_or_init(build_c_cloexec).clone()
+}
+
+fn build_c_cloexec() -> PathBuf {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/c-cloexec");
     std::fs::create_dir_all(&dir).unwrap();
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
@@ -175,6 +179,13 @@ fn c_client_descriptors_are_close_on_exec() {
         .output()
         .unwrap();
     assert!(cc.status.success(), "{}", String::from_utf8_lossy(&cc.stderr));
+    program
+}
+
+#[test]
+fn c_client_descriptors_are_close_on_exec() {
+    let broker = Broker::start();
+    let program = c_cloexec_program();
     let out = Command::new(&program).arg(broker.run_dir()).output().unwrap();
     let stdout = stdout_ok(&out);
     // The program holds the socket, a mapping's pages and the ring's three descriptors: it
@@ -321,4 +332,83 @@ fn decision_log_is_never_opened_through_a_symlink_and_is_created_0640() {
     let created = mode(&log);
     assert_eq!(created & !0o640, 0, "created {created:o}");
     drop(broker);
+}
+
+#[test]
+fn a_huge_executable_is_hashed_only_when_the_policy_asks_and_then_not_past_the_limit() {
+    // The CLI padded with a sparse GiB: a program the kernel runs, 1 GiB long, that costs its
+    // author nothing and would cost the broker most of a second to hash.
+    let dir = tempfile::Builder::new().prefix("portcullis-huge-").tempdir().unwrap();
+    let huge = dir.path().join("huge");
+    std::fs::copy(bin(), &huge).unwrap();
+    let file = std::fs::OpenOptions::new().write(true).open(&huge).unwrap();
+    file.set_len(file.metadata().unwrap().len() + (1 << 30)).unwrap();
+    drop(file);
+    std::fs::set_permissions(&huge, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let call = |broker: &Broker| {
+        Command::new(&huge)
+            .args(["call", "sample0", "add", "--scalar", "2", "--scalar", "3", "--run-dir"])
+            .arg(broker.run_dir())
+            .output()
+            .unwrap()
+    };
+    // A policy that names no exe_sha256: nothing is hashed.
+    let broker = Broker::start();
+    assert_eq!(stdout_ok(&call(&broker)).trim(), "5");
+    assert!(!broker.log().contains("not hashed"), "{}", broker.log());
+    drop(broker);
+    // One that does: the executable is over the limit, so it is not hashed, and it says why.
+    let policy = "[[principal]]\nname = \"signed\"\nuid = [0]\nexe_sha256 = [\"0000000000000000000000000000000000000000000000000000000000000000\"]\n\n[[principal]]\nname = \"all\"\n\n[[rule]]\nid = \"all-add\"\neffect = \"allow\"\nprincipals = [\"all\"]\nmethods = [\"add\"]\n";
+    let broker = Broker::with(BrokerSetup {
+        policy: Some(policy),
+        ..BrokerSetup::default()
+    });
+    assert_eq!(stdout_ok(&call(&broker)).trim(), "5");
+    assert!(
+        broker
+            .log()
+            .contains("executable not hashed: larger than max_exe_hash_bytes"),
+        "{}",
+        broker.log()
+    );
+}
+
+#[test]
+fn an_unprivileged_client_finds_its_own_broker_with_no_option() {
+    // $XDG_RUNTIME_DIR/portcullis is where a user's own broker serves: here, the test broker.
+    let broker = Broker::start();
+    let xdg = broker.private_dir().join("xdg");
+    std::fs::create_dir_all(&xdg).unwrap();
+    std::os::unix::fs::symlink(broker.run_dir(), xdg.join("portcullis")).unwrap();
+    std::fs::set_permissions(&xdg, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let env = |cmd: &mut Command| {
+        use std::os::unix::process::CommandExt;
+        cmd.env_remove("PORTCULLIS_RUN_DIR")
+            .env("XDG_RUNTIME_DIR", &xdg)
+            .uid(NOBODY)
+            .gid(NOBODY);
+    };
+    // The CLI (the Rust client's rule)...
+    let cli = broker.copy_program(&bin(), "portcullis");
+    let mut ls = Command::new(&cli);
+    ls.arg("ls");
+    env(&mut ls);
+    assert!(stdout_ok(&portcullis_tests::output_retrying_busy(&mut ls)).contains("sample0"));
+    // ...and the C library's, the same.
+    let c = broker.copy_program(&c_cloexec_program(), "cloexec");
+    let mut run = Command::new(&c);
+    run.arg("-");
+    env(&mut run);
+    let out = portcullis_tests::output_retrying_busy(&mut run);
+    assert!(stdout_ok(&out).contains("inheritable: 0"));
+}
+
+#[test]
+fn rust_client_descriptors_are_close_on_exec() {
+    let broker = Broker::start();
+    let run_dir = broker.run_dir();
+    let report = hostile_as_nobody(&broker, &["cloexec", run_dir.to_str().unwrap()]);
+    // The gRPC and native sockets, two memory descriptors, the ring's three.
+    assert!(report["opened"].as_u64().unwrap() >= 7, "{report}");
+    assert_eq!(report["inheritable"], serde_json::json!([]), "{report}");
 }

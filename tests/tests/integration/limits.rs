@@ -11,10 +11,7 @@ use std::{
 };
 
 use portcullis_client::{ClientError, OpenMode, Status, pb};
-use portcullis_proto::{
-    frame::{ClientFrame, Hello, MAX_FRAME, PROTOCOL_VERSION, ServerFrame, encode},
-    layout::AbiId,
-};
+use portcullis_proto::{frame::ServerFrame, layout::AbiId};
 use portcullis_tests::{Broker, BrokerSetup, NOBODY, bin, stdout_ok};
 use serde_json::Value;
 
@@ -238,20 +235,7 @@ fn sigterm_with_clients_connected_says_goodbye_and_exits_zero() {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let (session, sample, native) = runtime.block_on(async {
         let (session, sample) = broker.open("sample0", OpenMode::Shared).await;
-        let native = tokio_seqpacket::UnixSeqpacket::connect(broker.run_dir().join(portcullis_client::NATIVE_SOCKET))
-            .await
-            .unwrap();
-        let hello = ClientFrame::Hello(Hello {
-            version: PROTOCOL_VERSION,
-            abi: AbiId::native() as u8,
-        });
-        native.send(&encode(&hello).unwrap()).await.unwrap();
-        let mut buf = vec![0u8; MAX_FRAME + 1];
-        let n = native.recv(&mut buf).await.unwrap().bytes_read();
-        assert!(matches!(
-            ServerFrame::decode(&buf[..n]),
-            Ok(ServerFrame::Welcome { .. })
-        ));
+        let native = portcullis_tests::native_hello(&broker.run_dir()).await;
         (session, sample, native)
     });
     let waiting = runtime.spawn({
@@ -283,11 +267,7 @@ fn sigterm_with_clients_connected_says_goodbye_and_exits_zero() {
     assert_eq!(aborted.status(), Some(Status::Aborted), "{aborted}");
     let goodbye = goodbye.expect("a goodbye event");
     assert_eq!(goodbye.reason, "the broker is stopping");
-    let frame = runtime.block_on(async {
-        let mut buf = vec![0u8; MAX_FRAME + 1];
-        let n = native.recv(&mut buf).await.unwrap().bytes_read();
-        ServerFrame::decode(&buf[..n]).unwrap()
-    });
+    let frame = runtime.block_on(portcullis_tests::next_frame(&native));
     assert!(
         matches!(&frame, ServerFrame::Goodbye { status, reason } if *status == Status::Aborted.code() && reason == "the broker is stopping"),
         "{frame:?}"
