@@ -13,14 +13,9 @@ use crate::{
 /// Why the bus could not publish a device.
 #[derive(Debug, thiserror::Error)]
 pub enum BusError {
-    /// The config names a driver kind that does not exist.
-    #[error("device {device:?}: unknown driver {driver:?} (known: {known})", known = drivers::KINDS.join(", "))]
-    UnknownDriver {
-        /// The device.
-        device: String,
-        /// The kind it names.
-        driver: String,
-    },
+    /// The device cannot be bound to its driver.
+    #[error(transparent)]
+    Device(#[from] drivers::DeviceError),
     /// A property is invalid.
     #[error(transparent)]
     Config(#[from] ConfigError),
@@ -39,10 +34,7 @@ pub fn publish(core: &Core, config: &Config) -> Result<(), BusError> {
         None,
     )?;
     for device in &config.devices {
-        let driver = drivers::create(&device.driver).ok_or_else(|| BusError::UnknownDriver {
-            device: device.name.clone(),
-            driver: device.driver.clone(),
-        })?;
+        let driver = drivers::create(device)?;
         let mut properties = device.registry_properties()?;
         properties.insert("driver".into(), PropValue::Text(device.driver.clone()));
         core.publish(Some(bus.id()), &device.name, driver.class(), properties, Some(driver))?;

@@ -158,8 +158,15 @@ pub struct TlsConfig {
 pub struct DeviceConfig {
     /// Registry name, unique.
     pub name: String,
-    /// Driver kind (see [`crate::drivers::KINDS`]).
+    /// Driver kind (see [`crate::drivers::families`]).
     pub driver: String,
+    /// The device node a driver that serves one opens (`tty`, `block`).
+    pub path: Option<PathBuf>,
+    /// The network interface a `net` driver creates.
+    pub interface: Option<String>,
+    /// Open the device read-only (`block`): writes are refused with `NOT_WRITABLE`.
+    #[serde(default)]
+    pub read_only: bool,
     /// Properties published with the device (strings, integers, booleans).
     #[serde(default)]
     pub properties: toml::Table,

@@ -39,11 +39,14 @@ pub enum Status {
     ProtocolError = 12,
     /// The broker failed in a way the client did not cause.
     Internal = 13,
+    /// The device, or this user client's open of it, does not allow writing (a read-only block
+    /// device; a shared open of a device only an exclusive opener may write).
+    NotWritable = 14,
 }
 
 impl Status {
     /// Every status, in number order.
-    pub const ALL: [Status; 14] = [
+    pub const ALL: [Status; 15] = [
         Status::Success,
         Status::BadArgument,
         Status::NotPrivileged,
@@ -58,6 +61,7 @@ impl Status {
         Status::NotOpen,
         Status::ProtocolError,
         Status::Internal,
+        Status::NotWritable,
     ];
 
     /// The fixed wire number.
@@ -87,6 +91,7 @@ impl Status {
             Status::NotOpen => "NOT_OPEN",
             Status::ProtocolError => "PROTOCOL_ERROR",
             Status::Internal => "INTERNAL",
+            Status::NotWritable => "NOT_WRITABLE",
         }
     }
 }
@@ -141,6 +146,7 @@ mod tests {
             (Status::NotOpen, 11),
             (Status::ProtocolError, 12),
             (Status::Internal, 13),
+            (Status::NotWritable, 14),
         ];
         assert_eq!(fixed.len(), Status::ALL.len());
         for (status, code) in fixed {
@@ -160,7 +166,7 @@ mod tests {
 
     #[test]
     fn status_unknown_code_is_refused() {
-        assert_eq!(Status::try_from(14), Err(UnknownStatus(14)));
+        assert_eq!(Status::try_from(15), Err(UnknownStatus(15)));
         assert_eq!(Status::try_from(-1), Err(UnknownStatus(-1)));
     }
 }

@@ -174,9 +174,9 @@ fn configured(service: &mut ServiceSpec, config: Option<&Path>) -> Result<(), St
             known.join(", ")
         )
     })?;
-    let driver = drivers::create(&device.driver)
+    let family = drivers::family(&device.driver)
         .ok_or_else(|| format!("device {:?}: unknown driver {:?}", device.name, device.driver))?;
-    service.class = driver.class().to_string();
+    service.class = family.class.to_string();
     for (key, value) in device.registry_properties().map_err(|e| e.to_string())? {
         service.properties.entry(key).or_insert(value);
     }
@@ -189,11 +189,10 @@ fn configured(service: &mut ServiceSpec, config: Option<&Path>) -> Result<(), St
 
 /// The privilege a method of a class requires, from the drivers' tables.
 fn method_privilege(class: &str, method: &str) -> Option<&'static str> {
-    drivers::KINDS
-        .iter()
-        .filter_map(|k| drivers::create(k))
-        .filter(|d| d.class() == class)
-        .find_map(|d| d.methods().by_name(method).and_then(|m| m.privilege))
+    drivers::families()
+        .into_iter()
+        .filter(|f| f.class == class)
+        .find_map(|f| f.methods().by_name(method).and_then(|m| m.privilege))
 }
 
 fn load(path: Option<&Path>) -> Result<Policy, String> {
@@ -395,12 +394,11 @@ fn explain(args: ExplainArgs) -> Result<(), String> {
 
 /// The parameters of a method of a class, from the drivers' tables.
 fn method_params(class: &str, method: &str) -> Vec<(String, portcullis_policy::ParamAt)> {
-    drivers::KINDS
-        .iter()
-        .filter_map(|k| drivers::create(k))
-        .filter(|d| d.class() == class)
-        .find_map(|d| {
-            let table = d.methods();
+    drivers::families()
+        .into_iter()
+        .filter(|f| f.class == class)
+        .find_map(|f| {
+            let table = f.methods();
             let index = table.rows().iter().position(|r| r.name == method)?;
             Some(table.params(index).to_vec())
         })

@@ -8,7 +8,7 @@ use portcullis_proto::layout::{ABIS, Abi, AbiId};
 use serde_json::json;
 
 use super::layout::{layouts_json, parse_abi};
-use crate::drivers;
+use crate::{driver::Family, drivers};
 
 #[derive(Debug, Args)]
 pub(crate) struct SchemaArgs {
@@ -23,15 +23,15 @@ pub(crate) struct SchemaArgs {
     c_asserts: Option<AbiId>,
 }
 
-/// A driver's C header.
-fn header(kind: &str) -> Option<String> {
-    let driver = drivers::create(kind)?;
+/// A driver family's C header.
+fn header(driver: &Family) -> String {
+    let kind = driver.kind;
     let upper = kind.to_ascii_uppercase();
     let mut out = String::new();
     let _ = writeln!(
         out,
         "/* The {kind} driver (class {}): selectors and struct layouts.",
-        driver.class()
+        driver.class
     );
     let _ = writeln!(
         out,
@@ -39,7 +39,7 @@ fn header(kind: &str) -> Option<String> {
     );
     let _ = writeln!(out, "#ifndef PORTCULLIS_{upper}_H\n#define PORTCULLIS_{upper}_H\n");
     let _ = writeln!(out, "#include <stdbool.h>\n#include <stdint.h>\n");
-    let _ = writeln!(out, "#define PC_{upper}_CLASS \"{}\"\n", driver.class());
+    let _ = writeln!(out, "#define PC_{upper}_CLASS \"{}\"\n", driver.class);
     let _ = writeln!(out, "/* Selectors. */");
     for m in driver.methods().rows() {
         let _ = writeln!(out, "#define PC_{upper}_{} {}", m.name.to_ascii_uppercase(), m.selector);
@@ -58,14 +58,13 @@ fn header(kind: &str) -> Option<String> {
     let _ = writeln!(out);
     out.push_str(&driver.schema().c_declarations());
     let _ = writeln!(out, "#endif /* PORTCULLIS_{upper}_H */");
-    Some(out)
+    out
 }
 
 pub(crate) fn run(args: SchemaArgs) -> Result<(), String> {
     if let Some(abi) = args.c_asserts {
         print!("#include <stddef.h>\n#include <stdint.h>\n#include <stdbool.h>\n\n");
-        for kind in drivers::KINDS {
-            let driver = drivers::create(kind).ok_or("unknown driver")?;
+        for driver in drivers::families() {
             print!(
                 "{}{}",
                 driver.schema().c_declarations(),
@@ -76,10 +75,10 @@ pub(crate) fn run(args: SchemaArgs) -> Result<(), String> {
     }
     if args.json {
         let abis: Vec<&Abi> = ABIS.iter().collect();
-        let all: Vec<_> = drivers::KINDS
-            .iter()
-            .filter_map(|kind| {
-                let driver = drivers::create(kind)?;
+        let all: Vec<_> = drivers::families()
+            .into_iter()
+            .map(|driver| {
+                let kind = driver.kind;
                 let methods: Vec<_> = driver.methods().rows().iter().map(|m| json!({
                     "selector": m.selector,
                     "name": m.name,
@@ -90,7 +89,7 @@ pub(crate) fn run(args: SchemaArgs) -> Result<(), String> {
                     "async": m.is_async,
                     "privilege": m.privilege,
                 })).collect();
-                Some(json!({ "driver": kind, "class": driver.class(), "methods": methods, "memory_types": driver.memory_types().iter().map(|m| json!({ "id": m.id, "name": m.name, "size": m.size, "writable": m.writable })).collect::<Vec<_>>(), "layouts": layouts_json(driver.schema(), &abis) }))
+                json!({ "driver": kind, "class": driver.class, "methods": methods, "memory_types": driver.memory_types().iter().map(|m| json!({ "id": m.id, "name": m.name, "size": m.size, "writable": m.writable })).collect::<Vec<_>>(), "layouts": layouts_json(driver.schema(), &abis) })
             })
             .collect();
         println!(
@@ -100,8 +99,8 @@ pub(crate) fn run(args: SchemaArgs) -> Result<(), String> {
         return Ok(());
     }
     let dir = args.c_header.unwrap_or_else(|| PathBuf::from("-"));
-    for kind in drivers::KINDS {
-        let text = header(kind).ok_or("unknown driver")?;
+    for driver in drivers::families() {
+        let (kind, text) = (driver.kind, header(driver));
         if dir.as_os_str() == "-" {
             print!("{text}");
         } else {

@@ -10,7 +10,66 @@ use std::{fmt, future::Future, os::fd::OwnedFd, pin::Pin, sync::Arc};
 
 use portcullis_proto::Status;
 
-use crate::registry::ServiceId;
+use crate::registry::{OpenMode, ServiceId};
+
+/// One user client, as a driver knows it: unique for the broker's life, so a driver can keep
+/// per-client state (a tty's saved line settings, a network device's packet queue) between
+/// [`Driver::opened`] and [`Driver::closed`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ClientKey(pub u64);
+
+/// A driver kind as tools know it, with no device behind it: the class its services publish
+/// as, its method table, struct layouts and memory types. Policy checks, `portcullis schema`,
+/// the C headers and every instance of the kind share one.
+#[derive(Debug)]
+pub struct Family {
+    /// The `driver` a config's `[[device]]` names (`tty`).
+    pub kind: &'static str,
+    /// The class its services publish as (`TtyDevice`).
+    pub class: &'static str,
+    schema: portcullis_proto::layout::Schema,
+    table: MethodTable,
+    memory_types: &'static [MemoryType],
+}
+
+impl Family {
+    /// Builds a family from its constant description. The description is part of the program:
+    /// each family's unit tests check it, so an invalid one is a bug, reported by a panic at
+    /// first use.
+    pub fn new(
+        kind: &'static str,
+        class: &'static str,
+        layouts: &str,
+        rows: &[MethodSpec],
+        memory_types: &'static [MemoryType],
+    ) -> Family {
+        let schema =
+            portcullis_proto::layout::Schema::from_toml(layouts).unwrap_or_else(|e| panic!("{kind} layouts: {e}"));
+        let table = MethodTable::with_schema(rows, &schema).unwrap_or_else(|e| panic!("{kind} method table: {e}"));
+        Family {
+            kind,
+            class,
+            schema,
+            table,
+            memory_types,
+        }
+    }
+
+    /// The method table.
+    pub fn methods(&self) -> &MethodTable {
+        &self.table
+    }
+
+    /// The struct layouts the table names.
+    pub fn schema(&self) -> &portcullis_proto::layout::Schema {
+        &self.schema
+    }
+
+    /// The memory types its devices export.
+    pub fn memory_types(&self) -> &'static [MemoryType] {
+        self.memory_types
+    }
+}
 
 /// Arguments of one call, already checked against the method table: the scalar count is exactly
 /// the table's, the struct length within its bounds, and `struct_out_cap` within the output bound.
@@ -67,6 +126,37 @@ impl DriverError {
 
 /// The result of a method.
 pub type CallResult = Result<CallOutput, DriverError>;
+
+/// Runs driver code so that a panic in it (a bug in one driver) is an error for the broker to
+/// handle — end the call with `INTERNAL`, terminate that one service — never the end of the
+/// session or the broker. Returns the panic's message.
+pub(crate) fn contained<R>(f: impl FnOnce() -> R) -> Result<R, String> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|panic| panic_message(&*panic))
+}
+
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic".to_string())
+}
+
+/// A driver's pending completion whose panic, wherever it is polled, resolves it with the
+/// panic's message instead of unwinding through the broker.
+pub(crate) struct Contained(pub(crate) Pin<Box<dyn Future<Output = CallResult> + Send>>);
+
+impl Future for Contained {
+    type Output = Result<CallResult, String>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Self::Output> {
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.0.as_mut().poll(cx))) {
+            Ok(std::task::Poll::Ready(result)) => std::task::Poll::Ready(Ok(result)),
+            Ok(std::task::Poll::Pending) => std::task::Poll::Pending,
+            Err(panic) => std::task::Poll::Ready(Err(panic_message(&*panic))),
+        }
+    }
+}
 
 /// A method's completion: now, or later (asynchronous methods).
 pub enum Completion {
@@ -133,6 +223,10 @@ pub struct Mapped {
 pub struct CallContext<'a> {
     /// The service being called.
     pub service: ServiceId,
+    /// The calling user client.
+    pub client: ClientKey,
+    /// How the calling user client holds the service.
+    pub mode: OpenMode,
     /// Posts an interest notification for the service to subscribers.
     pub notify: &'a (dyn Fn(DriverNotice) + Send + Sync),
     /// The memory the calling user client has mapped.
@@ -157,21 +251,36 @@ impl fmt::Debug for CallContext<'_> {
 /// A device driver. The broker calls it only with arguments its method table admits and only
 /// for clients the policy granted the method; a driver checks values, never counts or sizes.
 pub trait Driver: Send + Sync + fmt::Debug {
+    /// Its family: class, method table, layouts, memory types.
+    fn family(&self) -> &'static Family;
+
     /// The family class the driver's services publish as (`SampleDevice`).
-    fn class(&self) -> &'static str;
+    fn class(&self) -> &'static str {
+        self.family().class
+    }
 
     /// The method table.
-    fn methods(&self) -> &MethodTable;
+    fn methods(&self) -> &MethodTable {
+        self.family().methods()
+    }
 
     /// The struct layouts the method table names (empty when it names none).
-    fn schema(&self) -> &portcullis_proto::layout::Schema;
+    fn schema(&self) -> &portcullis_proto::layout::Schema {
+        self.family().schema()
+    }
+
+    /// How many user clients may hold the device at once, whatever mode they ask for (a serial
+    /// port: one); `None`: as open arbitration allows (many shared, or one exclusive).
+    fn open_limit(&self) -> Option<usize> {
+        None
+    }
 
     /// Runs the method in row `spec` of the table.
     fn call(&self, ctx: &CallContext<'_>, spec: &MethodSpec, args: CallArgs) -> Completion;
 
     /// The memory types the driver exports.
     fn memory_types(&self) -> &[MemoryType] {
-        &[]
+        self.family().memory_types()
     }
 
     /// Memory of type `id` for a user client mapping it for the first time.
@@ -182,11 +291,13 @@ pub trait Driver: Send + Sync + fmt::Debug {
         ))
     }
 
-    /// A user client opened the service (handleOpen).
-    fn opened(&self) {}
+    /// A user client opened the service (handleOpen); an error refuses the open.
+    fn opened(&self, _client: ClientKey, _mode: OpenMode) -> Result<(), DriverError> {
+        Ok(())
+    }
 
-    /// A user client closed the service (handleClose).
-    fn closed(&self) {}
+    /// A user client closed the service (handleClose): release what it held.
+    fn closed(&self, _client: ClientKey) {}
 
     /// The service is terminating: abort pending work.
     fn terminate(&self) {}

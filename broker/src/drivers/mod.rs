@@ -1,27 +1,89 @@
-//! The drivers the broker owns, one folder each, and the factory the bus enumerator uses to
-//! bind a declared device to its driver.
+//! The drivers the broker owns, one folder per family, and the factory the bus enumerator uses
+//! to bind a declared device to its driver.
 
 pub mod sample;
 
 use std::sync::Arc;
 
-use crate::driver::Driver;
+use crate::{
+    config::DeviceConfig,
+    driver::{Driver, Family},
+};
+
+/// Every family, as tools see them (policy checks, `portcullis schema`, the C headers).
+pub fn families() -> [&'static Family; 1] {
+    [&sample::FAMILY]
+}
 
 /// Driver kinds a config's `[[device]]` may name.
-pub const KINDS: &[&str] = &["sample"];
+pub fn kinds() -> impl Iterator<Item = &'static str> {
+    families().into_iter().map(|f| f.kind)
+}
+
+/// The family of a driver kind.
+pub fn family(kind: &str) -> Option<&'static Family> {
+    families().into_iter().find(|f| f.kind == kind)
+}
+
+/// Why a configured device could not be bound to its driver.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    /// The config names a driver kind that does not exist.
+    #[error("device {device:?}: unknown driver {driver:?} (known: {known})")]
+    UnknownDriver {
+        /// The device.
+        device: String,
+        /// The kind it names.
+        driver: String,
+        /// The kinds there are.
+        known: String,
+    },
+    /// The device's settings are wrong for its driver, or its node cannot be used.
+    #[error("device {device:?} ({driver}): {message}")]
+    Unusable {
+        /// The device.
+        device: String,
+        /// Its driver kind.
+        driver: String,
+        /// What is wrong, naming the node.
+        message: String,
+    },
+}
+
+/// A driver bound to the device a config declares.
+pub fn create(device: &DeviceConfig) -> Result<Arc<dyn Driver>, DeviceError> {
+    let unusable = |message: String| DeviceError::Unusable {
+        device: device.name.clone(),
+        driver: device.driver.clone(),
+        message,
+    };
+    match device.driver.as_str() {
+        "sample" => {
+            if device.path.is_some() || device.interface.is_some() {
+                return Err(unusable("the sample device takes no path or interface".into()));
+            }
+            Ok(Arc::new(sample::SampleDevice::new()))
+        }
+        other => Err(DeviceError::UnknownDriver {
+            device: device.name.clone(),
+            driver: other.to_string(),
+            known: kinds().collect::<Vec<_>>().join(", "),
+        }),
+    }
+}
 
 /// The names every driver defines (classes, methods, privileges, memory types), to check
 /// policies against.
 pub fn catalog() -> portcullis_policy::Catalog {
     let mut catalog = portcullis_policy::Catalog::default();
-    for driver in KINDS.iter().filter_map(|k| create(k)) {
-        let rows = driver.methods().rows();
+    for family in families() {
+        let rows = family.methods().rows();
         catalog.add(
-            driver.class(),
+            family.class,
             portcullis_policy::ClassNames {
                 methods: rows.iter().map(|r| r.name.to_string()).collect(),
                 privileges: rows.iter().filter_map(|r| r.privilege).map(String::from).collect(),
-                memory: driver.memory_types().iter().map(|m| m.name.to_string()).collect(),
+                memory: family.memory_types().iter().map(|m| m.name.to_string()).collect(),
                 method_privileges: rows
                     .iter()
                     .filter_map(|r| r.privilege.map(|p| (r.name.to_string(), p.to_string())))
@@ -32,7 +94,7 @@ pub fn catalog() -> portcullis_policy::Catalog {
                     .map(|(i, r)| {
                         (
                             r.name.to_string(),
-                            driver.methods().params(i).iter().map(|(n, _)| n.clone()).collect(),
+                            family.methods().params(i).iter().map(|(n, _)| n.clone()).collect(),
                         )
                     })
                     .collect(),
@@ -40,12 +102,4 @@ pub fn catalog() -> portcullis_policy::Catalog {
         );
     }
     catalog
-}
-
-/// A new driver instance of the named kind, or `None` for an unknown kind.
-pub fn create(kind: &str) -> Option<Arc<dyn Driver>> {
-    match kind {
-        "sample" => Some(Arc::new(sample::SampleDevice::new())),
-        _ => None,
-    }
 }

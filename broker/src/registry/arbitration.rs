@@ -38,10 +38,14 @@ pub struct OpenGuard {
 
 impl OpenGuard {
     /// Opens the service, or refuses with [`Status::ExclusiveAccess`] when an exclusive open is
-    /// held, or when an exclusive open is asked for while any open is held.
-    pub fn acquire(service: &Arc<Service>, mode: OpenMode) -> Result<OpenGuard, Status> {
+    /// held, when an exclusive open is asked for while any open is held, or when `limit` opens
+    /// (of any mode: a serial port's one) are held already.
+    pub fn acquire(service: &Arc<Service>, mode: OpenMode, limit: Option<usize>) -> Result<OpenGuard, Status> {
         let mut state = service.arbitration.state.lock().unwrap_or_else(|e| e.into_inner());
-        let busy = state.exclusive || (mode == OpenMode::Exclusive && state.shared > 0);
+        let held = state.shared + usize::from(state.exclusive);
+        let busy = state.exclusive
+            || (mode == OpenMode::Exclusive && state.shared > 0)
+            || limit.is_some_and(|limit| held >= limit);
         if busy {
             return Err(Status::ExclusiveAccess);
         }
@@ -105,34 +109,47 @@ mod tests {
     #[test]
     fn open_second_exclusive_is_refused_until_first_drops() {
         let s = service();
-        let first = OpenGuard::acquire(&s, OpenMode::Exclusive).unwrap();
+        let first = OpenGuard::acquire(&s, OpenMode::Exclusive, None).unwrap();
         assert_eq!(
-            OpenGuard::acquire(&s, OpenMode::Exclusive).unwrap_err(),
+            OpenGuard::acquire(&s, OpenMode::Exclusive, None).unwrap_err(),
             Status::ExclusiveAccess
         );
         assert_eq!(
-            OpenGuard::acquire(&s, OpenMode::Shared).unwrap_err(),
+            OpenGuard::acquire(&s, OpenMode::Shared, None).unwrap_err(),
             Status::ExclusiveAccess
         );
         drop(first);
-        assert!(OpenGuard::acquire(&s, OpenMode::Exclusive).is_ok());
+        assert!(OpenGuard::acquire(&s, OpenMode::Exclusive, None).is_ok());
     }
 
     #[test]
     fn open_exclusive_refused_while_shared_held() {
         let s = service();
-        let a = OpenGuard::acquire(&s, OpenMode::Shared).unwrap();
-        let b = OpenGuard::acquire(&s, OpenMode::Shared).unwrap();
+        let a = OpenGuard::acquire(&s, OpenMode::Shared, None).unwrap();
+        let b = OpenGuard::acquire(&s, OpenMode::Shared, None).unwrap();
         assert_eq!(
-            OpenGuard::acquire(&s, OpenMode::Exclusive).unwrap_err(),
+            OpenGuard::acquire(&s, OpenMode::Exclusive, None).unwrap_err(),
             Status::ExclusiveAccess
         );
         drop(a);
         assert_eq!(
-            OpenGuard::acquire(&s, OpenMode::Exclusive).unwrap_err(),
+            OpenGuard::acquire(&s, OpenMode::Exclusive, None).unwrap_err(),
             Status::ExclusiveAccess
         );
         drop(b);
-        assert!(OpenGuard::acquire(&s, OpenMode::Exclusive).is_ok());
+        assert!(OpenGuard::acquire(&s, OpenMode::Exclusive, None).is_ok());
+    }
+
+    #[test]
+    fn open_limit_counts_every_mode() {
+        let s = service();
+        let one = OpenGuard::acquire(&s, OpenMode::Shared, Some(1)).unwrap();
+        assert_eq!(
+            OpenGuard::acquire(&s, OpenMode::Shared, Some(1)).unwrap_err(),
+            Status::ExclusiveAccess,
+            "a device that serves one user client at a time"
+        );
+        drop(one);
+        assert!(OpenGuard::acquire(&s, OpenMode::Shared, Some(1)).is_ok());
     }
 }

@@ -210,8 +210,10 @@ impl Registry {
         order.reverse();
         for s in &order {
             s.terminated.store(true, Ordering::Release);
-            if let Some(d) = &s.driver {
-                d.terminate();
+            if let Some(d) = &s.driver
+                && let Err(panic) = crate::driver::contained(|| d.terminate())
+            {
+                tracing::error!(service = s.name(), %panic, "the driver panicked while terminating");
             }
             services.remove(&s.id);
             if let Some(parent) = s.parent.and_then(|p| services.get(&p)) {

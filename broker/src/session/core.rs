@@ -71,6 +71,8 @@ pub struct Core {
     events: broadcast::Sender<CoreEvent>,
     /// Set when the broker is stopping: sessions say goodbye and end.
     stopping: watch::Sender<bool>,
+    /// The next user client's key, as drivers know it.
+    next_client: AtomicU64,
     /// Live sessions, user clients, mappings and pending calls, for `stats` and leak checks.
     pub(crate) live: LiveCounts,
 }
@@ -168,6 +170,7 @@ impl Core {
             decisions: std::sync::OnceLock::new(),
             events,
             stopping: watch::Sender::new(false),
+            next_client: AtomicU64::new(1),
             live: LiveCounts::default(),
         })
     }
@@ -298,6 +301,11 @@ impl Core {
         }
         let program = peer.program?;
         (super::identity::file_id(path) == Some(program)).then_some(path)
+    }
+
+    /// A key for a new user client, unique for the broker's life.
+    pub(crate) fn next_client_key(&self) -> crate::driver::ClientKey {
+        crate::driver::ClientKey(self.next_client.fetch_add(1, Ordering::Relaxed))
     }
 
     /// Tells every session that the broker is stopping.

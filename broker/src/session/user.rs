@@ -21,7 +21,9 @@ use super::{Core, CoreEvent, PeerIdentity, core::view};
 use std::os::fd::OwnedFd;
 
 use crate::{
-    driver::{CallContext, CallOutput, Completion, Driver, DriverError, Mapped, MemoryType, memory},
+    driver::{
+        CallContext, CallOutput, ClientKey, Completion, Contained, Driver, DriverError, Mapped, MemoryType, memory,
+    },
     registry::{Matching, OpenGuard, OpenMode, Service, ServiceId},
 };
 
@@ -108,6 +110,8 @@ pub enum SessionEvent {
 }
 
 struct UserClient {
+    /// How the driver knows this user client.
+    key: ClientKey,
     open: OpenGuard,
     grant: Grant,
     driver: Arc<dyn Driver>,
@@ -129,7 +133,10 @@ impl Drop for UserClient {
                 tracing::warn!(error = %e, memory_type = m.memory_type.name, "could not revoke a mapping");
             }
         }
-        self.driver.closed();
+        let key = self.key;
+        if let Err(panic) = crate::driver::contained(|| self.driver.closed(key)) {
+            tracing::error!(service = self.open.service().name(), %panic, "the driver panicked closing a user client");
+        }
     }
 }
 
@@ -530,16 +537,26 @@ impl Session {
             mode,
         )
         .map_err(Refusal::denied)?;
-        let open = OpenGuard::acquire(&service, mode).map_err(|status| {
-            Refusal::new(
-                status,
-                format!(
+        let limit = driver.open_limit();
+        let open = OpenGuard::acquire(&service, mode, limit).map_err(|status| {
+            let why = match limit {
+                Some(limit) => format!(
+                    "{} serves {limit} user client(s) at a time, and is held",
+                    service.name()
+                ),
+                None => format!(
                     "{} is held open exclusively, or an exclusive open needs it unopened",
                     service.name()
                 ),
-            )
+            };
+            Refusal::new(status, why)
         })?;
-        driver.opened();
+        let key = self.core.next_client_key();
+        match crate::driver::contained(|| driver.opened(key, mode)) {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(e.into()),
+            Err(panic) => return Err(self.driver_failed(&service, &panic)),
+        }
         let handle = self.next_handle;
         self.next_handle += 1;
         let privileges = grant.privileges().map(str::to_string).collect();
@@ -549,6 +566,7 @@ impl Session {
         self.user_clients.insert(
             handle,
             UserClient {
+                key,
                 open,
                 grant,
                 driver,
@@ -560,6 +578,15 @@ impl Session {
             },
         );
         Ok((handle, service, privileges))
+    }
+
+    /// A driver panicked serving `service` (see [`driver_failed`]).
+    fn driver_failed(&mut self, service: &Arc<Service>, panic: &str) -> Refusal {
+        let refusal = driver_failed(&self.core, service, panic);
+        // This session's own user clients of the service go now, with their events.
+        let closed = self.close_terminated();
+        self.outbox.extend(closed);
+        refusal
     }
 
     /// Closes every user client (the broker is stopping): pending calls complete with
@@ -674,9 +701,18 @@ impl Session {
         let ctx = CallContext {
             memory: &uc.mappings,
             service: service.id(),
+            client: uc.key,
+            mode: uc.open.mode(),
             notify: &notify,
         };
-        match uc.driver.call(&ctx, &spec, args) {
+        let completion = match crate::driver::contained(|| uc.driver.call(&ctx, &spec, args)) {
+            Ok(completion) => completion,
+            Err(panic) => {
+                let service = service.clone();
+                return Err(self.driver_failed(&service, &panic));
+            }
+        };
+        match completion {
             Completion::Ready(result) => Ok(CallStarted::Ready(table.finish(index, abi, result?, cap)?)),
             Completion::Pending(future) => {
                 // Counted for this session (its limit) and for the broker (stats), while it lives.
@@ -687,10 +723,14 @@ impl Session {
                 );
                 let mut cancelled = uc.cancel.subscribe();
                 let driver = uc.driver.clone();
+                let (core, service) = (self.core.clone(), service.clone());
                 Ok(CallStarted::Pending(Box::pin(async move {
                     let _guard = guard;
                     tokio::select! {
-                        result = future => Ok(driver.methods().finish(index, abi, result?, cap)?),
+                        result = Contained(future) => match result {
+                            Ok(result) => Ok(driver.methods().finish(index, abi, result?, cap)?),
+                            Err(panic) => Err(driver_failed(&core, &service, &panic)),
+                        },
                         _ = cancelled.changed() => Err(Refusal::new(Status::Aborted, "the user client was closed")),
                     }
                 })))
@@ -732,7 +772,13 @@ impl Session {
         let backing = match uc.mappings.iter().find(|m| m.memory_type.id == memory_type) {
             Some(m) => m.backing.clone(),
             None => {
-                let backing = uc.driver.create_memory(&kind)?;
+                let backing = match crate::driver::contained(|| uc.driver.create_memory(&kind)) {
+                    Ok(backing) => backing?,
+                    Err(panic) => return Err(self.driver_failed(&service, &panic)),
+                };
+                let Some(uc) = self.user_clients.get_mut(&handle) else {
+                    return Err(not_open(handle));
+                };
                 uc.mappings.push(Mapped {
                     memory_type: kind,
                     backing: backing.clone(),
@@ -885,6 +931,21 @@ fn admit(
         mode == OpenMode::Exclusive,
         &methods,
         &memory_types,
+    )
+}
+
+/// A driver panicked serving `service`: the call ends with `INTERNAL`, and the service is
+/// terminated (its user clients are closed with an event, their calls aborted, their memory
+/// revoked); the broker and every other service carry on.
+fn driver_failed(core: &Core, service: &Arc<Service>, panic: &str) -> Refusal {
+    tracing::error!(service = service.name(), class = service.class(), %panic, "a driver panicked: the service is terminated");
+    core.terminate(service.id());
+    Refusal::new(
+        Status::Internal,
+        format!(
+            "the driver of {} failed ({panic}); the service was terminated",
+            service.name()
+        ),
     )
 }
 

@@ -409,6 +409,7 @@ pub enum StatusCode {
     NotOpen = 11,
     ProtocolError = 12,
     Internal = 13,
+    NotWritable = 14,
 }
 impl StatusCode {
     /// String value of the enum field names used in the ProtoBuf definition.
@@ -431,6 +432,7 @@ impl StatusCode {
             Self::NotOpen => "NOT_OPEN",
             Self::ProtocolError => "PROTOCOL_ERROR",
             Self::Internal => "INTERNAL",
+            Self::NotWritable => "NOT_WRITABLE",
         }
     }
     /// Creates an enum from field names used in the ProtoBuf definition.
@@ -450,6 +452,7 @@ impl StatusCode {
             "NOT_OPEN" => Some(Self::NotOpen),
             "PROTOCOL_ERROR" => Some(Self::ProtocolError),
             "INTERNAL" => Some(Self::Internal),
+            "NOT_WRITABLE" => Some(Self::NotWritable),
             _ => None,
         }
     }

@@ -34,6 +34,7 @@ enum pc_status {
     PC_NOT_OPEN = 11,
     PC_PROTOCOL_ERROR = 12,
     PC_INTERNAL = 13,
+    PC_NOT_WRITABLE = 14,
     /* Not a broker status: a system call failed; see errno. */
     PC_ERR_SYSTEM = -1
 };

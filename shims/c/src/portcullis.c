@@ -836,7 +836,7 @@ const char *pc_status_name(int status) {
     static const char *const names[] = {"SUCCESS",       "BAD_ARGUMENT", "NOT_PRIVILEGED", "EXCLUSIVE_ACCESS",
                                         "NO_DEVICE",     "UNSUPPORTED",  "NO_MEMORY",      "TIMEOUT",
                                         "ABORTED",       "RATE_LIMITED", "OVERFLOW",       "NOT_OPEN",
-                                        "PROTOCOL_ERROR", "INTERNAL"};
+                                        "PROTOCOL_ERROR", "INTERNAL",   "NOT_WRITABLE"};
     if (status == PC_ERR_SYSTEM) return "SYSTEM_ERROR";
     if (status < 0 || (size_t)status >= sizeof names / sizeof names[0]) return "UNKNOWN";
     return names[status];

@@ -11,23 +11,28 @@ use std::{
 use portcullis_proto::Status;
 use tokio::sync::oneshot;
 
-use portcullis_proto::layout::{AbiId, Elem, Scalar, Schema, StructLayout};
+use portcullis_proto::layout::{AbiId, Elem, Scalar, StructLayout};
 
 use super::methods::{
     DMA, LAYOUTS, MAX_WAIT_MS, MEMORY_TYPES, REGISTERS, REGISTERS_MAGIC, SAMPLE_VERSION, Selector, TABLE,
 };
 use std::{os::fd::OwnedFd, sync::Arc};
 
-use crate::driver::{
-    Backing, CallArgs, CallContext, CallOutput, Completion, Driver, DriverError, DriverNotice, MemoryType, MethodSpec,
-    MethodTable, memory,
+use crate::{
+    driver::{
+        Backing, CallArgs, CallContext, CallOutput, ClientKey, Completion, Driver, DriverError, DriverNotice, Family,
+        MemoryType, MethodSpec, memory,
+    },
+    registry::OpenMode,
 };
+
+/// The sample family: its class, table, layouts and memory types.
+pub static FAMILY: std::sync::LazyLock<Family> =
+    std::sync::LazyLock::new(|| Family::new("sample", "SampleDevice", LAYOUTS, &TABLE, &MEMORY_TYPES));
 
 /// One sample device.
 #[derive(Debug)]
 pub struct SampleDevice {
-    schema: Schema,
-    table: MethodTable,
     /// `sample_record` in the broker's native layout.
     record: StructLayout,
     calls_served: AtomicU64,
@@ -48,13 +53,9 @@ impl Default for SampleDevice {
 impl SampleDevice {
     /// A fresh device.
     pub fn new() -> SampleDevice {
-        // The table and the layouts are constants checked by `sample_table_is_valid`.
-        let schema = Schema::from_toml(LAYOUTS).unwrap_or_else(|e| panic!("sample layouts: {e}"));
-        let table = MethodTable::with_schema(&TABLE, &schema).unwrap_or_else(|e| panic!("sample method table: {e}"));
+        let schema = FAMILY.schema();
         let record = schema.layout(schema.index("sample_record").unwrap_or_default(), AbiId::native().abi());
         SampleDevice {
-            schema,
-            table,
             record,
             calls_served: AtomicU64::new(0),
             opens: AtomicU32::new(0),
@@ -119,20 +120,8 @@ impl SampleDevice {
 }
 
 impl Driver for SampleDevice {
-    fn class(&self) -> &'static str {
-        "SampleDevice"
-    }
-
-    fn methods(&self) -> &MethodTable {
-        &self.table
-    }
-
-    fn schema(&self) -> &Schema {
-        &self.schema
-    }
-
-    fn memory_types(&self) -> &[MemoryType] {
-        &MEMORY_TYPES
+    fn family(&self) -> &'static Family {
+        &FAMILY
     }
 
     fn create_memory(&self, memory_type: &MemoryType) -> Result<Backing, DriverError> {
@@ -201,11 +190,12 @@ impl Driver for SampleDevice {
         }
     }
 
-    fn opened(&self) {
+    fn opened(&self, _client: ClientKey, _mode: OpenMode) -> Result<(), DriverError> {
         self.opens.fetch_add(1, Ordering::Relaxed);
+        Ok(())
     }
 
-    fn closed(&self) {
+    fn closed(&self, _client: ClientKey) {
         self.opens.fetch_sub(1, Ordering::Relaxed);
     }
 
@@ -338,6 +328,8 @@ mod tests {
         let notify = move |n: DriverNotice| sink.lock().unwrap().push(n);
         let ctx = CallContext {
             service: ServiceId(3),
+            client: ClientKey(1),
+            mode: OpenMode::Shared,
             memory: &[],
             notify: &notify,
         };
@@ -354,8 +346,9 @@ mod tests {
 
     #[test]
     fn sample_table_is_valid() {
-        let schema = Schema::from_toml(LAYOUTS).unwrap();
-        assert!(MethodTable::with_schema(&TABLE, &schema).is_ok());
+        let schema = portcullis_proto::layout::Schema::from_toml(LAYOUTS).unwrap();
+        assert!(crate::driver::MethodTable::with_schema(&TABLE, &schema).is_ok());
+        assert_eq!(FAMILY.methods().rows().len(), TABLE.len());
         assert_eq!(TABLE.iter().filter(|r| r.privilege.is_some()).count(), 1);
     }
 
@@ -369,7 +362,7 @@ mod tests {
     #[tokio::test]
     async fn sample_get_info_counts_calls_and_opens() {
         let dev = SampleDevice::new();
-        dev.opened();
+        dev.opened(ClientKey(1), OpenMode::Shared).unwrap();
         let (c, _) = with_ctx(|ctx| {
             let _ = call(&dev, ctx, Selector::Add, vec![1, 2], vec![]);
             call(&dev, ctx, Selector::GetInfo, vec![], vec![])

@@ -4,7 +4,7 @@
 mod device;
 mod methods;
 
-pub use device::SampleDevice;
+pub use device::{FAMILY, SampleDevice};
 pub use methods::{SAMPLE_VERSION, Selector};
 
 /// The sample device's struct descriptions (for tests and fuzzing of translation).
