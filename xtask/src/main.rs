@@ -85,7 +85,16 @@ fn test(extra: &[String]) -> Result<()> {
     codegen(true)?;
 
     step("building the broker once for every integration test");
-    run(cargo().args(["build", "--package", "portcullis-broker", "--bin", "portcullis"]))?;
+    // With the test-only `fault` driver (a driver made to panic).
+    run(cargo().args([
+        "build",
+        "--package",
+        "portcullis-broker",
+        "--bin",
+        "portcullis",
+        "--features",
+        "fault-injection",
+    ]))?;
     let bin = target_dir().join("debug").join("portcullis");
 
     step("the whole workspace test suite");

@@ -1,6 +1,8 @@
 //! The drivers the broker owns, one folder per family, and the factory the bus enumerator uses
 //! to bind a declared device to its driver.
 
+#[cfg(feature = "fault-injection")]
+pub mod fault;
 pub mod sample;
 
 use std::sync::Arc;
@@ -11,8 +13,11 @@ use crate::{
 };
 
 /// Every family, as tools see them (policy checks, `portcullis schema`, the C headers).
-pub fn families() -> [&'static Family; 1] {
-    [&sample::FAMILY]
+pub fn families() -> Vec<&'static Family> {
+    let families = vec![&*sample::FAMILY];
+    #[cfg(feature = "fault-injection")]
+    let families = [families, vec![&*fault::FAMILY]].concat();
+    families
 }
 
 /// Driver kinds a config's `[[device]]` may name.
@@ -64,6 +69,8 @@ pub fn create(device: &DeviceConfig) -> Result<Arc<dyn Driver>, DeviceError> {
             }
             Ok(Arc::new(sample::SampleDevice::new()))
         }
+        #[cfg(feature = "fault-injection")]
+        "fault" => Ok(Arc::new(fault::FaultDevice)),
         other => Err(DeviceError::UnknownDriver {
             device: device.name.clone(),
             driver: other.to_string(),

@@ -10,6 +10,7 @@ mod client_example;
 mod concurrency;
 mod decision_log;
 mod exclusive;
+mod faults;
 mod gate;
 mod limits;
 mod native;
