@@ -1,9 +1,25 @@
-//! The broker's only unsafe code: system calls that no safe wrapper crate offers yet.
+//! The broker's unsafe code outside the drivers' own `sys` modules (which hold their ioctls):
+//! system calls and registrations that no safe wrapper offers.
 //!
 //! - `getsockopt(SO_PEERSEC)`: the LSM label (SELinux context, AppArmor profile) the kernel
 //!   recorded for the peer of a Unix socket when it connected. Neither rustix nor nix exposes it.
+//! - Registering a descriptor with tokio's reactor (`AsyncFd::register`, unsafe since the
+//!   caller vouches for the descriptor's lifetime).
 
-use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
+
+/// A descriptor the driver owns, registered with the tokio reactor for readiness; refused
+/// outside a runtime.
+pub(crate) fn async_fd(fd: OwnedFd) -> std::io::Result<tokio::io::unix::AsyncFd<OwnedFd>> {
+    if tokio::runtime::Handle::try_current().is_err() {
+        return Err(std::io::Error::other(
+            "a device needs the broker's runtime to be opened",
+        ));
+    }
+    // SAFETY: an `OwnedFd` is an open descriptor that it alone closes, on drop; the `AsyncFd`
+    // owns it for its whole life, and `as_raw_fd` always returns that same descriptor.
+    unsafe { tokio::io::unix::AsyncFd::register(fd) }.map_err(std::io::Error::from)
+}
 
 /// Longest label read (the kernel's own limit is a page).
 const MAX_LABEL: usize = 4096;

@@ -338,6 +338,47 @@ pub async fn next_frame(conn: &tokio_seqpacket::UnixSeqpacket) -> portcullis_pro
     portcullis_proto::frame::ServerFrame::decode(&buf[..n]).unwrap()
 }
 
+/// A loop device over a temporary file, attached for a test and detached when dropped (also
+/// when the test fails): the only block device a test may touch is one it made.
+pub struct LoopDevice {
+    /// The device node (`/dev/loopN`).
+    pub path: PathBuf,
+    /// The file behind it.
+    pub file: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl LoopDevice {
+    /// A loop device over a file holding `contents`; read-only when `read_only`.
+    pub fn attach(contents: &[u8], read_only: bool) -> LoopDevice {
+        let dir = tempfile::Builder::new().prefix("portcullis-loop-").tempdir().unwrap();
+        let file = dir.path().join("disk.img");
+        fs::write(&file, contents).unwrap();
+        let mut cmd = Command::new("losetup");
+        cmd.args(["--find", "--show"]);
+        if read_only {
+            cmd.arg("--read-only");
+        }
+        let out = cmd.arg(&file).output().unwrap();
+        assert!(
+            out.status.success(),
+            "losetup: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let path = PathBuf::from(String::from_utf8(out.stdout).unwrap().trim());
+        LoopDevice { path, file, _dir: dir }
+    }
+}
+
+impl Drop for LoopDevice {
+    fn drop(&mut self) {
+        let out = Command::new("losetup").arg("--detach").arg(&self.path).output();
+        if !out.as_ref().is_ok_and(|o| o.status.success()) {
+            eprintln!("could not detach {}: {out:?}", self.path.display());
+        }
+    }
+}
+
 /// FNV-1a 64, what the sample device's `checksum_dma` computes.
 pub fn fnv1a(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {

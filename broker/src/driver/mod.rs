@@ -127,6 +127,82 @@ impl DriverError {
 /// The result of a method.
 pub type CallResult = Result<CallOutput, DriverError>;
 
+/// A struct of a family's schema in the broker's own layout, read and written by field name:
+/// drivers never spell offsets out. Fields are integers of any width (or `bool`).
+#[derive(Debug)]
+pub struct NativeStruct {
+    layout: portcullis_proto::layout::StructLayout,
+}
+
+impl NativeStruct {
+    /// The native layout of struct `name` of `schema`. Family schemas are constants checked by
+    /// their tests: a missing struct is a bug, reported by a panic at first use.
+    pub fn of(schema: &portcullis_proto::layout::Schema, name: &str) -> NativeStruct {
+        let index = schema
+            .index(name)
+            .unwrap_or_else(|| panic!("no struct {name} in the family's schema"));
+        NativeStruct {
+            layout: schema.layout(index, portcullis_proto::layout::AbiId::native().abi()),
+        }
+    }
+
+    /// Its size.
+    pub fn size(&self) -> usize {
+        self.layout.size as usize
+    }
+
+    fn field(&self, name: &str) -> Option<(usize, usize)> {
+        self.layout
+            .fields
+            .iter()
+            .find(|f| f.name == name)
+            .map(|f| (f.offset as usize, f.size as usize))
+    }
+
+    /// Field `name` of `bytes` (a buffer of this struct's size; the core has checked), zero-
+    /// extended.
+    pub fn get(&self, bytes: &[u8], name: &str) -> u64 {
+        let Some(field) = self.field(name).and_then(|(at, len)| bytes.get(at..at + len)) else {
+            return 0;
+        };
+        let mut word = [0u8; 8];
+        let start = if cfg!(target_endian = "little") {
+            0
+        } else {
+            8 - field.len()
+        };
+        if let Some(dst) = word.get_mut(start..start + field.len()) {
+            dst.copy_from_slice(field);
+        }
+        u64::from_ne_bytes(word)
+    }
+
+    /// Sets field `name` of `bytes` to the low bytes of `value`.
+    pub fn set(&self, bytes: &mut [u8], name: &str, value: u64) {
+        let Some(field) = self.field(name).and_then(|(at, len)| bytes.get_mut(at..at + len)) else {
+            return;
+        };
+        let word = value.to_ne_bytes();
+        let start = if cfg!(target_endian = "little") {
+            0
+        } else {
+            8 - field.len()
+        };
+        if let Some(src) = word.get(start..start + field.len()) {
+            field.copy_from_slice(src);
+        }
+    }
+
+    /// A zeroed buffer of this struct's size with these fields set.
+    pub fn build(&self, fields: &[(&str, u64)]) -> Vec<u8> {
+        let mut bytes = vec![0u8; self.size()];
+        for (name, value) in fields {
+            self.set(&mut bytes, name, *value);
+        }
+        bytes
+    }
+}
+
 /// Runs driver code so that a panic in it (a bug in one driver) is an error for the broker to
 /// handle — end the call with `INTERNAL`, terminate that one service — never the end of the
 /// session or the broker. Returns the panic's message.

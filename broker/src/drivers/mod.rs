@@ -1,9 +1,12 @@
 //! The drivers the broker owns, one folder per family, and the factory the bus enumerator uses
 //! to bind a declared device to its driver.
 
+pub mod block;
 #[cfg(feature = "fault-injection")]
 pub mod fault;
+pub(crate) mod node;
 pub mod sample;
+pub mod tty;
 
 use std::sync::Arc;
 
@@ -14,7 +17,7 @@ use crate::{
 
 /// Every family, as tools see them (policy checks, `portcullis schema`, the C headers).
 pub fn families() -> Vec<&'static Family> {
-    let families = vec![&*sample::FAMILY];
+    let families = vec![&*sample::FAMILY, &*tty::FAMILY, &*block::FAMILY];
     #[cfg(feature = "fault-injection")]
     let families = [families, vec![&*fault::FAMILY]].concat();
     families
@@ -68,6 +71,28 @@ pub fn create(device: &DeviceConfig) -> Result<Arc<dyn Driver>, DeviceError> {
                 return Err(unusable("the sample device takes no path or interface".into()));
             }
             Ok(Arc::new(sample::SampleDevice::new()))
+        }
+        "tty" => {
+            let path = device
+                .path
+                .as_deref()
+                .ok_or_else(|| unusable("a tty device needs `path`, its device node".into()))?;
+            if device.interface.is_some() || device.read_only {
+                return Err(unusable("a tty device takes `path` only".into()));
+            }
+            Ok(Arc::new(tty::TtyDevice::open(path).map_err(unusable)?))
+        }
+        "block" => {
+            let path = device
+                .path
+                .as_deref()
+                .ok_or_else(|| unusable("a block device needs `path`, its device node".into()))?;
+            if device.interface.is_some() {
+                return Err(unusable("a block device takes `path` and `read_only` only".into()));
+            }
+            Ok(Arc::new(
+                block::BlockDevice::open(path, device.read_only).map_err(unusable)?,
+            ))
         }
         #[cfg(feature = "fault-injection")]
         "fault" => Ok(Arc::new(fault::FaultDevice)),

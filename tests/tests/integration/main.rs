@@ -5,6 +5,7 @@
 
 mod abi_matrix;
 mod bad_input;
+mod block;
 mod cli;
 mod client_example;
 mod concurrency;
@@ -21,3 +22,4 @@ mod reload;
 mod ring;
 mod session;
 mod tls;
+mod tty;

@@ -1,0 +1,127 @@
+//! Opening the device node a configuration names, and nothing else: the node's type is checked
+//! before it is opened (opening the wrong character device can have effects of its own, as a
+//! watchdog's does), and again after, against the node the path named when it was checked (a
+//! symbolic link swapped in between is refused, not followed somewhere else).
+
+use std::{
+    os::fd::OwnedFd,
+    path::{Path, PathBuf},
+};
+
+use rustix::fs::{FileType, Mode, OFlags, Stat};
+
+/// What kind of node a driver serves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum NodeKind {
+    /// A tty character device (a serial port, a pty follower).
+    Tty,
+    /// A block device.
+    Block,
+}
+
+impl NodeKind {
+    fn describe(self) -> &'static str {
+        match self {
+            NodeKind::Tty => "a tty character device",
+            NodeKind::Block => "a block device",
+        }
+    }
+}
+
+/// Why a node was refused, in words that name it.
+pub(crate) fn describe_type(stat: &Stat) -> String {
+    let (major, minor) = (rustix::fs::major(stat.st_rdev), rustix::fs::minor(stat.st_rdev));
+    match FileType::from_raw_mode(stat.st_mode) {
+        FileType::RegularFile => "a regular file".into(),
+        FileType::Directory => "a directory".into(),
+        FileType::Symlink => "a symbolic link".into(),
+        FileType::Fifo => "a FIFO".into(),
+        FileType::Socket => "a socket".into(),
+        FileType::CharacterDevice => format!("character device {major}:{minor}"),
+        FileType::BlockDevice => format!("block device {major}:{minor}"),
+        FileType::Unknown => "a file of unknown type".into(),
+    }
+}
+
+/// Whether the character device `rdev` is a tty: the kernel's tty class says so in sysfs, and
+/// Unix98 pty followers (majors 136–143), which sysfs does not list, are ttys too.
+fn is_tty(rdev: u64) -> bool {
+    let (major, minor) = (rustix::fs::major(rdev), rustix::fs::minor(rdev));
+    if (136..=143).contains(&major) {
+        return true;
+    }
+    let class = PathBuf::from(format!("/sys/dev/char/{major}:{minor}/subsystem"));
+    std::fs::read_link(class).is_ok_and(|target| target.file_name().is_some_and(|n| n == "tty"))
+}
+
+fn matches(kind: NodeKind, stat: &Stat) -> bool {
+    match (kind, FileType::from_raw_mode(stat.st_mode)) {
+        (NodeKind::Tty, FileType::CharacterDevice) => is_tty(stat.st_rdev),
+        (NodeKind::Block, FileType::BlockDevice) => true,
+        _ => false,
+    }
+}
+
+/// Opens `path` as a node of `kind` with `flags` (plus `O_CLOEXEC`, and `O_NOCTTY` for ttys):
+/// its type is checked first, and the node opened must be the node checked.
+pub(crate) fn open(path: &Path, kind: NodeKind, flags: OFlags) -> Result<OwnedFd, String> {
+    let named = path.display();
+    let before = rustix::fs::stat(path).map_err(|e| format!("{named}: {e}"))?;
+    if !matches(kind, &before) {
+        return Err(format!(
+            "{named} is {}, not {}",
+            describe_type(&before),
+            kind.describe()
+        ));
+    }
+    let mut flags = flags | OFlags::CLOEXEC;
+    if kind == NodeKind::Tty {
+        flags |= OFlags::NOCTTY;
+    }
+    let fd = rustix::fs::open(path, flags, Mode::empty()).map_err(|e| format!("{named}: {e}"))?;
+    let after = rustix::fs::fstat(&fd).map_err(|e| format!("{named}: {e}"))?;
+    if after.st_rdev != before.st_rdev
+        || FileType::from_raw_mode(after.st_mode) != FileType::from_raw_mode(before.st_mode)
+    {
+        return Err(format!(
+            "{named} changed while it was opened (now {}): refused",
+            describe_type(&after)
+        ));
+    }
+    Ok(fd)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_of_the_wrong_type_is_refused_without_being_opened() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("plain");
+        std::fs::write(&file, "x").unwrap();
+        let err = open(&file, NodeKind::Tty, OFlags::RDWR).unwrap_err();
+        assert!(err.ends_with("is a regular file, not a tty character device"), "{err}");
+        let err = open(Path::new("/dev/null"), NodeKind::Tty, OFlags::RDWR).unwrap_err();
+        assert!(err.contains("character device 1:3, not a tty"), "{err}");
+        let err = open(Path::new("/dev/null"), NodeKind::Block, OFlags::RDONLY).unwrap_err();
+        assert!(err.contains("not a block device"), "{err}");
+        let err = open(&dir.path().join("missing"), NodeKind::Block, OFlags::RDONLY).unwrap_err();
+        assert!(err.contains("No such file"), "{err}");
+    }
+
+    #[test]
+    fn a_pty_follower_is_a_tty_and_a_link_to_it_is_followed() {
+        let master = rustix::pty::openpt(rustix::pty::OpenptFlags::RDWR | rustix::pty::OpenptFlags::NOCTTY).unwrap();
+        rustix::pty::grantpt(&master).unwrap();
+        rustix::pty::unlockpt(&master).unwrap();
+        let name = rustix::pty::ptsname(&master, Vec::new()).unwrap();
+        let follower = PathBuf::from(name.to_str().unwrap());
+        open(&follower, NodeKind::Tty, OFlags::RDWR | OFlags::NONBLOCK).unwrap();
+        // A symbolic link to the node names the node (as /dev/serial/by-id links do).
+        let dir = tempfile::tempdir().unwrap();
+        let link = dir.path().join("by-id");
+        std::os::unix::fs::symlink(&follower, &link).unwrap();
+        open(&link, NodeKind::Tty, OFlags::RDWR | OFlags::NONBLOCK).unwrap();
+    }
+}
