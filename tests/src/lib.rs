@@ -56,6 +56,9 @@ pub struct BrokerSetup<'a> {
     pub args: &'a [&'a str],
     /// `RUST_LOG` for the broker [default: debug].
     pub log_level: Option<&'a str>,
+    /// A command the broker runs under (`["unshare", "--net", "--"]`: a network namespace of
+    /// its own); it must exec the broker, so that the broker's pid is the child's.
+    pub wrapper: &'a [&'a str],
 }
 
 impl Broker {
@@ -69,7 +72,14 @@ impl Broker {
         let dir = tempfile::Builder::new().prefix("portcullis-test-").tempdir().unwrap();
         // Unprivileged test clients must reach the run dir and a copy of the binary.
         fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
-        let mut cmd = Command::new(bin());
+        let mut cmd = match setup.wrapper.split_first() {
+            Some((program, args)) => {
+                let mut cmd = Command::new(program);
+                cmd.args(args).arg(bin());
+                cmd
+            }
+            None => Command::new(bin()),
+        };
         cmd.arg("broker").arg("--run-dir").arg(dir.path().join("run"));
         if let Some(config) = setup.config {
             let path = dir.path().join("config.toml");
@@ -156,6 +166,16 @@ impl Broker {
     /// The broker's process id.
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// `program ARGS` in the broker's network namespace (`nsenter --net`).
+    pub fn in_netns(&self, program: &str, args: &[&str]) -> Command {
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net=/proc/{}/ns/net", self.pid()))
+            .arg("--")
+            .arg(program)
+            .args(args);
+        cmd
     }
 
     /// The policy file the broker was started with (`BrokerSetup::policy`).

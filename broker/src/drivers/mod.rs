@@ -4,6 +4,7 @@
 pub mod block;
 #[cfg(feature = "fault-injection")]
 pub mod fault;
+pub mod net;
 pub(crate) mod node;
 pub mod sample;
 pub mod tty;
@@ -17,7 +18,7 @@ use crate::{
 
 /// Every family, as tools see them (policy checks, `portcullis schema`, the C headers).
 pub fn families() -> Vec<&'static Family> {
-    let families = vec![&*sample::FAMILY, &*tty::FAMILY, &*block::FAMILY];
+    let families = vec![&*sample::FAMILY, &*tty::FAMILY, &*block::FAMILY, &*net::FAMILY];
     #[cfg(feature = "fault-injection")]
     let families = [families, vec![&*fault::FAMILY]].concat();
     families
@@ -93,6 +94,16 @@ pub fn create(device: &DeviceConfig) -> Result<Arc<dyn Driver>, DeviceError> {
             Ok(Arc::new(
                 block::BlockDevice::open(path, device.read_only).map_err(unusable)?,
             ))
+        }
+        "net" => {
+            let interface = device
+                .interface
+                .as_deref()
+                .ok_or_else(|| unusable("a net device needs `interface`, the TUN interface it creates".into()))?;
+            if device.path.is_some() || device.read_only {
+                return Err(unusable("a net device takes `interface` only".into()));
+            }
+            Ok(Arc::new(net::NetDevice::create(interface).map_err(unusable)?))
         }
         #[cfg(feature = "fault-injection")]
         "fault" => Ok(Arc::new(fault::FaultDevice)),

@@ -19,6 +19,8 @@
 //! - `cloexec RUN_DIR`: a gRPC session, a native session with both memory types mapped and a
 //!   ring: reports how many descriptors the Rust client opened and how many of them an `exec`
 //!   would hand on (not close-on-exec).
+//! - `udp-echo ADDR:PORT`: binds a UDP socket, prints that it is ready, sends the first
+//!   datagram it gets back to its sender, and reports what it got.
 //! - `unread RUN_DIR`: subscribes to every event on a gRPC session (with a tiny HTTP/2 window)
 //!   and then never reads it; on a line on its standard input it calls `add` on another session
 //!   and reports the answer; it ends when its standard input closes.
@@ -65,6 +67,7 @@ async fn main() {
         }
         ["unread", run_dir] => unread(Path::new(run_dir)).await,
         ["cloexec", run_dir] => cloexec(Path::new(run_dir)).await,
+        ["udp-echo", addr] => udp_echo(addr),
         _ => {
             eprintln!(
                 "usage: hostile_client registers|dma|unread RUN_DIR | exec RUN_DIR PROGRAM | resume FD | hold RUN_DIR N | pending RUN_DIR CALLS LIMIT"
@@ -151,6 +154,15 @@ async fn pending(run_dir: &Path, calls: usize, limit: usize) -> Value {
     until_stdin_closes().await;
     drop(sessions);
     json!({ "done": true })
+}
+
+fn udp_echo(addr: &str) -> Value {
+    let socket = std::net::UdpSocket::bind(addr).unwrap();
+    say(&json!({ "ready": addr }));
+    let mut buf = [0u8; 2048];
+    let (n, from) = socket.recv_from(&mut buf).unwrap();
+    socket.send_to(&buf[..n], from).unwrap();
+    json!({ "got": String::from_utf8_lossy(&buf[..n]), "from": from.to_string() })
 }
 
 /// The descriptors open now.

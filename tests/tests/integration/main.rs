@@ -15,6 +15,7 @@ mod faults;
 mod gate;
 mod limits;
 mod native;
+mod net;
 mod policy;
 mod policy_tools;
 mod python_client;

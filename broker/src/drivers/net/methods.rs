@@ -1,0 +1,114 @@
+//! The net family's method table (docs/drivers/net.md):
+//!
+//! | sel | name          | in                          | out                            |
+//! |-----|---------------|-----------------------------|--------------------------------|
+//! | 0   | `get_info`    | —                           | struct `net_info`              |
+//! | 1   | `set_up`      | — (`net.admin`)             | —                              |
+//! | 2   | `set_down`    | — (`net.admin`)             | —                              |
+//! | 3   | `set_mtu`     | mtu (`net.admin`)           | —                              |
+//! | 4   | `send_packet` | one IP packet (1..=MTU)     | bytes sent                     |
+//! | 5   | `recv_packet` | timeout_ms (async)          | one IP packet; packets dropped |
+//!
+//! The device is a TUN interface the broker creates and owns. Every open user client receives
+//! every packet the interface sends, into a queue of its own bounded to 256 packets and 1 MiB:
+//! what overflows is dropped and counted, and `recv_packet` reports the count (its scalar)
+//! with the next packet.
+
+use crate::driver::{MethodSpec, SizeRange};
+
+/// The struct descriptions.
+pub const LAYOUTS: &str = include_str!("layout.toml");
+
+/// Largest packet (an IPv4/IPv6 packet's length field's limit).
+pub const PACKET_MAX: u32 = 65_535;
+
+/// Longest `recv_packet` wait (10 minutes).
+pub const MAX_TIMEOUT_MS: u64 = 600_000;
+
+/// Packets queued per user client.
+pub const QUEUE_PACKETS: usize = 256;
+
+/// Bytes queued per user client.
+pub const QUEUE_BYTES: usize = 1 << 20;
+
+/// The net family's selectors.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u32)]
+pub enum Selector {
+    /// `get_info() -> net_info`.
+    GetInfo = 0,
+    /// `set_up()`, privileged.
+    SetUp = 1,
+    /// `set_down()`, privileged.
+    SetDown = 2,
+    /// `set_mtu(mtu)`, privileged.
+    SetMtu = 3,
+    /// `send_packet(packet) -> bytes`.
+    SendPacket = 4,
+    /// `recv_packet(timeout_ms) -> (dropped; packet)` (async).
+    RecvPacket = 5,
+}
+
+impl Selector {
+    pub(super) fn from_u32(selector: u32) -> Option<Selector> {
+        [
+            Selector::GetInfo,
+            Selector::SetUp,
+            Selector::SetDown,
+            Selector::SetMtu,
+            Selector::SendPacket,
+            Selector::RecvPacket,
+        ]
+        .into_iter()
+        .find(|s| *s as u32 == selector)
+    }
+}
+
+const fn row(
+    selector: Selector,
+    name: &'static str,
+    scalar_names: &'static [&'static str],
+    scalar_out: u8,
+) -> MethodSpec {
+    MethodSpec {
+        selector: selector as u32,
+        name,
+        scalar_in: scalar_names.len() as u8,
+        scalar_names,
+        scalar_out,
+        struct_in: SizeRange::NONE,
+        struct_out: SizeRange::NONE,
+        is_async: false,
+        privilege: None,
+        in_layout: None,
+        out_layout: None,
+    }
+}
+
+pub(super) const TABLE: [MethodSpec; 6] = [
+    MethodSpec {
+        out_layout: Some("net_info"),
+        ..row(Selector::GetInfo, "get_info", &[], 0)
+    },
+    MethodSpec {
+        privilege: Some("net.admin"),
+        ..row(Selector::SetUp, "set_up", &[], 0)
+    },
+    MethodSpec {
+        privilege: Some("net.admin"),
+        ..row(Selector::SetDown, "set_down", &[], 0)
+    },
+    MethodSpec {
+        privilege: Some("net.admin"),
+        ..row(Selector::SetMtu, "set_mtu", &["mtu"], 0)
+    },
+    MethodSpec {
+        struct_in: SizeRange::between(1, PACKET_MAX),
+        ..row(Selector::SendPacket, "send_packet", &[], 1)
+    },
+    MethodSpec {
+        struct_out: SizeRange::between(0, PACKET_MAX),
+        is_async: true,
+        ..row(Selector::RecvPacket, "recv_packet", &["timeout_ms"], 1)
+    },
+];

@@ -1,0 +1,10 @@
+//! The net family (`NetDevice`): a TUN interface the broker creates and owns; clients send and
+//! receive IP packets through it, and with `net.admin` bring it up or down and set its MTU.
+
+mod device;
+mod methods;
+#[allow(unsafe_code)]
+mod sys;
+
+pub use device::{FAMILY, NetDevice};
+pub use methods::{PACKET_MAX, Selector};

@@ -1,0 +1,174 @@
+//! The net family on a real TUN interface, in a network namespace the test makes for the broker
+//! (`unshare --net`): a packet a client sends leaves on the TUN, reaches a UDP socket in that
+//! namespace, and the reply comes back to the client. Addresses are 192.0.2.0/24 (TEST-NET-1)
+//! inside that namespace only: nothing leaves it.
+
+use std::{
+    io::{BufRead, BufReader},
+    process::Stdio,
+};
+
+use portcullis_client::{OpenMode, Status};
+use portcullis_tests::{Broker, BrokerSetup, NOBODY};
+
+const POLICY: &str = r#"
+[[principal]]
+name = "local"
+
+[[principal]]
+name = "root"
+uid = [0]
+
+[[rule]]
+id = "net-use"
+effect = "allow"
+principals = ["local"]
+service = { class = "NetDevice" }
+methods = ["*"]
+
+[[rule]]
+id = "net-admin"
+effect = "allow"
+principals = ["root"]
+service = { class = "NetDevice" }
+privileges = ["net.admin"]
+"#;
+
+fn broker() -> Broker {
+    Broker::with(BrokerSetup {
+        config: Some("[[device]]\nname = \"net0\"\ndriver = \"net\"\ninterface = \"pc0\"\n"),
+        policy: Some(POLICY),
+        wrapper: &["unshare", "--net", "--"],
+        ..BrokerSetup::default()
+    })
+}
+
+/// The one's-complement sum of 16-bit words (the IPv4 header checksum).
+fn checksum(bytes: &[u8]) -> u16 {
+    let mut sum: u32 = bytes
+        .chunks(2)
+        .map(|w| u32::from(u16::from_be_bytes([w[0], *w.get(1).unwrap_or(&0)])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// An IPv4 UDP datagram (no UDP checksum, which IPv4 allows).
+fn udp(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16, payload: &[u8]) -> Vec<u8> {
+    let total = (20 + 8 + payload.len()) as u16;
+    let mut p = vec![0x45, 0, 0, 0, 0, 1, 0x40, 0, 64, 17, 0, 0];
+    p[2..4].copy_from_slice(&total.to_be_bytes());
+    p.extend(src);
+    p.extend(dst);
+    let sum = checksum(&p);
+    p[10..12].copy_from_slice(&sum.to_be_bytes());
+    p.extend(sport.to_be_bytes());
+    p.extend(dport.to_be_bytes());
+    p.extend((8 + payload.len() as u16).to_be_bytes());
+    p.extend([0, 0]);
+    p.extend(payload);
+    p
+}
+
+fn run(mut cmd: std::process::Command) {
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_packet_crosses_the_tun_to_a_udp_socket_and_the_reply_comes_back() {
+    let broker = broker();
+    let (session, net) = broker.open("net0", OpenMode::Shared).await;
+    let info = session.call_named(&net, "get_info", &[], &[]).await.unwrap().struct_out;
+    assert_eq!(&info[..4], b"pc0\0");
+    let flags = u32::from_ne_bytes(info[24..28].try_into().unwrap());
+    assert_eq!(flags & 1, 0, "created down");
+    session.call_named(&net, "set_up", &[], &[]).await.unwrap();
+    run(broker.in_netns("ip", &["addr", "add", "192.0.2.1/24", "dev", "pc0"]));
+    let info = session.call_named(&net, "get_info", &[], &[]).await.unwrap().struct_out;
+    assert_eq!(u32::from_ne_bytes(info[24..28].try_into().unwrap()) & 1, 1, "up");
+    // A UDP socket in the namespace, the packet's destination.
+    let program = broker.copy_program(
+        std::path::Path::new(env!("CARGO_BIN_EXE_hostile_client")),
+        "hostile_client",
+    );
+    let mut echo = broker
+        .in_netns(program.to_str().unwrap(), &["udp-echo", "192.0.2.1:7777"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(echo.stdout.take().unwrap()).lines();
+    assert!(lines.next().unwrap().unwrap().contains("ready"));
+    let ping = udp([192, 0, 2, 2], 5555, [192, 0, 2, 1], 7777, b"ping through the broker");
+    let sent = session.call_named(&net, "send_packet", &[], &ping).await.unwrap();
+    assert_eq!(sent.scalars, vec![ping.len() as u64]);
+    // The reply, among whatever else the interface sends (IPv6 chatter, say).
+    let reply = loop {
+        let got = session.call_named(&net, "recv_packet", &[20_000], &[]).await.unwrap();
+        let p = got.struct_out;
+        if p.len() > 28 && p[0] >> 4 == 4 && p[9] == 17 && p[12..16] == [192, 0, 2, 1] {
+            break p;
+        }
+    };
+    assert_eq!(&reply[16..20], &[192, 0, 2, 2]);
+    assert_eq!(&reply[20..22], &7777u16.to_be_bytes());
+    assert_eq!(&reply[22..24], &5555u16.to_be_bytes());
+    assert_eq!(&reply[28..], b"ping through the broker");
+    let report: serde_json::Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+    assert_eq!(report["got"], "ping through the broker");
+    assert_eq!(report["from"], "192.0.2.2:5555");
+    echo.wait().unwrap();
+    // Oversized and malformed packets are refused, not sent.
+    let mtu = u32::from_ne_bytes(info[20..24].try_into().unwrap()) as usize;
+    let big = udp([192, 0, 2, 2], 1, [192, 0, 2, 1], 2, &vec![0; mtu]);
+    let e = session.call_named(&net, "send_packet", &[], &big).await.unwrap_err();
+    assert_eq!(e.status(), Some(Status::BadArgument), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_interface_is_configured_only_with_net_admin_and_its_loss_is_no_device() {
+    let broker = broker();
+    let baseline = broker.baseline_fds();
+    let refused = broker.cli_as(NOBODY, &["call", "net0", "set_mtu", "--scalar", "1280"]);
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        stderr.contains("NOT_PRIVILEGED") && stderr.contains("net.admin"),
+        "{stderr}"
+    );
+    let (session, net) = broker.open("net0", OpenMode::Shared).await;
+    session.call_named(&net, "set_mtu", &[1280], &[]).await.unwrap();
+    let info = session.call_named(&net, "get_info", &[], &[]).await.unwrap().struct_out;
+    assert_eq!(u32::from_ne_bytes(info[20..24].try_into().unwrap()), 1280);
+    let e = session.call_named(&net, "set_mtu", &[10], &[]).await.unwrap_err();
+    assert_eq!(e.status(), Some(Status::BadArgument));
+    // Nothing arrives on a down interface: a short wait times out.
+    let e = session.call_named(&net, "recv_packet", &[10], &[]).await.unwrap_err();
+    assert_eq!(e.status(), Some(Status::Timeout));
+    // The interface deleted under a waiting call: NO_DEVICE.
+    {
+        let waiting = session.call_named(&net, "recv_packet", &[60_000], &[]);
+        tokio::pin!(waiting);
+        loop {
+            tokio::select! {
+                early = &mut waiting => panic!("answered early: {early:?}"),
+                () = tokio::task::yield_now() => {}
+            }
+            if broker.stats()["driver_waiting"] == 1 {
+                break;
+            }
+        }
+        run(broker.in_netns("ip", &["link", "del", "pc0"]));
+        let gone = waiting.await.unwrap_err();
+        assert_eq!(gone.status(), Some(Status::NoDevice), "{gone}");
+    }
+    let e = session.call_named(&net, "get_info", &[], &[]).await.unwrap_err();
+    assert_eq!(e.status(), Some(Status::NoDevice), "{e}");
+    drop(session);
+    broker.assert_no_leaks(baseline);
+}
