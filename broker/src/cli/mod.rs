@@ -4,6 +4,7 @@
 //! the deciding rule are printed), 2 for usage errors.
 
 mod call;
+mod fields;
 mod json;
 mod layout;
 mod ls;

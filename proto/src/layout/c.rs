@@ -22,6 +22,19 @@ impl Schema {
                 let _ = writeln!(out, "    {ty} {}{dims};", f.name);
             }
             let _ = writeln!(out, "}};\n");
+            for f in s.fields.iter().filter(|f| !f.values.is_empty()) {
+                let _ = writeln!(out, "/* Values of {}.{}. */", s.name, f.name);
+                for (name, value) in &f.values {
+                    let _ = writeln!(
+                        out,
+                        "#define {}_{}_{} {value}",
+                        s.name.to_ascii_uppercase(),
+                        f.name.to_ascii_uppercase(),
+                        name.to_ascii_uppercase()
+                    );
+                }
+                let _ = writeln!(out);
+            }
         }
         out
     }

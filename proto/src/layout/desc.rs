@@ -144,6 +144,9 @@ pub struct Field {
     pub elem: Elem,
     /// Array length; `None` for a single element.
     pub count: Option<u32>,
+    /// Names for the values of an integer field (`parity`: `none` = 0, `odd` = 1), for tools
+    /// and the C header; the field still holds any integer, and drivers check the values.
+    pub values: Vec<(String, u64)>,
 }
 
 /// One struct.
@@ -209,6 +212,9 @@ struct RawField {
     name: String,
     #[serde(rename = "type")]
     ty: String,
+    /// `values = { none = 0, odd = 1 }`: names of an integer field's values.
+    #[serde(default)]
+    values: BTreeMap<String, u64>,
 }
 
 /// Longest array any field may declare.
@@ -280,10 +286,12 @@ impl Schema {
                     )));
                 }
                 let (elem, count) = schema.parse_type(&f.ty, &s.name).map_err(err)?;
+                let values = check_values(&f.values, elem, count).map_err(err)?;
                 fields.push(Field {
                     name: f.name,
                     elem,
                     count,
+                    values,
                 });
             }
             schema.structs.push(StructDesc { name: s.name, fields });
@@ -378,6 +386,34 @@ impl Schema {
             .map(|(i, s)| (i, s.name.as_str()))
             .collect()
     }
+}
+
+/// Named values of a field: only for a single integer field, names that are identifiers, values
+/// that fit the field on every ABI; ordered by value.
+fn check_values(values: &BTreeMap<String, u64>, elem: Elem, count: Option<u32>) -> Result<Vec<(String, u64)>, String> {
+    if values.is_empty() {
+        return Ok(Vec::new());
+    }
+    let Elem::Scalar(scalar) = elem else {
+        return Err("only integer fields have named values".into());
+    };
+    if count.is_some() || matches!(scalar, Scalar::F32 | Scalar::F64 | Scalar::Bool) {
+        return Err("only single integer fields have named values".into());
+    }
+    // The narrowest width the field has on any ABI.
+    let bits = super::ABIS.iter().map(|abi| scalar.size(abi) * 8).min().unwrap_or(64);
+    let mut named: Vec<(String, u64)> = Vec::with_capacity(values.len());
+    for (name, value) in values {
+        if !is_identifier(name) {
+            return Err(format!("value name {name:?} is not an identifier"));
+        }
+        if bits < 64 && *value >> bits != 0 {
+            return Err(format!("value {name} = {value} does not fit the field"));
+        }
+        named.push((name.clone(), *value));
+    }
+    named.sort_by_key(|(_, v)| *v);
+    Ok(named)
 }
 
 /// Why a C identifier cannot name a struct or a field of the generated C: a keyword, a name the

@@ -221,3 +221,32 @@ fn a_tty_device_that_is_not_a_tty_is_refused_at_start() {
         );
     }
 }
+
+#[test]
+fn the_cli_speaks_the_tty_by_field_name() {
+    let (_master, follower) = pty();
+    let broker = broker_on(&follower);
+    let got = portcullis_tests::stdout_ok(&broker.cli(&["call", "tty0", "get_line"]));
+    assert!(
+        got.contains("baud = ") && got.contains("data_bits = 8\n") && got.contains("parity = none\n"),
+        "{got}"
+    );
+    let set = broker.cli(&[
+        "call",
+        "tty0",
+        "set_line",
+        "--field",
+        "baud=115200",
+        "--field",
+        "flow=rtscts",
+    ]);
+    portcullis_tests::stdout_ok(&set);
+    let json = portcullis_tests::stdout_ok(&broker.cli(&["call", "tty0", "get_line", "--json"]));
+    let record: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(record["fields"]["stop_bits"], 1, "{record}");
+    let refused = broker.cli(&["call", "tty0", "set_line", "--field", "parity=even"]);
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("UNSUPPORTED"));
+    let wrong = broker.cli(&["call", "tty0", "set_line", "--field", "speed=9600"]);
+    assert!(String::from_utf8_lossy(&wrong.stderr).contains("has no field \"speed\""));
+}

@@ -29,4 +29,14 @@ struct tty_line {
     uint8_t flow;
 };
 
+/* Values of tty_line.parity. */
+#define TTY_LINE_PARITY_NONE 0
+#define TTY_LINE_PARITY_ODD 1
+#define TTY_LINE_PARITY_EVEN 2
+
+/* Values of tty_line.flow. */
+#define TTY_LINE_FLOW_NONE 0
+#define TTY_LINE_FLOW_RTSCTS 1
+#define TTY_LINE_FLOW_XONXOFF 2
+
 #endif /* PORTCULLIS_TTY_H */
