@@ -22,6 +22,7 @@
 #![forbid(unsafe_code)]
 
 pub mod blocking;
+pub mod devices;
 pub mod native;
 pub mod ring;
 mod session;

@@ -98,6 +98,28 @@ async fn block_reads_and_writes_real_blocks_through_dma() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn the_rust_client_reads_the_geometry_typed() {
+    let device = LoopDevice::attach(&disk(), true);
+    let broker = broker_on(&device, false);
+    let (session, disk0) = broker.open("disk0", portcullis_client::OpenMode::Shared).await;
+    let g = session.block_get_geometry(&disk0).await.unwrap();
+    // What the kernel says of the device itself.
+    let name = device.path.file_name().unwrap().to_str().unwrap();
+    let rotational = std::fs::read_to_string(format!("/sys/block/{name}/queue/rotational")).unwrap();
+    assert_eq!(
+        g,
+        portcullis_client::devices::BlockGeometry {
+            size_bytes: 4 << 20,
+            logical_block: 512,
+            physical_block: g.physical_block,
+            read_only: true,
+            rotational: rotational.trim() == "1",
+        }
+    );
+    assert!(g.physical_block >= 512);
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn block_shared_openers_read_and_only_an_exclusive_one_writes() {
     let device = LoopDevice::attach(&disk(), false);
     let broker = broker_on(&device, false);

@@ -90,6 +90,10 @@ async fn a_packet_crosses_the_tun_to_a_udp_socket_and_the_reply_comes_back() {
     let flags = u32::from_ne_bytes(info[24..28].try_into().unwrap());
     assert_eq!(flags & 1, 0, "created down");
     session.call_named(&net, "set_up", &[], &[]).await.unwrap();
+    let typed = session.net_get_info(&net).await.unwrap();
+    assert_eq!(typed.name, "pc0");
+    assert!(typed.ifindex > 0 && typed.mtu >= 68);
+    assert_eq!(typed.flags & portcullis_client::devices::NetInfo::UP, 1);
     run(broker.in_netns("ip", &["addr", "add", "192.0.2.1/24", "dev", "pc0"]));
     let info = session.call_named(&net, "get_info", &[], &[]).await.unwrap().struct_out;
     assert_eq!(u32::from_ne_bytes(info[24..28].try_into().unwrap()) & 1, 1, "up");

@@ -109,6 +109,13 @@ async fn tty_line_settings_take_effect_and_are_restored_when_the_client_closes()
     let broker = broker_on(&follower);
     let (session, tty) = open(&broker).await;
     let at_open = session.call_named(&tty, "get_line", &[], &[]).await.unwrap().struct_out;
+    // The Rust client's typed form reads the same struct.
+    let typed = session.tty_get_line(&tty).await.unwrap();
+    assert_eq!(typed.to_bytes(), at_open);
+    assert_eq!(
+        (typed.data_bits, typed.parity),
+        (8, portcullis_client::devices::parity::NONE)
+    );
     session
         .call_named(&tty, "set_line", &[], &line(57_600, 2, 1))
         .await

@@ -4,7 +4,10 @@
 #define PORTCULLIS_BLOCK_H
 
 #include <stdbool.h>
+#include <stddef.h>
 #include <stdint.h>
+
+#include <portcullis.h>
 
 #define PC_BLOCK_CLASS "BlockDevice"
 
@@ -25,5 +28,46 @@ struct block_geometry {
     bool read_only;
     bool rotational;
 };
+
+/* One function per method: the typed form of pc_call. */
+
+/* get_geometry. */
+static inline int pc_block_get_geometry(pc_conn *conn, uint64_t handle, struct block_geometry *out) {
+    size_t got = sizeof *out;
+    int rc = pc_call(conn, handle, PC_BLOCK_GET_GEOMETRY, NULL, 0, NULL, NULL, NULL, 0, out, &got);
+    if (rc == PC_SUCCESS && got != sizeof *out) return PC_PROTOCOL_ERROR;
+    return rc;
+}
+
+/* read_blocks. */
+static inline int pc_block_read_blocks(pc_conn *conn, uint64_t handle, uint64_t lba, uint64_t count, uint64_t offset, uint64_t out_scalars[1]) {
+    const uint64_t scalars_in[3] = {lba, count, offset};
+    uint32_t n_out = 1;
+    int rc = pc_call(conn, handle, PC_BLOCK_READ_BLOCKS, scalars_in, 3, out_scalars, &n_out, NULL, 0, NULL, NULL);
+    if (rc == PC_SUCCESS && n_out != 1) return PC_PROTOCOL_ERROR;
+    return rc;
+}
+
+/* write_blocks. */
+static inline int pc_block_write_blocks(pc_conn *conn, uint64_t handle, uint64_t lba, uint64_t count, uint64_t offset, uint64_t out_scalars[1]) {
+    const uint64_t scalars_in[3] = {lba, count, offset};
+    uint32_t n_out = 1;
+    int rc = pc_call(conn, handle, PC_BLOCK_WRITE_BLOCKS, scalars_in, 3, out_scalars, &n_out, NULL, 0, NULL, NULL);
+    if (rc == PC_SUCCESS && n_out != 1) return PC_PROTOCOL_ERROR;
+    return rc;
+}
+
+/* flush. */
+static inline int pc_block_flush(pc_conn *conn, uint64_t handle) {
+    int rc = pc_call(conn, handle, PC_BLOCK_FLUSH, NULL, 0, NULL, NULL, NULL, 0, NULL, NULL);
+    return rc;
+}
+
+/* discard; needs the privilege block.discard. */
+static inline int pc_block_discard(pc_conn *conn, uint64_t handle, uint64_t lba, uint64_t count) {
+    const uint64_t scalars_in[2] = {lba, count};
+    int rc = pc_call(conn, handle, PC_BLOCK_DISCARD, scalars_in, 2, NULL, NULL, NULL, 0, NULL, NULL);
+    return rc;
+}
 
 #endif /* PORTCULLIS_BLOCK_H */

@@ -4,7 +4,10 @@
 #define PORTCULLIS_NET_H
 
 #include <stdbool.h>
+#include <stddef.h>
 #include <stdint.h>
+
+#include <portcullis.h>
 
 #define PC_NET_CLASS "NetDevice"
 
@@ -24,5 +27,51 @@ struct net_info {
     uint32_t mtu;
     uint32_t flags;
 };
+
+/* One function per method: the typed form of pc_call. */
+
+/* get_info. */
+static inline int pc_net_get_info(pc_conn *conn, uint64_t handle, struct net_info *out) {
+    size_t got = sizeof *out;
+    int rc = pc_call(conn, handle, PC_NET_GET_INFO, NULL, 0, NULL, NULL, NULL, 0, out, &got);
+    if (rc == PC_SUCCESS && got != sizeof *out) return PC_PROTOCOL_ERROR;
+    return rc;
+}
+
+/* set_up; needs the privilege net.admin. */
+static inline int pc_net_set_up(pc_conn *conn, uint64_t handle) {
+    int rc = pc_call(conn, handle, PC_NET_SET_UP, NULL, 0, NULL, NULL, NULL, 0, NULL, NULL);
+    return rc;
+}
+
+/* set_down; needs the privilege net.admin. */
+static inline int pc_net_set_down(pc_conn *conn, uint64_t handle) {
+    int rc = pc_call(conn, handle, PC_NET_SET_DOWN, NULL, 0, NULL, NULL, NULL, 0, NULL, NULL);
+    return rc;
+}
+
+/* set_mtu; needs the privilege net.admin. */
+static inline int pc_net_set_mtu(pc_conn *conn, uint64_t handle, uint64_t mtu) {
+    const uint64_t scalars_in[1] = {mtu};
+    int rc = pc_call(conn, handle, PC_NET_SET_MTU, scalars_in, 1, NULL, NULL, NULL, 0, NULL, NULL);
+    return rc;
+}
+
+/* send_packet. */
+static inline int pc_net_send_packet(pc_conn *conn, uint64_t handle, const void *in, size_t in_len, uint64_t out_scalars[1]) {
+    uint32_t n_out = 1;
+    int rc = pc_call(conn, handle, PC_NET_SEND_PACKET, NULL, 0, out_scalars, &n_out, in, in_len, NULL, NULL);
+    if (rc == PC_SUCCESS && n_out != 1) return PC_PROTOCOL_ERROR;
+    return rc;
+}
+
+/* recv_packet (asynchronous: returns when it completes). */
+static inline int pc_net_recv_packet(pc_conn *conn, uint64_t handle, uint64_t timeout_ms, uint64_t out_scalars[1], void *out, size_t *out_len) {
+    const uint64_t scalars_in[1] = {timeout_ms};
+    uint32_t n_out = 1;
+    int rc = pc_call(conn, handle, PC_NET_RECV_PACKET, scalars_in, 1, out_scalars, &n_out, NULL, 0, out, out_len);
+    if (rc == PC_SUCCESS && n_out != 1) return PC_PROTOCOL_ERROR;
+    return rc;
+}
 
 #endif /* PORTCULLIS_NET_H */

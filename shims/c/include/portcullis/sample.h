@@ -4,7 +4,10 @@
 #define PORTCULLIS_SAMPLE_H
 
 #include <stdbool.h>
+#include <stddef.h>
 #include <stdint.h>
+
+#include <portcullis.h>
 
 #define PC_SAMPLE_CLASS "SampleDevice"
 
@@ -52,5 +55,71 @@ struct sample_record {
     struct sample_inner inner[3];
     uint16_t tail;
 };
+
+/* One function per method: the typed form of pc_call. */
+
+/* add. */
+static inline int pc_sample_add(pc_conn *conn, uint64_t handle, uint64_t a, uint64_t b, uint64_t out_scalars[1]) {
+    const uint64_t scalars_in[2] = {a, b};
+    uint32_t n_out = 1;
+    int rc = pc_call(conn, handle, PC_SAMPLE_ADD, scalars_in, 2, out_scalars, &n_out, NULL, 0, NULL, NULL);
+    if (rc == PC_SUCCESS && n_out != 1) return PC_PROTOCOL_ERROR;
+    return rc;
+}
+
+/* echo. */
+static inline int pc_sample_echo(pc_conn *conn, uint64_t handle, const void *in, size_t in_len, void *out, size_t *out_len) {
+    int rc = pc_call(conn, handle, PC_SAMPLE_ECHO, NULL, 0, NULL, NULL, in, in_len, out, out_len);
+    return rc;
+}
+
+/* get_info. */
+static inline int pc_sample_get_info(pc_conn *conn, uint64_t handle, struct sample_info *out) {
+    size_t got = sizeof *out;
+    int rc = pc_call(conn, handle, PC_SAMPLE_GET_INFO, NULL, 0, NULL, NULL, NULL, 0, out, &got);
+    if (rc == PC_SUCCESS && got != sizeof *out) return PC_PROTOCOL_ERROR;
+    return rc;
+}
+
+/* wait_event (asynchronous: returns when it completes). */
+static inline int pc_sample_wait_event(pc_conn *conn, uint64_t handle, uint64_t timeout_ms, uint64_t out_scalars[1]) {
+    const uint64_t scalars_in[1] = {timeout_ms};
+    uint32_t n_out = 1;
+    int rc = pc_call(conn, handle, PC_SAMPLE_WAIT_EVENT, scalars_in, 1, out_scalars, &n_out, NULL, 0, NULL, NULL);
+    if (rc == PC_SUCCESS && n_out != 1) return PC_PROTOCOL_ERROR;
+    return rc;
+}
+
+/* fire_event. */
+static inline int pc_sample_fire_event(pc_conn *conn, uint64_t handle, uint64_t value, uint64_t out_scalars[1]) {
+    const uint64_t scalars_in[1] = {value};
+    uint32_t n_out = 1;
+    int rc = pc_call(conn, handle, PC_SAMPLE_FIRE_EVENT, scalars_in, 1, out_scalars, &n_out, NULL, 0, NULL, NULL);
+    if (rc == PC_SUCCESS && n_out != 1) return PC_PROTOCOL_ERROR;
+    return rc;
+}
+
+/* reset; needs the privilege sample.admin. */
+static inline int pc_sample_reset(pc_conn *conn, uint64_t handle) {
+    int rc = pc_call(conn, handle, PC_SAMPLE_RESET, NULL, 0, NULL, NULL, NULL, 0, NULL, NULL);
+    return rc;
+}
+
+/* transform_record. */
+static inline int pc_sample_transform_record(pc_conn *conn, uint64_t handle, const struct sample_record *in, struct sample_record *out) {
+    size_t got = sizeof *out;
+    int rc = pc_call(conn, handle, PC_SAMPLE_TRANSFORM_RECORD, NULL, 0, NULL, NULL, in, sizeof *in, out, &got);
+    if (rc == PC_SUCCESS && got != sizeof *out) return PC_PROTOCOL_ERROR;
+    return rc;
+}
+
+/* checksum_dma. */
+static inline int pc_sample_checksum_dma(pc_conn *conn, uint64_t handle, uint64_t offset, uint64_t len, uint64_t out_scalars[1]) {
+    const uint64_t scalars_in[2] = {offset, len};
+    uint32_t n_out = 1;
+    int rc = pc_call(conn, handle, PC_SAMPLE_CHECKSUM_DMA, scalars_in, 2, out_scalars, &n_out, NULL, 0, NULL, NULL);
+    if (rc == PC_SUCCESS && n_out != 1) return PC_PROTOCOL_ERROR;
+    return rc;
+}
 
 #endif /* PORTCULLIS_SAMPLE_H */

@@ -4,7 +4,10 @@
 #define PORTCULLIS_TTY_H
 
 #include <stdbool.h>
+#include <stddef.h>
 #include <stdint.h>
+
+#include <portcullis.h>
 
 #define PC_TTY_CLASS "TtyDevice"
 
@@ -38,5 +41,73 @@ struct tty_line {
 #define TTY_LINE_FLOW_NONE 0
 #define TTY_LINE_FLOW_RTSCTS 1
 #define TTY_LINE_FLOW_XONXOFF 2
+
+/* One function per method: the typed form of pc_call. */
+
+/* get_line. */
+static inline int pc_tty_get_line(pc_conn *conn, uint64_t handle, struct tty_line *out) {
+    size_t got = sizeof *out;
+    int rc = pc_call(conn, handle, PC_TTY_GET_LINE, NULL, 0, NULL, NULL, NULL, 0, out, &got);
+    if (rc == PC_SUCCESS && got != sizeof *out) return PC_PROTOCOL_ERROR;
+    return rc;
+}
+
+/* set_line. */
+static inline int pc_tty_set_line(pc_conn *conn, uint64_t handle, const struct tty_line *in) {
+    int rc = pc_call(conn, handle, PC_TTY_SET_LINE, NULL, 0, NULL, NULL, in, sizeof *in, NULL, NULL);
+    return rc;
+}
+
+/* write (asynchronous: returns when it completes). */
+static inline int pc_tty_write(pc_conn *conn, uint64_t handle, uint64_t timeout_ms, const void *in, size_t in_len, uint64_t out_scalars[1]) {
+    const uint64_t scalars_in[1] = {timeout_ms};
+    uint32_t n_out = 1;
+    int rc = pc_call(conn, handle, PC_TTY_WRITE, scalars_in, 1, out_scalars, &n_out, in, in_len, NULL, NULL);
+    if (rc == PC_SUCCESS && n_out != 1) return PC_PROTOCOL_ERROR;
+    return rc;
+}
+
+/* read (asynchronous: returns when it completes). */
+static inline int pc_tty_read(pc_conn *conn, uint64_t handle, uint64_t max_len, uint64_t timeout_ms, void *out, size_t *out_len) {
+    const uint64_t scalars_in[2] = {max_len, timeout_ms};
+    int rc = pc_call(conn, handle, PC_TTY_READ, scalars_in, 2, NULL, NULL, NULL, 0, out, out_len);
+    return rc;
+}
+
+/* get_modem. */
+static inline int pc_tty_get_modem(pc_conn *conn, uint64_t handle, uint64_t out_scalars[1]) {
+    uint32_t n_out = 1;
+    int rc = pc_call(conn, handle, PC_TTY_GET_MODEM, NULL, 0, out_scalars, &n_out, NULL, 0, NULL, NULL);
+    if (rc == PC_SUCCESS && n_out != 1) return PC_PROTOCOL_ERROR;
+    return rc;
+}
+
+/* set_modem. */
+static inline int pc_tty_set_modem(pc_conn *conn, uint64_t handle, uint64_t bits, uint64_t mask) {
+    const uint64_t scalars_in[2] = {bits, mask};
+    int rc = pc_call(conn, handle, PC_TTY_SET_MODEM, scalars_in, 2, NULL, NULL, NULL, 0, NULL, NULL);
+    return rc;
+}
+
+/* flush. */
+static inline int pc_tty_flush(pc_conn *conn, uint64_t handle, uint64_t queue) {
+    const uint64_t scalars_in[1] = {queue};
+    int rc = pc_call(conn, handle, PC_TTY_FLUSH, scalars_in, 1, NULL, NULL, NULL, 0, NULL, NULL);
+    return rc;
+}
+
+/* drain (asynchronous: returns when it completes). */
+static inline int pc_tty_drain(pc_conn *conn, uint64_t handle, uint64_t timeout_ms) {
+    const uint64_t scalars_in[1] = {timeout_ms};
+    int rc = pc_call(conn, handle, PC_TTY_DRAIN, scalars_in, 1, NULL, NULL, NULL, 0, NULL, NULL);
+    return rc;
+}
+
+/* send_break (asynchronous: returns when it completes); needs the privilege tty.break. */
+static inline int pc_tty_send_break(pc_conn *conn, uint64_t handle, uint64_t duration_ms) {
+    const uint64_t scalars_in[1] = {duration_ms};
+    int rc = pc_call(conn, handle, PC_TTY_SEND_BREAK, scalars_in, 1, NULL, NULL, NULL, 0, NULL, NULL);
+    return rc;
+}
 
 #endif /* PORTCULLIS_TTY_H */
