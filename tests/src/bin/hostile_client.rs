@@ -19,8 +19,8 @@
 //! - `cloexec RUN_DIR`: a gRPC session, a native session with both memory types mapped and a
 //!   ring: reports how many descriptors the Rust client opened and how many of them an `exec`
 //!   would hand on (not close-on-exec).
-//! - `udp-echo ADDR:PORT`: binds a UDP socket, prints that it is ready, sends the first
-//!   datagram it gets back to its sender, and reports what it got.
+//! - `udp-echo ADDR:PORT [COUNT]`: binds a UDP socket, prints that it is ready, sends each of
+//!   the first COUNT (1) datagrams it gets back to its sender, and reports the last.
 //! - `unread RUN_DIR`: subscribes to every event on a gRPC session (with a tiny HTTP/2 window)
 //!   and then never reads it; on a line on its standard input it calls `add` on another session
 //!   and reports the answer; it ends when its standard input closes.
@@ -67,7 +67,8 @@ async fn main() {
         }
         ["unread", run_dir] => unread(Path::new(run_dir)).await,
         ["cloexec", run_dir] => cloexec(Path::new(run_dir)).await,
-        ["udp-echo", addr] => udp_echo(addr),
+        ["udp-echo", addr] => udp_echo(addr, 1),
+        ["udp-echo", addr, count] => udp_echo(addr, count.parse().expect("a count")),
         _ => {
             eprintln!(
                 "usage: hostile_client registers|dma|unread RUN_DIR | exec RUN_DIR PROGRAM | resume FD | hold RUN_DIR N | pending RUN_DIR CALLS LIMIT"
@@ -156,13 +157,17 @@ async fn pending(run_dir: &Path, calls: usize, limit: usize) -> Value {
     json!({ "done": true })
 }
 
-fn udp_echo(addr: &str) -> Value {
+fn udp_echo(addr: &str, count: usize) -> Value {
     let socket = std::net::UdpSocket::bind(addr).unwrap();
     say(&json!({ "ready": addr }));
     let mut buf = [0u8; 2048];
-    let (n, from) = socket.recv_from(&mut buf).unwrap();
-    socket.send_to(&buf[..n], from).unwrap();
-    json!({ "got": String::from_utf8_lossy(&buf[..n]), "from": from.to_string() })
+    let mut last = json!(null);
+    for _ in 0..count {
+        let (n, from) = socket.recv_from(&mut buf).unwrap();
+        socket.send_to(&buf[..n], from).unwrap();
+        last = json!({ "got": String::from_utf8_lossy(&buf[..n]), "from": from.to_string() });
+    }
+    last
 }
 
 /// The descriptors open now.

@@ -99,7 +99,13 @@ fn golden_layouts_match_every_abis_compiler() {
 
 /// Builds libportcullis and the matrix client for one ABI; returns the client's path.
 fn build_client(row: &Row) -> PathBuf {
-    let dir = work_dir(&row.abi);
+    build_program(row, "client")
+}
+
+/// Builds libportcullis and `tests/abi_matrix/<name>.c` for one ABI; returns the program.
+fn build_program(row: &Row, name: &str) -> PathBuf {
+    // Each program in a directory of its own: tests build them at the same time.
+    let dir = work_dir(&format!("{name}-{}", row.abi));
     let make = Command::new("make")
         .arg("-s")
         .arg("-C")
@@ -115,12 +121,12 @@ fn build_client(row: &Row) -> PathBuf {
         row.abi,
         String::from_utf8_lossy(&make.stderr)
     );
-    let client = dir.join("client");
+    let client = dir.join(name);
     let cc = Command::new(&row.compiler)
         .args(["-std=c99", "-static", "-O1", "-Wall", "-Wextra", "-Werror"])
         .arg("-I")
         .arg(root().join("shims/c/include"))
-        .arg(root().join("tests/abi_matrix/client.c"))
+        .arg(root().join(format!("tests/abi_matrix/{name}.c")))
         .arg(dir.join("libportcullis.a"))
         .args(["-lm", "-o"])
         .arg(&client)
@@ -128,7 +134,7 @@ fn build_client(row: &Row) -> PathBuf {
         .unwrap();
     assert!(
         cc.status.success(),
-        "{}: client build failed:\n{}",
+        "{}: {name} build failed:\n{}",
         row.abi,
         String::from_utf8_lossy(&cc.stderr)
     );
@@ -208,4 +214,134 @@ fn abi_matrix_clients_run_against_one_broker() {
     for (abi, _, out) in &results {
         eprintln!("{abi}: {}", out.trim());
     }
+}
+
+const DEVICE_POLICY: &str = r#"
+[[principal]]
+name = "local"
+
+[[rule]]
+id = "devices"
+effect = "allow"
+principals = ["local"]
+methods = ["*"]
+memory = ["dma"]
+"#;
+
+/// FNV-1a 64.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    portcullis_tests::fnv1a(bytes)
+}
+
+/// Answers the client's tty line: reads `hello from ABI\n` from the pty master and writes back
+/// `back to ABI\n`. Polls with a bound, so a client that never writes fails the test instead of
+/// hanging it.
+fn play_the_tty(master: &std::os::fd::OwnedFd, abi: &str) -> Result<(), String> {
+    use rustix::event::{PollFd, PollFlags, Timespec, poll};
+    let mut got = Vec::new();
+    while !got.ends_with(b"\n") {
+        let mut fds = [PollFd::new(master, PollFlags::IN)];
+        let bound = Timespec { tv_sec: 60, tv_nsec: 0 };
+        if poll(&mut fds, Some(&bound)).map_err(|e| e.to_string())? == 0 {
+            return Err(format!("{abi}: nothing on the tty within 60 s"));
+        }
+        let mut buf = [0u8; 128];
+        let n = rustix::io::read(master, &mut buf).map_err(|e| e.to_string())?;
+        got.extend_from_slice(&buf[..n]);
+    }
+    let want = format!("hello from {abi}\n");
+    if got != want.as_bytes() {
+        return Err(format!("{abi}: the tty got {:?}", String::from_utf8_lossy(&got)));
+    }
+    rustix::io::write(master, format!("back to {abi}\n").as_bytes()).map_err(|e| e.to_string())?;
+    Ok(())
+}
+
+#[test]
+fn abi_matrix_clients_drive_real_devices() {
+    use std::io::{BufRead, BufReader};
+    // The hardware: a pty the test holds, a loop device over a file, a TUN in the broker's own
+    // network namespace with a UDP echo socket behind it.
+    let master = rustix::pty::openpt(
+        rustix::pty::OpenptFlags::RDWR | rustix::pty::OpenptFlags::NOCTTY | rustix::pty::OpenptFlags::CLOEXEC,
+    )
+    .unwrap();
+    rustix::pty::grantpt(&master).unwrap();
+    rustix::pty::unlockpt(&master).unwrap();
+    let follower = rustix::pty::ptsname(&master, Vec::new()).unwrap();
+    let contents: Vec<u8> = (0..4u32 << 20)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 9) as u8)
+        .collect();
+    let disk = portcullis_tests::LoopDevice::attach(&contents, false);
+    let config = format!(
+        "[[device]]\nname = \"tty0\"\ndriver = \"tty\"\npath = \"{}\"\n\n[[device]]\nname = \"disk0\"\ndriver = \"block\"\npath = \"{}\"\n\n[[device]]\nname = \"net0\"\ndriver = \"net\"\ninterface = \"pc0\"\n",
+        follower.to_str().unwrap(),
+        disk.path.display()
+    );
+    let broker = Broker::with(portcullis_tests::BrokerSetup {
+        config: Some(&config),
+        policy: Some(DEVICE_POLICY),
+        wrapper: &["unshare", "--net", "--"],
+        ..portcullis_tests::BrokerSetup::default()
+    });
+    for args in [
+        &["link", "set", "pc0", "up"][..],
+        &["addr", "add", "192.0.2.1/24", "dev", "pc0"][..],
+    ] {
+        let out = broker.in_netns("ip", args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "ip {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let runnable: Vec<Row> = rows().into_iter().filter(|r| r.runner != "layout-only").collect();
+    let helper = broker.copy_program(Path::new(env!("CARGO_BIN_EXE_hostile_client")), "hostile_client");
+    let echoes = (runnable.len() * 2).to_string();
+    let mut echo = broker
+        .in_netns(helper.to_str().unwrap(), &["udp-echo", "192.0.2.1:7777", &echoes])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut echo_out = BufReader::new(echo.stdout.take().unwrap()).lines();
+    assert!(echo_out.next().unwrap().unwrap().contains("ready"));
+    let want_fnv = format!("block fnv: {:016x}", fnv1a(&contents[4096..4096 + 2048]));
+    let mut failed = Vec::new();
+    for row in &runnable {
+        require(&row.compiler);
+        let program = build_program(row, "devices");
+        for ring in [false, true] {
+            let mut cmd = if row.runner == "native" {
+                Command::new(&program)
+            } else {
+                require(&row.runner);
+                let mut c = Command::new(&row.runner);
+                c.arg(&program);
+                c
+            };
+            cmd.arg(broker.run_dir()).stdout(std::process::Stdio::piped());
+            if ring {
+                cmd.arg("ring");
+            }
+            let child = cmd.spawn().unwrap();
+            let played = play_the_tty(&master, &row.abi);
+            let out = child.wait_with_output().unwrap();
+            let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+            let mode = if ring { " over the ring" } else { "" };
+            let expected = [
+                format!("tty read: back to {}\n", row.abi),
+                "block geometry: size 4194304 logical 512 read_only 0\n".to_string(),
+                format!("{want_fnv}\n"),
+                format!("net reply: abi {}\n", row.abi),
+                format!("ok: devices on {}{mode}\n", row.abi),
+            ];
+            let missing: Vec<&String> = expected.iter().filter(|e| !stdout.contains(e.as_str())).collect();
+            if played.is_err() || !out.status.success() || !missing.is_empty() {
+                failed.push(format!("{}{mode}: {played:?}, missing {missing:?}\n{stdout}", row.abi));
+            }
+        }
+    }
+    assert!(failed.is_empty(), "device matrix failures:\n{}", failed.join("\n"));
+    let _ = echo.wait();
+    assert!(runnable.len() >= 12, "{} ABIs ran", runnable.len());
 }
