@@ -10,8 +10,10 @@
 //! - read-only memory is also sealed against writes (`F_SEAL_WRITE`) and any change of size
 //!   (`F_SEAL_SHRINK`, `F_SEAL_GROW`): no descriptor, however opened (root's included), can
 //!   write, map it writable and shared, truncate or extend it;
-//! - writable memory is sealed against growth only: the broker can still empty it
-//!   ([`revoke`]), and no client can stop that.
+//! - writable memory is sealed against any change of size (`F_SEAL_SHRINK`, `F_SEAL_GROW`):
+//!   pages a client shares cannot vanish from under the broker (a driver may map it and let the
+//!   kernel move device data straight into it), and the broker empties it by punching its pages
+//!   out ([`revoke`]: `FALLOC_FL_PUNCH_HOLE`, which no client can seal against).
 
 use std::{
     io,
@@ -20,12 +22,12 @@ use std::{
 
 use rustix::fs::{MemfdFlags, Mode, OFlags, SealFlags};
 
-/// A zero-filled, writable memfd of `size` bytes: no one can grow it or add a seal to it, so
-/// [`revoke`] always works.
+/// A zero-filled, writable memfd of `size` bytes: no one can change its size or add a seal to
+/// it, so [`revoke`] always works and a mapping of it never faults.
 pub fn create_writable(name: &str, size: u64) -> io::Result<OwnedFd> {
     let fd = new_memfd(name, size)?;
     rustix::fs::fchmod(&fd, Mode::RUSR | Mode::WUSR)?;
-    rustix::fs::fcntl_add_seals(&fd, SealFlags::GROW | SealFlags::SEAL)?;
+    rustix::fs::fcntl_add_seals(&fd, SealFlags::SHRINK | SealFlags::GROW | SealFlags::SEAL)?;
     Ok(fd)
 }
 
@@ -59,9 +61,18 @@ pub fn client_fd(backing: &OwnedFd, writable: bool) -> io::Result<OwnedFd> {
     Ok(rustix::fs::open(path, OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty())?)
 }
 
-/// Empties the memory: a client that still maps it faults on its next touch.
+/// Empties the memory: its pages are punched out, so what the user client wrote is gone (and
+/// its memory freed); a client that still maps it reads zeros, its own from then on.
 pub fn revoke(backing: &OwnedFd) -> io::Result<()> {
-    Ok(rustix::fs::ftruncate(backing, 0)?)
+    let size = rustix::fs::fstat(backing)?.st_size;
+    let size = u64::try_from(size).map_err(io::Error::other)?;
+    rustix::fs::fallocate(
+        backing,
+        rustix::fs::FallocateFlags::PUNCH_HOLE | rustix::fs::FallocateFlags::KEEP_SIZE,
+        0,
+        size,
+    )?;
+    Ok(())
 }
 
 #[cfg(test)]
@@ -107,21 +118,23 @@ mod tests {
     }
 
     #[test]
-    fn memory_writable_cannot_grow_or_be_resealed_and_revoke_empties() {
+    fn memory_writable_cannot_be_resized_or_resealed_and_revoke_empties() {
         let fd = create_writable("test", 4096).unwrap();
         let rw = client_fd(&fd, true).unwrap();
         assert!(rustix::fs::ftruncate(&rw, 8192).is_err(), "sealed against growth");
-        // A client adding F_SEAL_SHRINK would make revocation fail: F_SEAL_SEAL stops it.
-        for seal in [
-            SealFlags::SHRINK,
-            SealFlags::WRITE,
-            SealFlags::FUTURE_WRITE,
-            SealFlags::SEAL,
-        ] {
+        assert!(rustix::fs::ftruncate(&rw, 0).is_err(), "sealed against shrinking");
+        // A client adding F_SEAL_WRITE would make revocation fail: F_SEAL_SEAL stops it.
+        for seal in [SealFlags::WRITE, SealFlags::FUTURE_WRITE, SealFlags::SEAL] {
             assert!(rustix::fs::fcntl_add_seals(&rw, seal).is_err(), "{seal:?} added");
         }
+        rustix::io::pwrite(&rw, b"the client's data", 100).unwrap();
+        assert!(rustix::fs::fstat(&rw).unwrap().st_blocks > 0);
         revoke(&fd).unwrap();
-        assert_eq!(rustix::fs::fstat(&rw).unwrap().st_size, 0);
-        assert_eq!(rustix::fs::fstat(&rw).unwrap().st_mode & 0o777, 0o600);
+        let after = rustix::fs::fstat(&rw).unwrap();
+        assert_eq!((after.st_size, after.st_blocks), (4096, 0), "every page punched out");
+        let mut back = [1u8; 17];
+        rustix::io::pread(&rw, &mut back, 100).unwrap();
+        assert_eq!(back, [0u8; 17]);
+        assert_eq!(after.st_mode & 0o777, 0o600);
     }
 }

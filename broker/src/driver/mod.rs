@@ -2,6 +2,8 @@
 //! (IOExternalMethodDispatch) the session core checks before a driver runs.
 
 pub mod memory;
+#[allow(unsafe_code)]
+pub mod region;
 mod table;
 
 pub use table::{MethodSpec, MethodTable, SizeRange, TableError};
@@ -282,8 +284,11 @@ pub struct Backing {
     /// The broker's full-access descriptor (a memfd).
     pub fd: Arc<OwnedFd>,
     /// Emptied when the user client that mapped it goes away, so a client that keeps its
-    /// mapping past that finds nothing there (its next touch faults).
+    /// mapping past that finds nothing there.
     pub revocable: bool,
+    /// The driver's own mapping of it, for device I/O straight into it (`None`: the driver
+    /// reads and writes it through `fd`).
+    pub region: Option<Arc<region::Region>>,
 }
 
 /// Memory a user client has mapped.

@@ -140,7 +140,8 @@ int pc_call(pc_conn *conn, uint64_t handle, uint32_t selector, const uint64_t *s
 
 /* Maps memory type `memory_type` of the user client's service (clientMemoryForType). On success
  * *addr and *size describe a shared mapping, writable only if the type is (*writable says).
- * The broker empties read-write memory when the user client closes: unmap before closing. */
+ * The broker empties read-write memory when the user client closes (what was written there is
+ * gone; a mapping kept reads zeros): unmap when done. */
 int pc_map_memory(pc_conn *conn, uint64_t handle, uint32_t memory_type, void **addr, size_t *size, int *writable);
 
 /* How pc_ring_enable's connection waits for completions. */

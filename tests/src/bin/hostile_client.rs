@@ -382,8 +382,8 @@ async fn dma(run_dir: &Path) -> Value {
     let mut left = [0u8; 11];
     let read = rustix::io::pread(&fd, &mut left, 0).unwrap();
     report.insert(
-        "size_after_close".into(),
-        rustix::fs::fstat(&fd).unwrap().st_size.into(),
+        "blocks_after_close".into(),
+        rustix::fs::fstat(&fd).unwrap().st_blocks.into(),
     );
     report.insert("read_after_close".into(), hex(&left[..read]).into());
     Value::Object(report)

@@ -72,10 +72,13 @@ async fn dma_revocation_holds_after_a_client_tries_every_seal() {
         );
     }
     assert_eq!(
-        report["size_after_close"], 0,
+        report["blocks_after_close"], 0,
         "the client kept its dma memory: {report}"
     );
-    assert_eq!(report["read_after_close"], "", "{report}");
+    assert_eq!(
+        report["read_after_close"], "0000000000000000000000",
+        "the data is gone: {report}"
+    );
 }
 
 #[tokio::test]

@@ -20,7 +20,7 @@ use super::{
 use crate::{
     driver::{
         Backing, CallArgs, CallContext, CallOutput, CallResult, ClientKey, Completion, Driver, DriverError, DriverLive,
-        Family, MemoryType, MethodSpec, NativeStruct, memory,
+        Family, MemoryType, MethodSpec, NativeStruct, memory, region::Region,
     },
     drivers::node::{self, NodeKind},
     registry::OpenMode,
@@ -54,7 +54,11 @@ pub struct Geometry {
 #[derive(Debug)]
 pub struct BlockDevice {
     path: PathBuf,
+    /// For ioctls, and buffered I/O where direct I/O is refused.
     fd: Arc<OwnedFd>,
+    /// The same device opened `O_DIRECT`, when it allows it: blocks move between the device
+    /// and a user client's mapped memory with no page cache or bounce buffer in between.
+    direct: Option<OwnedFd>,
     geometry: Geometry,
     opens: AtomicUsize,
 }
@@ -71,12 +75,14 @@ impl BlockDevice {
         let probe = node::open(path, NodeKind::Block, OFlags::RDONLY)?;
         let device_ro = sys::read_only(probe.as_fd()).map_err(|e| format!("{named}: BLKROGET: {e}"))?;
         let read_only = read_only || device_ro;
+        let access = if read_only { OFlags::RDONLY } else { OFlags::RDWR };
         let fd = if read_only {
             probe
         } else {
             drop(probe);
-            node::open(path, NodeKind::Block, OFlags::RDWR)?
+            node::open(path, NodeKind::Block, access)?
         };
+        let direct = node::open(path, NodeKind::Block, access | OFlags::DIRECT).ok();
         let stat = rustix::fs::fstat(&fd).map_err(|e| format!("{named}: {e}"))?;
         let (major, minor) = (rustix::fs::major(stat.st_rdev), rustix::fs::minor(stat.st_rdev));
         let rotational = std::fs::read_to_string(format!("/sys/dev/block/{major}:{minor}/queue/rotational"))
@@ -96,6 +102,7 @@ impl BlockDevice {
         Ok(BlockDevice {
             path: path.to_path_buf(),
             fd: Arc::new(fd),
+            direct,
             geometry,
             opens: AtomicUsize::new(0),
         })
@@ -214,6 +221,43 @@ impl BlockDevice {
         Ok(len)
     }
 
+    /// Moves `len` bytes between device offset `start` and `dma[offset..]` with direct I/O
+    /// (offsets and lengths are multiples of the logical block, the mapping page-aligned).
+    fn direct_transfer(
+        &self,
+        region: &Region,
+        direct: &OwnedFd,
+        write: bool,
+        offset: u64,
+        start: u64,
+        len: u64,
+    ) -> Result<u64, DriverError> {
+        let mut done = 0u64;
+        while done < len {
+            let at = usize::try_from(offset + done).map_err(|_| bad("offset"))?;
+            let want = usize::try_from(len - done).map_err(|_| bad("length"))?;
+            let moved = if write {
+                region.write_to(direct, at, want, start + done)
+            } else {
+                region.read_from(direct, at, want, start + done)
+            }
+            .map_err(|e| {
+                self.failed(
+                    if write { "write" } else { "read" },
+                    Errno::from_io_error(&e).unwrap_or(Errno::IO),
+                )
+            })?;
+            if moved == 0 {
+                return Err(DriverError::new(
+                    Status::NoDevice,
+                    format!("{} ended early", self.path.display()),
+                ));
+            }
+            done += moved as u64;
+        }
+        Ok(len)
+    }
+
     fn transfer(&self, ctx: &CallContext<'_>, write: bool, [lba, count, offset]: [u64; 3]) -> CallResult {
         if write {
             self.writable(ctx.mode, "writes")?;
@@ -222,10 +266,11 @@ impl BlockDevice {
         let dma = ctx
             .memory(DMA.id)
             .ok_or_else(|| bad("map the dma memory type (0) first: blocks travel through it"))?;
-        let moved = if write {
-            self.copy((&dma.backing.fd, offset), (&self.fd, start), len)?
-        } else {
-            self.copy((&self.fd, start), (&dma.backing.fd, offset), len)?
+        let moved = match (&dma.backing.region, &self.direct) {
+            // One copy, by the kernel, straight between the device and the client's memory.
+            (Some(region), Some(direct)) => self.direct_transfer(region, direct, write, offset, start, len)?,
+            _ if write => self.copy((&dma.backing.fd, offset), (&self.fd, start), len)?,
+            _ => self.copy((&self.fd, start), (&dma.backing.fd, offset), len)?,
         };
         Ok(CallOutput {
             scalars: vec![moved],
@@ -276,9 +321,15 @@ impl Driver for BlockDevice {
         }
         let fd = memory::create_writable("portcullis-block-dma", DMA.size)
             .map_err(|e| DriverError::new(Status::NoMemory, format!("dma: {e}")))?;
+        // The broker's own mapping, for direct I/O; without it, transfers go through a buffer.
+        let region = Region::map(&fd)
+            .inspect_err(|e| tracing::debug!(error = %e, "dma not mapped by the broker"))
+            .ok()
+            .map(Arc::new);
         Ok(Backing {
             fd: Arc::new(fd),
             revocable: true,
+            region,
         })
     }
 
@@ -322,6 +373,7 @@ mod tests {
         BlockDevice {
             path: "/dev/test".into(),
             fd: Arc::new(rustix::fs::open("/dev/null", OFlags::RDONLY, rustix::fs::Mode::empty()).unwrap()),
+            direct: None,
             geometry: Geometry {
                 size_bytes,
                 logical_block: 512,

@@ -133,6 +133,7 @@ impl Driver for SampleDevice {
                     return Ok(Backing {
                         fd: fd.clone(),
                         revocable: false,
+                        region: None,
                     });
                 }
                 let mut page = SAMPLE_VERSION.to_le_bytes().to_vec();
@@ -143,13 +144,18 @@ impl Driver for SampleDevice {
                 .map_err(failed)?;
                 let fd = Arc::new(fd);
                 *registers = Some(fd.clone());
-                Ok(Backing { fd, revocable: false })
+                Ok(Backing {
+                    fd,
+                    revocable: false,
+                    region: None,
+                })
             }
             id if id == DMA.id => {
                 let fd = memory::create_writable("portcullis-sample-dma", DMA.size).map_err(failed)?;
                 Ok(Backing {
                     fd: Arc::new(fd),
                     revocable: true,
+                    region: None,
                 })
             }
             other => Err(DriverError::new(Status::BadArgument, format!("no memory type {other}"))),
