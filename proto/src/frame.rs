@@ -72,7 +72,9 @@ pub enum Request {
         selector: u32,
         /// Scalar inputs.
         scalars: Vec<u64>,
-        /// Struct input in the client's ABI.
+        /// Struct input in the client's ABI (as bytes: the same encoding as a sequence of
+        /// `u8`, decoded at once rather than byte by byte).
+        #[serde(with = "serde_bytes")]
         struct_in: Vec<u8>,
         /// Most struct output bytes accepted.
         struct_out_len: u32,
@@ -155,7 +157,8 @@ pub enum Body {
     Call {
         /// Scalar outputs.
         scalars: Vec<u64>,
-        /// Struct output in the client's ABI.
+        /// Struct output in the client's ABI (as bytes, like `struct_in`).
+        #[serde(with = "serde_bytes")]
         struct_out: Vec<u8>,
     },
     /// Memory to map (tag 4): exactly one file descriptor travels in the same packet as
@@ -374,6 +377,31 @@ mod tests {
             },
         });
         assert_eq!(encode(&ok).unwrap(), [1, 0xac, 0x02, 0, 0, 0, 3, 1, 5, 0]);
+        // Struct bytes: a varint length, then the bytes as they are (what C clients write).
+        let with_struct = ClientFrame::Request(RequestFrame {
+            id: 1,
+            request: Request::Call {
+                handle: 1,
+                selector: 4,
+                scalars: vec![],
+                struct_in: vec![0xaa, 0x80, 0xff],
+                struct_out_len: 200,
+            },
+        });
+        let bytes = [1, 1, 3, 1, 4, 0, 3, 0xaa, 0x80, 0xff, 0xc8, 0x01];
+        assert_eq!(encode(&with_struct).unwrap(), bytes);
+        assert_eq!(ClientFrame::decode(&bytes).unwrap(), with_struct);
+        let out = ServerFrame::Response(ResponseFrame {
+            id: 1,
+            status: 0,
+            message: String::new(),
+            rule: String::new(),
+            body: Body::Call {
+                scalars: vec![],
+                struct_out: vec![0x80, 0x01],
+            },
+        });
+        assert_eq!(encode(&out).unwrap(), [1, 1, 0, 0, 0, 3, 0, 2, 0x80, 0x01]);
     }
 
     #[test]
