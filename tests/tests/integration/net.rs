@@ -176,3 +176,45 @@ async fn the_interface_is_configured_only_with_net_admin_and_its_loss_is_no_devi
     drop(session);
     broker.assert_no_leaks(baseline);
 }
+
+/// Packets that arrive while no call waits are kept for every user client, each in a queue of
+/// its own bounded to 256 packets; what overflows is counted and reported with the next packet.
+#[tokio::test(flavor = "multi_thread")]
+async fn packets_wait_per_client_in_bounded_queues_and_overflow_is_counted() {
+    const SENT: u64 = 300;
+    let broker = broker();
+    let (first, a) = broker.open("net0", OpenMode::Shared).await;
+    let (second, b) = broker.open("net0", OpenMode::Shared).await;
+    // Only the test's packets: no IPv6 chatter on the interface.
+    run(broker.in_netns("sh", &["-c", "echo 1 > /proc/sys/net/ipv6/conf/pc0/disable_ipv6"]));
+    run(broker.in_netns("ip", &["addr", "add", "192.0.2.1/24", "dev", "pc0"]));
+    first.call_named(&a, "set_up", &[], &[]).await.unwrap();
+    // 300 datagrams routed out of the interface, sent while no call waits.
+    let send = format!(
+        "import socket\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\nfor i in range({SENT}):\n    s.sendto(i.to_bytes(4, 'big'), ('192.0.2.2', 9))\n"
+    );
+    run(broker.in_netns("python3", &["-c", &send]));
+    let (got_a, _) = drain(&first, &a, SENT).await;
+    // By now every packet has left the kernel: the second client's queue holds what its bound
+    // allowed, and says how many it lost.
+    let (got_b, dropped_b) = drain(&second, &b, SENT).await;
+    assert!(got_a >= got_b, "{got_a} {got_b}");
+    assert!(got_b <= 256, "the queue's bound: {got_b}");
+    assert_eq!(dropped_b, SENT - got_b);
+    // Nothing more: the next wait times out.
+    let e = second.call_named(&b, "recv_packet", &[10], &[]).await.unwrap_err();
+    assert_eq!(e.status(), Some(Status::Timeout));
+}
+
+/// Receives until all `sent` packets are accounted for: received, or counted as dropped.
+async fn drain(session: &portcullis_client::Session, net: &portcullis_client::UserClient, sent: u64) -> (u64, u64) {
+    let (mut received, mut dropped) = (0u64, 0u64);
+    while received + dropped < sent {
+        let got = session.call_named(net, "recv_packet", &[20_000], &[]).await.unwrap();
+        assert_eq!(got.struct_out.len(), 20 + 8 + 4, "one of the test's datagrams");
+        received += 1;
+        dropped += got.scalars[0];
+    }
+    assert_eq!(received + dropped, sent);
+    (received, dropped)
+}

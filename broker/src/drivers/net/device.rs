@@ -7,7 +7,7 @@ use std::{
     os::fd::{AsFd, OwnedFd},
     sync::{
         Arc, LazyLock, Mutex,
-        atomic::{AtomicUsize, Ordering},
+        atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering},
     },
     time::Duration,
 };
@@ -59,20 +59,86 @@ impl Queue {
     }
 }
 
-type Queues = Arc<Mutex<HashMap<ClientKey, Queue>>>;
+/// The user clients' queues, and the buffer packets are read into.
+#[derive(Debug)]
+struct State {
+    queues: HashMap<ClientKey, Queue>,
+    buf: Vec<u8>,
+}
+
+/// What the TUN reader and the calls share: packets are taken from the interface by whoever
+/// comes first — a `recv_packet` finding its queue empty, or the reader task woken by the
+/// interface — always under the one lock, so that every queue sees them in order.
+#[derive(Debug)]
+struct Shared {
+    name: String,
+    tun: Arc<OwnedFd>,
+    state: Mutex<State>,
+    /// Set when the service terminates or the interface goes away: ends the reader and every
+    /// waiting call.
+    stopped: tokio::sync::watch::Sender<bool>,
+    /// A call started waiting: the reader must watch the interface now.
+    wanted: Notify,
+    /// How many times calls pumped the interface (the reader steps aside while they do).
+    call_pumps: AtomicU64,
+}
+
+/// Packets one pump takes at most before it lets others have the lock.
+const PUMP_BATCH: usize = 64;
+
+/// How long the reader leaves the interface to the calls once they take its packets first.
+const STAND_ASIDE: Duration = Duration::from_millis(1);
+
+impl Shared {
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Reads what the interface has (up to a batch) into every queue, stopping early once
+    /// `until`'s queue holds a packet. Returns the packets read and whether the interface said
+    /// it has no more. An error ends the device: waiting calls learn it is gone.
+    fn pump(&self, state: &mut State, until: Option<ClientKey>) -> Result<(usize, bool), DriverError> {
+        let State { queues, buf } = state;
+        for read in 0..PUMP_BATCH {
+            match rustix::io::read(&*self.tun, &mut buf[..]) {
+                Ok(n) => {
+                    let packet = buf.get(..n).unwrap_or_default();
+                    for queue in queues.values_mut() {
+                        queue.push(packet);
+                    }
+                    if until
+                        .and_then(|c| queues.get(&c))
+                        .is_some_and(|q| !q.packets.is_empty())
+                    {
+                        return Ok((read + 1, false));
+                    }
+                }
+                Err(Errno::AGAIN) => return Ok((read, true)),
+                Err(Errno::INTR) => {}
+                Err(e) => {
+                    let error = failure(&self.name, "read", e);
+                    if !self.stopped.send_replace(true) {
+                        tracing::warn!(interface = self.name, error = %error, "the TUN interface fails; the device stops");
+                    }
+                    return Err(error);
+                }
+            }
+        }
+        Ok((PUMP_BATCH, false))
+    }
+}
 
 /// One TUN interface.
 #[derive(Debug)]
 pub struct NetDevice {
     name: String,
-    tun: Arc<AsyncFd<OwnedFd>>,
+    shared: Arc<Shared>,
     /// For the interface ioctls.
     control: OwnedFd,
-    queues: Queues,
+    /// The MTU last read from the interface (`send_packet` reads it again only when a packet
+    /// exceeds it; `get_info` and `set_mtu` refresh it).
+    mtu: AtomicU32,
     waiting: Arc<AtomicUsize>,
-    /// Set when the service terminates or the interface goes away: ends the reader and every
-    /// waiting call.
-    stopped: Arc<tokio::sync::watch::Sender<bool>>,
 }
 
 fn bad(message: impl Into<String>) -> DriverError {
@@ -87,33 +153,51 @@ fn failure(name: &str, what: &str, e: Errno) -> DriverError {
     DriverError::new(Status::Internal, format!("interface {name}: {what}: {e}"))
 }
 
+/// Creates the TUN interface `name` (down, not persistent: it goes with the descriptor, which
+/// is non-blocking and close-on-exec); returns the descriptor and the name the kernel gave it.
+pub fn open_tun(name: &str) -> Result<(OwnedFd, String), String> {
+    let tun = rustix::fs::open(
+        "/dev/net/tun",
+        OFlags::RDWR | OFlags::NONBLOCK | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| format!("/dev/net/tun: {e}"))?;
+    let given = sys::tun_set_iff(tun.as_fd(), name).map_err(|e| match e {
+        Errno::BUSY => format!("interface {name} exists already (another program owns it)"),
+        Errno::INVAL => format!("{name:?} is not an interface name (1 to 15 bytes)"),
+        e => format!("cannot create TUN interface {name}: {e}"),
+    })?;
+    Ok((tun, given))
+}
+
 impl NetDevice {
     /// Creates the TUN interface `name` (down) and starts its reader. Needs a tokio runtime.
     pub fn create(name: &str) -> Result<NetDevice, String> {
-        let tun = rustix::fs::open(
-            "/dev/net/tun",
-            OFlags::RDWR | OFlags::NONBLOCK | OFlags::CLOEXEC,
-            Mode::empty(),
-        )
-        .map_err(|e| format!("/dev/net/tun: {e}"))?;
-        let given = sys::tun_set_iff(tun.as_fd(), name).map_err(|e| match e {
-            Errno::BUSY => format!("interface {name} exists already (another program owns it)"),
-            Errno::INVAL => format!("{name:?} is not an interface name (1 to 15 bytes)"),
-            e => format!("cannot create TUN interface {name}: {e}"),
-        })?;
+        let (tun, given) = open_tun(name)?;
         let control = rustix::net::socket_with(AddressFamily::INET, SocketType::DGRAM, SocketFlags::CLOEXEC, None)
             .map_err(|e| format!("interface control socket: {e}"))?;
-        let tun = Arc::new(crate::sys::async_fd(tun).map_err(|e| format!("/dev/net/tun: {e}"))?);
-        let queues: Queues = Arc::default();
-        let stopped = Arc::new(tokio::sync::watch::Sender::new(false));
-        tokio::spawn(reader(given.clone(), tun.clone(), queues.clone(), stopped.clone()));
+        let mtu = sys::mtu(control.as_fd(), &given).map_err(|e| format!("interface {given}: SIOCGIFMTU: {e}"))?;
+        let shared = Arc::new(Shared {
+            name: given.clone(),
+            tun: Arc::new(tun),
+            state: Mutex::new(State {
+                queues: HashMap::new(),
+                buf: vec![0u8; PACKET_MAX as usize],
+            }),
+            stopped: tokio::sync::watch::Sender::new(false),
+            wanted: Notify::new(),
+            call_pumps: AtomicU64::new(0),
+        });
+        // Registered here, in the runtime, so that a failure is the device's.
+        let watch = watch_tun(&shared).map_err(|e| format!("/dev/net/tun: {e}"))?;
+        let waiting = Arc::new(AtomicUsize::new(0));
+        tokio::spawn(reader(shared.clone(), watch, waiting.clone()));
         Ok(NetDevice {
             name: given,
-            tun,
+            shared,
             control,
-            queues,
-            waiting: Arc::new(AtomicUsize::new(0)),
-            stopped,
+            mtu: AtomicU32::new(mtu),
+            waiting,
         })
     }
 
@@ -129,7 +213,7 @@ impl NetDevice {
     fn get_info(&self) -> CallResult {
         let fd = self.control.as_fd();
         let index = sys::index(fd, &self.name).map_err(|e| self.failed("SIOCGIFINDEX", e))?;
-        let mtu = sys::mtu(fd, &self.name).map_err(|e| self.failed("SIOCGIFMTU", e))?;
+        let mtu = self.read_mtu()?;
         let flags = sys::flags(fd, &self.name).map_err(|e| self.failed("SIOCGIFFLAGS", e))?;
         let mut out = INFO.build(&[
             ("ifindex", u64::from(index)),
@@ -164,16 +248,28 @@ impl NetDevice {
             Errno::INVAL => bad(format!("interface {} refuses mtu {mtu}", self.name)),
             e => self.failed("SIOCSIFMTU", e),
         })?;
+        self.read_mtu()?;
         Ok(CallOutput::default())
     }
 
-    fn send_packet(&self, packet: &[u8]) -> CallResult {
+    /// The interface's MTU, read now (and remembered).
+    fn read_mtu(&self) -> Result<u32, DriverError> {
         let mtu = sys::mtu(self.control.as_fd(), &self.name).map_err(|e| self.failed("SIOCGIFMTU", e))?;
-        if packet.len() > mtu as usize {
-            return Err(bad(format!("a packet of {} bytes exceeds the MTU {mtu}", packet.len())));
+        self.mtu.store(mtu, Ordering::Relaxed);
+        Ok(mtu)
+    }
+
+    fn send_packet(&self, packet: &[u8]) -> CallResult {
+        // The MTU remembered serves while packets fit it; one that does not is measured against
+        // the interface's MTU of now (raised since, perhaps, by another program).
+        if packet.len() > self.mtu.load(Ordering::Relaxed) as usize {
+            let mtu = self.read_mtu()?;
+            if packet.len() > mtu as usize {
+                return Err(bad(format!("a packet of {} bytes exceeds the MTU {mtu}", packet.len())));
+            }
         }
         // A TUN write takes the whole packet at once, or nothing (a full queue: EAGAIN).
-        match rustix::io::write(self.tun.get_ref(), packet) {
+        match rustix::io::write(&*self.shared.tun, packet) {
             Ok(n) => Ok(CallOutput {
                 scalars: vec![n as u64],
                 struct_out: vec![],
@@ -191,18 +287,16 @@ impl NetDevice {
         if timeout_ms > MAX_TIMEOUT_MS {
             return Completion::Ready(Err(bad(format!("timeout_ms {timeout_ms}: at most {MAX_TIMEOUT_MS}"))));
         }
-        let arrived = {
-            let queues = self.queues.lock().unwrap_or_else(|e| e.into_inner());
-            match queues.get(&client) {
-                Some(q) => q.arrived.clone(),
-                None => {
-                    return Completion::Ready(Err(DriverError::new(Status::NotOpen, "no queue for this user client")));
-                }
-            }
+        // A packet queued, or waiting on the interface, is answered now.
+        let arrived = match take(&self.shared, client, room) {
+            Taken::Done(result) => return Completion::Ready(result),
+            Taken::Empty(arrived) => arrived,
         };
-        let (queues, name) = (self.queues.clone(), self.name.clone());
+        let shared = self.shared.clone();
         let waiting = Waiting::new(&self.waiting);
-        let mut stopped = self.stopped.subscribe();
+        // The reader may have left the interface to the calls: this one waits, so it must watch.
+        self.shared.wanted.notify_one();
+        let mut stopped = self.shared.stopped.subscribe();
         let deadline = Instant::now() + Duration::from_millis(timeout_ms);
         Completion::Pending(Box::pin(async move {
             let _waiting = waiting;
@@ -210,31 +304,8 @@ impl NetDevice {
                 let notified = arrived.notified();
                 tokio::pin!(notified);
                 notified.as_mut().enable();
-                {
-                    let mut queues = queues.lock().unwrap_or_else(|e| e.into_inner());
-                    let queue = queues
-                        .get_mut(&client)
-                        .ok_or_else(|| DriverError::new(Status::Aborted, "the user client closed"))?;
-                    if let Some(packet) = queue.packets.pop_front() {
-                        queue.bytes -= packet.len();
-                        let dropped = std::mem::take(&mut queue.dropped);
-                        if packet.len() > room {
-                            return Err(bad(format!(
-                                "a {}-byte packet does not fit the {room} bytes given for it (it is dropped)",
-                                packet.len()
-                            )));
-                        }
-                        return Ok(CallOutput {
-                            scalars: vec![dropped],
-                            struct_out: packet,
-                        });
-                    }
-                }
                 if *stopped.borrow_and_update() {
-                    return Err(DriverError::new(
-                        Status::NoDevice,
-                        format!("interface {name} went away"),
-                    ));
+                    return Err(gone(&shared.name));
                 }
                 tokio::select! {
                     () = &mut notified => {}
@@ -243,8 +314,59 @@ impl NetDevice {
                     }
                     _ = stopped.changed() => {}
                 }
+                match take(&shared, client, room) {
+                    Taken::Done(result) => return result,
+                    // The same notifier: a user client's queue lives as long as it does.
+                    Taken::Empty(_) => {}
+                }
             }
         }))
+    }
+}
+
+fn gone(name: &str) -> DriverError {
+    DriverError::new(Status::NoDevice, format!("interface {name} went away"))
+}
+
+enum Taken {
+    Done(CallResult),
+    /// Nothing for the client yet: wait for this.
+    Empty(Arc<Notify>),
+}
+
+/// The client's next packet: from its queue, or else from the interface (pumped now).
+fn take(shared: &Shared, client: ClientKey, room: usize) -> Taken {
+    let mut state = shared.state();
+    let mut pumped = false;
+    loop {
+        let Some(queue) = state.queues.get_mut(&client) else {
+            return Taken::Done(Err(DriverError::new(Status::Aborted, "the user client closed")));
+        };
+        if let Some(packet) = queue.packets.pop_front() {
+            queue.bytes -= packet.len();
+            let dropped = std::mem::take(&mut queue.dropped);
+            if packet.len() > room {
+                return Taken::Done(Err(bad(format!(
+                    "a {}-byte packet does not fit the {room} bytes given for it (it is dropped)",
+                    packet.len()
+                ))));
+            }
+            return Taken::Done(Ok(CallOutput {
+                scalars: vec![dropped],
+                struct_out: packet,
+            }));
+        }
+        if *shared.stopped.borrow() {
+            return Taken::Done(Err(gone(&shared.name)));
+        }
+        if pumped {
+            return Taken::Empty(queue.arrived.clone());
+        }
+        pumped = true;
+        shared.call_pumps.fetch_add(1, Ordering::Relaxed);
+        if let Err(e) = shared.pump(&mut state, Some(client)) {
+            return Taken::Done(Err(e));
+        }
     }
 }
 
@@ -264,41 +386,70 @@ impl Drop for Waiting {
     }
 }
 
-/// Reads every packet the interface sends and queues a copy for each open user client, until
-/// the device terminates or the interface goes away (then every waiting call ends `NO_DEVICE`).
-async fn reader(
-    name: String,
-    tun: Arc<AsyncFd<OwnedFd>>,
-    queues: Queues,
-    stopped: Arc<tokio::sync::watch::Sender<bool>>,
-) {
-    let mut buf = vec![0u8; PACKET_MAX as usize];
-    let mut stop = stopped.subscribe();
+type Watch = AsyncFd<Arc<OwnedFd>>;
+
+/// Registers the interface with the runtime. An interface deleted under the descriptor shows
+/// as an error on it (EPOLLERR), which only an `ERROR` interest hears.
+fn watch_tun(shared: &Shared) -> std::io::Result<Watch> {
+    let interest = tokio::io::Interest::READABLE | tokio::io::Interest::ERROR;
+    crate::sys::async_fd_shared(shared.tun.clone(), interest)
+}
+
+/// Takes the packets the interface sends when no call is there to take them, until the device
+/// terminates or the interface goes away (then every waiting call ends `NO_DEVICE`).
+///
+/// Calls take packets themselves (`recv_packet` pumps the interface when its queue is empty),
+/// and a reader woken for every packet would only race them for the lock, a context switch
+/// per packet. So when the reader finds that calls pumped since it last looked, and none
+/// waits, it stands aside: it leaves the interface unwatched (packets wait in the kernel's own
+/// bounded queue) and looks again a moment later, or at once when a call starts waiting.
+async fn reader(shared: Arc<Shared>, mut watch: Watch, waiting: Arc<AtomicUsize>) {
+    let mut stop = shared.stopped.subscribe();
+    let mut call_pumps = shared.call_pumps.load(Ordering::Relaxed);
     loop {
-        // An interface deleted under the descriptor shows as an error on it (EPOLLERR), which
-        // only an `ERROR` interest hears.
         let interest = tokio::io::Interest::READABLE | tokio::io::Interest::ERROR;
         let ready = tokio::select! {
-            ready = tun.ready(interest) => ready,
+            ready = watch.ready(interest) => ready,
             _ = stop.wait_for(|t| *t) => return,
         };
         let Ok(mut guard) = ready else { return };
-        match guard.try_io(|fd| rustix::io::read(fd.get_ref(), &mut buf).map_err(std::io::Error::from)) {
-            Ok(Ok(n)) => {
-                let packet = buf.get(..n).unwrap_or_default();
-                for queue in queues.lock().unwrap_or_else(|e| e.into_inner()).values_mut() {
-                    queue.push(packet);
-                }
+        let pumped = match shared.state.try_lock() {
+            Ok(mut state) => shared.pump(&mut state, None),
+            Err(std::sync::TryLockError::Poisoned(e)) => shared.pump(&mut e.into_inner(), None),
+            // A call holds the lock: it is pumping.
+            Err(std::sync::TryLockError::WouldBlock) => Ok((0, false)),
+        };
+        let (read, drained) = match pumped {
+            Ok(p) => p,
+            Err(_) => return,
+        };
+        let calls_pumped = std::mem::replace(&mut call_pumps, shared.call_pumps.load(Ordering::Relaxed)) != call_pumps;
+        if waiting.load(Ordering::Relaxed) > 0 || (read > 0 && !calls_pumped) {
+            if drained {
+                // Wait for the interface to say there is more.
+                guard.clear_ready();
+            } else {
+                // A batch taken, more there: others get the lock first.
+                tokio::task::yield_now().await;
             }
-            Ok(Err(e)) => {
-                let e = Errno::from_io_error(&e).unwrap_or(Errno::IO);
-                tracing::warn!(interface = name, error = %failure(&name, "read", e), "the TUN reader stops");
-                // Waiting calls learn the device is gone.
-                stopped.send_replace(true);
+            continue;
+        }
+        // The calls take the packets, and none waits: stand aside.
+        drop(guard);
+        drop(watch);
+        tokio::select! {
+            () = tokio::time::sleep(STAND_ASIDE) => {}
+            () = shared.wanted.notified() => {}
+            _ = stop.wait_for(|t| *t) => return,
+        }
+        watch = match watch_tun(&shared) {
+            Ok(w) => w,
+            Err(e) => {
+                tracing::warn!(interface = shared.name, error = %e, "cannot watch the TUN interface; the device stops");
+                shared.stopped.send_replace(true);
                 return;
             }
-            Err(_would_block) => {}
-        }
+        };
     }
 }
 
@@ -331,27 +482,24 @@ impl Driver for NetDevice {
     }
 
     fn opened(&self, client: ClientKey, _mode: OpenMode) -> Result<(), DriverError> {
-        self.queues
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(client, Queue::default());
+        self.shared.state().queues.insert(client, Queue::default());
         Ok(())
     }
 
     fn closed(&self, client: ClientKey) {
-        let queue = self.queues.lock().unwrap_or_else(|e| e.into_inner()).remove(&client);
+        let queue = self.shared.state().queues.remove(&client);
         if let Some(queue) = queue {
             queue.arrived.notify_waiters();
         }
     }
 
     fn terminate(&self) {
-        self.stopped.send_replace(true);
+        self.shared.stopped.send_replace(true);
     }
 
     fn live(&self) -> DriverLive {
         DriverLive {
-            opens: self.queues.lock().map_or(0, |q| q.len()),
+            opens: self.shared.state().queues.len(),
             waiting: self.waiting.load(Ordering::Relaxed),
         }
     }
@@ -361,7 +509,7 @@ impl Drop for NetDevice {
     fn drop(&mut self) {
         // The reader holds the TUN descriptor too: stop it, so that the interface goes when the
         // device does.
-        self.stopped.send_replace(true);
+        self.shared.stopped.send_replace(true);
     }
 }
 

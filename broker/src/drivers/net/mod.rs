@@ -6,5 +6,5 @@ mod methods;
 #[allow(unsafe_code)]
 mod sys;
 
-pub use device::{FAMILY, NetDevice};
+pub use device::{FAMILY, NetDevice, open_tun};
 pub use methods::{PACKET_MAX, Selector};

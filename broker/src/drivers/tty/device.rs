@@ -312,8 +312,7 @@ impl Pending {
     }
 
     /// Writes all of `bytes`, or as much as the device takes before `deadline`.
-    async fn write(mut self, bytes: Vec<u8>, deadline: Instant) -> CallResult {
-        let mut written = 0;
+    async fn write(mut self, bytes: Vec<u8>, mut written: usize, deadline: Instant) -> CallResult {
         while written < bytes.len() {
             let ready = tokio::select! {
                 ready = self.fd.writable() => ready,
@@ -449,10 +448,23 @@ impl Driver for TtyDevice {
             }
             Selector::Write => {
                 let [ms] = args.scalars();
-                match timeout_ms(ms) {
-                    Ok(t) => Completion::Pending(Box::pin(self.pending().write(args.struct_in, Instant::now() + t))),
-                    Err(e) => ready(Err(e)),
+                let deadline = match timeout_ms(ms) {
+                    Ok(t) => Instant::now() + t,
+                    Err(e) => return ready(Err(e)),
+                };
+                // What the device takes now is written now; only the rest waits.
+                let written = match rustix::io::write(self.raw_fd(), &args.struct_in) {
+                    Ok(n) => n,
+                    Err(Errno::AGAIN) => 0,
+                    Err(e) => return ready(Err(self.failed("write", e))),
+                };
+                if written == args.struct_in.len() {
+                    return ready(Ok(CallOutput {
+                        scalars: vec![written as u64],
+                        struct_out: vec![],
+                    }));
                 }
+                Completion::Pending(Box::pin(self.pending().write(args.struct_in, written, deadline)))
             }
             Selector::Read => {
                 let [max_len, ms] = args.scalars();
@@ -460,9 +472,23 @@ impl Driver for TtyDevice {
                 if max_len == 0 || max_len as usize > room {
                     return ready(Err(bad(format!("max_len {max_len}: 1 to {room}"))));
                 }
-                match timeout_ms(ms) {
-                    Ok(t) => Completion::Pending(Box::pin(self.pending().read(max_len as usize, Instant::now() + t))),
-                    Err(e) => ready(Err(e)),
+                let deadline = match timeout_ms(ms) {
+                    Ok(t) => Instant::now() + t,
+                    Err(e) => return ready(Err(e)),
+                };
+                // Bytes already there are answered now; only an empty tty waits.
+                let mut buf = vec![0u8; max_len as usize];
+                match rustix::io::read(self.raw_fd(), &mut buf) {
+                    Ok(0) => ready(Err(self.failed("read", Errno::IO))),
+                    Ok(n) => {
+                        buf.truncate(n);
+                        ready(Ok(CallOutput {
+                            scalars: vec![],
+                            struct_out: buf,
+                        }))
+                    }
+                    Err(Errno::AGAIN) => Completion::Pending(Box::pin(self.pending().read(max_len as usize, deadline))),
+                    Err(e) => ready(Err(self.failed("read", e))),
                 }
             }
             Selector::Drain => {
