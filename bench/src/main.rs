@@ -2,7 +2,7 @@
 //! comparison runs its contenders in the same process run, taking turns round by round so that
 //! drift in machine load falls on all of them, and prints a Markdown table with ratios.
 //!
-//! usage: portcullis-bench [--quick] [--rounds N] [--iters N] [--plot PNG] [transports] [grpc] [native] [translate] [policy]
+//! usage: portcullis-bench [--quick] [--rounds N] [--iters N] [--plot PNG] [transports] [grpc] [native] [translate] [policy] [devices]
 //! (no names: all of them)
 
 #![forbid(unsafe_code)]
@@ -15,6 +15,7 @@
 
 #[cfg(feature = "peers")]
 mod cedar;
+mod devices;
 mod grpc;
 mod native;
 mod policy;
@@ -122,7 +123,7 @@ fn main() {
     let names: Vec<&str> = argv
         .iter()
         .map(String::as_str)
-        .filter(|a| ["transports", "grpc", "native", "translate", "policy"].contains(a))
+        .filter(|a| ["transports", "grpc", "native", "translate", "policy", "devices"].contains(a))
         .collect();
     let wants = |name: &str| names.is_empty() || names.contains(&name);
     if wants("transports") {
@@ -147,5 +148,10 @@ fn main() {
     }
     if wants("policy") {
         policy::run(quick);
+    }
+    if wants("devices") {
+        // Re-executed in a network namespace of its own, with the same settings.
+        let settings: Vec<String> = argv.iter().filter(|a| !names.contains(&a.as_str())).cloned().collect();
+        devices::run(&args, &settings);
     }
 }

@@ -192,9 +192,11 @@ fn install_debian(packages: &[&str]) -> Result<()> {
 }
 
 fn bench(args: &[String]) -> Result<()> {
-    // iceoryx2 runs bindgen (libclang); the latency plot's labels use DejaVu Sans.
+    // iceoryx2 runs bindgen (libclang); the latency plot's labels use DejaVu Sans; the device
+    // benchmarks make a loop device (losetup), a network namespace (unshare) and configure
+    // TUN interfaces (ip).
     step("bench prerequisites");
-    install_debian(&["libclang-dev", "fonts-dejavu-core"])?;
+    install_debian(&["libclang-dev", "fonts-dejavu-core", "iproute2", "util-linux"])?;
     step("benchmarks (release build)");
     run(cargo()
         .args([

@@ -264,3 +264,43 @@ fn a_block_device_that_is_not_one_is_refused_at_start() {
         "{stderr}"
     );
 }
+
+/// The policy grants a family's methods, memory types and argument ranges one by one: here
+/// geometry and small reads, but not the dma memory nor writes.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_policy_grants_and_refuses_block_methods_memory_and_ranges() {
+    const NARROW: &str = r#"
+[[principal]]
+name = "local"
+
+[[rule]]
+id = "block-look"
+effect = "allow"
+principals = ["local"]
+service = { class = "BlockDevice" }
+methods = ["get_geometry", "read_blocks"]
+args.read_blocks.count = { max = 8 }
+"#;
+    let device = LoopDevice::attach(&disk(), false);
+    let config = format!(
+        "[[device]]\nname = \"disk0\"\ndriver = \"block\"\npath = \"{}\"\n",
+        device.path.display()
+    );
+    let broker = Broker::with(BrokerSetup {
+        config: Some(&config),
+        policy: Some(NARROW),
+        ..BrokerSetup::default()
+    });
+    let (mut s, h) = open(&broker, false).await;
+    s.call(h, GET_GEOMETRY, &[], &[], 64).await.unwrap();
+    let e = s.map_memory(h, 0).await.unwrap_err();
+    assert_eq!(status(&e), Some(Status::NotPrivileged), "{e}");
+    assert!(e.to_string().contains("dma"), "{e}");
+    let e = s.call(h, WRITE_BLOCKS, &[0, 1, 0], &[], 0).await.unwrap_err();
+    assert_eq!(status(&e), Some(Status::NotPrivileged), "{e}");
+    let e = s.call(h, READ_BLOCKS, &[0, 16, 0], &[], 0).await.unwrap_err();
+    assert_eq!(status(&e), Some(Status::NotPrivileged), "{e}");
+    // Within the range the policy allows, the driver has its say: no dma memory mapped.
+    let e = s.call(h, READ_BLOCKS, &[0, 8, 0], &[], 0).await.unwrap_err();
+    assert_eq!(status(&e), Some(Status::BadArgument), "{e}");
+}

@@ -126,6 +126,71 @@ fn policy_check_finds_unknown_argument_names() {
     assert!(out.contains("1 error(s)"), "{out}");
 }
 
+/// Every family's methods, argument names, memory types and privileges, as a security team
+/// writes them.
+const FAMILIES_POLICY: &str = r#"[[principal]]
+name = "a"
+
+[[rule]]
+id = "tty"
+effect = "allow"
+principals = ["a"]
+service = { class = "TtyDevice" }
+methods = ["get_line", "set_line", "write", "read", "get_modem", "set_modem", "flush", "drain", "send_break"]
+privileges = ["tty.break"]
+args.read.max_len = { max = 64 }
+
+[[rule]]
+id = "block"
+effect = "allow"
+principals = ["a"]
+service = { class = "BlockDevice" }
+methods = ["get_geometry", "read_blocks", "write_blocks", "flush", "discard"]
+memory = ["dma"]
+privileges = ["block.discard"]
+args.read_blocks.count = { max = 2048 }
+
+[[rule]]
+id = "net"
+effect = "allow"
+principals = ["a"]
+service = { class = "NetDevice" }
+methods = ["get_info", "set_up", "set_down", "set_mtu", "send_packet", "recv_packet"]
+privileges = ["net.admin"]
+args.set_mtu.mtu = { min = 1280 }
+"#;
+
+#[test]
+fn policy_check_knows_the_device_families_names() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("families.toml");
+    std::fs::write(&good, FAMILIES_POLICY).unwrap();
+    let (ok, out) = run(&["policy", "check", good.to_str().unwrap()]);
+    assert!(ok, "{out}");
+    assert!(out.contains("ok (3 rules"), "{out}");
+    // Each kind of name misspelled once.
+    let bad = dir.path().join("typos.toml");
+    let typos = FAMILIES_POLICY
+        .replace("\"send_break\"]", "\"send_brake\"]")
+        .replace("[\"tty.break\"]", "[\"tty.brake\"]")
+        .replace("[\"dma\"]", "[\"dam\"]")
+        .replace("set_mtu.mtu", "set_mtu.size")
+        .replace("\"recv_packet\"]", "\"receive_packet\"]");
+    std::fs::write(&bad, typos).unwrap();
+    let (ok, out) = run(&["policy", "check", bad.to_str().unwrap()]);
+    assert!(!ok);
+    for expected in [
+        "rule \"tty\": method \"send_brake\" is not in class TtyDevice (did you mean \"send_break\"?)",
+        "rule \"tty\": privilege \"tty.brake\" is not in class TtyDevice (did you mean \"tty.break\"?)",
+        "rule \"block\": memory type \"dam\" is not in class BlockDevice (did you mean \"dma\"?)",
+        "rule \"net\": method \"receive_packet\" is not in class NetDevice",
+        "rule \"net\": parameter \"size\" of set_mtu is not in class NetDevice",
+        "5 error(s)",
+    ] {
+        assert!(out.contains(expected), "{expected}: {out}");
+    }
+}
+
 #[test]
 fn policy_explain_checks_arguments_against_the_granting_rule() {
     let dir = tempfile::tempdir().unwrap();
