@@ -151,6 +151,54 @@ impl NetInfo {
     }
 }
 
+/// Batches of packets as the net family's `send_packets` and `recv_packets` lay them in the
+/// `packets` memory (docs/drivers/net.md): records of a 4-byte header (the packet's length as a
+/// big-endian `u16`, then two zero bytes), the packet, and zero padding to a multiple of 4.
+pub mod packet_records {
+    use crate::ClientError;
+
+    /// A record's header length.
+    pub const HEADER: usize = 4;
+
+    /// The bytes one packet's record takes.
+    pub fn span(packet_len: usize) -> usize {
+        (HEADER + packet_len).next_multiple_of(HEADER)
+    }
+
+    /// Appends one packet's record to `batch` (1 to 65,535 bytes).
+    pub fn push(batch: &mut Vec<u8>, packet: &[u8]) -> Result<(), ClientError> {
+        let len = u16::try_from(packet.len())
+            .ok()
+            .filter(|l| *l > 0)
+            .ok_or_else(|| ClientError::Protocol(format!("a packet of {} bytes: 1 to 65535", packet.len())))?;
+        batch.extend_from_slice(&len.to_be_bytes());
+        batch.extend_from_slice(&[0, 0]);
+        batch.extend_from_slice(packet);
+        batch.resize(batch.len().next_multiple_of(HEADER), 0);
+        Ok(())
+    }
+
+    /// The packets of a batch, in order (`bytes`: what `recv_packets` wrote, as long as its
+    /// `bytes` output says).
+    pub fn parse(bytes: &[u8]) -> Result<Vec<&[u8]>, ClientError> {
+        let mut packets = Vec::new();
+        let mut at = 0;
+        while at < bytes.len() {
+            let bad = || ClientError::Protocol(format!("a malformed packet record at offset {at}"));
+            let &[hi, lo, 0, 0] = bytes.get(at..at + HEADER).ok_or_else(bad)? else {
+                return Err(bad());
+            };
+            let len = usize::from(u16::from_be_bytes([hi, lo]));
+            if len == 0 || at + span(len) > bytes.len() {
+                return Err(bad());
+            }
+            packets.push(bytes.get(at + HEADER..at + HEADER + len).ok_or_else(bad)?);
+            at += span(len);
+        }
+        Ok(packets)
+    }
+}
+
 fn size_error(name: &str, want: usize, got: &[u8]) -> ClientError {
     ClientError::Protocol(format!("struct {name} is {want} bytes here, got {}", got.len()))
 }
@@ -186,6 +234,23 @@ impl Session {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn packet_records_round_trip_and_refuse_malformed_batches() {
+        let mut batch = Vec::new();
+        packet_records::push(&mut batch, b"abcde").unwrap();
+        packet_records::push(&mut batch, &[7; 8]).unwrap();
+        assert_eq!(batch.len(), 12 + 12);
+        assert_eq!(&batch[..12], b"\0\x05\0\0abcde\0\0\0");
+        assert_eq!(packet_records::parse(&batch).unwrap(), [&b"abcde"[..], &[7; 8][..]]);
+        assert!(packet_records::push(&mut batch, &[]).is_err());
+        assert!(packet_records::push(&mut batch, &vec![0; 65_536]).is_err());
+        assert!(packet_records::parse(&batch[..10]).is_err(), "cut short");
+        assert!(packet_records::parse(&batch[..20]).is_err(), "cut short");
+        let mut reserved = batch.clone();
+        reserved[2] = 1;
+        assert!(packet_records::parse(&reserved).is_err());
+    }
 
     #[test]
     fn tty_line_round_trips() {

@@ -8,7 +8,8 @@ use std::{
     process::Stdio,
 };
 
-use portcullis_client::{OpenMode, Status};
+use portcullis_client::{OpenMode, Status, devices::packet_records, native::NativeSession};
+use portcullis_proto::layout::AbiId;
 use portcullis_tests::{Broker, BrokerSetup, NOBODY};
 
 const POLICY: &str = r#"
@@ -25,6 +26,7 @@ effect = "allow"
 principals = ["local"]
 service = { class = "NetDevice" }
 methods = ["*"]
+memory = ["packets"]
 
 [[rule]]
 id = "net-admin"
@@ -217,4 +219,116 @@ async fn drain(session: &portcullis_client::Session, net: &portcullis_client::Us
     }
     assert_eq!(received + dropped, sent);
     (received, dropped)
+}
+
+const SEND_PACKETS: u32 = 6;
+const RECV_PACKETS: u32 = 7;
+
+/// Many packets per call, through the user client's `packets` memory: a batch sent leaves on
+/// the TUN, the replies come back as a batch; every malformed batch is refused with a status.
+#[tokio::test(flavor = "multi_thread")]
+async fn batches_of_packets_cross_through_the_packets_memory() {
+    const COUNT: u16 = 8;
+    let broker = broker();
+    let (session, net) = broker.open("net0", OpenMode::Shared).await;
+    run(broker.in_netns("sh", &["-c", "echo 1 > /proc/sys/net/ipv6/conf/pc0/disable_ipv6"]));
+    run(broker.in_netns("ip", &["addr", "add", "192.0.2.1/24", "dev", "pc0"]));
+    session.call_named(&net, "set_up", &[], &[]).await.unwrap();
+    let program = broker.copy_program(
+        std::path::Path::new(env!("CARGO_BIN_EXE_hostile_client")),
+        "hostile_client",
+    );
+    let mut echo = broker
+        .in_netns(
+            program.to_str().unwrap(),
+            &["udp-echo", "192.0.2.1:7777", &COUNT.to_string()],
+        )
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(echo.stdout.take().unwrap()).lines();
+    assert!(lines.next().unwrap().unwrap().contains("ready"));
+
+    let mut s = NativeSession::connect(broker.run_dir(), AbiId::native()).await.unwrap();
+    let id = s.find("net0").await.unwrap().remove(0).id;
+    let h = s.open(id, false).await.unwrap();
+    // Without the memory: refused, saying what to do.
+    let e = s.call(h, SEND_PACKETS, &[0, 1], &[], 0).await.unwrap_err();
+    assert_eq!(e.status(), Some(Status::BadArgument), "{e}");
+    assert!(e.to_string().contains("map the packets memory"), "{e}");
+    let memory = s.map_memory(h, 0).await.unwrap();
+    assert!(memory.writable);
+
+    // One batch of COUNT datagrams, each from its own port.
+    let mut batch = Vec::new();
+    for i in 0..COUNT {
+        let payload = format!("batch {i}");
+        packet_records::push(
+            &mut batch,
+            &udp([192, 0, 2, 2], 5000 + i, [192, 0, 2, 1], 7777, payload.as_bytes()),
+        )
+        .unwrap();
+    }
+    rustix::io::pwrite(&memory.fd, &batch, 0).unwrap();
+    let sent = s.call(h, SEND_PACKETS, &[0, u64::from(COUNT)], &[], 0).await.unwrap();
+    assert_eq!(sent.scalars, vec![u64::from(COUNT)]);
+    // The replies, as batches, into the second half of the memory.
+    const AT: u64 = 1 << 19;
+    let mut replies = Vec::new();
+    while replies.len() < usize::from(COUNT) {
+        let got = s
+            .call(h, RECV_PACKETS, &[AT, 1 << 19, 64, 20_000], &[], 0)
+            .await
+            .unwrap();
+        let [count, bytes, dropped] = got.scalars[..] else {
+            panic!("{:?}", got.scalars)
+        };
+        assert_eq!(dropped, 0);
+        let mut records = vec![0u8; bytes as usize];
+        rustix::io::pread(&memory.fd, &mut records, AT).unwrap();
+        let packets = packet_records::parse(&records).unwrap();
+        assert_eq!(packets.len() as u64, count);
+        replies.extend(packets.into_iter().map(<[u8]>::to_vec));
+    }
+    for (i, reply) in replies.iter().enumerate() {
+        assert_eq!(&reply[12..16], &[192, 0, 2, 1], "from the echo");
+        assert_eq!(&reply[22..24], &(5000 + i as u16).to_be_bytes(), "in order");
+        assert_eq!(&reply[28..], format!("batch {i}").as_bytes());
+    }
+    echo.wait().unwrap();
+
+    // Malformed batches: a status each, nothing sent.
+    let mut cases: Vec<(u32, Vec<u64>)> = vec![
+        (SEND_PACKETS, vec![2, 1]),                   // unaligned record
+        (SEND_PACKETS, vec![0, 0]),                   // no packets
+        (SEND_PACKETS, vec![0, 1025]),                // too many
+        (SEND_PACKETS, vec![1 << 20, 1]),             // past the end
+        (SEND_PACKETS, vec![u64::MAX - 3, 1]),        // overflowing
+        (RECV_PACKETS, vec![2, 64, 1, 0]),            // unaligned
+        (RECV_PACKETS, vec![4, u64::MAX, 1, 0]),      // overflowing room
+        (RECV_PACKETS, vec![0, (1 << 20) + 4, 1, 0]), // past the end
+        (RECV_PACKETS, vec![0, 64, 0, 0]),            // no packets wanted
+        (RECV_PACKETS, vec![0, 64, 1, 600_001]),      // too long a wait
+    ];
+    // A header claiming more than the memory holds, and one with its reserved bytes set.
+    let end = (1u64 << 20) - 8;
+    rustix::io::pwrite(&memory.fd, &[0xff, 0xff, 0, 0], end).unwrap();
+    cases.push((SEND_PACKETS, vec![end, 1]));
+    rustix::io::pwrite(&memory.fd, &[0, 20, 1, 0], 4096).unwrap();
+    cases.push((SEND_PACKETS, vec![4096, 1]));
+    for (selector, scalars) in cases {
+        let e = s.call(h, selector, &scalars, &[], 0).await.unwrap_err();
+        assert_eq!(e.status(), Some(Status::BadArgument), "{selector} {scalars:?}: {e}");
+    }
+    // A batch whose second packet exceeds the MTU: the first is sent, and the count says so.
+    let mut partial = Vec::new();
+    packet_records::push(&mut partial, &udp([192, 0, 2, 2], 1, [192, 0, 2, 1], 9, b"fits")).unwrap();
+    packet_records::push(&mut partial, &udp([192, 0, 2, 2], 1, [192, 0, 2, 1], 9, &[0; 1600])).unwrap();
+    rustix::io::pwrite(&memory.fd, &partial, 8192).unwrap();
+    let sent = s.call(h, SEND_PACKETS, &[8192, 2], &[], 0).await.unwrap();
+    assert_eq!(sent.scalars, vec![1]);
+    // The first one alone over the MTU: its own status.
+    let e = s.call(h, SEND_PACKETS, &[8192 + 4 + 32, 1], &[], 0).await.unwrap_err();
+    assert_eq!(e.status(), Some(Status::BadArgument), "{e}");
+    assert!(e.to_string().contains("exceeds the MTU"), "{e}");
 }

@@ -21,19 +21,22 @@ use rustix::{
 use tokio::{io::unix::AsyncFd, sync::Notify, time::Instant};
 
 use super::{
-    methods::{LAYOUTS, MAX_TIMEOUT_MS, PACKET_MAX, QUEUE_BYTES, QUEUE_PACKETS, Selector, TABLE},
+    methods::{
+        BATCH_MAX, LAYOUTS, MAX_TIMEOUT_MS, MEMORY_TYPES, PACKET_MAX, PACKETS, QUEUE_BYTES, QUEUE_PACKETS,
+        RECORD_HEADER, Selector, TABLE,
+    },
     sys,
 };
 use crate::{
     driver::{
-        CallArgs, CallContext, CallOutput, CallResult, ClientKey, Completion, Driver, DriverError, DriverLive, Family,
-        MethodSpec, NativeStruct,
+        Backing, CallArgs, CallContext, CallOutput, CallResult, ClientKey, Completion, Driver, DriverError, DriverLive,
+        Family, MemoryType, MethodSpec, NativeStruct, memory,
     },
     registry::OpenMode,
 };
 
 /// The net family.
-pub static FAMILY: LazyLock<Family> = LazyLock::new(|| Family::new("net", "NetDevice", LAYOUTS, &TABLE, &[]));
+pub static FAMILY: LazyLock<Family> = LazyLock::new(|| Family::new("net", "NetDevice", LAYOUTS, &TABLE, &MEMORY_TYPES));
 
 static INFO: LazyLock<NativeStruct> = LazyLock::new(|| NativeStruct::of(FAMILY.schema(), "net_info"));
 
@@ -48,6 +51,12 @@ struct Queue {
 }
 
 impl Queue {
+    fn pop(&mut self) -> Option<Vec<u8>> {
+        let packet = self.packets.pop_front()?;
+        self.bytes -= packet.len();
+        Some(packet)
+    }
+
     fn push(&mut self, packet: &[u8]) {
         if self.packets.len() >= QUEUE_PACKETS || self.bytes + packet.len() > QUEUE_BYTES {
             self.dropped += 1;
@@ -79,8 +88,9 @@ struct Shared {
     stopped: tokio::sync::watch::Sender<bool>,
     /// A call started waiting: the reader must watch the interface now.
     wanted: Notify,
-    /// How many times calls pumped the interface (the reader steps aside while they do).
-    call_pumps: AtomicU64,
+    /// How many receive calls came (the reader steps aside while they come: they read the
+    /// interface themselves whenever their queue is short).
+    receives: AtomicU64,
 }
 
 /// Packets one pump takes at most before it lets others have the lock.
@@ -94,10 +104,11 @@ impl Shared {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Reads what the interface has (up to a batch) into every queue, stopping early once
-    /// `until`'s queue holds a packet. Returns the packets read and whether the interface said
-    /// it has no more. An error ends the device: waiting calls learn it is gone.
-    fn pump(&self, state: &mut State, until: Option<ClientKey>) -> Result<(usize, bool), DriverError> {
+    /// Reads what the interface has (up to a batch) into every queue, stopping early once the
+    /// queue of `until`'s client holds as many packets as it wants. Returns the packets read and
+    /// whether the interface said it has no more. An error ends the device: waiting calls learn
+    /// it is gone.
+    fn pump(&self, state: &mut State, until: Option<(ClientKey, usize)>) -> Result<(usize, bool), DriverError> {
         let State { queues, buf } = state;
         for read in 0..PUMP_BATCH {
             match rustix::io::read(&*self.tun, &mut buf[..]) {
@@ -107,8 +118,8 @@ impl Shared {
                         queue.push(packet);
                     }
                     if until
-                        .and_then(|c| queues.get(&c))
-                        .is_some_and(|q| !q.packets.is_empty())
+                        .and_then(|(c, want)| queues.get(&c).map(|q| q.packets.len() >= want))
+                        .unwrap_or(false)
                     {
                         return Ok((read + 1, false));
                     }
@@ -186,7 +197,7 @@ impl NetDevice {
             }),
             stopped: tokio::sync::watch::Sender::new(false),
             wanted: Notify::new(),
-            call_pumps: AtomicU64::new(0),
+            receives: AtomicU64::new(0),
         });
         // Registered here, in the runtime, so that a failure is the device's.
         let watch = watch_tun(&shared).map_err(|e| format!("/dev/net/tun: {e}"))?;
@@ -260,35 +271,23 @@ impl NetDevice {
     }
 
     fn send_packet(&self, packet: &[u8]) -> CallResult {
-        // The MTU remembered serves while packets fit it; one that does not is measured against
-        // the interface's MTU of now (raised since, perhaps, by another program).
-        if packet.len() > self.mtu.load(Ordering::Relaxed) as usize {
-            let mtu = self.read_mtu()?;
-            if packet.len() > mtu as usize {
-                return Err(bad(format!("a packet of {} bytes exceeds the MTU {mtu}", packet.len())));
-            }
-        }
-        // A TUN write takes the whole packet at once, or nothing (a full queue: EAGAIN).
+        self.fits_mtu(packet.len())?;
         match rustix::io::write(&*self.shared.tun, packet) {
             Ok(n) => Ok(CallOutput {
                 scalars: vec![n as u64],
                 struct_out: vec![],
             }),
-            Err(Errno::AGAIN) => Err(DriverError::new(
-                Status::NoMemory,
-                format!("interface {} has no room for the packet now", self.name),
-            )),
-            Err(Errno::INVAL) => Err(bad("the kernel refused the packet (not a valid IP packet)")),
-            Err(e) => Err(self.failed("write", e)),
+            Err(e) => Err(self.write_error(e)),
         }
     }
 
-    fn recv_packet(&self, client: ClientKey, timeout_ms: u64, room: usize) -> Completion {
+    /// Receives into `want`'s shape: at once when packets are queued or waiting on the
+    /// interface, else when one arrives or at `timeout_ms`.
+    fn receive(&self, client: ClientKey, timeout_ms: u64, want: Want) -> Completion {
         if timeout_ms > MAX_TIMEOUT_MS {
             return Completion::Ready(Err(bad(format!("timeout_ms {timeout_ms}: at most {MAX_TIMEOUT_MS}"))));
         }
-        // A packet queued, or waiting on the interface, is answered now.
-        let arrived = match take(&self.shared, client, room) {
+        let arrived = match take(&self.shared, client, &want) {
             Taken::Done(result) => return Completion::Ready(result),
             Taken::Empty(arrived) => arrived,
         };
@@ -314,7 +313,7 @@ impl NetDevice {
                     }
                     _ = stopped.changed() => {}
                 }
-                match take(&shared, client, room) {
+                match take(&shared, client, &want) {
                     Taken::Done(result) => return result,
                     // The same notifier: a user client's queue lives as long as it does.
                     Taken::Empty(_) => {}
@@ -322,10 +321,268 @@ impl NetDevice {
             }
         }))
     }
+
+    /// `recv_packets`: checks the batch's place in the client's `packets` memory.
+    fn recv_packets(&self, ctx: &CallContext<'_>, [offset, room, max_count, timeout_ms]: [u64; 4]) -> Completion {
+        let memory = match self.packets(ctx) {
+            Ok(m) => m,
+            Err(e) => return Completion::Ready(Err(e)),
+        };
+        if offset % RECORD_HEADER as u64 != 0 {
+            return Completion::Ready(Err(bad(format!("offset {offset}: a multiple of {RECORD_HEADER}"))));
+        }
+        if offset.checked_add(room).is_none_or(|end| end > PACKETS.size) {
+            return Completion::Ready(Err(bad(format!(
+                "{room} bytes at offset {offset} do not fit the {}-byte packets memory",
+                PACKETS.size
+            ))));
+        }
+        if !(1..=BATCH_MAX).contains(&max_count) {
+            return Completion::Ready(Err(bad(format!("max_count {max_count}: 1 to {BATCH_MAX}"))));
+        }
+        let want = Want::Batch {
+            memory: memory.clone(),
+            offset,
+            room: room as usize,
+            max: max_count as usize,
+        };
+        self.receive(ctx.client, timeout_ms, want)
+    }
+
+    /// The client's `packets` memory, mapped by the broker too.
+    fn packets<'c>(&self, ctx: &'c CallContext<'_>) -> Result<&'c Backing, DriverError> {
+        let mapped = ctx
+            .memory(PACKETS.id)
+            .ok_or_else(|| bad("map the packets memory type (0) first: batches travel through it"))?;
+        Ok(&mapped.backing)
+    }
+
+    /// `send_packets`: the `count` records at `offset` of the client's `packets` memory, each
+    /// written to the interface straight from that memory. Stops at the first packet refused:
+    /// its error when it is the first, else the number sent before it.
+    fn send_packets(&self, ctx: &CallContext<'_>, [offset, count]: [u64; 2]) -> CallResult {
+        let backing = self.packets(ctx)?;
+        if !(1..=BATCH_MAX).contains(&count) {
+            return Err(bad(format!("count {count}: 1 to {BATCH_MAX}")));
+        }
+        if offset % RECORD_HEADER as u64 != 0 || offset >= PACKETS.size {
+            return Err(bad(format!(
+                "offset {offset}: a multiple of {RECORD_HEADER} inside the {}-byte packets memory",
+                PACKETS.size
+            )));
+        }
+        // Records of packets up to the MTU, as many as asked for, copied at once.
+        let per_record = record_span(self.mtu.load(Ordering::Relaxed) as usize) as u64;
+        let mut records = Records::copy(&backing.fd, offset, count * per_record)?;
+        let mut at = offset;
+        let mut sent = 0u64;
+        while sent < count {
+            let left = (count - sent) * per_record;
+            let step = records.packet(&backing.fd, at, left).and_then(|range| {
+                let packet = records.bytes.get(range.clone()).unwrap_or_default();
+                self.fits_mtu(packet.len())?;
+                rustix::io::write(&*self.shared.tun, packet).map_err(|e| self.write_error(e))?;
+                Ok(record_span(range.len()) as u64)
+            });
+            match step {
+                Ok(span) => {
+                    at += span;
+                    sent += 1;
+                }
+                Err(e) if sent == 0 => return Err(e),
+                Err(e) => {
+                    tracing::debug!(interface = self.name, sent, error = %e, "a batch stops early");
+                    break;
+                }
+            }
+        }
+        Ok(CallOutput {
+            scalars: vec![sent],
+            struct_out: vec![],
+        })
+    }
+
+    /// Refuses a packet larger than the MTU (the one remembered, or if it exceeds that, the
+    /// interface's of now).
+    fn fits_mtu(&self, len: usize) -> Result<(), DriverError> {
+        if len > self.mtu.load(Ordering::Relaxed) as usize {
+            let mtu = self.read_mtu()?;
+            if len > mtu as usize {
+                return Err(bad(format!("a packet of {len} bytes exceeds the MTU {mtu}")));
+            }
+        }
+        Ok(())
+    }
+
+    fn write_error(&self, e: Errno) -> DriverError {
+        match e {
+            // A TUN write takes the whole packet at once, or nothing (a full queue: EAGAIN).
+            Errno::AGAIN => DriverError::new(
+                Status::NoMemory,
+                format!("interface {} has no room for the packet now", self.name),
+            ),
+            Errno::INVAL => bad("the kernel refused the packet (not a valid IP packet)"),
+            e => self.failed("write", e),
+        }
+    }
+}
+
+/// A private copy of part of a client's packets memory. Records are read and sent from the
+/// copy, so what the client writes in its memory meanwhile changes nothing the broker checked.
+struct Records {
+    /// The memory offset of `bytes[0]`.
+    start: u64,
+    bytes: Vec<u8>,
+}
+
+impl Records {
+    /// Copies up to `len` bytes from `offset` (less at the memory's end).
+    fn copy(fd: &OwnedFd, offset: u64, len: u64) -> Result<Records, DriverError> {
+        let len = len.min(PACKETS.size.saturating_sub(offset));
+        let mut bytes = vec![0u8; usize::try_from(len).map_err(|_| bad("length"))?];
+        let mut got = 0;
+        while got < bytes.len() {
+            match rustix::io::pread(fd, bytes.get_mut(got..).unwrap_or_default(), offset + got as u64) {
+                Ok(0) => break,
+                Ok(n) => got += n,
+                Err(Errno::INTR) => {}
+                Err(e) => return Err(DriverError::new(Status::Internal, format!("packets memory: {e}"))),
+            }
+        }
+        bytes.truncate(got);
+        Ok(Records { start: offset, bytes })
+    }
+
+    /// Where, in the copy, the packet of the record at memory offset `at` lies; copies again
+    /// from `at` (up to `ahead` bytes) when the copy ends before the record does.
+    fn packet(&mut self, fd: &OwnedFd, at: u64, ahead: u64) -> Result<std::ops::Range<usize>, DriverError> {
+        let mut fresh = false;
+        loop {
+            let rel = usize::try_from(at - self.start).map_err(|_| bad("offset"))?;
+            let header = self.bytes.get(rel..rel + RECORD_HEADER);
+            let packet = header.and_then(|h| match *h {
+                [hi, lo, 0, 0] => Some(usize::from(u16::from_be_bytes([hi, lo]))),
+                _ => None,
+            });
+            match (header, packet) {
+                (Some(_), None) => {
+                    return Err(bad(format!(
+                        "the record at offset {at}: header bytes 2 and 3 must be zero"
+                    )));
+                }
+                (Some(_), Some(0)) => return Err(bad(format!("the record at offset {at}: an empty packet"))),
+                (Some(_), Some(len)) if rel + RECORD_HEADER + len <= self.bytes.len() => {
+                    return Ok(rel + RECORD_HEADER..rel + RECORD_HEADER + len);
+                }
+                _ if fresh => {
+                    return Err(bad(format!(
+                        "the record at offset {at} does not fit the {}-byte packets memory",
+                        PACKETS.size
+                    )));
+                }
+                // A record longer than the copy reaches (a packet over the MTU, say): copy
+                // again from it, once.
+                _ => {
+                    let need = RECORD_HEADER as u64 + u64::from(u16::MAX);
+                    *self = Records::copy(fd, at, ahead.max(need))?;
+                    fresh = true;
+                }
+            }
+        }
+    }
+}
+
+/// The bytes a record of a `len`-byte packet takes: header, packet, padding to 4.
+fn record_span(len: usize) -> usize {
+    (RECORD_HEADER + len).next_multiple_of(RECORD_HEADER)
 }
 
 fn gone(name: &str) -> DriverError {
     DriverError::new(Status::NoDevice, format!("interface {name} went away"))
+}
+
+/// What a receive takes, and where it puts it.
+enum Want {
+    /// One packet, as the struct output, of at most `room` bytes.
+    One { room: usize },
+    /// Up to `max` packets, as records in `room` bytes at `offset` of the client's memory.
+    Batch {
+        memory: Backing,
+        offset: u64,
+        room: usize,
+        max: usize,
+    },
+}
+
+impl Want {
+    fn count(&self) -> usize {
+        match self {
+            Want::One { .. } => 1,
+            Want::Batch { max, .. } => *max,
+        }
+    }
+
+    /// Takes from the queue what fits, and delivers it.
+    fn deliver(&self, queue: &mut Queue) -> CallResult {
+        let too_big = |len: usize, room: usize| {
+            bad(format!(
+                "a {len}-byte packet does not fit the {room} bytes given for it (it is dropped)"
+            ))
+        };
+        // Reported with the packets delivered (a refusal leaves the count for the next call).
+        let dropped = queue.dropped;
+        match self {
+            Want::One { room } => {
+                let packet = queue.pop().unwrap_or_default();
+                if packet.len() > *room {
+                    return Err(too_big(packet.len(), *room));
+                }
+                queue.dropped = 0;
+                Ok(CallOutput {
+                    scalars: vec![dropped],
+                    struct_out: packet,
+                })
+            }
+            Want::Batch {
+                memory,
+                offset,
+                room,
+                max,
+            } => {
+                let mut records = Vec::new();
+                let mut count = 0u64;
+                while count < *max as u64 {
+                    let Some(len) = queue.packets.front().map(Vec::len) else {
+                        break;
+                    };
+                    if records.len() + record_span(len) > *room {
+                        if count == 0 {
+                            queue.pop();
+                            return Err(too_big(record_span(len), *room));
+                        }
+                        break;
+                    }
+                    let packet = queue.pop().unwrap_or_default();
+                    records.extend_from_slice(&(len as u16).to_be_bytes());
+                    records.extend_from_slice(&[0, 0]);
+                    records.extend_from_slice(&packet);
+                    records.resize(records.len().next_multiple_of(RECORD_HEADER), 0);
+                    count += 1;
+                }
+                // The kernel copies the batch into the client's memory: one system call.
+                let mut put = 0;
+                while put < records.len() {
+                    put += rustix::io::pwrite(&*memory.fd, records.get(put..).unwrap_or_default(), offset + put as u64)
+                        .map_err(|e| DriverError::new(Status::Internal, format!("packets memory: {e}")))?;
+                }
+                queue.dropped = 0;
+                Ok(CallOutput {
+                    scalars: vec![count, records.len() as u64, dropped],
+                    struct_out: vec![],
+                })
+            }
+        }
+    }
 }
 
 enum Taken {
@@ -334,27 +591,18 @@ enum Taken {
     Empty(Arc<Notify>),
 }
 
-/// The client's next packet: from its queue, or else from the interface (pumped now).
-fn take(shared: &Shared, client: ClientKey, room: usize) -> Taken {
+/// The client's next packets: from its queue, or else from the interface (pumped now).
+fn take(shared: &Shared, client: ClientKey, want: &Want) -> Taken {
+    shared.receives.fetch_add(1, Ordering::Relaxed);
     let mut state = shared.state();
     let mut pumped = false;
     loop {
         let Some(queue) = state.queues.get_mut(&client) else {
             return Taken::Done(Err(DriverError::new(Status::Aborted, "the user client closed")));
         };
-        if let Some(packet) = queue.packets.pop_front() {
-            queue.bytes -= packet.len();
-            let dropped = std::mem::take(&mut queue.dropped);
-            if packet.len() > room {
-                return Taken::Done(Err(bad(format!(
-                    "a {}-byte packet does not fit the {room} bytes given for it (it is dropped)",
-                    packet.len()
-                ))));
-            }
-            return Taken::Done(Ok(CallOutput {
-                scalars: vec![dropped],
-                struct_out: packet,
-            }));
+        // What the client wants is there (or, once the interface has been read, some of it).
+        if !queue.packets.is_empty() && (pumped || queue.packets.len() >= want.count()) {
+            return Taken::Done(want.deliver(queue));
         }
         if *shared.stopped.borrow() {
             return Taken::Done(Err(gone(&shared.name)));
@@ -363,8 +611,7 @@ fn take(shared: &Shared, client: ClientKey, room: usize) -> Taken {
             return Taken::Empty(queue.arrived.clone());
         }
         pumped = true;
-        shared.call_pumps.fetch_add(1, Ordering::Relaxed);
-        if let Err(e) = shared.pump(&mut state, Some(client)) {
+        if let Err(e) = shared.pump(&mut state, Some((client, want.count()))) {
             return Taken::Done(Err(e));
         }
     }
@@ -399,13 +646,14 @@ fn watch_tun(shared: &Shared) -> std::io::Result<Watch> {
 /// terminates or the interface goes away (then every waiting call ends `NO_DEVICE`).
 ///
 /// Calls take packets themselves (`recv_packet` pumps the interface when its queue is empty),
-/// and a reader woken for every packet would only race them for the lock, a context switch
-/// per packet. So when the reader finds that calls pumped since it last looked, and none
-/// waits, it stands aside: it leaves the interface unwatched (packets wait in the kernel's own
-/// bounded queue) and looks again a moment later, or at once when a call starts waiting.
+/// and a reader woken for every packet costs each packet a wake-up (the interface's writer pays
+/// it) and races the calls for the lock. So when receive calls came since the reader last
+/// looked, and none waits, it stands aside: it leaves the interface unwatched (packets wait in
+/// the kernel's own bounded queue, for the calls to take) and looks again a moment later, or at
+/// once when a call starts waiting.
 async fn reader(shared: Arc<Shared>, mut watch: Watch, waiting: Arc<AtomicUsize>) {
     let mut stop = shared.stopped.subscribe();
-    let mut call_pumps = shared.call_pumps.load(Ordering::Relaxed);
+    let mut receives = shared.receives.load(Ordering::Relaxed);
     loop {
         let interest = tokio::io::Interest::READABLE | tokio::io::Interest::ERROR;
         let ready = tokio::select! {
@@ -423,8 +671,8 @@ async fn reader(shared: Arc<Shared>, mut watch: Watch, waiting: Arc<AtomicUsize>
             Ok(p) => p,
             Err(_) => return,
         };
-        let calls_pumped = std::mem::replace(&mut call_pumps, shared.call_pumps.load(Ordering::Relaxed)) != call_pumps;
-        if waiting.load(Ordering::Relaxed) > 0 || (read > 0 && !calls_pumped) {
+        let calls_came = std::mem::replace(&mut receives, shared.receives.load(Ordering::Relaxed)) != receives;
+        if waiting.load(Ordering::Relaxed) > 0 || (read > 0 && !calls_came) {
             if drained {
                 // Wait for the interface to say there is more.
                 guard.clear_ready();
@@ -434,7 +682,7 @@ async fn reader(shared: Arc<Shared>, mut watch: Watch, waiting: Arc<AtomicUsize>
             }
             continue;
         }
-        // The calls take the packets, and none waits: stand aside.
+        // Calls take the packets, and none waits: stand aside.
         drop(guard);
         drop(watch);
         tokio::select! {
@@ -476,8 +724,27 @@ impl Driver for NetDevice {
             Selector::SendPacket => self.send_packet(&args.struct_in),
             Selector::RecvPacket => {
                 let [timeout_ms] = args.scalars();
-                return self.recv_packet(ctx.client, timeout_ms, args.struct_out_cap);
+                let want = Want::One {
+                    room: args.struct_out_cap,
+                };
+                return self.receive(ctx.client, timeout_ms, want);
             }
+            Selector::SendPackets => self.send_packets(ctx, args.scalars()),
+            Selector::RecvPackets => return self.recv_packets(ctx, args.scalars()),
+        })
+    }
+
+    fn create_memory(&self, memory_type: &MemoryType) -> Result<Backing, DriverError> {
+        if memory_type.id != PACKETS.id {
+            return Err(bad(format!("no memory type {}", memory_type.id)));
+        }
+        let fd = memory::create_writable("portcullis-net-packets", PACKETS.size)
+            .map_err(|e| DriverError::new(Status::NoMemory, format!("packets: {e}")))?;
+        // Read and written with pread and pwrite: batches are copied whole, once.
+        Ok(Backing {
+            fd: Arc::new(fd),
+            revocable: true,
+            region: None,
         })
     }
 

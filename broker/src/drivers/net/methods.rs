@@ -8,13 +8,19 @@
 //! | 3   | `set_mtu`     | mtu (`net.admin`)           | —                              |
 //! | 4   | `send_packet` | one IP packet (1..=MTU)     | bytes sent                     |
 //! | 5   | `recv_packet` | timeout_ms (async)          | one IP packet; packets dropped |
+//! | 6   | `send_packets` | offset, count              | packets sent                   |
+//! | 7   | `recv_packets` | offset, room, max_count, timeout_ms (async) | packets, bytes, packets dropped |
 //!
 //! The device is a TUN interface the broker creates and owns. Every open user client receives
 //! every packet the interface sends, into a queue of its own bounded to 256 packets and 1 MiB:
 //! what overflows is dropped and counted, and `recv_packet` reports the count (its scalar)
 //! with the next packet.
+//!
+//! The batch methods move many packets per call through the user client's `packets` memory
+//! (memory type 0), where each packet is a record: a 4-byte header — the packet's length as a
+//! big-endian `u16`, then two zero bytes — and the packet, padded with zeros to a multiple of 4.
 
-use crate::driver::{MethodSpec, SizeRange};
+use crate::driver::{MemoryType, MethodSpec, SizeRange};
 
 /// The struct descriptions.
 pub const LAYOUTS: &str = include_str!("layout.toml");
@@ -30,6 +36,22 @@ pub const QUEUE_PACKETS: usize = 256;
 
 /// Bytes queued per user client.
 pub const QUEUE_BYTES: usize = 1 << 20;
+
+/// Memory type `packets`: batches of packets, as records (see the module's documentation).
+pub const PACKETS: MemoryType = MemoryType {
+    id: 0,
+    name: "packets",
+    size: 1 << 20,
+    writable: true,
+};
+
+pub(super) const MEMORY_TYPES: [MemoryType; 1] = [PACKETS];
+
+/// Most packets one batch call moves.
+pub const BATCH_MAX: u64 = 1024;
+
+/// A record's header: the length (big-endian `u16`) and two zero bytes.
+pub const RECORD_HEADER: usize = 4;
 
 /// The net family's selectors.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -47,6 +69,11 @@ pub enum Selector {
     SendPacket = 4,
     /// `recv_packet(timeout_ms) -> (dropped; packet)` (async).
     RecvPacket = 5,
+    /// `send_packets(offset, count) -> sent`, records in `packets` memory.
+    SendPackets = 6,
+    /// `recv_packets(offset, room, max_count, timeout_ms) -> (count, bytes, dropped)` (async),
+    /// records into `packets` memory.
+    RecvPackets = 7,
 }
 
 impl Selector {
@@ -58,6 +85,8 @@ impl Selector {
             Selector::SetMtu,
             Selector::SendPacket,
             Selector::RecvPacket,
+            Selector::SendPackets,
+            Selector::RecvPackets,
         ]
         .into_iter()
         .find(|s| *s as u32 == selector)
@@ -85,7 +114,7 @@ const fn row(
     }
 }
 
-pub(super) const TABLE: [MethodSpec; 6] = [
+pub(super) const TABLE: [MethodSpec; 8] = [
     MethodSpec {
         out_layout: Some("net_info"),
         ..row(Selector::GetInfo, "get_info", &[], 0)
@@ -110,5 +139,15 @@ pub(super) const TABLE: [MethodSpec; 6] = [
         struct_out: SizeRange::between(0, PACKET_MAX),
         is_async: true,
         ..row(Selector::RecvPacket, "recv_packet", &["timeout_ms"], 1)
+    },
+    row(Selector::SendPackets, "send_packets", &["offset", "count"], 1),
+    MethodSpec {
+        is_async: true,
+        ..row(
+            Selector::RecvPackets,
+            "recv_packets",
+            &["offset", "room", "max_count", "timeout_ms"],
+            3,
+        )
     },
 ];

@@ -7,4 +7,4 @@ mod methods;
 mod sys;
 
 pub use device::{FAMILY, NetDevice, open_tun};
-pub use methods::{PACKET_MAX, Selector};
+pub use methods::{BATCH_MAX, PACKET_MAX, PACKETS, RECORD_HEADER, Selector};

@@ -18,8 +18,11 @@
 #define PC_NET_SET_MTU 3
 #define PC_NET_SEND_PACKET 4
 #define PC_NET_RECV_PACKET 5
+#define PC_NET_SEND_PACKETS 6
+#define PC_NET_RECV_PACKETS 7
 
 /* Memory types (pc_map_memory). */
+#define PC_NET_MEMORY_PACKETS 0 /* 1048576 bytes, read-write */
 
 struct net_info {
     char name[16];
@@ -71,6 +74,24 @@ static inline int pc_net_recv_packet(pc_conn *conn, uint64_t handle, uint64_t ti
     uint32_t n_out = 1;
     int rc = pc_call(conn, handle, PC_NET_RECV_PACKET, scalars_in, 1, out_scalars, &n_out, NULL, 0, out, out_len);
     if (rc == PC_SUCCESS && n_out != 1) return PC_PROTOCOL_ERROR;
+    return rc;
+}
+
+/* send_packets. */
+static inline int pc_net_send_packets(pc_conn *conn, uint64_t handle, uint64_t offset, uint64_t count, uint64_t out_scalars[1]) {
+    const uint64_t scalars_in[2] = {offset, count};
+    uint32_t n_out = 1;
+    int rc = pc_call(conn, handle, PC_NET_SEND_PACKETS, scalars_in, 2, out_scalars, &n_out, NULL, 0, NULL, NULL);
+    if (rc == PC_SUCCESS && n_out != 1) return PC_PROTOCOL_ERROR;
+    return rc;
+}
+
+/* recv_packets (asynchronous: returns when it completes). */
+static inline int pc_net_recv_packets(pc_conn *conn, uint64_t handle, uint64_t offset, uint64_t room, uint64_t max_count, uint64_t timeout_ms, uint64_t out_scalars[3]) {
+    const uint64_t scalars_in[4] = {offset, room, max_count, timeout_ms};
+    uint32_t n_out = 3;
+    int rc = pc_call(conn, handle, PC_NET_RECV_PACKETS, scalars_in, 4, out_scalars, &n_out, NULL, 0, NULL, NULL);
+    if (rc == PC_SUCCESS && n_out != 3) return PC_PROTOCOL_ERROR;
     return rc;
 }
 
