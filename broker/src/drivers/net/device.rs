@@ -104,23 +104,19 @@ impl Shared {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Reads what the interface has (up to a batch) into every queue, stopping early once the
-    /// queue of `until`'s client holds as many packets as it wants. Returns the packets read and
-    /// whether the interface said it has no more. An error ends the device: waiting calls learn
-    /// it is gone.
-    fn pump(&self, state: &mut State, until: Option<(ClientKey, usize)>) -> Result<(usize, bool), DriverError> {
+    /// Reads what the interface has (up to a batch of packets), handing each to `each` with the
+    /// queues, until `each` says it has enough. Returns the packets read and whether the
+    /// interface said it has no more. An error ends the device: waiting calls learn it is gone.
+    fn pump(
+        &self,
+        state: &mut State,
+        mut each: impl FnMut(&mut HashMap<ClientKey, Queue>, &[u8]) -> bool,
+    ) -> Result<(usize, bool), DriverError> {
         let State { queues, buf } = state;
         for read in 0..PUMP_BATCH {
             match rustix::io::read(&*self.tun, &mut buf[..]) {
                 Ok(n) => {
-                    let packet = buf.get(..n).unwrap_or_default();
-                    for queue in queues.values_mut() {
-                        queue.push(packet);
-                    }
-                    if until
-                        .and_then(|(c, want)| queues.get(&c).map(|q| q.packets.len() >= want))
-                        .unwrap_or(false)
-                    {
+                    if each(queues, buf.get(..n).unwrap_or_default()) {
                         return Ok((read + 1, false));
                     }
                 }
@@ -137,6 +133,14 @@ impl Shared {
         }
         Ok((PUMP_BATCH, false))
     }
+}
+
+/// Gives every queue a copy.
+fn to_every_queue(queues: &mut HashMap<ClientKey, Queue>, packet: &[u8]) -> bool {
+    for queue in queues.values_mut() {
+        queue.push(packet);
+    }
+    false
 }
 
 /// One TUN interface.
@@ -514,74 +518,57 @@ enum Want {
     },
 }
 
-impl Want {
-    fn count(&self) -> usize {
-        match self {
-            Want::One { .. } => 1,
-            Want::Batch { max, .. } => *max,
-        }
+fn too_big(len: usize, room: usize) -> DriverError {
+    bad(format!(
+        "a {len}-byte packet does not fit the {room} bytes given for it (it is dropped)"
+    ))
+}
+
+/// The records of a `recv_packets`, as they are gathered.
+struct Gather {
+    records: Vec<u8>,
+    count: usize,
+    room: usize,
+    max: usize,
+}
+
+impl Gather {
+    fn full(&self) -> bool {
+        self.count >= self.max
     }
 
-    /// Takes from the queue what fits, and delivers it.
-    fn deliver(&self, queue: &mut Queue) -> CallResult {
-        let too_big = |len: usize, room: usize| {
-            bad(format!(
-                "a {len}-byte packet does not fit the {room} bytes given for it (it is dropped)"
-            ))
-        };
-        // Reported with the packets delivered (a refusal leaves the count for the next call).
-        let dropped = queue.dropped;
-        match self {
-            Want::One { room } => {
-                let packet = queue.pop().unwrap_or_default();
-                if packet.len() > *room {
-                    return Err(too_big(packet.len(), *room));
+    fn fits(&self, len: usize) -> bool {
+        self.records.len() + record_span(len) <= self.room
+    }
+
+    fn add(&mut self, packet: &[u8]) {
+        let len = u16::try_from(packet.len()).unwrap_or(u16::MAX);
+        self.records.extend_from_slice(&len.to_be_bytes());
+        self.records.extend_from_slice(&[0, 0]);
+        self.records.extend_from_slice(packet);
+        self.records
+            .resize(self.records.len().next_multiple_of(RECORD_HEADER), 0);
+        self.count += 1;
+    }
+
+    /// Takes from the front of `queue` what fits; a first packet that cannot fit is dropped
+    /// and refused.
+    fn drain_queue(&mut self, queue: &mut Queue) -> Result<(), DriverError> {
+        while !self.full() {
+            let Some(len) = queue.packets.front().map(Vec::len) else {
+                break;
+            };
+            if !self.fits(len) {
+                if self.count == 0 {
+                    queue.pop();
+                    return Err(too_big(record_span(len), self.room));
                 }
-                queue.dropped = 0;
-                Ok(CallOutput {
-                    scalars: vec![dropped],
-                    struct_out: packet,
-                })
+                break;
             }
-            Want::Batch {
-                memory,
-                offset,
-                room,
-                max,
-            } => {
-                let mut records = Vec::new();
-                let mut count = 0u64;
-                while count < *max as u64 {
-                    let Some(len) = queue.packets.front().map(Vec::len) else {
-                        break;
-                    };
-                    if records.len() + record_span(len) > *room {
-                        if count == 0 {
-                            queue.pop();
-                            return Err(too_big(record_span(len), *room));
-                        }
-                        break;
-                    }
-                    let packet = queue.pop().unwrap_or_default();
-                    records.extend_from_slice(&(len as u16).to_be_bytes());
-                    records.extend_from_slice(&[0, 0]);
-                    records.extend_from_slice(&packet);
-                    records.resize(records.len().next_multiple_of(RECORD_HEADER), 0);
-                    count += 1;
-                }
-                // The kernel copies the batch into the client's memory: one system call.
-                let mut put = 0;
-                while put < records.len() {
-                    put += rustix::io::pwrite(&*memory.fd, records.get(put..).unwrap_or_default(), offset + put as u64)
-                        .map_err(|e| DriverError::new(Status::Internal, format!("packets memory: {e}")))?;
-                }
-                queue.dropped = 0;
-                Ok(CallOutput {
-                    scalars: vec![count, records.len() as u64, dropped],
-                    struct_out: vec![],
-                })
-            }
+            let packet = queue.pop().unwrap_or_default();
+            self.add(&packet);
         }
+        Ok(())
     }
 }
 
@@ -591,18 +578,53 @@ enum Taken {
     Empty(Arc<Notify>),
 }
 
-/// The client's next packets: from its queue, or else from the interface (pumped now).
+fn closed() -> Taken {
+    Taken::Done(Err(DriverError::new(Status::Aborted, "the user client closed")))
+}
+
+/// The client's next packets: from its queue, or else from the interface (read now).
 fn take(shared: &Shared, client: ClientKey, want: &Want) -> Taken {
     shared.receives.fetch_add(1, Ordering::Relaxed);
     let mut state = shared.state();
+    match want {
+        Want::One { room } => take_one(shared, &mut state, client, *room),
+        Want::Batch {
+            memory,
+            offset,
+            room,
+            max,
+        } => {
+            let mut gather = Gather {
+                records: Vec::new(),
+                count: 0,
+                room: *room,
+                max: *max,
+            };
+            match take_batch(shared, &mut state, client, &mut gather) {
+                Ok(Some(taken)) => taken,
+                Ok(None) => Taken::Done(deliver_batch(&mut state, client, &gather, memory, *offset)),
+                Err(e) => Taken::Done(Err(e)),
+            }
+        }
+    }
+}
+
+fn take_one(shared: &Shared, state: &mut State, client: ClientKey, room: usize) -> Taken {
     let mut pumped = false;
     loop {
         let Some(queue) = state.queues.get_mut(&client) else {
-            return Taken::Done(Err(DriverError::new(Status::Aborted, "the user client closed")));
+            return closed();
         };
-        // What the client wants is there (or, once the interface has been read, some of it).
-        if !queue.packets.is_empty() && (pumped || queue.packets.len() >= want.count()) {
-            return Taken::Done(want.deliver(queue));
+        if let Some(packet) = queue.pop() {
+            if packet.len() > room {
+                return Taken::Done(Err(too_big(packet.len(), room)));
+            }
+            // Reported with the packet delivered (a refusal leaves it for the next call).
+            let dropped = std::mem::take(&mut queue.dropped);
+            return Taken::Done(Ok(CallOutput {
+                scalars: vec![dropped],
+                struct_out: packet,
+            }));
         }
         if *shared.stopped.borrow() {
             return Taken::Done(Err(gone(&shared.name)));
@@ -611,10 +633,79 @@ fn take(shared: &Shared, client: ClientKey, want: &Want) -> Taken {
             return Taken::Empty(queue.arrived.clone());
         }
         pumped = true;
-        if let Err(e) = shared.pump(&mut state, Some((client, want.count()))) {
+        let pumped = shared.pump(state, |queues, packet| {
+            to_every_queue(queues, packet);
+            queues.get(&client).is_some_and(|q| !q.packets.is_empty())
+        });
+        if let Err(e) = pumped {
             return Taken::Done(Err(e));
         }
     }
+}
+
+/// Gathers the client's queued packets, then, while room remains, the interface's: those go
+/// straight into the records (the other clients' queues get their copies). `Ok(Some)` when
+/// the call is answered otherwise (nothing yet, the client gone, the device gone).
+fn take_batch(
+    shared: &Shared,
+    state: &mut State,
+    client: ClientKey,
+    gather: &mut Gather,
+) -> Result<Option<Taken>, DriverError> {
+    let Some(queue) = state.queues.get_mut(&client) else {
+        return Ok(Some(closed()));
+    };
+    gather.drain_queue(queue)?;
+    if queue.packets.is_empty() && !gather.full() && !*shared.stopped.borrow() {
+        shared.pump(state, |queues, packet| {
+            for (key, queue) in queues.iter_mut() {
+                if *key == client && queue.packets.is_empty() && !gather.full() && gather.fits(packet.len()) {
+                    gather.add(packet);
+                } else {
+                    queue.push(packet);
+                }
+            }
+            gather.full()
+        })?;
+        // A first packet too big for the room stayed in the queue: refused, and dropped.
+        if gather.count == 0
+            && let Some(queue) = state.queues.get_mut(&client)
+        {
+            gather.drain_queue(queue)?;
+        }
+    }
+    if gather.count > 0 {
+        return Ok(None);
+    }
+    if *shared.stopped.borrow() {
+        return Err(gone(&shared.name));
+    }
+    Ok(Some(match state.queues.get(&client) {
+        Some(queue) => Taken::Empty(queue.arrived.clone()),
+        None => closed(),
+    }))
+}
+
+/// Writes the gathered records into the client's memory (one system call: the kernel copies
+/// them) and reports them.
+fn deliver_batch(state: &mut State, client: ClientKey, gather: &Gather, memory: &Backing, offset: u64) -> CallResult {
+    let mut put = 0;
+    while put < gather.records.len() {
+        put += rustix::io::pwrite(
+            &*memory.fd,
+            gather.records.get(put..).unwrap_or_default(),
+            offset + put as u64,
+        )
+        .map_err(|e| DriverError::new(Status::Internal, format!("packets memory: {e}")))?;
+    }
+    let dropped = state
+        .queues
+        .get_mut(&client)
+        .map_or(0, |q| std::mem::take(&mut q.dropped));
+    Ok(CallOutput {
+        scalars: vec![gather.count as u64, gather.records.len() as u64, dropped],
+        struct_out: vec![],
+    })
 }
 
 /// Counts a waiting call for as long as it waits.
@@ -662,8 +753,8 @@ async fn reader(shared: Arc<Shared>, mut watch: Watch, waiting: Arc<AtomicUsize>
         };
         let Ok(mut guard) = ready else { return };
         let pumped = match shared.state.try_lock() {
-            Ok(mut state) => shared.pump(&mut state, None),
-            Err(std::sync::TryLockError::Poisoned(e)) => shared.pump(&mut e.into_inner(), None),
+            Ok(mut state) => shared.pump(&mut state, to_every_queue),
+            Err(std::sync::TryLockError::Poisoned(e)) => shared.pump(&mut e.into_inner(), to_every_queue),
             // A call holds the lock: it is pumping.
             Err(std::sync::TryLockError::WouldBlock) => Ok((0, false)),
         };
