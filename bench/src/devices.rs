@@ -398,9 +398,9 @@ fn forwarded(p: &[u8]) -> bool {
 fn net(args: &Args, _devices: &Devices, broker: &Broker) {
     const WINDOW: usize = 64;
     const BATCH: u64 = 64;
-    // Where batches are received: the second half of the packets memory.
-    const RECV_AT: u64 = 1 << 19;
-    const RECV_ROOM: u64 = 1 << 19;
+    // Where batches are received: two regions after the batch to send, in turn.
+    const RECV_AT: [u64; 2] = [256 << 10, 640 << 10];
+    const RECV_ROOM: u64 = 384 << 10;
     let n = args.iters * 4;
     for key in ["all", "default"] {
         std::fs::write(format!("/proc/sys/net/ipv6/conf/{key}/disable_ipv6"), "1").unwrap();
@@ -415,27 +415,31 @@ fn net(args: &Args, _devices: &Devices, broker: &Broker) {
     ip(&["link", "set", "pcd0", "up"]);
     let to_broker = packet([198, 51, 100, 2], [198, 51, 100, 3]);
     let to_direct = packet([192, 0, 2, 2], [192, 0, 2, 3]);
+    // Each contender's user client is open only for its own run: every user client of the
+    // interface gets a copy of each packet, which the other contender would pay for.
     let (mut ring, h) = broker.ring("net0", false);
+    let net0 = ring.find("net0").unwrap()[0].id;
+    ring.close(h).unwrap();
     let (mut floor, sample) = broker.ring("sample0", false);
-    // Batches: a user client of its own, with its packets memory holding one batch to send
-    // (the same packets every time, as the direct contender writes the same buffer).
+    // Batches: a ring of their own (the spinning client), the packets memory holding one batch
+    // to send (the same packets every time, as the direct contender writes the same buffer).
     let spinning = RingOptions {
         wait: WaitMode::Adaptive,
         spin: LONG_SPIN,
         ..RingOptions::default()
     };
     let (mut batched, bh) = broker.ring_with("net0", false, spinning);
-    let packets = batched.map_memory(bh, 0).unwrap();
+    batched.close(bh).unwrap();
     let mut batch = Vec::new();
     for _ in 0..BATCH {
         packet_records::push(&mut batch, &to_broker).unwrap();
     }
-    rustix::io::pwrite(&packets.fd, &batch, 0).unwrap();
     let (mut broker_pps, mut batch_pps, mut floor_pps, mut direct_pps) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let mut records = vec![0u8; RECV_ROOM as usize];
     for _ in 0..args.rounds {
         // Through the broker: sends and receives pipelined on the ring, a window in flight.
+        let h = ring.open(net0, false).unwrap();
         let start = Instant::now();
         let (mut sent, mut got) = (0usize, 0usize);
         let mut in_flight = std::collections::VecDeque::new();
@@ -460,38 +464,49 @@ fn net(args: &Args, _devices: &Devices, broker: &Broker) {
         for (_, id) in in_flight.drain(..) {
             let _ = ring.wait(id);
         }
-        // Through the broker in batches: one call sends BATCH packets from the packets memory,
-        // calls receive into it until all are back; the client reads each batch received.
+        ring.close(h).unwrap();
+        // Through the broker in batches, pipelined as the per-packet contender is: sends of
+        // BATCH packets from the packets memory keep WINDOW packets in flight, and one receive
+        // is always pending, into one of two regions of the memory in turn, so that the next
+        // one is asked for before the client reads the batch that came back.
+        let bh = batched.open(net0, false).unwrap();
+        let packets = batched.map_memory(bh, 0).unwrap();
+        rustix::io::pwrite(&packets.fd, &batch, 0).unwrap();
         let start = Instant::now();
-        let mut got = 0usize;
+        let (mut sent, mut got, mut asked) = (0usize, 0usize, 0usize);
+        let mut recv: Option<(u64, u64)> = None;
+        let receive = |ring: &mut RingClient, at: u64| {
+            let id = ring.submit_call(bh, 7, &[at, RECV_ROOM, BATCH, 1000], &[], 0).unwrap();
+            (id, at)
+        };
         while got < n {
-            let receive = |ring: &mut RingClient| {
-                ring.submit_call(bh, 7, &[RECV_AT, RECV_ROOM, BATCH, 1000], &[], 0)
-                    .unwrap()
-            };
-            let send = batched.submit_call(bh, 6, &[0, BATCH], &[], 0).unwrap();
-            let mut recv = receive(&mut batched);
-            let r = batched.wait(send).unwrap();
-            assert_eq!((r.status, call_scalars(&r.body)), (0, vec![BATCH]), "{}", r.message);
-            let mut back = 0;
-            loop {
-                let r = batched.wait(recv).unwrap();
-                assert_eq!(r.status, 0, "{}", r.message);
-                let bytes = call_scalars(&r.body)[1] as usize;
-                rustix::io::pread(&packets.fd, &mut records[..bytes], RECV_AT).unwrap();
-                back += packet_records::parse(&records[..bytes])
-                    .unwrap()
-                    .into_iter()
-                    .filter(|p| forwarded(p))
-                    .count();
-                if back >= BATCH as usize {
-                    break;
-                }
-                recv = receive(&mut batched);
+            while sent < n && sent + BATCH as usize - got <= WINDOW {
+                batched.submit_call(bh, 6, &[0, BATCH], &[], 0).unwrap();
+                sent += BATCH as usize;
             }
-            got += back;
+            if recv.is_none() {
+                recv = Some(receive(&mut batched, RECV_AT[0]));
+            }
+            let r = batched.next_response().unwrap();
+            assert_eq!(r.status, 0, "{}", r.message);
+            let scalars = call_scalars(&r.body);
+            let Some((_, at)) = recv.filter(|(id, _)| *id == r.id) else {
+                assert_eq!(scalars, vec![BATCH], "a whole batch sent");
+                continue;
+            };
+            asked += scalars[0] as usize;
+            // The next receive goes to the other region before this one is read.
+            recv = (asked < sent).then(|| receive(&mut batched, RECV_AT[usize::from(at == RECV_AT[0])]));
+            let bytes = scalars[1] as usize;
+            rustix::io::pread(&packets.fd, &mut records[..bytes], at).unwrap();
+            got += packet_records::parse(&records[..bytes])
+                .unwrap()
+                .into_iter()
+                .filter(|p| forwarded(p))
+                .count();
         }
         batch_pps.push(got as f64 / start.elapsed().as_secs_f64());
+        batched.close(bh).unwrap();
         // The ring alone: two calls per packet carrying the same bytes, with no device behind
         // them — the sample device's `echo` of 1,400 bytes, and an empty `echo`.
         let start = Instant::now();

@@ -8,7 +8,11 @@ use std::{
     process::Stdio,
 };
 
-use portcullis_client::{OpenMode, Status, devices::packet_records, native::NativeSession};
+use portcullis_client::{
+    OpenMode, Status,
+    devices::packet_records,
+    native::{MappedMemory, NativeSession},
+};
 use portcullis_proto::layout::AbiId;
 use portcullis_tests::{Broker, BrokerSetup, NOBODY};
 
@@ -228,26 +232,13 @@ const RECV_PACKETS: u32 = 7;
 /// the TUN, the replies come back as a batch; every malformed batch is refused with a status.
 #[tokio::test(flavor = "multi_thread")]
 async fn batches_of_packets_cross_through_the_packets_memory() {
-    const COUNT: u16 = 8;
     let broker = broker();
     let (session, net) = broker.open("net0", OpenMode::Shared).await;
     run(broker.in_netns("sh", &["-c", "echo 1 > /proc/sys/net/ipv6/conf/pc0/disable_ipv6"]));
     run(broker.in_netns("ip", &["addr", "add", "192.0.2.1/24", "dev", "pc0"]));
     session.call_named(&net, "set_up", &[], &[]).await.unwrap();
-    let program = broker.copy_program(
-        std::path::Path::new(env!("CARGO_BIN_EXE_hostile_client")),
-        "hostile_client",
-    );
-    let mut echo = broker
-        .in_netns(
-            program.to_str().unwrap(),
-            &["udp-echo", "192.0.2.1:7777", &COUNT.to_string()],
-        )
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(echo.stdout.take().unwrap()).lines();
-    assert!(lines.next().unwrap().unwrap().contains("ready"));
+    // The native client below is then the interface's only reader.
+    session.close(&net).await.unwrap();
 
     let mut s = NativeSession::connect(broker.run_dir(), AbiId::native()).await.unwrap();
     let id = s.find("net0").await.unwrap().remove(0).id;
@@ -259,43 +250,23 @@ async fn batches_of_packets_cross_through_the_packets_memory() {
     let memory = s.map_memory(h, 0).await.unwrap();
     assert!(memory.writable);
 
-    // One batch of COUNT datagrams, each from its own port.
-    let mut batch = Vec::new();
-    for i in 0..COUNT {
-        let payload = format!("batch {i}");
-        packet_records::push(
-            &mut batch,
-            &udp([192, 0, 2, 2], 5000 + i, [192, 0, 2, 1], 7777, payload.as_bytes()),
-        )
-        .unwrap();
-    }
-    rustix::io::pwrite(&memory.fd, &batch, 0).unwrap();
-    let sent = s.call(h, SEND_PACKETS, &[0, u64::from(COUNT)], &[], 0).await.unwrap();
-    assert_eq!(sent.scalars, vec![u64::from(COUNT)]);
-    // The replies, as batches, into the second half of the memory.
-    const AT: u64 = 1 << 19;
-    let mut replies = Vec::new();
-    while replies.len() < usize::from(COUNT) {
-        let got = s
-            .call(h, RECV_PACKETS, &[AT, 1 << 19, 64, 20_000], &[], 0)
+    // Alone, with room for them all: the replies come in one or more batches.
+    echo_batch(&broker, &mut s, h, &memory, 5000, 1 << 19).await;
+    // With another reader, which gets its copies, and room for two replies at a time: over
+    // several calls, none lost.
+    let (other_session, other) = broker.open("net0", OpenMode::Shared).await;
+    echo_batch(&broker, &mut s, h, &memory, 6000, 96).await;
+    for i in 0..BATCH_COUNT {
+        let copy = other_session
+            .call_named(&other, "recv_packet", &[20_000], &[])
             .await
             .unwrap();
-        let [count, bytes, dropped] = got.scalars[..] else {
-            panic!("{:?}", got.scalars)
-        };
-        assert_eq!(dropped, 0);
-        let mut records = vec![0u8; bytes as usize];
-        rustix::io::pread(&memory.fd, &mut records, AT).unwrap();
-        let packets = packet_records::parse(&records).unwrap();
-        assert_eq!(packets.len() as u64, count);
-        replies.extend(packets.into_iter().map(<[u8]>::to_vec));
+        assert_eq!(
+            &copy.struct_out[22..24],
+            &(6000 + i).to_be_bytes(),
+            "the other reader's copy"
+        );
     }
-    for (i, reply) in replies.iter().enumerate() {
-        assert_eq!(&reply[12..16], &[192, 0, 2, 1], "from the echo");
-        assert_eq!(&reply[22..24], &(5000 + i as u16).to_be_bytes(), "in order");
-        assert_eq!(&reply[28..], format!("batch {i}").as_bytes());
-    }
-    echo.wait().unwrap();
 
     // Malformed batches: a status each, nothing sent.
     let mut cases: Vec<(u32, Vec<u64>)> = vec![
@@ -331,4 +302,70 @@ async fn batches_of_packets_cross_through_the_packets_memory() {
     let e = s.call(h, SEND_PACKETS, &[8192 + 4 + 32, 1], &[], 0).await.unwrap_err();
     assert_eq!(e.status(), Some(Status::BadArgument), "{e}");
     assert!(e.to_string().contains("exceeds the MTU"), "{e}");
+}
+
+const BATCH_COUNT: u16 = 8;
+
+/// Sends a batch of `BATCH_COUNT` datagrams, from ports `base_port` on, to a UDP echo in the
+/// namespace, and receives the replies as batches of records in `room` bytes of the packets
+/// memory; checks they all came back, in order.
+async fn echo_batch(broker: &Broker, s: &mut NativeSession, h: u64, memory: &MappedMemory, base_port: u16, room: u64) {
+    const AT: u64 = 1 << 19;
+    let program = broker.copy_program(
+        std::path::Path::new(env!("CARGO_BIN_EXE_hostile_client")),
+        "hostile_client",
+    );
+    let mut echo = broker
+        .in_netns(
+            program.to_str().unwrap(),
+            &["udp-echo", "192.0.2.1:7777", &BATCH_COUNT.to_string()],
+        )
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(echo.stdout.take().unwrap()).lines();
+    assert!(lines.next().unwrap().unwrap().contains("ready"));
+    let mut batch = Vec::new();
+    for i in 0..BATCH_COUNT {
+        let payload = format!("batch {i}");
+        packet_records::push(
+            &mut batch,
+            &udp([192, 0, 2, 2], base_port + i, [192, 0, 2, 1], 7777, payload.as_bytes()),
+        )
+        .unwrap();
+    }
+    rustix::io::pwrite(&memory.fd, &batch, 0).unwrap();
+    let sent = s
+        .call(h, SEND_PACKETS, &[0, u64::from(BATCH_COUNT)], &[], 0)
+        .await
+        .unwrap();
+    assert_eq!(sent.scalars, vec![u64::from(BATCH_COUNT)]);
+    let mut replies = Vec::new();
+    let mut calls = 0;
+    while replies.len() < usize::from(BATCH_COUNT) {
+        let got = s.call(h, RECV_PACKETS, &[AT, room, 64, 20_000], &[], 0).await.unwrap();
+        calls += 1;
+        let [count, bytes, dropped] = got.scalars[..] else {
+            panic!("{:?}", got.scalars)
+        };
+        assert_eq!(dropped, 0);
+        assert!(bytes <= room, "{bytes} bytes in {room}");
+        let mut records = vec![0u8; bytes as usize];
+        rustix::io::pread(&memory.fd, &mut records, AT).unwrap();
+        let packets = packet_records::parse(&records).unwrap();
+        assert_eq!(packets.len() as u64, count);
+        replies.extend(packets.into_iter().map(<[u8]>::to_vec));
+    }
+    if room < 128 {
+        assert!(
+            calls >= usize::from(BATCH_COUNT) / 2,
+            "{room} bytes hold two replies at a time"
+        );
+    }
+    for (i, reply) in replies.iter().enumerate() {
+        assert_eq!(&reply[12..16], &[192, 0, 2, 1], "from the echo");
+        assert_eq!(&reply[22..24], &(base_port + i as u16).to_be_bytes(), "in order");
+        assert_eq!(&reply[28..], format!("batch {i}").as_bytes());
+    }
+    echo.wait().unwrap();
 }

@@ -73,6 +73,9 @@ impl Queue {
 struct State {
     queues: HashMap<ClientKey, Queue>,
     buf: Vec<u8>,
+    /// The records a `recv_packets` gathers, kept from call to call (a batch's worth of fresh
+    /// memory each time would be paid in page faults).
+    records: Vec<u8>,
 }
 
 /// What the TUN reader and the calls share: packets are taken from the interface by whoever
@@ -112,7 +115,7 @@ impl Shared {
         state: &mut State,
         mut each: impl FnMut(&mut HashMap<ClientKey, Queue>, &[u8]) -> bool,
     ) -> Result<(usize, bool), DriverError> {
-        let State { queues, buf } = state;
+        let State { queues, buf, .. } = state;
         for read in 0..PUMP_BATCH {
             match rustix::io::read(&*self.tun, &mut buf[..]) {
                 Ok(n) => {
@@ -198,6 +201,7 @@ impl NetDevice {
             state: Mutex::new(State {
                 queues: HashMap::new(),
                 buf: vec![0u8; PACKET_MAX as usize],
+                records: Vec::new(),
             }),
             stopped: tokio::sync::watch::Sender::new(false),
             wanted: Notify::new(),
@@ -377,7 +381,8 @@ impl NetDevice {
         }
         // Records of packets up to the MTU, as many as asked for, copied at once.
         let per_record = record_span(self.mtu.load(Ordering::Relaxed) as usize) as u64;
-        let mut records = Records::copy(&backing.fd, offset, count * per_record)?;
+        let scratch = SEND_SCRATCH.take();
+        let mut records = Records::copy(&backing.fd, offset, count * per_record, scratch)?;
         let mut at = offset;
         let mut sent = 0u64;
         while sent < count {
@@ -400,6 +405,7 @@ impl NetDevice {
                 }
             }
         }
+        SEND_SCRATCH.set(records.bytes);
         Ok(CallOutput {
             scalars: vec![sent],
             struct_out: vec![],
@@ -431,6 +437,11 @@ impl NetDevice {
     }
 }
 
+thread_local! {
+    /// The buffer a `send_packets` copies its batch into, kept for the thread's next one.
+    static SEND_SCRATCH: std::cell::Cell<Vec<u8>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
 /// A private copy of part of a client's packets memory. Records are read and sent from the
 /// copy, so what the client writes in its memory meanwhile changes nothing the broker checked.
 struct Records {
@@ -440,10 +451,11 @@ struct Records {
 }
 
 impl Records {
-    /// Copies up to `len` bytes from `offset` (less at the memory's end).
-    fn copy(fd: &OwnedFd, offset: u64, len: u64) -> Result<Records, DriverError> {
+    /// Copies up to `len` bytes from `offset` (less at the memory's end), into `bytes`.
+    fn copy(fd: &OwnedFd, offset: u64, len: u64, mut bytes: Vec<u8>) -> Result<Records, DriverError> {
         let len = len.min(PACKETS.size.saturating_sub(offset));
-        let mut bytes = vec![0u8; usize::try_from(len).map_err(|_| bad("length"))?];
+        bytes.clear();
+        bytes.resize(usize::try_from(len).map_err(|_| bad("length"))?, 0);
         let mut got = 0;
         while got < bytes.len() {
             match rustix::io::pread(fd, bytes.get_mut(got..).unwrap_or_default(), offset + got as u64) {
@@ -488,7 +500,8 @@ impl Records {
                 // again from it, once.
                 _ => {
                     let need = RECORD_HEADER as u64 + u64::from(u16::MAX);
-                    *self = Records::copy(fd, at, ahead.max(need))?;
+                    let bytes = std::mem::take(&mut self.bytes);
+                    *self = Records::copy(fd, at, ahead.max(need), bytes)?;
                     fresh = true;
                 }
             }
@@ -594,17 +607,21 @@ fn take(shared: &Shared, client: ClientKey, want: &Want) -> Taken {
             room,
             max,
         } => {
+            let mut records = std::mem::take(&mut state.records);
+            records.clear();
             let mut gather = Gather {
-                records: Vec::new(),
+                records,
                 count: 0,
                 room: *room,
                 max: *max,
             };
-            match take_batch(shared, &mut state, client, &mut gather) {
+            let taken = match take_batch(shared, &mut state, client, &mut gather) {
                 Ok(Some(taken)) => taken,
                 Ok(None) => Taken::Done(deliver_batch(&mut state, client, &gather, memory, *offset)),
                 Err(e) => Taken::Done(Err(e)),
-            }
+            };
+            state.records = gather.records;
+            taken
         }
     }
 }
