@@ -674,16 +674,24 @@ fn take_batch(
     };
     gather.drain_queue(queue)?;
     if queue.packets.is_empty() && !gather.full() && !*shared.stopped.borrow() {
-        shared.pump(state, |queues, packet| {
-            for (key, queue) in queues.iter_mut() {
-                if *key == client && queue.packets.is_empty() && !gather.full() && gather.fits(packet.len()) {
-                    gather.add(packet);
-                } else {
-                    queue.push(packet);
+        // Until the batch is full, the interface has no more, or a packet did not fit (it
+        // waits in the queue for the next call): a batch may be larger than one pump.
+        loop {
+            let (_, drained) = shared.pump(state, |queues, packet| {
+                for (key, queue) in queues.iter_mut() {
+                    if *key == client && queue.packets.is_empty() && !gather.full() && gather.fits(packet.len()) {
+                        gather.add(packet);
+                    } else {
+                        queue.push(packet);
+                    }
                 }
+                gather.full()
+            })?;
+            let queued = state.queues.get(&client).is_some_and(|q| !q.packets.is_empty());
+            if drained || gather.full() || queued {
+                break;
             }
-            gather.full()
-        })?;
+        }
         // A first packet too big for the room stayed in the queue: refused, and dropped.
         if gather.count == 0
             && let Some(queue) = state.queues.get_mut(&client)
