@@ -144,20 +144,59 @@ fn two_mappings_of_one_memfd_share_records() {
 }
 
 #[test]
-fn waiter_wakes_on_the_client_eventfd_without_reading_it() {
-    let client = crate::wake::eventfd().unwrap();
-    let waiter = crate::wake::Waiter::new(&client).unwrap();
-    crate::wake::ring(&client);
-    let start = std::time::Instant::now();
-    waiter.wait(std::time::Duration::from_secs(5)).unwrap();
+fn the_broker_doorbell_means_nothing_by_its_bytes_and_never_fills_up() {
+    use std::time::Duration;
+    let (bell, client) = crate::wake::broker_doorbell().unwrap();
+    let waiter = crate::wake::Waiter::new(&bell).unwrap();
+    // What sank big-endian clients under qemu-user: each ring an 8-byte 1 in the client's byte
+    // order (2^56 read little-endian), ~2.5 a wake-up. An eventfd's counter filled after 255;
+    // this doorbell is emptied before each sleep, and any bytes wake it.
+    for round in 0..1_000 {
+        crate::wake::drain_broker(&bell);
+        assert!(!readable(&bell), "round {round}: empty after draining");
+        rustix::io::write(&client, &1u64.to_be_bytes()).unwrap();
+        let start = std::time::Instant::now();
+        waiter.wait(Duration::from_secs(5)).unwrap();
+        assert!(
+            start.elapsed() < Duration::from_secs(4),
+            "round {round}: woken by the ring"
+        );
+    }
+    // A hostile client makes its end blocking and floods it: a ring still never blocks (the
+    // full socket is `EAGAIN`, already a wake-up), and the broker's end stays non-blocking.
+    let flags = rustix::fs::fcntl_getfl(&client).unwrap();
+    rustix::fs::fcntl_setfl(&client, flags - rustix::fs::OFlags::NONBLOCK).unwrap();
+    let (done, finished) = std::sync::mpsc::channel();
+    let ringer = std::thread::spawn(move || {
+        let rung = (0..100_000).all(|_| crate::wake::ring_broker(&client).is_ok());
+        let _ = done.send(rung);
+        client
+    });
     assert!(
-        start.elapsed() < std::time::Duration::from_secs(4),
-        "woken by the ring, not the timeout"
+        finished.recv_timeout(Duration::from_secs(30)).expect("a ring blocked"),
+        "every ring of a full doorbell is fine"
     );
-    // The broker did not drain the client's counter.
-    let mut counter = [0u8; 8];
-    rustix::io::read(&client, &mut counter).unwrap();
-    assert_eq!(u64::from_ne_bytes(counter), 1);
+    let client = ringer.join().unwrap();
+    assert!(readable(&bell));
+    for _ in 0..1_000 {
+        crate::wake::drain_broker(&bell);
+    }
+    assert!(!readable(&bell), "drained, in bounded steps");
+    // Once the broker lets the ring go, a ring is an error, not a SIGPIPE.
+    drop(waiter);
+    drop(bell);
+    let e = crate::wake::ring_broker(&client).unwrap_err();
+    assert_eq!(
+        rustix::io::Errno::from_io_error(&e),
+        Some(rustix::io::Errno::PIPE),
+        "{e}"
+    );
+}
+
+/// Whether `fd` has bytes to read now.
+fn readable(fd: &std::os::fd::OwnedFd) -> bool {
+    let mut fds = [rustix::event::PollFd::new(fd, rustix::event::PollFlags::IN)];
+    rustix::event::poll(&mut fds, Some(&rustix::event::Timespec { tv_sec: 0, tv_nsec: 0 })).unwrap() == 1
 }
 
 #[test]
@@ -174,7 +213,7 @@ fn doorbell_ring_never_blocks_whatever_the_sleeper_does_with_its_end() {
     std::thread::spawn(move || {
         let start = Instant::now();
         for _ in 0..100_000 {
-            crate::wake::ring(&writer);
+            crate::wake::ring(&writer).unwrap();
         }
         let full = rustix::io::write(&writer, &1u64.to_ne_bytes()).is_err();
         let _ = done.send((start.elapsed(), full));
@@ -191,7 +230,7 @@ fn waiter_wakes_on_a_doorbell_rung_after_it_was_drained() {
     let (reader, writer) = crate::wake::doorbell().unwrap();
     let waiter = crate::wake::Waiter::new(&reader).unwrap();
     for _ in 0..10_000 {
-        crate::wake::ring(&writer);
+        crate::wake::ring(&writer).unwrap();
     }
     crate::wake::drain(&reader);
     let mut byte = [0u8; 1];
@@ -203,7 +242,7 @@ fn waiter_wakes_on_a_doorbell_rung_after_it_was_drained() {
     assert!(start.elapsed() >= Duration::from_millis(150), "no ring, so the timeout");
     let ringer = std::thread::spawn(move || {
         std::thread::sleep(Duration::from_millis(50));
-        crate::wake::ring(&writer);
+        crate::wake::ring(&writer).unwrap();
         writer
     });
     let start = Instant::now();

@@ -3,9 +3,19 @@
 //! rings the other's doorbell only when it is set. The two fences make the pair a Dekker
 //! handshake: either the sleeper sees the work, or the waker sees the flag.
 //!
-//! The broker's doorbell is an eventfd the client rings. The broker never reads it (an
-//! edge-triggered epoll reports each write), so nothing the client does to it can make the
-//! broker block.
+//! Each side empties its own doorbell before it announces sleep, and waits on it
+//! level-triggered: whatever is unread is a wake-up not yet taken, so a full doorbell (a write
+//! that fails with `EAGAIN`) already means "wake up". The bytes rung carry no meaning: no byte
+//! order, no count.
+//!
+//! The broker's doorbell is one end of a Unix stream socket pair; the client gets the other
+//! end and rings by sending a byte (`MSG_DONTWAIT | MSG_NOSIGNAL`: never blocking whatever the
+//! descriptor's flags, and an error rather than `SIGPIPE` once the broker has let the ring go).
+//! The two ends are two open files: nothing the client does to its end (clearing
+//! `O_NONBLOCK`, reading it) touches the broker's, which the broker reads only with
+//! `MSG_DONTWAIT`. It replaced an eventfd, whose 8-byte value a client under qemu-user wrote in
+//! its own byte order (2^56 for a big-endian 1); the counter, never read, filled after 255
+//! rings and every later ring was lost.
 //!
 //! The client's doorbell is a pipe ([`doorbell`]), not an eventfd: a descriptor passed to the
 //! client shares its open file description, and with it `O_NONBLOCK`. A client that cleared
@@ -31,10 +41,58 @@ pub fn eventfd() -> io::Result<OwnedFd> {
     )?)
 }
 
-/// Rings a doorbell, an eventfd or the write end of a [`doorbell`] pipe: writes a `u64` 1
-/// without blocking (a full counter or pipe already means "wake up").
-pub fn ring(fd: impl AsFd) {
-    let _ = rustix::io::write(fd, &1u64.to_ne_bytes());
+/// Rings a doorbell of this side's making, an eventfd or the write end of a [`doorbell`] pipe
+/// (both non-blocking descriptions that only this side holds): writes a `u64` 1. A full
+/// counter or pipe already means "wake up"; any other failure is returned.
+pub fn ring(fd: impl AsFd) -> io::Result<()> {
+    loop {
+        return match rustix::io::write(&fd, &1u64.to_ne_bytes()) {
+            Ok(_) | Err(rustix::io::Errno::AGAIN) => Ok(()),
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(e) => Err(e.into()),
+        };
+    }
+}
+
+/// The broker's doorbell: a Unix stream socket pair, non-blocking and close-on-exec,
+/// `(broker's end, client's end)`.
+pub fn broker_doorbell() -> io::Result<(OwnedFd, OwnedFd)> {
+    use rustix::net::{AddressFamily, SocketFlags, SocketType};
+    Ok(rustix::net::socketpair(
+        AddressFamily::UNIX,
+        SocketType::STREAM,
+        SocketFlags::CLOEXEC | SocketFlags::NONBLOCK,
+        None,
+    )?)
+}
+
+/// Rings the broker's doorbell from the client's end: sends one byte without blocking and
+/// without `SIGPIPE`. A full socket already means "wake up" (the broker empties it before it
+/// sleeps); any other failure (the broker has let the ring go: `EPIPE`) is returned.
+pub fn ring_broker(fd: impl AsFd) -> io::Result<()> {
+    use rustix::net::SendFlags;
+    loop {
+        return match rustix::net::send(&fd, &[1], SendFlags::DONTWAIT | SendFlags::NOSIGNAL) {
+            Ok(_) | Err(rustix::io::Errno::AGAIN) => Ok(()),
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(e) => Err(e.into()),
+        };
+    }
+}
+
+/// Empties the broker's end of its doorbell, never blocking (`MSG_DONTWAIT`, whatever the
+/// flags), and at most 64 KiB at a time: what a flooding client leaves makes the next wait
+/// return at once, which costs only that client's ring thread.
+pub fn drain_broker(fd: impl AsFd) {
+    use rustix::net::RecvFlags;
+    let mut buf = [0u8; 4096];
+    for _ in 0..16 {
+        match rustix::net::recv(&fd, &mut buf, RecvFlags::DONTWAIT) {
+            Ok((n, _)) if n == buf.len() => {}
+            Err(rustix::io::Errno::INTR) => {}
+            _ => return,
+        }
+    }
 }
 
 /// A doorbell pipe, non-blocking and close-on-exec at both ends: `(read end, write end)`. The
@@ -59,15 +117,15 @@ pub const ON_RECORDS: u32 = 1;
 /// A `*_sleeping` bit: wake me when the other side frees room (a head).
 pub const ON_ROOM: u32 = 2;
 
-/// Rings `fd` if the other side sleeps waiting for `what` (`ON_RECORDS` after publishing a
-/// tail, `ON_ROOM` after publishing a head).
-pub fn wake_if(sleeping: &AtomicU32, what: u32, fd: impl AsFd) -> bool {
+/// Rings with `ring` if the other side sleeps waiting for `what` (`ON_RECORDS` after
+/// publishing a tail, `ON_ROOM` after publishing a head). Returns whether it rang.
+pub fn wake_if(sleeping: &AtomicU32, what: u32, ring: impl FnOnce() -> io::Result<()>) -> io::Result<bool> {
     fence(Ordering::SeqCst);
     if u32::from_le(sleeping.load(Ordering::Relaxed)) & what != 0 {
-        ring(fd);
-        return true;
+        ring()?;
+        return Ok(true);
     }
-    false
+    Ok(false)
 }
 
 /// Announces sleep in `sleeping` (the bits of what would wake it), re-checks `ready`, and
@@ -88,17 +146,16 @@ fn timespec(timeout: Duration) -> Timespec {
     }
 }
 
-/// A wait on the other side's doorbell, edge-triggered (each write is an edge: the broker never
-/// reads the client's eventfd, the client drains its pipe only before it sleeps), plus a
-/// private eventfd this side's own threads ring, plus any level-triggered descriptors watched
-/// (the client watches its socket).
+/// A wait on this side's doorbell, level-triggered (the sleeper empties it before it announces
+/// sleep: what is unread is a wake-up not yet taken), plus a private eventfd this side's own
+/// threads ring, plus any descriptors watched (the client watches its socket).
 #[derive(Debug)]
 pub struct Waiter {
     epoll: OwnedFd,
     private: OwnedFd,
 }
 
-const CLIENT: u64 = 0;
+const DOORBELL: u64 = 0;
 const PRIVATE: u64 = 1;
 const WATCHED: u64 = 2;
 
@@ -114,15 +171,15 @@ impl Waiter {
         Ok(())
     }
 
-    /// Watches `client` (the doorbell the other side rings).
-    pub fn new(client: impl AsFd) -> io::Result<Waiter> {
+    /// Watches `doorbell` (the one the other side rings).
+    pub fn new(doorbell: impl AsFd) -> io::Result<Waiter> {
         let epoll = epoll::create(epoll::CreateFlags::CLOEXEC)?;
         let private = eventfd()?;
         epoll::add(
             &epoll,
-            client,
-            epoll::EventData::new_u64(CLIENT),
-            epoll::EventFlags::IN | epoll::EventFlags::ET,
+            doorbell,
+            epoll::EventData::new_u64(DOORBELL),
+            epoll::EventFlags::IN,
         )?;
         epoll::add(
             &epoll,

@@ -2,13 +2,16 @@
  * one broker. It calls add, echo, get_info and transform_record with edge values and checks
  * every returned field, including that padding bytes come back zero.
  *   client RUN_DIR        prints "ok: N checks on ABI" and exits 0, or lists failures, exit 1
- *   client RUN_DIR ring   the same over the shared-memory ring ("ok: N checks on ABI over the ring") */
+ *   client RUN_DIR ring   the same over the shared-memory ring ("ok: N checks on ABI over the ring")
+ *   client RUN_DIR sleeping-ring CALLS
+ *                         CALLS adds through a ring that sleeps (PC_RING_SLEEP), each under 50 ms */
 #define _POSIX_C_SOURCE 200809L
 #include <float.h>
 #include <limits.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/wait.h>
 #include <time.h>
@@ -368,12 +371,58 @@ static void async_and_reset(const char *run_dir, uint64_t service) {
     CHECK(rc == PC_SUCCESS, "reset: %s", pc_status_name(rc));
 }
 
+static double ms_since(const struct timespec *t0) {
+    struct timespec t1;
+    clock_gettime(CLOCK_MONOTONIC, &t1);
+    return (double)(t1.tv_sec - t0->tv_sec) * 1e3 + (double)(t1.tv_nsec - t0->tv_nsec) / 1e6;
+}
+
+/* `calls` calls of add through a ring that sleeps between calls (the broker, in sleep mode,
+ * sleeps too: every call rings its doorbell). The first call over 50 ms fails: a lost wake-up
+ * shows as the broker's 500 ms nap. */
+static int sleeping_ring(const char *run_dir, long calls) {
+    pc_service found[4];
+    size_t n = 0;
+    long i;
+    double slowest = 0;
+    int rc = pc_connect(run_dir, &conn);
+    if (rc == PC_SUCCESS) rc = pc_ring_enable(conn, 0, 0, PC_RING_SLEEP);
+    if (rc == PC_SUCCESS) rc = pc_find_services(conn, NULL, "sample0", found, 4, &n);
+    if (rc == PC_SUCCESS && n == 1) rc = pc_open(conn, found[0].id, 0, &handle);
+    if (rc != PC_SUCCESS || n != 1) {
+        printf("FAIL setting up the sleeping ring on %s: %s %s\n", abi_names[PC_ABI], pc_status_name(rc), conn ? pc_last_message(conn) : "");
+        return 1;
+    }
+    for (i = 0; i < calls; i++) {
+        struct timespec t0;
+        uint64_t sum = 0;
+        double took;
+        clock_gettime(CLOCK_MONOTONIC, &t0);
+        rc = call_add((uint64_t)i, 1, &sum);
+        took = ms_since(&t0);
+        if (rc != PC_SUCCESS || sum != (uint64_t)i + 1) {
+            printf("FAIL call %ld on %s: %s (%s), sum %llu\n", i, abi_names[PC_ABI], pc_status_name(rc), pc_last_message(conn), (unsigned long long)sum);
+            return 1;
+        }
+        if (took > slowest) slowest = took;
+        if (took > 50.0) {
+            printf("FAIL sleeping ring call %ld of %ld took %.1f ms on %s\n", i + 1, calls, took, abi_names[PC_ABI]);
+            return 1;
+        }
+    }
+    pc_disconnect(conn);
+    printf("ok: %ld sleeping ring calls on %s, slowest %.2f ms\n", calls, abi_names[PC_ABI], slowest);
+    return 0;
+}
+
 int main(int argc, char **argv) {
     pc_service found[4];
     size_t n = 0;
-    /* usage: client RUN_DIR [ring] */
+    /* usage: client RUN_DIR [ring | sleeping-ring CALLS] */
     int ring = argc > 2 && strcmp(argv[2], "ring") == 0;
-    int rc = pc_connect(argc > 1 ? argv[1] : NULL, &conn);
+    int rc;
+    if (argc > 3 && strcmp(argv[2], "sleeping-ring") == 0) return sleeping_ring(argv[1], strtol(argv[3], NULL, 10));
+    rc = pc_connect(argc > 1 ? argv[1] : NULL, &conn);
     if (rc != PC_SUCCESS) {
         printf("FAIL connect: %s\n", pc_status_name(rc));
         return 1;

@@ -33,14 +33,15 @@ struct pc_conn {
     size_t ev_head, ev_len;
     uint64_t ev_lost;
     int fd_in;       /* the first descriptor that came with the last frame, or -1 */
-    int fd_more[2];  /* the second and third (the broker's eventfd, our doorbell pipe), or -1 */
+    int fd_more[2];  /* the second and third (the broker's doorbell, ours), or -1 */
     struct pc_ring {
         unsigned char *base; /* NULL until pc_ring_enable */
         size_t len;
         uint32_t sq_size, cq_size;
         uint32_t sq_tail, cq_head; /* ours; the shared copies are only written */
-        int efd_broker, efd_client; /* the broker's eventfd; our doorbell pipe's read end */
+        int efd_broker, efd_client; /* our end of the broker's doorbell socket; our doorbell pipe's read end */
         int wait;
+        int bell_errno; /* set when the broker's doorbell failed: the ring is unusable */
     } ring;
 };
 
@@ -70,20 +71,40 @@ static uint32_t *ring_word(pc_conn *c, size_t off) { return (uint32_t *)(void *)
 static uint32_t ring_load(pc_conn *c, size_t off) { return le32(__atomic_load_n(ring_word(c, off), __ATOMIC_ACQUIRE)); }
 static void ring_store(pc_conn *c, size_t off, uint32_t v) { __atomic_store_n(ring_word(c, off), le32(v), __ATOMIC_RELEASE); }
 
-static void ring_bell(int fd) {
-    uint64_t one = 1;
-    ssize_t n = write(fd, &one, sizeof one); /* non-blocking: a full counter already wakes */
-    (void)n;
+/* Rings the broker's doorbell: one byte, whatever its value, never blocking and never raising
+ * SIGPIPE. A full socket (EAGAIN) is already a wake-up: the broker empties it before it sleeps.
+ * 0, or an errno (EPIPE: the broker has let the ring go). */
+static int ring_bell(int fd) {
+    static const unsigned char one = 1;
+    ssize_t n;
+    do n = send(fd, &one, 1, MSG_DONTWAIT | MSG_NOSIGNAL);
+    while (n < 0 && errno == EINTR);
+    if (n >= 0 || errno == EAGAIN || errno == EWOULDBLOCK) return 0;
+    return errno;
 }
 
 /* The bits of a *_sleeping word: what the sleeper waits for. */
 #define RING_ON_RECORDS 1u /* a tail published */
 #define RING_ON_ROOM 2u    /* a head published */
 
-/* Wakes the broker if it sleeps waiting for `what` (after a fence that pairs with its own). */
+/* Wakes the broker if it sleeps waiting for `what` (after a fence that pairs with its own).
+ * A doorbell that fails makes the ring unusable: remembered, and reported by ring_broken. */
 static void ring_wake_broker(pc_conn *c, uint32_t what) {
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
-    if (le32(__atomic_load_n(ring_word(c, RING_BROKER_SLEEPING), __ATOMIC_RELAXED)) & what) ring_bell(c->ring.efd_broker);
+    if (le32(__atomic_load_n(ring_word(c, RING_BROKER_SLEEPING), __ATOMIC_RELAXED)) & what) {
+        int e = ring_bell(c->ring.efd_broker);
+        if (e != 0 && c->ring.bell_errno == 0) c->ring.bell_errno = e;
+    }
+}
+
+/* PC_ERR_SYSTEM (errno set, message saying so) once the broker's doorbell has failed. */
+static int ring_broken(pc_conn *c) {
+    char m[160];
+    if (c->ring.bell_errno == 0) return PC_SUCCESS;
+    snprintf(m, sizeof m, "the broker's doorbell cannot be rung (%s): the ring is unusable", strerror(c->ring.bell_errno));
+    set_message(c, m);
+    errno = c->ring.bell_errno;
+    return PC_ERR_SYSTEM;
 }
 
 /* Copies n bytes into (to = 1) or out of a ring at index, wrapping at its end. */
@@ -111,6 +132,7 @@ static int ring_push(pc_conn *c, const unsigned char *p, size_t n) {
     unsigned char hdr[8] = {0};
     static const unsigned char zeros[8] = {0};
     unsigned char *sq = c->ring.base + RING_HEADER;
+    if (ring_broken(c) != PC_SUCCESS) return PC_ERR_SYSTEM;
     for (;;) {
         uint32_t used = c->ring.sq_tail - ring_load(c, RING_SQ_HEAD);
         if (used > c->ring.sq_size) {
@@ -130,7 +152,7 @@ static int ring_push(pc_conn *c, const unsigned char *p, size_t n) {
     c->ring.sq_tail += span;
     ring_store(c, RING_SQ_TAIL, c->ring.sq_tail);
     ring_wake_broker(c, RING_ON_RECORDS);
-    return PC_SUCCESS;
+    return ring_broken(c);
 }
 
 /* Takes the next completion record into c->in: 1 with its length, 0 when none is published,
@@ -139,7 +161,8 @@ static int ring_pop(pc_conn *c, size_t *len) {
     unsigned char hdr[8];
     uint32_t tail = ring_load(c, RING_CQ_TAIL), used = tail - c->ring.cq_head, n;
     unsigned char *cq = c->ring.base + RING_HEADER + c->ring.sq_size;
-    if (used == 0) return 0;
+    /* Records published before the doorbell failed (a Goodbye, say) are still delivered. */
+    if (used == 0) return ring_broken(c) == PC_SUCCESS ? 0 : PC_ERR_SYSTEM;
     if (used > c->ring.cq_size || used % 8u != 0) {
         set_message(c, "the completion tail is past the ring");
         return PC_PROTOCOL_ERROR;
@@ -799,6 +822,7 @@ int pc_ring_enable(pc_conn *c, uint32_t sq_size, uint32_t cq_size, int wait) {
     c->ring.efd_client = c->fd_more[1];
     c->fd_more[0] = c->fd_more[1] = -1;
     c->ring.wait = wait;
+    c->ring.bell_errno = 0;
     return PC_SUCCESS;
 }
 

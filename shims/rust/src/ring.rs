@@ -11,7 +11,7 @@
 //! let handle = ring.open(sample, false)?;
 //! // Pipelined: submit many, then collect (completions may come in any order).
 //! let ids: Vec<u64> = (0..64).map(|i| ring.submit_call(handle, 0, &[i, 1], &[], 0)).collect::<Result<_, _>>()?;
-//! ring.flush();
+//! ring.flush()?;
 //! for _ in &ids {
 //!     let response = ring.next_response()?;
 //!     assert_eq!(response.status, 0);
@@ -99,6 +99,15 @@ pub struct RingClient {
 
 fn io_err(e: impl std::fmt::Display) -> ClientError {
     ClientError::Protocol(e.to_string())
+}
+
+/// The broker's doorbell could not be rung: the broker has let the ring go (its end is closed),
+/// or something else is wrong with the descriptor.
+fn doorbell_err(e: std::io::Error) -> ClientError {
+    match rustix::io::Errno::from_io_error(&e) {
+        Some(rustix::io::Errno::PIPE | rustix::io::Errno::CONNRESET) => ClientError::Disconnected,
+        _ => ClientError::Protocol(format!("the broker's doorbell: {e}")),
+    }
 }
 
 /// A blocking `SOCK_SEQPACKET` exchange: one frame out, one frame (and its descriptors) in.
@@ -238,7 +247,7 @@ impl RingClient {
         let (id, len) = self.encode(request)?;
         let mut since = None;
         while !self.push(len)? {
-            self.flush();
+            self.flush()?;
             // Take completions aside so the broker is never stuck on a full completion ring.
             if !self.drain_completions()? {
                 self.wait_for(&mut since, wake::ON_ROOM, |c| {
@@ -295,16 +304,21 @@ impl RingClient {
         })
     }
 
-    /// Publishes every queued request and wakes the broker if it sleeps.
-    pub fn flush(&mut self) {
+    /// Publishes every queued request and wakes the broker if it sleeps. An error when the
+    /// broker's doorbell cannot be rung (the broker has let the ring go).
+    pub fn flush(&mut self) -> Result<(), ClientError> {
         if !self.unflushed {
-            return;
+            return Ok(());
         }
         self.unflushed = false;
         let header = self.map.header();
         if self.sq.publish(&header.sq_tail.0) {
-            wake::wake_if(&header.broker_sleeping.0, wake::ON_RECORDS, &self.to_broker);
+            wake::wake_if(&header.broker_sleeping.0, wake::ON_RECORDS, || {
+                wake::ring_broker(&self.to_broker)
+            })
+            .map_err(doorbell_err)?;
         }
+        Ok(())
     }
 
     /// Moves every published completion out of the ring (responses parked by id, events
@@ -330,7 +344,10 @@ impl RingClient {
                 return Ok(None);
             }
             self.cq.publish(&header.cq_head.0);
-            wake::wake_if(&header.broker_sleeping.0, wake::ON_ROOM, &self.to_broker);
+            wake::wake_if(&header.broker_sleeping.0, wake::ON_ROOM, || {
+                wake::ring_broker(&self.to_broker)
+            })
+            .map_err(doorbell_err)?;
             match ServerFrame::decode(&self.record).map_err(io_err)? {
                 ServerFrame::Response(r) => return Ok(Some(r)),
                 ServerFrame::Event(e) => self.events.push(e),
@@ -383,7 +400,7 @@ impl RingClient {
     /// The next response, whichever request it answers (responses to asynchronous methods may
     /// overtake earlier ones). Publishes queued requests first.
     pub fn next_response(&mut self) -> Result<ResponseFrame, ClientError> {
-        self.flush();
+        self.flush()?;
         if let Some(id) = self.parked.keys().next().copied()
             && let Some(r) = self.parked.remove(&id)
         {
@@ -400,7 +417,7 @@ impl RingClient {
 
     /// Waits for the response to request `id`; others that arrive meanwhile are kept.
     pub fn wait(&mut self, id: u64) -> Result<ResponseFrame, ClientError> {
-        self.flush();
+        self.flush()?;
         let mut since = None;
         loop {
             if let Some(r) = self.parked.remove(&id) {
@@ -506,9 +523,9 @@ impl RingClient {
         Mapping::map(&self.memfd, self.map.sq_size(), self.map.cq_size())
     }
 
-    /// The eventfd that wakes the broker, for tests that play a hostile client.
+    /// The client's end of the broker's doorbell, for tests that play a hostile client.
     #[doc(hidden)]
-    pub fn broker_eventfd(&self) -> std::os::fd::BorrowedFd<'_> {
+    pub fn broker_doorbell(&self) -> std::os::fd::BorrowedFd<'_> {
         self.to_broker.as_fd()
     }
 

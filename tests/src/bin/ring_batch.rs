@@ -22,7 +22,7 @@ fn main() {
         for i in 0..512u64 {
             ring.submit_call(handle, 0, &[i, 1], &[], 0).unwrap();
         }
-        ring.flush();
+        ring.flush().unwrap();
         if !announced {
             println!("submitting");
             announced = true;

@@ -9,7 +9,7 @@ use std::{
 };
 
 use portcullis_proto::layout::ABIS;
-use portcullis_tests::{Broker, bin};
+use portcullis_tests::{Broker, BrokerSetup, bin};
 
 struct Row {
     abi: String,
@@ -97,6 +97,17 @@ fn golden_layouts_match_every_abis_compiler() {
     assert_eq!(checked.len(), ABIS.len());
 }
 
+/// A command that runs `program` (built for `row`'s ABI): directly, or under its qemu-user.
+fn run_on(row: &Row, program: &Path) -> Command {
+    if row.runner == "native" {
+        return Command::new(program);
+    }
+    require(&row.runner);
+    let mut c = Command::new(&row.runner);
+    c.arg(program);
+    c
+}
+
 /// Builds libportcullis and the matrix client for one ABI; returns the client's path.
 fn build_client(row: &Row) -> PathBuf {
     build_program(row, "client")
@@ -174,14 +185,7 @@ fn abi_matrix_clients_run_against_one_broker() {
     for row in &runnable {
         require(&row.compiler);
         let client = build_client(row);
-        let mut cmd = if row.runner == "native" {
-            Command::new(&client)
-        } else {
-            require(&row.runner);
-            let mut c = Command::new(&row.runner);
-            c.arg(&client);
-            c
-        };
+        let mut cmd = run_on(row, &client);
         cmd.arg(broker.run_dir());
         let socket = cmd.output().unwrap();
         // The same client again, upgraded to the shared-memory ring.
@@ -214,6 +218,43 @@ fn abi_matrix_clients_run_against_one_broker() {
     for (abi, _, out) in &results {
         eprintln!("{abi}: {}", out.trim());
     }
+}
+
+/// Sleeping ring calls per ABI: far more than the 255 rings that filled the broker's old
+/// eventfd doorbell for a big-endian client under qemu-user.
+const SLEEPING_CALLS: &str = "2000";
+
+#[test]
+fn abi_matrix_clients_make_thousands_of_sleeping_ring_calls_each_under_50_ms() {
+    // The broker in sleep mode: every call finds it asleep, so every call rings its doorbell.
+    let broker = Broker::with(BrokerSetup {
+        config: Some("[ring]\nwait = \"sleep\"\n\n[[device]]\nname = \"sample0\"\ndriver = \"sample\"\n"),
+        ..BrokerSetup::default()
+    });
+    let runnable: Vec<Row> = rows().into_iter().filter(|r| r.runner != "layout-only").collect();
+    let mut failed = Vec::new();
+    for row in &runnable {
+        require(&row.compiler);
+        let client = build_client(row);
+        let mut cmd = run_on(row, &client);
+        let out = cmd
+            .arg(broker.run_dir())
+            .args(["sleeping-ring", SLEEPING_CALLS])
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+        let expect = format!("ok: {SLEEPING_CALLS} sleeping ring calls on {}, ", row.abi);
+        if !out.status.success() || !stdout.contains(&expect) {
+            failed.push(format!("{}: {stdout}{}", row.abi, String::from_utf8_lossy(&out.stderr)));
+        }
+        eprint!("{stdout}");
+    }
+    assert!(failed.is_empty(), "sleeping ring failures:\n{}", failed.join("\n"));
+    let big_endian = ABIS
+        .iter()
+        .filter(|a| a.big_endian && runnable.iter().any(|r| r.abi == a.name))
+        .count();
+    assert!(big_endian >= 3, "{big_endian} big-endian ABIs ran");
 }
 
 const DEVICE_POLICY: &str = r#"
@@ -311,14 +352,7 @@ fn abi_matrix_clients_drive_real_devices() {
         require(&row.compiler);
         let program = build_program(row, "devices");
         for ring in [false, true] {
-            let mut cmd = if row.runner == "native" {
-                Command::new(&program)
-            } else {
-                require(&row.runner);
-                let mut c = Command::new(&row.runner);
-                c.arg(&program);
-                c
-            };
+            let mut cmd = run_on(row, &program);
             cmd.arg(broker.run_dir()).stdout(std::process::Stdio::piped());
             if ring {
                 cmd.arg("ring");

@@ -254,7 +254,7 @@ fn poke_then_call(broker: &Broker, offset: usize, value: u32) -> Result<(), Clie
         _ => unreachable!(),
     };
     store_word(word, value);
-    wake::ring(ring.broker_eventfd());
+    wake::ring_broker(ring.broker_doorbell()).unwrap();
     // The broker reads only the client's words (sq_tail, cq_head, client_sleeping); garbage in
     // the others is ignored, garbage in the indices ends the session. A garbage tail is
     // answered at once with a Goodbye (a call now would write the tail over it).
@@ -316,7 +316,7 @@ fn ring_garbage_in_every_header_field_is_survived() {
             for _ in 0..60 {
                 assert!(ring.try_submit(echo.clone()).unwrap().is_some());
             }
-            ring.flush();
+            ring.flush().unwrap();
             if round == 0 {
                 // The broker has taken the first round (and filled the completion ring with it)
                 // when its submission head reaches the tail.
@@ -363,7 +363,7 @@ fn ring_record_claiming_more_than_published_ends_the_session() {
     let at = (head as usize % map.sq_size().get() as usize) / 8;
     map.sq()[at].store(u64::from_ne_bytes([0, 16, 0, 0, 0, 0, 0, 0]), Ordering::Relaxed);
     store_word(&header.sq_tail.0, head.wrapping_add(16));
-    wake::ring(ring.broker_eventfd());
+    wake::ring_broker(ring.broker_doorbell()).unwrap();
     let deadline = Instant::now() + Duration::from_secs(5);
     while !broker.log().contains("only 8 published") {
         assert!(Instant::now() < deadline, "no logged reason:\n{}", broker.log());
@@ -395,7 +395,7 @@ fn ring_client_that_never_reads_completions_cannot_block_or_grow_the_broker() {
         while ring.try_submit(echo.clone()).unwrap().is_some() {
             submitted += 1;
         }
-        ring.flush();
+        ring.flush().unwrap();
         let head = u32::from_le(ring.mapping().header().sq_head.0.load(Ordering::Acquire));
         if head != last_head {
             last_head = head;
@@ -466,6 +466,41 @@ fn ring_client_that_blocks_and_never_drains_its_doorbell_cannot_stall_the_broker
     drop(ring);
     broker.assert_no_leaks(baseline);
     assert!(!broker.log().contains("did not stop"), "{}", broker.log());
+}
+
+#[test]
+fn ring_client_that_fills_and_blocks_the_brokers_doorbell_cannot_stall_it_or_lose_a_wake_up() {
+    // The broker sleeps whenever idle: every call below rings its doorbell.
+    let broker = Broker::with(BrokerSetup {
+        config: Some("[ring]\nwait = \"sleep\"\n[[device]]\nname = \"sample0\"\ndriver = \"sample\"\n"),
+        ..BrokerSetup::default()
+    });
+    let baseline = broker.baseline_fds();
+    let sleepy = RingOptions {
+        wait: WaitMode::Sleep,
+        ..RingOptions::default()
+    };
+    let (mut ring, h) = ring_client_with(&broker, sleepy);
+    // Its end made blocking, and filled with what a big-endian client's eventfd write was.
+    let bell = ring.broker_doorbell();
+    let flags = rustix::fs::fcntl_getfl(bell).unwrap();
+    rustix::fs::fcntl_setfl(bell, flags - rustix::fs::OFlags::NONBLOCK).unwrap();
+    let mut filled = 0usize;
+    while let Ok(n) = rustix::net::send(bell, &1u64.to_be_bytes(), rustix::net::SendFlags::DONTWAIT) {
+        filled += n;
+    }
+    assert!(filled > 8, "the doorbell filled after {filled} bytes");
+    // Every call is answered promptly: a lost wake-up would cost the broker's 500 ms nap.
+    let mut slowest = Duration::ZERO;
+    for i in 0..3_000u64 {
+        let start = Instant::now();
+        assert_eq!(ring.call(h, 0, &[i, 1], &[], 0).unwrap().scalars, [i + 1]);
+        slowest = slowest.max(start.elapsed());
+    }
+    assert!(slowest < Duration::from_millis(50), "the slowest call took {slowest:?}");
+    assert_fresh_client_served(&broker);
+    drop(ring);
+    broker.assert_no_leaks(baseline);
 }
 
 #[test]

@@ -14,7 +14,7 @@
 
 use std::{
     collections::VecDeque,
-    os::fd::{AsFd, OwnedFd},
+    os::fd::OwnedFd,
     sync::{
         Arc, Mutex, MutexGuard,
         atomic::{AtomicBool, Ordering},
@@ -153,7 +153,7 @@ impl RingHandle {
                 _ => self.lost += 1,
             }
         }
-        wake::ring(self.wake.as_fd());
+        ring_private(&self.wake);
     }
 
     /// Resolves when the ring's thread has ended by itself: `Some((status, reason))` when the
@@ -172,7 +172,7 @@ impl RingHandle {
     /// Stops the thread and waits until it has released the ring.
     pub(super) async fn stop(mut self) {
         self.closed.store(true, Ordering::Release);
-        wake::ring(self.wake.as_fd());
+        ring_private(&self.wake);
         if let Some(ended) = self.ended.take()
             && tokio::time::timeout(Duration::from_secs(5), ended).await.is_err()
         {
@@ -193,6 +193,9 @@ enum Broken {
     /// The session must end (its process became another program).
     #[error("{0}")]
     Session(Refusal),
+    /// The client's doorbell cannot be rung.
+    #[error("the client's doorbell: {0}")]
+    Doorbell(std::io::Error),
 }
 
 impl Broken {
@@ -200,6 +203,7 @@ impl Broken {
         match self {
             Broken::Session(refusal) => refusal.status,
             Broken::Ring(_) | Broken::Record(_) => Status::ProtocolError,
+            Broken::Doorbell(_) => Status::Internal,
         }
     }
 }
@@ -211,6 +215,8 @@ struct Worker {
     waiter: wake::Waiter,
     /// The write end of the client's doorbell pipe (only the broker holds it).
     to_client: OwnedFd,
+    /// The broker's end of its doorbell (the client has the other).
+    bell: OwnedFd,
     /// A copy of the pipe's read end, never read: the pipe always has a reader.
     _doorbell_reader: OwnedFd,
     session: Arc<Mutex<Session>>,
@@ -250,11 +256,11 @@ impl Worker {
         live: Live,
     ) -> std::io::Result<Built> {
         let (memfd, map) = Mapping::create(sq, cq)?;
-        let to_broker = wake::eventfd()?;
+        let (bell, client_bell) = wake::broker_doorbell()?;
         let (doorbell_reader, to_client) = wake::doorbell()?;
-        let waiter = wake::Waiter::new(&to_broker)?;
+        let waiter = wake::Waiter::new(&bell)?;
         let wake = Arc::new(waiter.private_clone()?);
-        let client_fds = [memfd, to_broker, doorbell_reader.try_clone()?];
+        let client_fds = [memfd, client_bell, doorbell_reader.try_clone()?];
         let (inbox_tx, inbox) = mpsc::channel(INBOX);
         let closed = Arc::new(AtomicBool::new(false));
         let worker = Worker {
@@ -263,6 +269,7 @@ impl Worker {
             map,
             waiter,
             to_client,
+            bell,
             _doorbell_reader: doorbell_reader,
             session,
             inbox,
@@ -314,6 +321,9 @@ impl Worker {
                 WaitMode::Adaptive => idle_since.get_or_insert_with(Instant::now).elapsed() >= spin,
             };
             if sleep {
+                // What is unread was rung before this sleep was announced: its work is seen by
+                // the check below.
+                wake::drain_broker(&self.bell);
                 let header = self.map.header();
                 let (sq, cq, inbox, closed) = (&self.sq, &self.cq, &self.inbox, &self.closed);
                 let backlog = !self.backlog.is_empty();
@@ -367,7 +377,10 @@ impl Worker {
             pushed = true;
         }
         if pushed && self.cq.publish(&header.cq_tail.0) {
-            wake::wake_if(&header.client_sleeping.0, wake::ON_RECORDS, &self.to_client);
+            wake::wake_if(&header.client_sleeping.0, wake::ON_RECORDS, || {
+                wake::ring(&self.to_client)
+            })
+            .map_err(Broken::Doorbell)?;
             progress = true;
         }
         Ok(progress)
@@ -413,7 +426,8 @@ impl Worker {
         }
         if taken > 0 {
             self.sq.publish(&header.sq_head.0);
-            wake::wake_if(&header.client_sleeping.0, wake::ON_ROOM, &self.to_client);
+            wake::wake_if(&header.client_sleeping.0, wake::ON_ROOM, || wake::ring(&self.to_client))
+                .map_err(Broken::Doorbell)?;
         }
         Ok(taken > 0)
     }
@@ -443,7 +457,9 @@ impl Worker {
             && matches!(self.cq.push(self.map.cq(), &header.cq_head.0, &bytes), Ok(true))
         {
             self.cq.publish(&header.cq_tail.0);
-            wake::ring(&self.to_client);
+            if let Err(e) = wake::ring(&self.to_client) {
+                tracing::debug!(error = %e, "the goodbye's wake-up could not be rung");
+            }
         }
     }
 }
@@ -529,10 +545,17 @@ fn execute(
                 if let Some(bytes) = encode(&frame)
                     && inbox.send(bytes).await.is_ok()
                 {
-                    wake::ring(wake.as_fd());
+                    ring_private(&wake);
                 }
             });
         }
+    }
+}
+
+/// Rings the ring thread's private eventfd (the broker's own: a failure is a bug, logged).
+fn ring_private(fd: &OwnedFd) {
+    if let Err(e) = wake::ring(fd) {
+        tracing::error!(error = %e, "cannot wake a ring thread");
     }
 }
 
