@@ -92,7 +92,7 @@ pub enum Request {
         memory_type: u32,
     },
     /// Upgrade to the shared-memory ring (tag 6; see `ring`): the response carries the memfd
-    /// and two eventfds as `SCM_RIGHTS`. Only over the socket, at most once per session.
+    /// and two doorbells (a socket that wakes the broker, a pipe that wakes the client) as `SCM_RIGHTS`. Only over the socket, at most once per session.
     EnableRing {
         /// Submission ring bytes (0: the default).
         sq_size: u32,

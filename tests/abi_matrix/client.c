@@ -316,20 +316,65 @@ static void memory(void) {
     CHECK(pc_map_memory(conn, handle, 9, &dma, &dma_size, &writable) == PC_BAD_ARGUMENT, "unknown memory type");
 }
 
-/* Events: subscribe, fire, and the notification arrives through pc_wait_event. */
+/* Fires a notification with `value`; PC_SUCCESS and the count it completed. */
+static int fire(uint64_t value) {
+    uint64_t completed = 99;
+    uint32_t n = 1;
+    return pc_call(conn, handle, PC_SAMPLE_FIRE_EVENT, &value, 1, &completed, &n, NULL, 0, NULL, NULL);
+}
+
+/* Events: subscribe, fire, and the notification arrives through pc_next_event; a call that ran
+ * though its output had no room says so; events come in order, a loss where it happened. */
 static void events(uint64_t service) {
     pc_event ev;
-    uint64_t value = 4242, completed = 99;
-    uint32_t n = 1;
+    uint64_t value = 77, got = 0, expect, lost = 0, wait_ms = 300;
+    uint32_t n = 0;
     int rc = pc_subscribe(conn, &service, 1);
     CHECK(rc == PC_SUCCESS, "subscribe: %s", pc_status_name(rc));
-    CHECK(pc_wait_event(conn, 0, &ev) == PC_TIMEOUT, "no event before the fire");
-    rc = pc_call(conn, handle, PC_SAMPLE_FIRE_EVENT, &value, 1, &completed, &n, NULL, 0, NULL, NULL);
-    CHECK(rc == PC_SUCCESS && completed == 0, "fire_event: %s", pc_status_name(rc));
-    rc = pc_wait_event(conn, 5000, &ev);
-    CHECK(rc == PC_SUCCESS, "wait_event: %s", pc_status_name(rc));
+    CHECK(pc_next_event(conn, 0, &ev) == PC_TIMEOUT, "no event before the fire");
+    rc = fire(4242);
+    CHECK(rc == PC_SUCCESS, "fire_event: %s", pc_status_name(rc));
+    rc = pc_wait_event(conn, 5000, &ev); /* the former name still works */
+    CHECK(rc == PC_SUCCESS, "next event: %s", pc_status_name(rc));
     CHECK(ev.kind == PC_EVENT_NOTIFICATION && ev.service == service && ev.value == 4242 && strcmp(ev.kind_name, "event") == 0,
           "notification kind %d service %lu value %lu", ev.kind, (unsigned long)ev.service, (unsigned long)ev.value);
+
+    /* No room for fire_event's output: it ran all the same (its notification comes), and the
+     * status says so rather than a refusal. */
+    rc = pc_call(conn, handle, PC_SAMPLE_FIRE_EVENT, &value, 1, NULL, &n, NULL, 0, NULL, NULL);
+    CHECK(rc == PC_ERR_OUTPUT_ROOM && n == 1, "fire_event without room: %s, %u outputs", pc_status_name(rc), n);
+    rc = pc_next_event(conn, 5000, &ev);
+    CHECK(rc == PC_SUCCESS && ev.kind == PC_EVENT_NOTIFICATION && ev.value == 77, "the call ran: its event came (%s)", pc_status_name(rc));
+    /* Arguments the library can check are checked before anything is sent. */
+    n = 1;
+    CHECK(pc_call(conn, handle, PC_SAMPLE_ADD, NULL, 2, &got, &n, NULL, 0, NULL, NULL) == PC_ERR_USAGE, "scalars without a buffer");
+
+    /* A queue of 2, five notifications fired, then a call that waits while they arrive: the two
+     * first queued, the rest lost, the loss delivered after them and before anything later. */
+    CHECK(pc_set_event_queue(conn, 0) == PC_ERR_USAGE, "an empty queue is refused");
+    CHECK(pc_set_event_queue(conn, 2) == PC_SUCCESS, "a queue of 2");
+    for (value = 1; value <= 5; value++) CHECK(fire(value) == PC_SUCCESS, "fire %lu", (unsigned long)value);
+    n = 1;
+    rc = pc_call(conn, handle, PC_SAMPLE_WAIT_EVENT, &wait_ms, 1, &got, &n, NULL, 0, NULL, NULL);
+    CHECK(rc == PC_TIMEOUT, "a wait while the events arrive: %s", pc_status_name(rc));
+    CHECK(pc_set_event_queue(conn, 1) == PC_ERR_USAGE, "smaller than what is queued");
+    for (expect = 1; expect <= 5;) {
+        rc = pc_next_event(conn, 5000, &ev);
+        if (rc != PC_SUCCESS) break;
+        if (ev.kind == PC_EVENT_LOST) {
+            CHECK(expect == 3 && lost == 0, "the loss comes after the two queued, once (at %lu)", (unsigned long)expect);
+            lost = ev.value;
+            expect += ev.value;
+            continue;
+        }
+        CHECK(ev.kind == PC_EVENT_NOTIFICATION && ev.value == expect, "in order: %lu, expected %lu", (unsigned long)ev.value, (unsigned long)expect);
+        expect++;
+    }
+    CHECK(rc == PC_SUCCESS && expect == 6 && lost >= 1, "five accounted for, %lu of them lost: %s", (unsigned long)lost, pc_status_name(rc));
+    CHECK(fire(6) == PC_SUCCESS, "fire 6");
+    rc = pc_next_event(conn, 5000, &ev);
+    CHECK(rc == PC_SUCCESS && ev.kind == PC_EVENT_NOTIFICATION && ev.value == 6, "after the loss, the next one");
+    CHECK(pc_set_event_queue(conn, 64) == PC_SUCCESS, "back to 64");
 }
 
 /* wait_event (asynchronous): a timeout, then a completion fired by another process; and the
@@ -433,8 +478,12 @@ int main(int argc, char **argv) {
             printf("FAIL ring: %s: %s\n", pc_status_name(rc), pc_last_message(conn));
             return 1;
         }
-        CHECK(pc_ring_enable(conn, 0, 0, PC_RING_ADAPTIVE) == PC_BAD_ARGUMENT, "a second ring is refused");
+        CHECK(pc_ring_enable(conn, 0, 0, PC_RING_ADAPTIVE) == PC_ERR_USAGE, "a second ring is refused, locally");
+        CHECK(pc_ring_active(conn) == 1, "the ring is active");
     }
+    if (!ring) CHECK(pc_ring_active(conn) == 0, "no ring yet");
+    if (getenv("PORTCULLIS_EXPECT_BROKER_ABI") != NULL)
+        CHECK(pc_broker_abi(conn) == atoi(getenv("PORTCULLIS_EXPECT_BROKER_ABI")), "the broker's ABI: %d", pc_broker_abi(conn));
     rc = pc_find_services(conn, NULL, "sample0", found, 4, &n);
     CHECK(rc == PC_SUCCESS && n == 1, "find sample0: %s, %lu found", pc_status_name(rc), (unsigned long)n);
     if (n != 1) return 1;
@@ -448,7 +497,11 @@ int main(int argc, char **argv) {
     events(found[0].id);
     async_and_reset(argc > 1 ? argv[1] : NULL, found[0].id);
     CHECK(pc_close(conn, handle) == PC_SUCCESS, "close");
-    CHECK(call_add(1, 1, NULL) == PC_NOT_OPEN, "closed handle");
+    {
+        uint64_t sum = 0;
+        CHECK(call_add(1, 1, &sum) == PC_NOT_OPEN, "closed handle");
+        CHECK(call_add(1, 1, NULL) == PC_ERR_USAGE, "room for a sum, and no buffer: refused locally");
+    }
     pc_disconnect(conn);
     if (failures) {
         printf("%d of %d checks failed on %s%s\n", failures, checks, abi_names[PC_ABI], ring ? " over the ring" : "");

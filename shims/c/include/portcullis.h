@@ -35,9 +35,18 @@ enum pc_status {
     PC_PROTOCOL_ERROR = 12,
     PC_INTERNAL = 13,
     PC_NOT_WRITABLE = 14,
-    /* Not a broker status: a system call failed; see errno. */
-    PC_ERR_SYSTEM = -1
+    /* The library's own, never a broker's (negative): */
+    /* a system call failed; see errno. */
+    PC_ERR_SYSTEM = -1,
+    /* the library refused the arguments (pc_last_message says why); nothing was sent. */
+    PC_ERR_USAGE = -2,
+    /* the call RAN (its effects happened), but its outputs did not fit the room the caller gave:
+     * what fit was written, and the counts say how much there was. */
+    PC_ERR_OUTPUT_ROOM = -3
 };
+/* A broker status says what the broker decided. PC_BAD_ARGUMENT, PC_NOT_PRIVILEGED, … are
+ * refusals: the method did not run. PC_OVERFLOW is the exception, and says the method ran: a
+ * value it returned does not fit this ABI's type, so its outputs are withheld. */
 
 /* The ABI wire numbers (the broker's closed list). PC_ABI is this build's. */
 enum pc_abi {
@@ -133,7 +142,8 @@ int pc_close(pc_conn *conn, uint64_t handle);
 
 /* Calls a method. scalars_out has room for *n_out values and receives *n_out of them;
  * struct_out has room for *struct_out_len bytes and receives *struct_out_len of them.
- * Any output pointer may be NULL when the method has no such output. */
+ * Any output pointer may be NULL when the method has no such output. More scalar outputs than
+ * *n_out: PC_ERR_OUTPUT_ROOM (the call ran; *n_out says how many there were). */
 int pc_call(pc_conn *conn, uint64_t handle, uint32_t selector, const uint64_t *scalars_in, uint32_t n_in,
             uint64_t *scalars_out, uint32_t *n_out, const void *struct_in, size_t struct_in_len, void *struct_out,
             size_t *struct_out_len);
@@ -164,8 +174,26 @@ int pc_unmap_memory(void *addr, size_t size);
 /* Subscribes to events for these services (all visible ones when n == 0). */
 int pc_subscribe(pc_conn *conn, const uint64_t *services, size_t n);
 
-/* Waits up to timeout_ms (-1: forever) for the next event. PC_TIMEOUT if none came. */
+/* The next event: one queued while the caller was busy with calls, else the next to arrive
+ * within timeout_ms (-1: forever); PC_TIMEOUT if none came. Events come in the order they
+ * arrived. Events that arrive while the queue is full are lost, and so are later ones until the
+ * loss is delivered: a PC_EVENT_LOST (value: how many) stands exactly where the gap is. (Not the
+ * method `wait_event`, which a driver serves: this reads the connection's own queue.) */
+int pc_next_event(pc_conn *conn, int timeout_ms, pc_event *event);
+
+/* The same as pc_next_event: its former name, kept. */
 int pc_wait_event(pc_conn *conn, int timeout_ms, pc_event *event);
+
+/* Sizes the queue of events that arrive during calls (default 64). PC_ERR_USAGE for 0, or for
+ * fewer than are queued now. */
+int pc_set_event_queue(pc_conn *conn, size_t capacity);
+
+/* The broker's own ABI (an enum pc_abi), from its Welcome: whether a value this client sends
+ * wraps or overflows on the way depends on it. */
+int pc_broker_abi(const pc_conn *conn);
+
+/* 1 when the connection uses the shared-memory ring (pc_ring_enable succeeded), else 0. */
+int pc_ring_active(const pc_conn *conn);
 
 /* Why the last request was refused, and the deciding rule ("" if none). Valid until the next call. */
 const char *pc_last_message(const pc_conn *conn);

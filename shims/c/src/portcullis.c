@@ -20,7 +20,7 @@
 
 #define PC_PROTOCOL_VERSION 1u
 #define PC_MAX_FRAME (65536u + 4096u)
-#define PC_EVENT_QUEUE 64u
+#define PC_EVENT_QUEUE 64u /* the default; pc_set_event_queue changes it */
 
 struct pc_conn {
     int fd;
@@ -29,9 +29,10 @@ struct pc_conn {
     unsigned char *out; /* PC_MAX_FRAME */
     char message[256];
     char rule[128];
-    pc_event events[PC_EVENT_QUEUE];
-    size_t ev_head, ev_len;
-    uint64_t ev_lost;
+    pc_event *events; /* a circular queue of ev_cap */
+    size_t ev_cap, ev_head, ev_len;
+    uint64_t ev_lost; /* events lost after every queued one: delivered as one LOST after them */
+    int broker_abi;   /* the Welcome's */
     int fd_in;       /* the first descriptor that came with the last frame, or -1 */
     int fd_more[2];  /* the second and third (the broker's doorbell, ours), or -1 */
     struct pc_ring {
@@ -338,12 +339,15 @@ static int send_frame(pc_conn *c, const struct wr *w) {
     return n == (ssize_t)w->len ? PC_SUCCESS : PC_ERR_SYSTEM;
 }
 
+/* Queues an event that arrived while the caller was busy. When the queue is full the event is
+ * lost, and so is every later one until the loss has been delivered: the LOST event then stands
+ * exactly where the gap is, after every event queued before it. */
 static void queue_event(pc_conn *c, const pc_event *e) {
-    if (c->ev_len == PC_EVENT_QUEUE) {
+    if (c->ev_lost || c->ev_len == c->ev_cap) {
         c->ev_lost++;
         return;
     }
-    c->events[(c->ev_head + c->ev_len) % PC_EVENT_QUEUE] = *e;
+    c->events[(c->ev_head + c->ev_len) % c->ev_cap] = *e;
     c->ev_len++;
 }
 
@@ -600,12 +604,15 @@ int pc_connect(const char *run_dir, pc_conn **out) {
     if (c == NULL) return PC_ERR_SYSTEM;
     c->in = malloc(PC_MAX_FRAME + 1);
     c->out = malloc(PC_MAX_FRAME);
+    c->events = malloc(PC_EVENT_QUEUE * sizeof *c->events);
+    c->ev_cap = PC_EVENT_QUEUE;
+    c->broker_abi = -1;
     c->next_id = 1;
     c->fd_in = c->fd_more[0] = c->fd_more[1] = -1;
     /* Close-on-exec, like every descriptor this library holds: a program that forks and execs
      * must not hand its session (and the rights the policy gave it) to what it runs. */
     c->fd = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0);
-    if (c->in == NULL || c->out == NULL || c->fd < 0 || connect(c->fd, (struct sockaddr *)&addr, sizeof addr) != 0) {
+    if (c->in == NULL || c->out == NULL || c->events == NULL || c->fd < 0 || connect(c->fd, (struct sockaddr *)&addr, sizeof addr) != 0) {
         int saved = errno;
         pc_disconnect(c);
         errno = saved;
@@ -629,7 +636,7 @@ int pc_connect(const char *run_dir, pc_conn **out) {
             r.pos = 0;
             tag = r_u32(&r);
             (void)r_u32(&r);
-            (void)r_byte(&r);
+            c->broker_abi = r_byte(&r);
             rc = r.bad || tag != 0 ? PC_PROTOCOL_ERROR : PC_SUCCESS;
         } else if (rc >= 0) {
             rc = rc == PC_SUCCESS || rc == 1 ? PC_PROTOCOL_ERROR : rc;
@@ -654,6 +661,7 @@ void pc_disconnect(pc_conn *c) {
     ring_release(c);
     free(c->in);
     free(c->out);
+    free(c->events);
     free(c);
 }
 
@@ -717,6 +725,12 @@ int pc_call(pc_conn *c, uint64_t handle, uint32_t selector, const uint64_t *scal
     uint32_t out_cap = n_out ? *n_out : 0;
     const unsigned char *got;
     int rc;
+    /* What the library can check is checked before anything is sent. */
+    if ((n_in && scalars_in == NULL) || (struct_in_len && struct_in == NULL) || (out_cap && scalars_out == NULL) ||
+        (struct_out_len && *struct_out_len && struct_out == NULL)) {
+        set_message(c, "an input or output with a length but no buffer: nothing was sent");
+        return PC_ERR_USAGE;
+    }
     w_varint(&w, handle);
     w_varint(&w, selector);
     w_varint(&w, n_in);
@@ -727,16 +741,23 @@ int pc_call(pc_conn *c, uint64_t handle, uint32_t selector, const uint64_t *scal
     if (rc != PC_SUCCESS) return rc;
     if (expect_body(&r, 3) != PC_SUCCESS) return PC_PROTOCOL_ERROR;
     n = r_u64(&r);
-    if (n > out_cap) {
-        set_message(c, "more scalar outputs than the caller has room for");
-        return PC_BAD_ARGUMENT;
+    if (r.bad || n > PC_MAX_FRAME) return PC_PROTOCOL_ERROR;
+    for (i = 0; i < n; i++) {
+        uint64_t v = r_u64(&r);
+        if (i < out_cap) scalars_out[i] = v;
     }
-    for (i = 0; i < n; i++) scalars_out[i] = r_u64(&r);
     got = r_bytes(&r, &got_len);
     if (r.bad || got_len > out_len) return PC_PROTOCOL_ERROR;
     if (got_len) memcpy(struct_out, got, got_len);
     if (n_out) *n_out = (uint32_t)n;
     if (struct_out_len) *struct_out_len = got_len;
+    if (n > out_cap) {
+        char m[160];
+        snprintf(m, sizeof m, "the call ran: it returned %llu scalar outputs, and the caller had room for %lu (those were written)",
+                 (unsigned long long)n, (unsigned long)out_cap);
+        set_message(c, m);
+        return PC_ERR_OUTPUT_ROOM;
+    }
     return PC_SUCCESS;
 }
 
@@ -790,10 +811,13 @@ int pc_ring_enable(pc_conn *c, uint32_t sq_size, uint32_t cq_size, int wait) {
     void *at;
     int rc, memfd;
     if (c->ring.base != NULL) {
-        set_message(c, "the ring is already enabled");
-        return PC_BAD_ARGUMENT;
+        set_message(c, "the ring is already enabled: nothing was sent");
+        return PC_ERR_USAGE;
     }
-    if (wait != PC_RING_ADAPTIVE && wait != PC_RING_SPIN && wait != PC_RING_SLEEP) return PC_BAD_ARGUMENT;
+    if (wait != PC_RING_ADAPTIVE && wait != PC_RING_SPIN && wait != PC_RING_SLEEP) {
+        set_message(c, "wait is not an enum pc_ring_wait: nothing was sent");
+        return PC_ERR_USAGE;
+    }
     id = begin_request(c, &w, 6);
     w_varint(&w, sq_size);
     w_varint(&w, cq_size);
@@ -828,11 +852,17 @@ int pc_ring_enable(pc_conn *c, uint32_t sq_size, uint32_t cq_size, int wait) {
 
 int pc_unmap_memory(void *addr, size_t size) { return munmap(addr, size) == 0 ? PC_SUCCESS : PC_ERR_SYSTEM; }
 
-int pc_wait_event(pc_conn *c, int timeout_ms, pc_event *event) {
+int pc_next_event(pc_conn *c, int timeout_ms, pc_event *event) {
     for (;;) {
         struct rd r;
         uint64_t id;
         int status, rc;
+        if (c->ev_len) {
+            *event = c->events[c->ev_head];
+            c->ev_head = (c->ev_head + 1) % c->ev_cap;
+            c->ev_len--;
+            return PC_SUCCESS;
+        }
         if (c->ev_lost) {
             memset(event, 0, sizeof *event);
             event->kind = PC_EVENT_LOST;
@@ -840,17 +870,34 @@ int pc_wait_event(pc_conn *c, int timeout_ms, pc_event *event) {
             c->ev_lost = 0;
             return PC_SUCCESS;
         }
-        if (c->ev_len) {
-            *event = c->events[c->ev_head];
-            c->ev_head = (c->ev_head + 1) % PC_EVENT_QUEUE;
-            c->ev_len--;
-            return PC_SUCCESS;
-        }
         rc = next_frame(c, timeout_ms, &r, &id, &status);
         if (rc == 1) return PC_PROTOCOL_ERROR; /* a response nobody waits for */
         if (rc != 0) return rc;
     }
 }
+
+int pc_wait_event(pc_conn *c, int timeout_ms, pc_event *event) { return pc_next_event(c, timeout_ms, event); }
+
+int pc_set_event_queue(pc_conn *c, size_t capacity) {
+    pc_event *events;
+    size_t i;
+    if (capacity == 0 || capacity < c->ev_len || capacity > SIZE_MAX / sizeof *events) {
+        set_message(c, "the event queue holds at least one event, and at least those queued now");
+        return PC_ERR_USAGE;
+    }
+    events = malloc(capacity * sizeof *events);
+    if (events == NULL) return PC_ERR_SYSTEM;
+    for (i = 0; i < c->ev_len; i++) events[i] = c->events[(c->ev_head + i) % c->ev_cap];
+    free(c->events);
+    c->events = events;
+    c->ev_cap = capacity;
+    c->ev_head = 0;
+    return PC_SUCCESS;
+}
+
+int pc_broker_abi(const pc_conn *c) { return c->broker_abi; }
+
+int pc_ring_active(const pc_conn *c) { return c->ring.base != NULL; }
 
 const char *pc_last_message(const pc_conn *c) { return c->message; }
 
@@ -862,6 +909,8 @@ const char *pc_status_name(int status) {
                                         "ABORTED",       "RATE_LIMITED", "OVERFLOW",       "NOT_OPEN",
                                         "PROTOCOL_ERROR", "INTERNAL",   "NOT_WRITABLE"};
     if (status == PC_ERR_SYSTEM) return "SYSTEM_ERROR";
+    if (status == PC_ERR_USAGE) return "USAGE_ERROR";
+    if (status == PC_ERR_OUTPUT_ROOM) return "OUTPUT_ROOM";
     if (status < 0 || (size_t)status >= sizeof names / sizeof names[0]) return "UNKNOWN";
     return names[status];
 }

@@ -25,6 +25,8 @@ pub struct NativeSession {
     events: Vec<Event>,
     /// A descriptor that came with the last frame (memory mappings).
     fd: Option<OwnedFd>,
+    /// The broker's own ABI, from its Welcome (`None` for a number this client does not know).
+    broker_abi: Option<AbiId>,
 }
 
 /// Memory mapped from a driver: the descriptor to `mmap`, and what it is.
@@ -53,6 +55,7 @@ impl NativeSession {
             buf: vec![0; MAX_FRAME + 1],
             events: Vec::new(),
             fd: None,
+            broker_abi: None,
         };
         session
             .send(&ClientFrame::Hello(Hello {
@@ -61,9 +64,18 @@ impl NativeSession {
             }))
             .await?;
         match session.receive().await? {
-            ServerFrame::Welcome { .. } => Ok(session),
+            ServerFrame::Welcome { abi, .. } => {
+                session.broker_abi = AbiId::from_wire(abi);
+                Ok(session)
+            }
             other => Err(unexpected(other)),
         }
+    }
+
+    /// The broker's own ABI, from its Welcome: whether a value this client sends wraps or
+    /// overflows on the way depends on it. `None` for a number this client does not know.
+    pub fn broker_abi(&self) -> Option<AbiId> {
+        self.broker_abi
     }
 
     async fn send(&self, frame: &ClientFrame) -> Result<(), ClientError> {

@@ -95,6 +95,8 @@ pub struct RingClient {
     buf: Vec<u8>,
     /// Where requests are encoded before they go to the ring.
     scratch: Box<[u8]>,
+    /// The broker's own ABI, from its Welcome.
+    broker_abi: Option<AbiId>,
 }
 
 fn io_err(e: impl std::fmt::Display) -> ClientError {
@@ -199,10 +201,10 @@ impl RingClient {
                 abi: options.abi as u8,
             }),
         )?;
-        match recv_frame(&sock, &mut buf, &mut fds)? {
-            ServerFrame::Welcome { .. } => {}
+        let broker_abi = match recv_frame(&sock, &mut buf, &mut fds)? {
+            ServerFrame::Welcome { abi, .. } => AbiId::from_wire(abi),
             other => return Err(ClientError::Protocol(format!("unexpected frame {other:?}"))),
-        }
+        };
         let mut events = Vec::new();
         let request = Request::EnableRing {
             sq_size: options.sq_size,
@@ -237,7 +239,13 @@ impl RingClient {
             record: Vec::new(),
             buf,
             scratch: vec![0; MAX_FRAME].into_boxed_slice(),
+            broker_abi,
         })
+    }
+
+    /// The broker's own ABI, from its Welcome (see [`crate::native::NativeSession::broker_abi`]).
+    pub fn broker_abi(&self) -> Option<AbiId> {
+        self.broker_abi
     }
 
     /// Queues a request in the submission ring and returns its id. It is published at the

@@ -186,7 +186,10 @@ fn abi_matrix_clients_run_against_one_broker() {
         require(&row.compiler);
         let client = build_client(row);
         let mut cmd = run_on(row, &client);
-        cmd.arg(broker.run_dir());
+        // The broker's ABI, which each client must learn from the Welcome.
+        let broker_abi = portcullis_proto::layout::AbiId::native() as u8;
+        cmd.arg(broker.run_dir())
+            .env("PORTCULLIS_EXPECT_BROKER_ABI", broker_abi.to_string());
         let socket = cmd.output().unwrap();
         // The same client again, upgraded to the shared-memory ring.
         let ring = cmd.arg("ring").output().unwrap();

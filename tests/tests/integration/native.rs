@@ -47,6 +47,8 @@ async fn native_session_calls_sample_methods() {
 async fn native_get_info_arrives_in_the_clients_byte_order() {
     let broker = Broker::start();
     let (mut s, h) = open_sample(&broker, AbiId::S390x).await;
+    // The client learns the broker's own ABI (not its own) from the Welcome.
+    assert_eq!(s.broker_abi(), Some(AbiId::native()));
     let info = s.call(h, 2, &[], &[], 16).await.unwrap().struct_out;
     assert_eq!(
         u32::from_be_bytes(info[0..4].try_into().unwrap()),

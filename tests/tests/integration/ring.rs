@@ -60,6 +60,8 @@ fn ring_serves_every_sample_method() {
     let broker = Broker::start();
     let baseline = broker.baseline_fds();
     let (mut ring, h) = ring_client(&broker);
+    // The broker's ABI, from its Welcome.
+    assert_eq!(ring.broker_abi(), Some(portcullis_proto::layout::AbiId::native()));
     // add, echo, get_info
     assert_eq!(ring.call(h, 0, &[2, 3], &[], 0).unwrap().scalars, vec![5]);
     assert_eq!(
