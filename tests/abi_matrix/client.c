@@ -252,6 +252,29 @@ static void scalars_and_echo(void) {
     CHECK(call_add(1ull << 63, 1ull << 63, &sum) == PC_SUCCESS && sum == 0, "add top bits");
     CHECK(call_add(0x0123456789abcdefull, 0x1111111111111111ull, &sum) == PC_SUCCESS && sum == 0x123456789abcdf00ull, "add");
     for (k = 0; k < 4097; k++) big[k] = (unsigned char)(k * 31 + 7);
+    {
+        /* The one-struct form: add, then echo. */
+        pc_call_args a = {0};
+        uint64_t in[2] = {40, 2}, out[2] = {0, 0};
+        a.selector = PC_SAMPLE_ADD;
+        a.scalars_in = in;
+        a.n_scalars_in = 2;
+        a.scalars_out = out;
+        a.scalars_out_room = 2;
+        rc = pc_invoke(conn, handle, &a);
+        CHECK(rc == PC_SUCCESS && a.n_scalars_out == 1 && out[0] == 42 && a.struct_out_len == 0, "pc_invoke add: %s", pc_status_name(rc));
+        memset(&a, 0, sizeof a);
+        a.selector = PC_SAMPLE_ECHO;
+        a.struct_in = big;
+        a.struct_in_len = 100;
+        a.struct_out = back;
+        a.struct_out_room = sizeof back;
+        rc = pc_invoke(conn, handle, &a);
+        CHECK(rc == PC_SUCCESS && a.struct_out_len == 100 && memcmp(big, back, 100) == 0 && a.n_scalars_out == 0, "pc_invoke echo: %s", pc_status_name(rc));
+        a.struct_out = NULL;
+        CHECK(pc_invoke(conn, handle, &a) == PC_ERR_USAGE, "pc_invoke: room without a buffer");
+        CHECK(pc_invoke(conn, handle, NULL) == PC_ERR_USAGE, "pc_invoke: no arguments");
+    }
     len = sizeof back;
     rc = pc_call(conn, handle, PC_SAMPLE_ECHO, NULL, 0, NULL, NULL, big, 4096, back, &len);
     CHECK(rc == PC_SUCCESS && len == 4096 && memcmp(big, back, 4096) == 0, "echo 4096: %s", pc_status_name(rc));

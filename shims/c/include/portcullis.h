@@ -92,6 +92,10 @@ enum pc_abi {
 #error "libportcullis: this ABI is not in the broker's list"
 #endif
 
+/* A connection. Not thread-safe: it holds one request in flight and the buffers for it. Use a
+ * connection per thread (each is its own session, with its own user clients), or serialize
+ * every call on one connection with a lock of your own. pc_disconnect frees it: no other
+ * thread may be using it then. */
 typedef struct pc_conn pc_conn;
 
 /* A service as discovery shows it. Longer names are cut (and still NUL-terminated). */
@@ -140,10 +144,34 @@ int pc_open(pc_conn *conn, uint64_t service, int exclusive, uint64_t *handle);
 /* Closes a user client; its pending calls complete with PC_ABORTED. */
 int pc_close(pc_conn *conn, uint64_t handle);
 
-/* Calls a method. scalars_out has room for *n_out values and receives *n_out of them;
- * struct_out has room for *struct_out_len bytes and receives *struct_out_len of them.
- * Any output pointer may be NULL when the method has no such output. More scalar outputs than
- * *n_out: PC_ERR_OUTPUT_ROOM (the call ran; *n_out says how many there were). */
+/* A method call's inputs and outputs, for pc_invoke: one size type throughout. Set the inputs
+ * and rooms; pc_invoke sets n_scalars_out and struct_out_len. Zero it first (= {0}) so that
+ * fields added later start empty. */
+typedef struct pc_call_args {
+    uint32_t selector;
+    const uint64_t *scalars_in; /* n_scalars_in values */
+    size_t n_scalars_in;
+    const void *struct_in; /* struct_in_len bytes, in this ABI's layout */
+    size_t struct_in_len;
+    uint64_t *scalars_out; /* room for scalars_out_room values */
+    size_t scalars_out_room;
+    size_t n_scalars_out; /* out: how many the method returned (more than the room: PC_ERR_OUTPUT_ROOM) */
+    void *struct_out;     /* room for struct_out_room bytes */
+    size_t struct_out_room;
+    size_t struct_out_len; /* out: the bytes written */
+} pc_call_args;
+
+/* Calls a method: args says what goes in and where what comes out goes. PC_ERR_USAGE (nothing
+ * sent) for a length without a buffer; PC_ERR_OUTPUT_ROOM when the method ran and returned more
+ * scalars than there was room for (those that fit are written). Blocks until the method
+ * completes, asynchronous methods included. */
+int pc_invoke(pc_conn *conn, uint64_t handle, pc_call_args *args);
+
+/* The same as pc_invoke, as separate arguments (the first form, kept): scalars_out has room for
+ * *n_out values and receives *n_out of them; struct_out has room for *struct_out_len bytes and
+ * receives *struct_out_len of them. Any output pointer may be NULL when the method has no such
+ * output. More scalar outputs than *n_out: PC_ERR_OUTPUT_ROOM (the call ran; *n_out says how
+ * many there were). */
 int pc_call(pc_conn *conn, uint64_t handle, uint32_t selector, const uint64_t *scalars_in, uint32_t n_in,
             uint64_t *scalars_out, uint32_t *n_out, const void *struct_in, size_t struct_in_len, void *struct_out,
             size_t *struct_out_len);

@@ -714,29 +714,32 @@ int pc_close(pc_conn *c, uint64_t handle) {
     return exchange(c, &w, id, &r);
 }
 
-int pc_call(pc_conn *c, uint64_t handle, uint32_t selector, const uint64_t *scalars_in, uint32_t n_in,
-            uint64_t *scalars_out, uint32_t *n_out, const void *struct_in, size_t struct_in_len, void *struct_out,
-            size_t *struct_out_len) {
+int pc_invoke(pc_conn *c, uint64_t handle, pc_call_args *a) {
     struct wr w;
     struct rd r;
-    uint64_t id = begin_request(c, &w, 3);
-    uint64_t n, i;
-    size_t out_len = struct_out && struct_out_len ? *struct_out_len : 0, got_len;
-    uint32_t out_cap = n_out ? *n_out : 0;
+    uint64_t id, n, i;
+    size_t got_len;
     const unsigned char *got;
     int rc;
     /* What the library can check is checked before anything is sent. */
-    if ((n_in && scalars_in == NULL) || (struct_in_len && struct_in == NULL) || (out_cap && scalars_out == NULL) ||
-        (struct_out_len && *struct_out_len && struct_out == NULL)) {
+    if (a == NULL || (a->n_scalars_in && a->scalars_in == NULL) || (a->struct_in_len && a->struct_in == NULL) ||
+        (a->scalars_out_room && a->scalars_out == NULL) || (a->struct_out_room && a->struct_out == NULL)) {
         set_message(c, "an input or output with a length but no buffer: nothing was sent");
         return PC_ERR_USAGE;
     }
+    if (a->n_scalars_in > UINT32_MAX || a->struct_in_len > PC_MAX_FRAME) {
+        set_message(c, "more input than a request can carry: nothing was sent");
+        return PC_ERR_USAGE;
+    }
+    a->n_scalars_out = 0;
+    a->struct_out_len = 0;
+    id = begin_request(c, &w, 3);
     w_varint(&w, handle);
-    w_varint(&w, selector);
-    w_varint(&w, n_in);
-    for (i = 0; i < n_in; i++) w_varint(&w, scalars_in[i]);
-    w_bytes(&w, struct_in, struct_in_len);
-    w_varint(&w, out_len > UINT32_MAX ? UINT32_MAX : out_len);
+    w_varint(&w, a->selector);
+    w_varint(&w, a->n_scalars_in);
+    for (i = 0; i < a->n_scalars_in; i++) w_varint(&w, a->scalars_in[i]);
+    w_bytes(&w, a->struct_in, a->struct_in_len);
+    w_varint(&w, a->struct_out_room > UINT32_MAX ? UINT32_MAX : a->struct_out_room);
     rc = exchange(c, &w, id, &r);
     if (rc != PC_SUCCESS) return rc;
     if (expect_body(&r, 3) != PC_SUCCESS) return PC_PROTOCOL_ERROR;
@@ -744,21 +747,45 @@ int pc_call(pc_conn *c, uint64_t handle, uint32_t selector, const uint64_t *scal
     if (r.bad || n > PC_MAX_FRAME) return PC_PROTOCOL_ERROR;
     for (i = 0; i < n; i++) {
         uint64_t v = r_u64(&r);
-        if (i < out_cap) scalars_out[i] = v;
+        if (i < a->scalars_out_room) a->scalars_out[i] = v;
     }
     got = r_bytes(&r, &got_len);
-    if (r.bad || got_len > out_len) return PC_PROTOCOL_ERROR;
-    if (got_len) memcpy(struct_out, got, got_len);
-    if (n_out) *n_out = (uint32_t)n;
-    if (struct_out_len) *struct_out_len = got_len;
-    if (n > out_cap) {
+    if (r.bad || got_len > a->struct_out_room) return PC_PROTOCOL_ERROR;
+    if (got_len) memcpy(a->struct_out, got, got_len);
+    a->n_scalars_out = (size_t)n;
+    a->struct_out_len = got_len;
+    if (n > a->scalars_out_room) {
         char m[160];
         snprintf(m, sizeof m, "the call ran: it returned %llu scalar outputs, and the caller had room for %lu (those were written)",
-                 (unsigned long long)n, (unsigned long)out_cap);
+                 (unsigned long long)n, (unsigned long)a->scalars_out_room);
         set_message(c, m);
         return PC_ERR_OUTPUT_ROOM;
     }
     return PC_SUCCESS;
+}
+
+int pc_call(pc_conn *c, uint64_t handle, uint32_t selector, const uint64_t *scalars_in, uint32_t n_in,
+            uint64_t *scalars_out, uint32_t *n_out, const void *struct_in, size_t struct_in_len, void *struct_out,
+            size_t *struct_out_len) {
+    pc_call_args a;
+    int rc;
+    memset(&a, 0, sizeof a);
+    a.selector = selector;
+    a.scalars_in = scalars_in;
+    a.n_scalars_in = n_in;
+    a.scalars_out = scalars_out;
+    a.scalars_out_room = n_out ? *n_out : 0;
+    a.struct_in = struct_in;
+    a.struct_in_len = struct_in_len;
+    a.struct_out = struct_out;
+    a.struct_out_room = struct_out_len ? *struct_out_len : 0;
+    if (struct_out == NULL) a.struct_out_room = 0;
+    rc = pc_invoke(c, handle, &a);
+    if (rc == PC_SUCCESS || rc == PC_ERR_OUTPUT_ROOM) {
+        if (n_out) *n_out = (uint32_t)a.n_scalars_out;
+        if (struct_out_len) *struct_out_len = a.struct_out_len;
+    }
+    return rc;
 }
 
 int pc_subscribe(pc_conn *c, const uint64_t *services, size_t n) {
