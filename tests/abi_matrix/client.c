@@ -282,7 +282,14 @@ static void scalars_and_echo(void) {
     rc = pc_call(conn, handle, PC_SAMPLE_ECHO, NULL, 0, NULL, NULL, big, 0, back, &len);
     CHECK(rc == PC_SUCCESS && len == 0, "echo empty");
     len = sizeof back;
-    CHECK(pc_call(conn, handle, PC_SAMPLE_ECHO, NULL, 0, NULL, NULL, big, 4097, back, &len) == PC_BAD_ARGUMENT, "echo 4097");
+    CHECK(pc_call(conn, handle, PC_SAMPLE_ECHO, NULL, 0, NULL, NULL, big, PC_SAMPLE_ECHO_STRUCT_IN_MAX + 1, back, &len) == PC_BAD_ARGUMENT, "echo past the header's bound");
+    {
+        /* The header's limit is the broker's: one more is refused before the driver runs. */
+        uint64_t too_long = PC_SAMPLE_WAIT_EVENT_TIMEOUT_MS_MAX + 1ull, v = 0;
+        uint32_t one = 1;
+        rc = pc_call(conn, handle, PC_SAMPLE_WAIT_EVENT, &too_long, PC_SAMPLE_WAIT_EVENT_SCALARS_IN, &v, &one, NULL, 0, NULL, NULL);
+        CHECK(rc == PC_BAD_ARGUMENT, "wait_event past the header's limit: %s", pc_status_name(rc));
+    }
     {
         struct sample_info info;
         len = sizeof info;

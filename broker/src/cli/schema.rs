@@ -45,17 +45,23 @@ fn header(driver: &Family) -> String {
     for m in driver.methods().rows() {
         let _ = writeln!(out, "#define PC_{upper}_{} {}", m.name.to_ascii_uppercase(), m.selector);
     }
-    let _ = writeln!(out, "\n/* Memory types (pc_map_memory). */");
+    let _ = writeln!(
+        out,
+        "\n/* Memory types (pc_map_memory): id, size in bytes, whether clients may write it. */"
+    );
     for m in driver.memory_types() {
         let access = if m.writable { "read-write" } else { "read-only" };
+        let name = m.name.to_ascii_uppercase();
+        let _ = writeln!(out, "/* {}: {} bytes, {access}: {}. */", m.name, m.size, m.contents);
+        let _ = writeln!(out, "#define PC_{upper}_MEMORY_{name} {}", m.id);
+        let _ = writeln!(out, "#define PC_{upper}_MEMORY_{name}_SIZE {}", m.size);
         let _ = writeln!(
             out,
-            "#define PC_{upper}_MEMORY_{} {} /* {} bytes, {access} */",
-            m.name.to_ascii_uppercase(),
-            m.id,
-            m.size
+            "#define PC_{upper}_MEMORY_{name}_WRITABLE {}",
+            u8::from(m.writable)
         );
     }
+    out.push_str(&contracts(&upper, driver));
     let _ = writeln!(out);
     out.push_str(&driver.schema().c_declarations());
     let _ = writeln!(out, "/* One function per method: the typed form of pc_call. */\n");
@@ -63,6 +69,66 @@ fn header(driver: &Family) -> String {
         out.push_str(&c_function(kind, m));
     }
     let _ = writeln!(out, "#endif /* PORTCULLIS_{upper}_H */");
+    out
+}
+
+/// Each method's contract as macros and a comment: what the broker checks before the driver
+/// runs (scalar counts and limits, struct sizes), whether it completes later, the privilege it
+/// needs, and the statuses a call can end with.
+fn contracts(upper: &str, driver: &Family) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "\n/* Each method's contract. The broker checks counts, limits and sizes before the driver runs:\n \
+         * a call outside them is PC_BAD_ARGUMENT and does not run. Every method can also end with the\n \
+         * session's statuses: PC_NOT_OPEN, PC_NOT_PRIVILEGED and PC_RATE_LIMITED (policy), PC_NO_DEVICE\n \
+         * (the device went away), PC_INTERNAL (a driver fault; the service is terminated). */"
+    );
+    for m in driver.methods().rows() {
+        let name = m.name.to_ascii_uppercase();
+        let mut what = vec![if m.scalar_names.is_empty() {
+            "no scalars in".to_string()
+        } else {
+            format!("scalars in: {}", m.scalar_names.join(", "))
+        }];
+        what.push(format!("{} scalar(s) out", m.scalar_out));
+        match (m.in_layout, m.struct_in.max) {
+            (Some(layout), _) => what.push(format!("struct {layout} in")),
+            (None, 0) => {}
+            (None, max) => what.push(format!("{}..={max} bytes in", m.struct_in.min)),
+        }
+        match (m.out_layout, m.struct_out.max) {
+            (Some(layout), _) => what.push(format!("struct {layout} out")),
+            (None, 0) => {}
+            (None, max) => what.push(format!("up to {max} bytes out")),
+        }
+        if m.is_async {
+            what.push("completes later (PC_TIMEOUT at its timeout, PC_ABORTED when its user client closes)".into());
+        }
+        if let Some(p) = m.privilege {
+            what.push(format!("needs the privilege {p}"));
+        }
+        if m.out_layout.is_some() {
+            what.push("PC_OVERFLOW: it ran, and a value does not fit this ABI".into());
+        }
+        let _ = writeln!(out, "/* {}: {}. */", m.name, what.join("; "));
+        let _ = writeln!(out, "#define PC_{upper}_{name}_SCALARS_IN {}", m.scalar_in);
+        let _ = writeln!(out, "#define PC_{upper}_{name}_SCALARS_OUT {}", m.scalar_out);
+        for (scalar, max) in m.scalar_max {
+            let _ = writeln!(
+                out,
+                "#define PC_{upper}_{name}_{}_MAX {max}",
+                scalar.to_ascii_uppercase()
+            );
+        }
+        if m.in_layout.is_none() && m.struct_in.max > 0 {
+            let _ = writeln!(out, "#define PC_{upper}_{name}_STRUCT_IN_MIN {}", m.struct_in.min);
+            let _ = writeln!(out, "#define PC_{upper}_{name}_STRUCT_IN_MAX {}", m.struct_in.max);
+        }
+        if m.out_layout.is_none() && m.struct_out.max > 0 {
+            let _ = writeln!(out, "#define PC_{upper}_{name}_STRUCT_OUT_MAX {}", m.struct_out.max);
+        }
+    }
     out
 }
 

@@ -275,6 +275,8 @@ pub struct MemoryType {
     pub size: u64,
     /// Whether clients may write it.
     pub writable: bool,
+    /// What is in it, with its layout and byte order (the generated headers carry this).
+    pub contents: &'static str,
 }
 
 /// The memory behind a memory type, as the broker holds it: a file the broker may read and

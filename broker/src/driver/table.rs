@@ -70,6 +70,9 @@ pub struct MethodSpec {
     pub out_layout: Option<&'static str>,
     /// Names of the scalar inputs, in order (policy constrains arguments by name).
     pub scalar_names: &'static [&'static str],
+    /// The largest value each limited scalar input may take, by name: the session core refuses
+    /// a larger one (`BAD_ARGUMENT`) before the driver runs, and the generated headers say so.
+    pub scalar_max: &'static [(&'static str, u64)],
 }
 
 /// A table row that breaks the rules.
@@ -103,6 +106,14 @@ pub enum TableError {
     /// At most [`limits::MAX_SCALARS`] scalars each way.
     #[error("method {0:?} has more than {max} scalars", max = limits::MAX_SCALARS)]
     TooManyScalars(&'static str),
+    /// A scalar limit names a scalar input of the row.
+    #[error("method {name:?} limits {scalar:?}, which is not one of its scalar inputs")]
+    UnknownLimit {
+        /// The row's name.
+        name: &'static str,
+        /// The name limited.
+        scalar: &'static str,
+    },
 }
 
 /// Translation plans of one row's layout, indexed by ABI wire number.
@@ -226,6 +237,9 @@ impl MethodTable {
             }
             if row.scalar_names.len() != usize::from(row.scalar_in) {
                 return Err(TableError::ScalarNames(row.name));
+            }
+            if let Some((scalar, _)) = row.scalar_max.iter().find(|(n, _)| !row.scalar_names.contains(n)) {
+                return Err(TableError::UnknownLimit { name: row.name, scalar });
             }
             let params = params(schema, &spec);
             built.push(Row {
@@ -402,6 +416,21 @@ impl MethodSpec {
                 ),
             ));
         }
+        for (name, max) in self.scalar_max {
+            let value = self
+                .scalar_names
+                .iter()
+                .position(|n| n == name)
+                .and_then(|i| scalars.get(i));
+            if let Some(value) = value
+                && value > max
+            {
+                return Err(DriverError::new(
+                    Status::BadArgument,
+                    format!("{} {name} {value}: at most {max}", self.name),
+                ));
+            }
+        }
         let struct_out_cap = struct_out_cap.min(self.struct_out.max) as usize;
         Ok(CallArgs {
             scalars,
@@ -464,6 +493,7 @@ mod tests {
         in_layout: None,
         out_layout: None,
         scalar_names: &["a", "b"],
+        scalar_max: &[],
     };
 
     #[test]
@@ -533,6 +563,33 @@ mod tests {
             ..ADD
         };
         assert_eq!(MethodTable::new(&[inverted]).unwrap_err(), TableError::BadBounds("add"));
+    }
+
+    #[test]
+    fn scalar_limits_name_real_scalars_and_refuse_larger_values_before_the_driver() {
+        let bad = MethodSpec {
+            scalar_max: &[("c", 1)],
+            ..ADD
+        };
+        assert_eq!(
+            MethodTable::new(&[bad]).unwrap_err(),
+            TableError::UnknownLimit {
+                name: "add",
+                scalar: "c"
+            }
+        );
+        let limited = MethodSpec {
+            scalar_max: &[("b", 10)],
+            ..ADD
+        };
+        assert!(MethodTable::new(&[limited]).is_ok());
+        assert!(
+            limited.check_args(vec![u64::MAX, 10], vec![], 0).is_ok(),
+            "a is not limited; 10 is"
+        );
+        let e = limited.check_args(vec![0, 11], vec![], 0).unwrap_err();
+        assert_eq!(e.status, Status::BadArgument);
+        assert_eq!(e.message, "add b 11: at most 10");
     }
 
     #[test]

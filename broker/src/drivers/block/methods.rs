@@ -26,6 +26,7 @@ pub const DMA: MemoryType = MemoryType {
     name: "dma",
     size: 1 << 20,
     writable: true,
+    contents: "blocks as they are on the device (no byte order: raw bytes): read_blocks and write_blocks move count x the logical block size at offset. Emptied when the user client closes",
 };
 
 pub(super) const MEMORY_TYPES: [MemoryType; 1] = [DMA];
@@ -78,6 +79,7 @@ const fn row(
         privilege: None,
         in_layout: None,
         out_layout: None,
+        scalar_max: &[],
     }
 }
 

@@ -43,6 +43,7 @@ pub const PACKETS: MemoryType = MemoryType {
     name: "packets",
     size: 1 << 20,
     writable: true,
+    contents: "batches of packets as records: a big-endian u16 packet length, two zero bytes, the packet, zero padding to a multiple of 4; send_packets reads records from an offset, recv_packets writes them at one",
 };
 
 pub(super) const MEMORY_TYPES: [MemoryType; 1] = [PACKETS];
@@ -111,6 +112,7 @@ const fn row(
         privilege: None,
         in_layout: None,
         out_layout: None,
+        scalar_max: &[],
     }
 }
 
@@ -129,6 +131,7 @@ pub(super) const TABLE: [MethodSpec; 8] = [
     },
     MethodSpec {
         privilege: Some("net.admin"),
+        scalar_max: &[("mtu", PACKET_MAX as u64)],
         ..row(Selector::SetMtu, "set_mtu", &["mtu"], 0)
     },
     MethodSpec {
@@ -138,11 +141,16 @@ pub(super) const TABLE: [MethodSpec; 8] = [
     MethodSpec {
         struct_out: SizeRange::between(0, PACKET_MAX),
         is_async: true,
+        scalar_max: &[("timeout_ms", MAX_TIMEOUT_MS)],
         ..row(Selector::RecvPacket, "recv_packet", &["timeout_ms"], 1)
     },
-    row(Selector::SendPackets, "send_packets", &["offset", "count"], 1),
+    MethodSpec {
+        scalar_max: &[("count", BATCH_MAX)],
+        ..row(Selector::SendPackets, "send_packets", &["offset", "count"], 1)
+    },
     MethodSpec {
         is_async: true,
+        scalar_max: &[("max_count", BATCH_MAX), ("timeout_ms", MAX_TIMEOUT_MS)],
         ..row(
             Selector::RecvPackets,
             "recv_packets",

@@ -408,7 +408,18 @@ mod tests {
     #[tokio::test]
     async fn sample_wait_too_long_is_bad_argument() {
         let dev = SampleDevice::new();
-        let (c, _) = with_ctx(|ctx| call(&dev, ctx, Selector::WaitEvent, vec![MAX_WAIT_MS + 1], vec![]));
+        // The table refuses it before the driver runs…
+        let (_, spec) = dev.methods().get(Selector::WaitEvent as u32).unwrap();
+        let e = spec.check_args(vec![MAX_WAIT_MS + 1], vec![], u32::MAX).unwrap_err();
+        assert_eq!(e.status, Status::BadArgument);
+        assert!(spec.check_args(vec![MAX_WAIT_MS], vec![], u32::MAX).is_ok());
+        // …and the driver, called without the table, refuses it too.
+        let args = crate::driver::CallArgs {
+            scalars: vec![MAX_WAIT_MS + 1],
+            struct_in: vec![],
+            struct_out_cap: 0,
+        };
+        let (c, _) = with_ctx(|ctx| dev.call(ctx, spec, args));
         assert_eq!(finish(c).await.unwrap_err().status, Status::BadArgument);
     }
 

@@ -89,6 +89,7 @@ const fn row(
         privilege: None,
         in_layout: None,
         out_layout: None,
+        scalar_max: &[],
     }
 }
 
@@ -111,6 +112,7 @@ pub(super) const TABLE: [MethodSpec; 8] = [
     },
     MethodSpec {
         is_async: true,
+        scalar_max: &[("timeout_ms", MAX_WAIT_MS)],
         ..row(Selector::WaitEvent, "wait_event", &["timeout_ms"], 1)
     },
     row(Selector::FireEvent, "fire_event", &["value"], 1),
@@ -132,6 +134,7 @@ pub const REGISTERS: MemoryType = MemoryType {
     name: "registers",
     size: 4096,
     writable: false,
+    contents: "offset 0: u32 version; offset 4: u32 magic 0x50435352; both little-endian whatever the byte order of the client; the rest zero. Shared by every user client",
 };
 
 /// Memory type `dma`.
@@ -140,6 +143,7 @@ pub const DMA: MemoryType = MemoryType {
     name: "dma",
     size: 1 << 20,
     writable: true,
+    contents: "bytes the client writes; checksum_dma(offset, len) reads them. Emptied when the user client closes",
 };
 
 /// The magic at offset 4 of `registers`.

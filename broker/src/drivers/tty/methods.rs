@@ -105,6 +105,7 @@ const fn row(
         privilege: None,
         in_layout: None,
         out_layout: None,
+        scalar_max: &[],
     }
 }
 
@@ -120,11 +121,13 @@ pub(super) const TABLE: [MethodSpec; 9] = [
     MethodSpec {
         struct_in: SizeRange::between(0, IO_MAX),
         is_async: true,
+        scalar_max: &[("timeout_ms", MAX_TIMEOUT_MS)],
         ..row(Selector::Write, "write", &["timeout_ms"], 1)
     },
     MethodSpec {
         struct_out: SizeRange::between(0, IO_MAX),
         is_async: true,
+        scalar_max: &[("max_len", IO_MAX as u64), ("timeout_ms", MAX_TIMEOUT_MS)],
         ..row(Selector::Read, "read", &["max_len", "timeout_ms"], 0)
     },
     row(Selector::GetModem, "get_modem", &[], 1),
@@ -132,11 +135,13 @@ pub(super) const TABLE: [MethodSpec; 9] = [
     row(Selector::Flush, "flush", &["queue"], 0),
     MethodSpec {
         is_async: true,
+        scalar_max: &[("timeout_ms", MAX_TIMEOUT_MS)],
         ..row(Selector::Drain, "drain", &["timeout_ms"], 0)
     },
     MethodSpec {
         is_async: true,
         privilege: Some("tty.break"),
+        scalar_max: &[("duration_ms", MAX_BREAK_MS)],
         ..row(Selector::SendBreak, "send_break", &["duration_ms"], 0)
     },
 ];

@@ -18,8 +18,31 @@
 #define PC_BLOCK_FLUSH 3
 #define PC_BLOCK_DISCARD 4
 
-/* Memory types (pc_map_memory). */
-#define PC_BLOCK_MEMORY_DMA 0 /* 1048576 bytes, read-write */
+/* Memory types (pc_map_memory): id, size in bytes, whether clients may write it. */
+/* dma: 1048576 bytes, read-write: blocks as they are on the device (no byte order: raw bytes): read_blocks and write_blocks move count x the logical block size at offset. Emptied when the user client closes. */
+#define PC_BLOCK_MEMORY_DMA 0
+#define PC_BLOCK_MEMORY_DMA_SIZE 1048576
+#define PC_BLOCK_MEMORY_DMA_WRITABLE 1
+
+/* Each method's contract. The broker checks counts, limits and sizes before the driver runs:
+ * a call outside them is PC_BAD_ARGUMENT and does not run. Every method can also end with the
+ * session's statuses: PC_NOT_OPEN, PC_NOT_PRIVILEGED and PC_RATE_LIMITED (policy), PC_NO_DEVICE
+ * (the device went away), PC_INTERNAL (a driver fault; the service is terminated). */
+/* get_geometry: no scalars in; 0 scalar(s) out; struct block_geometry out; PC_OVERFLOW: it ran, and a value does not fit this ABI. */
+#define PC_BLOCK_GET_GEOMETRY_SCALARS_IN 0
+#define PC_BLOCK_GET_GEOMETRY_SCALARS_OUT 0
+/* read_blocks: scalars in: lba, count, offset; 1 scalar(s) out. */
+#define PC_BLOCK_READ_BLOCKS_SCALARS_IN 3
+#define PC_BLOCK_READ_BLOCKS_SCALARS_OUT 1
+/* write_blocks: scalars in: lba, count, offset; 1 scalar(s) out. */
+#define PC_BLOCK_WRITE_BLOCKS_SCALARS_IN 3
+#define PC_BLOCK_WRITE_BLOCKS_SCALARS_OUT 1
+/* flush: no scalars in; 0 scalar(s) out. */
+#define PC_BLOCK_FLUSH_SCALARS_IN 0
+#define PC_BLOCK_FLUSH_SCALARS_OUT 0
+/* discard: scalars in: lba, count; 0 scalar(s) out; needs the privilege block.discard. */
+#define PC_BLOCK_DISCARD_SCALARS_IN 2
+#define PC_BLOCK_DISCARD_SCALARS_OUT 0
 
 struct block_geometry {
     uint64_t size_bytes;

@@ -21,8 +21,48 @@
 #define PC_NET_SEND_PACKETS 6
 #define PC_NET_RECV_PACKETS 7
 
-/* Memory types (pc_map_memory). */
-#define PC_NET_MEMORY_PACKETS 0 /* 1048576 bytes, read-write */
+/* Memory types (pc_map_memory): id, size in bytes, whether clients may write it. */
+/* packets: 1048576 bytes, read-write: batches of packets as records: a big-endian u16 packet length, two zero bytes, the packet, zero padding to a multiple of 4; send_packets reads records from an offset, recv_packets writes them at one. */
+#define PC_NET_MEMORY_PACKETS 0
+#define PC_NET_MEMORY_PACKETS_SIZE 1048576
+#define PC_NET_MEMORY_PACKETS_WRITABLE 1
+
+/* Each method's contract. The broker checks counts, limits and sizes before the driver runs:
+ * a call outside them is PC_BAD_ARGUMENT and does not run. Every method can also end with the
+ * session's statuses: PC_NOT_OPEN, PC_NOT_PRIVILEGED and PC_RATE_LIMITED (policy), PC_NO_DEVICE
+ * (the device went away), PC_INTERNAL (a driver fault; the service is terminated). */
+/* get_info: no scalars in; 0 scalar(s) out; struct net_info out; PC_OVERFLOW: it ran, and a value does not fit this ABI. */
+#define PC_NET_GET_INFO_SCALARS_IN 0
+#define PC_NET_GET_INFO_SCALARS_OUT 0
+/* set_up: no scalars in; 0 scalar(s) out; needs the privilege net.admin. */
+#define PC_NET_SET_UP_SCALARS_IN 0
+#define PC_NET_SET_UP_SCALARS_OUT 0
+/* set_down: no scalars in; 0 scalar(s) out; needs the privilege net.admin. */
+#define PC_NET_SET_DOWN_SCALARS_IN 0
+#define PC_NET_SET_DOWN_SCALARS_OUT 0
+/* set_mtu: scalars in: mtu; 0 scalar(s) out; needs the privilege net.admin. */
+#define PC_NET_SET_MTU_SCALARS_IN 1
+#define PC_NET_SET_MTU_SCALARS_OUT 0
+#define PC_NET_SET_MTU_MTU_MAX 65535
+/* send_packet: no scalars in; 1 scalar(s) out; 1..=65535 bytes in. */
+#define PC_NET_SEND_PACKET_SCALARS_IN 0
+#define PC_NET_SEND_PACKET_SCALARS_OUT 1
+#define PC_NET_SEND_PACKET_STRUCT_IN_MIN 1
+#define PC_NET_SEND_PACKET_STRUCT_IN_MAX 65535
+/* recv_packet: scalars in: timeout_ms; 1 scalar(s) out; up to 65535 bytes out; completes later (PC_TIMEOUT at its timeout, PC_ABORTED when its user client closes). */
+#define PC_NET_RECV_PACKET_SCALARS_IN 1
+#define PC_NET_RECV_PACKET_SCALARS_OUT 1
+#define PC_NET_RECV_PACKET_TIMEOUT_MS_MAX 600000
+#define PC_NET_RECV_PACKET_STRUCT_OUT_MAX 65535
+/* send_packets: scalars in: offset, count; 1 scalar(s) out. */
+#define PC_NET_SEND_PACKETS_SCALARS_IN 2
+#define PC_NET_SEND_PACKETS_SCALARS_OUT 1
+#define PC_NET_SEND_PACKETS_COUNT_MAX 1024
+/* recv_packets: scalars in: offset, room, max_count, timeout_ms; 3 scalar(s) out; completes later (PC_TIMEOUT at its timeout, PC_ABORTED when its user client closes). */
+#define PC_NET_RECV_PACKETS_SCALARS_IN 4
+#define PC_NET_RECV_PACKETS_SCALARS_OUT 3
+#define PC_NET_RECV_PACKETS_MAX_COUNT_MAX 1024
+#define PC_NET_RECV_PACKETS_TIMEOUT_MS_MAX 600000
 
 struct net_info {
     char name[16];

@@ -21,9 +21,48 @@
 #define PC_SAMPLE_TRANSFORM_RECORD 7
 #define PC_SAMPLE_CHECKSUM_DMA 8
 
-/* Memory types (pc_map_memory). */
-#define PC_SAMPLE_MEMORY_REGISTERS 0 /* 4096 bytes, read-only */
-#define PC_SAMPLE_MEMORY_DMA 1 /* 1048576 bytes, read-write */
+/* Memory types (pc_map_memory): id, size in bytes, whether clients may write it. */
+/* registers: 4096 bytes, read-only: offset 0: u32 version; offset 4: u32 magic 0x50435352; both little-endian whatever the byte order of the client; the rest zero. Shared by every user client. */
+#define PC_SAMPLE_MEMORY_REGISTERS 0
+#define PC_SAMPLE_MEMORY_REGISTERS_SIZE 4096
+#define PC_SAMPLE_MEMORY_REGISTERS_WRITABLE 0
+/* dma: 1048576 bytes, read-write: bytes the client writes; checksum_dma(offset, len) reads them. Emptied when the user client closes. */
+#define PC_SAMPLE_MEMORY_DMA 1
+#define PC_SAMPLE_MEMORY_DMA_SIZE 1048576
+#define PC_SAMPLE_MEMORY_DMA_WRITABLE 1
+
+/* Each method's contract. The broker checks counts, limits and sizes before the driver runs:
+ * a call outside them is PC_BAD_ARGUMENT and does not run. Every method can also end with the
+ * session's statuses: PC_NOT_OPEN, PC_NOT_PRIVILEGED and PC_RATE_LIMITED (policy), PC_NO_DEVICE
+ * (the device went away), PC_INTERNAL (a driver fault; the service is terminated). */
+/* add: scalars in: a, b; 1 scalar(s) out. */
+#define PC_SAMPLE_ADD_SCALARS_IN 2
+#define PC_SAMPLE_ADD_SCALARS_OUT 1
+/* echo: no scalars in; 0 scalar(s) out; 0..=4096 bytes in; up to 4096 bytes out. */
+#define PC_SAMPLE_ECHO_SCALARS_IN 0
+#define PC_SAMPLE_ECHO_SCALARS_OUT 0
+#define PC_SAMPLE_ECHO_STRUCT_IN_MIN 0
+#define PC_SAMPLE_ECHO_STRUCT_IN_MAX 4096
+#define PC_SAMPLE_ECHO_STRUCT_OUT_MAX 4096
+/* get_info: no scalars in; 0 scalar(s) out; struct sample_info out; PC_OVERFLOW: it ran, and a value does not fit this ABI. */
+#define PC_SAMPLE_GET_INFO_SCALARS_IN 0
+#define PC_SAMPLE_GET_INFO_SCALARS_OUT 0
+/* wait_event: scalars in: timeout_ms; 1 scalar(s) out; completes later (PC_TIMEOUT at its timeout, PC_ABORTED when its user client closes). */
+#define PC_SAMPLE_WAIT_EVENT_SCALARS_IN 1
+#define PC_SAMPLE_WAIT_EVENT_SCALARS_OUT 1
+#define PC_SAMPLE_WAIT_EVENT_TIMEOUT_MS_MAX 600000
+/* fire_event: scalars in: value; 1 scalar(s) out. */
+#define PC_SAMPLE_FIRE_EVENT_SCALARS_IN 1
+#define PC_SAMPLE_FIRE_EVENT_SCALARS_OUT 1
+/* reset: no scalars in; 0 scalar(s) out; needs the privilege sample.admin. */
+#define PC_SAMPLE_RESET_SCALARS_IN 0
+#define PC_SAMPLE_RESET_SCALARS_OUT 0
+/* transform_record: no scalars in; 0 scalar(s) out; struct sample_record in; struct sample_record out; PC_OVERFLOW: it ran, and a value does not fit this ABI. */
+#define PC_SAMPLE_TRANSFORM_RECORD_SCALARS_IN 0
+#define PC_SAMPLE_TRANSFORM_RECORD_SCALARS_OUT 0
+/* checksum_dma: scalars in: offset, len; 1 scalar(s) out. */
+#define PC_SAMPLE_CHECKSUM_DMA_SCALARS_IN 2
+#define PC_SAMPLE_CHECKSUM_DMA_SCALARS_OUT 1
 
 struct sample_info {
     uint32_t version;

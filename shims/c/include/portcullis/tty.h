@@ -22,7 +22,47 @@
 #define PC_TTY_DRAIN 7
 #define PC_TTY_SEND_BREAK 8
 
-/* Memory types (pc_map_memory). */
+/* Memory types (pc_map_memory): id, size in bytes, whether clients may write it. */
+
+/* Each method's contract. The broker checks counts, limits and sizes before the driver runs:
+ * a call outside them is PC_BAD_ARGUMENT and does not run. Every method can also end with the
+ * session's statuses: PC_NOT_OPEN, PC_NOT_PRIVILEGED and PC_RATE_LIMITED (policy), PC_NO_DEVICE
+ * (the device went away), PC_INTERNAL (a driver fault; the service is terminated). */
+/* get_line: no scalars in; 0 scalar(s) out; struct tty_line out; PC_OVERFLOW: it ran, and a value does not fit this ABI. */
+#define PC_TTY_GET_LINE_SCALARS_IN 0
+#define PC_TTY_GET_LINE_SCALARS_OUT 0
+/* set_line: no scalars in; 0 scalar(s) out; struct tty_line in. */
+#define PC_TTY_SET_LINE_SCALARS_IN 0
+#define PC_TTY_SET_LINE_SCALARS_OUT 0
+/* write: scalars in: timeout_ms; 1 scalar(s) out; 0..=4096 bytes in; completes later (PC_TIMEOUT at its timeout, PC_ABORTED when its user client closes). */
+#define PC_TTY_WRITE_SCALARS_IN 1
+#define PC_TTY_WRITE_SCALARS_OUT 1
+#define PC_TTY_WRITE_TIMEOUT_MS_MAX 600000
+#define PC_TTY_WRITE_STRUCT_IN_MIN 0
+#define PC_TTY_WRITE_STRUCT_IN_MAX 4096
+/* read: scalars in: max_len, timeout_ms; 0 scalar(s) out; up to 4096 bytes out; completes later (PC_TIMEOUT at its timeout, PC_ABORTED when its user client closes). */
+#define PC_TTY_READ_SCALARS_IN 2
+#define PC_TTY_READ_SCALARS_OUT 0
+#define PC_TTY_READ_MAX_LEN_MAX 4096
+#define PC_TTY_READ_TIMEOUT_MS_MAX 600000
+#define PC_TTY_READ_STRUCT_OUT_MAX 4096
+/* get_modem: no scalars in; 1 scalar(s) out. */
+#define PC_TTY_GET_MODEM_SCALARS_IN 0
+#define PC_TTY_GET_MODEM_SCALARS_OUT 1
+/* set_modem: scalars in: bits, mask; 0 scalar(s) out. */
+#define PC_TTY_SET_MODEM_SCALARS_IN 2
+#define PC_TTY_SET_MODEM_SCALARS_OUT 0
+/* flush: scalars in: queue; 0 scalar(s) out. */
+#define PC_TTY_FLUSH_SCALARS_IN 1
+#define PC_TTY_FLUSH_SCALARS_OUT 0
+/* drain: scalars in: timeout_ms; 0 scalar(s) out; completes later (PC_TIMEOUT at its timeout, PC_ABORTED when its user client closes). */
+#define PC_TTY_DRAIN_SCALARS_IN 1
+#define PC_TTY_DRAIN_SCALARS_OUT 0
+#define PC_TTY_DRAIN_TIMEOUT_MS_MAX 600000
+/* send_break: scalars in: duration_ms; 0 scalar(s) out; completes later (PC_TIMEOUT at its timeout, PC_ABORTED when its user client closes); needs the privilege tty.break. */
+#define PC_TTY_SEND_BREAK_SCALARS_IN 1
+#define PC_TTY_SEND_BREAK_SCALARS_OUT 0
+#define PC_TTY_SEND_BREAK_DURATION_MS_MAX 10000
 
 struct tty_line {
     uint32_t baud;
