@@ -270,7 +270,7 @@ const CONTENDERS: &[(Kind, &str)] = &[
         Kind::RingAdaptive,
         "ring, adaptive (the default: spin 50 µs, then sleep)",
     ),
-    (Kind::RingSleep, "ring, sleeping (woken by eventfd and pipe)"),
+    (Kind::RingSleep, "ring, sleeping (woken by socket and pipe)"),
     (Kind::Native, "native socket (SOCK_SEQPACKET)"),
     (Kind::Grpc, "gRPC session (Unix socket)"),
     (Kind::RawUds, "peer: raw Unix-socket ping-pong"),
