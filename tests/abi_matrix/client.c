@@ -9,6 +9,7 @@
 #include <float.h>
 #include <limits.h>
 #include <math.h>
+#include <poll.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -407,6 +408,74 @@ static void events(uint64_t service) {
     CHECK(pc_set_event_queue(conn, 64) == PC_SUCCESS, "back to 64");
 }
 
+/* Calls in flight: a wait_event started, other calls made on the same connection meanwhile,
+ * then fired from it; and an event loop that polls while another connection fires. */
+static void async_calls(const char *run_dir, uint64_t service) {
+    pc_call_args wait = {0}, sum = {0};
+    pc_event ev;
+    pc_conn *other = NULL;
+    uint64_t timeout_ms = 5000, got = 0, in[2] = {20, 22}, total = 0, call = 0, h2 = 0, value = 9090, completed = 0;
+    uint32_t one = 1;
+    int rc, i;
+    wait.selector = PC_SAMPLE_WAIT_EVENT;
+    wait.scalars_in = &timeout_ms;
+    wait.n_scalars_in = 1;
+    wait.scalars_out = &got;
+    wait.scalars_out_room = 1;
+    rc = pc_invoke_start(conn, handle, &wait, &call);
+    CHECK(rc == PC_SUCCESS, "start wait_event: %s", pc_status_name(rc));
+    CHECK(pc_invoke_finish(conn, call, 0) == PC_ERR_IN_FLIGHT, "still in flight");
+    sum.selector = PC_SAMPLE_ADD;
+    sum.scalars_in = in;
+    sum.n_scalars_in = 2;
+    sum.scalars_out = &total;
+    sum.scalars_out_room = 1;
+    rc = pc_invoke(conn, handle, &sum);
+    CHECK(rc == PC_SUCCESS && total == 42, "a call while another is in flight: %s", pc_status_name(rc));
+    /* Fire until the waiter has been taken (its start may still be on its way). */
+    for (i = 0; i < 100000 && completed == 0; i++) {
+        rc = pc_call(conn, handle, PC_SAMPLE_FIRE_EVENT, &value, 1, &completed, &one, NULL, 0, NULL, NULL);
+        if (rc != PC_SUCCESS) break;
+    }
+    CHECK(completed == 1, "fire completed the waiter (%s)", pc_status_name(rc));
+    rc = pc_invoke_finish(conn, call, 5000);
+    CHECK(rc == PC_SUCCESS && got == 9090 && wait.n_scalars_out == 1, "the started call's outputs: %s, %lu", pc_status_name(rc), (unsigned long)got);
+    CHECK(pc_invoke_finish(conn, call, 0) == PC_ERR_USAGE, "a finished call is forgotten");
+
+    /* An event loop: poll the connection's descriptor while another connection fires. */
+    got = 0;
+    rc = pc_invoke_start(conn, handle, &wait, &call);
+    CHECK(rc == PC_SUCCESS, "start again: %s", pc_status_name(rc));
+    if (pc_connect(run_dir, &other) != PC_SUCCESS || pc_open(other, service, 0, &h2) != PC_SUCCESS) {
+        CHECK(0, "a second connection");
+        return;
+    }
+    value = 4711;
+    for (completed = 0, i = 0; i < 100000 && completed == 0; i++) {
+        rc = pc_call(other, h2, PC_SAMPLE_FIRE_EVENT, &value, 1, &completed, &one, NULL, 0, NULL, NULL);
+        if (rc != PC_SUCCESS) break;
+    }
+    CHECK(completed == 1, "the other connection completed the waiter (%s)", pc_status_name(rc));
+    for (i = 0; i < 1000; i++) {
+        while (pc_next_event(conn, 0, &ev) == PC_SUCCESS) {
+        }
+        if (pc_poll_prepare(conn) == 0) {
+            struct pollfd pfd;
+            pfd.fd = pc_poll_fd(conn);
+            pfd.events = POLLIN;
+            pfd.revents = 0;
+            if (poll(&pfd, 1, 5000) != 1) {
+                CHECK(0, "the descriptor became readable");
+                break;
+            }
+        }
+        rc = pc_invoke_finish(conn, call, 0);
+        if (rc != PC_ERR_IN_FLIGHT) break;
+    }
+    CHECK(rc == PC_SUCCESS && got == 4711, "completed through the event loop: %s, %lu", pc_status_name(rc), (unsigned long)got);
+    pc_disconnect(other);
+}
+
 /* wait_event (asynchronous): a timeout, then a completion fired by another process; and the
  * privileged reset (the matrix runs as root, which the default policy lets reset). */
 static void async_and_reset(const char *run_dir, uint64_t service) {
@@ -525,6 +594,7 @@ int main(int argc, char **argv) {
     records();
     memory();
     events(found[0].id);
+    async_calls(argc > 1 ? argv[1] : NULL, found[0].id);
     async_and_reset(argc > 1 ? argv[1] : NULL, found[0].id);
     CHECK(pc_close(conn, handle) == PC_SUCCESS, "close");
     {

@@ -42,7 +42,9 @@ enum pc_status {
     PC_ERR_USAGE = -2,
     /* the call RAN (its effects happened), but its outputs did not fit the room the caller gave:
      * what fit was written, and the counts say how much there was. */
-    PC_ERR_OUTPUT_ROOM = -3
+    PC_ERR_OUTPUT_ROOM = -3,
+    /* pc_invoke_finish: the call has not completed yet; it is still in flight. */
+    PC_ERR_IN_FLIGHT = -4
 };
 /* A broker status says what the broker decided. PC_BAD_ARGUMENT, PC_NOT_PRIVILEGED, … are
  * refusals: the method did not run. PC_OVERFLOW is the exception, and says the method ran: a
@@ -166,6 +168,28 @@ typedef struct pc_call_args {
  * scalars than there was room for (those that fit are written). Blocks until the method
  * completes, asynchronous methods included. */
 int pc_invoke(pc_conn *conn, uint64_t handle, pc_call_args *args);
+
+/* Starts a call and returns at once, with its id in *call: one connection can have a
+ * wait_event or a tty read pending and keep calling. The outputs are written to args when the
+ * response arrives — during any later function on this connection — so args and its buffers
+ * must stay valid until pc_invoke_finish has returned the call's status. At most 1024 calls in
+ * flight per connection (then PC_ERR_USAGE). */
+int pc_invoke_start(pc_conn *conn, uint64_t handle, pc_call_args *args, uint64_t *call);
+
+/* The status of a call started with pc_invoke_start, once it has completed: waits up to
+ * timeout_ms for it (0: only looks; -1: forever), handling whatever else arrives meanwhile (other
+ * calls complete, events are queued). PC_ERR_IN_FLIGHT: not complete yet (ask again). Any other
+ * status is the call's own (PC_TIMEOUT included: a wait_event that timed out) and ends it: its
+ * id is forgotten. */
+int pc_invoke_finish(pc_conn *conn, uint64_t call, int timeout_ms);
+
+/* For an event loop: a descriptor to poll for reading while calls are in flight or events are
+ * awaited. Call pc_poll_prepare just before each poll: 1 means something is there already (do
+ * not poll; call pc_invoke_finish or pc_next_event with timeout 0), 0 that the descriptor will
+ * become readable when something arrives. When it does, call them with timeout 0. The
+ * descriptor is the socket, or with the ring the doorbell the broker rings. */
+int pc_poll_prepare(pc_conn *conn);
+int pc_poll_fd(const pc_conn *conn);
 
 /* The same as pc_invoke, as separate arguments (the first form, kept): scalars_out has room for
  * *n_out values and receives *n_out of them; struct_out has room for *struct_out_len bytes and

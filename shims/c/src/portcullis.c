@@ -21,6 +21,16 @@
 #define PC_PROTOCOL_VERSION 1u
 #define PC_MAX_FRAME (65536u + 4096u)
 #define PC_EVENT_QUEUE 64u /* the default; pc_set_event_queue changes it */
+#define PC_MAX_PENDING 1024u /* calls in flight per connection (pc_invoke_start) */
+
+/* A call started with pc_invoke_start: its outputs go to args when its response arrives. */
+struct pc_pending {
+    uint64_t id;
+    pc_call_args *args;
+    int done, status;
+    char message[256];
+    char rule[128];
+};
 
 struct pc_conn {
     int fd;
@@ -33,6 +43,8 @@ struct pc_conn {
     size_t ev_cap, ev_head, ev_len;
     uint64_t ev_lost; /* events lost after every queued one: delivered as one LOST after them */
     int broker_abi;   /* the Welcome's */
+    struct pc_pending *pending; /* calls started with pc_invoke_start, not yet finished */
+    size_t n_pending, pending_cap;
     int fd_in;       /* the first descriptor that came with the last frame, or -1 */
     int fd_more[2];  /* the second and third (the broker's doorbell, ours), or -1 */
     struct pc_ring {
@@ -522,6 +534,8 @@ static uint64_t begin_request(pc_conn *c, struct wr *w, unsigned request_tag) {
 
 /* Sends the request (through the ring when one is enabled, unless socket is set) and waits
  * for its response; on success *r is at the body. */
+static int complete_pending(pc_conn *c, uint64_t id, int status, struct rd *r);
+
 static int exchange_on(pc_conn *c, struct wr *w, uint64_t id, struct rd *r, int socket) {
     int rc;
     if (c->ring.base != NULL && !socket) {
@@ -540,7 +554,12 @@ static int exchange_on(pc_conn *c, struct wr *w, uint64_t id, struct rd *r, int 
         rc = next_frame_on(c, -1, r, &got, &status, socket);
         if (rc == 0) continue;
         if (rc != 1) return rc;
-        if (got != id) return PC_PROTOCOL_ERROR;
+        if (got != id) {
+            /* A call started earlier completes meanwhile. */
+            rc = complete_pending(c, got, status, r);
+            if (rc != PC_SUCCESS) return rc;
+            continue;
+        }
         return status;
     }
 }
@@ -662,6 +681,7 @@ void pc_disconnect(pc_conn *c) {
     free(c->in);
     free(c->out);
     free(c->events);
+    free(c->pending);
     free(c);
 }
 
@@ -714,13 +734,9 @@ int pc_close(pc_conn *c, uint64_t handle) {
     return exchange(c, &w, id, &r);
 }
 
-int pc_invoke(pc_conn *c, uint64_t handle, pc_call_args *a) {
-    struct wr w;
-    struct rd r;
-    uint64_t id, n, i;
-    size_t got_len;
-    const unsigned char *got;
-    int rc;
+/* Checks a call's arguments and encodes its request into w; returns its id in *id. */
+static int begin_call(pc_conn *c, uint64_t handle, pc_call_args *a, struct wr *w, uint64_t *id) {
+    size_t i;
     /* What the library can check is checked before anything is sent. */
     if (a == NULL || (a->n_scalars_in && a->scalars_in == NULL) || (a->struct_in_len && a->struct_in == NULL) ||
         (a->scalars_out_room && a->scalars_out == NULL) || (a->struct_out_room && a->struct_out == NULL)) {
@@ -733,24 +749,30 @@ int pc_invoke(pc_conn *c, uint64_t handle, pc_call_args *a) {
     }
     a->n_scalars_out = 0;
     a->struct_out_len = 0;
-    id = begin_request(c, &w, 3);
-    w_varint(&w, handle);
-    w_varint(&w, a->selector);
-    w_varint(&w, a->n_scalars_in);
-    for (i = 0; i < a->n_scalars_in; i++) w_varint(&w, a->scalars_in[i]);
-    w_bytes(&w, a->struct_in, a->struct_in_len);
-    w_varint(&w, a->struct_out_room > UINT32_MAX ? UINT32_MAX : a->struct_out_room);
-    rc = exchange(c, &w, id, &r);
-    if (rc != PC_SUCCESS) return rc;
-    if (expect_body(&r, 3) != PC_SUCCESS) return PC_PROTOCOL_ERROR;
-    n = r_u64(&r);
-    if (r.bad || n > PC_MAX_FRAME) return PC_PROTOCOL_ERROR;
+    *id = begin_request(c, w, 3);
+    w_varint(w, handle);
+    w_varint(w, a->selector);
+    w_varint(w, a->n_scalars_in);
+    for (i = 0; i < a->n_scalars_in; i++) w_varint(w, a->scalars_in[i]);
+    w_bytes(w, a->struct_in, a->struct_in_len);
+    w_varint(w, a->struct_out_room > UINT32_MAX ? UINT32_MAX : a->struct_out_room);
+    return PC_SUCCESS;
+}
+
+/* Takes a successful call response's outputs (r at its body) into a. */
+static int take_outputs(pc_conn *c, struct rd *r, pc_call_args *a) {
+    uint64_t n, i;
+    size_t got_len;
+    const unsigned char *got;
+    if (expect_body(r, 3) != PC_SUCCESS) return PC_PROTOCOL_ERROR;
+    n = r_u64(r);
+    if (r->bad || n > PC_MAX_FRAME) return PC_PROTOCOL_ERROR;
     for (i = 0; i < n; i++) {
-        uint64_t v = r_u64(&r);
+        uint64_t v = r_u64(r);
         if (i < a->scalars_out_room) a->scalars_out[i] = v;
     }
-    got = r_bytes(&r, &got_len);
-    if (r.bad || got_len > a->struct_out_room) return PC_PROTOCOL_ERROR;
+    got = r_bytes(r, &got_len);
+    if (r->bad || got_len > a->struct_out_room) return PC_PROTOCOL_ERROR;
     if (got_len) memcpy(a->struct_out, got, got_len);
     a->n_scalars_out = (size_t)n;
     a->struct_out_len = got_len;
@@ -763,6 +785,134 @@ int pc_invoke(pc_conn *c, uint64_t handle, pc_call_args *a) {
     }
     return PC_SUCCESS;
 }
+
+int pc_invoke(pc_conn *c, uint64_t handle, pc_call_args *a) {
+    struct wr w;
+    struct rd r;
+    uint64_t id;
+    int rc = begin_call(c, handle, a, &w, &id);
+    if (rc != PC_SUCCESS) return rc;
+    rc = exchange(c, &w, id, &r);
+    if (rc != PC_SUCCESS) return rc;
+    return take_outputs(c, &r, a);
+}
+
+/* The pending call with this id, or NULL. */
+static struct pc_pending *pending_call(pc_conn *c, uint64_t id) {
+    size_t i;
+    for (i = 0; i < c->n_pending; i++)
+        if (c->pending[i].id == id) return &c->pending[i];
+    return NULL;
+}
+
+/* A response for a call other than the one being waited for: a pending call's, completed now
+ * (its outputs written to its args), or a protocol error. */
+static int complete_pending(pc_conn *c, uint64_t id, int status, struct rd *r) {
+    struct pc_pending *p = pending_call(c, id);
+    if (p == NULL || p->done) {
+        set_message(c, "a response to no call in flight");
+        return PC_PROTOCOL_ERROR;
+    }
+    p->status = status == PC_SUCCESS ? take_outputs(c, r, p->args) : status;
+    memcpy(p->message, c->message, sizeof p->message);
+    memcpy(p->rule, c->rule, sizeof p->rule);
+    p->done = 1;
+    return PC_SUCCESS;
+}
+
+int pc_invoke_start(pc_conn *c, uint64_t handle, pc_call_args *a, uint64_t *call) {
+    struct wr w;
+    uint64_t id;
+    int rc;
+    if (call == NULL) {
+        set_message(c, "no place for the call's id: nothing was sent");
+        return PC_ERR_USAGE;
+    }
+    if (c->n_pending == c->pending_cap) {
+        size_t cap = c->pending_cap ? c->pending_cap * 2 : 8;
+        struct pc_pending *grown;
+        if (cap > PC_MAX_PENDING) {
+            set_message(c, "too many calls in flight on this connection: nothing was sent");
+            return PC_ERR_USAGE;
+        }
+        grown = realloc(c->pending, cap * sizeof *grown);
+        if (grown == NULL) return PC_ERR_SYSTEM;
+        c->pending = grown;
+        c->pending_cap = cap;
+    }
+    rc = begin_call(c, handle, a, &w, &id);
+    if (rc != PC_SUCCESS) return rc;
+    if (c->ring.base != NULL) {
+        if (w.overflow) {
+            errno = EMSGSIZE;
+            return PC_ERR_SYSTEM;
+        }
+        rc = ring_push(c, w.p, w.len);
+    } else {
+        rc = send_frame(c, &w);
+    }
+    if (rc != PC_SUCCESS) return rc;
+    memset(&c->pending[c->n_pending], 0, sizeof c->pending[0]);
+    c->pending[c->n_pending].id = id;
+    c->pending[c->n_pending].args = a;
+    c->n_pending++;
+    *call = id;
+    return PC_SUCCESS;
+}
+
+int pc_invoke_finish(pc_conn *c, uint64_t call, int timeout_ms) {
+    struct timespec start;
+    clock_gettime(CLOCK_MONOTONIC, &start);
+    for (;;) {
+        struct pc_pending *p = pending_call(c, call);
+        struct rd r;
+        uint64_t got = 0;
+        int status = 0, rc, left;
+        if (p == NULL) {
+            set_message(c, "no such call in flight");
+            return PC_ERR_USAGE;
+        }
+        if (p->done) {
+            rc = p->status;
+            memcpy(c->message, p->message, sizeof c->message);
+            memcpy(c->rule, p->rule, sizeof c->rule);
+            *p = c->pending[--c->n_pending];
+            return rc;
+        }
+        left = timeout_ms < 0 ? -1 : timeout_ms - (int)(elapsed_ns(&start) / 1000000L);
+        if (timeout_ms >= 0 && left < 0) left = 0;
+        rc = next_frame(c, left, &r, &got, &status);
+        if (rc == PC_TIMEOUT) {
+            set_message(c, "the call has not completed yet");
+            return PC_ERR_IN_FLIGHT;
+        }
+        if (rc == 0) continue;
+        if (rc != 1) return rc;
+        rc = complete_pending(c, got, status, &r);
+        if (rc != PC_SUCCESS) return rc;
+    }
+}
+
+int pc_poll_prepare(pc_conn *c) {
+    size_t i;
+    if (c->ev_len || c->ev_lost) return 1;
+    for (i = 0; i < c->n_pending; i++)
+        if (c->pending[i].done) return 1;
+    if (c->ring.base == NULL) return 0;
+    /* Empty the doorbell (what is in it was rung for what has been taken), ask the broker to
+     * ring it for the next completion, then look once more: a completion published before the
+     * request was seen would not ring. */
+    {
+        unsigned char drained[512];
+        while (read(c->ring.efd_client, drained, sizeof drained) == (ssize_t)sizeof drained) {
+        }
+    }
+    __atomic_store_n(ring_word(c, RING_CLIENT_SLEEPING), le32(RING_ON_RECORDS), __ATOMIC_RELAXED);
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    return ring_load(c, RING_CQ_TAIL) != c->ring.cq_head;
+}
+
+int pc_poll_fd(const pc_conn *c) { return c->ring.base != NULL ? c->ring.efd_client : c->fd; }
 
 int pc_call(pc_conn *c, uint64_t handle, uint32_t selector, const uint64_t *scalars_in, uint32_t n_in,
             uint64_t *scalars_out, uint32_t *n_out, const void *struct_in, size_t struct_in_len, void *struct_out,
@@ -898,7 +1048,12 @@ int pc_next_event(pc_conn *c, int timeout_ms, pc_event *event) {
             return PC_SUCCESS;
         }
         rc = next_frame(c, timeout_ms, &r, &id, &status);
-        if (rc == 1) return PC_PROTOCOL_ERROR; /* a response nobody waits for */
+        if (rc == 1) {
+            /* A started call's response (any other is a response nobody waits for). */
+            rc = complete_pending(c, id, status, &r);
+            if (rc != PC_SUCCESS) return rc;
+            continue;
+        }
         if (rc != 0) return rc;
     }
 }
@@ -938,6 +1093,7 @@ const char *pc_status_name(int status) {
     if (status == PC_ERR_SYSTEM) return "SYSTEM_ERROR";
     if (status == PC_ERR_USAGE) return "USAGE_ERROR";
     if (status == PC_ERR_OUTPUT_ROOM) return "OUTPUT_ROOM";
+    if (status == PC_ERR_IN_FLIGHT) return "IN_FLIGHT";
     if (status < 0 || (size_t)status >= sizeof names / sizeof names[0]) return "UNKNOWN";
     return names[status];
 }
