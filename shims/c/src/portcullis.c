@@ -1030,10 +1030,12 @@ int pc_ring_enable(pc_conn *c, uint32_t sq_size, uint32_t cq_size, int wait) {
 int pc_unmap_memory(void *addr, size_t size) { return munmap(addr, size) == 0 ? PC_SUCCESS : PC_ERR_SYSTEM; }
 
 int pc_next_event(pc_conn *c, int timeout_ms, pc_event *event) {
+    struct timespec start;
+    clock_gettime(CLOCK_MONOTONIC, &start);
     for (;;) {
         struct rd r;
         uint64_t id;
-        int status, rc;
+        int status, rc, left;
         if (c->ev_len) {
             *event = c->events[c->ev_head];
             c->ev_head = (c->ev_head + 1) % c->ev_cap;
@@ -1047,7 +1049,10 @@ int pc_next_event(pc_conn *c, int timeout_ms, pc_event *event) {
             c->ev_lost = 0;
             return PC_SUCCESS;
         }
-        rc = next_frame(c, timeout_ms, &r, &id, &status);
+        /* What is left of the timeout: responses to started calls may come first. */
+        left = timeout_ms < 0 ? -1 : timeout_ms - (int)(elapsed_ns(&start) / 1000000L);
+        if (timeout_ms >= 0 && left < 0) left = 0;
+        rc = next_frame(c, left, &r, &id, &status);
         if (rc == 1) {
             /* A started call's response (any other is a response nobody waits for). */
             rc = complete_pending(c, id, status, &r);
