@@ -8,6 +8,16 @@
 
 use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 
+/// Devices are registered with the broker's runtime: refused outside one.
+fn in_runtime() -> std::io::Result<()> {
+    match tokio::runtime::Handle::try_current() {
+        Ok(_) => Ok(()),
+        Err(_) => Err(std::io::Error::other(
+            "a device needs the broker's runtime to be opened",
+        )),
+    }
+}
+
 /// A descriptor shared with code that reads and writes it directly, registered with the tokio
 /// reactor for as long as the returned `AsyncFd` lives (dropping it deregisters the descriptor;
 /// the descriptor stays open while any `Arc` holds it). Refused outside a runtime.
@@ -15,11 +25,7 @@ pub(crate) fn async_fd_shared(
     fd: std::sync::Arc<OwnedFd>,
     interest: tokio::io::Interest,
 ) -> std::io::Result<tokio::io::unix::AsyncFd<std::sync::Arc<OwnedFd>>> {
-    if tokio::runtime::Handle::try_current().is_err() {
-        return Err(std::io::Error::other(
-            "a device needs the broker's runtime to be opened",
-        ));
-    }
+    in_runtime()?;
     // SAFETY: the `AsyncFd` holds an `Arc` of the `OwnedFd`, so the descriptor stays open and
     // refers to the same file for the `AsyncFd`'s whole life; `as_raw_fd` always returns it.
     unsafe { tokio::io::unix::AsyncFd::register_with_interest(fd, interest) }.map_err(std::io::Error::from)
@@ -28,11 +34,7 @@ pub(crate) fn async_fd_shared(
 /// A descriptor the driver owns, registered with the tokio reactor for readiness; refused
 /// outside a runtime.
 pub(crate) fn async_fd(fd: OwnedFd) -> std::io::Result<tokio::io::unix::AsyncFd<OwnedFd>> {
-    if tokio::runtime::Handle::try_current().is_err() {
-        return Err(std::io::Error::other(
-            "a device needs the broker's runtime to be opened",
-        ));
-    }
+    in_runtime()?;
     // SAFETY: an `OwnedFd` is an open descriptor that it alone closes, on drop; the `AsyncFd`
     // owns it for its whole life, and `as_raw_fd` always returns that same descriptor.
     unsafe { tokio::io::unix::AsyncFd::register(fd) }.map_err(std::io::Error::from)

@@ -45,12 +45,17 @@ pub fn eventfd() -> io::Result<OwnedFd> {
 /// (both non-blocking descriptions that only this side holds): writes a `u64` 1. A full
 /// counter or pipe already means "wake up"; any other failure is returned.
 pub fn ring(fd: impl AsFd) -> io::Result<()> {
+    ring_with(|| rustix::io::write(&fd, &1u64.to_ne_bytes()))
+}
+
+/// Rings with `write`, again when interrupted: a full doorbell (`EAGAIN`) is already rung.
+fn ring_with(mut write: impl FnMut() -> rustix::io::Result<usize>) -> io::Result<()> {
     loop {
-        return match rustix::io::write(&fd, &1u64.to_ne_bytes()) {
-            Ok(_) | Err(rustix::io::Errno::AGAIN) => Ok(()),
-            Err(rustix::io::Errno::INTR) => continue,
-            Err(e) => Err(e.into()),
-        };
+        match write() {
+            Ok(_) | Err(rustix::io::Errno::AGAIN) => return Ok(()),
+            Err(rustix::io::Errno::INTR) => {}
+            Err(e) => return Err(e.into()),
+        }
     }
 }
 
@@ -71,13 +76,7 @@ pub fn broker_doorbell() -> io::Result<(OwnedFd, OwnedFd)> {
 /// sleeps); any other failure (the broker has let the ring go: `EPIPE`) is returned.
 pub fn ring_broker(fd: impl AsFd) -> io::Result<()> {
     use rustix::net::SendFlags;
-    loop {
-        return match rustix::net::send(&fd, &[1], SendFlags::DONTWAIT | SendFlags::NOSIGNAL) {
-            Ok(_) | Err(rustix::io::Errno::AGAIN) => Ok(()),
-            Err(rustix::io::Errno::INTR) => continue,
-            Err(e) => Err(e.into()),
-        };
-    }
+    ring_with(|| rustix::net::send(&fd, &[1], SendFlags::DONTWAIT | SendFlags::NOSIGNAL))
 }
 
 /// Empties the broker's end of its doorbell, never blocking (`MSG_DONTWAIT`, whatever the

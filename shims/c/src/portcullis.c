@@ -536,17 +536,19 @@ static uint64_t begin_request(pc_conn *c, struct wr *w, unsigned request_tag) {
  * for its response; on success *r is at the body. */
 static int complete_pending(pc_conn *c, uint64_t id, int status, struct rd *r);
 
-static int exchange_on(pc_conn *c, struct wr *w, uint64_t id, struct rd *r, int socket) {
-    int rc;
-    if (c->ring.base != NULL && !socket) {
-        if (w->overflow) {
-            errno = EMSGSIZE;
-            return PC_ERR_SYSTEM;
-        }
-        rc = ring_push(c, w->p, w->len);
-    } else {
-        rc = send_frame(c, w);
+/* Sends a request: through the ring when one is enabled (unless socket is set), else on the
+ * socket. */
+static int send_request(pc_conn *c, const struct wr *w, int socket) {
+    if (c->ring.base == NULL || socket) return send_frame(c, w);
+    if (w->overflow) {
+        errno = EMSGSIZE;
+        return PC_ERR_SYSTEM;
     }
+    return ring_push(c, w->p, w->len);
+}
+
+static int exchange_on(pc_conn *c, struct wr *w, uint64_t id, struct rd *r, int socket) {
+    int rc = send_request(c, w, socket);
     if (rc != PC_SUCCESS) return rc;
     for (;;) {
         uint64_t got = 0;
@@ -841,16 +843,7 @@ int pc_invoke_start(pc_conn *c, uint64_t handle, pc_call_args *a, uint64_t *call
         c->pending_cap = cap;
     }
     rc = begin_call(c, handle, a, &w, &id);
-    if (rc != PC_SUCCESS) return rc;
-    if (c->ring.base != NULL) {
-        if (w.overflow) {
-            errno = EMSGSIZE;
-            return PC_ERR_SYSTEM;
-        }
-        rc = ring_push(c, w.p, w.len);
-    } else {
-        rc = send_frame(c, &w);
-    }
+    if (rc == PC_SUCCESS) rc = send_request(c, &w, 0);
     if (rc != PC_SUCCESS) return rc;
     memset(&c->pending[c->n_pending], 0, sizeof c->pending[0]);
     c->pending[c->n_pending].id = id;

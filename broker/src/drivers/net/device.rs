@@ -365,9 +365,9 @@ impl NetDevice {
         Ok(&mapped.backing)
     }
 
-    /// `send_packets`: the `count` records at `offset` of the client's `packets` memory, each
-    /// written to the interface straight from that memory. Stops at the first packet refused:
-    /// its error when it is the first, else the number sent before it.
+    /// `send_packets`: the `count` records at `offset` of the client's `packets` memory, copied
+    /// out once and checked and written to the interface from the copy. Stops at the first
+    /// packet refused: its error when it is the first, else the number sent before it.
     fn send_packets(&self, ctx: &CallContext<'_>, [offset, count]: [u64; 2]) -> CallResult {
         let backing = self.packets(ctx)?;
         if !(1..=BATCH_MAX).contains(&count) {
