@@ -31,7 +31,8 @@ pub enum Status {
     Aborted = 8,
     /// The grant's rate limit was exceeded.
     RateLimited = 9,
-    /// A value does not fit the client's type (narrowing would lose data).
+    /// The call ran, but an output does not fit and is withheld: a value the client's type
+    /// cannot hold (narrowing would lose data), or a packet larger than the room given for it.
     Overflow = 10,
     /// The user client handle is not open in this session.
     NotOpen = 11,

@@ -135,6 +135,7 @@ static void run_edge(const char *what, const struct sample_record *in) {
     int rc = transform(in, &out);
     if (sizeof(long) == 4 || sizeof(uintptr_t) == 4) {
         CHECK(rc == PC_OVERFLOW, "%s: want OVERFLOW, got %s", what, pc_status_name(rc));
+        CHECK(PC_STATUS_IN(PC_SAMPLE_TRANSFORM_RECORD_STATUSES, rc), "%s: OVERFLOW is in the contract", what);
     } else {
         CHECK(rc == PC_SUCCESS, "%s: %s: %s", what, pc_status_name(rc), pc_last_message(conn));
         if (rc == PC_SUCCESS) {
@@ -484,6 +485,9 @@ static void async_and_reset(const char *run_dir, uint64_t service) {
     pid_t child;
     int rc = pc_call(conn, handle, PC_SAMPLE_WAIT_EVENT, &timeout_ms, 1, &value, &n, NULL, 0, NULL, NULL);
     CHECK(rc == PC_TIMEOUT, "wait_event without a fire: %s", pc_status_name(rc));
+    CHECK(PC_STATUS_IN(PC_SAMPLE_WAIT_EVENT_STATUSES, rc), "TIMEOUT is in wait_event's contract");
+    CHECK(!PC_STATUS_IN(PC_SAMPLE_ADD_STATUSES, PC_TIMEOUT) && !PC_STATUS_IN(PC_SAMPLE_ADD_STATUSES, PC_ERR_USAGE),
+          "add can end with neither TIMEOUT nor a library error");
     child = fork();
     if (child == 0) {
         /* Fire until the parent's wait has taken it (fire_event reports how many it completed). */

@@ -2,7 +2,10 @@
  * under qemu-user: a tty write/read round trip through a pty, a block device's geometry and
  * blocks read through the mapped dma memory, a UDP packet through a TUN and its reply. Prints
  * what it got, one line each; the test (tests/tests/integration/abi_matrix.rs) plays the
- * hardware and checks every value.
+ * hardware and checks every value. Every status is checked against the method's contract in
+ * the generated header (PC_<FAMILY>_<METHOD>_STATUSES), and the driver-specific refusals the
+ * header lists are provoked: a pty's modem lines (UNSUPPORTED), a write through a shared open
+ * (NOT_WRITABLE).
  *
  * usage: devices RUN_DIR [ring] */
 #define _POSIX_C_SOURCE 200809L
@@ -30,6 +33,12 @@ static int failures;
         failures++;               \
     } while (0)
 
+/* A status the method's header does not list is a broken contract. */
+#define CONTRACT(mask, rc, what)                                                        \
+    do {                                                                                \
+        if (!PC_STATUS_IN(mask, rc)) FAIL("%s: %s is not in its contract", what, pc_status_name(rc)); \
+    } while (0)
+
 static int open_named(const char *name, int exclusive, uint64_t *handle) {
     pc_service found[2];
     size_t n = 0;
@@ -47,25 +56,32 @@ static int open_named(const char *name, int exclusive, uint64_t *handle) {
 }
 
 static void tty(void) {
-    uint64_t handle, written[1];
+    uint64_t handle, written[1], modem[1];
     char hello[64], got[65];
     size_t got_len = 64;
     struct tty_line line;
     int rc;
     if (open_named("tty0", 0, &handle) != 0) return;
     rc = pc_tty_get_line(conn, handle, &line);
+    CONTRACT(PC_TTY_GET_LINE_STATUSES, rc, "get_line");
     if (rc != PC_SUCCESS) FAIL("get_line: %s", pc_status_name(rc));
     else printf("tty line: baud %lu data %u parity %u\n", (unsigned long)line.baud, line.data_bits, line.parity);
     snprintf(hello, sizeof hello, "hello from %s\n", abi_names[PC_ABI]);
     rc = pc_tty_write(conn, handle, 5000, hello, strlen(hello), written);
+    CONTRACT(PC_TTY_WRITE_STATUSES, rc, "write");
     if (rc != PC_SUCCESS || written[0] != strlen(hello)) FAIL("write: %s", pc_status_name(rc));
     rc = pc_tty_read(conn, handle, 64, 20000, got, &got_len);
+    CONTRACT(PC_TTY_READ_STATUSES, rc, "read");
     if (rc != PC_SUCCESS) {
         FAIL("read: %s", pc_status_name(rc));
     } else {
         got[got_len] = '\0';
         printf("tty read: %s", got);
     }
+    /* A pty has no modem lines: the header lists UNSUPPORTED for get_modem, and says why. */
+    rc = pc_tty_get_modem(conn, handle, modem);
+    CONTRACT(PC_TTY_GET_MODEM_STATUSES, rc, "get_modem");
+    printf("tty get_modem: %s\n", pc_status_name(rc));
     pc_close(conn, handle);
 }
 
@@ -77,6 +93,7 @@ static void block(void) {
     int writable, rc;
     if (open_named("disk0", 0, &handle) != 0) return;
     rc = pc_block_get_geometry(conn, handle, &geometry);
+    CONTRACT(PC_BLOCK_GET_GEOMETRY_STATUSES, rc, "get_geometry");
     if (rc != PC_SUCCESS) {
         FAIL("get_geometry: %s", pc_status_name(rc));
         return;
@@ -89,12 +106,17 @@ static void block(void) {
         return;
     }
     rc = pc_block_read_blocks(conn, handle, 8, 4, 512, bytes);
+    CONTRACT(PC_BLOCK_READ_BLOCKS_STATUSES, rc, "read_blocks");
     if (rc != PC_SUCCESS || bytes[0] != 2048) {
         FAIL("read_blocks: %s", pc_status_name(rc));
     } else {
         for (i = 0; i < 2048; i++) hash = (hash ^ ((const unsigned char *)dma)[512 + i]) * 0x100000001b3ull;
         printf("block fnv: %016llx\n", (unsigned long long)hash);
     }
+    /* Writing through a shared open: the header lists NOT_WRITABLE for write_blocks. */
+    rc = pc_block_write_blocks(conn, handle, 8, 1, 0, bytes);
+    CONTRACT(PC_BLOCK_WRITE_BLOCKS_STATUSES, rc, "write_blocks");
+    printf("block shared write_blocks: %s\n", pc_status_name(rc));
     pc_unmap_memory(dma, size);
     pc_close(conn, handle);
 }
@@ -139,6 +161,7 @@ static void net(void) {
     packet[25] = (unsigned char)(8 + plen);
     memcpy(packet + 28, payload, plen);
     rc = pc_net_send_packet(conn, handle, packet, len, sent);
+    CONTRACT(PC_NET_SEND_PACKET_STATUSES, rc, "send_packet");
     if (rc != PC_SUCCESS || sent[0] != len) {
         FAIL("send_packet: %s", pc_status_name(rc));
         return;
@@ -146,6 +169,7 @@ static void net(void) {
     for (tries = 0; tries < 64; tries++) {
         reply_len = sizeof reply;
         rc = pc_net_recv_packet(conn, handle, 20000, dropped, reply, &reply_len);
+        CONTRACT(PC_NET_RECV_PACKET_STATUSES, rc, "recv_packet");
         if (rc != PC_SUCCESS) {
             FAIL("recv_packet: %s", pc_status_name(rc));
             return;

@@ -300,6 +300,13 @@ impl Drop for Broker {
         let _ = self.child.wait();
         if std::thread::panicking() {
             eprintln!("--- broker log ---\n{}", self.log());
+            return;
+        }
+        // Every test holds every driver to its method contracts: a status its table does not
+        // list reached no client (the broker made it INTERNAL), and fails the test here.
+        let log = self.log();
+        if let Some(line) = log.lines().find(|l| l.contains("its method table does not list")) {
+            panic!("a driver broke its method contract: {line}\n--- broker log ---\n{log}");
         }
     }
 }

@@ -4,7 +4,10 @@
 use std::{fmt::Write, path::PathBuf};
 
 use clap::Args;
-use portcullis_proto::layout::{ABIS, Abi, AbiId};
+use portcullis_proto::{
+    Status,
+    layout::{ABIS, Abi, AbiId},
+};
 use serde_json::json;
 
 use super::layout::{layouts_json, parse_abi};
@@ -74,17 +77,24 @@ fn header(driver: &Family) -> String {
 
 /// Each method's contract as macros and a comment: what the broker checks before the driver
 /// runs (scalar counts and limits, struct sizes), whether it completes later, the privilege it
-/// needs, and the statuses a call can end with.
+/// needs, and every status a call can end with — a mask, and what the method's own mean.
 fn contracts(upper: &str, driver: &Family) -> String {
+    use crate::driver::MethodSpec;
+    let c_name = |s: Status| format!("PC_{}", s.name());
     let mut out = String::new();
     let _ = writeln!(
         out,
         "\n/* Each method's contract. The broker checks counts, limits and sizes before the driver runs:\n \
-         * a call outside them is PC_BAD_ARGUMENT and does not run. Every method can also end with the\n \
-         * session's statuses: PC_NOT_OPEN, PC_NOT_PRIVILEGED and PC_RATE_LIMITED (policy), PC_NO_DEVICE\n \
-         * (the device went away), PC_INTERNAL (a driver fault; the service is terminated). */"
+         * a call outside them is PC_BAD_ARGUMENT and does not run. PC_<FAMILY>_<METHOD>_STATUSES is\n \
+         * every status a call of the method can end with (test one with PC_STATUS_IN); the broker\n \
+         * never ends one with another. Every call can end with:"
     );
-    for m in driver.methods().rows() {
+    for (status, means) in MethodSpec::EVERY_CALL {
+        let _ = writeln!(out, " *   {}: {means}", c_name(status));
+    }
+    let _ = writeln!(out, " * and each method with the statuses listed under it. */");
+    let table = driver.methods();
+    for (index, m) in table.rows().iter().enumerate() {
         let name = m.name.to_ascii_uppercase();
         let mut what = vec![if m.scalar_names.is_empty() {
             "no scalars in".to_string()
@@ -103,15 +113,21 @@ fn contracts(upper: &str, driver: &Family) -> String {
             (None, max) => what.push(format!("up to {max} bytes out")),
         }
         if m.is_async {
-            what.push("completes later (PC_TIMEOUT at its timeout, PC_ABORTED when its user client closes)".into());
+            what.push("completes later".into());
         }
         if let Some(p) = m.privilege {
             what.push(format!("needs the privilege {p}"));
         }
-        if m.out_layout.is_some() {
-            what.push("PC_OVERFLOW: it ran, and a value does not fit this ABI".into());
+        let own = table.own_statuses(index);
+        if own.is_empty() {
+            let _ = writeln!(out, "/* {}: {}. */", m.name, what.join("; "));
+        } else {
+            let _ = writeln!(out, "/* {}: {}.", m.name, what.join("; "));
+            for (i, (status, means)) in own.iter().enumerate() {
+                let end = if i + 1 == own.len() { " */" } else { "" };
+                let _ = writeln!(out, " *   {}: {means}{end}", c_name(*status));
+            }
         }
-        let _ = writeln!(out, "/* {}: {}. */", m.name, what.join("; "));
         let _ = writeln!(out, "#define PC_{upper}_{name}_SCALARS_IN {}", m.scalar_in);
         let _ = writeln!(out, "#define PC_{upper}_{name}_SCALARS_OUT {}", m.scalar_out);
         for (scalar, max) in m.scalar_max {
@@ -128,6 +144,17 @@ fn contracts(upper: &str, driver: &Family) -> String {
         if m.out_layout.is_none() && m.struct_out.max > 0 {
             let _ = writeln!(out, "#define PC_{upper}_{name}_STRUCT_OUT_MAX {}", m.struct_out.max);
         }
+        let bits: Vec<String> = table
+            .can_end_with(index)
+            .into_iter()
+            .map(|s| format!("PC_STATUS_BIT({})", c_name(s)))
+            .collect();
+        let lines: Vec<String> = bits.chunks(3).map(|c| c.join(" | ")).collect();
+        let _ = writeln!(
+            out,
+            "#define PC_{upper}_{name}_STATUSES \\\n    ({})",
+            lines.join(" | \\\n     ")
+        );
     }
     out
 }
@@ -241,7 +268,8 @@ pub(crate) fn run(args: SchemaArgs) -> Result<(), String> {
             .into_iter()
             .map(|driver| {
                 let kind = driver.kind;
-                let methods: Vec<_> = driver.methods().rows().iter().map(|m| json!({
+                let table = driver.methods();
+                let methods: Vec<_> = table.rows().iter().enumerate().map(|(index, m)| json!({
                     "selector": m.selector,
                     "name": m.name,
                     "scalar_in": m.scalar_in,
@@ -250,8 +278,11 @@ pub(crate) fn run(args: SchemaArgs) -> Result<(), String> {
                     "struct_out": m.out_layout.map_or(json!([m.struct_out.min, m.struct_out.max]), |l| json!(l)),
                     "async": m.is_async,
                     "privilege": m.privilege,
+                    "scalar_max": m.scalar_max.iter().map(|(n, max)| (n.to_string(), json!(max))).collect::<serde_json::Map<_, _>>(),
+                    "statuses": table.can_end_with(index).iter().map(|s| s.name()).collect::<Vec<_>>(),
+                    "own_statuses": table.own_statuses(index).iter().map(|(s, means)| (s.name().to_string(), json!(means))).collect::<serde_json::Map<_, _>>(),
                 })).collect();
-                json!({ "driver": kind, "class": driver.class, "methods": methods, "memory_types": driver.memory_types().iter().map(|m| json!({ "id": m.id, "name": m.name, "size": m.size, "writable": m.writable })).collect::<Vec<_>>(), "layouts": layouts_json(driver.schema(), &abis) })
+                json!({ "driver": kind, "class": driver.class, "methods": methods, "memory_types": driver.memory_types().iter().map(|m| json!({ "id": m.id, "name": m.name, "size": m.size, "writable": m.writable, "contents": m.contents })).collect::<Vec<_>>(), "layouts": layouts_json(driver.schema(), &abis) })
             })
             .collect();
         println!(

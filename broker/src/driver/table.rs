@@ -73,6 +73,12 @@ pub struct MethodSpec {
     /// The largest value each limited scalar input may take, by name: the session core refuses
     /// a larger one (`BAD_ARGUMENT`) before the driver runs, and the generated headers say so.
     pub scalar_max: &'static [(&'static str, u64)],
+    /// The statuses the driver itself ends this method's calls with, each with what it means
+    /// here (`UNSUPPORTED`: "the device has no modem lines (a pty)"). With the statuses every
+    /// call can end with ([`MethodSpec::EVERY_CALL`]) they are the method's contract: the
+    /// generated headers list them, and a driver that ends a call with any other status is
+    /// reported as `INTERNAL` (a driver bug), never passed on.
+    pub statuses: &'static [(Status, &'static str)],
 }
 
 /// A table row that breaks the rules.
@@ -106,6 +112,14 @@ pub enum TableError {
     /// At most [`limits::MAX_SCALARS`] scalars each way.
     #[error("method {0:?} has more than {max} scalars", max = limits::MAX_SCALARS)]
     TooManyScalars(&'static str),
+    /// A status listed twice, or one only the session ends calls with.
+    #[error("method {name:?} lists {status:?} twice or as the driver's, which it cannot be")]
+    BadStatus {
+        /// The row's name.
+        name: &'static str,
+        /// The status.
+        status: Status,
+    },
     /// A scalar limit names a scalar input of the row.
     #[error("method {name:?} limits {scalar:?}, which is not one of its scalar inputs")]
     UnknownLimit {
@@ -241,6 +255,15 @@ impl MethodTable {
             if let Some((scalar, _)) = row.scalar_max.iter().find(|(n, _)| !row.scalar_names.contains(n)) {
                 return Err(TableError::UnknownLimit { name: row.name, scalar });
             }
+            for (i, (status, _)) in row.statuses.iter().enumerate() {
+                let again = row.statuses.iter().skip(i + 1).any(|(s, _)| s == status);
+                if again || MethodSpec::SESSION_ONLY.contains(status) {
+                    return Err(TableError::BadStatus {
+                        name: row.name,
+                        status: *status,
+                    });
+                }
+            }
             let params = params(schema, &spec);
             built.push(Row {
                 spec,
@@ -272,6 +295,28 @@ impl MethodTable {
     /// The row for a name.
     pub fn by_name(&self, name: &str) -> Option<&MethodSpec> {
         self.specs.iter().find(|r| r.name == name)
+    }
+
+    /// Whether row `index`'s output can overflow on some ABI (its layout narrows there).
+    pub fn narrows(&self, index: usize) -> bool {
+        self.rows
+            .get(index)
+            .and_then(|r| r.outbound.as_ref())
+            .is_some_and(|p| p.by_abi.iter().any(Plan::can_overflow))
+    }
+
+    /// Every status a call of row `index` can end with ([`MethodSpec::can_end_with`]).
+    pub fn can_end_with(&self, index: usize) -> Vec<Status> {
+        self.specs
+            .get(index)
+            .map_or_else(Vec::new, |s| s.can_end_with(self.narrows(index)))
+    }
+
+    /// The statuses particular to row `index` ([`MethodSpec::own_statuses`]).
+    pub fn own_statuses(&self, index: usize) -> Vec<(Status, &'static str)> {
+        self.specs
+            .get(index)
+            .map_or_else(Vec::new, |s| s.own_statuses(self.narrows(index)))
     }
 
     /// The plan translating row `index`'s input from `abi` to native, if it has a layout.
@@ -358,11 +403,19 @@ impl MethodTable {
 
     /// Checks a driver's output for row `index` against the table and `cap`, and translates a
     /// layout output into the client's layout (narrowing that loses data is `Overflow`).
-    pub fn finish(&self, index: usize, abi: AbiId, out: CallOutput, cap: usize) -> Result<CallOutput, DriverError> {
+    /// A driver's error passes only with a status the row lists ([`MethodSpec::contract`]).
+    pub fn finish(
+        &self,
+        index: usize,
+        abi: AbiId,
+        result: Result<CallOutput, DriverError>,
+        cap: usize,
+    ) -> Result<CallOutput, DriverError> {
         let spec = self
             .specs
             .get(index)
             .ok_or_else(|| DriverError::new(Status::Internal, "no such method"))?;
+        let out = result.map_err(|e| spec.contract(e, self.narrows(index)))?;
         spec.check_output(&out, cap)?;
         match self.outbound(index, abi) {
             Some(plan) => Ok(CallOutput {
@@ -385,6 +438,95 @@ impl From<TranslateError> for DriverError {
 }
 
 impl MethodSpec {
+    /// The statuses any call can end with, whatever its method, and what each means: success,
+    /// and what the session checks before and around the driver.
+    pub const EVERY_CALL: [(Status, &'static str); 8] = [
+        (Status::Success, "it ran"),
+        (
+            Status::BadArgument,
+            "a count, size or limit outside the method's contract (it did not run)",
+        ),
+        (
+            Status::NotPrivileged,
+            "policy refuses the method, its arguments or its privilege",
+        ),
+        (Status::NoDevice, "the device went away"),
+        (
+            Status::NoMemory,
+            "a resource limit of the session or its user (pending calls, unread messages)",
+        ),
+        (Status::RateLimited, "the grant's rate limit"),
+        (Status::NotOpen, "the handle is not open in this connection"),
+        (Status::Internal, "a fault in the broker or the driver"),
+    ];
+
+    /// What `ABORTED` means for a method that completes later.
+    pub const ABORTED: &'static str = "its user client closed, or the device was terminated, first";
+
+    /// What `OVERFLOW` means for a method whose output has a layout.
+    pub const OVERFLOW: &'static str =
+        "it ran: a value it returned does not fit this ABI's type, so the output is withheld";
+
+    /// Statuses only the session or the transport ends a call with; no driver row may list them.
+    pub const SESSION_ONLY: [Status; 6] = [
+        Status::Success,
+        Status::NotPrivileged,
+        Status::RateLimited,
+        Status::NotOpen,
+        Status::ProtocolError,
+        Status::ExclusiveAccess,
+    ];
+
+    /// Every status a call of this method can end with, in number order: [`Self::EVERY_CALL`],
+    /// `ABORTED` when it completes later (its user client may close first), `OVERFLOW` when its
+    /// output `narrows` on some ABI (a value that may not fit the caller's type), and the
+    /// driver's own. [`MethodTable::can_end_with`] knows `narrows` from its plans.
+    pub fn can_end_with(&self, narrows: bool) -> Vec<Status> {
+        let own = self.own_statuses(narrows);
+        Status::ALL
+            .into_iter()
+            .filter(|s| MethodSpec::EVERY_CALL.iter().any(|(every, _)| every == s) || own.iter().any(|(o, _)| o == s))
+            .collect()
+    }
+
+    /// The statuses particular to this method, beyond [`Self::EVERY_CALL`], each with what it
+    /// means here: the row's own, then `ABORTED` and `OVERFLOW` where what the method is implies
+    /// them (unless the row says what they mean itself).
+    pub fn own_statuses(&self, narrows: bool) -> Vec<(Status, &'static str)> {
+        let mut own = self.statuses.to_vec();
+        let listed = |own: &[(Status, &str)], s| own.iter().any(|(o, _)| *o == s);
+        if self.is_async && !listed(&own, Status::Aborted) {
+            own.push((Status::Aborted, MethodSpec::ABORTED));
+        }
+        if narrows && !listed(&own, Status::Overflow) {
+            own.push((Status::Overflow, MethodSpec::OVERFLOW));
+        }
+        own
+    }
+
+    /// The driver's error, if its status is in this method's contract; otherwise `INTERNAL`,
+    /// logged as the driver bug it is.
+    fn contract(&self, e: DriverError, narrows: bool) -> DriverError {
+        if self.can_end_with(narrows).contains(&e.status) {
+            return e;
+        }
+        tracing::error!(
+            method = self.name,
+            status = e.status.name(),
+            message = %e.message,
+            "a driver ended a call with a status its method table does not list: reported as INTERNAL"
+        );
+        DriverError::new(
+            Status::Internal,
+            format!(
+                "{}: the driver ended the call with {}, which its contract does not list ({})",
+                self.name,
+                e.status.name(),
+                e.message
+            ),
+        )
+    }
+
     /// Checks a call's arguments against this row: exact scalar count, struct size within
     /// bounds. The output capacity is clamped to the row's bound (asking for more is harmless).
     pub fn check_args(
@@ -494,6 +636,7 @@ mod tests {
         out_layout: None,
         scalar_names: &["a", "b"],
         scalar_max: &[],
+        statuses: &[],
     };
 
     #[test]
@@ -663,5 +806,90 @@ mod tests {
             struct_out: vec![],
         };
         assert_eq!(echo.check_output(&wrong, 4).unwrap_err().status, Status::Internal);
+    }
+
+    #[test]
+    fn table_statuses_are_listed_once_and_never_the_sessions() {
+        const SESSIONS: [&[(Status, &str)]; 4] = [
+            &[(Status::Success, "x")],
+            &[(Status::NotOpen, "x")],
+            &[(Status::RateLimited, "x")],
+            &[(Status::NotPrivileged, "x")],
+        ];
+        for statuses in SESSIONS {
+            let row = MethodSpec { statuses, ..ADD };
+            let status = statuses[0].0;
+            assert_eq!(
+                MethodTable::new(&[row]).unwrap_err(),
+                TableError::BadStatus { name: "add", status }
+            );
+        }
+        let twice = MethodSpec {
+            statuses: &[(Status::Timeout, "a"), (Status::Timeout, "b")],
+            ..ADD
+        };
+        assert_eq!(
+            MethodTable::new(&[twice]).unwrap_err(),
+            TableError::BadStatus {
+                name: "add",
+                status: Status::Timeout
+            }
+        );
+    }
+
+    #[test]
+    fn a_driver_status_outside_the_methods_contract_becomes_internal() {
+        let waits = MethodSpec {
+            is_async: true,
+            statuses: &[(Status::Timeout, "nothing happened in time")],
+            ..ADD
+        };
+        let table = MethodTable::new(&[
+            ADD,
+            MethodSpec {
+                selector: 1,
+                name: "waits",
+                ..waits
+            },
+        ])
+        .unwrap();
+        let abi = AbiId::native();
+        let end = |index: usize, status: Status| {
+            table
+                .finish(index, abi, Err(DriverError::new(status, "why")), 0)
+                .unwrap_err()
+                .status
+        };
+        // Listed by the row, or implied by what the method is: passed on.
+        assert_eq!(end(1, Status::Timeout), Status::Timeout);
+        assert_eq!(end(1, Status::Aborted), Status::Aborted, "it completes later");
+        assert_eq!(end(0, Status::NoDevice), Status::NoDevice, "every call");
+        // Not in the contract: a driver bug, reported as one.
+        assert_eq!(end(0, Status::Timeout), Status::Internal);
+        assert_eq!(end(0, Status::Aborted), Status::Internal, "add completes at once");
+        assert_eq!(end(1, Status::Unsupported), Status::Internal);
+        let e = table
+            .finish(0, abi, Err(DriverError::new(Status::NotWritable, "why")), 0)
+            .unwrap_err();
+        assert!(
+            e.message.contains("NOT_WRITABLE") && e.message.contains("does not list"),
+            "{}",
+            e.message
+        );
+        assert_eq!(
+            table.can_end_with(1),
+            [
+                Status::Success,
+                Status::BadArgument,
+                Status::NotPrivileged,
+                Status::NoDevice,
+                Status::NoMemory,
+                Status::Timeout,
+                Status::Aborted,
+                Status::RateLimited,
+                Status::NotOpen,
+                Status::Internal
+            ]
+        );
     }
 }

@@ -146,3 +146,51 @@ pub fn catalog() -> portcullis_policy::Catalog {
     }
     catalog
 }
+
+#[cfg(test)]
+mod tests {
+    use portcullis_proto::Status;
+
+    use super::families;
+
+    /// Every family's method contracts: what each status means is said, in a form the
+    /// generated C comments can hold; the families' documents name every status their methods
+    /// list; `OVERFLOW` is in a contract exactly where an output can narrow or the row says so.
+    #[test]
+    fn every_method_says_what_its_own_statuses_mean_and_the_docs_name_them() {
+        let docs = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/drivers");
+        for family in families() {
+            let table = family.methods();
+            let doc = std::fs::read_to_string(format!("{docs}/{}.md", family.kind)).ok();
+            for (index, row) in table.rows().iter().enumerate() {
+                for (status, means) in table.own_statuses(index) {
+                    assert!(
+                        !means.is_empty() && !means.contains("*/") && !means.contains('\n'),
+                        "{} {}: {status:?}: {means:?}",
+                        family.kind,
+                        row.name
+                    );
+                    if let Some(doc) = &doc {
+                        assert!(
+                            doc.contains(&format!("`{}`", status.name())),
+                            "docs/drivers/{}.md names no {} ({} lists it)",
+                            family.kind,
+                            status.name(),
+                            row.name
+                        );
+                    }
+                }
+                let overflow = table.can_end_with(index).contains(&Status::Overflow);
+                let listed = row.statuses.iter().any(|(s, _)| *s == Status::Overflow);
+                assert_eq!(overflow, table.narrows(index) || listed, "{} {}", family.kind, row.name);
+            }
+        }
+        let sample = super::sample::FAMILY.methods();
+        let narrows = |name: &str| {
+            let index = sample.rows().iter().position(|r| r.name == name).unwrap();
+            sample.narrows(index)
+        };
+        assert!(narrows("transform_record"), "its long narrows on 32-bit ABIs");
+        assert!(!narrows("get_info"), "fixed-width fields only");
+    }
+}

@@ -713,7 +713,7 @@ impl Session {
             }
         };
         match completion {
-            Completion::Ready(result) => Ok(CallStarted::Ready(table.finish(index, abi, result?, cap)?)),
+            Completion::Ready(result) => Ok(CallStarted::Ready(table.finish(index, abi, result, cap)?)),
             Completion::Pending(future) => {
                 // Counted for this session (its limit) and for the broker (stats), while it lives.
                 let guard = (
@@ -728,7 +728,7 @@ impl Session {
                     let _guard = guard;
                     tokio::select! {
                         result = Contained(future) => match result {
-                            Ok(result) => Ok(driver.methods().finish(index, abi, result?, cap)?),
+                            Ok(result) => Ok(driver.methods().finish(index, abi, result, cap)?),
                             Err(panic) => Err(driver_failed(&core, &service, &panic)),
                         },
                         _ = cancelled.changed() => Err(Refusal::new(Status::Aborted, "the user client was closed")),

@@ -295,6 +295,14 @@ impl Plan {
         self.ops.push(op);
     }
 
+    /// Whether a translation by this plan can fail with [`TranslateError::Overflow`]: some
+    /// integer narrows (a 64-bit `long` into a 32-bit client's).
+    pub fn can_overflow(&self) -> bool {
+        self.ops
+            .iter()
+            .any(|op| matches!(op, Op::Int { from, to, .. } if to < from))
+    }
+
     /// Size of the source layout: what a caller must supply exactly.
     pub fn src_size(&self) -> usize {
         self.src_size as usize

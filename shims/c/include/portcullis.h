@@ -47,8 +47,13 @@ enum pc_status {
     PC_ERR_IN_FLIGHT = -4
 };
 /* A broker status says what the broker decided. PC_BAD_ARGUMENT, PC_NOT_PRIVILEGED, … are
- * refusals: the method did not run. PC_OVERFLOW is the exception, and says the method ran: a
- * value it returned does not fit this ABI's type, so its outputs are withheld. */
+ * refusals: the method did not run. PC_OVERFLOW is the exception, and says the method ran: an
+ * output does not fit (a value this ABI's type cannot hold; a packet larger than the room
+ * given), so it is withheld. Each driver header lists, per method, every status its calls can
+ * end with (PC_<FAMILY>_<METHOD>_STATUSES, tested with PC_STATUS_IN) and what each of the
+ * driver's own means there; the broker never ends a call with a status outside that list. */
+#define PC_STATUS_BIT(s) (1ul << (s))
+#define PC_STATUS_IN(mask, s) ((s) >= 0 && (s) < 32 && (((mask) >> (s)) & 1ul) != 0)
 
 /* The ABI wire numbers (the broker's closed list). PC_ABI is this build's. */
 enum pc_abi {

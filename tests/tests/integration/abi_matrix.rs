@@ -367,6 +367,8 @@ fn abi_matrix_clients_drive_real_devices() {
             let mode = if ring { " over the ring" } else { "" };
             let expected = [
                 format!("tty read: back to {}\n", row.abi),
+                "tty get_modem: UNSUPPORTED\n".to_string(),
+                "block shared write_blocks: NOT_WRITABLE\n".to_string(),
                 "block geometry: size 4194304 logical 512 read_only 0\n".to_string(),
                 format!("{want_fnv}\n"),
                 format!("net reply: abi {}\n", row.abi),

@@ -109,7 +109,7 @@ async fn a_packet_crosses_the_tun_to_a_udp_socket_and_the_reply_comes_back() {
         "hostile_client",
     );
     let mut echo = broker
-        .in_netns(program.to_str().unwrap(), &["udp-echo", "192.0.2.1:7777"])
+        .in_netns(program.to_str().unwrap(), &["udp-echo", "192.0.2.1:7777", "3"])
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
@@ -130,8 +130,42 @@ async fn a_packet_crosses_the_tun_to_a_udp_socket_and_the_reply_comes_back() {
     assert_eq!(&reply[20..22], &7777u16.to_be_bytes());
     assert_eq!(&reply[22..24], &5555u16.to_be_bytes());
     assert_eq!(&reply[28..], b"ping through the broker");
+    // A reply larger than the room given for it: the call ran (the packet left the queue), so
+    // OVERFLOW, not BAD_ARGUMENT; the next packet delivered counts it as dropped.
+    let recv = net.method("recv_packet").unwrap().selector;
+    let big = udp([192, 0, 2, 2], 5555, [192, 0, 2, 1], 7777, &[b'x'; 1000]);
+    session.call_named(&net, "send_packet", &[], &big).await.unwrap();
+    loop {
+        // Smaller packets (IPv6 chatter) fit 200 bytes; the 1,028-byte reply does not.
+        match session.call(net.handle, recv, &[20_000], &[], 200).await {
+            Ok(small) => assert!(small.struct_out.len() <= 200),
+            Err(e) => {
+                assert_eq!(e.status(), Some(Status::Overflow), "{e}");
+                assert!(e.to_string().contains("dropped"), "{e}");
+                break;
+            }
+        }
+    }
+    let last = udp([192, 0, 2, 2], 5555, [192, 0, 2, 1], 7777, b"after the overflow");
+    session.call_named(&net, "send_packet", &[], &last).await.unwrap();
+    let mut first = true;
+    loop {
+        let got = session.call_named(&net, "recv_packet", &[20_000], &[]).await.unwrap();
+        let dropped = if first { 1 } else { 0 };
+        assert_eq!(
+            got.scalars,
+            vec![dropped],
+            "the next packet delivered counts the one dropped"
+        );
+        first = false;
+        let p = got.struct_out;
+        if p.len() > 28 && p[0] >> 4 == 4 && p[9] == 17 && p[12..16] == [192, 0, 2, 1] {
+            assert_eq!(&p[28..], b"after the overflow");
+            break;
+        }
+    }
     let report: serde_json::Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
-    assert_eq!(report["got"], "ping through the broker");
+    assert_eq!(report["got"], "after the overflow");
     assert_eq!(report["from"], "192.0.2.2:5555");
     echo.wait().unwrap();
     // Oversized and malformed packets are refused, not sent.
@@ -302,6 +336,17 @@ async fn batches_of_packets_cross_through_the_packets_memory() {
     let e = s.call(h, SEND_PACKETS, &[8192 + 4 + 32, 1], &[], 0).await.unwrap_err();
     assert_eq!(e.status(), Some(Status::BadArgument), "{e}");
     assert!(e.to_string().contains("exceeds the MTU"), "{e}");
+    // The packet sent went to a port nobody listens on: the ICMP port unreachable (60 bytes)
+    // comes back. A batch with room for less than its record ran (it took the packet): that is
+    // OVERFLOW, and the next batch counts the packet as dropped.
+    let e = s.call(h, RECV_PACKETS, &[0, 16, 1, 20_000], &[], 0).await.unwrap_err();
+    assert_eq!(e.status(), Some(Status::Overflow), "{e}");
+    assert!(e.to_string().contains("dropped"), "{e}");
+    let sent = s.call(h, SEND_PACKETS, &[8192, 1], &[], 0).await.unwrap();
+    assert_eq!(sent.scalars, vec![1]);
+    let got = s.call(h, RECV_PACKETS, &[0, 4096, 1, 20_000], &[], 0).await.unwrap();
+    assert_eq!(got.scalars[0], 1, "one packet: {:?}", got.scalars);
+    assert_eq!(got.scalars[2], 1, "and the one dropped before it");
 }
 
 const BATCH_COUNT: u16 = 8;

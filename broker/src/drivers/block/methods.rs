@@ -15,6 +15,8 @@
 //! (`NOT_WRITABLE`). Every range is checked against the device's size and the `dma` size with
 //! overflow-checked arithmetic before any I/O.
 
+use portcullis_proto::Status;
+
 use crate::driver::{MemoryType, MethodSpec, SizeRange};
 
 /// The struct descriptions.
@@ -80,19 +82,48 @@ const fn row(
         in_layout: None,
         out_layout: None,
         scalar_max: &[],
+        statuses: &[],
     }
 }
+
+/// What `BAD_ARGUMENT` means for a transfer.
+const RANGE: &str = "the blocks are outside the device, or count x the block size at offset outside the dma memory (or it is not mapped)";
+
+/// What `NOT_WRITABLE` means.
+const NOT_WRITABLE: &str =
+    "the device is read-only, or this user client's open is shared (only an exclusive open writes)";
 
 pub(super) const TABLE: [MethodSpec; 5] = [
     MethodSpec {
         out_layout: Some("block_geometry"),
         ..row(Selector::GetGeometry, "get_geometry", &[], 0)
     },
-    row(Selector::ReadBlocks, "read_blocks", &["lba", "count", "offset"], 1),
-    row(Selector::WriteBlocks, "write_blocks", &["lba", "count", "offset"], 1),
-    row(Selector::Flush, "flush", &[], 0),
+    MethodSpec {
+        statuses: &[
+            (Status::BadArgument, RANGE),
+            (Status::NoDevice, "the device ended early (it shrank) or went away"),
+        ],
+        ..row(Selector::ReadBlocks, "read_blocks", &["lba", "count", "offset"], 1)
+    },
+    MethodSpec {
+        statuses: &[
+            (Status::BadArgument, RANGE),
+            (Status::NotWritable, NOT_WRITABLE),
+            (Status::NoDevice, "the device ended early (it shrank) or went away"),
+        ],
+        ..row(Selector::WriteBlocks, "write_blocks", &["lba", "count", "offset"], 1)
+    },
+    MethodSpec {
+        statuses: &[(Status::NotWritable, NOT_WRITABLE)],
+        ..row(Selector::Flush, "flush", &[], 0)
+    },
     MethodSpec {
         privilege: Some("block.discard"),
+        statuses: &[
+            (Status::BadArgument, "the blocks are outside the device"),
+            (Status::NotWritable, NOT_WRITABLE),
+            (Status::Unsupported, "the device cannot discard"),
+        ],
         ..row(Selector::Discard, "discard", &["lba", "count"], 0)
     },
 ];

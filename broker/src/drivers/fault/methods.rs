@@ -22,6 +22,7 @@ const fn row(selector: u32, name: &'static str, scalar_out: u8, is_async: bool) 
         in_layout: None,
         out_layout: None,
         scalar_max: &[],
+        statuses: &[],
     }
 }
 

@@ -531,10 +531,16 @@ enum Want {
     },
 }
 
-fn too_big(len: usize, room: usize) -> DriverError {
-    bad(format!(
-        "a {len}-byte packet does not fit the {room} bytes given for it (it is dropped)"
-    ))
+/// The call took a packet that does not fit the room given for it: it ran (the packet is gone
+/// from the queue, and counted as dropped with the next one delivered), so `OVERFLOW`, the
+/// status that says the output was withheld, not `BAD_ARGUMENT`, which says nothing happened.
+fn too_big(queue: &mut Queue, len: usize, room: usize) -> DriverError {
+    queue.pop();
+    queue.dropped += 1;
+    DriverError::new(
+        Status::Overflow,
+        format!("a {len}-byte packet does not fit the {room} bytes given for it: it was dropped (and counted)"),
+    )
 }
 
 /// The records of a `recv_packets`, as they are gathered.
@@ -573,8 +579,7 @@ impl Gather {
             };
             if !self.fits(len) {
                 if self.count == 0 {
-                    queue.pop();
-                    return Err(too_big(record_span(len), self.room));
+                    return Err(too_big(queue, record_span(len), self.room));
                 }
                 break;
             }
@@ -632,10 +637,11 @@ fn take_one(shared: &Shared, state: &mut State, client: ClientKey, room: usize) 
         let Some(queue) = state.queues.get_mut(&client) else {
             return closed();
         };
-        if let Some(packet) = queue.pop() {
-            if packet.len() > room {
-                return Taken::Done(Err(too_big(packet.len(), room)));
+        if let Some(len) = queue.packets.front().map(Vec::len) {
+            if len > room {
+                return Taken::Done(Err(too_big(queue, len, room)));
             }
+            let packet = queue.pop().unwrap_or_default();
             // Reported with the packet delivered (a refusal leaves it for the next call).
             let dropped = std::mem::take(&mut queue.dropped);
             return Taken::Done(Ok(CallOutput {
@@ -692,7 +698,7 @@ fn take_batch(
                 break;
             }
         }
-        // A first packet too big for the room stayed in the queue: refused, and dropped.
+        // A first packet too big for the room stayed in the queue: dropped, and OVERFLOW.
         if gather.count == 0
             && let Some(queue) = state.queues.get_mut(&client)
         {

@@ -20,6 +20,8 @@
 //! (memory type 0), where each packet is a record: a 4-byte header — the packet's length as a
 //! big-endian `u16`, then two zero bytes — and the packet, padded with zeros to a multiple of 4.
 
+use portcullis_proto::Status;
+
 use crate::driver::{MemoryType, MethodSpec, SizeRange};
 
 /// The struct descriptions.
@@ -113,8 +115,16 @@ const fn row(
         in_layout: None,
         out_layout: None,
         scalar_max: &[],
+        statuses: &[],
     }
 }
+
+/// What `NO_MEMORY` means for a send.
+const FULL: &str = "the interface's queue is full now (nothing of that packet was sent); try again";
+
+/// What `OVERFLOW` means for a receive.
+const OVERSIZE: &str =
+    "it ran: the next packet does not fit the room given, so it was dropped, and counted with the next one delivered";
 
 pub(super) const TABLE: [MethodSpec; 8] = [
     MethodSpec {
@@ -132,25 +142,56 @@ pub(super) const TABLE: [MethodSpec; 8] = [
     MethodSpec {
         privilege: Some("net.admin"),
         scalar_max: &[("mtu", PACKET_MAX as u64)],
+        statuses: &[(Status::BadArgument, "mtu is below 68, or the interface refuses it")],
         ..row(Selector::SetMtu, "set_mtu", &["mtu"], 0)
     },
     MethodSpec {
         struct_in: SizeRange::between(1, PACKET_MAX),
+        statuses: &[
+            (
+                Status::BadArgument,
+                "the packet exceeds the MTU, or the kernel refuses it (not an IP packet)",
+            ),
+            (Status::NoMemory, FULL),
+            (Status::NoDevice, "the interface went away"),
+        ],
         ..row(Selector::SendPacket, "send_packet", &[], 1)
     },
     MethodSpec {
         struct_out: SizeRange::between(0, PACKET_MAX),
         is_async: true,
         scalar_max: &[("timeout_ms", MAX_TIMEOUT_MS)],
+        statuses: &[
+            (Status::Overflow, OVERSIZE),
+            (Status::Timeout, "no packet arrived before timeout_ms"),
+            (Status::NoDevice, "the interface went away"),
+        ],
         ..row(Selector::RecvPacket, "recv_packet", &["timeout_ms"], 1)
     },
     MethodSpec {
         scalar_max: &[("count", BATCH_MAX)],
+        statuses: &[
+            (
+                Status::BadArgument,
+                "packets memory not mapped, a record malformed or outside it, or the first packet exceeds the MTU or is refused",
+            ),
+            (Status::NoMemory, FULL),
+            (Status::NoDevice, "the interface went away"),
+        ],
         ..row(Selector::SendPackets, "send_packets", &["offset", "count"], 1)
     },
     MethodSpec {
         is_async: true,
         scalar_max: &[("max_count", BATCH_MAX), ("timeout_ms", MAX_TIMEOUT_MS)],
+        statuses: &[
+            (
+                Status::BadArgument,
+                "packets memory not mapped, or offset and room outside it",
+            ),
+            (Status::Overflow, OVERSIZE),
+            (Status::Timeout, "no packet arrived before timeout_ms"),
+            (Status::NoDevice, "the interface went away"),
+        ],
         ..row(
             Selector::RecvPackets,
             "recv_packets",

@@ -24,6 +24,8 @@
 //! (ASCII); `inner` reversed, each `tag` + 1 (wrapping) and each `value` unchanged; `tail`
 //! bit-inverted.
 
+use portcullis_proto::Status;
+
 use crate::driver::{MemoryType, MethodSpec, SizeRange};
 
 /// Reported by `get_info`.
@@ -90,6 +92,7 @@ const fn row(
         in_layout: None,
         out_layout: None,
         scalar_max: &[],
+        statuses: &[],
     }
 }
 
@@ -113,6 +116,13 @@ pub(super) const TABLE: [MethodSpec; 8] = [
     MethodSpec {
         is_async: true,
         scalar_max: &[("timeout_ms", MAX_WAIT_MS)],
+        statuses: &[
+            (Status::Timeout, "no fire_event before timeout_ms"),
+            (
+                Status::Aborted,
+                "the user client closed, or the device was terminated, first",
+            ),
+        ],
         ..row(Selector::WaitEvent, "wait_event", &["timeout_ms"], 1)
     },
     row(Selector::FireEvent, "fire_event", &["value"], 1),
@@ -125,7 +135,13 @@ pub(super) const TABLE: [MethodSpec; 8] = [
         out_layout: Some("sample_record"),
         ..row(Selector::TransformRecord, "transform_record", &[], 0)
     },
-    row(Selector::ChecksumDma, "checksum_dma", &["offset", "len"], 1),
+    MethodSpec {
+        statuses: &[(
+            Status::BadArgument,
+            "the dma memory type is not mapped, or offset + len is outside it",
+        )],
+        ..row(Selector::ChecksumDma, "checksum_dma", &["offset", "len"], 1)
+    },
 ];
 
 /// Memory type `registers`.

@@ -15,6 +15,8 @@
 //! One user client at a time (as serial ports are on every OS); the line settings it changed are
 //! restored when it closes.
 
+use portcullis_proto::Status;
+
 use crate::driver::{MethodSpec, SizeRange};
 
 /// The struct descriptions.
@@ -106,6 +108,7 @@ const fn row(
         in_layout: None,
         out_layout: None,
         scalar_max: &[],
+        statuses: &[],
     }
 }
 
@@ -116,32 +119,65 @@ pub(super) const TABLE: [MethodSpec; 9] = [
     },
     MethodSpec {
         in_layout: Some("tty_line"),
+        statuses: &[
+            (Status::BadArgument, "a field out of range"),
+            (
+                Status::Unsupported,
+                "the device cannot take these settings (a pty is always 8 data bits, no parity); nothing changed",
+            ),
+        ],
         ..row(Selector::SetLine, "set_line", &[], 0)
     },
     MethodSpec {
         struct_in: SizeRange::between(0, IO_MAX),
         is_async: true,
         scalar_max: &[("timeout_ms", MAX_TIMEOUT_MS)],
+        statuses: &[
+            (
+                Status::Timeout,
+                "the device took nothing before timeout_ms (a part is SUCCESS with the count written)",
+            ),
+            (Status::NoDevice, "the tty hung up"),
+        ],
         ..row(Selector::Write, "write", &["timeout_ms"], 1)
     },
     MethodSpec {
         struct_out: SizeRange::between(0, IO_MAX),
         is_async: true,
         scalar_max: &[("max_len", IO_MAX as u64), ("timeout_ms", MAX_TIMEOUT_MS)],
+        statuses: &[
+            (Status::BadArgument, "max_len is 0 or more than the output room"),
+            (Status::Timeout, "no bytes arrived before timeout_ms"),
+            (Status::NoDevice, "the tty hung up"),
+        ],
         ..row(Selector::Read, "read", &["max_len", "timeout_ms"], 0)
     },
-    row(Selector::GetModem, "get_modem", &[], 1),
-    row(Selector::SetModem, "set_modem", &["bits", "mask"], 0),
-    row(Selector::Flush, "flush", &["queue"], 0),
+    MethodSpec {
+        statuses: &[(Status::Unsupported, "the device has no modem lines (a pty)")],
+        ..row(Selector::GetModem, "get_modem", &[], 1)
+    },
+    MethodSpec {
+        statuses: &[
+            (Status::BadArgument, "mask has a line other than DTR (1) and RTS (2)"),
+            (Status::Unsupported, "the device has no modem lines (a pty)"),
+        ],
+        ..row(Selector::SetModem, "set_modem", &["bits", "mask"], 0)
+    },
+    MethodSpec {
+        statuses: &[(Status::BadArgument, "queue is not 0 (input), 1 (output) or 2 (both)")],
+        ..row(Selector::Flush, "flush", &["queue"], 0)
+    },
     MethodSpec {
         is_async: true,
         scalar_max: &[("timeout_ms", MAX_TIMEOUT_MS)],
+        statuses: &[(Status::Timeout, "bytes were still queued at timeout_ms")],
         ..row(Selector::Drain, "drain", &["timeout_ms"], 0)
     },
     MethodSpec {
         is_async: true,
         privilege: Some("tty.break"),
         scalar_max: &[("duration_ms", MAX_BREAK_MS)],
+        statuses: &[(Status::BadArgument, "duration_ms is 0")],
         ..row(Selector::SendBreak, "send_break", &["duration_ms"], 0)
     },
 ];

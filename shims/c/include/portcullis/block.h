@@ -25,24 +25,63 @@
 #define PC_BLOCK_MEMORY_DMA_WRITABLE 1
 
 /* Each method's contract. The broker checks counts, limits and sizes before the driver runs:
- * a call outside them is PC_BAD_ARGUMENT and does not run. Every method can also end with the
- * session's statuses: PC_NOT_OPEN, PC_NOT_PRIVILEGED and PC_RATE_LIMITED (policy), PC_NO_DEVICE
- * (the device went away), PC_INTERNAL (a driver fault; the service is terminated). */
-/* get_geometry: no scalars in; 0 scalar(s) out; struct block_geometry out; PC_OVERFLOW: it ran, and a value does not fit this ABI. */
+ * a call outside them is PC_BAD_ARGUMENT and does not run. PC_<FAMILY>_<METHOD>_STATUSES is
+ * every status a call of the method can end with (test one with PC_STATUS_IN); the broker
+ * never ends one with another. Every call can end with:
+ *   PC_SUCCESS: it ran
+ *   PC_BAD_ARGUMENT: a count, size or limit outside the method's contract (it did not run)
+ *   PC_NOT_PRIVILEGED: policy refuses the method, its arguments or its privilege
+ *   PC_NO_DEVICE: the device went away
+ *   PC_NO_MEMORY: a resource limit of the session or its user (pending calls, unread messages)
+ *   PC_RATE_LIMITED: the grant's rate limit
+ *   PC_NOT_OPEN: the handle is not open in this connection
+ *   PC_INTERNAL: a fault in the broker or the driver
+ * and each method with the statuses listed under it. */
+/* get_geometry: no scalars in; 0 scalar(s) out; struct block_geometry out. */
 #define PC_BLOCK_GET_GEOMETRY_SCALARS_IN 0
 #define PC_BLOCK_GET_GEOMETRY_SCALARS_OUT 0
-/* read_blocks: scalars in: lba, count, offset; 1 scalar(s) out. */
+#define PC_BLOCK_GET_GEOMETRY_STATUSES \
+    (PC_STATUS_BIT(PC_SUCCESS) | PC_STATUS_BIT(PC_BAD_ARGUMENT) | PC_STATUS_BIT(PC_NOT_PRIVILEGED) | \
+     PC_STATUS_BIT(PC_NO_DEVICE) | PC_STATUS_BIT(PC_NO_MEMORY) | PC_STATUS_BIT(PC_RATE_LIMITED) | \
+     PC_STATUS_BIT(PC_NOT_OPEN) | PC_STATUS_BIT(PC_INTERNAL))
+/* read_blocks: scalars in: lba, count, offset; 1 scalar(s) out.
+ *   PC_BAD_ARGUMENT: the blocks are outside the device, or count x the block size at offset outside the dma memory (or it is not mapped)
+ *   PC_NO_DEVICE: the device ended early (it shrank) or went away */
 #define PC_BLOCK_READ_BLOCKS_SCALARS_IN 3
 #define PC_BLOCK_READ_BLOCKS_SCALARS_OUT 1
-/* write_blocks: scalars in: lba, count, offset; 1 scalar(s) out. */
+#define PC_BLOCK_READ_BLOCKS_STATUSES \
+    (PC_STATUS_BIT(PC_SUCCESS) | PC_STATUS_BIT(PC_BAD_ARGUMENT) | PC_STATUS_BIT(PC_NOT_PRIVILEGED) | \
+     PC_STATUS_BIT(PC_NO_DEVICE) | PC_STATUS_BIT(PC_NO_MEMORY) | PC_STATUS_BIT(PC_RATE_LIMITED) | \
+     PC_STATUS_BIT(PC_NOT_OPEN) | PC_STATUS_BIT(PC_INTERNAL))
+/* write_blocks: scalars in: lba, count, offset; 1 scalar(s) out.
+ *   PC_BAD_ARGUMENT: the blocks are outside the device, or count x the block size at offset outside the dma memory (or it is not mapped)
+ *   PC_NOT_WRITABLE: the device is read-only, or this user client's open is shared (only an exclusive open writes)
+ *   PC_NO_DEVICE: the device ended early (it shrank) or went away */
 #define PC_BLOCK_WRITE_BLOCKS_SCALARS_IN 3
 #define PC_BLOCK_WRITE_BLOCKS_SCALARS_OUT 1
-/* flush: no scalars in; 0 scalar(s) out. */
+#define PC_BLOCK_WRITE_BLOCKS_STATUSES \
+    (PC_STATUS_BIT(PC_SUCCESS) | PC_STATUS_BIT(PC_BAD_ARGUMENT) | PC_STATUS_BIT(PC_NOT_PRIVILEGED) | \
+     PC_STATUS_BIT(PC_NO_DEVICE) | PC_STATUS_BIT(PC_NO_MEMORY) | PC_STATUS_BIT(PC_RATE_LIMITED) | \
+     PC_STATUS_BIT(PC_NOT_OPEN) | PC_STATUS_BIT(PC_INTERNAL) | PC_STATUS_BIT(PC_NOT_WRITABLE))
+/* flush: no scalars in; 0 scalar(s) out.
+ *   PC_NOT_WRITABLE: the device is read-only, or this user client's open is shared (only an exclusive open writes) */
 #define PC_BLOCK_FLUSH_SCALARS_IN 0
 #define PC_BLOCK_FLUSH_SCALARS_OUT 0
-/* discard: scalars in: lba, count; 0 scalar(s) out; needs the privilege block.discard. */
+#define PC_BLOCK_FLUSH_STATUSES \
+    (PC_STATUS_BIT(PC_SUCCESS) | PC_STATUS_BIT(PC_BAD_ARGUMENT) | PC_STATUS_BIT(PC_NOT_PRIVILEGED) | \
+     PC_STATUS_BIT(PC_NO_DEVICE) | PC_STATUS_BIT(PC_NO_MEMORY) | PC_STATUS_BIT(PC_RATE_LIMITED) | \
+     PC_STATUS_BIT(PC_NOT_OPEN) | PC_STATUS_BIT(PC_INTERNAL) | PC_STATUS_BIT(PC_NOT_WRITABLE))
+/* discard: scalars in: lba, count; 0 scalar(s) out; needs the privilege block.discard.
+ *   PC_BAD_ARGUMENT: the blocks are outside the device
+ *   PC_NOT_WRITABLE: the device is read-only, or this user client's open is shared (only an exclusive open writes)
+ *   PC_UNSUPPORTED: the device cannot discard */
 #define PC_BLOCK_DISCARD_SCALARS_IN 2
 #define PC_BLOCK_DISCARD_SCALARS_OUT 0
+#define PC_BLOCK_DISCARD_STATUSES \
+    (PC_STATUS_BIT(PC_SUCCESS) | PC_STATUS_BIT(PC_BAD_ARGUMENT) | PC_STATUS_BIT(PC_NOT_PRIVILEGED) | \
+     PC_STATUS_BIT(PC_NO_DEVICE) | PC_STATUS_BIT(PC_UNSUPPORTED) | PC_STATUS_BIT(PC_NO_MEMORY) | \
+     PC_STATUS_BIT(PC_RATE_LIMITED) | PC_STATUS_BIT(PC_NOT_OPEN) | PC_STATUS_BIT(PC_INTERNAL) | \
+     PC_STATUS_BIT(PC_NOT_WRITABLE))
 
 struct block_geometry {
     uint64_t size_bytes;

@@ -28,41 +28,100 @@
 #define PC_NET_MEMORY_PACKETS_WRITABLE 1
 
 /* Each method's contract. The broker checks counts, limits and sizes before the driver runs:
- * a call outside them is PC_BAD_ARGUMENT and does not run. Every method can also end with the
- * session's statuses: PC_NOT_OPEN, PC_NOT_PRIVILEGED and PC_RATE_LIMITED (policy), PC_NO_DEVICE
- * (the device went away), PC_INTERNAL (a driver fault; the service is terminated). */
-/* get_info: no scalars in; 0 scalar(s) out; struct net_info out; PC_OVERFLOW: it ran, and a value does not fit this ABI. */
+ * a call outside them is PC_BAD_ARGUMENT and does not run. PC_<FAMILY>_<METHOD>_STATUSES is
+ * every status a call of the method can end with (test one with PC_STATUS_IN); the broker
+ * never ends one with another. Every call can end with:
+ *   PC_SUCCESS: it ran
+ *   PC_BAD_ARGUMENT: a count, size or limit outside the method's contract (it did not run)
+ *   PC_NOT_PRIVILEGED: policy refuses the method, its arguments or its privilege
+ *   PC_NO_DEVICE: the device went away
+ *   PC_NO_MEMORY: a resource limit of the session or its user (pending calls, unread messages)
+ *   PC_RATE_LIMITED: the grant's rate limit
+ *   PC_NOT_OPEN: the handle is not open in this connection
+ *   PC_INTERNAL: a fault in the broker or the driver
+ * and each method with the statuses listed under it. */
+/* get_info: no scalars in; 0 scalar(s) out; struct net_info out. */
 #define PC_NET_GET_INFO_SCALARS_IN 0
 #define PC_NET_GET_INFO_SCALARS_OUT 0
+#define PC_NET_GET_INFO_STATUSES \
+    (PC_STATUS_BIT(PC_SUCCESS) | PC_STATUS_BIT(PC_BAD_ARGUMENT) | PC_STATUS_BIT(PC_NOT_PRIVILEGED) | \
+     PC_STATUS_BIT(PC_NO_DEVICE) | PC_STATUS_BIT(PC_NO_MEMORY) | PC_STATUS_BIT(PC_RATE_LIMITED) | \
+     PC_STATUS_BIT(PC_NOT_OPEN) | PC_STATUS_BIT(PC_INTERNAL))
 /* set_up: no scalars in; 0 scalar(s) out; needs the privilege net.admin. */
 #define PC_NET_SET_UP_SCALARS_IN 0
 #define PC_NET_SET_UP_SCALARS_OUT 0
+#define PC_NET_SET_UP_STATUSES \
+    (PC_STATUS_BIT(PC_SUCCESS) | PC_STATUS_BIT(PC_BAD_ARGUMENT) | PC_STATUS_BIT(PC_NOT_PRIVILEGED) | \
+     PC_STATUS_BIT(PC_NO_DEVICE) | PC_STATUS_BIT(PC_NO_MEMORY) | PC_STATUS_BIT(PC_RATE_LIMITED) | \
+     PC_STATUS_BIT(PC_NOT_OPEN) | PC_STATUS_BIT(PC_INTERNAL))
 /* set_down: no scalars in; 0 scalar(s) out; needs the privilege net.admin. */
 #define PC_NET_SET_DOWN_SCALARS_IN 0
 #define PC_NET_SET_DOWN_SCALARS_OUT 0
-/* set_mtu: scalars in: mtu; 0 scalar(s) out; needs the privilege net.admin. */
+#define PC_NET_SET_DOWN_STATUSES \
+    (PC_STATUS_BIT(PC_SUCCESS) | PC_STATUS_BIT(PC_BAD_ARGUMENT) | PC_STATUS_BIT(PC_NOT_PRIVILEGED) | \
+     PC_STATUS_BIT(PC_NO_DEVICE) | PC_STATUS_BIT(PC_NO_MEMORY) | PC_STATUS_BIT(PC_RATE_LIMITED) | \
+     PC_STATUS_BIT(PC_NOT_OPEN) | PC_STATUS_BIT(PC_INTERNAL))
+/* set_mtu: scalars in: mtu; 0 scalar(s) out; needs the privilege net.admin.
+ *   PC_BAD_ARGUMENT: mtu is below 68, or the interface refuses it */
 #define PC_NET_SET_MTU_SCALARS_IN 1
 #define PC_NET_SET_MTU_SCALARS_OUT 0
 #define PC_NET_SET_MTU_MTU_MAX 65535
-/* send_packet: no scalars in; 1 scalar(s) out; 1..=65535 bytes in. */
+#define PC_NET_SET_MTU_STATUSES \
+    (PC_STATUS_BIT(PC_SUCCESS) | PC_STATUS_BIT(PC_BAD_ARGUMENT) | PC_STATUS_BIT(PC_NOT_PRIVILEGED) | \
+     PC_STATUS_BIT(PC_NO_DEVICE) | PC_STATUS_BIT(PC_NO_MEMORY) | PC_STATUS_BIT(PC_RATE_LIMITED) | \
+     PC_STATUS_BIT(PC_NOT_OPEN) | PC_STATUS_BIT(PC_INTERNAL))
+/* send_packet: no scalars in; 1 scalar(s) out; 1..=65535 bytes in.
+ *   PC_BAD_ARGUMENT: the packet exceeds the MTU, or the kernel refuses it (not an IP packet)
+ *   PC_NO_MEMORY: the interface's queue is full now (nothing of that packet was sent); try again
+ *   PC_NO_DEVICE: the interface went away */
 #define PC_NET_SEND_PACKET_SCALARS_IN 0
 #define PC_NET_SEND_PACKET_SCALARS_OUT 1
 #define PC_NET_SEND_PACKET_STRUCT_IN_MIN 1
 #define PC_NET_SEND_PACKET_STRUCT_IN_MAX 65535
-/* recv_packet: scalars in: timeout_ms; 1 scalar(s) out; up to 65535 bytes out; completes later (PC_TIMEOUT at its timeout, PC_ABORTED when its user client closes). */
+#define PC_NET_SEND_PACKET_STATUSES \
+    (PC_STATUS_BIT(PC_SUCCESS) | PC_STATUS_BIT(PC_BAD_ARGUMENT) | PC_STATUS_BIT(PC_NOT_PRIVILEGED) | \
+     PC_STATUS_BIT(PC_NO_DEVICE) | PC_STATUS_BIT(PC_NO_MEMORY) | PC_STATUS_BIT(PC_RATE_LIMITED) | \
+     PC_STATUS_BIT(PC_NOT_OPEN) | PC_STATUS_BIT(PC_INTERNAL))
+/* recv_packet: scalars in: timeout_ms; 1 scalar(s) out; up to 65535 bytes out; completes later.
+ *   PC_OVERFLOW: it ran: the next packet does not fit the room given, so it was dropped, and counted with the next one delivered
+ *   PC_TIMEOUT: no packet arrived before timeout_ms
+ *   PC_NO_DEVICE: the interface went away
+ *   PC_ABORTED: its user client closed, or the device was terminated, first */
 #define PC_NET_RECV_PACKET_SCALARS_IN 1
 #define PC_NET_RECV_PACKET_SCALARS_OUT 1
 #define PC_NET_RECV_PACKET_TIMEOUT_MS_MAX 600000
 #define PC_NET_RECV_PACKET_STRUCT_OUT_MAX 65535
-/* send_packets: scalars in: offset, count; 1 scalar(s) out. */
+#define PC_NET_RECV_PACKET_STATUSES \
+    (PC_STATUS_BIT(PC_SUCCESS) | PC_STATUS_BIT(PC_BAD_ARGUMENT) | PC_STATUS_BIT(PC_NOT_PRIVILEGED) | \
+     PC_STATUS_BIT(PC_NO_DEVICE) | PC_STATUS_BIT(PC_NO_MEMORY) | PC_STATUS_BIT(PC_TIMEOUT) | \
+     PC_STATUS_BIT(PC_ABORTED) | PC_STATUS_BIT(PC_RATE_LIMITED) | PC_STATUS_BIT(PC_OVERFLOW) | \
+     PC_STATUS_BIT(PC_NOT_OPEN) | PC_STATUS_BIT(PC_INTERNAL))
+/* send_packets: scalars in: offset, count; 1 scalar(s) out.
+ *   PC_BAD_ARGUMENT: packets memory not mapped, a record malformed or outside it, or the first packet exceeds the MTU or is refused
+ *   PC_NO_MEMORY: the interface's queue is full now (nothing of that packet was sent); try again
+ *   PC_NO_DEVICE: the interface went away */
 #define PC_NET_SEND_PACKETS_SCALARS_IN 2
 #define PC_NET_SEND_PACKETS_SCALARS_OUT 1
 #define PC_NET_SEND_PACKETS_COUNT_MAX 1024
-/* recv_packets: scalars in: offset, room, max_count, timeout_ms; 3 scalar(s) out; completes later (PC_TIMEOUT at its timeout, PC_ABORTED when its user client closes). */
+#define PC_NET_SEND_PACKETS_STATUSES \
+    (PC_STATUS_BIT(PC_SUCCESS) | PC_STATUS_BIT(PC_BAD_ARGUMENT) | PC_STATUS_BIT(PC_NOT_PRIVILEGED) | \
+     PC_STATUS_BIT(PC_NO_DEVICE) | PC_STATUS_BIT(PC_NO_MEMORY) | PC_STATUS_BIT(PC_RATE_LIMITED) | \
+     PC_STATUS_BIT(PC_NOT_OPEN) | PC_STATUS_BIT(PC_INTERNAL))
+/* recv_packets: scalars in: offset, room, max_count, timeout_ms; 3 scalar(s) out; completes later.
+ *   PC_BAD_ARGUMENT: packets memory not mapped, or offset and room outside it
+ *   PC_OVERFLOW: it ran: the next packet does not fit the room given, so it was dropped, and counted with the next one delivered
+ *   PC_TIMEOUT: no packet arrived before timeout_ms
+ *   PC_NO_DEVICE: the interface went away
+ *   PC_ABORTED: its user client closed, or the device was terminated, first */
 #define PC_NET_RECV_PACKETS_SCALARS_IN 4
 #define PC_NET_RECV_PACKETS_SCALARS_OUT 3
 #define PC_NET_RECV_PACKETS_MAX_COUNT_MAX 1024
 #define PC_NET_RECV_PACKETS_TIMEOUT_MS_MAX 600000
+#define PC_NET_RECV_PACKETS_STATUSES \
+    (PC_STATUS_BIT(PC_SUCCESS) | PC_STATUS_BIT(PC_BAD_ARGUMENT) | PC_STATUS_BIT(PC_NOT_PRIVILEGED) | \
+     PC_STATUS_BIT(PC_NO_DEVICE) | PC_STATUS_BIT(PC_NO_MEMORY) | PC_STATUS_BIT(PC_TIMEOUT) | \
+     PC_STATUS_BIT(PC_ABORTED) | PC_STATUS_BIT(PC_RATE_LIMITED) | PC_STATUS_BIT(PC_OVERFLOW) | \
+     PC_STATUS_BIT(PC_NOT_OPEN) | PC_STATUS_BIT(PC_INTERNAL))
 
 struct net_info {
     char name[16];

@@ -32,37 +32,83 @@
 #define PC_SAMPLE_MEMORY_DMA_WRITABLE 1
 
 /* Each method's contract. The broker checks counts, limits and sizes before the driver runs:
- * a call outside them is PC_BAD_ARGUMENT and does not run. Every method can also end with the
- * session's statuses: PC_NOT_OPEN, PC_NOT_PRIVILEGED and PC_RATE_LIMITED (policy), PC_NO_DEVICE
- * (the device went away), PC_INTERNAL (a driver fault; the service is terminated). */
+ * a call outside them is PC_BAD_ARGUMENT and does not run. PC_<FAMILY>_<METHOD>_STATUSES is
+ * every status a call of the method can end with (test one with PC_STATUS_IN); the broker
+ * never ends one with another. Every call can end with:
+ *   PC_SUCCESS: it ran
+ *   PC_BAD_ARGUMENT: a count, size or limit outside the method's contract (it did not run)
+ *   PC_NOT_PRIVILEGED: policy refuses the method, its arguments or its privilege
+ *   PC_NO_DEVICE: the device went away
+ *   PC_NO_MEMORY: a resource limit of the session or its user (pending calls, unread messages)
+ *   PC_RATE_LIMITED: the grant's rate limit
+ *   PC_NOT_OPEN: the handle is not open in this connection
+ *   PC_INTERNAL: a fault in the broker or the driver
+ * and each method with the statuses listed under it. */
 /* add: scalars in: a, b; 1 scalar(s) out. */
 #define PC_SAMPLE_ADD_SCALARS_IN 2
 #define PC_SAMPLE_ADD_SCALARS_OUT 1
+#define PC_SAMPLE_ADD_STATUSES \
+    (PC_STATUS_BIT(PC_SUCCESS) | PC_STATUS_BIT(PC_BAD_ARGUMENT) | PC_STATUS_BIT(PC_NOT_PRIVILEGED) | \
+     PC_STATUS_BIT(PC_NO_DEVICE) | PC_STATUS_BIT(PC_NO_MEMORY) | PC_STATUS_BIT(PC_RATE_LIMITED) | \
+     PC_STATUS_BIT(PC_NOT_OPEN) | PC_STATUS_BIT(PC_INTERNAL))
 /* echo: no scalars in; 0 scalar(s) out; 0..=4096 bytes in; up to 4096 bytes out. */
 #define PC_SAMPLE_ECHO_SCALARS_IN 0
 #define PC_SAMPLE_ECHO_SCALARS_OUT 0
 #define PC_SAMPLE_ECHO_STRUCT_IN_MIN 0
 #define PC_SAMPLE_ECHO_STRUCT_IN_MAX 4096
 #define PC_SAMPLE_ECHO_STRUCT_OUT_MAX 4096
-/* get_info: no scalars in; 0 scalar(s) out; struct sample_info out; PC_OVERFLOW: it ran, and a value does not fit this ABI. */
+#define PC_SAMPLE_ECHO_STATUSES \
+    (PC_STATUS_BIT(PC_SUCCESS) | PC_STATUS_BIT(PC_BAD_ARGUMENT) | PC_STATUS_BIT(PC_NOT_PRIVILEGED) | \
+     PC_STATUS_BIT(PC_NO_DEVICE) | PC_STATUS_BIT(PC_NO_MEMORY) | PC_STATUS_BIT(PC_RATE_LIMITED) | \
+     PC_STATUS_BIT(PC_NOT_OPEN) | PC_STATUS_BIT(PC_INTERNAL))
+/* get_info: no scalars in; 0 scalar(s) out; struct sample_info out. */
 #define PC_SAMPLE_GET_INFO_SCALARS_IN 0
 #define PC_SAMPLE_GET_INFO_SCALARS_OUT 0
-/* wait_event: scalars in: timeout_ms; 1 scalar(s) out; completes later (PC_TIMEOUT at its timeout, PC_ABORTED when its user client closes). */
+#define PC_SAMPLE_GET_INFO_STATUSES \
+    (PC_STATUS_BIT(PC_SUCCESS) | PC_STATUS_BIT(PC_BAD_ARGUMENT) | PC_STATUS_BIT(PC_NOT_PRIVILEGED) | \
+     PC_STATUS_BIT(PC_NO_DEVICE) | PC_STATUS_BIT(PC_NO_MEMORY) | PC_STATUS_BIT(PC_RATE_LIMITED) | \
+     PC_STATUS_BIT(PC_NOT_OPEN) | PC_STATUS_BIT(PC_INTERNAL))
+/* wait_event: scalars in: timeout_ms; 1 scalar(s) out; completes later.
+ *   PC_TIMEOUT: no fire_event before timeout_ms
+ *   PC_ABORTED: the user client closed, or the device was terminated, first */
 #define PC_SAMPLE_WAIT_EVENT_SCALARS_IN 1
 #define PC_SAMPLE_WAIT_EVENT_SCALARS_OUT 1
 #define PC_SAMPLE_WAIT_EVENT_TIMEOUT_MS_MAX 600000
+#define PC_SAMPLE_WAIT_EVENT_STATUSES \
+    (PC_STATUS_BIT(PC_SUCCESS) | PC_STATUS_BIT(PC_BAD_ARGUMENT) | PC_STATUS_BIT(PC_NOT_PRIVILEGED) | \
+     PC_STATUS_BIT(PC_NO_DEVICE) | PC_STATUS_BIT(PC_NO_MEMORY) | PC_STATUS_BIT(PC_TIMEOUT) | \
+     PC_STATUS_BIT(PC_ABORTED) | PC_STATUS_BIT(PC_RATE_LIMITED) | PC_STATUS_BIT(PC_NOT_OPEN) | \
+     PC_STATUS_BIT(PC_INTERNAL))
 /* fire_event: scalars in: value; 1 scalar(s) out. */
 #define PC_SAMPLE_FIRE_EVENT_SCALARS_IN 1
 #define PC_SAMPLE_FIRE_EVENT_SCALARS_OUT 1
+#define PC_SAMPLE_FIRE_EVENT_STATUSES \
+    (PC_STATUS_BIT(PC_SUCCESS) | PC_STATUS_BIT(PC_BAD_ARGUMENT) | PC_STATUS_BIT(PC_NOT_PRIVILEGED) | \
+     PC_STATUS_BIT(PC_NO_DEVICE) | PC_STATUS_BIT(PC_NO_MEMORY) | PC_STATUS_BIT(PC_RATE_LIMITED) | \
+     PC_STATUS_BIT(PC_NOT_OPEN) | PC_STATUS_BIT(PC_INTERNAL))
 /* reset: no scalars in; 0 scalar(s) out; needs the privilege sample.admin. */
 #define PC_SAMPLE_RESET_SCALARS_IN 0
 #define PC_SAMPLE_RESET_SCALARS_OUT 0
-/* transform_record: no scalars in; 0 scalar(s) out; struct sample_record in; struct sample_record out; PC_OVERFLOW: it ran, and a value does not fit this ABI. */
+#define PC_SAMPLE_RESET_STATUSES \
+    (PC_STATUS_BIT(PC_SUCCESS) | PC_STATUS_BIT(PC_BAD_ARGUMENT) | PC_STATUS_BIT(PC_NOT_PRIVILEGED) | \
+     PC_STATUS_BIT(PC_NO_DEVICE) | PC_STATUS_BIT(PC_NO_MEMORY) | PC_STATUS_BIT(PC_RATE_LIMITED) | \
+     PC_STATUS_BIT(PC_NOT_OPEN) | PC_STATUS_BIT(PC_INTERNAL))
+/* transform_record: no scalars in; 0 scalar(s) out; struct sample_record in; struct sample_record out.
+ *   PC_OVERFLOW: it ran: a value it returned does not fit this ABI's type, so the output is withheld */
 #define PC_SAMPLE_TRANSFORM_RECORD_SCALARS_IN 0
 #define PC_SAMPLE_TRANSFORM_RECORD_SCALARS_OUT 0
-/* checksum_dma: scalars in: offset, len; 1 scalar(s) out. */
+#define PC_SAMPLE_TRANSFORM_RECORD_STATUSES \
+    (PC_STATUS_BIT(PC_SUCCESS) | PC_STATUS_BIT(PC_BAD_ARGUMENT) | PC_STATUS_BIT(PC_NOT_PRIVILEGED) | \
+     PC_STATUS_BIT(PC_NO_DEVICE) | PC_STATUS_BIT(PC_NO_MEMORY) | PC_STATUS_BIT(PC_RATE_LIMITED) | \
+     PC_STATUS_BIT(PC_OVERFLOW) | PC_STATUS_BIT(PC_NOT_OPEN) | PC_STATUS_BIT(PC_INTERNAL))
+/* checksum_dma: scalars in: offset, len; 1 scalar(s) out.
+ *   PC_BAD_ARGUMENT: the dma memory type is not mapped, or offset + len is outside it */
 #define PC_SAMPLE_CHECKSUM_DMA_SCALARS_IN 2
 #define PC_SAMPLE_CHECKSUM_DMA_SCALARS_OUT 1
+#define PC_SAMPLE_CHECKSUM_DMA_STATUSES \
+    (PC_STATUS_BIT(PC_SUCCESS) | PC_STATUS_BIT(PC_BAD_ARGUMENT) | PC_STATUS_BIT(PC_NOT_PRIVILEGED) | \
+     PC_STATUS_BIT(PC_NO_DEVICE) | PC_STATUS_BIT(PC_NO_MEMORY) | PC_STATUS_BIT(PC_RATE_LIMITED) | \
+     PC_STATUS_BIT(PC_NOT_OPEN) | PC_STATUS_BIT(PC_INTERNAL))
 
 struct sample_info {
     uint32_t version;

@@ -25,44 +25,109 @@
 /* Memory types (pc_map_memory): id, size in bytes, whether clients may write it. */
 
 /* Each method's contract. The broker checks counts, limits and sizes before the driver runs:
- * a call outside them is PC_BAD_ARGUMENT and does not run. Every method can also end with the
- * session's statuses: PC_NOT_OPEN, PC_NOT_PRIVILEGED and PC_RATE_LIMITED (policy), PC_NO_DEVICE
- * (the device went away), PC_INTERNAL (a driver fault; the service is terminated). */
-/* get_line: no scalars in; 0 scalar(s) out; struct tty_line out; PC_OVERFLOW: it ran, and a value does not fit this ABI. */
+ * a call outside them is PC_BAD_ARGUMENT and does not run. PC_<FAMILY>_<METHOD>_STATUSES is
+ * every status a call of the method can end with (test one with PC_STATUS_IN); the broker
+ * never ends one with another. Every call can end with:
+ *   PC_SUCCESS: it ran
+ *   PC_BAD_ARGUMENT: a count, size or limit outside the method's contract (it did not run)
+ *   PC_NOT_PRIVILEGED: policy refuses the method, its arguments or its privilege
+ *   PC_NO_DEVICE: the device went away
+ *   PC_NO_MEMORY: a resource limit of the session or its user (pending calls, unread messages)
+ *   PC_RATE_LIMITED: the grant's rate limit
+ *   PC_NOT_OPEN: the handle is not open in this connection
+ *   PC_INTERNAL: a fault in the broker or the driver
+ * and each method with the statuses listed under it. */
+/* get_line: no scalars in; 0 scalar(s) out; struct tty_line out. */
 #define PC_TTY_GET_LINE_SCALARS_IN 0
 #define PC_TTY_GET_LINE_SCALARS_OUT 0
-/* set_line: no scalars in; 0 scalar(s) out; struct tty_line in. */
+#define PC_TTY_GET_LINE_STATUSES \
+    (PC_STATUS_BIT(PC_SUCCESS) | PC_STATUS_BIT(PC_BAD_ARGUMENT) | PC_STATUS_BIT(PC_NOT_PRIVILEGED) | \
+     PC_STATUS_BIT(PC_NO_DEVICE) | PC_STATUS_BIT(PC_NO_MEMORY) | PC_STATUS_BIT(PC_RATE_LIMITED) | \
+     PC_STATUS_BIT(PC_NOT_OPEN) | PC_STATUS_BIT(PC_INTERNAL))
+/* set_line: no scalars in; 0 scalar(s) out; struct tty_line in.
+ *   PC_BAD_ARGUMENT: a field out of range
+ *   PC_UNSUPPORTED: the device cannot take these settings (a pty is always 8 data bits, no parity); nothing changed */
 #define PC_TTY_SET_LINE_SCALARS_IN 0
 #define PC_TTY_SET_LINE_SCALARS_OUT 0
-/* write: scalars in: timeout_ms; 1 scalar(s) out; 0..=4096 bytes in; completes later (PC_TIMEOUT at its timeout, PC_ABORTED when its user client closes). */
+#define PC_TTY_SET_LINE_STATUSES \
+    (PC_STATUS_BIT(PC_SUCCESS) | PC_STATUS_BIT(PC_BAD_ARGUMENT) | PC_STATUS_BIT(PC_NOT_PRIVILEGED) | \
+     PC_STATUS_BIT(PC_NO_DEVICE) | PC_STATUS_BIT(PC_UNSUPPORTED) | PC_STATUS_BIT(PC_NO_MEMORY) | \
+     PC_STATUS_BIT(PC_RATE_LIMITED) | PC_STATUS_BIT(PC_NOT_OPEN) | PC_STATUS_BIT(PC_INTERNAL))
+/* write: scalars in: timeout_ms; 1 scalar(s) out; 0..=4096 bytes in; completes later.
+ *   PC_TIMEOUT: the device took nothing before timeout_ms (a part is SUCCESS with the count written)
+ *   PC_NO_DEVICE: the tty hung up
+ *   PC_ABORTED: its user client closed, or the device was terminated, first */
 #define PC_TTY_WRITE_SCALARS_IN 1
 #define PC_TTY_WRITE_SCALARS_OUT 1
 #define PC_TTY_WRITE_TIMEOUT_MS_MAX 600000
 #define PC_TTY_WRITE_STRUCT_IN_MIN 0
 #define PC_TTY_WRITE_STRUCT_IN_MAX 4096
-/* read: scalars in: max_len, timeout_ms; 0 scalar(s) out; up to 4096 bytes out; completes later (PC_TIMEOUT at its timeout, PC_ABORTED when its user client closes). */
+#define PC_TTY_WRITE_STATUSES \
+    (PC_STATUS_BIT(PC_SUCCESS) | PC_STATUS_BIT(PC_BAD_ARGUMENT) | PC_STATUS_BIT(PC_NOT_PRIVILEGED) | \
+     PC_STATUS_BIT(PC_NO_DEVICE) | PC_STATUS_BIT(PC_NO_MEMORY) | PC_STATUS_BIT(PC_TIMEOUT) | \
+     PC_STATUS_BIT(PC_ABORTED) | PC_STATUS_BIT(PC_RATE_LIMITED) | PC_STATUS_BIT(PC_NOT_OPEN) | \
+     PC_STATUS_BIT(PC_INTERNAL))
+/* read: scalars in: max_len, timeout_ms; 0 scalar(s) out; up to 4096 bytes out; completes later.
+ *   PC_BAD_ARGUMENT: max_len is 0 or more than the output room
+ *   PC_TIMEOUT: no bytes arrived before timeout_ms
+ *   PC_NO_DEVICE: the tty hung up
+ *   PC_ABORTED: its user client closed, or the device was terminated, first */
 #define PC_TTY_READ_SCALARS_IN 2
 #define PC_TTY_READ_SCALARS_OUT 0
 #define PC_TTY_READ_MAX_LEN_MAX 4096
 #define PC_TTY_READ_TIMEOUT_MS_MAX 600000
 #define PC_TTY_READ_STRUCT_OUT_MAX 4096
-/* get_modem: no scalars in; 1 scalar(s) out. */
+#define PC_TTY_READ_STATUSES \
+    (PC_STATUS_BIT(PC_SUCCESS) | PC_STATUS_BIT(PC_BAD_ARGUMENT) | PC_STATUS_BIT(PC_NOT_PRIVILEGED) | \
+     PC_STATUS_BIT(PC_NO_DEVICE) | PC_STATUS_BIT(PC_NO_MEMORY) | PC_STATUS_BIT(PC_TIMEOUT) | \
+     PC_STATUS_BIT(PC_ABORTED) | PC_STATUS_BIT(PC_RATE_LIMITED) | PC_STATUS_BIT(PC_NOT_OPEN) | \
+     PC_STATUS_BIT(PC_INTERNAL))
+/* get_modem: no scalars in; 1 scalar(s) out.
+ *   PC_UNSUPPORTED: the device has no modem lines (a pty) */
 #define PC_TTY_GET_MODEM_SCALARS_IN 0
 #define PC_TTY_GET_MODEM_SCALARS_OUT 1
-/* set_modem: scalars in: bits, mask; 0 scalar(s) out. */
+#define PC_TTY_GET_MODEM_STATUSES \
+    (PC_STATUS_BIT(PC_SUCCESS) | PC_STATUS_BIT(PC_BAD_ARGUMENT) | PC_STATUS_BIT(PC_NOT_PRIVILEGED) | \
+     PC_STATUS_BIT(PC_NO_DEVICE) | PC_STATUS_BIT(PC_UNSUPPORTED) | PC_STATUS_BIT(PC_NO_MEMORY) | \
+     PC_STATUS_BIT(PC_RATE_LIMITED) | PC_STATUS_BIT(PC_NOT_OPEN) | PC_STATUS_BIT(PC_INTERNAL))
+/* set_modem: scalars in: bits, mask; 0 scalar(s) out.
+ *   PC_BAD_ARGUMENT: mask has a line other than DTR (1) and RTS (2)
+ *   PC_UNSUPPORTED: the device has no modem lines (a pty) */
 #define PC_TTY_SET_MODEM_SCALARS_IN 2
 #define PC_TTY_SET_MODEM_SCALARS_OUT 0
-/* flush: scalars in: queue; 0 scalar(s) out. */
+#define PC_TTY_SET_MODEM_STATUSES \
+    (PC_STATUS_BIT(PC_SUCCESS) | PC_STATUS_BIT(PC_BAD_ARGUMENT) | PC_STATUS_BIT(PC_NOT_PRIVILEGED) | \
+     PC_STATUS_BIT(PC_NO_DEVICE) | PC_STATUS_BIT(PC_UNSUPPORTED) | PC_STATUS_BIT(PC_NO_MEMORY) | \
+     PC_STATUS_BIT(PC_RATE_LIMITED) | PC_STATUS_BIT(PC_NOT_OPEN) | PC_STATUS_BIT(PC_INTERNAL))
+/* flush: scalars in: queue; 0 scalar(s) out.
+ *   PC_BAD_ARGUMENT: queue is not 0 (input), 1 (output) or 2 (both) */
 #define PC_TTY_FLUSH_SCALARS_IN 1
 #define PC_TTY_FLUSH_SCALARS_OUT 0
-/* drain: scalars in: timeout_ms; 0 scalar(s) out; completes later (PC_TIMEOUT at its timeout, PC_ABORTED when its user client closes). */
+#define PC_TTY_FLUSH_STATUSES \
+    (PC_STATUS_BIT(PC_SUCCESS) | PC_STATUS_BIT(PC_BAD_ARGUMENT) | PC_STATUS_BIT(PC_NOT_PRIVILEGED) | \
+     PC_STATUS_BIT(PC_NO_DEVICE) | PC_STATUS_BIT(PC_NO_MEMORY) | PC_STATUS_BIT(PC_RATE_LIMITED) | \
+     PC_STATUS_BIT(PC_NOT_OPEN) | PC_STATUS_BIT(PC_INTERNAL))
+/* drain: scalars in: timeout_ms; 0 scalar(s) out; completes later.
+ *   PC_TIMEOUT: bytes were still queued at timeout_ms
+ *   PC_ABORTED: its user client closed, or the device was terminated, first */
 #define PC_TTY_DRAIN_SCALARS_IN 1
 #define PC_TTY_DRAIN_SCALARS_OUT 0
 #define PC_TTY_DRAIN_TIMEOUT_MS_MAX 600000
-/* send_break: scalars in: duration_ms; 0 scalar(s) out; completes later (PC_TIMEOUT at its timeout, PC_ABORTED when its user client closes); needs the privilege tty.break. */
+#define PC_TTY_DRAIN_STATUSES \
+    (PC_STATUS_BIT(PC_SUCCESS) | PC_STATUS_BIT(PC_BAD_ARGUMENT) | PC_STATUS_BIT(PC_NOT_PRIVILEGED) | \
+     PC_STATUS_BIT(PC_NO_DEVICE) | PC_STATUS_BIT(PC_NO_MEMORY) | PC_STATUS_BIT(PC_TIMEOUT) | \
+     PC_STATUS_BIT(PC_ABORTED) | PC_STATUS_BIT(PC_RATE_LIMITED) | PC_STATUS_BIT(PC_NOT_OPEN) | \
+     PC_STATUS_BIT(PC_INTERNAL))
+/* send_break: scalars in: duration_ms; 0 scalar(s) out; completes later; needs the privilege tty.break.
+ *   PC_BAD_ARGUMENT: duration_ms is 0
+ *   PC_ABORTED: its user client closed, or the device was terminated, first */
 #define PC_TTY_SEND_BREAK_SCALARS_IN 1
 #define PC_TTY_SEND_BREAK_SCALARS_OUT 0
 #define PC_TTY_SEND_BREAK_DURATION_MS_MAX 10000
+#define PC_TTY_SEND_BREAK_STATUSES \
+    (PC_STATUS_BIT(PC_SUCCESS) | PC_STATUS_BIT(PC_BAD_ARGUMENT) | PC_STATUS_BIT(PC_NOT_PRIVILEGED) | \
+     PC_STATUS_BIT(PC_NO_DEVICE) | PC_STATUS_BIT(PC_NO_MEMORY) | PC_STATUS_BIT(PC_ABORTED) | \
+     PC_STATUS_BIT(PC_RATE_LIMITED) | PC_STATUS_BIT(PC_NOT_OPEN) | PC_STATUS_BIT(PC_INTERNAL))
 
 struct tty_line {
     uint32_t baud;
