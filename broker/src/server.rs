@@ -81,9 +81,14 @@ pub enum BrokerError {
 
 /// Builds the core: policy loaded, the virtual bus and its devices published.
 pub fn build_core(config: &Config, policy: Option<&Path>) -> Result<Arc<Core>, BrokerError> {
-    let policy_path = policy.or(config.policy.as_deref());
+    // Absolute from here on: the reload watcher and every later reload see the same file,
+    // however it was spelled (`lab.toml`, `./lab.toml`, `$PWD/lab.toml`).
+    let policy_path = policy
+        .or(config.policy.as_deref())
+        .map(|p| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf()));
+    let policy_path = policy_path.as_deref();
     let policy = config::load_policy(policy_path)?;
-    tracing::info!(source = %policy_path.map_or("embedded default".into(), |p| p.display().to_string()), rules = policy.rule_count(), "policy loaded");
+    tracing::info!(source = %policy_path.map_or("embedded default".into(), |p| p.display().to_string()), rules = policy.rule_count(), revision = policy.revision(), "policy loaded");
     let max_connections = config.max_connections.unwrap_or(config::DEFAULT_MAX_CONNECTIONS);
     let core = Core::with_limits(
         policy,
@@ -275,19 +280,24 @@ const SETTLE: std::time::Duration = std::time::Duration::from_millis(200);
 /// its directory), so that editors that replace a file by renaming are seen too.
 fn watch_policy(core: Arc<Core>, source: &Path) -> notify::Result<notify::RecommendedWatcher> {
     use notify::{RecursiveMode, Watcher};
+    let source = std::path::absolute(source).unwrap_or_else(|_| source.to_path_buf());
     let (dir, only) = if source.is_dir() {
-        (source.to_path_buf(), None)
+        (source.clone(), None)
     } else {
         (
-            source.parent().map_or_else(|| PathBuf::from("."), Path::to_path_buf),
-            Some(source.to_path_buf()),
+            source.parent().map_or_else(|| PathBuf::from("/"), Path::to_path_buf),
+            source.file_name().map(std::ffi::OsStr::to_os_string),
         )
     };
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
         if let Ok(event) = event {
             let relevant = event.kind.is_modify() || event.kind.is_create() || event.kind.is_remove();
-            let ours = only.as_ref().is_none_or(|file| event.paths.iter().any(|p| p == file));
+            // The watch is on the one directory: a file of it is known by its name, however
+            // the watcher spells the directory.
+            let ours = only
+                .as_ref()
+                .is_none_or(|name| event.paths.iter().any(|p| p.file_name() == Some(name.as_os_str())));
             if relevant && ours {
                 let _ = tx.send(());
             }

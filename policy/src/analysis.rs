@@ -175,8 +175,17 @@ impl Formula {
         }
     }
 
-    /// The formula's value in a world (for tests and for checking witnesses).
-    #[cfg(test)]
+    /// Every literal of the formula that reads `key`.
+    fn lits_of<'f>(&'f self, key: &Key, out: &mut Vec<(bool, &'f Atom)>) {
+        match self {
+            Formula::True | Formula::False => {}
+            Formula::Lit(b, a) if a.key() == *key => out.push((*b, a)),
+            Formula::Lit(..) => {}
+            Formula::And(parts) | Formula::Or(parts) => parts.iter().for_each(|p| p.lits_of(key, out)),
+        }
+    }
+
+    /// The formula's value in a world (for generalising and checking witnesses).
     fn eval(&self, world: &World) -> bool {
         match self {
             Formula::True => true,
@@ -659,7 +668,52 @@ pub(crate) fn solve(formula: Formula, class: &str) -> Result<Option<World>, Gave
         store: Vec::new(),
         steps: 0,
     };
-    Ok(solver.solve(vec![formula])?.then(|| solver.world(class)))
+    if !solver.solve(vec![formula.clone()])? {
+        return Ok(None);
+    }
+    let mut world = solver.world(class);
+    generalize(&mut world, &formula);
+    Ok(Some(world))
+}
+
+/// Evaluations one generalisation may spend before it keeps what it has.
+const GENERALIZE_BUDGET: usize = 20_000;
+
+/// Frees the attributes the witness does not need: an attribute is reported as "anything" only
+/// when the formula holds for **every** value of it — and of every attribute freed before it,
+/// in every combination (atoms compare an attribute only with the literals they name, so a
+/// literal of each and one value matching none stand for all its values). The search takes
+/// the first value it finds; without this a witness could say "uid=0" where any task will do.
+fn generalize(world: &mut World, formula: &Formula) {
+    let mut freed: Vec<(Key, Vec<Value>)> = Vec::new();
+    let mut spent = 0;
+    for key in world.constrained.clone() {
+        let mut lits = Vec::new();
+        formula.lits_of(&key, &mut lits);
+        let mut axes = freed.clone();
+        axes.push((key.clone(), candidates(&key, &lits)));
+        let combinations: usize = axes.iter().map(|(_, v)| v.len().max(1)).product();
+        spent += combinations;
+        if spent > GENERALIZE_BUDGET {
+            break;
+        }
+        let mut trial = world.clone();
+        let holds_everywhere = (0..combinations).all(|mut n| {
+            for (k, values) in &axes {
+                if let Some(v) = values.get(n % values.len().max(1)) {
+                    trial.values.insert(k.clone(), v.clone());
+                }
+                n /= values.len().max(1);
+            }
+            formula.eval(&trial)
+        });
+        if holds_everywhere {
+            freed.push(axes.pop().unwrap_or((key, Vec::new())));
+        }
+    }
+    for (key, _) in freed {
+        world.constrained.remove(&key);
+    }
 }
 
 impl Policy {
@@ -971,8 +1025,8 @@ pub struct TooHard {
 /// each allow rule (of either side) under which the decision flips.
 pub fn diff(old: &Policy, new: &Policy, catalog: Option<&crate::Catalog>) -> Result<Vec<Change>, TooHard> {
     let universe = Universe::new(&[old, new], catalog, &[]);
-    let mut changes = Vec::new();
-    let mut seen = BTreeSet::new();
+    let mut changes: Vec<Change> = Vec::new();
+    let mut seen: BTreeMap<_, usize> = BTreeMap::new();
     for (class, questions) in &universe.classes {
         for question in questions {
             let request = question.request();
@@ -998,13 +1052,26 @@ pub fn diff(old: &Policy, new: &Policy, catalog: Option<&crate::Catalog>) -> Res
                     if o.allowed == n.allowed {
                         continue;
                     }
-                    if seen.insert((class.clone(), question.clone(), o.rule.clone(), n.rule.clone())) {
-                        changes.push(Change {
-                            question: question.clone(),
-                            world,
-                            old: o,
-                            new: n,
-                        });
+                    // One change per request and pair of deciding rules, with the most general
+                    // witness any rule's question found (whatever order the rules are in).
+                    let key = (class.clone(), question.clone(), o.rule.clone(), n.rule.clone());
+                    match seen.get(&key) {
+                        Some(&i) => {
+                            if let Some(change) = changes.get_mut(i)
+                                && world.constrained.len() < change.world.constrained.len()
+                            {
+                                change.world = world;
+                            }
+                        }
+                        None => {
+                            seen.insert(key, changes.len());
+                            changes.push(Change {
+                                question: question.clone(),
+                                world,
+                                old: o,
+                                new: n,
+                            });
+                        }
                     }
                 }
             }

@@ -233,7 +233,10 @@ impl fmt::Display for Explanation {
                 self.decision.rule
             )?,
         }
-        writeln!(f, "rules considered, in order:")?;
+        writeln!(
+            f,
+            "rules considered, by id (the order every choice among rules follows):"
+        )?;
         for r in &self.rules {
             let effect = if r.effect == Effect::Allow { "allow " } else { "forbid" };
             let marker = if r.id == self.decision.rule { "  <- decided" } else { "" };
@@ -314,9 +317,10 @@ methods = ["*"]
                 audit: false
             }
         );
-        assert_eq!(e.rules[0].says.as_deref(), Some("admits the task, allows method write"));
+        // By id, whatever the file's order.
+        assert_eq!(e.rules[0].principal, Err("root: uid 1000 not in [0]".to_string()));
         assert_eq!(e.rules[1].says.as_deref(), Some("forbids method write"));
-        assert_eq!(e.rules[2].principal, Err("root: uid 1000 not in [0]".to_string()));
+        assert_eq!(e.rules[2].says.as_deref(), Some("admits the task, allows method write"));
         let text = e.to_string();
         assert!(text.starts_with("decision: DENY (rule \"no-write\")"), "{text}");
         assert!(text.contains("no-write") && text.contains("<- decided"), "{text}");

@@ -11,9 +11,9 @@ use portcullis_proto::{
 
 use crate::{Decision, MethodRef, ParamAt, ParamRef, Policy, Remote, Request, ServiceView, Source, Task};
 
-/// The compiled answer to a reference request.
-pub(crate) fn compiled(policy: &Policy, task: &Task<'_>, service: &ServiceView<'_>, request: Request<'_>) -> Decision {
-    let to_decision = |r: Result<&str, crate::Denial>| match r {
+/// A compiled check's answer as a decision.
+pub(crate) fn to_decision(r: Result<&str, crate::Denial>) -> Decision {
+    match r {
         Ok(rule) => Decision {
             allowed: true,
             rule: rule.to_string(),
@@ -24,7 +24,26 @@ pub(crate) fn compiled(policy: &Policy, task: &Task<'_>, service: &ServiceView<'
             rule: d.rule,
             audit: d.audit,
         },
-    };
+    }
+}
+
+/// The compiled answer to a whole call: admission, the method, then its arguments.
+pub(crate) fn compiled_call(
+    policy: &Policy,
+    task: &Task<'_>,
+    service: &ServiceView<'_>,
+    method: &MethodRef<'_>,
+    scalars: &[u64],
+    struct_in: &[u8],
+) -> Decision {
+    match policy.admit(task, service, false, std::slice::from_ref(method), &[]) {
+        Err(d) => to_decision(Err(d)),
+        Ok(grant) => to_decision(grant.check(0).and_then(|_| grant.check_args(0, scalars, struct_in))),
+    }
+}
+
+/// The compiled answer to a reference request.
+pub(crate) fn compiled(policy: &Policy, task: &Task<'_>, service: &ServiceView<'_>, request: Request<'_>) -> Decision {
     let (exclusive, methods, memory): (bool, Vec<MethodRef<'_>>, Vec<&str>) = match request {
         Request::Open { exclusive } => (exclusive, vec![], vec![]),
         Request::Method { name, privilege } => (
@@ -208,29 +227,7 @@ pub fn policy_text(data: &[u8]) {
                 .collect();
             let struct_in = vec![0u8; usize::from(p.byte())];
             let expected = policy.evaluate_call(&task, &service, &method, &scalars, &struct_in);
-            let got = match policy.admit(&task, &service, false, std::slice::from_ref(&method), &[]) {
-                Err(d) => Decision {
-                    allowed: false,
-                    rule: d.rule,
-                    audit: d.audit,
-                },
-                Ok(grant) => match grant
-                    .check(0)
-                    .map(str::to_string)
-                    .and_then(|rule| grant.check_args(0, &scalars, &struct_in).map(|()| rule))
-                {
-                    Ok(rule) => Decision {
-                        allowed: true,
-                        rule,
-                        audit: false,
-                    },
-                    Err(d) => Decision {
-                        allowed: false,
-                        rule: d.rule,
-                        audit: d.audit,
-                    },
-                },
-            };
+            let got = compiled_call(&policy, &task, &service, &method, &scalars, &struct_in);
             assert_eq!(got, expected, "call {name} {scalars:?} len {}", struct_in.len());
             continue;
         }

@@ -112,6 +112,13 @@ pub struct Denial {
     pub audit: bool,
 }
 
+/// One allow rule granting a method, with its argument constraints for that method.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Alternative {
+    rule: RuleRef,
+    checks: Vec<Compiled>,
+}
+
 /// The decision for one method of the grant's service.
 pub type MethodDecision = Result<RuleRef, Denial>;
 
@@ -125,8 +132,9 @@ pub struct Grant {
     /// Refusals of the admission itself that audit mode let through.
     audited: Vec<Denial>,
     methods: Vec<MethodDecision>,
-    /// The argument constraints of each granted method (those of the rule that granted it).
-    constraints: Vec<Vec<Compiled>>,
+    /// Per method, the allow rules that grant it with their argument constraints, by rule id,
+    /// up to the first that has none (which admits every call). Empty: no constraint applies.
+    constraints: Vec<Vec<Alternative>>,
     /// The tightest rate limit among the applicable allow rules, and the rule that sets it.
     rate: Option<(Rate, RuleRef)>,
     privileges: BTreeSet<String>,
@@ -150,24 +158,55 @@ impl Grant {
         decided(&self.methods, index, "no such method")
     }
 
-    /// Checks a call's arguments (scalars, and the struct input in the broker's layout) against
-    /// the constraints of the rule that granted method `index`. Call after [`Grant::check`].
-    pub fn check_args(&self, index: usize, scalars: &[u64], struct_in: &[u8]) -> Result<(), Denial> {
-        let Some(constraints) = self.constraints.get(index) else {
-            return Ok(());
-        };
+    /// Checks a call's arguments (scalars, and the struct input in the broker's layout): allow
+    /// rules are a union, so the call passes when **any** allow rule that grants the method
+    /// admits its arguments, and is named by the first of those by rule id (the method's rule,
+    /// when no constraint applies). A refusal names the first refusing rule and says why each
+    /// refused; it is audited (let through, logged as "would deny") when a refusing rule is in
+    /// audit mode — that rule would have allowed it.
+    pub fn check_args(&self, index: usize, scalars: &[u64], struct_in: &[u8]) -> Result<&str, Denial> {
         let rule = match self.methods.get(index) {
-            Some(Ok(rule)) => rule,
-            _ => return Ok(()),
+            Some(Ok(rule)) => rule.as_str(),
+            // The method's own refusal decides (check); no argument constraint applies.
+            Some(Err(denial)) => return Ok(denial.rule.as_str()),
+            None => return Ok(DEFAULT_DENY),
         };
-        for c in constraints {
-            c.check(scalars, struct_in).map_err(|reason| Denial {
-                rule: rule.clone(),
-                reason,
-                audit: c.audit,
-            })?;
+        let alternatives = match self.constraints.get(index) {
+            Some(a) if !a.is_empty() => a,
+            _ => return Ok(rule),
+        };
+        let mut refusals: Vec<(&str, String, bool)> = Vec::new();
+        for alt in alternatives {
+            let refused = alt
+                .checks
+                .iter()
+                .find_map(|c| c.check(scalars, struct_in).err().map(|why| (why, c.audit)));
+            match refused {
+                None => return Ok(&alt.rule),
+                Some((why, audit)) => refusals.push((&alt.rule, why, audit)),
+            }
         }
-        Ok(())
+        // Named by an audited refusal if there is one (that rule lets the call through), else
+        // by the first refusal.
+        let deciding = refusals
+            .iter()
+            .find(|(_, _, audit)| *audit)
+            .or(refusals.first())
+            .map_or((DEFAULT_DENY, false), |(rule, _, audit)| (*rule, *audit));
+        let reason = refusals
+            .iter()
+            .map(|(rule, why, _)| format!("{why} (rule {rule:?})"))
+            .collect::<Vec<_>>()
+            .join("; ");
+        Err(Denial {
+            rule: deciding.0.to_string(),
+            reason: if refusals.len() > 1 {
+                format!("no rule granting the method admits these arguments: {reason}")
+            } else {
+                reason
+            },
+            audit: deciding.1,
+        })
     }
 
     /// The rate limit on this user client's calls and the rule that sets it.
@@ -344,10 +383,16 @@ impl Policy {
         let constraints = methods
             .iter()
             .map(|m| {
-                // The constraints of the allow rule that grants the method, resolved to where
-                // each parameter's value is.
-                first(Effect::Allow, &|r| r.methods.contains(m.name)).map_or_else(Vec::new, |rule| {
-                    rule.args
+                // Every allow rule granting the method, by id, with its constraints resolved to
+                // where each parameter's value is — up to the first without any, which admits
+                // every call (so no later one can name a call).
+                let mut alternatives = Vec::new();
+                for rule in rules
+                    .iter()
+                    .filter(|r| r.effect == Effect::Allow && r.methods.contains(m.name))
+                {
+                    let checks: Vec<Compiled> = rule
+                        .args
                         .iter()
                         .filter(|a| a.method == m.name)
                         .map(|a| Compiled {
@@ -356,8 +401,21 @@ impl Policy {
                             constraint: a.constraint.clone(),
                             audit: rule.audit || global,
                         })
-                        .collect()
-                })
+                        .collect();
+                    let unconstrained = checks.is_empty();
+                    alternatives.push(Alternative {
+                        rule: rule.id.clone(),
+                        checks,
+                    });
+                    if unconstrained {
+                        break;
+                    }
+                }
+                // Only unconstrained: nothing to check at call time.
+                if alternatives.first().is_some_and(|a| a.checks.is_empty()) {
+                    alternatives.clear();
+                }
+                alternatives
             })
             .collect();
         let methods = methods
@@ -975,5 +1033,49 @@ open = "exclusive"
             "never-exclusive"
         );
         assert!(p.admit(&task(1, &[], None), &tty(&props), false, &METHODS, &[]).is_ok());
+    }
+
+    /// Allow rules are a union: a capped and an uncapped grant of the same method admit what
+    /// the uncapped one admits, in either order, naming the first admitting rule by id; a
+    /// refusal by every granting rule names the first and says why each refused.
+    #[test]
+    fn allow_rules_are_a_union_whatever_their_order() {
+        const ECHO: [MethodRef<'static>; 1] = [MethodRef {
+            name: "echo",
+            privilege: None,
+            params: &[crate::ParamRef {
+                name: "len",
+                at: crate::ParamAt::StructLen,
+            }],
+        }];
+        let capped = "[[rule]]\nid = \"a-capped\"\neffect = \"allow\"\nprincipals = [\"anyone\"]\nmethods = [\"echo\"]\nargs.echo.len = { max = 512 }\n";
+        let open = "[[rule]]\nid = \"b-open\"\neffect = \"allow\"\nprincipals = [\"anyone\"]\nmethods = [\"echo\"]\n";
+        let tight = "[[rule]]\nid = \"c-tight\"\neffect = \"allow\"\nprincipals = [\"anyone\"]\nmethods = [\"echo\"]\nargs.echo.len = { max = 16 }\nmode = \"audit\"\n";
+        let props = tty_props();
+        let t = task(1000, &[], None);
+        for rules in [format!("{capped}\n{open}"), format!("{open}\n{capped}")] {
+            let grant = policy(&rules).admit(&t, &tty(&props), false, &ECHO, &[]).unwrap();
+            assert_eq!(grant.check(0), Ok("a-capped"), "the method's rule: the first by id");
+            assert_eq!(grant.check_args(0, &[], &[0; 4000]), Ok("b-open"), "{rules}");
+            assert_eq!(grant.check_args(0, &[], &[0; 100]), Ok("a-capped"), "{rules}");
+        }
+        for rules in [format!("{capped}\n{tight}"), format!("{tight}\n{capped}")] {
+            let grant = policy(&rules).admit(&t, &tty(&props), false, &ECHO, &[]).unwrap();
+            assert_eq!(grant.check_args(0, &[], &[0; 100]), Ok("a-capped"));
+            // Refused by both: the audited rule would let it through, so it decides.
+            let d = grant.check_args(0, &[], &[0; 4000]).unwrap_err();
+            assert_eq!((d.rule.as_str(), d.audit), ("c-tight", true), "{rules}");
+            assert!(
+                d.reason.contains("\"a-capped\"") && d.reason.contains("\"c-tight\""),
+                "{}",
+                d.reason
+            );
+        }
+        let enforcing = tight.replace("mode = \"audit\"\n", "");
+        let grant = policy(&format!("{enforcing}\n{capped}"))
+            .admit(&t, &tty(&props), false, &ECHO, &[])
+            .unwrap();
+        let d = grant.check_args(0, &[], &[0; 4000]).unwrap_err();
+        assert_eq!((d.rule.as_str(), d.audit), ("a-capped", false));
     }
 }

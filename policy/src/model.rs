@@ -544,12 +544,13 @@ impl Rule {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Policy {
     pub(crate) principals: Vec<Principal>,
+    /// Sorted by id (ids are unique).
     pub(crate) rules: Vec<Rule>,
     /// The whole policy is in audit mode: every refusal, default denies included, is audited.
     pub(crate) audit: bool,
     /// Assertions, checked at load.
     pub(crate) asserts: Vec<Assertion>,
-    /// SHA-256 (hex) of the sources, origin and text each, in order.
+    /// SHA-256 (hex) of the files' names and contents (see `revision`).
     pub(crate) revision: String,
     /// What is legal but probably not what the author meant (`policy check` prints these; the
     /// broker logs them when it loads the policy).
@@ -639,10 +640,13 @@ impl Policy {
             index: &principal_index,
             all: &principals,
         };
-        let rules: Vec<Rule> = raw_rules
+        let mut rules: Vec<Rule> = raw_rules
             .into_iter()
             .map(|(source, r)| build_rule(source, r, "rule", &mut rule_ids, &known, &mut errors))
             .collect();
+        // Every choice among rules is made in id order, never in file order: no decision, and
+        // no rule a decision names, depends on the order of the rules or of the files.
+        rules.sort_by(|a, b| a.id.cmp(&b.id));
         let mut assert_ids = std::collections::HashSet::new();
         let asserts: Vec<Assertion> = raw_asserts
             .into_iter()
@@ -997,11 +1001,26 @@ pub(crate) struct Assertion {
 }
 
 /// SHA-256 over each source's origin and text, length-prefixed, in order.
+/// The policy's revision: SHA-256 over each file's name and contents, in name order. The name
+/// is the last component of the origin — a file's own name, which for a policy directory is its
+/// name relative to that directory — so the revision depends on what the policy says and how
+/// its files are named, never on how the path to it is spelled or where it is.
 fn revision(sources: &[Source<'_>]) -> String {
     use sha2::{Digest, Sha256};
+    let mut named: Vec<(&str, &str)> = sources
+        .iter()
+        .map(|s| {
+            let name = std::path::Path::new(s.origin)
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or(s.origin);
+            (name, s.text)
+        })
+        .collect();
+    named.sort();
     let mut hash = Sha256::new();
-    for s in sources {
-        for part in [s.origin, s.text] {
+    for (name, text) in named {
+        for part in [name, text] {
             hash.update((part.len() as u64).to_le_bytes());
             hash.update(part.as_bytes());
         }
@@ -1177,6 +1196,28 @@ mod tests {
             parse("[[principal]]\nname=\"a\"\n[[rule]]\nid = \"r\"\neffect = \"permit\"\nprincipals = [\"a\"]\n")
                 .is_err()
         );
+    }
+
+    #[test]
+    fn the_revision_is_the_files_names_and_contents_never_the_path_spelling() {
+        let text = "[[principal]]\nname = \"a\"\n";
+        let at = |origin: &str| {
+            Policy::parse(&[Source { origin, text }])
+                .unwrap()
+                .revision()
+                .to_string()
+        };
+        let one = at("lab.toml");
+        for spelling in ["./lab.toml", "/etc/portcullis/lab.toml", "../x/./lab.toml"] {
+            assert_eq!(at(spelling), one, "{spelling}");
+        }
+        assert_ne!(at("other.toml"), one, "a file's name is part of the policy");
+        let changed = Policy::parse(&[Source {
+            origin: "lab.toml",
+            text: "[[principal]]\nname = \"b\"\n",
+        }])
+        .unwrap();
+        assert_ne!(changed.revision(), one);
     }
 
     #[test]

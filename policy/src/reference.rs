@@ -158,8 +158,11 @@ impl Policy {
         }
     }
 
-    /// Decides a whole call: the method, then the argument constraints of the rule that grants
-    /// it, read from the rules by name.
+    /// Decides a whole call: the method, then its arguments. Allow rules are a union: the call
+    /// is allowed when some allow rule granting the method admits every argument constraint it
+    /// has for that method — the first such rule by id decides. When none does, the first
+    /// refusing rule in audit mode decides (the call goes through, as "would deny"), else the
+    /// first refusing rule.
     pub fn evaluate_call(
         &self,
         task: &Task<'_>,
@@ -179,19 +182,30 @@ impl Policy {
         if !decision.allowed {
             return decision;
         }
-        let Some(granting) = self.find(task, service, Effect::Allow, |r| r.methods.contains(method.name)) else {
-            return self.default_deny();
-        };
-        for arg in granting.args.iter().filter(|a| a.method == method.name) {
-            let param = method.params.iter().find(|p| p.name == arg.param);
-            let ok = param
-                .and_then(|p| p.at.value(scalars, struct_in))
-                .is_some_and(|v| arg.constraint.check(&arg.param, v).is_ok());
-            if !ok {
-                return self.deny(granting);
+        let mut refusing = Vec::new();
+        for rule in self
+            .rules
+            .iter()
+            .filter(|r| r.effect == Effect::Allow && self.applies(r, task, service) && r.methods.contains(method.name))
+        {
+            let admits = rule.args.iter().filter(|a| a.method == method.name).all(|arg| {
+                method
+                    .params
+                    .iter()
+                    .find(|p| p.name == arg.param)
+                    .and_then(|p| p.at.value(scalars, struct_in))
+                    .is_some_and(|v| arg.constraint.check(&arg.param, v).is_ok())
+            });
+            if admits {
+                return allow(rule);
             }
+            refusing.push(rule);
         }
-        decision
+        refusing
+            .iter()
+            .find(|r| r.audit || self.audit)
+            .or(refusing.first())
+            .map_or_else(|| self.default_deny(), |r| self.deny(r))
     }
 }
 
@@ -203,12 +217,52 @@ mod tests {
     use super::*;
     use crate::{MethodRef, testgen::*};
 
+    /// One request: kind, two selectors, and a call's arguments.
+    type Req = (u8, u8, u8, (u64, u64, usize));
+
     /// A task, a service and ten requests.
-    type Case = (
-        (u32, u8, u8, u8, u8),
-        (u8, u8, bool),
-        Vec<(u8, u8, u8, (u64, u64, usize))>,
-    );
+    type Case = ((u32, u8, u8, u8, u8), (u8, u8, bool), Vec<Req>);
+
+    /// The generated task and service of a case (the groups the task borrows first).
+    fn groups(mask: u8) -> Vec<String> {
+        pick(&GROUPS, mask).into_iter().map(String::from).collect()
+    }
+
+    fn task(groups: &[String], (uid, gid, _, exe, abi): (u32, u8, u8, u8, u8)) -> Task<'_> {
+        Task {
+            exe: EXES.get(usize::from(exe)).copied(),
+            ..Task::new(
+                [0, 1000, 1001, 65534][uid as usize],
+                [0, 100, 1000][usize::from(gid)],
+                groups,
+                ABIS[usize::from(abi)],
+            )
+        }
+    }
+
+    fn props(vendor: bool) -> Properties {
+        if vendor {
+            Properties::from([("vendor".to_string(), PropValue::Text("0403".into()))])
+        } else {
+            Properties::new()
+        }
+    }
+
+    fn service(props: &Properties, class: u8, name: u8) -> ServiceView<'_> {
+        ServiceView {
+            class: CLASSES[usize::from(class)],
+            name: NAMES[usize::from(name)],
+            properties: props,
+        }
+    }
+
+    fn call_method(a: u8, b: u8) -> MethodRef<'static> {
+        MethodRef {
+            name: METHODS[usize::from(a)],
+            privilege: PRIVILEGES.get(usize::from(b)).copied(),
+            params: &PARAM_REFS,
+        }
+    }
 
     fn case() -> impl Strategy<Value = Case> {
         (
@@ -222,26 +276,17 @@ mod tests {
         // 10,000 random policies × 10 requests each: 100,000 decisions compared.
         #![proptest_config(ProptestConfig { cases: 10_000, failure_persistence: None, ..ProptestConfig::default() })]
         #[test]
-        fn compiled_grants_equal_reference_evaluator(policy in policy(), ((uid, gid, groups, exe, abi), (class, name, vendor), requests) in case()) {
-            let groups: Vec<String> = pick(&GROUPS, groups).into_iter().map(String::from).collect();
-            let task = Task {
-                exe: EXES.get(usize::from(exe)).copied(),
-                ..Task::new([0, 1000, 1001, 65534][uid as usize], [0, 100, 1000][usize::from(gid)], &groups, ABIS[usize::from(abi)])
-            };
-            let props = if vendor { Properties::from([("vendor".to_string(), PropValue::Text("0403".into()))]) } else { Properties::new() };
-            let service = ServiceView { class: CLASSES[usize::from(class)], name: NAMES[usize::from(name)], properties: &props };
+        fn compiled_grants_equal_reference_evaluator(policy in policy(), (who, (class, name, vendor), requests) in case()) {
+            let groups = groups(who.2);
+            let task = task(&groups, who);
+            let props = props(vendor);
+            let service = service(&props, class, name);
             for (kind, a, b, (x, y, len)) in requests {
                 if kind == 2 {
                     // A whole call: method and argument constraints.
-                    let method = MethodRef { name: METHODS[usize::from(a)], privilege: PRIVILEGES.get(usize::from(b)).copied(), params: &PARAM_REFS };
+                    let method = call_method(a, b);
                     let struct_in = vec![0u8; len];
-                    let compiled = match policy.admit(&task, &service, false, std::slice::from_ref(&method), &[]) {
-                        Err(d) => Decision { allowed: false, rule: d.rule, audit: d.audit },
-                        Ok(grant) => match grant.check(0).map(str::to_string).and_then(|rule| grant.check_args(0, &[x, y], &struct_in).map(|()| rule)) {
-                            Ok(rule) => Decision { allowed: true, rule, audit: false },
-                            Err(d) => Decision { allowed: false, rule: d.rule, audit: d.audit },
-                        },
-                    };
+                    let compiled = crate::fuzzing::compiled_call(&policy, &task, &service, &method, &[x, y], &struct_in);
                     prop_assert_eq!(compiled, policy.evaluate_call(&task, &service, &method, &[x, y], &struct_in), "call {:?}", (a, b, x, y, len));
                     continue;
                 }
@@ -252,6 +297,80 @@ mod tests {
                 };
                 prop_assert_eq!(crate::fuzzing::compiled(&policy, &task, &service, request), policy.evaluate(&task, &service, request), "{:?}", request);
             }
+        }
+    }
+
+    /// Every decision a policy makes on one task, one service and some requests, by the
+    /// compiled grants (which the differential test holds to the reference evaluator).
+    fn decisions(policy: &Policy, task: &Task<'_>, service: &ServiceView<'_>, requests: &[Req]) -> Vec<Decision> {
+        requests
+            .iter()
+            .map(|&(kind, a, b, (x, y, len))| {
+                if kind == 2 {
+                    let method = call_method(a, b);
+                    return crate::fuzzing::compiled_call(policy, task, service, &method, &[x, y], &vec![0u8; len]);
+                }
+                let request = match kind {
+                    0 => Request::Open { exclusive: a % 2 == 1 },
+                    1 => Request::Method {
+                        name: METHODS[usize::from(a)],
+                        privilege: PRIVILEGES.get(usize::from(b)).copied(),
+                    },
+                    _ => Request::Memory {
+                        name: MEMORY[usize::from(a) % 2],
+                    },
+                };
+                crate::fuzzing::compiled(policy, task, service, request)
+            })
+            .collect()
+    }
+
+    /// A permutation of `0..n` from a seed (xorshift, Fisher–Yates).
+    fn permutation(n: usize, mut seed: u64) -> Vec<usize> {
+        let mut order: Vec<usize> = (0..n).collect();
+        for i in (1..n).rev() {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            order.swap(i, (seed % (i as u64 + 1)) as usize);
+        }
+        order
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 2_000, failure_persistence: None, ..ProptestConfig::default() })]
+        /// A policy means the same whatever the order of its rules and of its files: the same
+        /// policy, written as text, parsed once in order and once with its rules shuffled and
+        /// spread over files given in shuffled order, decides every request alike, naming the
+        /// same rules.
+        #[test]
+        fn shuffling_rules_and_files_changes_no_decision(policy in policy(), seed in 1u64.., files in 1usize..4, (who, (class, name, vendor), requests) in case()) {
+            let (principals, rules) = render(&policy);
+            let mode = if policy.audit { "mode = \"audit\"\n\n" } else { "" };
+            let in_order = format!("{mode}{principals}{}", rules.concat());
+            let base = Policy::parse(&[crate::Source { origin: "in-order.toml", text: &in_order }]).unwrap();
+            // The rules shuffled and dealt to the files; the principals and the mode to one of
+            // them; the files given in a shuffled order.
+            let mut texts = vec![String::new(); files];
+            let first = seed as usize % files;
+            texts[first] = format!("{mode}{principals}");
+            for (n, i) in permutation(rules.len(), seed).into_iter().enumerate() {
+                texts[(n + (seed >> 8) as usize) % files].push_str(&rules[i]);
+            }
+            let names: Vec<String> = (0..files).map(|i| format!("{i}.toml")).collect();
+            let sources: Vec<crate::Source<'_>> = permutation(files, seed.rotate_left(17))
+                .into_iter()
+                .map(|i| crate::Source { origin: &names[i], text: &texts[i] })
+                .collect();
+            let shuffled = Policy::parse(&sources).unwrap();
+            let groups = groups(who.2);
+            let task = task(&groups, who);
+            let props = props(vendor);
+            let service = service(&props, class, name);
+            let want = decisions(&base, &task, &service, &requests);
+            prop_assert_eq!(&decisions(&shuffled, &task, &service, &requests), &want);
+            // The text says what the generated policy says.
+            prop_assert_eq!(&decisions(&policy, &task, &service, &requests), &want);
         }
     }
 }

@@ -156,8 +156,11 @@ pub(crate) fn rule(principals: usize) -> impl Strategy<Value = Rule> {
                 args: if forbid {
                     Vec::new()
                 } else {
+                    // One constraint per method and parameter, as the language writes them.
+                    let mut seen = std::collections::BTreeSet::new();
                     args.into_iter()
                         .filter(|(m, ..)| methods == 15 || methods & (1 << m) != 0)
+                        .filter(|(m, param, ..)| seen.insert((*m, *param)))
                         .map(|(m, param, kind, x, y)| crate::model::ArgRule {
                             method: METHODS[m].to_string(),
                             param: PARAMS[param].to_string(),
@@ -199,4 +202,126 @@ pub(crate) fn policy() -> impl Strategy<Value = Policy> {
             },
         )
     })
+}
+
+/// A TOML list of strings.
+fn list<S: AsRef<str>>(items: &[S]) -> String {
+    let quoted: Vec<String> = items.iter().map(|s| format!("{:?}", s.as_ref())).collect();
+    format!("[{}]", quoted.join(", "))
+}
+
+/// A principal's attributes as TOML `key = value` pairs.
+fn attrs(p: &Principal) -> Vec<String> {
+    let mut out = Vec::new();
+    let nums = |v: &[u32]| format!("[{}]", v.iter().map(u32::to_string).collect::<Vec<_>>().join(", "));
+    if !p.uid.is_empty() {
+        out.push(format!("uid = {}", nums(&p.uid)));
+    }
+    if !p.gid.is_empty() {
+        out.push(format!("gid = {}", nums(&p.gid)));
+    }
+    for (key, values) in [
+        ("groups", &p.groups),
+        ("exe", &p.exe),
+        ("tls_san_uri", &p.tls_san_uri),
+        ("tls_san_dns", &p.tls_san_dns),
+        ("tls_subject_cn", &p.tls_subject_cn),
+    ] {
+        if !values.is_empty() {
+            out.push(format!("{key} = {}", list(values)));
+        }
+    }
+    if !p.abi.is_empty() {
+        let names: Vec<&str> = p.abi.iter().map(|a| a.abi().name).collect();
+        out.push(format!("abi = {}", list(&names)));
+    }
+    out
+}
+
+/// A generated policy as TOML: the principals' text, and each rule's (`[[rule]]` tables), so
+/// that a test can spread them over files in any order.
+pub(crate) fn render(policy: &Policy) -> (String, Vec<String>) {
+    let mut principals = String::new();
+    for p in &policy.principals {
+        principals.push_str(&format!("[[principal]]\nname = {:?}\n", p.name));
+        for a in attrs(p) {
+            principals.push_str(&a);
+            principals.push('\n');
+        }
+        if let Some(not) = &p.not {
+            principals.push_str(&format!("not = {{ {} }}\n", attrs(not).join(", ")));
+        }
+        principals.push('\n');
+    }
+    let rules = policy
+        .rules
+        .iter()
+        .map(|r| {
+            let mut t = format!("[[rule]]\nid = {:?}\n", r.id);
+            t.push_str(if r.effect == Effect::Allow {
+                "effect = \"allow\"\n"
+            } else {
+                "effect = \"forbid\"\n"
+            });
+            let names: Vec<&str> = r
+                .principals
+                .iter()
+                .filter_map(|&i| policy.principals.get(i))
+                .map(|p| p.name.as_str())
+                .collect();
+            t.push_str(&format!("principals = {}\n", list(&names)));
+            let mut service = Vec::new();
+            if let Some(c) = &r.service.class {
+                service.push(format!("class = {c:?}"));
+            }
+            if let Some(n) = &r.service.name {
+                service.push(format!("name = {n:?}"));
+            }
+            for (key, m) in &r.service.properties {
+                let value = match m {
+                    PropMatch::Prefix(p) => format!("{{ prefix = {p:?} }}"),
+                    PropMatch::Eq(PropValue::Text(v)) => format!("{v:?}"),
+                    other => panic!("generated property match {other:?}"),
+                };
+                service.push(format!("properties = {{ {key:?} = {value} }}"));
+            }
+            t.push_str(&format!("service = {{ {} }}\n", service.join(", ")));
+            match &r.methods {
+                Methods::All => t.push_str("methods = [\"*\"]\n"),
+                Methods::Named(m) => t.push_str(&format!("methods = {}\n", list(m))),
+            }
+            match r.open {
+                Some(OpenPermission::Shared) => t.push_str("open = \"shared\"\n"),
+                Some(OpenPermission::Exclusive) => t.push_str("open = \"exclusive\"\n"),
+                None => {}
+            }
+            t.push_str(&format!(
+                "privileges = {}\nmemory = {}\n",
+                list(&r.privileges),
+                list(&r.memory)
+            ));
+            if r.audit {
+                t.push_str("mode = \"audit\"\n");
+            }
+            for a in &r.args {
+                let c = match &a.constraint {
+                    crate::args::Constraint::Range { min, max } => format!(
+                        "{{ min = {}, max = {} }}",
+                        min.unwrap_or_default(),
+                        max.unwrap_or_default()
+                    ),
+                    crate::args::Constraint::OneOf(v) => format!(
+                        "{{ one_of = [{}] }}",
+                        v.iter().map(i128::to_string).collect::<Vec<_>>().join(", ")
+                    ),
+                    crate::args::Constraint::Mask(m) => format!("{{ mask = {m} }}"),
+                    other => panic!("generated constraint {other:?}"),
+                };
+                t.push_str(&format!("args.{}.{} = {c}\n", a.method, a.param));
+            }
+            t.push('\n');
+            t
+        })
+        .collect();
+    (principals, rules)
 }

@@ -59,6 +59,10 @@ pub struct BrokerSetup<'a> {
     /// A command the broker runs under (`["unshare", "--net", "--"]`: a network namespace of
     /// its own); it must exec the broker, so that the broker's pid is the child's.
     pub wrapper: &'a [&'a str],
+    /// How `--policy` names the policy file: `None` for its absolute path; otherwise this
+    /// spelling (`policy.toml`, `./policy.toml`), with the broker started in the test's
+    /// directory.
+    pub policy_spelling: Option<&'a str>,
 }
 
 impl Broker {
@@ -89,7 +93,10 @@ impl Broker {
         if let Some(policy) = setup.policy {
             let path = dir.path().join("policy.toml");
             fs::write(&path, policy).unwrap();
-            cmd.arg("--policy").arg(path);
+            match setup.policy_spelling {
+                Some(spelling) => cmd.current_dir(dir.path()).arg("--policy").arg(spelling),
+                None => cmd.arg("--policy").arg(path),
+            };
         }
         cmd.args(setup.args);
         let log = fs::File::create(dir.path().join("broker.log")).unwrap();

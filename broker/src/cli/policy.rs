@@ -370,7 +370,10 @@ fn explain(args: ExplainArgs) -> Result<(), String> {
             && grant.check(0).is_ok()
         {
             match grant.check_args(0, &scalars, &struct_in) {
-                Ok(()) => argument_line = Some("arguments: within the granting rule's constraints".to_string()),
+                Ok(rule) => {
+                    argument_line = Some(format!("arguments: admitted by rule {rule:?}"));
+                    explanation.decision.rule = rule.to_string();
+                }
                 Err(denial) => {
                     argument_line = Some(format!("arguments: {} (rule {:?})", denial.reason, denial.rule));
                     explanation.decision = portcullis_policy::Decision {

@@ -246,8 +246,9 @@ impl Core {
         match crate::config::load_policy(self.policy_source.as_deref()) {
             Ok(policy) => {
                 let rules = policy.rule_count();
+                let revision = policy.revision().to_string();
                 let generation = self.replace_policy(policy);
-                tracing::info!(generation, rules, "policy reloaded");
+                tracing::info!(generation, rules, revision, "policy reloaded");
                 Ok((generation, rules))
             }
             Err(e) => {

@@ -231,7 +231,7 @@ fn policy_explain_checks_arguments_against_the_granting_rule() {
         "b=7",
     ]);
     assert!(
-        ok && out.starts_with("decision: ALLOW (rule \"bounded\")\narguments: within"),
+        ok && out.starts_with("decision: ALLOW (rule \"bounded\")\narguments: admitted by rule \"bounded\""),
         "{out}"
     );
     let (ok, out) = run(&[
@@ -247,6 +247,49 @@ fn policy_explain_checks_arguments_against_the_granting_rule() {
         "c=1",
     ]);
     assert!(!ok && out.contains("has no parameter \"c\""), "{out}");
+}
+
+/// Two allow rules grant `echo`, one capped at 512 bytes: allow rules are a union, so a
+/// 4,000-byte echo is allowed by the uncapped one whichever comes first in the file.
+#[test]
+fn policy_explain_is_the_same_whatever_the_order_of_the_rules() {
+    let dir = tempfile::tempdir().unwrap();
+    let head = "[[principal]]\nname = \"users\"\nuid = [1000]\n\n";
+    let capped = "[[rule]]\nid = \"capped\"\neffect = \"allow\"\nprincipals = [\"users\"]\nservice = { class = \"SampleDevice\" }\nmethods = [\"echo\"]\nargs.echo.len = { max = 512 }\n\n";
+    let open = "[[rule]]\nid = \"open\"\neffect = \"allow\"\nprincipals = [\"users\"]\nservice = { class = \"SampleDevice\" }\nmethods = [\"echo\"]\n\n";
+    for (name, text) in [
+        ("capped-first.toml", format!("{head}{capped}{open}")),
+        ("open-first.toml", format!("{head}{open}{capped}")),
+    ] {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        let explain = |len: &str| {
+            run(&[
+                "policy",
+                "explain",
+                "--policy",
+                path.to_str().unwrap(),
+                "--principal",
+                "uid=1000",
+                "--service",
+                "class=SampleDevice",
+                "--method",
+                "echo",
+                "--arg",
+                len,
+            ])
+        };
+        let (ok, out) = explain("len=4000");
+        assert!(
+            ok && out.starts_with("decision: ALLOW (rule \"open\")"),
+            "{name}: {out}"
+        );
+        let (ok, out) = explain("len=100");
+        assert!(
+            ok && out.starts_with("decision: ALLOW (rule \"capped\")"),
+            "{name}: {out}"
+        );
+    }
 }
 
 /// The default policy with one edit.

@@ -66,6 +66,42 @@ async fn reload_when_the_policy_file_changes() {
     assert!(broker.log().contains("policy reloaded"));
 }
 
+/// The revision a broker logged when it loaded (or last reloaded) its policy.
+fn logged_revisions(broker: &Broker) -> Vec<String> {
+    broker
+        .log()
+        .lines()
+        .filter(|l| l.contains("policy loaded") || l.contains("policy reloaded"))
+        .filter_map(|l| l.split("revision=").nth(1))
+        .map(|r| r.split_whitespace().next().unwrap_or_default().to_string())
+        .collect()
+}
+
+/// However `--policy` spells the file, a change to it is reloaded, and the revision is the same
+/// for the same contents: it hashes the file's name and contents, not the path.
+#[tokio::test]
+async fn every_spelling_of_the_policy_path_reloads_and_has_one_revision() {
+    let policy = format!("{HEAD}{}", allow("use", "\"*\""));
+    let changed = format!("{policy}{}", forbid("no-add", "\"add\""));
+    let mut revisions = Vec::new();
+    for spelling in [None, Some("policy.toml"), Some("./policy.toml")] {
+        let broker = Broker::with(BrokerSetup {
+            policy: Some(&policy),
+            policy_spelling: spelling,
+            ..Default::default()
+        });
+        let (session, uc) = broker.open("sample0", OpenMode::Shared).await;
+        session.call_named(&uc, "add", &[1, 1], &[]).await.unwrap();
+        write(&broker, &changed);
+        until_refused(&session, &uc, "no-add").await;
+        let logged = logged_revisions(&broker);
+        assert_eq!(logged.len(), 2, "{spelling:?}: loaded and reloaded: {logged:?}");
+        revisions.push(logged);
+    }
+    assert!(revisions.windows(2).all(|w| w[0] == w[1]), "{revisions:?}");
+    assert_ne!(revisions[0][0], revisions[0][1], "a change is a new revision");
+}
+
 #[tokio::test]
 async fn reload_command_refuses_a_broken_policy_and_keeps_the_running_one() {
     let policy = format!("{HEAD}{}", allow("use", "\"*\""));
