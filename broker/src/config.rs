@@ -205,6 +205,14 @@ pub enum ConfigError {
     /// A policy directory holds no `*.toml` file.
     #[error("{0}: no *.toml policy files")]
     EmptyPolicyDir(PathBuf),
+    /// A root broker refuses a file or directory others could change (StrictModes).
+    #[error("{path}: refused: {}", problems.join("; "))]
+    Untrusted {
+        /// The file or directory loaded.
+        path: PathBuf,
+        /// What makes it untrusted, with the fix.
+        problems: Vec<String>,
+    },
     /// Two settings contradict each other, or one is out of range.
     #[error("{origin}: {message}")]
     Invalid {
@@ -246,6 +254,15 @@ impl Config {
             ));
         }
         Ok(config)
+    }
+
+    /// [`Config::load`] for the broker: a root broker refuses a config file others could
+    /// change ([`crate::trust`]).
+    pub fn load_trusted(path: Option<&Path>) -> Result<Config, ConfigError> {
+        if let Some(path) = path {
+            require_trusted(path)?;
+        }
+        Config::load(path)
     }
 
     /// Loads a config file, or the embedded default. A relative `policy` path is resolved
@@ -319,6 +336,52 @@ pub fn policy_files(path: &Path) -> Result<Vec<PathBuf>, ConfigError> {
     } else {
         Ok(vec![path.to_path_buf()])
     }
+}
+
+/// Refuses `path` (and, for a policy directory, each of its files) when this broker runs as
+/// root and someone else could change it: every problem at once, each with its fix.
+pub fn require_trusted(path: &Path) -> Result<(), ConfigError> {
+    if !crate::trust::enforced() {
+        return Ok(());
+    }
+    let problems = trust_problems(path, crate::trust::broker_uid());
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(ConfigError::Untrusted {
+            path: path.to_path_buf(),
+            problems,
+        })
+    }
+}
+
+/// What makes `path` untrusted for a broker of `uid`, and for a policy directory each file of
+/// it (a file is its own only file).
+fn trust_problems(path: &Path, uid: u32) -> Vec<String> {
+    let mut found = crate::trust::problems(path, uid);
+    if path.is_dir() {
+        for file in policy_files(path).unwrap_or_default() {
+            found.extend(crate::trust::problems(&file, uid));
+        }
+    }
+    found.sort();
+    found.dedup();
+    found
+}
+
+/// What makes the policy at `path` untrusted for a root broker, for `policy check` to warn
+/// about.
+pub fn policy_trust_problems(path: &Path) -> Vec<String> {
+    trust_problems(path, 0)
+}
+
+/// [`load_policy`] for the broker: a root broker refuses a policy file or directory others
+/// could change ([`crate::trust`]).
+pub fn load_policy_trusted(path: Option<&Path>) -> Result<Policy, ConfigError> {
+    if let Some(path) = path {
+        require_trusted(path)?;
+    }
+    load_policy(path)
 }
 
 /// Loads the policy at `path` (a file, or a directory whose `*.toml` files are read in lexical

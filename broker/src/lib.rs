@@ -27,3 +27,4 @@ pub mod session;
 mod sys;
 mod throttle;
 pub mod transport;
+pub mod trust;

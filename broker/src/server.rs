@@ -87,7 +87,7 @@ pub fn build_core(config: &Config, policy: Option<&Path>) -> Result<Arc<Core>, B
         .or(config.policy.as_deref())
         .map(|p| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf()));
     let policy_path = policy_path.as_deref();
-    let policy = config::load_policy(policy_path)?;
+    let policy = config::load_policy_trusted(policy_path)?;
     tracing::info!(source = %policy_path.map_or("embedded default".into(), |p| p.display().to_string()), rules = policy.rule_count(), revision = policy.revision(), "policy loaded");
     let max_connections = config.max_connections.unwrap_or(config::DEFAULT_MAX_CONNECTIONS);
     let core = Core::with_limits(
@@ -153,7 +153,7 @@ fn prepare_run_dir(dir: &Path) -> Result<(), BrokerError> {
 
 /// Runs the broker until `shutdown` completes, then removes its sockets.
 pub async fn run(options: BrokerOptions, shutdown: impl Future<Output = ()>) -> Result<(), BrokerError> {
-    let config = Config::load(options.config.as_deref())?;
+    let config = Config::load_trusted(options.config.as_deref())?;
     let core = build_core(&config, options.policy.as_deref())?;
     if let Some(path) = options.decision_log.as_ref().or(config.decision_log.as_ref()) {
         let log = DecisionLog::open(path).map_err(|source| BrokerError::DecisionLog {

@@ -234,13 +234,16 @@ fn check(path: &Path) -> Result<(), String> {
             for warning in policy.warnings() {
                 println!("{warning}");
             }
+            for problem in config::policy_trust_problems(path) {
+                println!("warning: a root broker refuses this policy: {problem}");
+            }
             println!(
                 "{}: ok ({} rules, {} assertions hold; revision {}){}",
                 path.display(),
                 policy.rule_count(),
                 policy.assertion_count(),
                 policy.revision().get(..12).unwrap_or_default(),
-                match policy.warnings().len() {
+                match policy.warnings().len() + config::policy_trust_problems(path).len() {
                     0 => String::new(),
                     n => format!("; {n} warning(s)"),
                 }

@@ -243,7 +243,7 @@ impl Core {
     /// error is returned (and logged); on success the new one runs from the next call of every
     /// session. Returns the new generation and its rule count.
     pub fn reload_policy(&self) -> Result<(u64, usize), crate::config::ConfigError> {
-        match crate::config::load_policy(self.policy_source.as_deref()) {
+        match crate::config::load_policy_trusted(self.policy_source.as_deref()) {
             Ok(policy) => {
                 let rules = policy.rule_count();
                 let revision = policy.revision().to_string();

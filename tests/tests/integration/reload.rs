@@ -102,6 +102,98 @@ async fn every_spelling_of_the_policy_path_reloads_and_has_one_revision() {
     assert_ne!(revisions[0][0], revisions[0][1], "a change is a new revision");
 }
 
+/// StrictModes: a root broker refuses a policy that others could change — at start (a mode-666
+/// file in a mode-777 directory, a file owned by nobody) and at reload (the running policy
+/// stays) — naming the path and the fix; `policy check` says the same as a warning.
+#[tokio::test]
+async fn a_root_broker_refuses_a_policy_others_can_write() {
+    use std::os::unix::fs::PermissionsExt;
+    let chmod = |path: &std::path::Path, mode: u32| {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+    };
+    let policy = format!("{HEAD}{}", allow("use", "\"*\""));
+    let dir = tempfile::tempdir().unwrap();
+    let open_dir = dir.path().join("policy.d");
+    std::fs::create_dir(&open_dir).unwrap();
+    chmod(&open_dir, 0o777);
+    let file = open_dir.join("lab.toml");
+    std::fs::write(&file, &policy).unwrap();
+    chmod(&file, 0o666);
+    rustix::fs::chown(&file, Some(rustix::process::Uid::from_raw(65534)), None).unwrap();
+    let broker_run = |policy: &std::path::Path| {
+        portcullis_tests::output_retrying_busy(
+            std::process::Command::new(portcullis_tests::bin())
+                .args(["broker", "--run-dir"])
+                .arg(dir.path().join("run"))
+                .arg("--policy")
+                .arg(policy),
+        )
+    };
+    for path in [&file, &open_dir] {
+        let out = broker_run(path);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{stderr}");
+        for expected in [
+            format!(
+                "{} is writable by its group and every user (mode 777)",
+                open_dir.display()
+            ),
+            format!("fix: chmod go-w {}", open_dir.display()),
+            format!("{} is owned by uid 65534", file.display()),
+            format!("fix: chown root {}", file.display()),
+        ] {
+            assert!(stderr.contains(&expected), "{expected}: {stderr}");
+        }
+    }
+    // The configuration too.
+    let config = dir.path().join("broker.toml");
+    std::fs::write(&config, "").unwrap();
+    chmod(&config, 0o646);
+    let out = portcullis_tests::output_retrying_busy(
+        std::process::Command::new(portcullis_tests::bin())
+            .args(["broker", "--run-dir"])
+            .arg(dir.path().join("run"))
+            .arg("--config")
+            .arg(&config),
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("is writable by every user (mode 646)"),
+        "{stderr}"
+    );
+    let check = portcullis_tests::output_retrying_busy(
+        std::process::Command::new(portcullis_tests::bin())
+            .args(["policy", "check"])
+            .arg(&file),
+    );
+    let out = String::from_utf8_lossy(&check.stdout);
+    assert!(check.status.success(), "a warning: {out}");
+    assert!(
+        out.contains("warning: a root broker refuses this policy") && out.contains("mode 666"),
+        "{out}"
+    );
+
+    // Trusted at start; made writable by others while running: the reload is refused.
+    let broker = Broker::with(BrokerSetup {
+        policy: Some(&policy),
+        ..Default::default()
+    });
+    let (session, uc) = broker.open("sample0", OpenMode::Shared).await;
+    std::fs::write(broker.policy_path(), format!("{policy}{}", forbid("no-add", "\"add\""))).unwrap();
+    chmod(&broker.policy_path(), 0o666);
+    let out = broker.cli(&["policy", "reload"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("writable by its group and every user"),
+        "{stderr}"
+    );
+    assert_eq!(
+        session.call_named(&uc, "add", &[1, 1], &[]).await.unwrap().scalars,
+        vec![2],
+        "the running policy stays"
+    );
+}
+
 #[tokio::test]
 async fn reload_command_refuses_a_broken_policy_and_keeps_the_running_one() {
     let policy = format!("{HEAD}{}", allow("use", "\"*\""));
