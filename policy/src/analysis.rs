@@ -127,7 +127,7 @@ pub(crate) enum Formula {
 }
 
 impl Formula {
-    fn and(parts: Vec<Formula>) -> Formula {
+    pub(crate) fn and(parts: Vec<Formula>) -> Formula {
         let mut out = Vec::new();
         for p in parts {
             match p {
@@ -731,7 +731,7 @@ impl Policy {
     }
 
     /// "The rule applies" for a service of class `class`.
-    fn applies_formula(&self, rule: &Rule, class: &str) -> Formula {
+    pub(crate) fn applies_formula(&self, rule: &Rule, class: &str) -> Formula {
         Formula::and(vec![
             self.principals_formula(&rule.principals),
             service_formula(&rule.service, class),

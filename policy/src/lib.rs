@@ -19,6 +19,7 @@ mod format;
 #[doc(hidden)]
 pub mod fuzzing;
 mod grant;
+mod lint;
 mod model;
 mod reference;
 #[cfg(test)]

@@ -38,6 +38,8 @@ pub struct ClassNames {
     pub params: BTreeMap<String, std::collections::BTreeSet<String>>,
     /// The privilege each method requires, for the methods that require one.
     pub method_privileges: BTreeMap<String, String>,
+    /// The parameters of each method that are `char[N]` text fields (the others are integers).
+    pub text_params: BTreeMap<String, std::collections::BTreeSet<String>>,
 }
 
 impl Catalog {
@@ -51,11 +53,14 @@ impl Catalog {
         for (method, params) in names.params {
             entry.params.entry(method).or_default().extend(params);
         }
+        for (method, params) in names.text_params {
+            entry.text_params.entry(method).or_default().extend(params);
+        }
     }
 }
 
 /// One error in one source, located to line and column.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct SourceError {
     /// The source's origin.
     pub origin: String,
@@ -65,6 +70,17 @@ pub struct SourceError {
     pub col: usize,
     /// What is wrong.
     pub message: String,
+}
+
+impl SourceError {
+    /// `file:line:col`, or the file alone.
+    pub fn place(&self) -> String {
+        if self.line == 0 {
+            self.origin.clone()
+        } else {
+            format!("{}:{}:{}", self.origin, self.line, self.col)
+        }
+    }
 }
 
 impl fmt::Display for SourceError {
@@ -480,6 +496,8 @@ impl Methods {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct Rule {
     pub(crate) id: String,
+    /// Where its id is written (the message is empty), for lints.
+    pub(crate) at: SourceError,
     pub(crate) effect: Effect,
     pub(crate) principals: Vec<usize>,
     pub(crate) service: ServiceMatch,
@@ -575,25 +593,34 @@ impl Policy {
         let mut audit = false;
         let files: Vec<Located<'_>> = sources.iter().map(Located::new).collect();
         let mut principal_index: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
-        let mut rule_ids: std::collections::HashSet<String> = std::collections::HashSet::new();
+        let mut rule_ids: Ids = std::collections::HashMap::new();
+        let mut principal_at: Ids = std::collections::HashMap::new();
         for source in &files {
             let raw: RawFile = match toml::from_str(source.text) {
                 Ok(raw) => raw,
                 Err(e) => {
-                    errors.push(locate(source, e.span(), e.message().to_string()));
+                    errors.push(locate(
+                        source,
+                        e.span(),
+                        format!("{}{}", e.message(), table_hint(source.text)),
+                    ));
                     continue;
                 }
             };
             audit |= raw.mode == Some(Mode::Audit);
             for p in raw.principal {
-                if principal_index.contains_key(p.name.get_ref()) {
+                if let Some(first) = principal_at.get(p.name.get_ref()) {
                     errors.push(locate(
                         source,
                         Some(p.name.span()),
-                        format!("duplicate principal {:?}", p.name.get_ref()),
+                        format!("duplicate principal {:?} (first defined at {first})", p.name.get_ref()),
                     ));
                     continue;
                 }
+                principal_at.insert(
+                    p.name.get_ref().clone(),
+                    locate(source, Some(p.name.span()), String::new()).place(),
+                );
                 let (name, attrs, not) = p.split();
                 let tls = attrs.has_tls() || not.as_ref().is_some_and(|n| n.get_ref().has_tls());
                 let local = attrs.has_local() || not.as_ref().is_some_and(|n| n.get_ref().has_local());
@@ -612,6 +639,26 @@ impl Policy {
                         source,
                         Some(name.span()),
                         format!("warning: principal {:?} {warning}", name.get_ref()),
+                    ));
+                }
+                if attrs.is_empty() && not.is_none() && !everyone_like(name.get_ref()) {
+                    warnings.push(locate(
+                        source,
+                        Some(name.span()),
+                        format!(
+                            "warning: principal {:?} has no attributes, so it matches every task; if that is meant, say so in its name (everyone, any-local-task, ...)",
+                            name.get_ref()
+                        ),
+                    ));
+                }
+                if let Some(relative) = attrs.exe.iter().find(|e| !e.starts_with('/')) {
+                    warnings.push(locate(
+                        source,
+                        Some(name.span()),
+                        format!(
+                            "warning: principal {:?}: exe {relative:?} is not an absolute path, and never matches (the broker compares the absolute path of the program a task runs)",
+                            name.get_ref()
+                        ),
                     ));
                 }
                 let mut principal = attrs.build(name.into_inner(), source, &mut errors);
@@ -647,7 +694,7 @@ impl Policy {
         // Every choice among rules is made in id order, never in file order: no decision, and
         // no rule a decision names, depends on the order of the rules or of the files.
         rules.sort_by(|a, b| a.id.cmp(&b.id));
-        let mut assert_ids = std::collections::HashSet::new();
+        let mut assert_ids: Ids = std::collections::HashMap::new();
         let asserts: Vec<Assertion> = raw_asserts
             .into_iter()
             .map(|(source, a)| {
@@ -676,7 +723,7 @@ impl Policy {
                 }
             })
             .collect();
-        let policy = Policy {
+        let mut policy = Policy {
             principals,
             rules,
             audit,
@@ -684,8 +731,15 @@ impl Policy {
             revision: revision(sources),
             warnings,
         };
+        if errors.is_empty() {
+            let lints = policy.lint();
+            policy.warnings.extend(lints);
+        }
         if let Some(catalog) = catalog {
             errors.extend(policy.check_names(catalog));
+            if errors.is_empty() {
+                errors.extend(policy.check_arg_kinds(catalog));
+            }
         }
         if errors.is_empty() {
             errors.extend(policy.check_assertions(catalog));
@@ -695,6 +749,57 @@ impl Policy {
         } else {
             Err(PolicyError::Invalid(errors))
         }
+    }
+
+    /// Constraints of the wrong kind for their parameter — `prefix`/`max_len` on an integer, a
+    /// number range, `one_of` or `mask` on a `char[N]` text field — which would refuse every
+    /// call at run time: load errors, located. A rule without a class is judged by the classes
+    /// that have the parameter, when they agree on its kind.
+    pub fn check_arg_kinds(&self, catalog: &Catalog) -> Vec<SourceError> {
+        let mut errors = Vec::new();
+        for rule in &self.rules {
+            for arg in &rule.args {
+                let classes: Vec<&ClassNames> = match rule.service.class.as_deref().and_then(|c| catalog.classes.get(c))
+                {
+                    Some(c) => vec![c],
+                    None => catalog.classes.values().collect(),
+                };
+                let kinds: std::collections::BTreeSet<bool> = classes
+                    .iter()
+                    .filter(|c| c.params.get(&arg.method).is_some_and(|p| p.contains(&arg.param)))
+                    .map(|c| c.text_params.get(&arg.method).is_some_and(|t| t.contains(&arg.param)))
+                    .collect();
+                let text_constraint = matches!(arg.constraint, crate::args::Constraint::Text { .. });
+                let wrong = match kinds.iter().copied().collect::<Vec<_>>().as_slice() {
+                    [is_text] => *is_text != text_constraint,
+                    _ => false,
+                };
+                if !wrong {
+                    continue;
+                }
+                let at = rule.names.iter().find(|n| {
+                    n.kind == NameKind::Param && n.name == arg.param && n.method.as_deref() == Some(&arg.method)
+                });
+                let message = if text_constraint {
+                    format!(
+                        "rule {:?}: args.{}.{}: prefix and max_len constrain char[N] text fields; {} is an integer (use min/max, one_of or mask)",
+                        rule.id, arg.method, arg.param, arg.param
+                    )
+                } else {
+                    format!(
+                        "rule {:?}: args.{}.{}: {} is a char[N] text field; constrain it with prefix and max_len",
+                        rule.id, arg.method, arg.param, arg.param
+                    )
+                };
+                errors.push(SourceError {
+                    origin: at.map_or_else(String::new, |n| n.origin.clone()),
+                    line: at.map_or(0, |n| n.line),
+                    col: at.map_or(0, |n| n.col),
+                    message,
+                });
+            }
+        }
+        errors
     }
 
     /// Every driver-schema name the rules use that the catalog does not have: an unknown class,
@@ -817,6 +922,33 @@ impl Policy {
     }
 }
 
+/// Whether a principal's name says that it matches every task.
+fn everyone_like(name: &str) -> bool {
+    let name = name.to_ascii_lowercase();
+    ["every", "any", "all", "local-tasks", "local_tasks", "world", "public"]
+        .iter()
+        .any(|word| name.contains(word))
+}
+
+/// Ids (rules', assertions', principals' names) seen so far, with where each was first defined.
+type Ids = std::collections::HashMap<String, String>;
+
+/// A hint for a file that writes `[rule]` (one table) where `[[rule]]` (an entry of the array of
+/// rules) is meant: TOML then reports only "duplicate key" or a type error.
+fn table_hint(text: &str) -> String {
+    let single = text
+        .lines()
+        .map(str::trim)
+        .find(|l| matches!(*l, "[rule]" | "[principal]" | "[assert]"));
+    match single {
+        Some(table) => {
+            let name = table.trim_matches(|c| c == '[' || c == ']');
+            format!(" (hint: `{table}` declares one table; each {name} is `[[{name}]]`, with double brackets)")
+        }
+        None => String::new(),
+    }
+}
+
 /// Where principals are looked up while rules are built.
 struct Principals<'p> {
     index: &'p std::collections::HashMap<String, usize>,
@@ -829,7 +961,7 @@ fn build_rule(
     source: &Located<'_>,
     r: RawRule,
     noun: &str,
-    ids: &mut std::collections::HashSet<String>,
+    ids: &mut Ids,
     known: &Principals<'_>,
     errors: &mut Vec<SourceError>,
 ) -> Rule {
@@ -842,8 +974,14 @@ fn build_rule(
             Some(r.id.span()),
             format!("{noun} id {id:?} is reserved"),
         ));
-    } else if !ids.insert(id.clone()) {
-        errors.push(locate(source, Some(r.id.span()), format!("duplicate {noun} id {id:?}")));
+    } else if let Some(first) = ids.get(&id) {
+        errors.push(locate(
+            source,
+            Some(r.id.span()),
+            format!("duplicate {noun} id {id:?} (first defined at {first})"),
+        ));
+    } else {
+        ids.insert(id.clone(), locate(source, Some(r.id.span()), String::new()).place());
     }
     let mut indices = Vec::new();
     if r.principals.is_empty() && noun == "rule" {
@@ -968,6 +1106,7 @@ fn build_rule(
         },
     };
     Rule {
+        at: locate(source, Some(r.id.span()), String::new()),
         id,
         effect: r.effect,
         principals: indices,
@@ -1273,9 +1412,49 @@ mod catalog_tests {
                 memory: ["dma"].map(String::from).into(),
                 params: [("add".to_string(), ["a", "b"].map(String::from).into())].into(),
                 method_privileges: [("reset".to_string(), "sample.admin".to_string())].into(),
+                text_params: [("add".to_string(), ["b"].map(String::from).into())].into(),
             },
         );
         c
+    }
+
+    #[test]
+    fn a_constraint_of_the_wrong_kind_is_a_load_error() {
+        let rule = |arg: &str| {
+            format!(
+                "[[principal]]\nname = \"everyone\"\n[[rule]]\nid = \"r\"\neffect = \"allow\"\nprincipals = [\"everyone\"]\nservice = {{ class = \"SampleDevice\" }}\nmethods = [\"add\"]\n{arg}\n"
+            )
+        };
+        for (arg, says) in [
+            ("args.add.a = { prefix = \"x\" }", "a is an integer"),
+            ("args.add.b = { max = 3 }", "b is a char[N] text field"),
+        ] {
+            let text = rule(arg);
+            let err = Policy::parse_checked(
+                &[Source {
+                    origin: "p.toml",
+                    text: &text,
+                }],
+                Some(&catalog()),
+            )
+            .unwrap_err();
+            let e = err.errors()[0].to_string();
+            assert!(e.starts_with("p.toml:9:10:") && e.contains(says), "{e}");
+        }
+        for fine in ["args.add.a = { max = 3 }", "args.add.b = { prefix = \"x\" }"] {
+            let text = rule(fine);
+            assert!(
+                Policy::parse_checked(
+                    &[Source {
+                        origin: "p.toml",
+                        text: &text
+                    }],
+                    Some(&catalog())
+                )
+                .is_ok(),
+                "{fine}"
+            );
+        }
     }
 
     #[test]

@@ -18,6 +18,13 @@ pub(crate) enum PolicyCommand {
     Check {
         /// Policy file, or directory of *.toml files.
         path: PathBuf,
+        /// The broker's configuration: assertions that no configured device can be in scope of
+        /// are reported as vacuous.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Fail (exit 1) on warnings too, for CI.
+        #[arg(long)]
+        deny_warnings: bool,
     },
     /// Explain the decision on one request: the deciding rule and every rule considered.
     Explain(ExplainArgs),
@@ -165,25 +172,19 @@ fn configured(service: &mut ServiceSpec, config: Option<&Path>) -> Result<(), St
     if service.name.is_empty() {
         return Err("--service needs class=C, or name=N of a configured device".into());
     }
-    let config = config::Config::load(config).map_err(|e| e.to_string())?;
-    let device = config.devices.iter().find(|d| d.name == service.name).ok_or_else(|| {
-        let known: Vec<&str> = config.devices.iter().map(|d| d.name.as_str()).collect();
+    let devices = configured_devices(config)?;
+    let (_, class, properties) = devices.iter().find(|(name, ..)| *name == service.name).ok_or_else(|| {
+        let known: Vec<&str> = devices.iter().map(|(name, ..)| name.as_str()).collect();
         format!(
             "no device {:?} in the configuration (it has: {}); give its class with class=C",
             service.name,
             known.join(", ")
         )
     })?;
-    let family = drivers::family(&device.driver)
-        .ok_or_else(|| format!("device {:?}: unknown driver {:?}", device.name, device.driver))?;
-    service.class = family.class.to_string();
-    for (key, value) in device.registry_properties().map_err(|e| e.to_string())? {
-        service.properties.entry(key).or_insert(value);
+    service.class.clone_from(class);
+    for (key, value) in properties {
+        service.properties.entry(key.clone()).or_insert_with(|| value.clone());
     }
-    service
-        .properties
-        .entry("driver".into())
-        .or_insert_with(|| PropValue::Text(device.driver.clone()));
     Ok(())
 }
 
@@ -201,7 +202,11 @@ fn load(path: Option<&Path>) -> Result<Policy, String> {
 
 pub(crate) fn run(command: PolicyCommand, run_dir: &super::RunDir) -> Result<(), String> {
     match command {
-        PolicyCommand::Check { path } => check(&path),
+        PolicyCommand::Check {
+            path,
+            config,
+            deny_warnings,
+        } => check(&path, config.as_deref(), deny_warnings),
         PolicyCommand::Explain(args) => explain(args),
         PolicyCommand::Test { cases, policy } => test(&cases, policy.as_deref()),
         PolicyCommand::Reload => reload(run_dir),
@@ -228,14 +233,29 @@ fn reload(run_dir: &super::RunDir) -> Result<(), String> {
     })
 }
 
-fn check(path: &Path) -> Result<(), String> {
+fn check(path: &Path, config: Option<&Path>, deny_warnings: bool) -> Result<(), String> {
     match config::load_policy(Some(path)) {
         Ok(policy) => {
-            for warning in policy.warnings() {
-                println!("{warning}");
+            let mut warnings: Vec<String> = policy.warnings().iter().map(ToString::to_string).collect();
+            warnings.extend(
+                config::policy_trust_problems(path)
+                    .into_iter()
+                    .map(|p| format!("warning: a root broker refuses this policy: {p}")),
+            );
+            if let Some(config) = config {
+                let devices = configured_devices(Some(config))?;
+                let views: Vec<ServiceView<'_>> = devices
+                    .iter()
+                    .map(|(name, class, properties)| ServiceView {
+                        name,
+                        class,
+                        properties,
+                    })
+                    .collect();
+                warnings.extend(policy.vacuous_assertions(&views).iter().map(ToString::to_string));
             }
-            for problem in config::policy_trust_problems(path) {
-                println!("warning: a root broker refuses this policy: {problem}");
+            for warning in &warnings {
+                println!("{warning}");
             }
             println!(
                 "{}: ok ({} rules, {} assertions hold; revision {}){}",
@@ -243,11 +263,14 @@ fn check(path: &Path) -> Result<(), String> {
                 policy.rule_count(),
                 policy.assertion_count(),
                 policy.revision().get(..12).unwrap_or_default(),
-                match policy.warnings().len() + config::policy_trust_problems(path).len() {
+                match warnings.len() {
                     0 => String::new(),
                     n => format!("; {n} warning(s)"),
                 }
             );
+            if deny_warnings && !warnings.is_empty() {
+                return Err(format!("{} warning(s), and --deny-warnings", warnings.len()));
+            }
             Ok(())
         }
         Err(config::ConfigError::Policy(PolicyError::Invalid(errors))) => {
@@ -258,6 +281,24 @@ fn check(path: &Path) -> Result<(), String> {
         }
         Err(e) => Err(e.to_string()),
     }
+}
+
+/// The services a configuration publishes, as policy sees them: name, class, properties.
+fn configured_devices(config: Option<&Path>) -> Result<Vec<(String, String, Properties)>, String> {
+    let config = config::Config::load(config).map_err(|e| e.to_string())?;
+    config
+        .devices
+        .iter()
+        .map(|device| {
+            let family = drivers::family(&device.driver)
+                .ok_or_else(|| format!("device {:?}: unknown driver {:?}", device.name, device.driver))?;
+            let mut properties = device.registry_properties().map_err(|e| e.to_string())?;
+            properties
+                .entry("driver".into())
+                .or_insert_with(|| PropValue::Text(device.driver.clone()));
+            Ok((device.name.clone(), family.class.to_string(), properties))
+        })
+        .collect()
 }
 
 fn diff(old: &Path, new: &Path, exit_code: bool) -> Result<(), String> {

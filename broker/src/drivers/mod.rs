@@ -141,6 +141,19 @@ pub fn catalog() -> portcullis_policy::Catalog {
                         )
                     })
                     .collect(),
+                text_params: rows
+                    .iter()
+                    .enumerate()
+                    .map(|(i, r)| {
+                        let text = family
+                            .methods()
+                            .params(i)
+                            .iter()
+                            .filter(|(_, at)| matches!(at, portcullis_policy::ParamAt::Chars { .. }))
+                            .map(|(n, _)| n.clone());
+                        (r.name.to_string(), text.collect())
+                    })
+                    .collect(),
             },
         );
     }

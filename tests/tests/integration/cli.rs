@@ -129,7 +129,7 @@ fn policy_check_warns_about_a_program_without_an_owner() {
     let policy = dir.path().join("p.toml");
     std::fs::write(
         &policy,
-        "[[principal]]\nname = \"term\"\nexe = [\"/usr/bin/minicom\"]\n\n[[rule]]\nid = \"r\"\neffect = \"allow\"\nprincipals = [\"term\"]\nmethods = [\"add\"]\n",
+        "[[principal]]\nname = \"term\"\nexe = [\"/usr/bin/minicom\"]\n\n[[rule]]\nid = \"r\"\neffect = \"allow\"\nprincipals = [\"term\"]\nservice = { class = \"SampleDevice\" }\nmethods = [\"add\"]\n",
     )
     .unwrap();
     let out = Command::new(bin())

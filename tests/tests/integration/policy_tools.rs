@@ -292,6 +292,38 @@ fn policy_explain_is_the_same_whatever_the_order_of_the_rules() {
     }
 }
 
+/// `policy check` warns about what a policy probably does not mean, located; `--deny-warnings`
+/// fails on them; `--config` knows the devices, so an assertion no device can be in scope of is
+/// vacuous. The embedded default policy has no warning.
+#[test]
+fn policy_check_lints_and_denies_warnings_for_ci() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("p.toml");
+    std::fs::write(&path, "[[principal]]\nname = \"apps\"\n\n[[rule]]\nid = \"capped\"\neffect = \"allow\"\nprincipals = [\"apps\"]\nservice = { class = \"SampleDevice\" }\nmethods = [\"echo\"]\nargs.echo.len = { max = 512 }\n\n[[rule]]\nid = \"open\"\neffect = \"allow\"\nprincipals = [\"apps\"]\nservice = { class = \"SampleDevice\" }\nmethods = [\"echo\"]\n\n[[assert]]\nid = \"no-breaks\"\nservice = { class = \"TtyDevice\" }\nprivileges = [\"tty.break\"]\n").unwrap();
+    let policy = path.to_str().unwrap();
+    let (ok, out) = run(&["policy", "check", policy]);
+    assert!(ok, "warnings alone pass: {out}");
+    for expected in [
+        "p.toml:2:8: warning: principal \"apps\" has no attributes",
+        "p.toml:5:6: warning: rule \"capped\"'s constraints on echo are bypassed: rule \"open\"",
+        "2 warning(s)",
+    ] {
+        assert!(out.contains(expected), "{expected}: {out}");
+    }
+    let (ok, out) = run(&["policy", "check", "--deny-warnings", policy]);
+    assert!(!ok && out.contains("2 warning(s), and --deny-warnings"), "{out}");
+    let config = dir.path().join("broker.toml");
+    std::fs::write(&config, "[[device]]\nname = \"sample0\"\ndriver = \"sample\"\n").unwrap();
+    let (ok, out) = run(&["policy", "check", "--config", config.to_str().unwrap(), policy]);
+    assert!(
+        ok && out.contains("warning: assertion \"no-breaks\" is vacuous") && out.contains("3 warning(s)"),
+        "{out}"
+    );
+    let default = root().join("broker/src/default_policy.toml");
+    let (ok, out) = run(&["policy", "check", "--deny-warnings", default.to_str().unwrap()]);
+    assert!(ok && !out.contains("warning"), "{out}");
+}
+
 /// The default policy with one edit.
 fn edited(from: &str, to: &str) -> String {
     let text = std::fs::read_to_string(root().join("broker/src/default_policy.toml")).unwrap();
