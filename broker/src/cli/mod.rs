@@ -148,6 +148,9 @@ struct BrokerArgs {
 /// Runs the command line; returns the process exit status.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    if !matches!(cli.command, Command::Broker(_)) {
+        crate::sys::default_sigpipe();
+    }
     let run_dir = cli.run_dir;
     // Offline commands need no runtime.
     match cli.command {

@@ -36,6 +36,8 @@ pub struct Refusal {
     pub message: String,
     /// The deciding rule id (or "default deny") for policy refusals.
     pub rule: Option<String>,
+    /// Refused by the argument constraints of the rules granting the method.
+    pub by_arguments: bool,
 }
 
 impl Refusal {
@@ -45,6 +47,7 @@ impl Refusal {
             status,
             message: message.into(),
             rule: None,
+            by_arguments: false,
         }
     }
 
@@ -53,6 +56,15 @@ impl Refusal {
             status: Status::NotPrivileged,
             message: denial.reason,
             rule: Some(denial.rule),
+            by_arguments: false,
+        }
+    }
+
+    /// A refusal by the argument constraints of the rules granting a method.
+    fn by_arguments(denial: Denial) -> Refusal {
+        Refusal {
+            by_arguments: true,
+            ..Refusal::denied(denial)
         }
     }
 }
@@ -432,15 +444,7 @@ impl Session {
 
     /// Logs a refused request, naming the check that failed.
     fn log_refusal(&mut self, event: &str, service: Option<&str>, what: serde_json::Value, refusal: &Refusal) {
-        let check = match (refusal.status, refusal.rule.is_some()) {
-            (Status::NotPrivileged, true) if refusal.message.starts_with("argument") => "argument constraint",
-            (Status::NotPrivileged, _) => "policy",
-            (Status::BadArgument, _) => "method table (count, size or value)",
-            (Status::Overflow, _) => "translation",
-            (Status::NotOpen, _) => "handle",
-            (Status::ExclusiveAccess, _) => "arbitration",
-            (other, _) => other.name(),
-        };
+        let check = refusal_check(refusal);
         self.log(serde_json::json!({
             "event": event,
             "decision": "deny",
@@ -625,6 +629,7 @@ impl Session {
                 status: Status::RateLimited,
                 message: "the user client's rate limit is exceeded".into(),
                 rule: Some(rule.clone()),
+                by_arguments: false,
             });
         }
         let uc = &*uc;
@@ -660,7 +665,7 @@ impl Session {
         // Argument constraints see the values in the broker's own layout, after translation.
         if let Err(denial) = uc.grant.check_args(index, &args.scalars, &args.struct_in) {
             if !denial.audit {
-                return Err(Refusal::denied(denial));
+                return Err(Refusal::by_arguments(denial));
             }
             self.audited.push(denial);
         }
@@ -932,6 +937,29 @@ fn admit(
         &methods,
         &memory_types,
     )
+}
+
+/// What refused a request, for the decision log's `check`: one closed vocabulary of
+/// identifiers (docs/POLICY.md lists them), beside the status, which the log gives as `status`.
+fn refusal_check(refusal: &Refusal) -> &'static str {
+    match refusal.status {
+        Status::NotPrivileged if refusal.by_arguments => "argument_constraint",
+        Status::NotPrivileged => "policy",
+        Status::RateLimited => "rate_limit",
+        Status::BadArgument => "method_table",
+        Status::Overflow => "translation",
+        Status::NotOpen => "handle",
+        Status::ExclusiveAccess => "arbitration",
+        Status::NoMemory => "resource_limit",
+        Status::NoDevice => "device_gone",
+        Status::ProtocolError => "protocol",
+        Status::Success
+        | Status::Unsupported
+        | Status::Timeout
+        | Status::Aborted
+        | Status::Internal
+        | Status::NotWritable => "driver",
+    }
 }
 
 /// A driver panicked serving `service`: the call ends with `INTERNAL`, and the service is

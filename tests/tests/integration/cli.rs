@@ -123,6 +123,30 @@ fn policy_explain_finds_a_configured_service_by_name() {
     );
 }
 
+/// A reader that stops early (`portcullis schema --json | head`): the command ends quietly,
+/// killed by SIGPIPE like any Unix tool, never with a panic.
+#[test]
+fn a_command_whose_reader_goes_away_exits_quietly() {
+    use std::io::BufRead;
+    use std::os::unix::process::ExitStatusExt;
+    let mut child = Command::new(bin())
+        .args(["schema", "--json"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    assert_eq!(first.trim(), "{");
+    // The reader is gone (dropped above); the rest of the output has nowhere to go.
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.is_empty(), "{stderr}");
+    assert_eq!(out.status.signal(), Some(libc::SIGPIPE), "{:?}", out.status);
+}
+
 #[test]
 fn policy_check_warns_about_a_program_without_an_owner() {
     let dir = tempfile::tempdir().unwrap();

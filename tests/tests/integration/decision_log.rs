@@ -100,10 +100,28 @@ async fn decision_log_names_rules_checks_and_survives_a_flood() {
         (fire["rule"].as_str(), fire["check"].as_str()),
         (Some("no-fire"), Some("policy"))
     );
-    let arg = denials.iter().find(|r| r["check"] == "argument constraint").unwrap();
+    let arg = denials.iter().find(|r| r["check"] == "argument_constraint").unwrap();
     assert_eq!(arg["rule"], "use");
     assert!(arg["reason"].as_str().unwrap().contains("argument a = 101"));
     let table = denials.iter().find(|r| r["request"]["selector"] == 99).unwrap();
+    assert_eq!(table["check"], "method_table");
+    // One vocabulary of identifiers (docs/POLICY.md), never a status name in its place.
+    let vocabulary = [
+        "policy",
+        "argument_constraint",
+        "rate_limit",
+        "method_table",
+        "translation",
+        "handle",
+        "arbitration",
+        "resource_limit",
+        "device_gone",
+        "protocol",
+        "driver",
+    ];
+    for d in &denials {
+        assert!(vocabulary.contains(&d["check"].as_str().unwrap_or_default()), "{d}");
+    }
     assert_eq!(
         (table["rule"].as_str(), table["status"].as_str()),
         (Some("default deny"), Some("BAD_ARGUMENT"))
