@@ -72,6 +72,18 @@ pub(crate) fn peer_security_label(fd: BorrowedFd<'_>) -> std::io::Result<Option<
     Ok(crate::session::parse_label(&buf))
 }
 
+/// Gives `SIGPIPE` back its default action, for a command whose output goes to a pipe that may
+/// close early (`portcullis schema --json | head`): the process then ends quietly, as other
+/// Unix tools do, instead of panicking in `println!`. Never for the broker, which must survive
+/// a client that goes away (it writes to sockets with `MSG_NOSIGNAL` or handles `EPIPE`).
+pub(crate) fn default_sigpipe() {
+    // SAFETY: `signal` with `SIG_DFL` installs no handler (no code runs on the signal), and it
+    // is called once at start, before any thread exists.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::os::{fd::AsFd, unix::net::UnixStream};
@@ -113,17 +125,5 @@ mod tests {
         let file = std::fs::File::open("/proc/self/status").unwrap();
         let error = peer_security_label(file.as_fd()).unwrap_err();
         assert_eq!(error.raw_os_error(), Some(libc::ENOTSOCK));
-    }
-}
-
-/// Gives `SIGPIPE` back its default action, for a command whose output goes to a pipe that may
-/// close early (`portcullis schema --json | head`): the process then ends quietly, as other
-/// Unix tools do, instead of panicking in `println!`. Never for the broker, which must survive
-/// a client that goes away (it writes to sockets with `MSG_NOSIGNAL` or handles `EPIPE`).
-pub(crate) fn default_sigpipe() {
-    // SAFETY: `signal` with `SIG_DFL` installs no handler (no code runs on the signal), and it
-    // is called once at start, before any thread exists.
-    unsafe {
-        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
 }
