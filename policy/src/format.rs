@@ -1,6 +1,7 @@
 //! `portcullis policy fmt`: one canonical layout for policy files. Keys of each block in a fixed
 //! order, one space around `=` and after commas, one blank line between blocks, comments kept.
-//! Blocks stay where they are: the order of rules is part of what a policy says.
+//! Blocks stay where they are: rule order decides nothing, but it is how the author arranged
+//! the file.
 
 use toml_edit::{DocumentMut, Item, Key, Table, Value};
 

@@ -30,7 +30,9 @@ pub use args::{ParamAt, ParamRef};
 pub use explain::{Explanation, RuleTrace};
 pub use format::format;
 pub use grant::{Admission, Decision, Denial, Grant, MethodDecision, MethodRef, Remote, RuleRef, ServiceView, Task};
-pub use model::{Catalog, ClassNames, Effect, Mode, OpenPermission, Policy, PolicyError, Rate, Source, SourceError};
+pub use model::{
+    Catalog, ClassNames, Effect, Mode, OpenPermission, Policy, PolicyError, Rate, Source, SourceError, did_you_mean,
+};
 pub use reference::Request;
 
 /// What a denial names when no rule decided it.

@@ -1253,7 +1253,7 @@ fn locate(source: &Located<'_>, span: Option<Range<usize>>, message: String) -> 
 }
 
 /// `" (did you mean \"x\"?)"` for the closest candidate within a small edit distance.
-fn did_you_mean<'a>(name: &str, candidates: impl Iterator<Item = &'a str>) -> String {
+pub fn did_you_mean<'a>(name: &str, candidates: impl Iterator<Item = &'a str>) -> String {
     candidates
         .map(|c| (edit_distance(name, c), c))
         .filter(|(d, c)| *d <= 2.max(c.len() / 4))

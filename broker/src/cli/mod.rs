@@ -156,7 +156,7 @@ pub fn main() -> ExitCode {
     match cli.command {
         Command::Layout(args) => return finish(layout::run(args)),
         Command::Schema(args) => return finish(schema::run(args)),
-        Command::Policy(command) => return finish(policy::run(command, &run_dir)),
+        Command::Policy(command) => return policy::run(command, &run_dir),
         _ => {}
     }
     let is_broker = matches!(cli.command, Command::Broker(_));
@@ -188,7 +188,7 @@ pub fn main() -> ExitCode {
     finish(result)
 }
 
-fn finish(result: Result<(), String>) -> ExitCode {
+pub(crate) fn finish(result: Result<(), String>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(message) => {

@@ -65,7 +65,9 @@ pub(crate) struct ExplainArgs {
     /// Policy file or directory [default: the embedded default policy].
     #[arg(long)]
     policy: Option<PathBuf>,
-    /// The task: uid=N,gid=N,groups=a:b,exe=PATH,abi=NAME (all optional; uid and gid default to 0).
+    /// The task: uid=N (required: root is uid=0, never implied), gid=N (default: the uid),
+    /// groups=a:b, exe=PATH, exe_sha256=HEX, cgroup=PATH, lsm_label=LABEL, abi=NAME; or a TLS
+    /// client: tls_san_uri=U, tls_san_dns=D, tls_subject_cn=CN.
     #[arg(long, default_value = "")]
     principal: String,
     /// The service: class=C,name=N and KEY=VALUE properties. A name alone is looked up in the
@@ -88,6 +90,9 @@ pub(crate) struct ExplainArgs {
     /// length); repeat for each. Checked against the granting rule's argument constraints.
     #[arg(long = "arg", requires = "method")]
     args: Vec<String>,
+    /// Print the decision and every rule considered as JSON.
+    #[arg(long)]
+    json: bool,
 }
 
 fn pairs(spec: &str) -> impl Iterator<Item = Result<(&str, &str), String>> {
@@ -96,7 +101,8 @@ fn pairs(spec: &str) -> impl Iterator<Item = Result<(&str, &str), String>> {
         .map(|p| p.split_once('=').ok_or_else(|| format!("{p:?} is not KEY=VALUE")))
 }
 
-fn parse_task(spec: &str) -> Result<TaskParts, String> {
+/// The task of `--principal`, and what was taken without being said (a gid from the uid).
+fn parse_task(spec: &str) -> Result<(TaskParts, Vec<String>), String> {
     let mut t = TaskParts {
         uid: 0,
         gid: 0,
@@ -108,16 +114,20 @@ fn parse_task(spec: &str) -> Result<TaskParts, String> {
         lsm_label: None,
         remote: None,
     };
+    let (mut uid, mut gid) = (None, None);
     for pair in pairs(spec) {
         let (k, v) = pair?;
         let number = |v: &str| v.parse::<u32>().map_err(|_| format!("{k}={v}: not a number"));
         match k {
-            "uid" => t.uid = number(v)?,
-            "gid" => t.gid = number(v)?,
+            "uid" => uid = Some(number(v)?),
+            "gid" => gid = Some(number(v)?),
             "groups" => t
                 .groups
                 .extend(v.split(':').filter(|g| !g.is_empty()).map(String::from)),
             "exe" => t.exe = Some(v.to_string()),
+            "exe_sha256" => t.exe_sha256 = Some(v.to_ascii_lowercase()),
+            "cgroup" => t.cgroup = Some(v.to_string()),
+            "lsm_label" => t.lsm_label = Some(v.to_string()),
             "abi" => t.abi = AbiId::by_name(v).ok_or_else(|| format!("unknown ABI {v:?}"))?,
             // A TCP client: what its certificate says.
             "tls_san_uri" | "tls_san_dns" | "tls_subject_cn" => {
@@ -130,12 +140,61 @@ fn parse_task(spec: &str) -> Result<TaskParts, String> {
             }
             other => {
                 return Err(format!(
-                    "unknown principal attribute {other:?} (uid, gid, groups, exe, abi; tls_san_uri, tls_san_dns, tls_subject_cn for a TLS client)"
+                    "unknown principal attribute {other:?}{} (uid, gid, groups, exe, exe_sha256, cgroup, lsm_label, abi; tls_san_uri, tls_san_dns, tls_subject_cn for a TLS client)",
+                    portcullis_policy::did_you_mean(
+                        other,
+                        "uid gid groups exe exe_sha256 cgroup lsm_label abi tls_san_uri tls_san_dns tls_subject_cn"
+                            .split(' ')
+                    )
                 ));
             }
         }
     }
-    Ok(t)
+    let mut notes = Vec::new();
+    if t.remote.is_none() {
+        t.uid = uid.ok_or("--principal needs uid=N: the task's uid is never implied (root is uid=0)")?;
+        t.gid = match gid {
+            Some(gid) => gid,
+            None => {
+                notes.push(format!("gid not given: taken as {} (the uid)", t.uid));
+                t.uid
+            }
+        };
+    } else if uid.is_some() || gid.is_some() {
+        return Err("a TLS client has no uid or gid: give its certificate's attributes only".into());
+    }
+    Ok((t, notes))
+}
+
+/// Refuses a class, method or memory type no driver has, suggesting the closest.
+fn check_request_names(class: &str, method: Option<&str>, memory: Option<&str>) -> Result<(), String> {
+    let families = drivers::families();
+    let Some(family) = families.iter().find(|f| f.class == class) else {
+        return Err(format!(
+            "no driver has class {class:?}{} (classes: {})",
+            portcullis_policy::did_you_mean(class, families.iter().map(|f| f.class)),
+            families.iter().map(|f| f.class).collect::<Vec<_>>().join(", ")
+        ));
+    };
+    let rows = family.methods().rows();
+    if let Some(m) = method
+        && !rows.iter().any(|r| r.name == m)
+    {
+        return Err(format!(
+            "class {class} has no method {m:?}{}",
+            portcullis_policy::did_you_mean(m, rows.iter().map(|r| r.name))
+        ));
+    }
+    let types = family.memory_types();
+    if let Some(m) = memory
+        && !types.iter().any(|t| t.name == m)
+    {
+        return Err(format!(
+            "class {class} has no memory type {m:?}{}",
+            portcullis_policy::did_you_mean(m, types.iter().map(|t| t.name))
+        ));
+    }
+    Ok(())
 }
 
 struct ServiceSpec {
@@ -200,14 +259,30 @@ fn load(path: Option<&Path>) -> Result<Policy, String> {
     config::load_policy(path).map_err(|e| e.to_string())
 }
 
-pub(crate) fn run(command: PolicyCommand, run_dir: &super::RunDir) -> Result<(), String> {
+/// Runs a policy command. `explain` exits like `pkcheck`: 0 allowed, 1 denied, 2 a usage error;
+/// the others 0 on success and 1 on failure.
+pub(crate) fn run(command: PolicyCommand, run_dir: &super::RunDir) -> std::process::ExitCode {
+    if let PolicyCommand::Explain(args) = command {
+        return match explain(args) {
+            Ok(true) => std::process::ExitCode::SUCCESS,
+            Ok(false) => std::process::ExitCode::from(1),
+            Err(message) => {
+                eprintln!("portcullis: {message}");
+                std::process::ExitCode::from(2)
+            }
+        };
+    }
+    super::finish(run_tool(command, run_dir))
+}
+
+fn run_tool(command: PolicyCommand, run_dir: &super::RunDir) -> Result<(), String> {
     match command {
         PolicyCommand::Check {
             path,
             config,
             deny_warnings,
         } => check(&path, config.as_deref(), deny_warnings),
-        PolicyCommand::Explain(args) => explain(args),
+        PolicyCommand::Explain(_) => Ok(()),
         PolicyCommand::Test { cases, policy } => test(&cases, policy.as_deref()),
         PolicyCommand::Reload => reload(run_dir),
         PolicyCommand::Diff { old, new, exit_code } => diff(&old, &new, exit_code),
@@ -378,13 +453,16 @@ fn request<'a>(
     })
 }
 
-fn explain(args: ExplainArgs) -> Result<(), String> {
+/// Explains one request; `Ok(allowed)` (a refusal in audit mode goes through: allowed), or a
+/// usage error.
+fn explain(args: ExplainArgs) -> Result<bool, String> {
     let policy = load(args.policy.as_deref())?;
-    let task = parse_task(&args.principal)?;
+    let (task, notes) = parse_task(&args.principal)?;
     let mut service = parse_service(&args.service)?;
     if service.class.is_empty() {
         configured(&mut service, args.config.as_deref())?;
     }
+    check_request_names(&service.class, args.method.as_deref(), args.memory.as_deref())?;
     let view = ServiceView {
         name: &service.name,
         class: &service.class,
@@ -419,7 +497,7 @@ fn explain(args: ExplainArgs) -> Result<(), String> {
                     explanation.decision.rule = rule.to_string();
                 }
                 Err(denial) => {
-                    argument_line = Some(format!("arguments: {} (rule {:?})", denial.reason, denial.rule));
+                    argument_line = Some(format!("arguments: {}", denial.reason));
                     explanation.decision = portcullis_policy::Decision {
                         allowed: false,
                         audit: denial.audit,
@@ -429,14 +507,44 @@ fn explain(args: ExplainArgs) -> Result<(), String> {
             }
         }
     }
+    let allowed = explanation.decision.allowed || explanation.decision.audit;
+    if args.json {
+        let d = &explanation.decision;
+        let rules: Vec<serde_json::Value> = explanation
+            .rules
+            .iter()
+            .map(|r| {
+                serde_json::json!({
+                    "id": r.id,
+                    "effect": if r.effect == portcullis_policy::Effect::Allow { "allow" } else { "forbid" },
+                    "principal": r.principal.as_ref().map_or_else(|why| serde_json::json!({ "matches": false, "why": why }), |p| serde_json::json!({ "matches": true, "principal": p })),
+                    "service": r.service.as_ref().map_or_else(|why| serde_json::json!({ "matches": false, "why": why }), |()| serde_json::json!({ "matches": true })),
+                    "says": r.says,
+                    "decided": r.id == d.rule,
+                })
+            })
+            .collect();
+        let out = serde_json::json!({
+            "decision": match (d.allowed, d.audit) { (true, _) => "allow", (false, true) => "would_deny", (false, false) => "deny" },
+            "rule": d.rule,
+            "arguments": argument_line,
+            "notes": notes,
+            "rules": rules,
+        });
+        println!("{}", serde_json::to_string_pretty(&out).map_err(|e| e.to_string())?);
+        return Ok(allowed);
+    }
     let text = explanation.to_string();
     let (first, rest) = text.split_once('\n').unwrap_or((&text, ""));
     println!("{first}");
     if let Some(line) = argument_line {
         println!("{line}");
     }
+    for note in notes {
+        println!("note: {note}");
+    }
     print!("{rest}");
-    Ok(())
+    Ok(allowed)
 }
 
 /// The parameters of a method of a class, from the drivers' tables.
@@ -642,13 +750,29 @@ mod tests {
 
     #[test]
     fn parse_task_reads_every_attribute() {
-        let t = parse_task("uid=1000,gid=20,groups=dialout:video,exe=/usr/bin/app,abi=i386").unwrap();
+        let (t, notes) = parse_task(
+            "uid=1000,gid=20,groups=dialout:video,exe=/usr/bin/app,exe_sha256=AB12,cgroup=/user.slice,lsm_label=unconfined,abi=i386",
+        )
+        .unwrap();
         assert_eq!(
             (t.uid, t.gid, t.groups.len(), t.exe.as_deref(), t.abi),
             (1000, 20, 2, Some("/usr/bin/app"), AbiId::I386)
         );
+        assert_eq!(
+            (t.exe_sha256.as_deref(), t.cgroup.as_deref(), t.lsm_label.as_deref()),
+            (Some("ab12"), Some("/user.slice"), Some("unconfined"))
+        );
+        assert!(notes.is_empty());
         assert!(parse_task("uid=x").is_err());
         assert!(parse_task("shoe=1").is_err());
+        // Never root by omission; a gid from the uid, said aloud.
+        assert!(parse_task("").unwrap_err().contains("needs uid=N"));
+        assert!(parse_task("gid=0").unwrap_err().contains("needs uid=N"));
+        let (t, notes) = parse_task("uid=1000").unwrap();
+        assert_eq!((t.uid, t.gid), (1000, 1000));
+        assert_eq!(notes, ["gid not given: taken as 1000 (the uid)"]);
+        assert!(parse_task("tls_subject_cn=a").is_ok());
+        assert!(parse_task("uid=0,tls_subject_cn=a").is_err());
     }
 
     #[test]

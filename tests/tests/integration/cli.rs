@@ -107,6 +107,8 @@ fn policy_explain_finds_a_configured_service_by_name() {
     )
     .unwrap();
     let out = explain(&[
+        "--principal",
+        "uid=0",
         "--service",
         "name=lab",
         "--method",
@@ -115,12 +117,80 @@ fn policy_explain_finds_a_configured_service_by_name() {
         config.to_str().unwrap(),
     ]);
     assert!(stdout_ok(&out).contains("decision: ALLOW (rule \"sample-admin\")"));
-    let out = explain(&["--service", "name=nothere", "--method", "add"]);
+    let out = explain(&["--principal", "uid=0", "--service", "name=nothere", "--method", "add"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
-        !out.status.success() && stderr.contains("no device \"nothere\""),
+        out.status.code() == Some(2) && stderr.contains("no device \"nothere\""),
         "{stderr}"
     );
+}
+
+/// `explain` exits like `pkcheck` (0 allowed, 1 denied, 2 a usage error), never takes an
+/// omitted uid for root, refuses names no driver has with a suggestion, and speaks JSON.
+#[test]
+fn policy_explain_exit_status_names_and_json() {
+    let code = |args: &[&str]| explain(args).status.code();
+    let add = ["--service", "class=SampleDevice", "--method", "add"];
+    assert_eq!(code(&[&["--principal", "uid=1000"][..], &add].concat()), Some(0));
+    assert_eq!(
+        code(&[
+            "--principal",
+            "uid=1000",
+            "--service",
+            "class=SampleDevice",
+            "--method",
+            "reset"
+        ]),
+        Some(1)
+    );
+    let out = explain(&add);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("needs uid=N"));
+    for (args, says) in [
+        (
+            ["--service", "class=SampleDevise", "--method", "add"],
+            "no driver has class \"SampleDevise\" (did you mean \"SampleDevice\"?)",
+        ),
+        (
+            ["--service", "class=SampleDevice", "--method", "ad"],
+            "class SampleDevice has no method \"ad\" (did you mean \"add\"?)",
+        ),
+        (
+            ["--service", "class=SampleDevice", "--memory", "dam"],
+            "has no memory type \"dam\" (did you mean \"dma\"?)",
+        ),
+    ] {
+        let out = explain(&[&["--principal", "uid=1000"][..], &args].concat());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.code() == Some(2) && stderr.contains(says),
+            "{says}: {stderr}"
+        );
+    }
+    let out = explain(
+        &[
+            &[
+                "--principal",
+                "uid=1000,cgroup=/user.slice,lsm_label=unconfined",
+                "--json",
+            ][..],
+            &add,
+        ]
+        .concat(),
+    );
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (json["decision"].as_str(), json["rule"].as_str()),
+        (Some("allow"), Some("sample-use"))
+    );
+    let decided: Vec<&serde_json::Value> = json["rules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["decided"] == true)
+        .collect();
+    assert_eq!(decided.len(), 1);
+    assert_eq!(json["notes"][0], "gid not given: taken as 1000 (the uid)");
 }
 
 /// A reader that stops early (`portcullis schema --json | head`): the command ends quietly,

@@ -67,7 +67,7 @@ fn policy_explain_names_decider_and_rules() {
         "--method",
         "reset",
     ]);
-    assert!(ok, "{out}");
+    assert!(!ok, "a denial exits 1: {out}");
     assert!(out.starts_with("decision: DENY (rule \"default deny\")"), "{out}");
     assert!(
         out.contains("sample-admin") && out.contains("uid 1000 not in [0]"),
@@ -211,7 +211,7 @@ fn policy_explain_checks_arguments_against_the_granting_rule() {
         "--arg",
         "len=8192",
     ]);
-    assert!(ok, "{out}");
+    assert!(!ok, "a denial exits 1: {out}");
     assert!(
         out.starts_with("decision: DENY (rule \"bounded\")\narguments: argument len = 8192 is greater than 4096"),
         "{out}"
@@ -221,6 +221,8 @@ fn policy_explain_checks_arguments_against_the_granting_rule() {
         "explain",
         "--policy",
         policy,
+        "--principal",
+        "uid=1000",
         "--service",
         "class=SampleDevice",
         "--method",
@@ -239,6 +241,8 @@ fn policy_explain_checks_arguments_against_the_granting_rule() {
         "explain",
         "--policy",
         policy,
+        "--principal",
+        "uid=1000",
         "--service",
         "class=SampleDevice",
         "--method",
