@@ -895,6 +895,11 @@ impl Policy {
         &self.revision
     }
 
+    /// The rules' ids, in id order.
+    pub fn rule_ids(&self) -> impl Iterator<Item = &str> {
+        self.rules.iter().map(|r| r.id.as_str())
+    }
+
     /// Number of `[[assert]]`s (all of which hold: a policy whose assertion fails is not loaded).
     pub fn assertion_count(&self) -> usize {
         self.asserts.len()

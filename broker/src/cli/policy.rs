@@ -57,6 +57,12 @@ pub(crate) enum PolicyCommand {
         /// Policy file or directory [default: the cases file's `policy`, else the embedded default].
         #[arg(long)]
         policy: Option<PathBuf>,
+        /// Also list the rules no case exercised (decided no case).
+        #[arg(long)]
+        coverage: bool,
+        /// Output: text, json, or junit (XML for CI test reports).
+        #[arg(long, value_enum, default_value_t = TestFormat::Text)]
+        format: TestFormat,
     },
 }
 
@@ -283,7 +289,12 @@ fn run_tool(command: PolicyCommand, run_dir: &super::RunDir) -> Result<(), Strin
             deny_warnings,
         } => check(&path, config.as_deref(), deny_warnings),
         PolicyCommand::Explain(_) => Ok(()),
-        PolicyCommand::Test { cases, policy } => test(&cases, policy.as_deref()),
+        PolicyCommand::Test {
+            cases,
+            policy,
+            coverage,
+            format,
+        } => test(&cases, policy.as_deref(), coverage, format),
         PolicyCommand::Reload => reload(run_dir),
         PolicyCommand::Diff { old, new, exit_code } => diff(&old, &new, exit_code),
         PolicyCommand::Fmt { path, check } => fmt(&path, check),
@@ -478,17 +489,10 @@ fn explain(args: ExplainArgs) -> Result<bool, String> {
     let mut argument_line = None;
     if let (Some(method), false) = (args.method.as_deref(), args.args.is_empty()) {
         let (scalars, struct_in) = call_args(&service.class, method, &args.args)?;
-        let params = method_params(&service.class, method);
-        let refs: Vec<portcullis_policy::ParamRef<'_>> = params
-            .iter()
-            .map(|(n, at)| portcullis_policy::ParamRef { name: n, at: *at })
-            .collect();
-        let method_ref = portcullis_policy::MethodRef {
-            name: method,
-            privilege: method_privilege(&service.class, method),
-            params: &refs,
-        };
-        if let Ok(grant) = policy.admit(&task.task(), &view, false, std::slice::from_ref(&method_ref), &[])
+        let admitted = with_method_ref(&service.class, method, |method_ref| {
+            policy.admit(&task.task(), &view, false, std::slice::from_ref(method_ref), &[])
+        });
+        if let Ok(grant) = admitted
             && grant.check(0).is_ok()
         {
             match grant.check_args(0, &scalars, &struct_in) {
@@ -545,6 +549,21 @@ fn explain(args: ExplainArgs) -> Result<bool, String> {
     }
     print!("{rest}");
     Ok(allowed)
+}
+
+/// Runs `f` with a method of a class as policy sees it: its privilege and parameters, from the
+/// drivers' tables.
+fn with_method_ref<R>(class: &str, method: &str, f: impl FnOnce(&portcullis_policy::MethodRef<'_>) -> R) -> R {
+    let params = method_params(class, method);
+    let refs: Vec<portcullis_policy::ParamRef<'_>> = params
+        .iter()
+        .map(|(n, at)| portcullis_policy::ParamRef { name: n, at: *at })
+        .collect();
+    f(&portcullis_policy::MethodRef {
+        name: method,
+        privilege: method_privilege(class, method),
+        params: &refs,
+    })
 }
 
 /// The parameters of a method of a class, from the drivers' tables.
@@ -617,15 +636,19 @@ struct Case {
     memory: Option<String>,
     expect: Expect,
     rule: Option<String>,
+    /// The call's arguments by parameter name (`args = { len = 800 }`), checked against the
+    /// argument constraints of the rules granting the method.
+    #[serde(default)]
+    args: std::collections::BTreeMap<String, u64>,
 }
 
 #[derive(Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct PrincipalCase {
-    #[serde(default)]
-    uid: u32,
-    #[serde(default)]
-    gid: u32,
+    /// Required for a local task: a case never means root by omission.
+    uid: Option<u32>,
+    /// Default: the uid.
+    gid: Option<u32>,
     #[serde(default)]
     groups: Vec<String>,
     exe: Option<String>,
@@ -660,45 +683,160 @@ enum Expect {
     WouldDeny,
 }
 
-fn test(cases_path: &Path, policy: Option<&Path>) -> Result<(), String> {
+/// `policy test`'s output forms.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum TestFormat {
+    /// `FAIL name: why` lines and `N passed, N failed`.
+    Text,
+    /// One JSON object: every case, the totals, the rules not exercised.
+    Json,
+    /// A JUnit XML test suite, one test case per case.
+    Junit,
+}
+
+/// One case's result: `Ok(deciding rule)` or `Err((failed, why))` — a failure (the decision
+/// differs) or an error (the case is wrong: a misspelled name, no uid).
+type CaseResult = Result<String, (bool, String)>;
+
+fn test(cases_path: &Path, policy: Option<&Path>, coverage: bool, format: TestFormat) -> Result<(), String> {
     let text = std::fs::read_to_string(cases_path).map_err(|e| format!("{}: {e}", cases_path.display()))?;
     let file: CasesFile = toml::from_str(&text).map_err(|e| format!("{}: {e}", cases_path.display()))?;
     let from_file = file
         .policy
         .map(|p| cases_path.parent().unwrap_or(Path::new(".")).join(p));
     let policy = load(policy.or(from_file.as_deref()))?;
-    let (mut passed, mut failed) = (0usize, 0usize);
-    for case in &file.cases {
-        let outcome = run_case(&policy, case);
-        match outcome {
-            Ok(()) => passed += 1,
-            Err(why) => {
-                failed += 1;
-                println!("FAIL {}: {why}", case.name);
+    let results: Vec<(&Case, CaseResult)> = file.cases.iter().map(|case| (case, run_case(&policy, case))).collect();
+    let count = |pred: &dyn Fn(&CaseResult) -> bool| results.iter().filter(|(_, r)| pred(r)).count();
+    let passed = count(&|r| r.is_ok());
+    let failed = count(&|r| matches!(r, Err((true, _))));
+    let errors = count(&|r| matches!(r, Err((false, _))));
+    let decided: std::collections::BTreeSet<&str> = results
+        .iter()
+        .filter_map(|(_, r)| r.as_ref().ok())
+        .map(String::as_str)
+        .collect();
+    let uncovered: Vec<&str> = policy.rule_ids().filter(|id| !decided.contains(id)).collect();
+    match format {
+        TestFormat::Text => {
+            for (case, result) in &results {
+                match result {
+                    Err((true, why)) => println!("FAIL {}: {why}", case.name),
+                    Err((false, why)) => println!("ERROR {}: {why}", case.name),
+                    Ok(_) => {}
+                }
             }
+            if coverage {
+                match uncovered.as_slice() {
+                    [] => println!("coverage: every rule decided a case"),
+                    rules => println!("coverage: no case exercised {}", rules.join(", ")),
+                }
+            }
+            let errors_said = if errors > 0 {
+                format!(", {errors} error(s)")
+            } else {
+                String::new()
+            };
+            println!("{passed} passed, {failed} failed{errors_said}");
         }
+        TestFormat::Json => {
+            let cases: Vec<serde_json::Value> = results
+                .iter()
+                .map(|(case, result)| match result {
+                    Ok(rule) => serde_json::json!({ "name": case.name, "result": "pass", "rule": rule }),
+                    Err((failed, why)) => serde_json::json!({
+                        "name": case.name,
+                        "result": if *failed { "fail" } else { "error" },
+                        "message": why,
+                    }),
+                })
+                .collect();
+            let out = serde_json::json!({
+                "cases": cases,
+                "passed": passed,
+                "failed": failed,
+                "errors": errors,
+                "not_exercised": if coverage { serde_json::json!(uncovered) } else { serde_json::Value::Null },
+            });
+            println!("{}", serde_json::to_string_pretty(&out).map_err(|e| e.to_string())?);
+        }
+        TestFormat::Junit => print!("{}", junit(&cases_path.display().to_string(), &results)?),
     }
-    println!("{passed} passed, {failed} failed");
-    if failed == 0 { Ok(()) } else { Err(String::new()) }
+    if failed == 0 && errors == 0 {
+        Ok(())
+    } else {
+        Err(String::new())
+    }
 }
 
-fn run_case(policy: &Policy, case: &Case) -> Result<(), String> {
+/// The results as a JUnit XML test suite (quick-xml writes and escapes it).
+fn junit(suite: &str, results: &[(&Case, CaseResult)]) -> Result<String, String> {
+    use quick_xml::{Writer, events::BytesText};
+    let failures = results.iter().filter(|(_, r)| matches!(r, Err((true, _)))).count();
+    let errors = results.iter().filter(|(_, r)| matches!(r, Err((false, _)))).count();
+    let mut writer = Writer::new_with_indent(Vec::new(), b' ', 2);
+    writer
+        .create_element("testsuite")
+        .with_attributes([
+            ("name", suite),
+            ("tests", &results.len().to_string()),
+            ("failures", &failures.to_string()),
+            ("errors", &errors.to_string()),
+        ])
+        .write_inner_content(|w| {
+            for (case, result) in results {
+                let element = w
+                    .create_element("testcase")
+                    .with_attributes([("name", case.name.as_str()), ("classname", suite)]);
+                match result {
+                    Ok(_) => {
+                        element.write_empty()?;
+                    }
+                    Err((failed, why)) => {
+                        element.write_inner_content(|w| {
+                            w.create_element(if *failed { "failure" } else { "error" })
+                                .with_attribute(("message", why.as_str()))
+                                .write_text_content(BytesText::new(why))?;
+                            Ok(())
+                        })?;
+                    }
+                }
+            }
+            Ok(())
+        })
+        .map_err(|e| e.to_string())?;
+    let body = String::from_utf8(writer.into_inner()).map_err(|e| e.to_string())?;
+    Ok(format!("<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n{body}\n"))
+}
+
+fn run_case(policy: &Policy, case: &Case) -> CaseResult {
+    let error = |why: String| (false, why);
     let p = &case.principal;
     let abi = match &p.abi {
-        Some(name) => AbiId::by_name(name).ok_or_else(|| format!("unknown ABI {name:?}"))?,
+        Some(name) => AbiId::by_name(name).ok_or_else(|| error(format!("unknown ABI {name:?}")))?,
         None => AbiId::native(),
     };
+    let remote = (!p.tls_san_uri.is_empty() || !p.tls_san_dns.is_empty() || p.tls_subject_cn.is_some())
+        .then(|| (p.tls_san_uri.clone(), p.tls_san_dns.clone(), p.tls_subject_cn.clone()));
+    let uid = match (p.uid, &remote) {
+        (Some(uid), None) => uid,
+        (None, Some(_)) => 0,
+        (None, None) => {
+            return Err(error(
+                "the principal needs a uid: a case never means root by omission (root is uid = 0)".into(),
+            ));
+        }
+        (Some(_), Some(_)) => return Err(error("a TLS client has no uid".into())),
+    };
     let task = TaskParts {
-        uid: p.uid,
-        gid: p.gid,
+        uid,
+        gid: p.gid.unwrap_or(uid),
         groups: p.groups.clone(),
         exe: p.exe.clone(),
         abi,
         exe_sha256: p.exe_sha256.clone(),
         cgroup: p.cgroup.clone(),
         lsm_label: p.lsm_label.clone(),
-        remote: (!p.tls_san_uri.is_empty() || !p.tls_san_dns.is_empty() || p.tls_subject_cn.is_some())
-            .then(|| (p.tls_san_uri.clone(), p.tls_san_dns.clone(), p.tls_subject_cn.clone())),
+        remote,
     };
     let mut properties = Properties::new();
     for (k, v) in &case.service.properties {
@@ -706,9 +844,19 @@ fn run_case(policy: &Policy, case: &Case) -> Result<(), String> {
             toml::Value::String(s) => PropValue::Text(s.clone()),
             toml::Value::Integer(i) => u64::try_from(*i).map_or(PropValue::Signed(*i), PropValue::Unsigned),
             toml::Value::Boolean(b) => PropValue::Flag(*b),
-            _ => return Err(format!("property {k}: strings, integers and booleans only")),
+            _ => return Err(error(format!("property {k}: strings, integers and booleans only"))),
         };
         properties.insert(k.clone(), value);
+    }
+    check_request_names(&case.service.class, case.method.as_deref(), case.memory.as_deref()).map_err(error)?;
+    if let Some(rule) = &case.rule
+        && rule != portcullis_policy::DEFAULT_DENY
+        && !policy.rule_ids().any(|id| id == rule)
+    {
+        return Err(error(format!(
+            "the policy has no rule {rule:?}{}",
+            portcullis_policy::did_you_mean(rule, policy.rule_ids().chain([portcullis_policy::DEFAULT_DENY]))
+        )));
     }
     let view = ServiceView {
         name: &case.service.name,
@@ -720,8 +868,19 @@ fn run_case(policy: &Policy, case: &Case) -> Result<(), String> {
         case.method.as_deref(),
         case.open.as_deref(),
         case.memory.as_deref(),
-    )?;
-    let got = policy.evaluate(&task.task(), &view, req);
+    )
+    .map_err(error)?;
+    let got = match (&case.method, case.args.is_empty()) {
+        (Some(method), false) => {
+            let given: Vec<String> = case.args.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            let (scalars, struct_in) = call_args(&case.service.class, method, &given).map_err(error)?;
+            with_method_ref(&case.service.class, method, |method_ref| {
+                policy.evaluate_call(&task.task(), &view, method_ref, &scalars, &struct_in)
+            })
+        }
+        (None, false) => return Err(error("args are a method call's: give the method".into())),
+        _ => policy.evaluate(&task.task(), &view, req),
+    };
     let outcome = match (got.allowed, got.audit) {
         (true, _) => Expect::Allow,
         (false, true) => Expect::WouldDeny,
@@ -733,15 +892,18 @@ fn run_case(policy: &Policy, case: &Case) -> Result<(), String> {
         Expect::WouldDeny => "would_deny",
     };
     if outcome != case.expect || case.rule.as_ref().is_some_and(|r| *r != got.rule) {
-        return Err(format!(
-            "expected {}{}, got {} (rule {:?})",
-            word(case.expect),
-            case.rule.as_ref().map(|r| format!(" (rule {r:?})")).unwrap_or_default(),
-            word(outcome),
-            got.rule
+        return Err((
+            true,
+            format!(
+                "expected {}{}, got {} (rule {:?})",
+                word(case.expect),
+                case.rule.as_ref().map(|r| format!(" (rule {r:?})")).unwrap_or_default(),
+                word(outcome),
+                got.rule
+            ),
         ));
     }
-    Ok(())
+    Ok(got.rule)
 }
 
 #[cfg(test)]

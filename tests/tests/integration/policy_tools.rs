@@ -98,7 +98,7 @@ fn policy_test_runs_cases_and_summarises() {
     // A case that expects the wrong rule fails, and says why.
     let dir = tempfile::tempdir().unwrap();
     let wrong = dir.path().join("wrong.toml");
-    std::fs::write(&wrong, "[[case]]\nname = \"wrong\"\nservice = { class = \"SampleDevice\" }\nmethod = \"add\"\nexpect = \"allow\"\nrule = \"sample-admin\"\n").unwrap();
+    std::fs::write(&wrong, "[[case]]\nname = \"wrong\"\nprincipal = { uid = 1000 }\nservice = { class = \"SampleDevice\" }\nmethod = \"add\"\nexpect = \"allow\"\nrule = \"sample-admin\"\n").unwrap();
     let (ok, out) = run(&["policy", "test", wrong.to_str().unwrap()]);
     assert!(!ok);
     assert!(
@@ -326,6 +326,88 @@ fn policy_check_lints_and_denies_warnings_for_ci() {
     let default = root().join("broker/src/default_policy.toml");
     let (ok, out) = run(&["policy", "check", "--deny-warnings", default.to_str().unwrap()]);
     assert!(ok && !out.contains("warning"), "{out}");
+}
+
+/// `policy test` cases carry arguments; a case without a uid, or naming a class, method or
+/// rule that does not exist, is an error (with a suggestion), not a silent root or a miss;
+/// `--coverage` lists the rules no case exercised; `--format json|junit` for CI.
+#[test]
+fn policy_test_cases_with_arguments_errors_coverage_and_reports() {
+    let dir = tempfile::tempdir().unwrap();
+    let policy = dir.path().join("p.toml");
+    std::fs::write(&policy, "[[principal]]\nname = \"users\"\nuid = [1000]\n\n[[rule]]\nid = \"echo-capped\"\neffect = \"allow\"\nprincipals = [\"users\"]\nservice = { class = \"SampleDevice\" }\nmethods = [\"echo\"]\nargs.echo.len = { max = 512 }\n\n[[rule]]\nid = \"never-used\"\neffect = \"allow\"\nprincipals = [\"users\"]\nservice = { class = \"BlockDevice\" }\nmethods = [\"get_geometry\"]\n").unwrap();
+    let case = |name: &str, body: &str| {
+        format!("[[case]]\nname = \"{name}\"\nservice = {{ class = \"SampleDevice\" }}\n{body}\n\n")
+    };
+    let cases = dir.path().join("cases.toml");
+    let write = |text: String| std::fs::write(&cases, format!("policy = \"p.toml\"\n\n{text}")).unwrap();
+    write(
+        [
+            case("small echo", "principal = { uid = 1000 }\nmethod = \"echo\"\nargs = { len = 100 }\nexpect = \"allow\"\nrule = \"echo-capped\""),
+            case("big echo", "principal = { uid = 1000 }\nmethod = \"echo\"\nargs = { len = 800 }\nexpect = \"deny\"\nrule = \"echo-capped\""),
+        ]
+        .concat(),
+    );
+    let cases_path = cases.to_str().unwrap();
+    let (ok, out) = run(&["policy", "test", cases_path, "--coverage"]);
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("coverage: no case exercised never-used") && out.contains("2 passed, 0 failed"),
+        "{out}"
+    );
+    // The same case expecting the constraint to let 800 bytes through fails: it tests constraints.
+    write(case(
+        "big echo",
+        "principal = { uid = 1000 }\nmethod = \"echo\"\nargs = { len = 800 }\nexpect = \"allow\"",
+    ));
+    let (ok, out) = run(&["policy", "test", cases_path]);
+    assert!(
+        !ok && out.contains("FAIL big echo: expected allow, got deny (rule \"echo-capped\")"),
+        "{out}"
+    );
+    write(
+        [
+            case("no uid", "method = \"echo\"\nexpect = \"deny\""),
+            case(
+                "typo'd method",
+                "principal = { uid = 1000 }\nmethod = \"ecko\"\nexpect = \"deny\"",
+            ),
+            case(
+                "typo'd rule",
+                "principal = { uid = 1000 }\nmethod = \"echo\"\nexpect = \"allow\"\nrule = \"echo-caped\"",
+            ),
+        ]
+        .concat()
+            + "[[case]]\nname = \"typo'd class\"\nservice = { class = \"SampleDevise\" }\nprincipal = { uid = 1000 }\nmethod = \"echo\"\nexpect = \"deny\"\n",
+    );
+    let (ok, out) = run(&["policy", "test", cases_path]);
+    assert!(!ok, "{out}");
+    for expected in [
+        "ERROR no uid: the principal needs a uid",
+        "ERROR typo'd method: class SampleDevice has no method \"ecko\" (did you mean \"echo\"?)",
+        "ERROR typo'd rule: the policy has no rule \"echo-caped\" (did you mean \"echo-capped\"?)",
+        "ERROR typo'd class: no driver has class \"SampleDevise\" (did you mean \"SampleDevice\"?)",
+        "0 passed, 0 failed, 4 error(s)",
+    ] {
+        assert!(out.contains(expected), "{expected}: {out}");
+    }
+    let (_, out) = run(&["policy", "test", cases_path, "--format", "json", "--coverage"]);
+    let json: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        (json["errors"].as_u64(), json["cases"][0]["result"].as_str()),
+        (Some(4), Some("error"))
+    );
+    assert_eq!(json["not_exercised"], serde_json::json!(["echo-capped", "never-used"]));
+    let (_, out) = run(&["policy", "test", cases_path, "--format", "junit"]);
+    assert!(
+        out.starts_with("<?xml") && out.contains("<testsuite name=") && out.contains("errors=\"4\""),
+        "{out}"
+    );
+    // Quotes in names and messages are escaped.
+    assert!(
+        out.contains("name=\"typo&apos;d method\"") && out.contains("&quot;ecko&quot;"),
+        "{out}"
+    );
 }
 
 /// The default policy with one edit.
