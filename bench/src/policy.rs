@@ -147,6 +147,7 @@ pub(crate) fn run(quick: bool) {
     let per_call = median(per_call);
     println!("| per-call grant check | {per_call:.1} ns | ≤ 50 ns |");
     println!();
+    diff(quick);
     #[cfg(feature = "peers")]
     crate::cedar::run(
         quick,
@@ -159,4 +160,69 @@ pub(crate) fn run(quick: bool) {
     );
     #[cfg(not(feature = "peers"))]
     println!("(cedar-policy comparison skipped: built without the `peers` feature; `cargo xtask bench` enables it)\n");
+}
+
+/// The generated policy with a reviewer's worth of edits: one rule loses a method, one goes to
+/// audit mode, one constraint is loosened, one rate is set.
+pub(crate) fn edited(text: &str, rules: usize) -> String {
+    let mut out = String::with_capacity(text.len() + 64);
+    for block in text.split_inclusive("\n\n") {
+        let block = match block {
+            b if b.starts_with("[[rule]]\nid = \"r10\"\n") => {
+                b.replace("methods = [\"add\", \"echo\"]", "methods = [\"add\"]")
+            }
+            b if b.starts_with("[[rule]]\nid = \"r20\"\n") => {
+                b.replace("effect = \"allow\"\n", "effect = \"allow\"\nmode = \"audit\"\n")
+            }
+            b if b.starts_with("[[rule]]\nid = \"r30\"\n") => {
+                b.replace(&format!("max = {A_MAX}"), &format!("max = {}", A_MAX * 2))
+            }
+            b if b.starts_with("[[rule]]\nid = \"r40\"\n") => {
+                b.replace("effect = \"allow\"\n", "effect = \"allow\"\nrate = \"100/s\"\n")
+            }
+            b => b.to_string(),
+        };
+        out.push_str(&block);
+    }
+    assert_ne!(out.len(), text.len(), "the edits apply to {rules} rules");
+    out
+}
+
+/// `policy diff` of the generated policy against itself (identical: short-circuits) and
+/// against an edited copy, at 2,000 and 10,000 rules.
+fn diff(quick: bool) {
+    println!("### policy diff\n");
+    println!("| rules | identical | four edits | target |");
+    println!("|---|---|---|---|");
+    for rules in [2_000, 10_000] {
+        let text = policy_text(rules);
+        let old = Policy::parse(&[Source {
+            origin: "old.toml",
+            text: &text,
+        }])
+        .unwrap();
+        let new_text = edited(&text, rules);
+        let new = Policy::parse(&[Source {
+            origin: "new.toml",
+            text: &new_text,
+        }])
+        .unwrap();
+        let runs = if quick { 1 } else { 3 };
+        let time = |a: &Policy, b: &Policy| {
+            median(
+                (0..runs)
+                    .map(|_| {
+                        let start = Instant::now();
+                        black_box(portcullis_policy::diff(a, b, None).unwrap());
+                        start.elapsed().as_secs_f64()
+                    })
+                    .collect(),
+            )
+        };
+        let same = time(&old, &old);
+        let edits = time(&old, &new);
+        let target = if rules == 10_000 { "≤ 5 s" } else { "—" };
+        println!("| {rules} | {same:.3} s | {edits:.3} s | {target} |");
+    }
+    println!();
 }

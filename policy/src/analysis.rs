@@ -117,7 +117,7 @@ impl Atom {
 }
 
 /// A formula in negation normal form.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) enum Formula {
     True,
     False,
@@ -144,7 +144,7 @@ impl Formula {
         }
     }
 
-    fn or(parts: Vec<Formula>) -> Formula {
+    pub(crate) fn or(parts: Vec<Formula>) -> Formula {
         let mut out = Vec::new();
         for p in parts {
             match p {
@@ -186,7 +186,7 @@ impl Formula {
     }
 
     /// The formula's value in a world (for generalising and checking witnesses).
-    fn eval(&self, world: &World) -> bool {
+    pub(crate) fn eval(&self, world: &World) -> bool {
         match self {
             Formula::True => true,
             Formula::False => false,
@@ -1024,6 +1024,11 @@ pub struct TooHard {
 /// Every change of decision between `old` and `new`: per class and request, one witness for
 /// each allow rule (of either side) under which the decision flips.
 pub fn diff(old: &Policy, new: &Policy, catalog: Option<&crate::Catalog>) -> Result<Vec<Change>, TooHard> {
+    // Policies that say the same decide the same: nothing to search.
+    if old.same_decisions_as(new) {
+        return Ok(Vec::new());
+    }
+    let changed = changed_rules(old, new);
     let universe = Universe::new(&[old, new], catalog, &[]);
     let mut changes: Vec<Change> = Vec::new();
     let mut seen: BTreeMap<_, usize> = BTreeMap::new();
@@ -1032,6 +1037,11 @@ pub fn diff(old: &Policy, new: &Policy, catalog: Option<&crate::Catalog>) -> Res
             let request = question.request();
             let a_old = old.allowed_formula(class, request);
             let a_new = new.allowed_formula(class, request);
+            // The same formula is the same decision in every world: most requests are untouched
+            // by an edit (a rule's mode, constraints or rate are not in the formula at all).
+            if a_old == a_new {
+                continue;
+            }
             let too_hard = |GaveUp| TooHard {
                 class: class.clone(),
                 question: question.clone(),
@@ -1043,17 +1053,30 @@ pub fn diff(old: &Policy, new: &Policy, catalog: Option<&crate::Catalog>) -> Res
                 Formula::and(vec![a_new, a_old.not()]),
             );
             for (from, differs) in [(old, &lost), (new, &gained)] {
-                for rule in from.rules.iter().filter(|r| r.effect == Effect::Allow) {
+                // One search says whether the request changes at all (most do not); only then
+                // is each changed allow rule asked for a witness under which it applies, so
+                // that every pair of deciding rules the edits bring is reported.
+                let Some(world) = solve(differs.clone(), class).map_err(too_hard)? else {
+                    continue;
+                };
+                let mut worlds = vec![world];
+                for rule in from
+                    .rules
+                    .iter()
+                    .filter(|r| r.effect == Effect::Allow && changed.contains(r.id.as_str()))
+                {
                     let f = Formula::and(vec![from.applies_formula(rule, class), differs.clone()]);
-                    let Some(world) = solve(f, class).map_err(too_hard)? else {
-                        continue;
-                    };
+                    if let Some(world) = solve(f, class).map_err(too_hard)? {
+                        worlds.push(world);
+                    }
+                }
+                for world in worlds {
                     let (o, n) = (old.decide(&world, request), new.decide(&world, request));
                     if o.allowed == n.allowed {
                         continue;
                     }
                     // One change per request and pair of deciding rules, with the most general
-                    // witness any rule's question found (whatever order the rules are in).
+                    // witness found for it (whatever order the rules are in).
                     let key = (class.clone(), question.clone(), o.rule.clone(), n.rule.clone());
                     match seen.get(&key) {
                         Some(&i) => {
@@ -1078,6 +1101,21 @@ pub fn diff(old: &Policy, new: &Policy, catalog: Option<&crate::Catalog>) -> Res
         }
     }
     Ok(changes)
+}
+
+/// The ids of the rules that differ between two policies in what they say (present on one
+/// side only, or written differently).
+fn changed_rules<'p>(old: &'p Policy, new: &'p Policy) -> BTreeSet<&'p str> {
+    let by_id = |p: &'p Policy| p.rules.iter().map(|r| (r.id.as_str(), r)).collect::<BTreeMap<_, _>>();
+    let (a, b) = (by_id(old), by_id(new));
+    a.keys()
+        .chain(b.keys())
+        .copied()
+        .filter(|id| match (a.get(id), b.get(id)) {
+            (Some(x), Some(y)) => !old.same_rule(x, new, y),
+            _ => true,
+        })
+        .collect()
 }
 
 impl Assertion {

@@ -162,6 +162,34 @@ impl ParamAt {
     }
 }
 
+impl std::fmt::Display for Constraint {
+    /// As written in a policy (`{ max = 512 }`).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let list = |v: &[i128]| v.iter().map(i128::to_string).collect::<Vec<_>>().join(", ");
+        match self {
+            Constraint::Range { min, max } => {
+                let parts: Vec<String> = [("min", min), ("max", max)]
+                    .into_iter()
+                    .filter_map(|(k, v)| v.map(|v| format!("{k} = {v}")))
+                    .collect();
+                write!(f, "{{ {} }}", parts.join(", "))
+            }
+            Constraint::OneOf(values) => write!(f, "{{ one_of = [{}] }}", list(values)),
+            Constraint::Mask(m) => write!(f, "{{ mask = {m:#x} }}"),
+            Constraint::Text { prefix, max_len } => {
+                let mut parts = Vec::new();
+                if let Some(p) = prefix {
+                    parts.push(format!("prefix = {p:?}"));
+                }
+                if let Some(n) = max_len {
+                    parts.push(format!("max_len = {n}"));
+                }
+                write!(f, "{{ {} }}", parts.join(", "))
+            }
+        }
+    }
+}
+
 impl Constraint {
     /// `Ok` if the value satisfies the constraint; else why not.
     pub(crate) fn check(&self, param: &str, value: Value<'_>) -> Result<(), String> {

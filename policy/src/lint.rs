@@ -69,8 +69,10 @@ fn identical(a: &Rule, b: &Rule) -> bool {
 }
 
 impl Policy {
-    /// Every rule-level lint (the principal-level ones are found while parsing).
-    pub(crate) fn lint(&self) -> Vec<SourceError> {
+    /// Every rule-level lint, for `policy check` (the principal-level ones are found while
+    /// parsing, in [`Policy::warnings`]). Not run when the broker loads a policy: it is tooling,
+    /// and it searches.
+    pub fn lint(&self) -> Vec<SourceError> {
         let mut out = Vec::new();
         if self.audit {
             out.push(SourceError {
@@ -100,30 +102,41 @@ impl Policy {
                 ));
             }
         }
-        // Identical and shadowed rules (the later by id is reported).
-        for (i, a) in self.rules.iter().enumerate() {
-            for (j, b) in self.rules.iter().enumerate() {
-                if i == j {
-                    continue;
-                }
-                if identical(a, b) {
-                    if i > j {
+        // Identical and shadowed rules (the later by id is reported). Only rules with the same
+        // effect, principals and services can be either: compared within those groups, so the
+        // lint stays linear in the policy's size however many rules it has.
+        let mut groups: std::collections::HashMap<String, Vec<&Rule>> = std::collections::HashMap::new();
+        for rule in &self.rules {
+            let key = format!("{:?}|{:?}|{:?}", rule.effect, principals(rule), rule.service);
+            groups.entry(key).or_default().push(rule);
+        }
+        let mut grouped: Vec<&Vec<&Rule>> = groups.values().collect();
+        grouped.sort_by_key(|g| g.first().map(|r| r.id.as_str()));
+        for group in grouped {
+            for (i, a) in group.iter().enumerate() {
+                for (j, b) in group.iter().enumerate() {
+                    if i == j {
+                        continue;
+                    }
+                    if identical(a, b) {
+                        if i > j {
+                            out.push(at(
+                                a,
+                                format!("rule {:?} is identical to rule {:?} ({})", a.id, b.id, b.at.place()),
+                            ));
+                        }
+                    } else if covered_by(a, b) {
                         out.push(at(
                             a,
-                            format!("rule {:?} is identical to rule {:?} ({})", a.id, b.id, b.at.place()),
+                            format!(
+                                "rule {:?} is shadowed by rule {:?} ({}): that rule {} everything it does, to the same principals and services",
+                                a.id,
+                                b.id,
+                                b.at.place(),
+                                if a.effect == Effect::Allow { "grants" } else { "forbids" }
+                            ),
                         ));
                     }
-                } else if covered_by(a, b) {
-                    out.push(at(
-                        a,
-                        format!(
-                            "rule {:?} is shadowed by rule {:?} ({}): that rule {} everything it does, to the same principals and services",
-                            a.id,
-                            b.id,
-                            b.at.place(),
-                            if a.effect == Effect::Allow { "grants" } else { "forbids" }
-                        ),
-                    ));
                 }
             }
         }
@@ -135,18 +148,40 @@ impl Policy {
     /// rule grants the method without constraints to a task both rules can match, on a service
     /// both can match — and allow rules are a union.
     fn bypassed_constraints(&self) -> Vec<SourceError> {
+        // The allow rules granting each method without constraining it (`"*"` rules apart).
+        let unconstrained = |r: &Rule, method: &str| !r.args.iter().any(|arg| arg.method == method);
+        let mut by_method: std::collections::HashMap<&str, Vec<&Rule>> = std::collections::HashMap::new();
+        let mut every_method: Vec<&Rule> = Vec::new();
+        for r in self.rules.iter().filter(|r| r.effect == Effect::Allow) {
+            match &r.methods {
+                Methods::All => every_method.push(r),
+                Methods::Named(names) => {
+                    for m in names.iter().filter(|m| unconstrained(r, m)) {
+                        by_method.entry(m.as_str()).or_default().push(r);
+                    }
+                }
+            }
+        }
         let mut out = Vec::new();
         for a in self.rules.iter().filter(|r| r.effect == Effect::Allow) {
             let constrained: BTreeSet<&str> = a.args.iter().map(|arg| arg.method.as_str()).collect();
             for method in constrained {
-                let wider = self.rules.iter().find(|b| {
-                    b.effect == Effect::Allow
-                        && b.id != a.id
-                        && b.methods.contains(method)
-                        && !b.args.iter().any(|arg| arg.method == method)
-                        && self.overlap(a, b)
-                });
-                if let Some(b) = wider {
+                // The other allow rules granting the method unconstrained, on a class `a` can
+                // share; one search over all of them, then the witness says which one.
+                let wider: Vec<&Rule> = by_method
+                    .get(method)
+                    .into_iter()
+                    .flatten()
+                    .chain(every_method.iter().filter(|b| unconstrained(b, method)))
+                    .copied()
+                    .filter(|b| {
+                        b.id != a.id
+                            && (a.service.class.is_none()
+                                || b.service.class.is_none()
+                                || a.service.class == b.service.class)
+                    })
+                    .collect();
+                if let Some(b) = self.overlapping(a, &wider) {
                     out.push(at(
                         a,
                         format!(
@@ -162,19 +197,30 @@ impl Policy {
         out
     }
 
-    /// Whether some task and service match both rules.
-    fn overlap(&self, a: &Rule, b: &Rule) -> bool {
+    /// The first of `others` (by id) that some task and service match together with `a`.
+    fn overlapping<'r>(&self, a: &Rule, others: &[&'r Rule]) -> Option<&'r Rule> {
+        if others.is_empty() {
+            return None;
+        }
         let class = a
             .service
             .class
             .clone()
-            .or_else(|| b.service.class.clone())
+            .or_else(|| others.iter().find_map(|b| b.service.class.clone()))
             .unwrap_or_else(|| "AnyClass".into());
-        let both =
-            crate::analysis::Formula::and(vec![self.applies_formula(a, &class), self.applies_formula(b, &class)]);
-        // A question too hard to answer is reported as an overlap: a warning too many, never one
-        // too few.
-        solve(both, &class).map_or(true, |world| world.is_some())
+        let any = crate::analysis::Formula::or(others.iter().map(|b| self.applies_formula(b, &class)).collect());
+        let both = crate::analysis::Formula::and(vec![self.applies_formula(a, &class), any]);
+        match solve(both, &class) {
+            Ok(Some(world)) => others
+                .iter()
+                .copied()
+                .find(|b| self.applies_formula(b, &class).eval(&world))
+                .or(others.first().copied()),
+            Ok(None) => None,
+            // A question too hard to answer is reported as an overlap: a warning too many,
+            // never one too few.
+            Err(_) => others.first().copied(),
+        }
     }
 
     /// Assertions that no configured device can ever be in scope of (their class, name or
@@ -203,10 +249,11 @@ mod tests {
     use crate::{Policy, ServiceView, Source};
 
     fn warnings(text: &str) -> Vec<String> {
-        Policy::parse(&[Source { origin: "p.toml", text }])
-            .unwrap()
+        let policy = Policy::parse(&[Source { origin: "p.toml", text }]).unwrap();
+        policy
             .warnings()
             .iter()
+            .chain(&policy.lint())
             .map(ToString::to_string)
             .collect()
     }

@@ -723,7 +723,7 @@ impl Policy {
                 }
             })
             .collect();
-        let mut policy = Policy {
+        let policy = Policy {
             principals,
             rules,
             audit,
@@ -731,10 +731,7 @@ impl Policy {
             revision: revision(sources),
             warnings,
         };
-        if errors.is_empty() {
-            let lints = policy.lint();
-            policy.warnings.extend(lints);
-        }
+
         if let Some(catalog) = catalog {
             errors.extend(policy.check_names(catalog));
             if errors.is_empty() {
@@ -893,6 +890,107 @@ impl Policy {
     /// the exact text that decided.
     pub fn revision(&self) -> &str {
         &self.revision
+    }
+
+    /// Whether `rule` of this policy says what `other` of policy `that` says: every field but
+    /// where it is written, its principals compared by what they are (names included).
+    pub(crate) fn same_rule(&self, rule: &Rule, that: &Policy, other: &Rule) -> bool {
+        fn principals<'p>(p: &'p Policy, r: &Rule) -> Vec<&'p Principal> {
+            let mut list: Vec<&Principal> = r.principals.iter().filter_map(|&i| p.principals.get(i)).collect();
+            list.sort_by(|x, y| x.name.cmp(&y.name));
+            list
+        }
+        rule.id == other.id
+            && rule.effect == other.effect
+            && rule.service == other.service
+            && rule.methods == other.methods
+            && rule.open == other.open
+            && rule.privileges == other.privileges
+            && rule.memory == other.memory
+            && rule.args == other.args
+            && rule.rate == other.rate
+            && rule.audit == other.audit
+            && principals(self, rule) == principals(that, other)
+    }
+
+    /// Whether two policies decide every request alike because they say the same: the same
+    /// mode and the same rules (assertions decide nothing).
+    pub(crate) fn same_decisions_as(&self, that: &Policy) -> bool {
+        self.audit == that.audit
+            && self.rules.len() == that.rules.len()
+            && self
+                .rules
+                .iter()
+                .zip(&that.rules)
+                .all(|(a, b)| self.same_rule(a, that, b))
+    }
+
+    /// What changed between two policies besides decisions on requests: the whole policy's
+    /// mode, and per rule (by id) its mode, argument constraints and rate; assertions added,
+    /// removed or changed. One line each, `~` changed, `+` added, `-` removed.
+    pub fn rule_changes(&self, new: &Policy) -> Vec<String> {
+        let mode = |audit: bool| if audit { "audit" } else { "enforce" };
+        let mut out = Vec::new();
+        if self.audit != new.audit {
+            out.push(format!("~ policy mode: {} -> {}", mode(self.audit), mode(new.audit)));
+        }
+        let by_id = |p: &Policy| {
+            p.rules
+                .iter()
+                .map(|r| (r.id.clone(), r.clone()))
+                .collect::<BTreeMap<_, _>>()
+        };
+        let (before, after) = (by_id(self), by_id(new));
+        for (id, old) in &before {
+            let Some(rule) = after.get(id) else { continue };
+            if old.audit != rule.audit {
+                out.push(format!(
+                    "~ rule {id:?}: mode {} -> {}",
+                    mode(old.audit),
+                    mode(rule.audit)
+                ));
+            }
+            let constraints = |r: &Rule| {
+                r.args
+                    .iter()
+                    .map(|a| (format!("args.{}.{}", a.method, a.param), a.constraint.to_string()))
+                    .collect::<BTreeMap<_, _>>()
+            };
+            let (was, now) = (constraints(old), constraints(rule));
+            for key in was.keys().chain(now.keys()).collect::<std::collections::BTreeSet<_>>() {
+                match (was.get(key), now.get(key)) {
+                    (Some(a), Some(b)) if a != b => out.push(format!("~ rule {id:?}: {key} {a} -> {b}")),
+                    (Some(a), None) => out.push(format!("~ rule {id:?}: {key} {a} removed")),
+                    (None, Some(b)) => out.push(format!("~ rule {id:?}: {key} {b} added")),
+                    _ => {}
+                }
+            }
+            if old.rate != rule.rate {
+                let show = |r: Option<Rate>| r.map_or_else(|| "none".to_string(), |r| r.to_string());
+                out.push(format!("~ rule {id:?}: rate {} -> {}", show(old.rate), show(rule.rate)));
+            }
+        }
+        let asserts = |p: &Policy| {
+            p.asserts
+                .iter()
+                .map(|a| {
+                    let mut scope = a.scope.clone();
+                    scope.at = SourceError::default();
+                    scope.names.clear();
+                    (a.scope.id.clone(), (scope, a.every_task, a.description.clone()))
+                })
+                .collect::<BTreeMap<_, _>>()
+        };
+        let (was, now) = (asserts(self), asserts(new));
+        for id in was.keys().chain(now.keys()).collect::<std::collections::BTreeSet<_>>() {
+            match (was.get(id), now.get(id)) {
+                (Some(a), Some(b)) if a != b => out.push(format!("~ assertion {id:?} changed")),
+                (Some(_), None) => out.push(format!("- assertion {id:?} removed")),
+                (None, Some(_)) => out.push(format!("+ assertion {id:?} added")),
+                _ => {}
+            }
+        }
+        out
     }
 
     /// The rules' ids, in id order.
@@ -1144,7 +1242,6 @@ pub(crate) struct Assertion {
     pub(crate) col: usize,
 }
 
-/// SHA-256 over each source's origin and text, length-prefixed, in order.
 /// The policy's revision: SHA-256 over each file's name and contents, in name order. The name
 /// is the last component of the origin — a file's own name, which for a policy directory is its
 /// name relative to that directory — so the revision depends on what the policy says and how
@@ -1179,6 +1276,17 @@ pub struct Rate {
     pub calls: u32,
     /// The period, in seconds.
     pub seconds: u32,
+}
+
+impl fmt::Display for Rate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.seconds {
+            1 => write!(f, "{}/s", self.calls),
+            60 => write!(f, "{}/m", self.calls),
+            3600 => write!(f, "{}/h", self.calls),
+            s => write!(f, "{} per {s} s", self.calls),
+        }
+    }
 }
 
 impl Rate {

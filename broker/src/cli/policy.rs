@@ -322,7 +322,12 @@ fn reload(run_dir: &super::RunDir) -> Result<(), String> {
 fn check(path: &Path, config: Option<&Path>, deny_warnings: bool) -> Result<(), String> {
     match config::load_policy(Some(path)) {
         Ok(policy) => {
-            let mut warnings: Vec<String> = policy.warnings().iter().map(ToString::to_string).collect();
+            let mut warnings: Vec<String> = policy
+                .warnings()
+                .iter()
+                .chain(&policy.lint())
+                .map(ToString::to_string)
+                .collect();
             warnings.extend(
                 config::policy_trust_problems(path)
                     .into_iter()
@@ -407,12 +412,20 @@ fn diff(old: &Path, new: &Path, exit_code: bool) -> Result<(), String> {
         println!("{sign} {} on {service} to {task}", c.question);
         println!("    was {}; now {}", decided(&c.old), decided(&c.new));
     }
+    let others = before.rule_changes(&after);
+    for line in &others {
+        println!("{line}");
+    }
     println!(
-        "{} change(s): {gained} newly allowed, {} no longer allowed",
+        "{} change(s): {gained} newly allowed, {} no longer allowed{}",
         changes.len(),
-        changes.len() - gained
+        changes.len() - gained,
+        match others.len() {
+            0 => String::new(),
+            n => format!("; {n} change(s) of mode, constraints, rates or assertions"),
+        }
     );
-    if exit_code && !changes.is_empty() {
+    if exit_code && !(changes.is_empty() && others.is_empty()) {
         return Err("the policies differ".into());
     }
     Ok(())

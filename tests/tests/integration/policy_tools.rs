@@ -410,6 +410,50 @@ fn policy_test_cases_with_arguments_errors_coverage_and_reports() {
     );
 }
 
+/// `policy diff` also lists what changes no decision on a request but changes what the policy
+/// enforces: the whole policy's mode, a rule's mode, constraints and rate, and assertions; and
+/// `--exit-code` fails on them. Identical inputs: nothing, at once.
+#[test]
+fn policy_diff_lists_modes_constraints_rates_and_assertions() {
+    let dir = tempfile::tempdir().unwrap();
+    let old = dir.path().join("old.toml");
+    let base = "[[principal]]\nname = \"users\"\nuid = [1000]\n\n[[rule]]\nid = \"use\"\neffect = \"allow\"\nprincipals = [\"users\"]\nservice = { class = \"SampleDevice\" }\nmethods = [\"echo\"]\nargs.echo.len = { max = 512 }\n";
+    std::fs::write(&old, base).unwrap();
+    let new = dir.path().join("new.toml");
+    let diff = |text: &str| {
+        std::fs::write(&new, text).unwrap();
+        run(&[
+            "policy",
+            "diff",
+            "--exit-code",
+            old.to_str().unwrap(),
+            new.to_str().unwrap(),
+        ])
+    };
+    let (ok, out) = diff(base);
+    assert!(
+        ok && out.contains("0 change(s): 0 newly allowed, 0 no longer allowed\n"),
+        "{out}"
+    );
+    let (ok, out) = diff(&format!("mode = \"audit\"\n{base}"));
+    assert!(!ok && out.contains("~ policy mode: enforce -> audit"), "{out}");
+    let edited = base.replace("{ max = 512 }", "{ max = 4096 }").replace(
+        "methods = [\"echo\"]\n",
+        "methods = [\"echo\"]\nmode = \"audit\"\nrate = \"10/s\"\n",
+    ) + "\n[[assert]]\nid = \"no-reset\"\nservice = { class = \"SampleDevice\" }\nmethods = [\"reset\"]\n";
+    let (ok, out) = diff(&edited);
+    assert!(!ok, "{out}");
+    for expected in [
+        "~ rule \"use\": mode enforce -> audit",
+        "~ rule \"use\": args.echo.len { max = 512 } -> { max = 4096 }",
+        "~ rule \"use\": rate none -> 10/s",
+        "+ assertion \"no-reset\" added",
+        "; 4 change(s) of mode, constraints, rates or assertions",
+    ] {
+        assert!(out.contains(expected), "{expected}: {out}");
+    }
+}
+
 /// The default policy with one edit.
 fn edited(from: &str, to: &str) -> String {
     let text = std::fs::read_to_string(root().join("broker/src/default_policy.toml")).unwrap();
