@@ -903,6 +903,18 @@ pub enum Question {
 }
 
 impl Question {
+    /// The question a request asks.
+    pub fn of(request: Request<'_>) -> Question {
+        match request {
+            Request::Open { exclusive } => Question::Open { exclusive },
+            Request::Method { name, privilege } => Question::Method {
+                name: name.to_string(),
+                privilege: privilege.map(str::to_string),
+            },
+            Request::Memory { name } => Question::Memory { name: name.to_string() },
+        }
+    }
+
     /// As a reference-evaluator request.
     pub fn request(&self) -> Request<'_> {
         match self {
@@ -1116,6 +1128,65 @@ fn changed_rules<'p>(old: &'p Policy, new: &'p Policy) -> BTreeSet<&'p str> {
             _ => true,
         })
         .collect()
+}
+
+/// A principal that can reach a request through an allow rule: a task of it that is allowed,
+/// and the decision there.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Reach {
+    /// The principal's name.
+    pub principal: String,
+    /// The allow rule that grants the request and names the principal.
+    pub via: String,
+    /// A task of the principal, and the service, for which the request is allowed.
+    pub world: World,
+    /// The decision there (allowed, with the rule that decides it).
+    pub decision: Decision,
+}
+
+impl Policy {
+    /// `who-can`: for each allow rule that grants `request` on a service of class `class` (with
+    /// this registry name, if given) and each principal it names, a task of that principal the
+    /// policy allows it to — `sesearch --allow` for this policy. A principal whose every task a
+    /// forbid (or a missing privilege) stops is not listed; neither is a refusal in audit mode,
+    /// which lets the request through without allowing it.
+    pub fn who_can(&self, class: &str, name: Option<&str>, request: Request<'_>) -> Result<Vec<Reach>, TooHard> {
+        let question = Question::of(request);
+        let allowed = self.allowed_formula(class, request);
+        let service = name.map_or(Formula::True, |n| Formula::lit(Atom::Name(n.to_string())));
+        let grants = |r: &Rule| match request {
+            Request::Open { exclusive } => !exclusive || r.open == Some(OpenPermission::Exclusive),
+            Request::Method { name, .. } => r.methods.contains(name),
+            Request::Memory { name } => r.memory.iter().any(|m| m == name),
+        };
+        let mut out = Vec::new();
+        for rule in self.rules.iter().filter(|r| r.effect == Effect::Allow && grants(r)) {
+            for &index in &rule.principals {
+                let f = Formula::and(vec![
+                    self.principal_formula(index),
+                    service_formula(&rule.service, class),
+                    service.clone(),
+                    allowed.clone(),
+                ]);
+                let found = solve(f, class).map_err(|GaveUp| TooHard {
+                    class: class.to_string(),
+                    question: question.clone(),
+                })?;
+                if let (Some(world), Some(principal)) = (found, self.principals.get(index)) {
+                    let decision = self.decide(&world, request);
+                    if decision.allowed {
+                        out.push(Reach {
+                            principal: principal.name.clone(),
+                            via: rule.id.clone(),
+                            world,
+                            decision,
+                        });
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
 }
 
 impl Assertion {

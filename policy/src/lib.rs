@@ -25,7 +25,7 @@ mod reference;
 #[cfg(test)]
 mod testgen;
 
-pub use analysis::{Change, Question, TaskParts, TooHard, World, diff};
+pub use analysis::{Change, Question, Reach, TaskParts, TooHard, World, diff};
 pub use args::{ParamAt, ParamRef};
 pub use explain::{Explanation, RuleTrace};
 pub use format::format;

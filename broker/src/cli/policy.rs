@@ -50,6 +50,9 @@ pub(crate) enum PolicyCommand {
         #[arg(long)]
         check: bool,
     },
+    /// Which principals (and so which tasks) the policy lets reach a request, each with a task
+    /// that shows it and the allowing rule.
+    WhoCan(WhoCanArgs),
     /// Run test cases (TOML) against a policy; prints `N passed, N failed`.
     Test {
         /// The cases file.
@@ -64,6 +67,32 @@ pub(crate) enum PolicyCommand {
         #[arg(long, value_enum, default_value_t = TestFormat::Text)]
         format: TestFormat,
     },
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct WhoCanArgs {
+    /// Policy file or directory [default: the embedded default policy].
+    #[arg(long)]
+    policy: Option<PathBuf>,
+    /// The service: class=C, and optionally name=N.
+    #[arg(long)]
+    service: String,
+    #[command(flatten)]
+    request: RequestArgs,
+}
+
+/// One request: exactly one of a method call, an open, a memory mapping.
+#[derive(Debug, Args)]
+pub(crate) struct RequestArgs {
+    /// A method call.
+    #[arg(long, conflicts_with_all = ["open", "memory"])]
+    method: Option<String>,
+    /// An open: shared or exclusive.
+    #[arg(long, conflicts_with = "memory")]
+    open: Option<String>,
+    /// Mapping a memory type.
+    #[arg(long)]
+    memory: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -83,15 +112,8 @@ pub(crate) struct ExplainArgs {
     /// Broker configuration in which `--service name=N` is looked up [default: the embedded one].
     #[arg(long)]
     config: Option<PathBuf>,
-    /// Explain a method call.
-    #[arg(long, conflicts_with_all = ["open", "memory"])]
-    method: Option<String>,
-    /// Explain an open: shared or exclusive.
-    #[arg(long, conflicts_with = "memory")]
-    open: Option<String>,
-    /// Explain mapping a memory type.
-    #[arg(long)]
-    memory: Option<String>,
+    #[command(flatten)]
+    request: RequestArgs,
     /// An argument of the call, NAME=VALUE (a scalar by name, or `len` for the struct
     /// length); repeat for each. Checked against the granting rule's argument constraints.
     #[arg(long = "arg", requires = "method")]
@@ -289,6 +311,7 @@ fn run_tool(command: PolicyCommand, run_dir: &super::RunDir) -> Result<(), Strin
             deny_warnings,
         } => check(&path, config.as_deref(), deny_warnings),
         PolicyCommand::Explain(_) => Ok(()),
+        PolicyCommand::WhoCan(args) => who_can(args),
         PolicyCommand::Test {
             cases,
             policy,
@@ -486,7 +509,11 @@ fn explain(args: ExplainArgs) -> Result<bool, String> {
     if service.class.is_empty() {
         configured(&mut service, args.config.as_deref())?;
     }
-    check_request_names(&service.class, args.method.as_deref(), args.memory.as_deref())?;
+    check_request_names(
+        &service.class,
+        args.request.method.as_deref(),
+        args.request.memory.as_deref(),
+    )?;
     let view = ServiceView {
         name: &service.name,
         class: &service.class,
@@ -494,13 +521,13 @@ fn explain(args: ExplainArgs) -> Result<bool, String> {
     };
     let req = request(
         &service.class,
-        args.method.as_deref(),
-        args.open.as_deref(),
-        args.memory.as_deref(),
+        args.request.method.as_deref(),
+        args.request.open.as_deref(),
+        args.request.memory.as_deref(),
     )?;
     let mut explanation = policy.explain(&task.task(), &view, req);
     let mut argument_line = None;
-    if let (Some(method), false) = (args.method.as_deref(), args.args.is_empty()) {
+    if let (Some(method), false) = (args.request.method.as_deref(), args.args.is_empty()) {
         let (scalars, struct_in) = call_args(&service.class, method, &args.args)?;
         let admitted = with_method_ref(&service.class, method, |method_ref| {
             policy.admit(&task.task(), &view, false, std::slice::from_ref(method_ref), &[])
@@ -562,6 +589,43 @@ fn explain(args: ExplainArgs) -> Result<bool, String> {
     }
     print!("{rest}");
     Ok(allowed)
+}
+
+fn who_can(args: WhoCanArgs) -> Result<(), String> {
+    let policy = load(args.policy.as_deref())?;
+    let service = parse_service(&args.service)?;
+    if service.class.is_empty() {
+        return Err("--service needs class=C".into());
+    }
+    check_request_names(
+        &service.class,
+        args.request.method.as_deref(),
+        args.request.memory.as_deref(),
+    )?;
+    let req = request(
+        &service.class,
+        args.request.method.as_deref(),
+        args.request.open.as_deref(),
+        args.request.memory.as_deref(),
+    )?;
+    let name = (!service.name.is_empty()).then_some(service.name.as_str());
+    let reach = policy.who_can(&service.class, name, req).map_err(|e| e.to_string())?;
+    let question = portcullis_policy::Question::of(req);
+    for r in &reach {
+        let (task, on) = r.world.describe();
+        let decided = if r.decision.rule == r.via {
+            String::new()
+        } else {
+            format!("; decided by {:?}", r.decision.rule)
+        };
+        println!("{} (rule {:?}): e.g. {task} on {on}{decided}", r.principal, r.via);
+    }
+    println!(
+        "{} principal(s) can reach {question} on class={}",
+        reach.len(),
+        service.class
+    );
+    Ok(())
 }
 
 /// Runs `f` with a method of a class as policy sees it: its privilege and parameters, from the

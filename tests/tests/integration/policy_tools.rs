@@ -454,6 +454,47 @@ fn policy_diff_lists_modes_constraints_rates_and_assertions() {
     }
 }
 
+/// `policy who-can`: the principals the policy lets reach a request, through which rule, with
+/// a task that shows it; a principal a forbid stops entirely is not listed.
+#[test]
+fn policy_who_can_lists_principals_with_rules_and_witnesses() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("p.toml");
+    std::fs::write(&path, "[[principal]]\nname = \"operators\"\ngroups = [\"wheel\"]\n\n[[principal]]\nname = \"interns\"\nuid = [2000]\n\n[[principal]]\nname = \"root\"\nuid = [0]\n\n[[rule]]\nid = \"ops-reset\"\neffect = \"allow\"\nprincipals = [\"operators\", \"interns\"]\nservice = { class = \"SampleDevice\" }\nmethods = [\"reset\"]\nprivileges = [\"sample.admin\"]\n\n[[rule]]\nid = \"no-interns\"\neffect = \"forbid\"\nprincipals = [\"interns\"]\nservice = { class = \"SampleDevice\" }\nmethods = [\"reset\"]\n").unwrap();
+    let (ok, out) = run(&[
+        "policy",
+        "who-can",
+        "--policy",
+        path.to_str().unwrap(),
+        "--service",
+        "class=SampleDevice",
+        "--method",
+        "reset",
+    ]);
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("operators (rule \"ops-reset\"): e.g. ")
+            && out.contains("groups=[wheel]")
+            && !out.contains("interns (rule"),
+        "{out}"
+    );
+    assert!(
+        out.contains("1 principal(s) can reach method reset (privilege sample.admin) on class=SampleDevice"),
+        "{out}"
+    );
+    let (ok, out) = run(&[
+        "policy",
+        "who-can",
+        "--policy",
+        path.to_str().unwrap(),
+        "--service",
+        "class=SampleDevice",
+        "--method",
+        "ad",
+    ]);
+    assert!(!ok && out.contains("did you mean \"add\""), "{out}");
+}
+
 /// The default policy with one edit.
 fn edited(from: &str, to: &str) -> String {
     let text = std::fs::read_to_string(root().join("broker/src/default_policy.toml")).unwrap();
