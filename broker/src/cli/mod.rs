@@ -9,6 +9,7 @@ mod json;
 mod layout;
 mod ls;
 mod policy;
+mod policy_schema;
 mod schema;
 mod watch;
 
@@ -52,7 +53,7 @@ enum Command {
     Layout(layout::LayoutArgs),
     /// Every driver's selectors and struct layouts, as C headers or JSON.
     Schema(schema::SchemaArgs),
-    /// Policy tools: check, explain, test, diff, who-can, fmt; reload the running broker's policy.
+    /// Policy tools: check, explain, test, diff, who-can, fmt, schema; reload the running broker's policy.
     #[command(subcommand)]
     Policy(policy::PolicyCommand),
     /// What the running broker holds for its clients: sessions, user clients, mappings,

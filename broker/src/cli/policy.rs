@@ -50,6 +50,8 @@ pub(crate) enum PolicyCommand {
         #[arg(long)]
         check: bool,
     },
+    /// Print a JSON Schema of the policy language, for editors that check and complete TOML.
+    Schema,
     /// Which principals (and so which tasks) the policy lets reach a request, each with a task
     /// that shows it and the allowing rule.
     WhoCan(WhoCanArgs),
@@ -312,6 +314,9 @@ fn run_tool(command: PolicyCommand, run_dir: &super::RunDir) -> Result<(), Strin
         } => check(&path, config.as_deref(), deny_warnings),
         PolicyCommand::Explain(_) => Ok(()),
         PolicyCommand::WhoCan(args) => who_can(args),
+        PolicyCommand::Schema => serde_json::to_string_pretty(&super::policy_schema::schema())
+            .map(|text| println!("{text}"))
+            .map_err(|e| e.to_string()),
         PolicyCommand::Test {
             cases,
             policy,
