@@ -30,6 +30,10 @@ pub struct Config {
     pub max_connections: Option<usize>,
     /// The decision log (JSON lines); relative paths are relative to the config file.
     pub decision_log: Option<PathBuf>,
+    /// Reload the policy when a file of it changes [default: true]. With `false`, only
+    /// `SIGHUP` and `portcullis policy reload` reload it (a team that stages edits, and checks
+    /// them with `policy reload --dry-run`, first).
+    pub watch_policy: Option<bool>,
     /// Devices the virtual bus publishes.
     #[serde(default, rename = "device")]
     pub devices: Vec<DeviceConfig>,

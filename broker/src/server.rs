@@ -176,7 +176,7 @@ pub async fn run(options: BrokerOptions, shutdown: impl Future<Output = ()>) -> 
         let _ = rx.wait_for(|stop| *stop).await;
     };
     tokio::spawn(reload_on_sighup(core.clone()));
-    if let Some(source) = core.policy_source() {
+    if let Some(source) = core.policy_source().filter(|_| config.watch_policy != Some(false)) {
         match watch_policy(core.clone(), source) {
             Ok(watcher) => watchers.push(watcher),
             Err(e) => {

@@ -993,6 +993,11 @@ impl Policy {
         out
     }
 
+    /// Whether the whole policy is in audit mode.
+    pub fn audit_mode(&self) -> bool {
+        self.audit
+    }
+
     /// The rules' ids, in id order.
     pub fn rule_ids(&self) -> impl Iterator<Item = &str> {
         self.rules.iter().map(|r| r.id.as_str())

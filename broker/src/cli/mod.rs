@@ -53,7 +53,7 @@ enum Command {
     Layout(layout::LayoutArgs),
     /// Every driver's selectors and struct layouts, as C headers or JSON.
     Schema(schema::SchemaArgs),
-    /// Policy tools: check, explain, test, diff, who-can, fmt, schema; reload the running broker's policy.
+    /// Policy tools: check, explain, test, diff, who-can, fmt, schema; status and reload of the running broker's policy.
     #[command(subcommand)]
     Policy(policy::PolicyCommand),
     /// What the running broker holds for its clients: sessions, user clients, mappings,
@@ -88,13 +88,27 @@ async fn stats(args: StatsArgs, run_dir: &RunDir) -> Result<(), String> {
         ("queued_messages", s.queued_messages),
         ("connections", s.connections),
     ];
+    let policy = s.policy.as_ref();
     if args.json {
-        let map: serde_json::Map<String, serde_json::Value> =
+        let mut map: serde_json::Map<String, serde_json::Value> =
             rows.iter().map(|(k, v)| ((*k).to_string(), (*v).into())).collect();
+        if let Some(p) = policy {
+            map.insert(
+                "policy".into(),
+                serde_json::json!({ "revision": p.revision, "generation": p.generation, "mode": p.mode, "rules": p.rules }),
+            );
+        }
         println!("{}", serde_json::Value::Object(map));
     } else {
         for (k, v) in rows {
             println!("{k:<16}{v}");
+        }
+        if let Some(p) = policy {
+            let revision = p.revision.get(..12).unwrap_or_default();
+            println!(
+                "{:<16}revision {revision}, generation {}, {}, {} rules",
+                "policy", p.generation, p.mode, p.rules
+            );
         }
     }
     Ok(())

@@ -30,7 +30,19 @@ pub(crate) enum PolicyCommand {
     Explain(ExplainArgs),
     /// Ask the running broker to reload its policy (root or the broker's user only). A policy
     /// that does not compile is refused, with every error, and the running one stays.
-    Reload,
+    Reload {
+        /// Change nothing: check the policy as a reload would and list the live user clients
+        /// whose grants it would change (or close).
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// The running broker's policy: revision, generation, mode, files, rules, last reload
+    /// (root or the broker's user only).
+    Status {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Requests whose decision changes between two policies, each with a task and service that
     /// shows it and the deciding rules before and after.
     Diff {
@@ -323,28 +335,90 @@ fn run_tool(command: PolicyCommand, run_dir: &super::RunDir) -> Result<(), Strin
             coverage,
             format,
         } => test(&cases, policy.as_deref(), coverage, format),
-        PolicyCommand::Reload => reload(run_dir),
+        PolicyCommand::Reload { dry_run } => reload(run_dir, dry_run),
+        PolicyCommand::Status { json } => status(run_dir, json),
         PolicyCommand::Diff { old, new, exit_code } => diff(&old, &new, exit_code),
         PolicyCommand::Fmt { path, check } => fmt(&path, check),
     }
 }
 
-fn reload(run_dir: &super::RunDir) -> Result<(), String> {
+/// Runs one request to the running broker on a current-thread runtime.
+fn with_broker<T>(
+    run_dir: &super::RunDir,
+    f: impl AsyncFnOnce(portcullis_client::Client) -> Result<T, String>,
+) -> Result<T, String> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|e| e.to_string())?;
     runtime.block_on(async {
         let client = run_dir.connect().await.map_err(|e| e.to_string())?;
-        match client.reload_policy().await {
-            Ok((generation, rules)) => {
-                println!("policy reloaded: generation {generation}, {rules} rules");
-                Ok(())
-            }
-            Err(portcullis_client::ClientError::Rpc(status)) => Err(format!("reload refused: {}", status.message())),
-            Err(e) => Err(e.to_string()),
-        }
+        f(client).await
     })
+}
+
+fn reload(run_dir: &super::RunDir, dry_run: bool) -> Result<(), String> {
+    let refused = |e: portcullis_client::ClientError| match e {
+        portcullis_client::ClientError::Rpc(status) => format!("reload refused: {}", status.message()),
+        e => e.to_string(),
+    };
+    with_broker(run_dir, async |client| {
+        if dry_run {
+            let r = client.reload_policy_dry_run().await.map_err(refused)?;
+            let revision = r.revision.get(..12).unwrap_or_default();
+            for c in &r.would_change {
+                println!(
+                    "uid {} pid {} {} handle {}: {}",
+                    c.uid, c.pid, c.service, c.handle, c.change
+                );
+            }
+            println!(
+                "dry run: the policy files hold revision {revision}; a reload would change {} live user client(s); nothing was changed",
+                r.would_change.len()
+            );
+            return Ok(());
+        }
+        let (generation, rules) = client.reload_policy().await.map_err(refused)?;
+        println!("policy reloaded: generation {generation}, {rules} rules");
+        Ok(())
+    })
+}
+
+fn status(run_dir: &super::RunDir, json: bool) -> Result<(), String> {
+    let stats = with_broker(run_dir, async |client| {
+        client.stats().await.map_err(|e| match e {
+            portcullis_client::ClientError::Rpc(status) => status.message().to_string(),
+            e => e.to_string(),
+        })
+    })?;
+    let p = stats.policy.ok_or("the broker did not say what its policy is")?;
+    if json {
+        let last = p.last_reload.as_ref().map(|r| {
+            serde_json::json!({ "time": r.time, "accepted": r.accepted, "revision": r.revision, "error": r.error, "generation": r.generation })
+        });
+        let out = serde_json::json!({ "revision": p.revision, "generation": p.generation, "mode": p.mode, "files": p.files, "rules": p.rules, "last_reload": last });
+        println!("{out}");
+        return Ok(());
+    }
+    println!("revision    {}", p.revision);
+    println!("generation  {}", p.generation);
+    println!("mode        {}", p.mode);
+    println!("rules       {}", p.rules);
+    match p.files.as_slice() {
+        [] => println!("files       (the embedded default)"),
+        files => println!("files       {}", files.join(", ")),
+    }
+    match &p.last_reload {
+        None => println!("last reload (none)"),
+        Some(r) if r.accepted => println!(
+            "last reload accepted at {:.0}: generation {}, revision {}",
+            r.time,
+            r.generation,
+            r.revision.get(..12).unwrap_or_default()
+        ),
+        Some(r) => println!("last reload refused at {:.0}: {}", r.time, r.error),
+    }
+    Ok(())
 }
 
 fn check(path: &Path, config: Option<&Path>, deny_warnings: bool) -> Result<(), String> {

@@ -75,6 +75,109 @@ pub struct Core {
     next_client: AtomicU64,
     /// Live sessions, user clients, mappings and pending calls, for `stats` and leak checks.
     pub(crate) live: LiveCounts,
+    /// Every open user client's grant and what it was compiled from, so that a dry-run reload
+    /// can say whose grant a new policy would change.
+    pub(crate) grants: Arc<std::sync::Mutex<std::collections::HashMap<u64, OpenGrant>>>,
+    /// What the last reload did.
+    last_reload: std::sync::Mutex<Option<ReloadRecord>>,
+}
+
+/// An open user client's grant, with what admission compiled it from.
+#[derive(Clone)]
+pub(crate) struct OpenGrant {
+    pub(crate) peer: Arc<super::PeerIdentity>,
+    pub(crate) abi: portcullis_proto::layout::AbiId,
+    pub(crate) service: Arc<crate::registry::Service>,
+    pub(crate) driver: Arc<dyn crate::driver::Driver>,
+    pub(crate) mode: crate::registry::OpenMode,
+    pub(crate) handle: u64,
+    pub(crate) grant: portcullis_policy::Grant,
+}
+
+impl std::fmt::Debug for OpenGrant {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OpenGrant")
+            .field("service", &self.service.name())
+            .field("handle", &self.handle)
+            .field("uid", &self.peer.uid)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Removes a user client's entry from [`Core::grants`] when the user client goes.
+pub(crate) struct GrantEntry {
+    grants: Arc<std::sync::Mutex<std::collections::HashMap<u64, OpenGrant>>>,
+    key: u64,
+}
+
+impl GrantEntry {
+    pub(crate) fn new(core: &Core, key: u64, entry: OpenGrant) -> GrantEntry {
+        core.grants.lock().unwrap_or_else(|e| e.into_inner()).insert(key, entry);
+        GrantEntry {
+            grants: core.grants.clone(),
+            key,
+        }
+    }
+
+    /// The grant a reload recompiled.
+    pub(crate) fn update(&self, grant: &portcullis_policy::Grant) {
+        if let Some(entry) = self.grants.lock().unwrap_or_else(|e| e.into_inner()).get_mut(&self.key) {
+            entry.grant = grant.clone();
+        }
+    }
+}
+
+impl Drop for GrantEntry {
+    fn drop(&mut self) {
+        self.grants.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.key);
+    }
+}
+
+/// The outcome of a reload, for `policy status`.
+#[derive(Clone, Debug)]
+pub struct ReloadRecord {
+    /// When (seconds since the epoch).
+    pub time: f64,
+    /// Whether the new policy runs.
+    pub accepted: bool,
+    /// The new policy's revision (accepted), or empty.
+    pub revision: String,
+    /// Why it was refused, or empty.
+    pub error: String,
+    /// The generation running after it.
+    pub generation: u64,
+}
+
+/// The running policy, as `policy status` reports it.
+#[derive(Clone, Debug)]
+pub struct PolicyStatus {
+    /// Its revision.
+    pub revision: String,
+    /// Reloads so far, plus one.
+    pub generation: u64,
+    /// The whole policy in audit mode.
+    pub audit: bool,
+    /// Its files (none: the embedded default).
+    pub files: Vec<PathBuf>,
+    /// Its rules.
+    pub rules: usize,
+    /// The last reload, if any.
+    pub last_reload: Option<ReloadRecord>,
+}
+
+/// A live user client whose grant a new policy would change.
+#[derive(Clone, Debug)]
+pub struct GrantChange {
+    /// The client's uid and pid (0 for a TLS client), as the broker knows them.
+    pub uid: u32,
+    /// Its pid, as text.
+    pub pid: String,
+    /// The service.
+    pub service: String,
+    /// The user client's handle in its session.
+    pub handle: u64,
+    /// What would change, in words.
+    pub change: String,
 }
 
 /// Counters of live objects, each kept by a [`Live`] guard held by the object.
@@ -140,6 +243,45 @@ pub struct Stats {
     pub connections: usize,
 }
 
+/// What differs between two grants of one user client, in words: methods and memory types
+/// newly allowed or refused, privileges, the rate.
+fn describe_grant_change(
+    before: &portcullis_policy::Grant,
+    after: &portcullis_policy::Grant,
+    driver: &Arc<dyn crate::driver::Driver>,
+) -> String {
+    let mut said = Vec::new();
+    for (i, row) in driver.methods().rows().iter().enumerate() {
+        match (before.check(i).is_ok(), after.check(i).is_ok()) {
+            (true, false) => said.push(format!("method {} refused", row.name)),
+            (false, true) => said.push(format!("method {} allowed", row.name)),
+            _ => {}
+        }
+    }
+    for (i, m) in driver.memory_types().iter().enumerate() {
+        match (before.check_memory(i).is_ok(), after.check_memory(i).is_ok()) {
+            (true, false) => said.push(format!("memory {} refused", m.name)),
+            (false, true) => said.push(format!("memory {} allowed", m.name)),
+            _ => {}
+        }
+    }
+    let (was, now): (Vec<&str>, Vec<&str>) = (before.privileges().collect(), after.privileges().collect());
+    if was != now {
+        said.push(format!("privileges [{}] -> [{}]", was.join(", "), now.join(", ")));
+    }
+    let rate = |g: &portcullis_policy::Grant| {
+        g.rate_limit()
+            .map_or_else(|| "none".to_string(), |(r, _)| r.to_string())
+    };
+    if rate(before) != rate(after) {
+        said.push(format!("rate {} -> {}", rate(before), rate(after)));
+    }
+    if said.is_empty() {
+        said.push("the deciding rules or argument constraints change".into());
+    }
+    said.join("; ")
+}
+
 impl Core {
     /// A core with an empty registry (the root only) and this policy.
     pub fn new(policy: Policy) -> Arc<Core> {
@@ -165,6 +307,8 @@ impl Core {
             policy: RwLock::new((Arc::new(policy), 1)),
             generation: AtomicU64::new(1),
             policy_source: source,
+            grants: Arc::default(),
+            last_reload: std::sync::Mutex::new(None),
             accounts: Accounts::new(max_connections, limits),
             max_connections,
             decisions: std::sync::OnceLock::new(),
@@ -243,19 +387,98 @@ impl Core {
     /// error is returned (and logged); on success the new one runs from the next call of every
     /// session. Returns the new generation and its rule count.
     pub fn reload_policy(&self) -> Result<(u64, usize), crate::config::ConfigError> {
-        match crate::config::load_policy_trusted(self.policy_source.as_deref()) {
+        let time = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64());
+        let result = crate::config::load_policy_trusted(self.policy_source.as_deref());
+        let (record, outcome) = match result {
             Ok(policy) => {
                 let rules = policy.rule_count();
                 let revision = policy.revision().to_string();
                 let generation = self.replace_policy(policy);
                 tracing::info!(generation, rules, revision, "policy reloaded");
-                Ok((generation, rules))
+                let record = ReloadRecord {
+                    time,
+                    accepted: true,
+                    revision: revision.clone(),
+                    error: String::new(),
+                    generation,
+                };
+                if let Some(log) = self.decision_log() {
+                    log.write(serde_json::json!({ "event": "reload", "decision": "accepted", "policy_generation": generation, "policy_revision": revision, "rules": rules }));
+                }
+                (record, Ok((generation, rules)))
             }
             Err(e) => {
                 tracing::warn!(error = %e, "policy reload refused; the running policy stays");
-                Err(e)
+                let generation = self.policy_generation();
+                if let Some(log) = self.decision_log() {
+                    log.write(serde_json::json!({ "event": "reload", "decision": "refused", "policy_generation": generation, "error": e.to_string() }));
+                }
+                let record = ReloadRecord {
+                    time,
+                    accepted: false,
+                    revision: String::new(),
+                    error: e.to_string(),
+                    generation,
+                };
+                (record, Err(e))
             }
+        };
+        *self.last_reload.lock().unwrap_or_else(|e| e.into_inner()) = Some(record);
+        outcome
+    }
+
+    /// The running policy: revision, generation, mode, files, rules, and the last reload.
+    pub fn policy_status(&self) -> PolicyStatus {
+        let (policy, generation) = self.policy_snapshot();
+        PolicyStatus {
+            revision: policy.revision().to_string(),
+            generation,
+            audit: policy.audit_mode(),
+            files: self
+                .policy_source
+                .as_deref()
+                .map(|p| crate::config::policy_files(p).unwrap_or_default())
+                .unwrap_or_default(),
+            rules: policy.rule_count(),
+            last_reload: self.last_reload.lock().unwrap_or_else(|e| e.into_inner()).clone(),
         }
+    }
+
+    /// What a reload would do, without doing it: the policy the files now hold is loaded and
+    /// checked as a reload would, and each open user client's admission recompiled under it;
+    /// returns that policy's revision and every user client whose grant would change (or that
+    /// would be closed). Nothing changes; a policy that does not load is the error.
+    pub fn reload_dry_run(&self) -> Result<(String, Vec<GrantChange>), crate::config::ConfigError> {
+        let policy = crate::config::load_policy_trusted(self.policy_source.as_deref())?;
+        let entries: Vec<OpenGrant> = self
+            .grants
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        let mut changes: Vec<GrantChange> = entries
+            .iter()
+            .filter_map(|e| {
+                let after = super::user::admit(self, &policy, &e.peer, e.abi, &e.service, &e.driver, e.mode);
+                let change = match after {
+                    Err(denial) => format!("would be closed: {} (rule {:?})", denial.reason, denial.rule),
+                    Ok(grant) if grant == e.grant => return None,
+                    Ok(grant) => describe_grant_change(&e.grant, &grant, &e.driver),
+                };
+                Some(GrantChange {
+                    uid: e.peer.uid,
+                    pid: e.peer.pid_text(),
+                    service: e.service.name().to_string(),
+                    handle: e.handle,
+                    change,
+                })
+            })
+            .collect();
+        changes.sort_by(|a, b| (a.uid, &a.pid, a.handle).cmp(&(b.uid, &b.pid, b.handle)));
+        Ok((policy.revision().to_string(), changes))
     }
 
     /// Every client identity's account, and the connection slots.

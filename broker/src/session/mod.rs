@@ -12,7 +12,7 @@ mod user;
 
 pub use command::{Command, Reply, Started};
 pub(crate) use core::Live;
-pub use core::{Core, CoreEvent, Stats};
+pub use core::{Core, CoreEvent, GrantChange, PolicyStatus, ReloadRecord, Stats};
 pub use decisions::DecisionLog;
 pub(crate) use identity::parse_label;
 pub use identity::{ExeHashing, FileId, IdentityError, IdentityOptions, PeerIdentity, TlsPeer};

@@ -135,6 +135,8 @@ struct UserClient {
     rate: Option<(super::bucket::TokenBucket, String)>,
     /// Counts this user client, and each of its mappings, as live.
     _live: super::core::Live,
+    /// Its grant in the core's list (for dry-run reloads), removed with it.
+    listed: super::core::GrantEntry,
     mapping_live: Vec<super::core::Live>,
 }
 
@@ -262,6 +264,7 @@ impl Session {
             ) {
                 Ok(grant) => {
                     uc.rate = rate_bucket(&grant);
+                    uc.listed.update(&grant);
                     uc.grant = grant;
                 }
                 Err(denial) => {
@@ -567,6 +570,19 @@ impl Session {
         tracing::info!(uid = self.peer.uid, pid = %self.peer.pid_text(), service = service.name(), handle, rule = grant.admitted_by(), ?mode, "user client opened");
         let (cancel, _) = watch::channel(());
         let rate = rate_bucket(&grant);
+        let listed = super::core::GrantEntry::new(
+            &self.core,
+            key.0,
+            super::core::OpenGrant {
+                peer: self.peer.clone(),
+                abi: self.abi,
+                service: service.clone(),
+                driver: driver.clone(),
+                mode,
+                handle,
+                grant: grant.clone(),
+            },
+        );
         self.user_clients.insert(
             handle,
             UserClient {
@@ -578,6 +594,7 @@ impl Session {
                 cancel,
                 rate,
                 _live: super::core::Live::new(&self.core.live.user_clients),
+                listed,
                 mapping_live: Vec::new(),
             },
         );
@@ -900,7 +917,7 @@ impl Drop for Session {
 }
 
 /// `initWithTask` under `policy`: the grant for this peer, ABI, service and open mode.
-fn admit(
+pub(crate) fn admit(
     core: &Core,
     policy: &portcullis_policy::Policy,
     peer: &PeerIdentity,

@@ -526,11 +526,36 @@ impl pb::broker_server::Broker for BrokerService {
         req: tonic::Request<pb::ReloadPolicyRequest>,
     ) -> Result<tonic::Response<pb::ReloadPolicyResponse>, tonic::Status> {
         let peer = admin(&req, "reload the policy")?;
+        if req.get_ref().dry_run {
+            tracing::info!(uid = peer.uid, pid = %peer.pid_text(), "policy reload dry run requested");
+            let (revision, changes) = self
+                .core
+                .reload_dry_run()
+                .map_err(|e| tonic::Status::failed_precondition(e.to_string()))?;
+            let status = self.core.policy_status();
+            return Ok(tonic::Response::new(pb::ReloadPolicyResponse {
+                generation: status.generation,
+                rules: u32::try_from(status.rules).unwrap_or(u32::MAX),
+                revision,
+                would_change: changes
+                    .into_iter()
+                    .map(|c| pb::GrantChange {
+                        uid: c.uid,
+                        pid: c.pid,
+                        service: c.service,
+                        handle: c.handle,
+                        change: c.change,
+                    })
+                    .collect(),
+            }));
+        }
         tracing::info!(uid = peer.uid, pid = %peer.pid_text(), "policy reload requested");
         match self.core.reload_policy() {
             Ok((generation, rules)) => Ok(tonic::Response::new(pb::ReloadPolicyResponse {
                 generation,
                 rules: u32::try_from(rules).unwrap_or(u32::MAX),
+                revision: self.core.policy_status().revision,
+                would_change: Vec::new(),
             })),
             Err(e) => Err(tonic::Status::failed_precondition(e.to_string())),
         }
@@ -556,6 +581,7 @@ impl pb::broker_server::Broker for BrokerService {
             open_fds: n(s.open_fds),
             queued_messages: n(s.queued_messages),
             connections: n(s.connections),
+            policy: Some(policy_status(&self.core.policy_status())),
         }))
     }
 
@@ -573,6 +599,24 @@ impl pb::broker_server::Broker for BrokerService {
             .map(|s| s.info(AbiId::native()))
             .collect();
         Ok(tonic::Response::new(pb::ListServicesResponse { services }))
+    }
+}
+
+/// The running policy on the wire.
+fn policy_status(p: &crate::session::PolicyStatus) -> pb::PolicyStatus {
+    pb::PolicyStatus {
+        revision: p.revision.clone(),
+        generation: p.generation,
+        mode: if p.audit { "audit" } else { "enforce" }.into(),
+        files: p.files.iter().map(|f| f.display().to_string()).collect(),
+        rules: u32::try_from(p.rules).unwrap_or(u32::MAX),
+        last_reload: p.last_reload.as_ref().map(|r| pb::ReloadRecord {
+            time: r.time,
+            accepted: r.accepted,
+            revision: r.revision.clone(),
+            error: r.error.clone(),
+            generation: r.generation,
+        }),
     }
 }
 

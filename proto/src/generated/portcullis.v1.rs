@@ -337,21 +337,85 @@ pub struct ListServicesResponse {
 }
 #[allow(clippy::all)]
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
-pub struct ReloadPolicyRequest {}
+pub struct ReloadPolicyRequest {
+    /// Change nothing: load and check the policy as a reload would, and list the live user
+    /// clients whose grants it would change.
+    #[prost(bool, tag = "1")]
+    pub dry_run: bool,
+}
 #[allow(clippy::all)]
-#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+#[derive(Clone, PartialEq, ::prost::Message)]
 pub struct ReloadPolicyResponse {
     /// The policy generation now running (increases by one per successful reload).
     #[prost(uint64, tag = "1")]
     pub generation: u64,
     #[prost(uint32, tag = "2")]
     pub rules: u32,
+    /// For a dry run: the revision the files hold, and whose grants a reload would change.
+    #[prost(string, tag = "3")]
+    pub revision: ::prost::alloc::string::String,
+    #[prost(message, repeated, tag = "4")]
+    pub would_change: ::prost::alloc::vec::Vec<GrantChange>,
+}
+/// A live user client whose grant a reload would change.
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct GrantChange {
+    #[prost(uint32, tag = "1")]
+    pub uid: u32,
+    #[prost(string, tag = "2")]
+    pub pid: ::prost::alloc::string::String,
+    #[prost(string, tag = "3")]
+    pub service: ::prost::alloc::string::String,
+    #[prost(uint64, tag = "4")]
+    pub handle: u64,
+    /// What would change, in words ("method reset refused", "would be closed: ...").
+    #[prost(string, tag = "5")]
+    pub change: ::prost::alloc::string::String,
+}
+/// The running policy.
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct PolicyStatus {
+    #[prost(string, tag = "1")]
+    pub revision: ::prost::alloc::string::String,
+    #[prost(uint64, tag = "2")]
+    pub generation: u64,
+    /// "enforce" or "audit" (the whole policy).
+    #[prost(string, tag = "3")]
+    pub mode: ::prost::alloc::string::String,
+    /// Its files; none for the embedded default.
+    #[prost(string, repeated, tag = "4")]
+    pub files: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    #[prost(uint32, tag = "5")]
+    pub rules: u32,
+    /// The last reload, when there was one.
+    #[prost(message, optional, tag = "6")]
+    pub last_reload: ::core::option::Option<ReloadRecord>,
+}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct ReloadRecord {
+    /// Seconds since the epoch.
+    #[prost(double, tag = "1")]
+    pub time: f64,
+    #[prost(bool, tag = "2")]
+    pub accepted: bool,
+    /// The revision it brought (accepted), or empty.
+    #[prost(string, tag = "3")]
+    pub revision: ::prost::alloc::string::String,
+    /// Why it was refused, or empty.
+    #[prost(string, tag = "4")]
+    pub error: ::prost::alloc::string::String,
+    /// The generation running after it.
+    #[prost(uint64, tag = "5")]
+    pub generation: u64,
 }
 #[allow(clippy::all)]
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct StatsRequest {}
 #[allow(clippy::all)]
-#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+#[derive(Clone, PartialEq, ::prost::Message)]
 pub struct StatsResponse {
     /// Services in the registry.
     #[prost(uint64, tag = "1")]
@@ -389,6 +453,9 @@ pub struct StatsResponse {
     /// Connections being served, over every transport.
     #[prost(uint64, tag = "12")]
     pub connections: u64,
+    /// The running policy.
+    #[prost(message, optional, tag = "13")]
+    pub policy: ::core::option::Option<PolicyStatus>,
 }
 /// The one status enum, shared by every transport. Numbers never change.
 #[allow(clippy::all)]

@@ -381,10 +381,22 @@ impl Client {
         let response = self
             .grpc
             .clone()
-            .reload_policy(pb::ReloadPolicyRequest {})
+            .reload_policy(pb::ReloadPolicyRequest { dry_run: false })
             .await?
             .into_inner();
         Ok((response.generation, response.rules))
+    }
+
+    /// What a reload would do, changing nothing: the revision the policy files now hold, and
+    /// every live user client whose grant it would change (root or the broker's own user only).
+    /// A policy that would be refused is `ClientError::Rpc` with the errors.
+    pub async fn reload_policy_dry_run(&self) -> Result<pb::ReloadPolicyResponse, ClientError> {
+        Ok(self
+            .grpc
+            .clone()
+            .reload_policy(pb::ReloadPolicyRequest { dry_run: true })
+            .await?
+            .into_inner())
     }
 
     /// What the broker holds for its clients (root or the broker's own user only).

@@ -194,6 +194,86 @@ async fn a_root_broker_refuses_a_policy_others_can_write() {
     );
 }
 
+/// The running broker reports its policy (`policy status`, and in `stats`), and `policy reload
+/// --dry-run` lists the live user clients whose grants a reload would change — changing
+/// nothing.
+#[tokio::test]
+async fn policy_status_and_a_dry_run_reload_change_nothing() {
+    let policy = format!("{HEAD}{}", allow("use", "\"*\""));
+    // Edits are staged: only the command reloads (no file watch racing the dry runs).
+    let broker = Broker::with(BrokerSetup {
+        policy: Some(&policy),
+        config: Some("watch_policy = false\n\n[[device]]\nname = \"sample0\"\ndriver = \"sample\"\n"),
+        ..Default::default()
+    });
+    let status = stdout_ok(&broker.cli(&["policy", "status"]));
+    let path = broker.policy_path().display().to_string();
+    for expected in [
+        "generation  1\n",
+        "mode        enforce\n",
+        "rules       1\n",
+        "last reload (none)",
+    ] {
+        assert!(status.contains(expected), "{expected}: {status}");
+    }
+    assert!(status.contains(&format!("files       {path}")), "{status}");
+    let stats = stdout_ok(&broker.cli(&["stats"]));
+    assert!(stats.contains("generation 1, enforce, 1 rules"), "{stats}");
+    let (session, uc) = broker.open("sample0", OpenMode::Shared).await;
+
+    // A policy that forbids add: the dry run names this user client and what it would lose.
+    write(&broker, &format!("{policy}{}", forbid("no-add", "\"add\"")));
+    let out = stdout_ok(&broker.cli(&["policy", "reload", "--dry-run"]));
+    assert!(
+        out.contains("sample0 handle") && out.contains("method add refused"),
+        "{out}"
+    );
+    assert!(
+        out.contains("a reload would change 1 live user client(s); nothing was changed"),
+        "{out}"
+    );
+    // One that no longer admits it: it would be closed.
+    write(
+        &broker,
+        &format!(
+            "{HEAD}{}",
+            allow("other", "\"get_line\"").replace("SampleDevice", "TtyDevice")
+        ),
+    );
+    let out = stdout_ok(&broker.cli(&["policy", "reload", "--dry-run"]));
+    assert!(out.contains("would be closed"), "{out}");
+    // Nothing changed: the same generation, and add still runs.
+    assert!(stdout_ok(&broker.cli(&["policy", "status"])).contains("generation  1\n"));
+    assert_eq!(
+        session.call_named(&uc, "add", &[1, 1], &[]).await.unwrap().scalars,
+        vec![2]
+    );
+
+    // A real reload is reported, and so is a refused one.
+    write(&broker, &format!("{policy}{}", forbid("no-add", "\"add\"")));
+    stdout_ok(&broker.cli(&["policy", "reload"]));
+    let status = stdout_ok(&broker.cli(&["policy", "status"]));
+    assert!(
+        status.contains("generation  2\n") && status.contains("last reload accepted"),
+        "{status}"
+    );
+    write(&broker, "[[rule]]\nid = \"broken\"\n");
+    assert!(!broker.cli(&["policy", "reload"]).status.success());
+    let status = stdout_ok(&broker.cli(&["policy", "status", "--json"]));
+    let json: serde_json::Value = serde_json::from_str(&status).unwrap();
+    assert_eq!(
+        (json["generation"].as_u64(), json["last_reload"]["accepted"].as_bool()),
+        (Some(2), Some(false))
+    );
+    assert!(
+        json["last_reload"]["error"]
+            .as_str()
+            .unwrap()
+            .contains("missing field `effect`"),
+        "{json}"
+    );
+}
+
 #[tokio::test]
 async fn reload_command_refuses_a_broken_policy_and_keeps_the_running_one() {
     let policy = format!("{HEAD}{}", allow("use", "\"*\""));
