@@ -269,6 +269,15 @@ impl Session {
                 }
                 Err(denial) => {
                     tracing::info!(uid = self.peer.uid, pid = %self.peer.pid_text(), service = service.name(), handle, rule = %denial.rule, "user client closed by a policy reload");
+                    self.log(serde_json::json!({
+                        "event": "closed_by_reload",
+                        "decision": "deny",
+                        "service": service.name(),
+                        "request": { "handle": handle },
+                        "rule": denial.rule,
+                        "check": "policy",
+                        "reason": denial.reason,
+                    }));
                     self.user_clients.remove(&handle);
                     self.outbox.push(SessionEvent::UserClientClosed {
                         handle,
@@ -420,12 +429,26 @@ impl Session {
                     serde_json::json!({ "san_uri": tls.san_uri, "san_dns": tls.san_dns, "subject_cn": tls.subject_cn }),
                 );
             } else {
+                // What principals can name, so that `policy suggest` can write a rule for it.
                 map.insert("uid".into(), self.peer.uid.into());
                 map.insert("gid".into(), self.peer.gid.into());
+                map.insert("groups".into(), self.peer.groups.clone().into());
                 map.insert("pid".into(), self.peer.pid.into());
                 map.insert("exe".into(), self.peer.exe.clone().into());
+                map.insert("cgroup".into(), self.peer.cgroup.clone().into());
+                map.insert("lsm_label".into(), self.peer.lsm_label.clone().into());
             }
             map.insert("abi".into(), self.abi.to_string().into());
+            let class = map.get("service").and_then(|s| s.as_str()).and_then(|name| {
+                self.core
+                    .registry()
+                    .find(&crate::registry::Matching::name(name))
+                    .first()
+                    .map(|s| s.class().to_string())
+            });
+            if let Some(class) = class {
+                map.insert("class".into(), class.into());
+            }
         }
         record
     }

@@ -71,7 +71,9 @@ fn policy_help_names_every_policy_subcommand() {
     let top = stdout_ok(&Command::new(bin()).arg("--help").output().unwrap());
     let line = top.lines().find(|l| l.trim_start().starts_with("policy")).unwrap();
     let sub = stdout_ok(&Command::new(bin()).args(["policy", "--help"]).output().unwrap());
-    for command in ["check", "explain", "test", "diff", "fmt", "reload", "who-can", "schema", "status"] {
+    for command in [
+        "check", "explain", "test", "diff", "fmt", "reload", "who-can", "schema", "status",
+    ] {
         assert!(line.contains(command), "`portcullis --help` says: {line}");
         assert!(sub.contains(&format!("  {command} ")), "{sub}");
     }

@@ -82,6 +82,17 @@ async fn decision_log_names_rules_checks_and_survives_a_flood() {
     );
     assert_eq!(admission["uid"], 0);
     assert_eq!(admission["policy_generation"], 1);
+    // What principals can name, and the service's class: what `policy suggest` writes rules from.
+    assert_eq!(admission["class"], "SampleDevice");
+    assert!(
+        admission["groups"].as_array().unwrap().iter().any(|g| g == "root"),
+        "{admission}"
+    );
+    assert!(
+        admission["cgroup"].as_str().is_some_and(|c| c.starts_with('/')),
+        "{admission}"
+    );
+    assert!(admission.get("lsm_label").is_some(), "{admission}");
     // The revision is the SHA-256 of the policy the broker loaded: the same as `policy check`
     // prints for that file.
     let revision = admission["policy_revision"].as_str().unwrap();
@@ -230,5 +241,57 @@ async fn audit_mode_lets_requests_through_and_logs_would_deny() {
     assert_eq!(
         (call["rule"].as_str(), call["request"]["method"].as_str()),
         (Some("default deny"), Some("add"))
+    );
+}
+
+/// Every reload is a line, accepted or refused, with its revision; a user client a reload
+/// closes is a line naming the rule.
+#[tokio::test]
+async fn decision_log_records_reloads_and_what_they_close() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("decisions.jsonl");
+    let log_arg = log.to_str().unwrap().to_string();
+    let broker = Broker::with(BrokerSetup {
+        policy: Some(POLICY),
+        config: Some("watch_policy = false\n\n[[device]]\nname = \"sample0\"\ndriver = \"sample\"\n"),
+        args: &["--decision-log", &log_arg],
+        ..Default::default()
+    });
+    let (session, uc) = broker.open("sample0", OpenMode::Shared).await;
+    std::fs::write(broker.policy_path(), "[[principal]]\nname = \"all\"\n").unwrap();
+    assert!(broker.cli(&["policy", "reload"]).status.success());
+    // The next request of the session sees the reload: its user client is closed.
+    let _ = session.call_named(&uc, "add", &[1, 1], &[]).await;
+    std::fs::write(broker.policy_path(), "[[rule]]\n").unwrap();
+    assert!(!broker.cli(&["policy", "reload"]).status.success());
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let all = loop {
+        let all = records(&log);
+        let reloads = all.iter().filter(|r| r["event"] == "reload").count();
+        if reloads == 2 && all.iter().any(|r| r["event"] == "closed_by_reload") {
+            break all;
+        }
+        assert!(Instant::now() < deadline, "{all:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let reloads: Vec<&Value> = all.iter().filter(|r| r["event"] == "reload").collect();
+    assert_eq!(
+        (
+            reloads[0]["decision"].as_str(),
+            reloads[0]["policy_generation"].as_u64()
+        ),
+        (Some("accepted"), Some(2))
+    );
+    assert_eq!(reloads[0]["policy_revision"].as_str().map(str::len), Some(64));
+    assert_eq!(reloads[1]["decision"], "refused");
+    assert!(
+        reloads[1]["error"].as_str().unwrap().contains("missing field"),
+        "{}",
+        reloads[1]
+    );
+    let closed = all.iter().find(|r| r["event"] == "closed_by_reload").unwrap();
+    assert_eq!(
+        (closed["rule"].as_str(), closed["class"].as_str()),
+        (Some("default deny"), Some("SampleDevice"))
     );
 }
