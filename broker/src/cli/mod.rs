@@ -10,6 +10,7 @@ mod layout;
 mod ls;
 mod policy;
 mod policy_schema;
+mod policy_suggest;
 mod schema;
 mod watch;
 
@@ -53,7 +54,7 @@ enum Command {
     Layout(layout::LayoutArgs),
     /// Every driver's selectors and struct layouts, as C headers or JSON.
     Schema(schema::SchemaArgs),
-    /// Policy tools: check, explain, test, diff, who-can, fmt, schema; status and reload of the running broker's policy.
+    /// Policy tools: check, explain, test, diff, who-can, suggest, fmt, schema; status and reload of the running broker's policy.
     #[command(subcommand)]
     Policy(policy::PolicyCommand),
     /// What the running broker holds for its clients: sessions, user clients, mappings,

@@ -64,6 +64,17 @@ pub(crate) enum PolicyCommand {
     },
     /// Print a JSON Schema of the policy language, for editors that check and complete TOML.
     Schema,
+    /// Rules that would allow what a decision log shows refused (or would-be-refused in audit
+    /// mode), narrowest first, as policy TOML to review — audit2allow for this broker.
+    Suggest {
+        /// The decision log (JSON lines).
+        #[arg(long = "from")]
+        from: PathBuf,
+        /// The policy that made those decisions [default: the embedded default]: refusals its
+        /// own rules decided are notes, and the suggestions are checked to load beside it.
+        #[arg(long)]
+        policy: Option<PathBuf>,
+    },
     /// Which principals (and so which tasks) the policy lets reach a request, each with a task
     /// that shows it and the allowing rule.
     WhoCan(WhoCanArgs),
@@ -290,7 +301,7 @@ fn configured(service: &mut ServiceSpec, config: Option<&Path>) -> Result<(), St
 }
 
 /// The privilege a method of a class requires, from the drivers' tables.
-fn method_privilege(class: &str, method: &str) -> Option<&'static str> {
+pub(super) fn method_privilege(class: &str, method: &str) -> Option<&'static str> {
     drivers::families()
         .into_iter()
         .filter(|f| f.class == class)
@@ -326,6 +337,7 @@ fn run_tool(command: PolicyCommand, run_dir: &super::RunDir) -> Result<(), Strin
         } => check(&path, config.as_deref(), deny_warnings),
         PolicyCommand::Explain(_) => Ok(()),
         PolicyCommand::WhoCan(args) => who_can(args),
+        PolicyCommand::Suggest { from, policy } => suggest(&from, policy.as_deref()),
         PolicyCommand::Schema => serde_json::to_string_pretty(&super::policy_schema::schema())
             .map(|text| println!("{text}"))
             .map_err(|e| e.to_string()),
@@ -668,6 +680,39 @@ fn explain(args: ExplainArgs) -> Result<bool, String> {
     }
     print!("{rest}");
     Ok(allowed)
+}
+
+fn suggest(from: &Path, policy_path: Option<&Path>) -> Result<(), String> {
+    let policy = load(policy_path)?;
+    let (rules, notes) = super::policy_suggest::suggest(from, &policy)?;
+    for note in &notes {
+        println!("# note: {note}");
+    }
+    if rules.is_empty() {
+        println!("# nothing to suggest: no refusal an allow rule would undo");
+        return Ok(());
+    }
+    // The suggestions must load beside the policy: checked before they are shown.
+    let base = match policy_path {
+        Some(p) => config::policy_files(p)
+            .map_err(|e| e.to_string())?
+            .iter()
+            .map(|f| std::fs::read_to_string(f).map_err(|e| format!("{}: {e}", f.display())))
+            .collect::<Result<Vec<_>, _>>()?
+            .join("\n"),
+        None => config::DEFAULT_POLICY.to_string(),
+    };
+    let combined = format!("{base}\n{rules}");
+    Policy::parse_checked(
+        &[portcullis_policy::Source {
+            origin: "policy + suggestions",
+            text: &combined,
+        }],
+        Some(&drivers::catalog()),
+    )
+    .map_err(|e| format!("the suggestions do not load beside the policy (a bug): {e}"))?;
+    print!("{rules}");
+    Ok(())
 }
 
 fn who_can(args: WhoCanArgs) -> Result<(), String> {

@@ -295,3 +295,64 @@ async fn decision_log_records_reloads_and_what_they_close() {
         (Some("default deny"), Some("SampleDevice"))
     );
 }
+
+/// `policy suggest --from LOG`: from what a policy in audit mode would have refused, the rules
+/// that allow it — narrowest (that uid and program, that service, those requests); with them
+/// added, the same client is allowed.
+#[tokio::test]
+async fn policy_suggest_writes_the_rules_that_allow_what_was_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("decisions.jsonl");
+    let log_arg = log.to_str().unwrap().to_string();
+    let only_root = "[[principal]]\nname = \"root\"\nuid = [0]\n\n[[rule]]\nid = \"root-use\"\neffect = \"allow\"\nprincipals = [\"root\"]\nservice = { class = \"SampleDevice\" }\nmethods = [\"add\"]\n";
+    let broker = Broker::with(BrokerSetup {
+        policy: Some(&format!("mode = \"audit\"\n\n{only_root}")),
+        config: Some("watch_policy = false\n\n[[device]]\nname = \"sample0\"\ndriver = \"sample\"\n"),
+        args: &["--decision-log", &log_arg],
+        ..Default::default()
+    });
+    let call = ["call", "sample0", "add", "--scalar", "2", "--scalar", "3"];
+    assert!(
+        broker.cli_as(portcullis_tests::NOBODY, &call).status.success(),
+        "audit mode lets it through"
+    );
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while !records(&log)
+        .iter()
+        .any(|r| r["decision"] == "would_deny" && r["event"] == "call")
+    {
+        assert!(Instant::now() < deadline, "{:?}", records(&log));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let out = broker.cli(&[
+        "policy",
+        "suggest",
+        "--from",
+        &log_arg,
+        "--policy",
+        broker.policy_path().to_str().unwrap(),
+    ]);
+    let suggested = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "{suggested}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let exe = broker.private_dir().join("portcullis");
+    for expected in [
+        "uid = [65534]".to_string(),
+        format!("exe = [{:?}]", exe.display().to_string()),
+        "service = { class = \"SampleDevice\", name = \"sample0\" }".to_string(),
+        "methods = [\"add\"]".to_string(),
+    ] {
+        assert!(suggested.contains(&expected), "{expected}: {suggested}");
+    }
+    // Enforced, the client is refused; with the suggestions, it is allowed.
+    std::fs::write(broker.policy_path(), only_root).unwrap();
+    assert!(broker.cli(&["policy", "reload"]).status.success());
+    assert!(!broker.cli_as(portcullis_tests::NOBODY, &call).status.success());
+    std::fs::write(broker.policy_path(), format!("{only_root}\n{suggested}")).unwrap();
+    assert!(broker.cli(&["policy", "reload"]).status.success());
+    let out = broker.cli_as(portcullis_tests::NOBODY, &call);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
