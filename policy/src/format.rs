@@ -150,6 +150,7 @@ fn tidy_value(value: &mut Value) {
         .map(|c| format!(" {c}"))
         .unwrap_or_default();
     match value {
+        Value::Array(array) if has_comments(array) => multi_line(array),
         Value::Array(array) => {
             array.fmt();
             array.set_trailing("");
@@ -171,6 +172,49 @@ fn tidy_value(value: &mut Value) {
     }
     value.decor_mut().set_prefix(" ");
     value.decor_mut().set_suffix(comment);
+}
+
+/// Whether comments sit among an array's elements.
+fn has_comments(array: &toml_edit::Array) -> bool {
+    let text = |d: Option<&toml_edit::RawString>| d.and_then(|r| r.as_str()).is_some_and(|t| t.contains('#'));
+    text(Some(array.trailing()))
+        || array
+            .iter()
+            .any(|v| text(v.decor().prefix()) || text(v.decor().suffix()))
+}
+
+/// An array with comments among its elements, one element a line (indented four spaces) with
+/// each comment kept on its own line above the element it preceded, and a trailing comma: the
+/// comments are part of what the author wrote, and stay.
+fn multi_line(array: &mut toml_edit::Array) {
+    let decor_text = |d: Option<&toml_edit::RawString>| d.and_then(|r| r.as_str()).unwrap_or("").to_string();
+    // A comment after an element (`"a", # why`) belongs to the line above the next one.
+    let mut carried = String::new();
+    for v in array.iter_mut() {
+        let before = format!("{carried}{}", decor_text(v.decor().prefix()));
+        carried = decor_text(v.decor().suffix());
+        tidy_nested(v);
+        let mut prefix = String::from("\n");
+        for line in comment_lines(&before).lines().filter(|l| !l.is_empty()) {
+            prefix.push_str("    ");
+            prefix.push_str(line);
+            prefix.push('\n');
+        }
+        prefix.push_str("    ");
+        v.decor_mut().set_prefix(prefix);
+        v.decor_mut().set_suffix("");
+    }
+    let mut trailing = String::from("\n");
+    for line in comment_lines(&format!("{carried}{}", decor_text(Some(array.trailing()))))
+        .lines()
+        .filter(|l| !l.is_empty())
+    {
+        trailing.push_str("    ");
+        trailing.push_str(line);
+        trailing.push('\n');
+    }
+    array.set_trailing(trailing);
+    array.set_trailing_comma(true);
 }
 
 /// A value inside an array or inline table: nested arrays and tables tidied too.
@@ -242,6 +286,16 @@ methods = ["reset"]
     #[test]
     fn format_gives_the_canonical_layout_and_keeps_comments() {
         assert_eq!(format(MESSY).unwrap(), CANONICAL);
+    }
+
+    /// Comments among an array's elements stay, one element a line.
+    #[test]
+    fn format_keeps_comments_inside_multi_line_arrays() {
+        let text = "[[rule]]\nid = \"r\"\neffect = \"allow\"\nprincipals = [\"p\"]\nmethods = [\n  # reading\n  \"read\",\n    \"write\",   # writing, reviewed 2026\n  \"flush\"\n  # more later\n]\n";
+        let want = "[[rule]]\nid = \"r\"\neffect = \"allow\"\nprincipals = [\"p\"]\nmethods = [\n    # reading\n    \"read\",\n    \"write\",\n    # writing, reviewed 2026\n    \"flush\",\n    # more later\n]\n";
+        let got = format(text).unwrap();
+        assert_eq!(got, want, "{got}");
+        assert_eq!(format(&got).unwrap(), got, "idempotent");
     }
 
     #[test]

@@ -61,6 +61,10 @@ pub(crate) enum PolicyCommand {
         /// Change nothing; list the files that are not formatted and exit 1 if any.
         #[arg(long)]
         check: bool,
+        /// Change nothing; print what formatting would change as a unified diff (exit 1 if
+        /// anything would).
+        #[arg(long, conflicts_with = "check")]
+        diff: bool,
     },
     /// Print a JSON Schema of the policy language, for editors that check and complete TOML.
     Schema,
@@ -350,7 +354,7 @@ fn run_tool(command: PolicyCommand, run_dir: &super::RunDir) -> Result<(), Strin
         PolicyCommand::Reload { dry_run } => reload(run_dir, dry_run),
         PolicyCommand::Status { json } => status(run_dir, json),
         PolicyCommand::Diff { old, new, exit_code } => diff(&old, &new, exit_code),
-        PolicyCommand::Fmt { path, check } => fmt(&path, check),
+        PolicyCommand::Fmt { path, check, diff } => fmt(&path, check, diff),
     }
 }
 
@@ -545,7 +549,7 @@ fn diff(old: &Path, new: &Path, exit_code: bool) -> Result<(), String> {
     Ok(())
 }
 
-fn fmt(path: &Path, check: bool) -> Result<(), String> {
+fn fmt(path: &Path, check: bool, diff: bool) -> Result<(), String> {
     // Only a policy that loads is formatted: fmt never hides an error.
     load(Some(path))?;
     let files = config::policy_files(path).map_err(|e| e.to_string())?;
@@ -556,7 +560,16 @@ fn fmt(path: &Path, check: bool) -> Result<(), String> {
         if formatted == text {
             continue;
         }
-        if check {
+        if diff {
+            let name = file.display().to_string();
+            print!(
+                "{}",
+                similar::TextDiff::from_lines(&text, &formatted)
+                    .unified_diff()
+                    .context_radius(3)
+                    .header(&name, &format!("{name} (formatted)"))
+            );
+        } else if check {
             println!("{}: not formatted", file.display());
         } else {
             std::fs::write(file, &formatted).map_err(|e| format!("{}: {e}", file.display()))?;
@@ -564,7 +577,7 @@ fn fmt(path: &Path, check: bool) -> Result<(), String> {
         }
         unformatted.push(file);
     }
-    if check && !unformatted.is_empty() {
+    if (check || diff) && !unformatted.is_empty() {
         return Err(format!("{} file(s) not formatted", unformatted.len()));
     }
     Ok(())

@@ -584,6 +584,15 @@ fn policy_fmt_rewrites_to_the_canonical_layout_and_checks() {
     let (ok, out) = run(&["policy", "fmt", "--check", path.to_str().unwrap()]);
     assert!(!ok && out.contains("p.toml: not formatted"), "{out}");
     assert_eq!(std::fs::read_to_string(&path).unwrap(), messy, "--check wrote the file");
+    // --diff shows the change as a unified diff, and writes nothing either.
+    let (ok, out) = run(&["policy", "fmt", "--diff", path.to_str().unwrap()]);
+    assert!(
+        !ok && out.contains("(formatted)")
+            && out.contains("-methods=[\"add\",\"echo\"]")
+            && out.contains("+methods = [\"add\", \"echo\"]"),
+        "{out}"
+    );
+    assert_eq!(std::fs::read_to_string(&path).unwrap(), messy, "--diff wrote the file");
     let (ok, out) = run(&["policy", "fmt", path.to_str().unwrap()]);
     assert!(ok, "{out}");
     assert_eq!(
@@ -592,6 +601,15 @@ fn policy_fmt_rewrites_to_the_canonical_layout_and_checks() {
     );
     let (ok, out) = run(&["policy", "fmt", "--check", path.to_str().unwrap()]);
     assert!(ok, "{out}");
+    // Comments among a multi-line array's elements stay.
+    std::fs::write(&path, "[[principal]]\nname = \"root\"\nuid = [0]\n\n[[rule]]\nid = \"r\"\neffect = \"allow\"\nprincipals = [\"root\"]\nmethods = [\n  # arithmetic\n  \"add\",\n  \"echo\", # for the health check\n]\n").unwrap();
+    let (ok, out) = run(&["policy", "fmt", path.to_str().unwrap()]);
+    assert!(ok, "{out}");
+    let formatted = std::fs::read_to_string(&path).unwrap();
+    assert!(
+        formatted.contains("    # arithmetic\n    \"add\",") && formatted.contains("# for the health check"),
+        "{formatted}"
+    );
     // The project's own policy is formatted.
     let default = root().join("broker/src/default_policy.toml");
     let (ok, out) = run(&["policy", "fmt", "--check", default.to_str().unwrap()]);
