@@ -497,8 +497,25 @@ pub fn layout_differential(record: &portcullis_proto::fuzzing::SampleRecord) {
     portcullis_proto::fuzzing::layout_differential(sample_schema(), record);
 }
 
+/// The `uevent` fuzz target: any bytes as a netlink uevent message. Parsing never panics, and a
+/// message that parses encodes back to exactly its own bytes (nothing is dropped or invented).
+pub fn uevent(data: &[u8]) {
+    if let Ok(event) = crate::uevent::parse(data) {
+        assert_eq!(event.encode(), data, "a parsed uevent re-encodes to its bytes");
+        assert_eq!(crate::uevent::parse(&event.encode()), Ok(event));
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn uevent_entry_point_takes_any_bytes() {
+        super::uevent(b"change@/devices/virtual/block/loop0\0ACTION=change\0DEVPATH=/devices/virtual/block/loop0\0SUBSYSTEM=block\0SEQNUM=1\0");
+        super::uevent(b"");
+        super::uevent(&[0xff; 5000]);
+        super::uevent(b"add@/\0\0\0");
+    }
+
     use super::*;
 
     #[test]

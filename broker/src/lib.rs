@@ -28,3 +28,4 @@ mod sys;
 mod throttle;
 pub mod transport;
 pub mod trust;
+pub mod uevent;

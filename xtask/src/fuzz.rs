@@ -25,6 +25,7 @@ pub(crate) const TARGETS: &[&str] = &[
     "policy_text",
     "session_ops",
     "ring_records",
+    "uevent",
 ];
 
 /// The files whose line coverage `--coverage` reports (the decoders and the policy parser).
@@ -38,6 +39,7 @@ const COVERAGE_FILES: &[&str] = &[
     "policy/src/model.rs",
     "policy/src/args.rs",
     "policy/src/grant.rs",
+    "broker/src/uevent.rs",
 ];
 
 /// The cargo-fuzz release `cargo xtask fuzz` installs when it is missing.
