@@ -583,12 +583,15 @@ fn fmt(path: &Path, check: bool, diff: bool) -> Result<(), String> {
     Ok(())
 }
 
+/// The one request `--method`, `--open` or `--memory` names, on a class; a class, method or
+/// memory type no driver has is refused with a suggestion.
 fn request<'a>(
     class: &str,
     method: Option<&'a str>,
     open: Option<&str>,
     memory: Option<&'a str>,
 ) -> Result<Request<'a>, String> {
+    check_request_names(class, method, memory)?;
     Ok(match (method, open, memory) {
         (Some(name), None, None) => Request::Method {
             name,
@@ -613,11 +616,6 @@ fn explain(args: ExplainArgs) -> Result<bool, String> {
     if service.class.is_empty() {
         configured(&mut service, args.config.as_deref())?;
     }
-    check_request_names(
-        &service.class,
-        args.request.method.as_deref(),
-        args.request.memory.as_deref(),
-    )?;
     let view = ServiceView {
         name: &service.name,
         class: &service.class,
@@ -734,11 +732,6 @@ fn who_can(args: WhoCanArgs) -> Result<(), String> {
     if service.class.is_empty() {
         return Err("--service needs class=C".into());
     }
-    check_request_names(
-        &service.class,
-        args.request.method.as_deref(),
-        args.request.memory.as_deref(),
-    )?;
     let req = request(
         &service.class,
         args.request.method.as_deref(),
@@ -1062,7 +1055,13 @@ fn run_case(policy: &Policy, case: &Case) -> CaseResult {
         };
         properties.insert(k.clone(), value);
     }
-    check_request_names(&case.service.class, case.method.as_deref(), case.memory.as_deref()).map_err(error)?;
+    let req = request(
+        &case.service.class,
+        case.method.as_deref(),
+        case.open.as_deref(),
+        case.memory.as_deref(),
+    )
+    .map_err(error)?;
     if let Some(rule) = &case.rule
         && rule != portcullis_policy::DEFAULT_DENY
         && !policy.rule_ids().any(|id| id == rule)
@@ -1077,13 +1076,6 @@ fn run_case(policy: &Policy, case: &Case) -> CaseResult {
         class: &case.service.class,
         properties: &properties,
     };
-    let req = request(
-        &case.service.class,
-        case.method.as_deref(),
-        case.open.as_deref(),
-        case.memory.as_deref(),
-    )
-    .map_err(error)?;
     let got = match (&case.method, case.args.is_empty()) {
         (Some(method), false) => {
             let given: Vec<String> = case.args.iter().map(|(k, v)| format!("{k}={v}")).collect();

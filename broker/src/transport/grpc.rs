@@ -554,7 +554,7 @@ impl pb::broker_server::Broker for BrokerService {
             Ok((generation, rules)) => Ok(tonic::Response::new(pb::ReloadPolicyResponse {
                 generation,
                 rules: u32::try_from(rules).unwrap_or(u32::MAX),
-                revision: self.core.policy_status().revision,
+                revision: self.core.policy().revision().to_string(),
                 would_change: Vec::new(),
             })),
             Err(e) => Err(tonic::Status::failed_precondition(e.to_string())),
