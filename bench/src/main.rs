@@ -2,7 +2,7 @@
 //! comparison runs its contenders in the same process run, taking turns round by round so that
 //! drift in machine load falls on all of them, and prints a Markdown table with ratios.
 //!
-//! usage: portcullis-bench [--quick] [--rounds N] [--iters N] [--plot PNG] [transports] [grpc] [native] [translate] [policy] [devices]
+//! usage: portcullis-bench [--quick] [--rounds N] [--iters N] [--plot PNG] [transports] [grpc] [native] [translate] [policy] [devices] [hotplug]
 //! (no names: all of them)
 
 #![forbid(unsafe_code)]
@@ -17,6 +17,7 @@
 mod cedar;
 mod devices;
 mod grpc;
+mod hotplug;
 mod native;
 mod policy;
 mod translate;
@@ -123,7 +124,18 @@ fn main() {
     let names: Vec<&str> = argv
         .iter()
         .map(String::as_str)
-        .filter(|a| ["transports", "grpc", "native", "translate", "policy", "devices"].contains(a))
+        .filter(|a| {
+            [
+                "transports",
+                "grpc",
+                "native",
+                "translate",
+                "policy",
+                "devices",
+                "hotplug",
+            ]
+            .contains(a)
+        })
         .collect();
     let wants = |name: &str| names.is_empty() || names.contains(&name);
     if wants("transports") {
@@ -148,6 +160,9 @@ fn main() {
     }
     if wants("policy") {
         policy::run(quick);
+    }
+    if wants("hotplug") {
+        hotplug::run(quick);
     }
     if wants("devices") {
         // Re-executed in a network namespace of its own, with the same settings.

@@ -34,6 +34,13 @@ pub struct Config {
     /// `SIGHUP` and `portcullis policy reload` reload it (a team that stages edits, and checks
     /// them with `policy reload --dry-run`, first).
     pub watch_policy: Option<bool>,
+    /// Driver personalities: a `drivers.d` directory of `*.toml` files naming the kernel
+    /// devices the broker may claim; relative paths are relative to the config file [default:
+    /// none, so no kernel device is claimed].
+    pub drivers: Option<PathBuf>,
+    /// Publish a nub per tty, block and network device of the kernel, and follow its hotplug
+    /// events [default: true]. Nubs are not opened: only a personality's driver opens a device.
+    pub discovery: Option<bool>,
     /// Devices the virtual bus publishes.
     #[serde(default, rename = "device")]
     pub devices: Vec<DeviceConfig>,
@@ -280,6 +287,7 @@ impl Config {
         if let Some(dir) = path.parent() {
             config.policy = config.policy.map(|p| dir.join(p));
             config.decision_log = config.decision_log.map(|p| dir.join(p));
+            config.drivers = config.drivers.map(|p| dir.join(p));
             if let Some(tls) = &mut config.tls {
                 for path in [&mut tls.cert, &mut tls.key, &mut tls.client_ca] {
                     *path = dir.join(&*path);

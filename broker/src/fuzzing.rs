@@ -500,9 +500,9 @@ pub fn layout_differential(record: &portcullis_proto::fuzzing::SampleRecord) {
 /// The `uevent` fuzz target: any bytes as a netlink uevent message. Parsing never panics, and a
 /// message that parses encodes back to exactly its own bytes (nothing is dropped or invented).
 pub fn uevent(data: &[u8]) {
-    if let Ok(event) = crate::uevent::parse(data) {
+    if let Ok(event) = crate::bus::uevent::parse(data) {
         assert_eq!(event.encode(), data, "a parsed uevent re-encodes to its bytes");
-        assert_eq!(crate::uevent::parse(&event.encode()), Ok(event));
+        assert_eq!(crate::bus::uevent::parse(&event.encode()), Ok(event));
     }
 }
 

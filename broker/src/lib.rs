@@ -1,7 +1,8 @@
 //! The Portcullis device broker: one trusted process owns the device drivers; untrusted
 //! applications reach them only through sessions whose every request the policy checks.
 //!
-//! - [`registry`]: services, properties, matching, open arbitration;
+//! - [`bus`]: where nubs come from (the configuration, sysfs and the kernel's uevents);
+//! - [`registry`]: services, properties, matching, personalities, open arbitration;
 //! - [`driver`] and [`drivers`]: the driver model and the drivers;
 //! - [`session`]: identity, admission, grants, calls, events;
 //! - [`transport`]: gRPC (and, later, the native socket and ring);
@@ -28,4 +29,3 @@ mod sys;
 mod throttle;
 pub mod transport;
 pub mod trust;
-pub mod uevent;

@@ -10,8 +10,9 @@ use std::{
 use portcullis_client::{GRPC_SOCKET, NATIVE_SOCKET};
 
 use crate::{
-    bus::{self, BusError},
+    bus::{self, BusError, hotplug::Hotplug, netlink::UeventSocket, sysfs::Sysfs},
     config::{self, Config, ConfigError},
+    registry::personality::Personalities,
     session::{Core, DecisionLog},
     transport::{
         grpc::{self, GrpcError},
@@ -44,6 +45,9 @@ pub enum BrokerError {
     /// A device could not be published.
     #[error(transparent)]
     Bus(#[from] BusError),
+    /// The driver personalities have errors (`portcullis driver lint` shows the same).
+    #[error("driver personalities:\n{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"))]
+    Personalities(Vec<portcullis_policy::SourceError>),
     /// The run dir could not be prepared.
     #[error("run dir {path}: {source}")]
     RunDir {
@@ -163,6 +167,7 @@ pub async fn run(options: BrokerOptions, shutdown: impl Future<Output = ()>) -> 
         core.set_decision_log(log);
         tracing::info!(path = %path.display(), "logging decisions");
     }
+    let hotplug = start_discovery(&core, &config)?;
     prepare_run_dir(&options.run_dir)?;
     let mut watchers = Vec::new();
     let grpc_path = options.run_dir.join(GRPC_SOCKET);
@@ -255,10 +260,50 @@ pub async fn run(options: BrokerOptions, shutdown: impl Future<Output = ()>) -> 
         let _ = std::fs::remove_file(path);
     }
     drop(watchers);
+    if let Some((hotplug, thread)) = hotplug {
+        hotplug.stop();
+        let _ = tokio::task::spawn_blocking(move || thread.map(std::thread::JoinHandle::join)).await;
+    }
     tracing::info!("broker stopped");
     result
         .map_err(|e| BrokerError::Task(e.to_string()))?
         .map_err(BrokerError::from)
+}
+
+/// The kernel's bus: personalities loaded (a root broker refuses files others could change),
+/// the uevent socket opened before sysfs is read (so that nothing happening in between is
+/// missed), a nub published and matched per device, then events followed on a thread.
+type Discovery = (Arc<Hotplug>, Option<std::thread::JoinHandle<()>>);
+
+fn start_discovery(core: &Arc<Core>, config: &Config) -> Result<Option<Discovery>, BrokerError> {
+    if config.discovery == Some(false) {
+        tracing::info!("discovery is off: no kernel device is published");
+        return Ok(None);
+    }
+    let personalities = match &config.drivers {
+        Some(dir) => Personalities::load_dir(dir, crate::trust::enforced()).map_err(BrokerError::Personalities)?,
+        None => Personalities::default(),
+    };
+    let socket = match UeventSocket::open() {
+        Ok(socket) => Some(socket),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot listen to the kernel's device events: devices present at start are served, hotplug is not");
+            None
+        }
+    };
+    let hotplug = Hotplug::new(core.clone(), personalities, Sysfs::default())?;
+    let started = std::time::Instant::now();
+    hotplug.enumerate();
+    tracing::info!(
+        nubs = hotplug.nub_count(),
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "kernel devices published and matched"
+    );
+    let thread = match socket {
+        Some(socket) => Some(hotplug.listen(socket).map_err(|e| BrokerError::Bus(BusError::Io(e)))?),
+        None => None,
+    };
+    Ok(Some((hotplug, thread)))
 }
 
 /// Reloads the policy on every SIGHUP.

@@ -31,7 +31,8 @@ pub use explain::{Explanation, RuleTrace};
 pub use format::format;
 pub use grant::{Admission, Decision, Denial, Grant, MethodDecision, MethodRef, Remote, RuleRef, ServiceView, Task};
 pub use model::{
-    Catalog, ClassNames, Effect, Mode, OpenPermission, Policy, PolicyError, Rate, Source, SourceError, did_you_mean,
+    Catalog, ClassNames, Effect, Mode, OpenPermission, Policy, PolicyError, PropMatch, Rate, Source, SourceError,
+    did_you_mean, locate_in, prop_value,
 };
 pub use reference::Request;
 

@@ -417,9 +417,9 @@ pub(crate) struct ServiceMatch {
     pub(crate) properties: BTreeMap<String, PropMatch>,
 }
 
-/// How a rule matches one property.
+/// How a rule (or a driver personality) matches one property.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) enum PropMatch {
+pub enum PropMatch {
     /// `key = value`: equal.
     Eq(PropValue),
     /// `key = [a, b]` or `key = { any_of = [a, b] }`: equal to one of them.
@@ -429,7 +429,32 @@ pub(crate) enum PropMatch {
 }
 
 impl PropMatch {
-    pub(crate) fn matches(&self, have: &PropValue) -> bool {
+    /// A property match as written in TOML: a value, a list of values, `{ prefix = "…" }` or
+    /// `{ any_of = […] }`; `None` for anything else.
+    pub fn parse(v: &toml::Value) -> Option<PropMatch> {
+        prop_match(v)
+    }
+
+    /// Whether two matches can both hold for one value (complete: a `false` is a proof).
+    pub fn overlaps(&self, other: &PropMatch) -> bool {
+        let values = |m: &PropMatch| match m {
+            PropMatch::Eq(v) => Some(vec![v.clone()]),
+            PropMatch::AnyOf(vs) => Some(vs.clone()),
+            PropMatch::Prefix(_) => None,
+        };
+        match (self, other) {
+            (PropMatch::Prefix(a), PropMatch::Prefix(b)) => a.starts_with(b.as_str()) || b.starts_with(a.as_str()),
+            (PropMatch::Prefix(_), m) => values(m).unwrap_or_default().iter().any(|v| self.matches(v)),
+            (m, PropMatch::Prefix(_)) => values(m).unwrap_or_default().iter().any(|v| other.matches(v)),
+            (a, b) => {
+                let (a, b) = (values(a).unwrap_or_default(), values(b).unwrap_or_default());
+                a.iter().any(|x| b.iter().any(|y| x.matches(y)))
+            }
+        }
+    }
+
+    /// Whether the value matches.
+    pub fn matches(&self, have: &PropValue) -> bool {
         match self {
             PropMatch::Eq(v) => have.matches(v),
             PropMatch::AnyOf(values) => values.iter().any(|v| have.matches(v)),
@@ -1323,7 +1348,8 @@ fn parse_rate(text: &str) -> Result<Rate, String> {
     Ok(Rate { calls: n, seconds })
 }
 
-fn prop_value(v: &toml::Value) -> Option<PropValue> {
+/// A property value as written in TOML: a string, an integer or a boolean.
+pub fn prop_value(v: &toml::Value) -> Option<PropValue> {
     match v {
         toml::Value::String(s) => Some(PropValue::Text(s.clone())),
         toml::Value::Integer(i) => Some(u64::try_from(*i).map_or(PropValue::Signed(*i), PropValue::Unsigned)),
@@ -1358,6 +1384,11 @@ impl<'a> Located<'a> {
         let col = self.text.get(start..offset).map_or(0, |l| l.chars().count()) + 1;
         (line, col)
     }
+}
+
+/// An error at a byte span of a source's text, located to line and column.
+pub fn locate_in(origin: &str, text: &str, span: Option<Range<usize>>, message: String) -> SourceError {
+    locate(&Located::new(&Source { origin, text }), span, message)
 }
 
 fn locate(source: &Located<'_>, span: Option<Range<usize>>, message: String) -> SourceError {

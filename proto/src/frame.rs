@@ -99,6 +99,18 @@ pub enum Request {
         /// Completion ring bytes (0: the default).
         cq_size: u32,
     },
+    /// IOServiceAddMatchingNotification (tag 7): be told when a service with this class and
+    /// name (empty matches any) whose text properties equal these is published or terminated,
+    /// among those the task may see. The response is `Found`: the matching services there are
+    /// now. At most 16 per session.
+    WatchMatching {
+        /// Exact class, or empty.
+        class: String,
+        /// Exact name, or empty.
+        name: String,
+        /// Text properties that must be equal.
+        properties: Vec<(String, String)>,
+    },
 }
 
 /// Frames the broker sends.

@@ -18,3 +18,6 @@ pub const MAX_PENDING_CALLS_PER_SESSION: usize = 1024;
 
 /// Most services one subscription may name.
 pub const MAX_SUBSCRIBED_SERVICES: usize = 256;
+
+/// Matching notifications one session may hold.
+pub const MAX_MATCHING_WATCHES: usize = 16;

@@ -591,6 +591,19 @@ int main(int argc, char **argv) {
     CHECK(rc == PC_SUCCESS && n == 1, "find sample0: %s, %lu found", pc_status_name(rc), (unsigned long)n);
     if (n != 1) return 1;
     CHECK(strcmp(found[0].class_name, PC_SAMPLE_CLASS) == 0, "class %s", found[0].class_name);
+    {
+        /* A matching notification: the matching services now, by class and a text property. */
+        static const char *const props[] = {"model", "demo"};
+        static const char *const wrong[] = {"model", "no-such-model"};
+        pc_service watched[4];
+        size_t m = 0;
+        rc = pc_watch_matching(conn, PC_SAMPLE_CLASS, NULL, props, 1, watched, 4, &m);
+        CHECK(rc == PC_SUCCESS && m == 1 && watched[0].id == found[0].id, "watch_matching: %s, %lu found",
+              pc_status_name(rc), (unsigned long)m);
+        rc = pc_watch_matching(conn, PC_SAMPLE_CLASS, NULL, wrong, 1, watched, 4, &m);
+        CHECK(rc == PC_SUCCESS && m == 0, "watch_matching another model: %s, %lu found", pc_status_name(rc),
+              (unsigned long)m);
+    }
     rc = pc_open(conn, found[0].id, 0, &handle);
     CHECK(rc == PC_SUCCESS, "open: %s", pc_status_name(rc));
     if (rc != PC_SUCCESS) return 1;

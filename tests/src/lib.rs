@@ -63,6 +63,9 @@ pub struct BrokerSetup<'a> {
     /// spelling (`policy.toml`, `./policy.toml`), with the broker started in the test's
     /// directory.
     pub policy_spelling: Option<&'a str>,
+    /// Driver personalities: written to `drivers.d/test.toml` beside the config, which must
+    /// say `drivers = "drivers.d"`.
+    pub personalities: Option<&'a str>,
 }
 
 impl Broker {
@@ -85,6 +88,11 @@ impl Broker {
             None => Command::new(bin()),
         };
         cmd.arg("broker").arg("--run-dir").arg(dir.path().join("run"));
+        if let Some(personalities) = setup.personalities {
+            let drivers = dir.path().join("drivers.d");
+            fs::create_dir(&drivers).unwrap();
+            fs::write(drivers.join("test.toml"), personalities).unwrap();
+        }
         if let Some(config) = setup.config {
             let path = dir.path().join("config.toml");
             fs::write(&path, config).unwrap();
@@ -318,6 +326,18 @@ impl Drop for Broker {
     }
 }
 
+/// Runs `cmd` (taken by value or by reference) to completion and fails the test, with its
+/// stderr, unless it succeeds.
+pub fn run_ok(mut cmd: impl std::borrow::BorrowMut<Command>) {
+    let cmd = cmd.borrow_mut();
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// Runs `cmd` to completion. A test thread that forks while a copied program is being written
 /// holds its write descriptor until that child execs: exec then fails with ETXTBSY for a moment.
 /// That, and only that, is retried.
@@ -385,7 +405,19 @@ pub struct LoopDevice {
 impl LoopDevice {
     /// A loop device over a file holding `contents`; read-only when `read_only`.
     pub fn attach(contents: &[u8], read_only: bool) -> LoopDevice {
-        let dir = tempfile::Builder::new().prefix("portcullis-loop-").tempdir().unwrap();
+        LoopDevice::attach_in(None, contents, read_only)
+    }
+
+    /// [`LoopDevice::attach`], its file in a new directory under `parent` (so that a driver
+    /// personality can match the files of one test by their path).
+    pub fn attach_in(parent: Option<&Path>, contents: &[u8], read_only: bool) -> LoopDevice {
+        let mut builder = tempfile::Builder::new();
+        builder.prefix("portcullis-loop-");
+        let dir = match parent {
+            Some(parent) => builder.tempdir_in(parent),
+            None => builder.tempdir(),
+        }
+        .unwrap();
         let file = dir.path().join("disk.img");
         fs::write(&file, contents).unwrap();
         let mut cmd = Command::new("losetup");
@@ -404,8 +436,48 @@ impl LoopDevice {
     }
 }
 
+impl LoopDevice {
+    /// The media goes while the broker holds the device: a detach (which the kernel defers
+    /// while the device is open: it happens when the last holder closes it), then the file
+    /// emptied and the size read again (`LOOP_SET_CAPACITY`), which the kernel announces as a
+    /// `change` of a device with no media.
+    pub fn pull_media(&self) {
+        for args in [&["--detach"][..], &["--set-capacity"][..]] {
+            if args == ["--set-capacity"] {
+                fs::File::options()
+                    .write(true)
+                    .open(&self.file)
+                    .unwrap()
+                    .set_len(0)
+                    .unwrap();
+            }
+            let out = Command::new("losetup").args(args).arg(&self.path).output().unwrap();
+            // Once the broker has let go, the deferred detach may already have happened.
+            assert!(
+                out.status.success() || args == ["--set-capacity"],
+                "losetup {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+
+    /// The kernel name (`loop3`).
+    pub fn name(&self) -> String {
+        self.path.file_name().unwrap().to_string_lossy().into_owned()
+    }
+
+    /// Whether the loop device is still attached to this test's file.
+    pub fn attached(&self) -> bool {
+        fs::read_to_string(format!("/sys/block/{}/loop/backing_file", self.name()))
+            .is_ok_and(|f| f.trim_end() == self.file.to_string_lossy())
+    }
+}
+
 impl Drop for LoopDevice {
     fn drop(&mut self) {
+        if !self.attached() {
+            return;
+        }
         let out = Command::new("losetup").arg("--detach").arg(&self.path).output();
         if !out.as_ref().is_ok_and(|o| o.status.success()) {
             eprintln!("could not detach {}: {out:?}", self.path.display());

@@ -38,6 +38,15 @@ pub(crate) fn service(s: &pb::ServiceInfo) -> Value {
             "async": m.is_async,
             "privilege": if m.privilege.is_empty() { Value::Null } else { json!(m.privilege) },
         })).collect::<Vec<_>>(),
+        "candidates": s.candidates.iter().map(|c| json!({
+            "personality": c.personality,
+            "driver": c.driver,
+            "category": c.category,
+            "probe_score": c.probe_score,
+            "outcome": c.outcome,
+            "reason": c.reason,
+            "service": if c.service_id == 0 { Value::Null } else { json!(c.service_id) },
+        })).collect::<Vec<_>>(),
     })
 }
 

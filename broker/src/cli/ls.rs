@@ -1,4 +1,6 @@
-//! `portcullis ls`: the registry as this task may see it.
+//! `portcullis ls`: the registry as this task may see it; for an administrator, also every nub
+//! the kernel's bus published, with how driver matching went for it (the candidates, their
+//! scores, each probe's outcome and the winner).
 
 use std::collections::BTreeMap;
 
@@ -16,7 +18,13 @@ pub(crate) struct LsArgs {
 
 pub(crate) async fn run(args: LsArgs, run_dir: &RunDir) -> Result<(), String> {
     let client = run_dir.connect().await.map_err(|e| e.to_string())?;
-    let services = client.list_services(matching::all()).await.map_err(|e| e.to_string())?;
+    let mut services = client.list_services(matching::all()).await.map_err(|e| e.to_string())?;
+    // Nubs are shown to administrators; anyone else sees what the policy lets them see.
+    if let Ok(nubs) = client.list_nubs().await {
+        let seen: std::collections::BTreeSet<u64> = services.iter().map(|s| s.id).collect();
+        services.extend(nubs.into_iter().filter(|n| !seen.contains(&n.id)));
+        services.sort_by_key(|s| s.id);
+    }
     if args.json {
         let all: Vec<_> = services.iter().map(json::service).collect();
         println!("{}", serde_json::to_string_pretty(&all).map_err(|e| e.to_string())?);
@@ -43,6 +51,17 @@ fn node(out: &mut String, s: &pb::ServiceInfo, by_id: &BTreeMap<u64, &pb::Servic
     let detail = format!("{indent}{bar}    ");
     for (k, v) in &s.properties {
         out.push_str(&format!("{detail}\"{k}\" = {}\n", json::property(v)));
+    }
+    for c in &s.candidates {
+        let result = match c.outcome.as_str() {
+            "started" => format!("started: service {}", c.service_id),
+            "outranked" => "outranked".to_string(),
+            stage => format!("{stage} failed: {}", c.reason),
+        };
+        out.push_str(&format!(
+            "{detail}candidate {} ({}, category {}, score {}): {result}\n",
+            c.personality, c.driver, c.category, c.probe_score
+        ));
     }
     if !s.methods.is_empty() {
         let methods: Vec<String> = s

@@ -4,6 +4,7 @@
 //! the deciding rule are printed), 2 for usage errors.
 
 mod call;
+mod driver;
 mod fields;
 mod json;
 mod layout;
@@ -57,6 +58,9 @@ enum Command {
     /// Policy tools: check, explain, test, diff, who-can, suggest, fmt, schema; status and reload of the running broker's policy.
     #[command(subcommand)]
     Policy(policy::PolicyCommand),
+    /// Driver personality tools: lint a `drivers.d` directory.
+    #[command(subcommand)]
+    Driver(driver::DriverCommand),
     /// What the running broker holds for its clients: sessions, user clients, mappings,
     /// pending calls, rings, descriptors (root or the broker's own user).
     Stats(StatsArgs),
@@ -173,6 +177,7 @@ pub fn main() -> ExitCode {
         Command::Layout(args) => return finish(layout::run(args)),
         Command::Schema(args) => return finish(schema::run(args)),
         Command::Policy(command) => return policy::run(command, &run_dir),
+        Command::Driver(command) => return finish(driver::run(command)),
         _ => {}
     }
     let is_broker = matches!(cli.command, Command::Broker(_));
@@ -196,7 +201,7 @@ pub fn main() -> ExitCode {
             Command::Call(args) => call::run(args, &run_dir).await,
             Command::Watch(args) => watch::run(args, &run_dir).await,
             Command::Stats(args) => stats(args, &run_dir).await,
-            Command::Layout(_) | Command::Schema(_) | Command::Policy(_) => Ok(()),
+            Command::Layout(_) | Command::Schema(_) | Command::Policy(_) | Command::Driver(_) => Ok(()),
         }
     });
     // Work still running on the blocking pool (an identity being read) does not hold the exit.

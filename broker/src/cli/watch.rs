@@ -11,7 +11,13 @@ pub(crate) struct WatchArgs {
     /// Services to watch, by name or id [default: every service this task may see, and
     /// publications of new ones].
     services: Vec<String>,
-    /// Exit after this many events.
+    /// Also tell when a service matching this dictionary is published or terminated
+    /// (IOServiceAddMatchingNotification): `class=BlockDevice`, `name=loop0`, or any text
+    /// property (`usb.vendor=0403`); repeat for more keys. The matching services there are
+    /// already are printed first, as `present` lines.
+    #[arg(long = "match", value_name = "KEY=VALUE")]
+    matching: Vec<String>,
+    /// Exit after this many events (`present` lines included).
     #[arg(long)]
     count: Option<u64>,
     /// Print one JSON object per line.
@@ -26,16 +32,33 @@ pub(crate) async fn run(args: WatchArgs, run_dir: &RunDir) -> Result<(), String>
     for name in &args.services {
         ids.push(resolve_service(&session, name).await.map_err(|e| e.to_string())?.id);
     }
-    session.subscribe(&ids).await.map_err(|e| e.to_string())?;
-    eprintln!(
-        "watching {}",
-        if args.services.is_empty() {
-            "every service".to_string()
-        } else {
-            args.services.join(", ")
-        }
-    );
     let mut seen = 0u64;
+    if args.matching.is_empty() || !args.services.is_empty() {
+        session.subscribe(&ids).await.map_err(|e| e.to_string())?;
+        eprintln!(
+            "watching {}",
+            if args.services.is_empty() {
+                "every service".to_string()
+            } else {
+                args.services.join(", ")
+            }
+        );
+    }
+    if !args.matching.is_empty() {
+        let present = session
+            .watch_matching(matching_of(&args.matching)?)
+            .await
+            .map_err(|e| e.to_string())?;
+        eprintln!("watching for services matching {}", args.matching.join(" "));
+        for service in present.iter().take(args.count.map_or(usize::MAX, |n| n as usize)) {
+            if args.json {
+                println!("{}", json!({ "event": "present", "service": json::service(service) }));
+            } else {
+                println!("present {} <class {}, id {}>", service.name, service.class, service.id);
+            }
+            seen += 1;
+        }
+    }
     while args.count.is_none_or(|n| seen < n) {
         let Some(event) = session.next_event().await else {
             return Err("the broker ended the session".into());
@@ -51,6 +74,29 @@ pub(crate) async fn run(args: WatchArgs, run_dir: &RunDir) -> Result<(), String>
         seen += 1;
     }
     Ok(())
+}
+
+/// `class=…`, `name=…` and text properties as a matching dictionary.
+fn matching_of(pairs: &[String]) -> Result<pb::Matching, String> {
+    let mut matching = pb::Matching::default();
+    for pair in pairs {
+        let (key, value) = pair
+            .split_once('=')
+            .ok_or_else(|| format!("--match {pair:?}: write KEY=VALUE (class=TtyDevice)"))?;
+        match key {
+            "class" => matching.class = value.to_string(),
+            "name" => matching.name = value.to_string(),
+            _ => {
+                matching.properties.insert(
+                    key.to_string(),
+                    pb::PropertyValue {
+                        kind: Some(pb::property_value::Kind::Text(value.to_string())),
+                    },
+                );
+            }
+        }
+    }
+    Ok(matching)
 }
 
 fn render(event: &pb::Event) -> String {

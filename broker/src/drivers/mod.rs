@@ -11,9 +11,13 @@ pub mod tty;
 
 use std::sync::Arc;
 
+use portcullis_proto::property::PropValue;
+
 use crate::{
+    bus::sysfs::{self, KernelDevice},
     config::DeviceConfig,
     driver::{Driver, Family},
+    registry::personality::Personality,
 };
 
 /// Every family, as tools see them (policy checks, `portcullis schema`, the C headers).
@@ -115,6 +119,80 @@ pub fn create(device: &DeviceConfig) -> Result<Arc<dyn Driver>, DeviceError> {
     }
 }
 
+/// The active probe of a personality's driver on a device the kernel announced: whether the
+/// driver can serve it, and at what score. Nothing is opened: a tty's node must be that tty, a
+/// block device must have media, be writable unless the personality asks for read-only, and be
+/// neither mounted nor held by another kernel user unless it allows that; a network interface
+/// must be a TUN.
+pub fn probe(personality: &Personality, device: &KernelDevice) -> Result<i64, String> {
+    let flag = |key: &str| device.properties.get(key) == Some(&PropValue::Flag(true));
+    let node = |kind| -> Result<&sysfs::Node, String> {
+        let node = device.node.as_ref().ok_or("the kernel gave it no device node")?;
+        node::check(&node.path, kind, Some(node.rdev()))?;
+        Ok(node)
+    };
+    match personality.driver.as_str() {
+        "tty" => {
+            node(node::NodeKind::Tty)?;
+        }
+        "block" => {
+            let node = node(node::NodeKind::Block)?;
+            let size = match device.properties.get("block.size_bytes") {
+                Some(PropValue::Unsigned(n)) => *n,
+                _ => 0,
+            };
+            if size == 0 {
+                return Err("no media (size 0)".into());
+            }
+            if flag("block.read_only") && !personality.block.read_only {
+                return Err("the device is read-only, and the personality does not say read_only = true".into());
+            }
+            if !personality.block.allow_mounted
+                && let Some(user) = block::in_use(&device.devpath, node.major, node.minor)
+            {
+                return Err(format!("{user}, and the personality does not say allow_mounted = true"));
+            }
+        }
+        "net" => {
+            if !flag("net.tun") {
+                return Err("not a TUN interface".into());
+            }
+        }
+        other => return Err(format!("the {other} driver serves no kernel device")),
+    }
+    Ok(personality.probe_score)
+}
+
+/// Starts a personality's driver on a device the kernel announced (after its probe passed).
+/// Network drivers need a tokio runtime.
+pub fn start(personality: &Personality, device: &KernelDevice) -> Result<Arc<dyn Driver>, String> {
+    let node = || device.node.as_ref().ok_or("the kernel gave it no device node");
+    match personality.driver.as_str() {
+        "tty" => {
+            let node = node()?;
+            Ok(Arc::new(tty::TtyDevice::open_node(&node.path, Some(node.rdev()))?))
+        }
+        "block" => {
+            let node = node()?;
+            let options = personality.block;
+            Ok(Arc::new(block::BlockDevice::open_node(
+                &node.path,
+                options.read_only,
+                options.exclusive,
+                Some(node.rdev()),
+            )?))
+        }
+        "net" => {
+            let index = match device.properties.get("net.ifindex") {
+                Some(PropValue::Unsigned(i)) => u32::try_from(*i).map_err(|_| "an interface index out of range")?,
+                _ => return Err("the kernel gave no interface index".into()),
+            };
+            Ok(Arc::new(net::NetDevice::attach(&device.kernel_name, index)?))
+        }
+        other => Err(format!("the {other} driver serves no kernel device")),
+    }
+}
+
 /// The names every driver defines (classes, methods, privileges, memory types), to check
 /// policies against.
 pub fn catalog() -> portcullis_policy::Catalog {
@@ -162,9 +240,63 @@ pub fn catalog() -> portcullis_policy::Catalog {
 
 #[cfg(test)]
 mod tests {
-    use portcullis_proto::Status;
+    use portcullis_proto::{
+        Status,
+        property::{PropValue, Properties},
+    };
 
-    use super::families;
+    use super::{families, probe, start};
+    use crate::{
+        bus::{
+            nub_class,
+            sysfs::{KernelDevice, Node},
+        },
+        registry::personality::Personalities,
+    };
+
+    /// Ptys have no sysfs presence, so the tty driver's probe and start on a kernel device are
+    /// shown on a pty this test made, described as the kernel would: its node and number.
+    #[tokio::test]
+    async fn the_tty_driver_probes_and_starts_only_on_the_node_the_kernel_named() {
+        use rustix::pty::{OpenptFlags, grantpt, openpt, ptsname, unlockpt};
+        let master = openpt(OpenptFlags::RDWR | OpenptFlags::NOCTTY).unwrap();
+        grantpt(&master).unwrap();
+        unlockpt(&master).unwrap();
+        let path = std::path::PathBuf::from(ptsname(&master, Vec::new()).unwrap().to_str().unwrap());
+        let rdev = rustix::fs::stat(&path).unwrap().st_rdev;
+        let set = Personalities::parse(&[(
+            "t.toml".into(),
+            "[[personality]]\nid = \"org.test.serial\"\nversion = \"1\"\ndriver = \"tty\"\nprovider_class = \"TtyNub\"\nprobe_score = 7\n".into(),
+        )])
+        .unwrap();
+        let personality = &set.all()[0];
+        let mut device = KernelDevice {
+            devpath: "/devices/virtual/tty/test".into(),
+            class: nub_class("tty").unwrap(),
+            kernel_name: "test".into(),
+            node: Some(Node {
+                path: path.clone(),
+                major: rustix::fs::major(rdev),
+                minor: rustix::fs::minor(rdev),
+            }),
+            properties: Properties::from([("subsystem".to_string(), PropValue::Text("tty".into()))]),
+        };
+        assert_eq!(probe(personality, &device), Ok(7));
+        let driver = start(personality, &device).unwrap();
+        assert_eq!(driver.class(), "TtyDevice");
+        // A node whose number is not the kernel's is refused before it is opened.
+        if let Some(node) = device.node.as_mut() {
+            node.minor += 1000;
+        }
+        assert!(
+            probe(personality, &device)
+                .unwrap_err()
+                .contains("not the kernel's device")
+        );
+        assert!(start(personality, &device).is_err());
+        device.node = None;
+        assert!(probe(personality, &device).unwrap_err().contains("no device node"));
+    }
 
     /// Every family's method contracts: what each status means is said, in a form the
     /// generated C comments can hold; the families' documents name every status their methods

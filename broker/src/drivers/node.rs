@@ -62,21 +62,45 @@ fn matches(kind: NodeKind, stat: &Stat) -> bool {
     }
 }
 
-/// Opens `path` as a node of `kind` with `flags` (plus `O_CLOEXEC`, and `O_NOCTTY` for ttys):
-/// its type is checked first, and the node opened must be the node checked.
-pub(crate) fn open(path: &Path, kind: NodeKind, flags: OFlags) -> Result<OwnedFd, String> {
+/// Checks, without opening it, that `path` is a node of `kind` — and, for a node the kernel
+/// announced (`expect`: its device number), that it is that very node and not a symbolic
+/// link. Returns what `path` names.
+pub(crate) fn check(path: &Path, kind: NodeKind, expect: Option<u64>) -> Result<Stat, String> {
     let named = path.display();
-    let before = rustix::fs::stat(path).map_err(|e| format!("{named}: {e}"))?;
-    if !matches(kind, &before) {
+    let stat = if expect.is_some() {
+        rustix::fs::lstat(path)
+    } else {
+        rustix::fs::stat(path)
+    }
+    .map_err(|e| format!("{named}: {e}"))?;
+    if !matches(kind, &stat) {
+        return Err(format!("{named} is {}, not {}", describe_type(&stat), kind.describe()));
+    }
+    if let Some(rdev) = expect
+        && stat.st_rdev != rdev
+    {
         return Err(format!(
-            "{named} is {}, not {}",
-            describe_type(&before),
-            kind.describe()
+            "{named} is {}, not the kernel's device {}:{}: refused",
+            describe_type(&stat),
+            rustix::fs::major(rdev),
+            rustix::fs::minor(rdev)
         ));
     }
+    Ok(stat)
+}
+
+/// Opens `path` as a node of `kind` with `flags` (plus `O_CLOEXEC`, and `O_NOCTTY` for ttys):
+/// its type is checked first ([`check`], with `expect` as there; such a node is opened
+/// `O_NOFOLLOW`), and the node opened must be the node checked.
+pub(crate) fn open(path: &Path, kind: NodeKind, flags: OFlags, expect: Option<u64>) -> Result<OwnedFd, String> {
+    let named = path.display();
+    let before = check(path, kind, expect)?;
     let mut flags = flags | OFlags::CLOEXEC;
     if kind == NodeKind::Tty {
         flags |= OFlags::NOCTTY;
+    }
+    if expect.is_some() {
+        flags |= OFlags::NOFOLLOW;
     }
     let fd = rustix::fs::open(path, flags, Mode::empty()).map_err(|e| format!("{named}: {e}"))?;
     let after = rustix::fs::fstat(&fd).map_err(|e| format!("{named}: {e}"))?;
@@ -100,13 +124,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("plain");
         std::fs::write(&file, "x").unwrap();
-        let err = open(&file, NodeKind::Tty, OFlags::RDWR).unwrap_err();
+        let err = open(&file, NodeKind::Tty, OFlags::RDWR, None).unwrap_err();
         assert!(err.ends_with("is a regular file, not a tty character device"), "{err}");
-        let err = open(Path::new("/dev/null"), NodeKind::Tty, OFlags::RDWR).unwrap_err();
+        let err = open(Path::new("/dev/null"), NodeKind::Tty, OFlags::RDWR, None).unwrap_err();
         assert!(err.contains("character device 1:3, not a tty"), "{err}");
-        let err = open(Path::new("/dev/null"), NodeKind::Block, OFlags::RDONLY).unwrap_err();
+        let err = open(Path::new("/dev/null"), NodeKind::Block, OFlags::RDONLY, None).unwrap_err();
         assert!(err.contains("not a block device"), "{err}");
-        let err = open(&dir.path().join("missing"), NodeKind::Block, OFlags::RDONLY).unwrap_err();
+        let err = open(&dir.path().join("missing"), NodeKind::Block, OFlags::RDONLY, None).unwrap_err();
         assert!(err.contains("No such file"), "{err}");
     }
 
@@ -117,11 +141,20 @@ mod tests {
         rustix::pty::unlockpt(&master).unwrap();
         let name = rustix::pty::ptsname(&master, Vec::new()).unwrap();
         let follower = PathBuf::from(name.to_str().unwrap());
-        open(&follower, NodeKind::Tty, OFlags::RDWR | OFlags::NONBLOCK).unwrap();
-        // A symbolic link to the node names the node (as /dev/serial/by-id links do).
+        let rdev = open(&follower, NodeKind::Tty, OFlags::RDWR | OFlags::NONBLOCK, None)
+            .and_then(|fd| rustix::fs::fstat(&fd).map_err(|e| e.to_string()))
+            .unwrap()
+            .st_rdev;
+        // A symbolic link to the node names the node (as /dev/serial/by-id links do)...
         let dir = tempfile::tempdir().unwrap();
         let link = dir.path().join("by-id");
         std::os::unix::fs::symlink(&follower, &link).unwrap();
-        open(&link, NodeKind::Tty, OFlags::RDWR | OFlags::NONBLOCK).unwrap();
+        open(&link, NodeKind::Tty, OFlags::RDWR | OFlags::NONBLOCK, None).unwrap();
+        // ...but a node the kernel announced is opened only as itself, with its own number.
+        open(&follower, NodeKind::Tty, OFlags::RDWR | OFlags::NONBLOCK, Some(rdev)).unwrap();
+        let err = open(&link, NodeKind::Tty, OFlags::RDWR, Some(rdev)).unwrap_err();
+        assert!(err.contains("is a symbolic link"), "{err}");
+        let err = open(&follower, NodeKind::Tty, OFlags::RDWR, Some(rdev + 1)).unwrap_err();
+        assert!(err.contains("not the kernel's device"), "{err}");
     }
 }

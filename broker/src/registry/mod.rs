@@ -3,8 +3,9 @@
 
 mod arbitration;
 mod matching;
+pub mod personality;
 mod service;
 
 pub use arbitration::{OpenGuard, OpenMode};
-pub use matching::Matching;
+pub use matching::{Binder, Candidate, MatchRecord, Matching, Outcome, Running, match_nub};
 pub use service::{Registry, RegistryError, Service, ServiceId};

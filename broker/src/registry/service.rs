@@ -29,7 +29,10 @@ pub struct Service {
     id: ServiceId,
     name: String,
     class: String,
-    properties: Properties,
+    /// Swapped whole when a nub's device changes (a `change` uevent).
+    properties: RwLock<Arc<Properties>>,
+    /// For a nub: how matching went the last time it ran.
+    matching: RwLock<Option<Arc<super::MatchRecord>>>,
     parent: Option<ServiceId>,
     children: RwLock<Vec<ServiceId>>,
     driver: Option<Arc<dyn Driver>>,
@@ -63,9 +66,24 @@ impl Service {
         &self.class
     }
 
-    /// Typed properties.
-    pub fn properties(&self) -> &Properties {
-        &self.properties
+    /// Typed properties, as they are now.
+    pub fn properties(&self) -> Arc<Properties> {
+        self.properties.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Replaces the properties (a nub whose device changed).
+    pub(crate) fn set_properties(&self, properties: Properties) {
+        *self.properties.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(properties);
+    }
+
+    /// How matching went for this nub the last time it ran; `None` for other services.
+    pub fn match_record(&self) -> Option<Arc<super::MatchRecord>> {
+        self.matching.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Records how matching went for this nub.
+    pub(crate) fn set_match_record(&self, record: super::MatchRecord) {
+        *self.matching.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(record));
     }
 
     /// The driver, for device services.
@@ -106,8 +124,12 @@ impl Service {
             class: self.class.clone(),
             parent: self.parent.map_or(0, |p| p.0),
             children: self.children().into_iter().map(|c| c.0).collect(),
-            properties: self.properties.iter().map(|(k, v)| (k.clone(), v.into())).collect(),
+            properties: self.properties().iter().map(|(k, v)| (k.clone(), v.into())).collect(),
             methods: self.driver.as_ref().map(|d| d.methods().infos(abi)).unwrap_or_default(),
+            candidates: self
+                .match_record()
+                .map(|r| r.candidates.iter().map(Into::into).collect())
+                .unwrap_or_default(),
         }
     }
 }
@@ -181,7 +203,8 @@ impl Registry {
             id,
             name: name.to_string(),
             class: class.to_string(),
-            properties,
+            properties: RwLock::new(Arc::new(properties)),
+            matching: RwLock::new(None),
             parent,
             children: RwLock::new(Vec::new()),
             driver,

@@ -42,6 +42,9 @@ pub enum Command {
     },
     /// Interest notifications for these services (all visible ones when empty).
     Subscribe(Vec<ServiceId>),
+    /// IOServiceAddMatchingNotification: publications and terminations of services matching
+    /// the dictionary; replies with the matching services there are now.
+    WatchMatching(Matching),
     /// clientMemoryForType: a descriptor for a memory type (transports that can pass one).
     MapMemory {
         /// The user client.
@@ -113,6 +116,7 @@ impl Session {
             }
             Command::Close { handle } => self.close_user_client(handle).map(|()| Reply::Done),
             Command::Subscribe(services) => self.subscribe(&services).map(|()| Reply::Done),
+            Command::WatchMatching(matching) => self.watch_matching(matching).map(Reply::Found),
             Command::MapMemory { handle, memory_type } => self
                 .map_memory(handle, memory_type)
                 .map(|(fd, memory_type)| Reply::Mapped { fd, memory_type }),

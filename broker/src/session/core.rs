@@ -585,7 +585,11 @@ impl Core {
         driver: Option<Arc<dyn Driver>>,
     ) -> Result<Arc<Service>, RegistryError> {
         let service = self.registry.publish(parent, name, class, properties, driver)?;
-        tracing::info!(id = %service.id(), name, class, "service published");
+        if service.driver().is_some() {
+            tracing::info!(id = %service.id(), name, class, "service published");
+        } else {
+            tracing::debug!(id = %service.id(), name, class, "service published");
+        }
         let _ = self.events.send(CoreEvent::Published(service.clone()));
         Ok(service)
     }
@@ -611,8 +615,15 @@ impl Core {
 
     /// Whether the policy lets this peer see the service.
     pub fn can_see(&self, peer: &PeerIdentity, abi: AbiId, service: &Service) -> bool {
+        if crate::bus::is_kernel_internal(service.class()) {
+            return false;
+        }
         let policy = self.policy();
-        policy.can_see(&peer.task(abi, self.exe_for(&policy, peer)), &view(service))
+        let properties = service.properties();
+        policy.can_see(
+            &peer.task(abi, self.exe_for(&policy, peer)),
+            &view(service, &properties),
+        )
     }
 
     /// The services matching the dictionary that this peer may see (IOServiceGetMatchingServices).
@@ -622,16 +633,17 @@ impl Core {
         self.registry
             .find(matching)
             .into_iter()
-            .filter(|s| policy.can_see(&task, &view(s)))
+            .filter(|s| !crate::bus::is_kernel_internal(s.class()))
+            .filter(|s| policy.can_see(&task, &view(s, &s.properties())))
             .collect()
     }
 }
 
 /// The policy's view of a service.
-pub(super) fn view(service: &Service) -> ServiceView<'_> {
+pub(super) fn view<'a>(service: &'a Service, properties: &'a Properties) -> ServiceView<'a> {
     ServiceView {
         name: service.name(),
         class: service.class(),
-        properties: service.properties(),
+        properties,
     }
 }

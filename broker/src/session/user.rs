@@ -179,6 +179,11 @@ pub struct Session {
     next_handle: u64,
     pending: Arc<AtomicUsize>,
     subscription: Subscription,
+    /// Matching notifications asked for (IOServiceAddMatchingNotification).
+    matching_watches: Vec<Matching>,
+    /// Services told to this session through a matching watch (or there when it was made),
+    /// whose termination it is told too.
+    announced: BTreeSet<ServiceId>,
     /// The policy generation every grant of this session was compiled under.
     generation: u64,
     /// That policy's revision (SHA-256 of its sources), for the decision log.
@@ -226,6 +231,8 @@ impl Session {
             next_handle: 1,
             pending: Arc::new(AtomicUsize::new(0)),
             subscription: Subscription::None,
+            matching_watches: Vec::new(),
+            announced: BTreeSet::new(),
             generation,
             revision,
             outbox: Vec::new(),
@@ -865,6 +872,22 @@ impl Session {
         Ok(())
     }
 
+    /// IOServiceAddMatchingNotification: from now on, the publication of a service matching
+    /// `matching` that this task may see is told, and so is its termination. Returns the
+    /// matching services there are now.
+    pub fn watch_matching(&mut self, matching: Matching) -> Result<Vec<Arc<Service>>, Refusal> {
+        if self.matching_watches.len() >= limits::MAX_MATCHING_WATCHES {
+            return Err(Refusal::new(
+                Status::NoMemory,
+                format!("at most {} matching watches per session", limits::MAX_MATCHING_WATCHES),
+            ));
+        }
+        let now = self.core.find_services(&self.peer, self.abi, &matching);
+        self.announced.extend(now.iter().map(|s| s.id()));
+        self.matching_watches.push(matching);
+        Ok(now)
+    }
+
     fn watches(&self, id: ServiceId) -> bool {
         match &self.subscription {
             Subscription::None => false,
@@ -879,11 +902,18 @@ impl Session {
         let mut out = Vec::new();
         let tell = match event {
             CoreEvent::Published(service) => {
-                matches!(self.subscription, Subscription::All) && self.core.can_see(&self.peer, self.abi, service)
+                let watched = self.matching_watches.iter().any(|m| m.matches(service));
+                let tell = (watched || matches!(self.subscription, Subscription::All))
+                    && self.core.can_see(&self.peer, self.abi, service);
+                if tell && watched {
+                    self.announced.insert(service.id());
+                }
+                tell
             }
             CoreEvent::Terminated { id, .. } => {
                 out.extend(self.close_terminated());
-                self.watches(*id)
+                let announced = self.announced.remove(id);
+                self.watches(*id) || announced
             }
             CoreEvent::Notice { service, .. } => {
                 self.watches(service.id()) && self.core.can_see(&self.peer, self.abi, service)
@@ -970,9 +1000,10 @@ pub(crate) fn admit(
         })
         .collect();
     let memory_types: Vec<&str> = driver.memory_types().iter().map(|m| m.name).collect();
+    let properties = service.properties();
     policy.admit(
         &peer.task(abi, core.exe_for(policy, peer)),
-        &view(service),
+        &view(service, &properties),
         mode == OpenMode::Exclusive,
         &methods,
         &memory_types,
@@ -1037,7 +1068,7 @@ fn not_open(handle: u64) -> Refusal {
 #[cfg(test)]
 mod tests {
     use portcullis_policy::{Policy, Source};
-    use portcullis_proto::layout::Schema;
+    use portcullis_proto::{layout::Schema, property::Properties};
 
     use super::*;
     use crate::{bus, config::Config};
@@ -1065,6 +1096,69 @@ mod tests {
         )
     }
 
+    /// IOServiceAddMatchingNotification: the services matching now, then publications and
+    /// terminations of matching services this task may see — and nothing about others, nor
+    /// about the kernel's nubs, nor about what a policy hides.
+    #[tokio::test]
+    async fn matching_watches_tell_what_matches_and_may_be_seen() {
+        let core = core();
+        let mut s = session(&core);
+        let class = |c: &str| Matching {
+            class: Some(c.into()),
+            ..Matching::default()
+        };
+        let names = |v: Vec<Arc<Service>>| v.iter().map(|s| s.name().to_string()).collect::<Vec<_>>();
+        assert_eq!(names(s.watch_matching(class("SampleDevice")).unwrap()), ["sample0"]);
+        assert!(s.watch_matching(class("BlockNub")).unwrap().is_empty());
+        let bus = core.registry().find(&Matching::name("vbus0")).remove(0).id();
+        let mut events = core.subscribe();
+        let sample = || Some(Arc::new(crate::drivers::sample::SampleDevice::new()) as Arc<dyn Driver>);
+        core.publish(Some(bus), "other0", "Other", Properties::new(), None)
+            .unwrap();
+        core.publish(Some(bus), "block/loop9", "BlockNub", Properties::new(), None)
+            .unwrap();
+        let second = core
+            .publish(Some(bus), "sample9", "SampleDevice", Properties::new(), sample())
+            .unwrap();
+        core.terminate(second.id());
+        let mut told = Vec::new();
+        for _ in 0..4 {
+            let event = events.recv().await.unwrap();
+            told.extend(s.on_core_event(&event));
+        }
+        assert!(
+            matches!(told.as_slice(), [
+                SessionEvent::Core(CoreEvent::Published(p)),
+                SessionEvent::Core(CoreEvent::Terminated { name, .. }),
+            ] if p.name() == "sample9" && name == "sample9"),
+            "{told:?}"
+        );
+        for _ in 0..limits::MAX_MATCHING_WATCHES - 2 {
+            s.watch_matching(Matching::default()).unwrap();
+        }
+        assert_eq!(
+            s.watch_matching(Matching::default()).unwrap_err().status,
+            Status::NoMemory
+        );
+
+        // A policy that hides sample devices from this task: nothing found, nothing told.
+        let hidden = Policy::parse(&[Source {
+            origin: "hide",
+            text: "[[principal]]\nname = \"all\"\n[[rule]]\nid = \"hide\"\neffect = \"forbid\"\nprincipals = [\"all\"]\nservice = { class = \"SampleDevice\" }\n",
+        }])
+        .unwrap();
+        core.replace_policy(hidden);
+        let mut s = session(&core);
+        assert!(s.watch_matching(class("SampleDevice")).unwrap().is_empty());
+        let mut events = core.subscribe();
+        let third = core
+            .publish(Some(bus), "sample10", "SampleDevice", Properties::new(), sample())
+            .unwrap();
+        let event = events.recv().await.unwrap();
+        assert!(s.on_core_event(&event).is_empty());
+        core.terminate(third.id());
+    }
+
     #[tokio::test]
     async fn terminated_service_closes_user_clients_and_aborts_pending_calls() {
         let core = core();
@@ -1080,7 +1174,7 @@ mod tests {
 
         let mut events = core.subscribe();
         core.terminate(id);
-        assert_eq!(pending.await.unwrap_err().status, Status::Aborted);
+        assert_eq!(pending.await.unwrap_err().status, Status::NoDevice);
         assert_eq!(s.pending_count(), 0);
         let event = events.recv().await.unwrap();
 

@@ -600,6 +600,22 @@ impl pb::broker_server::Broker for BrokerService {
             .collect();
         Ok(tonic::Response::new(pb::ListServicesResponse { services }))
     }
+
+    async fn list_nubs(
+        &self,
+        req: tonic::Request<pb::ListNubsRequest>,
+    ) -> Result<tonic::Response<pb::ListServicesResponse>, tonic::Status> {
+        admin(&req, "list the nubs")?;
+        let services = self
+            .core
+            .registry()
+            .find(&Matching::default())
+            .iter()
+            .filter(|s| s.match_record().is_some() || s.class() == "KernelBus")
+            .map(|s| s.info(AbiId::native()))
+            .collect();
+        Ok(tonic::Response::new(pb::ListServicesResponse { services }))
+    }
 }
 
 /// The running policy on the wire.
@@ -790,6 +806,9 @@ pub(crate) fn command(request: Option<Request>) -> Result<Command, Refusal> {
             },
             Request::CloseUserClient(close) => Command::Close { handle: close.handle },
             Request::Subscribe(sub) => Command::Subscribe(sub.service_ids.iter().map(|i| ServiceId(*i)).collect()),
+            Request::WatchMatching(watch) => Command::WatchMatching(
+                Matching::try_from(watch.matching).map_err(|e| Refusal::new(Status::BadArgument, e.to_string()))?,
+            ),
             Request::Call(call) => Command::Call {
                 handle: call.handle,
                 selector: call.selector,

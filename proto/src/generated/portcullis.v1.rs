@@ -95,6 +95,32 @@ pub struct ServiceInfo {
     /// Empty for services without a driver (buses, the root).
     #[prost(message, repeated, tag = "7")]
     pub methods: ::prost::alloc::vec::Vec<MethodInfo>,
+    /// For a nub: every personality that named its class, and what became of it.
+    #[prost(message, repeated, tag = "8")]
+    pub candidates: ::prost::alloc::vec::Vec<MatchCandidate>,
+}
+/// One personality considered for a nub, through the four matching stages.
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct MatchCandidate {
+    #[prost(string, tag = "1")]
+    pub personality: ::prost::alloc::string::String,
+    #[prost(string, tag = "2")]
+    pub driver: ::prost::alloc::string::String,
+    #[prost(string, tag = "3")]
+    pub category: ::prost::alloc::string::String,
+    #[prost(int64, tag = "4")]
+    pub probe_score: i64,
+    /// The stage it stopped at: "passive", "probe", "start", "outranked" (another started first
+    /// in its category) or "started".
+    #[prost(string, tag = "5")]
+    pub outcome: ::prost::alloc::string::String,
+    /// Why it stopped there (empty when it started).
+    #[prost(string, tag = "6")]
+    pub reason: ::prost::alloc::string::String,
+    /// The service it published, when it started.
+    #[prost(uint64, tag = "7")]
+    pub service_id: u64,
 }
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, ::prost::Message)]
@@ -145,7 +171,7 @@ pub struct Subscribe {
 pub struct ClientMessage {
     #[prost(uint64, tag = "1")]
     pub request_id: u64,
-    #[prost(oneof = "client_message::Request", tags = "2, 3, 4, 5, 6")]
+    #[prost(oneof = "client_message::Request", tags = "2, 3, 4, 5, 6, 7")]
     pub request: ::core::option::Option<client_message::Request>,
 }
 /// Nested message and enum types in `ClientMessage`.
@@ -163,7 +189,19 @@ pub mod client_message {
         Call(super::CallMethod),
         #[prost(message, tag = "6")]
         Subscribe(super::Subscribe),
+        #[prost(message, tag = "7")]
+        WatchMatching(super::WatchMatching),
     }
+}
+/// IOServiceAddMatchingNotification: be told when a service matching the dictionary that this
+/// task may see is published (a `published` event) or terminated (`terminated`). The response
+/// lists the matching services there are now (`found`), so that nothing falls between the two.
+/// At most 16 watches per session.
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct WatchMatching {
+    #[prost(message, optional, tag = "1")]
+    pub matching: ::core::option::Option<Matching>,
 }
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, ::prost::Message)]
@@ -329,6 +367,9 @@ pub struct ListServicesRequest {
     #[prost(message, optional, tag = "1")]
     pub matching: ::core::option::Option<Matching>,
 }
+#[allow(clippy::all)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ListNubsRequest {}
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct ListServicesResponse {
@@ -743,6 +784,32 @@ pub mod broker_client {
                 .insert(GrpcMethod::new("portcullis.v1.Broker", "Stats"));
             self.inner.unary(req, path, codec).await
         }
+        /// Administration: every nub the kernel's buses published, with how driver matching went for
+        /// each (root or the broker's own user only): the `ioreg` view with the reasons.
+        pub async fn list_nubs(
+            &mut self,
+            request: impl tonic::IntoRequest<super::ListNubsRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::ListServicesResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/portcullis.v1.Broker/ListNubs",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("portcullis.v1.Broker", "ListNubs"));
+            self.inner.unary(req, path, codec).await
+        }
     }
 }
 /// Generated server implementations.
@@ -794,6 +861,15 @@ pub mod broker_server {
             &self,
             request: tonic::Request<super::StatsRequest>,
         ) -> std::result::Result<tonic::Response<super::StatsResponse>, tonic::Status>;
+        /// Administration: every nub the kernel's buses published, with how driver matching went for
+        /// each (root or the broker's own user only): the `ioreg` view with the reasons.
+        async fn list_nubs(
+            &self,
+            request: tonic::Request<super::ListNubsRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::ListServicesResponse>,
+            tonic::Status,
+        >;
     }
     #[derive(Debug)]
     pub struct BrokerServer<T> {
@@ -1035,6 +1111,49 @@ pub mod broker_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = StatsSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/portcullis.v1.Broker/ListNubs" => {
+                    #[allow(non_camel_case_types)]
+                    struct ListNubsSvc<T: Broker>(pub Arc<T>);
+                    impl<T: Broker> tonic::server::UnaryService<super::ListNubsRequest>
+                    for ListNubsSvc<T> {
+                        type Response = super::ListServicesResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::ListNubsRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Broker>::list_nubs(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = ListNubsSvc(inner);
                         let codec = tonic_prost::ProstCodec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(

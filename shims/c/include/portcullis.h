@@ -145,6 +145,15 @@ void pc_disconnect(pc_conn *conn);
 int pc_find_services(pc_conn *conn, const char *class_name, const char *name, pc_service *out, size_t cap,
                      size_t *count);
 
+/* IOServiceAddMatchingNotification: from now on, PC_EVENT_PUBLISHED and PC_EVENT_TERMINATED events
+ * for services of this class and name (NULL or "" matches any) whose text properties equal the
+ * given ones (`properties` holds n_properties key/value pairs: key0, value0, key1, …), among the
+ * services the policy lets this task see. Like pc_find_services, fills `out` with the matching
+ * services there are now — so that a device plugged in meanwhile is never missed. At most 16
+ * per connection (PC_NO_MEMORY past that). */
+int pc_watch_matching(pc_conn *conn, const char *class_name, const char *name, const char *const *properties,
+                      size_t n_properties, pc_service *out, size_t cap, size_t *count);
+
 /* Opens a user client on the service (admission by policy); exclusive != 0 for an exclusive open. */
 int pc_open(pc_conn *conn, uint64_t service, int exclusive, uint64_t *handle);
 

@@ -687,17 +687,10 @@ void pc_disconnect(pc_conn *c) {
     free(c);
 }
 
-int pc_find_services(pc_conn *c, const char *class_name, const char *name, pc_service *out, size_t cap,
-                     size_t *count) {
-    struct wr w;
-    struct rd r;
-    uint64_t id = begin_request(c, &w, 0);
+/* A `Found` body: every service, the first `cap` of them copied out. */
+static int read_found(struct rd *rp, pc_service *out, size_t cap, size_t *count) {
+    struct rd r = *rp;
     uint64_t n, i;
-    int rc;
-    w_str(&w, class_name);
-    w_str(&w, name);
-    rc = exchange(c, &w, id, &r);
-    if (rc != PC_SUCCESS) return rc;
     if (expect_body(&r, 1) != PC_SUCCESS) return PC_PROTOCOL_ERROR;
     n = r_u64(&r);
     for (i = 0; i < n && !r.bad; i++) {
@@ -711,6 +704,38 @@ int pc_find_services(pc_conn *c, const char *class_name, const char *name, pc_se
     if (r.bad) return PC_PROTOCOL_ERROR;
     if (count) *count = (size_t)n;
     return PC_SUCCESS;
+}
+
+int pc_find_services(pc_conn *c, const char *class_name, const char *name, pc_service *out, size_t cap,
+                     size_t *count) {
+    struct wr w;
+    struct rd r;
+    uint64_t id = begin_request(c, &w, 0);
+    int rc;
+    w_str(&w, class_name);
+    w_str(&w, name);
+    rc = exchange(c, &w, id, &r);
+    if (rc != PC_SUCCESS) return rc;
+    return read_found(&r, out, cap, count);
+}
+
+int pc_watch_matching(pc_conn *c, const char *class_name, const char *name, const char *const *properties,
+                      size_t n_properties, pc_service *out, size_t cap, size_t *count) {
+    struct wr w;
+    struct rd r;
+    uint64_t id = begin_request(c, &w, 7);
+    size_t i;
+    int rc;
+    w_str(&w, class_name);
+    w_str(&w, name);
+    w_varint(&w, n_properties);
+    for (i = 0; i < n_properties; i++) {
+        w_str(&w, properties[2 * i]);
+        w_str(&w, properties[2 * i + 1]);
+    }
+    rc = exchange(c, &w, id, &r);
+    if (rc != PC_SUCCESS) return rc;
+    return read_found(&r, out, cap, count);
 }
 
 int pc_open(pc_conn *c, uint64_t service, int exclusive, uint64_t *handle) {

@@ -101,6 +101,11 @@ impl Session {
             .block_on(self.inner.call_named(user_client, name, scalars, struct_in))
     }
 
+    /// See [`crate::Session::watch_matching`].
+    pub fn watch_matching(&self, matching: pb::Matching) -> Result<Vec<pb::ServiceInfo>, ClientError> {
+        self.runtime.block_on(self.inner.watch_matching(matching))
+    }
+
     /// See [`crate::Session::subscribe`].
     pub fn subscribe(&self, service_ids: &[u64]) -> Result<(), ClientError> {
         self.runtime.block_on(self.inner.subscribe(service_ids))

@@ -399,6 +399,18 @@ impl Client {
             .into_inner())
     }
 
+    /// Every nub the kernel's buses published, each with how driver matching went for it
+    /// (`candidates`; root or the broker's own user only).
+    pub async fn list_nubs(&self) -> Result<Vec<pb::ServiceInfo>, ClientError> {
+        Ok(self
+            .grpc
+            .clone()
+            .list_nubs(pb::ListNubsRequest {})
+            .await?
+            .into_inner()
+            .services)
+    }
+
     /// What the broker holds for its clients (root or the broker's own user only).
     pub async fn stats(&self) -> Result<pb::StatsResponse, ClientError> {
         Ok(self.grpc.clone().stats(pb::StatsRequest {}).await?.into_inner())

@@ -150,6 +150,29 @@ impl NativeSession {
         }
     }
 
+    /// IOServiceAddMatchingNotification: from now on, `Published` and `Terminated` events for
+    /// services of this class and name (empty matches any) whose text properties equal these,
+    /// among those the task may see. Returns the matching services there are now.
+    pub async fn watch_matching(
+        &mut self,
+        class: &str,
+        name: &str,
+        properties: &[(&str, &str)],
+    ) -> Result<Vec<ServiceSummary>, ClientError> {
+        let request = Request::WatchMatching {
+            class: class.to_string(),
+            name: name.to_string(),
+            properties: properties
+                .iter()
+                .map(|(k, v)| ((*k).to_string(), (*v).to_string()))
+                .collect(),
+        };
+        match self.request(request).await? {
+            Body::Found(services) => Ok(services),
+            other => Err(ClientError::Protocol(format!("unexpected {other:?}"))),
+        }
+    }
+
     /// Opens a user client; returns its handle.
     pub async fn open(&mut self, service: u64, exclusive: bool) -> Result<u64, ClientError> {
         match self.request(Request::Open { service, exclusive }).await? {

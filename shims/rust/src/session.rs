@@ -267,6 +267,22 @@ impl Session {
         .map(drop)
     }
 
+    /// IOServiceAddMatchingNotification: from now on, a `published` event for every service
+    /// matching the dictionary that this task may see, and a `terminated` event when it goes.
+    /// Returns the matching services there are now, so that a device plugged in meanwhile is
+    /// never missed: wait for a device with this, then [`Session::next_event`].
+    pub async fn watch_matching(&self, matching: pb::Matching) -> Result<Vec<pb::ServiceInfo>, ClientError> {
+        match self
+            .request(Request::WatchMatching(pb::WatchMatching {
+                matching: Some(matching),
+            }))
+            .await?
+        {
+            R::Found(found) => Ok(found.services),
+            other => Err(unexpected(&other)),
+        }
+    }
+
     /// The next event, or `None` once the session has ended.
     pub async fn next_event(&self) -> Option<pb::Event> {
         self.events.lock().await.recv().await

@@ -10,6 +10,7 @@ mod cli;
 mod client_example;
 mod concurrency;
 mod decision_log;
+mod discovery;
 mod exclusive;
 mod faults;
 mod gate;

@@ -14,7 +14,7 @@ use portcullis_client::{
     native::{MappedMemory, NativeSession},
 };
 use portcullis_proto::layout::AbiId;
-use portcullis_tests::{Broker, BrokerSetup, NOBODY};
+use portcullis_tests::{Broker, BrokerSetup, NOBODY, run_ok};
 
 const POLICY: &str = r#"
 [[principal]]
@@ -78,15 +78,6 @@ fn udp(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16, payload: &[u8]) -> Ve
     p
 }
 
-fn run(mut cmd: std::process::Command) {
-    let out = cmd.output().unwrap();
-    assert!(
-        out.status.success(),
-        "{cmd:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn a_packet_crosses_the_tun_to_a_udp_socket_and_the_reply_comes_back() {
     let broker = broker();
@@ -100,7 +91,7 @@ async fn a_packet_crosses_the_tun_to_a_udp_socket_and_the_reply_comes_back() {
     assert_eq!(typed.name, "pc0");
     assert!(typed.ifindex > 0 && typed.mtu >= 68);
     assert_eq!(typed.flags & portcullis_client::devices::NetInfo::UP, 1);
-    run(broker.in_netns("ip", &["addr", "add", "192.0.2.1/24", "dev", "pc0"]));
+    run_ok(broker.in_netns("ip", &["addr", "add", "192.0.2.1/24", "dev", "pc0"]));
     let info = session.call_named(&net, "get_info", &[], &[]).await.unwrap().struct_out;
     assert_eq!(u32::from_ne_bytes(info[24..28].try_into().unwrap()) & 1, 1, "up");
     // A UDP socket in the namespace, the packet's destination.
@@ -207,7 +198,7 @@ async fn the_interface_is_configured_only_with_net_admin_and_its_loss_is_no_devi
                 break;
             }
         }
-        run(broker.in_netns("ip", &["link", "del", "pc0"]));
+        run_ok(broker.in_netns("ip", &["link", "del", "pc0"]));
         let gone = waiting.await.unwrap_err();
         assert_eq!(gone.status(), Some(Status::NoDevice), "{gone}");
     }
@@ -226,14 +217,14 @@ async fn packets_wait_per_client_in_bounded_queues_and_overflow_is_counted() {
     let (first, a) = broker.open("net0", OpenMode::Shared).await;
     let (second, b) = broker.open("net0", OpenMode::Shared).await;
     // Only the test's packets: no IPv6 chatter on the interface.
-    run(broker.in_netns("sh", &["-c", "echo 1 > /proc/sys/net/ipv6/conf/pc0/disable_ipv6"]));
-    run(broker.in_netns("ip", &["addr", "add", "192.0.2.1/24", "dev", "pc0"]));
+    run_ok(broker.in_netns("sh", &["-c", "echo 1 > /proc/sys/net/ipv6/conf/pc0/disable_ipv6"]));
+    run_ok(broker.in_netns("ip", &["addr", "add", "192.0.2.1/24", "dev", "pc0"]));
     first.call_named(&a, "set_up", &[], &[]).await.unwrap();
     // 300 datagrams routed out of the interface, sent while no call waits.
     let send = format!(
         "import socket\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\nfor i in range({SENT}):\n    s.sendto(i.to_bytes(4, 'big'), ('192.0.2.2', 9))\n"
     );
-    run(broker.in_netns("python3", &["-c", &send]));
+    run_ok(broker.in_netns("python3", &["-c", &send]));
     let (got_a, _) = drain(&first, &a, SENT).await;
     // By now every packet has left the kernel: the second client's queue holds what its bound
     // allowed, and says how many it lost.
@@ -268,8 +259,8 @@ const RECV_PACKETS: u32 = 7;
 async fn batches_of_packets_cross_through_the_packets_memory() {
     let broker = broker();
     let (session, net) = broker.open("net0", OpenMode::Shared).await;
-    run(broker.in_netns("sh", &["-c", "echo 1 > /proc/sys/net/ipv6/conf/pc0/disable_ipv6"]));
-    run(broker.in_netns("ip", &["addr", "add", "192.0.2.1/24", "dev", "pc0"]));
+    run_ok(broker.in_netns("sh", &["-c", "echo 1 > /proc/sys/net/ipv6/conf/pc0/disable_ipv6"]));
+    run_ok(broker.in_netns("ip", &["addr", "add", "192.0.2.1/24", "dev", "pc0"]));
     session.call_named(&net, "set_up", &[], &[]).await.unwrap();
     // The native client below is then the interface's only reader.
     session.close(&net).await.unwrap();

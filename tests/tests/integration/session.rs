@@ -18,8 +18,11 @@ fn cli_ls_shows_registry_tree_and_json() {
     let broker = Broker::start();
     let tree = stdout_ok(&broker.cli(&["ls"]));
     assert!(tree.contains("+-o Root  <class Root, id 1>"), "{tree}");
-    assert!(tree.contains("  +-o vbus0  <class VirtualBus, id 2>"), "{tree}");
-    assert!(tree.contains("    +-o sample0  <class SampleDevice, id 3>"), "{tree}");
+    // Root has two buses, the virtual one and the kernel's (whose nubs an administrator sees).
+    assert!(tree.contains("| +-o vbus0  <class VirtualBus, id 2>"), "{tree}");
+    assert!(tree.contains("|   +-o sample0  <class SampleDevice, id 3>"), "{tree}");
+    assert!(tree.contains("  +-o kernel0  <class KernelBus, id 4>"), "{tree}");
+    assert!(tree.contains("+-o net/lo  <class NetNub"), "{tree}");
     assert!(tree.contains("reset(5, needs sample.admin)"), "{tree}");
     let json: serde_json::Value = serde_json::from_str(&stdout_ok(&broker.cli(&["ls", "--json"]))).unwrap();
     let sample = json

@@ -61,6 +61,9 @@ pub struct BlockDevice {
     direct: Option<OwnedFd>,
     geometry: Geometry,
     opens: AtomicUsize,
+    /// The device went away (its nub was removed, or its media): every call from now on, and
+    /// one that was running, ends with `NO_DEVICE`.
+    terminated: std::sync::atomic::AtomicBool,
 }
 
 fn bad(message: impl Into<String>) -> DriverError {
@@ -71,18 +74,38 @@ impl BlockDevice {
     /// Opens the block device at `path`, read-write unless `read_only` or the device itself is
     /// read-only.
     pub fn open(path: &Path, read_only: bool) -> Result<BlockDevice, String> {
+        BlockDevice::open_node(path, read_only, false, None)
+    }
+
+    /// [`BlockDevice::open`], `O_EXCL` when `exclusive` (the kernel's claim: refused while the
+    /// device is mounted or claimed, and keeping others from claiming it), and for a node the
+    /// kernel announced with device number `expect`: the node must be that device, and not a
+    /// link to it.
+    pub fn open_node(
+        path: &Path,
+        read_only: bool,
+        exclusive: bool,
+        expect: Option<u64>,
+    ) -> Result<BlockDevice, String> {
         let named = path.display();
-        let probe = node::open(path, NodeKind::Block, OFlags::RDONLY)?;
+        let probe = node::open(path, NodeKind::Block, OFlags::RDONLY, expect)?;
         let device_ro = sys::read_only(probe.as_fd()).map_err(|e| format!("{named}: BLKROGET: {e}"))?;
         let read_only = read_only || device_ro;
         let access = if read_only { OFlags::RDONLY } else { OFlags::RDWR };
-        let fd = if read_only {
+        let fd = if read_only && !exclusive {
             probe
         } else {
             drop(probe);
-            node::open(path, NodeKind::Block, access)?
+            let claim = if exclusive { OFlags::EXCL } else { OFlags::empty() };
+            node::open(path, NodeKind::Block, access | claim, expect).map_err(|e| {
+                if exclusive && e.ends_with("Device or resource busy") {
+                    format!("{e} (claimed by another: mounted, or opened O_EXCL)")
+                } else {
+                    e
+                }
+            })?
         };
-        let direct = node::open(path, NodeKind::Block, access | OFlags::DIRECT).ok();
+        let direct = node::open(path, NodeKind::Block, access | OFlags::DIRECT, expect).ok();
         let stat = rustix::fs::fstat(&fd).map_err(|e| format!("{named}: {e}"))?;
         let (major, minor) = (rustix::fs::major(stat.st_rdev), rustix::fs::minor(stat.st_rdev));
         let rotational = std::fs::read_to_string(format!("/sys/dev/block/{major}:{minor}/queue/rotational"))
@@ -105,6 +128,7 @@ impl BlockDevice {
             direct,
             geometry,
             opens: AtomicUsize::new(0),
+            terminated: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -114,7 +138,9 @@ impl BlockDevice {
     }
 
     fn failed(&self, what: &str, e: Errno) -> DriverError {
-        if e == Errno::NXIO || e == Errno::NODEV {
+        // An I/O error is the device failing the transfer — its media going (a loop device's
+        // file emptied, a card pulled) or failing — not a fault of the broker.
+        if e == Errno::NXIO || e == Errno::NODEV || e == Errno::NOMEDIUM || e == Errno::IO {
             return DriverError::new(
                 Status::NoDevice,
                 format!("{} went away: {what}: {e}", self.path.display()),
@@ -291,7 +317,15 @@ impl Driver for BlockDevice {
                 format!("no block method {}", spec.selector),
             )));
         };
-        Completion::Ready(match selector {
+        let gone = || {
+            self.terminated
+                .load(Ordering::Acquire)
+                .then(|| DriverError::new(Status::NoDevice, format!("{} went away", self.path.display())))
+        };
+        if let Some(gone) = gone() {
+            return Completion::Ready(Err(gone));
+        }
+        let result = match selector {
             Selector::GetGeometry => self.get_geometry(),
             Selector::ReadBlocks => self.transfer(ctx, false, args.scalars()),
             Selector::WriteBlocks => self.transfer(ctx, true, args.scalars()),
@@ -312,7 +346,16 @@ impl Driver for BlockDevice {
                         Err(e) => Err(self.failed("BLKDISCARD", e)),
                     })
             }
+        };
+        // A transfer that ran while the device went: what it moved is not to be trusted.
+        Completion::Ready(match gone() {
+            Some(gone) => Err(gone),
+            None => result,
         })
+    }
+
+    fn terminate(&self) {
+        self.terminated.store(true, Ordering::Release);
     }
 
     fn create_memory(&self, memory_type: &MemoryType) -> Result<Backing, DriverError> {
@@ -382,6 +425,7 @@ mod tests {
                 rotational: false,
             },
             opens: AtomicUsize::new(0),
+            terminated: std::sync::atomic::AtomicBool::new(false),
         }
     }
 

@@ -101,7 +101,10 @@ pub(super) const TABLE: [MethodSpec; 5] = [
     MethodSpec {
         statuses: &[
             (Status::BadArgument, RANGE),
-            (Status::NoDevice, "the device ended early (it shrank) or went away"),
+            (
+                Status::NoDevice,
+                "the device ended early (it shrank), failed the transfer (an I/O error: its media went or is failing) or went away",
+            ),
         ],
         ..row(Selector::ReadBlocks, "read_blocks", &["lba", "count", "offset"], 1)
     },
@@ -109,7 +112,10 @@ pub(super) const TABLE: [MethodSpec; 5] = [
         statuses: &[
             (Status::BadArgument, RANGE),
             (Status::NotWritable, NOT_WRITABLE),
-            (Status::NoDevice, "the device ended early (it shrank) or went away"),
+            (
+                Status::NoDevice,
+                "the device ended early (it shrank), failed the transfer (an I/O error: its media went or is failing) or went away",
+            ),
         ],
         ..row(Selector::WriteBlocks, "write_blocks", &["lba", "count", "offset"], 1)
     },

@@ -192,8 +192,36 @@ impl NetDevice {
     /// Creates the TUN interface `name` (down) and starts its reader. Needs a tokio runtime.
     pub fn create(name: &str) -> Result<NetDevice, String> {
         let (tun, given) = open_tun(name)?;
+        NetDevice::serve(tun, given, None)
+    }
+
+    /// Attaches to the persistent TUN interface `name` that the kernel announced with index
+    /// `ifindex` (one another program created), and starts its reader. Refused when the name
+    /// now names another interface — the one announced is gone — or a TAP, or one some other
+    /// program holds open. Needs a tokio runtime.
+    pub fn attach(name: &str, ifindex: u32) -> Result<NetDevice, String> {
+        let (tun, given) = open_tun(name).map_err(|e| {
+            e.replace(
+                "exists already (another program owns it)",
+                "is held open by another program",
+            )
+        })?;
+        NetDevice::serve(tun, given, Some(ifindex))
+    }
+
+    fn serve(tun: OwnedFd, given: String, ifindex: Option<u32>) -> Result<NetDevice, String> {
         let control = rustix::net::socket_with(AddressFamily::INET, SocketType::DGRAM, SocketFlags::CLOEXEC, None)
             .map_err(|e| format!("interface control socket: {e}"))?;
+        if let Some(expected) = ifindex {
+            let index =
+                sys::index(control.as_fd(), &given).map_err(|e| format!("interface {given}: SIOCGIFINDEX: {e}"))?;
+            if index != expected {
+                // Dropping the descriptor removes what TUNSETIFF just made in its place.
+                return Err(format!(
+                    "interface {given} is index {index}, not the announced {expected}: the announced interface is gone"
+                ));
+            }
+        }
         let mtu = sys::mtu(control.as_fd(), &given).map_err(|e| format!("interface {given}: SIOCGIFMTU: {e}"))?;
         let shared = Arc::new(Shared {
             name: given.clone(),

@@ -98,7 +98,7 @@ impl SampleDevice {
                     scalars: vec![value],
                     struct_out: vec![],
                 }),
-                Ok(Err(_)) => Err(DriverError::new(Status::Aborted, "the device was terminated")),
+                Ok(Err(_)) => Err(DriverError::new(Status::NoDevice, "the device was terminated")),
                 Err(_) => Err(DriverError::new(
                     Status::Timeout,
                     format!("no event within {timeout_ms} ms"),
@@ -206,7 +206,7 @@ impl Driver for SampleDevice {
     }
 
     fn terminate(&self) {
-        // Dropping the senders completes every waiter with Aborted.
+        // Dropping the senders completes every waiter with NO_DEVICE.
         self.waiters.lock().unwrap_or_else(|e| e.into_inner()).clear();
     }
 
@@ -424,13 +424,13 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn sample_cancelled_waiter_is_pruned_and_terminate_aborts() {
+    async fn sample_cancelled_waiter_is_pruned_and_terminate_ends_waiters_with_no_device() {
         let dev = SampleDevice::new();
         let (cancelled, _) = with_ctx(|ctx| call(&dev, ctx, Selector::WaitEvent, vec![10_000], vec![]));
         drop(cancelled);
         assert_eq!(dev.pending_waiters(), 0);
         let (pending, _) = with_ctx(|ctx| call(&dev, ctx, Selector::WaitEvent, vec![10_000], vec![]));
         dev.terminate();
-        assert_eq!(finish(pending).await.unwrap_err().status, Status::Aborted);
+        assert_eq!(finish(pending).await.unwrap_err().status, Status::NoDevice);
     }
 }

@@ -118,10 +118,7 @@ pub(super) const TABLE: [MethodSpec; 8] = [
         scalar_max: &[("timeout_ms", MAX_WAIT_MS)],
         statuses: &[
             (Status::Timeout, "no fire_event before timeout_ms"),
-            (
-                Status::Aborted,
-                "the user client closed, or the device was terminated, first",
-            ),
+            (Status::Aborted, "the user client closed first"),
         ],
         ..row(Selector::WaitEvent, "wait_event", &["timeout_ms"], 1)
     },

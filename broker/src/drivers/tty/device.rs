@@ -78,7 +78,13 @@ fn bad(message: impl Into<String>) -> DriverError {
 impl TtyDevice {
     /// Opens the tty at `path` and puts it in raw mode. Needs a tokio runtime.
     pub fn open(path: &Path) -> Result<TtyDevice, String> {
-        let fd = node::open(path, NodeKind::Tty, OFlags::RDWR | OFlags::NONBLOCK)?;
+        TtyDevice::open_node(path, None)
+    }
+
+    /// [`TtyDevice::open`], for a node the kernel announced with device number `expect`: the
+    /// node must be that device, and not a link to it.
+    pub fn open_node(path: &Path, expect: Option<u64>) -> Result<TtyDevice, String> {
+        let fd = node::open(path, NodeKind::Tty, OFlags::RDWR | OFlags::NONBLOCK, expect)?;
         let original = rustix::termios::tcgetattr(&fd).map_err(|e| format!("{}: not a tty ({e})", path.display()))?;
         let mut raw = original.clone();
         raw.make_raw();
@@ -308,7 +314,7 @@ struct Pending {
 
 impl Pending {
     fn aborted() -> DriverError {
-        DriverError::new(Status::Aborted, "the tty was terminated")
+        DriverError::new(Status::NoDevice, "the tty went away (its service was terminated)")
     }
 
     /// Writes all of `bytes`, or as much as the device takes before `deadline`.

@@ -44,6 +44,18 @@ pub(super) fn command(request: Request) -> Option<Command> {
             struct_out_len,
         },
         Request::Subscribe { services } => Command::Subscribe(services.into_iter().map(ServiceId).collect()),
+        Request::WatchMatching {
+            class,
+            name,
+            properties,
+        } => Command::WatchMatching(Matching {
+            class: Some(class).filter(|c| !c.is_empty()),
+            name: Some(name).filter(|n| !n.is_empty()),
+            properties: properties
+                .into_iter()
+                .map(|(k, v)| (k, portcullis_proto::property::PropValue::Text(v)))
+                .collect(),
+        }),
         Request::MapMemory { handle, memory_type } => Command::MapMemory { handle, memory_type },
         Request::EnableRing { .. } => return None,
     })

@@ -46,7 +46,7 @@
      PC_STATUS_BIT(PC_NOT_OPEN) | PC_STATUS_BIT(PC_INTERNAL))
 /* read_blocks: scalars in: lba, count, offset; 1 scalar(s) out.
  *   PC_BAD_ARGUMENT: the blocks are outside the device, or count x the block size at offset outside the dma memory (or it is not mapped)
- *   PC_NO_DEVICE: the device ended early (it shrank) or went away */
+ *   PC_NO_DEVICE: the device ended early (it shrank), failed the transfer (an I/O error: its media went or is failing) or went away */
 #define PC_BLOCK_READ_BLOCKS_SCALARS_IN 3
 #define PC_BLOCK_READ_BLOCKS_SCALARS_OUT 1
 #define PC_BLOCK_READ_BLOCKS_STATUSES \
@@ -56,7 +56,7 @@
 /* write_blocks: scalars in: lba, count, offset; 1 scalar(s) out.
  *   PC_BAD_ARGUMENT: the blocks are outside the device, or count x the block size at offset outside the dma memory (or it is not mapped)
  *   PC_NOT_WRITABLE: the device is read-only, or this user client's open is shared (only an exclusive open writes)
- *   PC_NO_DEVICE: the device ended early (it shrank) or went away */
+ *   PC_NO_DEVICE: the device ended early (it shrank), failed the transfer (an I/O error: its media went or is failing) or went away */
 #define PC_BLOCK_WRITE_BLOCKS_SCALARS_IN 3
 #define PC_BLOCK_WRITE_BLOCKS_SCALARS_OUT 1
 #define PC_BLOCK_WRITE_BLOCKS_STATUSES \

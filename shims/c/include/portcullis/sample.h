@@ -70,7 +70,7 @@
      PC_STATUS_BIT(PC_NOT_OPEN) | PC_STATUS_BIT(PC_INTERNAL))
 /* wait_event: scalars in: timeout_ms; 1 scalar(s) out; completes later.
  *   PC_TIMEOUT: no fire_event before timeout_ms
- *   PC_ABORTED: the user client closed, or the device was terminated, first */
+ *   PC_ABORTED: the user client closed first */
 #define PC_SAMPLE_WAIT_EVENT_SCALARS_IN 1
 #define PC_SAMPLE_WAIT_EVENT_SCALARS_OUT 1
 #define PC_SAMPLE_WAIT_EVENT_TIMEOUT_MS_MAX 600000
