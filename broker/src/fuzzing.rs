@@ -506,8 +506,49 @@ pub fn uevent(data: &[u8]) {
     }
 }
 
+/// The `personality` fuzz target: any text as a `drivers.d` file. Loading never panics; a set
+/// that loads holds unique ids in order, every error is located in the file, and every
+/// personality's passive matching runs on a nub's worth of properties the text also chooses.
+pub fn personality(data: &[u8]) {
+    let text = String::from_utf8_lossy(data).into_owned();
+    let lines = text.lines().count().max(1);
+    match crate::registry::personality::Personalities::parse(&[("fuzz.toml".into(), text.clone())]) {
+        Ok(set) => {
+            let ids: Vec<&str> = set.all().iter().map(|p| p.id.as_str()).collect();
+            assert!(ids.windows(2).all(|w| w.first() < w.get(1)), "ids sorted and unique");
+            let nub: portcullis_proto::property::Properties = text
+                .lines()
+                .filter_map(|l| l.split_once(':'))
+                .map(|(k, v)| {
+                    (
+                        k.to_string(),
+                        portcullis_proto::property::PropValue::Text(v.to_string()),
+                    )
+                })
+                .collect();
+            for p in set.all() {
+                let _ = p.passive(&nub);
+            }
+        }
+        Err(errors) => {
+            assert!(!errors.is_empty());
+            for e in errors {
+                assert!(e.line <= lines + 1, "{e} is past the end of a {lines}-line file");
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn personality_entry_point_takes_any_text() {
+        super::personality(b"[[personality]]\nid = \"org.a.b\"\nversion = \"1\"\ndriver = \"block\"\nprovider_class = \"BlockNub\"\nprobe_score = 1\nmatch = { devtype = \"disk\" }\ndevtype:disk\n");
+        super::personality(b"");
+        super::personality(&[0xff; 300]);
+        super::personality(b"[[personality]]\n[[personality]]\nid = 3");
+    }
+
     #[test]
     fn uevent_entry_point_takes_any_bytes() {
         super::uevent(b"change@/devices/virtual/block/loop0\0ACTION=change\0DEVPATH=/devices/virtual/block/loop0\0SUBSYSTEM=block\0SEQNUM=1\0");

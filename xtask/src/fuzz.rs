@@ -26,6 +26,7 @@ pub(crate) const TARGETS: &[&str] = &[
     "session_ops",
     "ring_records",
     "uevent",
+    "personality",
 ];
 
 /// The files whose line coverage `--coverage` reports (the decoders and the policy parser).
@@ -39,7 +40,8 @@ const COVERAGE_FILES: &[&str] = &[
     "policy/src/model.rs",
     "policy/src/args.rs",
     "policy/src/grant.rs",
-    "broker/src/uevent.rs",
+    "broker/src/bus/uevent.rs",
+    "broker/src/registry/personality.rs",
 ];
 
 /// The cargo-fuzz release `cargo xtask fuzz` installs when it is missing.

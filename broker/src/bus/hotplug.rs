@@ -66,6 +66,8 @@ pub struct Hotplug {
     nubs: Mutex<BTreeMap<String, Nub>>,
     /// Nubs to match again, when, and how many times they were already.
     retries: Mutex<BTreeMap<String, (std::time::Instant, u32)>>,
+    /// Matching runs so far (one per device per batch, however many events named it).
+    runs: std::sync::atomic::AtomicU64,
     stop: OwnedFd,
     runtime: Option<tokio::runtime::Handle>,
 }
@@ -96,6 +98,7 @@ impl Hotplug {
             bus: bus.id(),
             nubs: Mutex::new(BTreeMap::new()),
             retries: Mutex::new(BTreeMap::new()),
+            runs: std::sync::atomic::AtomicU64::new(0),
             stop,
             runtime: tokio::runtime::Handle::try_current().ok(),
         }))
@@ -224,6 +227,7 @@ impl Hotplug {
             return;
         };
         let _entered = self.runtime.as_ref().map(tokio::runtime::Handle::enter);
+        self.runs.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let mut binder = NubBinder {
             core: &self.core,
             nub: &nub.service,
@@ -310,6 +314,11 @@ impl Hotplug {
     /// Nubs published now.
     pub fn nub_count(&self) -> usize {
         self.nubs().len()
+    }
+
+    /// Matching runs so far: one per device per batch of events, however many named it.
+    pub fn matching_runs(&self) -> u64 {
+        self.runs.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Listens to the kernel's events on a thread of its own until [`Hotplug::stop`].
@@ -455,5 +464,72 @@ impl Binder for NubBinder<'_> {
     fn stop(&mut self, service: ServiceId) {
         tracing::info!(nub = self.nub.name(), %service, "driver's probe no longer passes: terminated");
         self.core.terminate(service);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use portcullis_policy::{Policy, Source};
+
+    use super::*;
+
+    fn hotplug() -> (Arc<Core>, Arc<Hotplug>) {
+        let policy = Policy::parse(&[Source {
+            origin: "default",
+            text: crate::config::DEFAULT_POLICY,
+        }])
+        .unwrap();
+        let core = Core::new(policy);
+        let hotplug = Hotplug::new(core.clone(), Personalities::default(), Sysfs::default()).unwrap();
+        (core, hotplug)
+    }
+
+    fn event(action: Action, devpath: &str, subsystem: &str, seqnum: u64) -> Uevent {
+        Uevent {
+            action,
+            devpath: devpath.into(),
+            subsystem: subsystem.into(),
+            seqnum,
+            vars: Vec::new(),
+        }
+    }
+
+    fn nub_id(core: &Core, name: &str) -> Option<ServiceId> {
+        core.registry()
+            .find(&crate::registry::Matching::name(name))
+            .first()
+            .map(|s| s.id())
+    }
+
+    /// This machine's own loopback interface and /dev/tty, named by a storm of events: each is
+    /// read and matched once per batch; subsystems the broker does not serve are ignored.
+    #[test]
+    fn a_storm_is_coalesced_to_one_matching_run_per_device() {
+        let (core, hotplug) = hotplug();
+        let storm: Vec<Uevent> = (0..2000u64)
+            .map(|i| match i % 4 {
+                0 => event(Action::Add, "/devices/virtual/net/lo", "net", i),
+                1 | 2 => event(Action::Change, "/devices/virtual/net/lo", "net", i),
+                _ => event(Action::Change, "/devices/virtual/tty/tty", "tty", i),
+            })
+            .chain([event(Action::Add, "/devices/virtual/input/input9", "input", 9999)])
+            .collect();
+        hotplug.apply(&storm);
+        assert_eq!(hotplug.matching_runs(), 2);
+        assert_eq!(hotplug.nub_count(), 2);
+        let lo = nub_id(&core, "net/lo").unwrap();
+        // A remove and an add in one batch: the device left and came back, a new service.
+        hotplug.apply(&[
+            event(Action::Remove, "/devices/virtual/net/lo", "net", 10_000),
+            event(Action::Add, "/devices/virtual/net/lo", "net", 10_001),
+        ]);
+        let again = nub_id(&core, "net/lo").unwrap();
+        assert!(again > lo, "{again} after {lo}");
+        // An event for a device sysfs does not have publishes nothing (and removes its nub).
+        hotplug.apply(&[event(Action::Add, "/devices/virtual/net/pcghost0", "net", 10_002)]);
+        assert!(nub_id(&core, "net/pcghost0").is_none());
+        // A removal of what is not known changes nothing.
+        hotplug.apply(&[event(Action::Remove, "/devices/virtual/net/pcghost0", "net", 10_003)]);
+        assert_eq!(hotplug.nub_count(), 2);
     }
 }

@@ -590,3 +590,31 @@ fn driver_lint_locates_errors_and_the_broker_refuses_a_set_with_errors() {
         "{stderr}"
     );
 }
+
+#[test]
+fn watch_match_prints_what_matches_now_and_refuses_a_malformed_pair() {
+    let broker = Broker::start();
+    let out = broker.cli(&[
+        "watch",
+        "--match",
+        "class=SampleDevice",
+        "--match",
+        "model=demo",
+        "--count",
+        "1",
+    ]);
+    assert!(
+        stdout_ok(&out).contains("present sample0 <class SampleDevice"),
+        "{out:?}"
+    );
+    let out = broker.cli(&["watch", "--match", "class=SampleDevice", "--count", "1", "--json"]);
+    let line: serde_json::Value = serde_json::from_str(stdout_ok(&out).trim()).unwrap();
+    assert_eq!(line["event"], "present");
+    assert_eq!(line["service"]["name"], "sample0");
+    let out = broker.cli(&["watch", "--match", "class"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("write KEY=VALUE"),
+        "{out:?}"
+    );
+}
