@@ -618,3 +618,36 @@ fn watch_match_prints_what_matches_now_and_refuses_a_malformed_pair() {
         "{out:?}"
     );
 }
+
+/// A file system mounted on a loop device the test made, unmounted when dropped.
+struct Mounted(tempfile::TempDir);
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(self.0.path()).output();
+    }
+}
+
+#[test]
+fn a_mounted_disk_fails_the_probe_unless_the_personality_allows_it() {
+    let dir = tempfile::Builder::new().prefix("portcullis-disks-").tempdir().unwrap();
+    let device = LoopDevice::attach_in(Some(dir.path()), &vec![0u8; 8 << 20], false);
+    run_ok(Command::new("mkfs.ext2").arg("-q").arg(&device.path));
+    let mounted = Mounted(tempfile::tempdir().unwrap());
+    run_ok(Command::new("mount").arg(&device.path).arg(mounted.0.path()));
+    let careful = disks_personality(dir.path(), "");
+    let bold = disks_personality(dir.path(), "allow_mounted = true\nread_only = true")
+        .replace("org.portcullis.test.disks", "org.portcullis.test.bold")
+        .replace("probe_score = 1000", "probe_score = 100");
+    let broker = broker_with(&format!("{careful}{bold}"));
+    let record = nub(&broker, "block", &device.name());
+    let expected: Vec<(String, String)> = vec![("bold".into(), "started".into()), ("disks".into(), "probe".into())];
+    assert_eq!(outcomes(&record), expected, "{record:#}");
+    let reason = record["candidates"][1]["reason"].as_str().unwrap();
+    assert!(
+        reason.contains(&format!("is mounted at {}", mounted.0.path().display())) && reason.contains("allow_mounted"),
+        "{reason}"
+    );
+    drop(broker);
+    drop(mounted);
+}
