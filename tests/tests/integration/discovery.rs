@@ -218,6 +218,9 @@ async fn a_loop_device_is_matched_served_and_terminated_when_its_media_goes_mid_
         matches!(closed, NativeEvent::UserClientClosed { handle: h, status, .. } if h == handle && status == Status::NoDevice as u32),
         "{closed:?}"
     );
+    // Its mapping is revoked: the blocks read into it are gone.
+    rustix::io::pread(&dma.fd, &mut got, 0).unwrap();
+    assert_eq!(got, vec![0u8; 4096], "the dma memory still holds the device's blocks");
     drop(dma);
     drop(s);
     // The broker let go: the kernel finished the detach it had deferred.
