@@ -84,6 +84,14 @@ pub struct Limits {
     /// When stopping, how long in-flight calls may take to finish before they are aborted, in
     /// milliseconds [default: 5000].
     pub shutdown_timeout_ms: u64,
+    /// Shared-memory rings one uid may hold at once [default: 8], of the broker's
+    /// `ring.max_rings`; over it, `NO_MEMORY` and the client stays on the socket. Root and the
+    /// broker's own user are not limited per uid.
+    pub max_rings_per_uid: usize,
+    /// Driver memory one uid may have mapped at once, over all its user clients, in bytes
+    /// [default: 1 GiB]; a mapping over it is refused with `NO_MEMORY`. Root and the broker's
+    /// own user are not limited per uid.
+    pub max_mapped_bytes_per_uid: u64,
 }
 
 impl Default for Limits {
@@ -97,6 +105,8 @@ impl Default for Limits {
             max_exe_hash_bytes: 64 << 20,
             max_exe_hashes_per_uid: 1,
             shutdown_timeout_ms: 5_000,
+            max_rings_per_uid: 8,
+            max_mapped_bytes_per_uid: 1 << 30,
         }
     }
 }
@@ -262,6 +272,11 @@ impl Config {
         if limits.max_pending_calls_per_uid == 0 || limits.max_queued_messages_per_uid == 0 {
             return Err(invalid(
                 "limits.max_pending_calls_per_uid and limits.max_queued_messages_per_uid must be at least 1".into(),
+            ));
+        }
+        if limits.max_rings_per_uid == 0 || limits.max_mapped_bytes_per_uid == 0 {
+            return Err(invalid(
+                "limits.max_rings_per_uid and limits.max_mapped_bytes_per_uid must be at least 1 (to keep a user off rings or mappings, use the policy)".into(),
             ));
         }
         Ok(config)
@@ -483,5 +498,21 @@ mod tests {
             load_policy(Some(empty.path())),
             Err(ConfigError::EmptyPolicyDir(_))
         ));
+    }
+
+    /// The configuration the README shows parses, with the values it says are the defaults.
+    #[test]
+    fn the_readme_configuration_example_parses() {
+        let readme = include_str!("../../README.md");
+        let example = readme
+            .split_once("A broker configuration declares")
+            .and_then(|(_, rest)| rest.split_once("```toml\n"))
+            .and_then(|(_, rest)| rest.split_once("```"))
+            .map(|(block, _)| block)
+            .unwrap();
+        let config = Config::parse("README", example).unwrap();
+        assert_eq!(config.drivers.as_deref(), Some(Path::new("drivers.d")));
+        assert_eq!(config.discovery, Some(true));
+        assert_eq!(config.limits, Limits::default());
     }
 }

@@ -48,6 +48,12 @@ pub struct Account {
     pub(crate) queued: Arc<AtomicUsize>,
     /// Executables being hashed at once for this identity.
     hashing: Arc<Semaphore>,
+    /// Shared-memory rings held.
+    pub(crate) rings: Arc<AtomicUsize>,
+    /// Bytes of driver memory mapped, over all user clients.
+    pub(crate) mapped: Arc<AtomicUsize>,
+    /// Root and the broker's own user: not limited per identity (rings, mapped memory).
+    exempt: bool,
     limits: Limits,
 }
 
@@ -65,6 +71,27 @@ impl Account {
     /// One more queued message, unless the identity is at its bound.
     pub(crate) fn take_queued(&self) -> Option<super::Live> {
         take(&self.queued, self.limits.max_queued_messages_per_uid)
+    }
+
+    /// One more ring, unless the identity holds as many as it may.
+    pub(crate) fn take_ring(&self) -> Option<Held> {
+        let max = if self.exempt {
+            usize::MAX
+        } else {
+            self.limits.max_rings_per_uid
+        };
+        take_amount(&self.rings, 1, max)
+    }
+
+    /// `bytes` more of mapped driver memory, unless that would take the identity past its
+    /// bound.
+    pub(crate) fn take_mapped(&self, bytes: u64) -> Option<Held> {
+        let max = if self.exempt {
+            usize::MAX
+        } else {
+            usize::try_from(self.limits.max_mapped_bytes_per_uid).unwrap_or(usize::MAX)
+        };
+        take_amount(&self.mapped, usize::try_from(bytes).ok()?, max)
     }
 
     /// Whether the identity's clients have as many unread messages queued as it may.
@@ -93,6 +120,31 @@ impl Account {
 pub(crate) struct HashingSlot {
     _account: Arc<Account>,
     _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+/// An amount counted against an identity for as long as it is held.
+#[derive(Debug)]
+pub(crate) struct Held {
+    counter: Arc<AtomicUsize>,
+    amount: usize,
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.counter.fetch_sub(self.amount, Ordering::AcqRel);
+    }
+}
+
+fn take_amount(counter: &Arc<AtomicUsize>, amount: usize, max: usize) -> Option<Held> {
+    counter
+        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+            n.checked_add(amount).filter(|total| *total <= max)
+        })
+        .ok()
+        .map(|_| Held {
+            counter: counter.clone(),
+            amount,
+        })
 }
 
 fn take(counter: &Arc<AtomicUsize>, max: usize) -> Option<super::Live> {
@@ -214,6 +266,9 @@ impl Accounts {
             pending: Arc::new(AtomicUsize::new(0)),
             queued: Arc::new(AtomicUsize::new(0)),
             hashing: Arc::new(Semaphore::new(self.limits.max_exe_hashes_per_uid.max(1))),
+            rings: Arc::new(AtomicUsize::new(0)),
+            mapped: Arc::new(AtomicUsize::new(0)),
+            exempt: matches!(key, AccountKey::Uid(uid) if self.is_admin(uid)),
             limits: self.limits,
         });
         inner.accounts.insert(key, Arc::downgrade(&account));
@@ -360,5 +415,35 @@ mod tests {
         assert!(accounts.account(AccountKey::Uid(6)).take_pending().is_some());
         drop(a);
         assert!(account.take_pending().is_some());
+    }
+
+    #[test]
+    fn rings_and_mapped_bytes_are_bounded_per_uid_but_not_for_root() {
+        let accounts = Accounts::new(
+            10,
+            Limits {
+                max_rings_per_uid: 2,
+                max_mapped_bytes_per_uid: 3 << 20,
+                ..Limits::default()
+            },
+        );
+        let user = accounts.account(AccountKey::Uid(1000));
+        let rings = [user.take_ring().unwrap(), user.take_ring().unwrap()];
+        assert!(user.take_ring().is_none());
+        assert!(accounts.account(AccountKey::Uid(1001)).take_ring().is_some());
+        drop(rings);
+        assert!(user.take_ring().is_some());
+        let two = user.take_mapped(2 << 20).unwrap();
+        assert!(user.take_mapped(2 << 20).is_none(), "4 MiB is past 3 MiB");
+        let one = user.take_mapped(1 << 20).unwrap();
+        assert!(user.take_mapped(1).is_none());
+        drop(two);
+        assert!(user.take_mapped(2 << 20).is_some());
+        drop(one);
+        assert!(user.take_mapped(u64::MAX).is_none());
+        let root = accounts.account(AccountKey::Uid(0));
+        let held: Vec<_> = (0..10).map(|_| root.take_ring().unwrap()).collect();
+        assert!(root.take_mapped(64 << 20).is_some());
+        drop(held);
     }
 }

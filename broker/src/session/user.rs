@@ -138,6 +138,8 @@ struct UserClient {
     /// Its grant in the core's list (for dry-run reloads), removed with it.
     listed: super::core::GrantEntry,
     mapping_live: Vec<super::core::Live>,
+    /// The bytes of each mapping, counted against the identity's bound.
+    mapping_held: Vec<super::accounts::Held>,
 }
 
 impl Drop for UserClient {
@@ -626,6 +628,7 @@ impl Session {
                 _live: super::core::Live::new(&self.core.live.user_clients),
                 listed,
                 mapping_live: Vec::new(),
+                mapping_held: Vec::new(),
             },
         );
         Ok((handle, service, privileges))
@@ -824,6 +827,19 @@ impl Session {
         let backing = match uc.mappings.iter().find(|m| m.memory_type.id == memory_type) {
             Some(m) => m.backing.clone(),
             None => {
+                let held = self.account.take_mapped(kind.size).ok_or_else(|| {
+                    Refusal::new(
+                        Status::NoMemory,
+                        format!(
+                            "{} already has {} bytes of driver memory mapped; {} more ({}) would pass limits.max_mapped_bytes_per_uid ({}): unmap some first (close a user client)",
+                            self.account.key(),
+                            self.account.mapped.load(std::sync::atomic::Ordering::Relaxed),
+                            kind.size,
+                            kind.name,
+                            self.account.limits().max_mapped_bytes_per_uid
+                        ),
+                    )
+                })?;
                 let backing = match crate::driver::contained(|| uc.driver.create_memory(&kind)) {
                     Ok(backing) => backing?,
                     Err(panic) => return Err(self.driver_failed(&service, &panic)),
@@ -836,6 +852,7 @@ impl Session {
                     backing: backing.clone(),
                 });
                 uc.mapping_live.push(super::core::Live::new(&self.core.live.mappings));
+                uc.mapping_held.push(held);
                 backing
             }
         };

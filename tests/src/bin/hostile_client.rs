@@ -13,6 +13,12 @@
 //!   answer and the goodbye that follows.
 //! - `hold RUN_DIR N`: opens up to N native connections, reports how many it got and why the
 //!   next was refused, and holds them until its standard input closes.
+//! - `rings RUN_DIR N`: sets up to N shared-memory rings, each on a connection of its own,
+//!   reports how many it got and why the next was refused, and holds them until its standard
+//!   input closes.
+//! - `map RUN_DIR N`: opens up to N user clients of `sample0` and maps each one's 1 MiB `dma`
+//!   memory, reports how many mappings it got and why the next was refused, and holds them
+//!   until its standard input closes.
 //! - `pending RUN_DIR CALLS LIMIT`: starts CALLS `wait_event` calls over two gRPC sessions,
 //!   reports the answers of the CALLS - LIMIT that come back at once, and holds the rest until
 //!   its standard input closes.
@@ -57,6 +63,8 @@ async fn main() {
         ["exec", run_dir, program] => exec(Path::new(run_dir), program).await,
         ["resume", fd] => resume(fd.parse().expect("a descriptor number")).await,
         ["hold", run_dir, n] => hold(Path::new(run_dir), n.parse().expect("a count")).await,
+        ["rings", run_dir, n] => rings(Path::new(run_dir), n.parse().expect("a count")).await,
+        ["map", run_dir, n] => map(Path::new(run_dir), n.parse().expect("a count")).await,
         ["pending", run_dir, calls, limit] => {
             pending(
                 Path::new(run_dir),
@@ -102,6 +110,49 @@ async fn hold(run_dir: &Path, n: usize) -> Value {
     for _ in 0..n {
         match NativeSession::connect(run_dir, AbiId::native()).await {
             Ok(session) => held.push(session),
+            Err(e) => {
+                refused = e.to_string().into();
+                break;
+            }
+        }
+    }
+    say(&json!({ "held": held.len(), "refused": refused }));
+    until_stdin_closes().await;
+    json!({ "released": held.len() })
+}
+
+async fn rings(run_dir: &Path, n: usize) -> Value {
+    let mut held = Vec::new();
+    let mut refused = Value::Null;
+    for _ in 0..n {
+        let dir = run_dir.to_path_buf();
+        let ring = tokio::task::spawn_blocking(move || {
+            portcullis_client::ring::RingClient::connect(dir, portcullis_client::ring::RingOptions::default())
+        })
+        .await
+        .unwrap();
+        match ring {
+            Ok(ring) => held.push(ring),
+            Err(e) => {
+                refused = e.to_string().into();
+                break;
+            }
+        }
+    }
+    say(&json!({ "held": held.len(), "refused": refused }));
+    until_stdin_closes().await;
+    json!({ "released": held.len() })
+}
+
+async fn map(run_dir: &Path, n: usize) -> Value {
+    let mut session = NativeSession::connect(run_dir, AbiId::native()).await.unwrap();
+    let sample = session.find("sample0").await.unwrap().remove(0);
+    let mut held = Vec::new();
+    let mut refused = Value::Null;
+    for _ in 0..n {
+        let handle = session.open(sample.id, false).await.unwrap();
+        match session.map_memory(handle, DMA).await {
+            Ok(memory) => held.push(memory),
             Err(e) => {
                 refused = e.to_string().into();
                 break;

@@ -107,6 +107,56 @@ fn one_uid_cannot_take_every_connection_and_root_keeps_its_slots() {
 }
 
 #[test]
+fn one_uid_cannot_take_every_ring_or_map_unbounded_memory() {
+    let broker = Broker::with(BrokerSetup {
+        config: Some(
+            "[ring]\nmax_rings = 8\nwait = \"sleep\"\n[limits]\nmax_rings_per_uid = 3\nmax_mapped_bytes_per_uid = 3145728\n[[device]]\nname = \"sample0\"\ndriver = \"sample\"\n",
+        ),
+        ..BrokerSetup::default()
+    });
+    let baseline = broker.baseline_fds();
+    let dir = run_dir(&broker);
+    // Rings: three, then NO_MEMORY naming the limit; another uid still gets its own.
+    let mut nobody = Held::start(&broker, NOBODY, &["rings", &dir, "5"]);
+    let report = nobody.report();
+    assert_eq!(report["held"], 3, "{report}");
+    let refused = report["refused"].as_str().unwrap();
+    assert!(
+        refused.contains("NO_MEMORY")
+            && refused.contains("uid 65534 already holds 3 rings")
+            && refused.contains("max_rings_per_uid"),
+        "{refused}"
+    );
+    let mut other = Held::start(&broker, NOBODY - 1, &["rings", &dir, "3"]);
+    assert_eq!(other.report()["held"], 3);
+    assert_eq!(broker.stats()["rings"], 6);
+    drop(nobody);
+    drop(other);
+    broker.assert_no_leaks(baseline);
+    // Mapped memory: three 1 MiB dma mappings, then NO_MEMORY; released with the user clients.
+    let mut nobody = Held::start(&broker, NOBODY, &["map", &dir, "5"]);
+    let report = nobody.report();
+    assert_eq!(report["held"], 3, "{report}");
+    let refused = report["refused"].as_str().unwrap();
+    assert!(
+        refused.contains("NO_MEMORY") && refused.contains("max_mapped_bytes_per_uid"),
+        "{refused}"
+    );
+    let mut other = Held::start(&broker, NOBODY - 1, &["map", &dir, "3"]);
+    assert_eq!(other.report()["held"], 3);
+    drop(nobody);
+    let mut again = Held::start(&broker, NOBODY, &["map", &dir, "3"]);
+    assert_eq!(
+        again.report()["held"],
+        3,
+        "released with the user clients that held them"
+    );
+    drop(again);
+    drop(other);
+    broker.assert_no_leaks(baseline);
+}
+
+#[test]
 fn pending_calls_are_bounded_per_uid_and_others_are_unaffected() {
     let broker = Broker::with(BrokerSetup {
         config: Some("[limits]\nmax_pending_calls_per_uid = 40\n[[device]]\nname = \"sample0\"\ndriver = \"sample\"\n"),

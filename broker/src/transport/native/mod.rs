@@ -436,7 +436,8 @@ fn enable_ring(
             (frame, enabled.fds.into())
         }
         Err(refusal) => {
-            tracing::debug!(%refusal, "ring refused");
+            let uid = session.lock().map(|s| s.peer().uid).unwrap_or(u32::MAX);
+            throttled_info!(CONNECTION_LOG, uid, status = %refusal.status, reason = %refusal.message, "ring refused");
             (codec::response(id, Err(refusal)).0, Vec::new())
         }
     }

@@ -33,7 +33,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::codec;
 use crate::{
     config::RingConfig,
-    session::{Core, Live, Refusal, Session, Started},
+    session::{Core, Live, Refusal, Session, Started, accounts::Held},
 };
 
 /// Most submissions taken per wake-up before completions are flushed.
@@ -84,6 +84,20 @@ pub(super) fn start(
             ),
         )
     })?;
+    let account = session
+        .lock()
+        .map(|s| s.account().clone())
+        .map_err(|_| Refusal::new(Status::Internal, "the session was poisoned"))?;
+    let held = account.take_ring().ok_or_else(|| {
+        Refusal::new(
+            Status::NoMemory,
+            format!(
+                "{} already holds {} rings, the most one user may (limits.max_rings_per_uid); stay on the socket",
+                account.key(),
+                account.limits().max_rings_per_uid
+            ),
+        )
+    })?;
     let os = |e: std::io::Error| Refusal::new(Status::NoMemory, format!("cannot create the ring: {e}"));
     let peer = session
         .lock()
@@ -95,7 +109,7 @@ pub(super) fn start(
         inbox,
         wake,
         closed,
-    } = Worker::build(session.clone(), sq, cq, options, live).map_err(os)?;
+    } = Worker::build(session.clone(), sq, cq, options, (live, Some(held))).map_err(os)?;
     let (ended_tx, ended) = oneshot::channel();
     std::thread::Builder::new()
         .name(format!("ring-{}", peer.0))
@@ -232,7 +246,8 @@ struct Worker {
     record: Vec<u8>,
     /// Where completions are encoded before they go to the ring.
     scratch: Box<[u8]>,
-    _live: Live,
+    /// Counts the ring in the broker's total and against its identity's bound.
+    _live: (Live, Option<Held>),
 }
 
 /// A new ring's worker, and what the client and the tokio side keep of it.
@@ -253,7 +268,7 @@ impl Worker {
         sq: RingSize,
         cq: RingSize,
         options: RingConfig,
-        live: Live,
+        live: (Live, Option<Held>),
     ) -> std::io::Result<Built> {
         let (memfd, map) = Mapping::create(sq, cq)?;
         let (bell, client_bell) = wake::broker_doorbell()?;
@@ -583,9 +598,13 @@ pub fn fuzz_ring(core: &Core, session: Session, data: &[u8]) -> Vec<Vec<u8>> {
     let Some(live) = core.admit_ring(usize::MAX) else {
         return Vec::new();
     };
-    let Ok(Built { mut worker, .. }) =
-        Worker::build(Arc::new(Mutex::new(session)), size, size, RingConfig::default(), live)
-    else {
+    let Ok(Built { mut worker, .. }) = Worker::build(
+        Arc::new(Mutex::new(session)),
+        size,
+        size,
+        RingConfig::default(),
+        (live, None),
+    ) else {
         return Vec::new();
     };
     for (word, chunk) in worker.map.sq().iter().zip(contents.chunks(8)) {
