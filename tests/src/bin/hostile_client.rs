@@ -104,6 +104,14 @@ async fn until_stdin_closes() {
     .await;
 }
 
+/// Reports how many it holds and why the next was refused, then holds them until standard input
+/// closes.
+async fn report_and_hold<T>(held: Vec<T>, refused: Value) -> Value {
+    say(&json!({ "held": held.len(), "refused": refused }));
+    until_stdin_closes().await;
+    json!({ "released": held.len() })
+}
+
 async fn hold(run_dir: &Path, n: usize) -> Value {
     let mut held = Vec::new();
     let mut refused = Value::Null;
@@ -116,9 +124,7 @@ async fn hold(run_dir: &Path, n: usize) -> Value {
             }
         }
     }
-    say(&json!({ "held": held.len(), "refused": refused }));
-    until_stdin_closes().await;
-    json!({ "released": held.len() })
+    report_and_hold(held, refused).await
 }
 
 async fn rings(run_dir: &Path, n: usize) -> Value {
@@ -139,9 +145,7 @@ async fn rings(run_dir: &Path, n: usize) -> Value {
             }
         }
     }
-    say(&json!({ "held": held.len(), "refused": refused }));
-    until_stdin_closes().await;
-    json!({ "released": held.len() })
+    report_and_hold(held, refused).await
 }
 
 async fn map(run_dir: &Path, n: usize) -> Value {
@@ -159,9 +163,7 @@ async fn map(run_dir: &Path, n: usize) -> Value {
             }
         }
     }
-    say(&json!({ "held": held.len(), "refused": refused }));
-    until_stdin_closes().await;
-    json!({ "released": held.len() })
+    report_and_hold(held, refused).await
 }
 
 async fn pending(run_dir: &Path, calls: usize, limit: usize) -> Value {
