@@ -92,6 +92,11 @@ pub struct Limits {
     /// [default: 1 GiB]; a mapping over it is refused with `NO_MEMORY`. Root and the broker's
     /// own user are not limited per uid.
     pub max_mapped_bytes_per_uid: u64,
+    /// A session that holds nothing (no user client, pending call, subscription or matching
+    /// watch) and has sent no request for this long is closed (`TIMEOUT`), so that idle
+    /// connections cannot hold the slots others need, in milliseconds [default: 600000; 0:
+    /// never].
+    pub idle_timeout_ms: u64,
 }
 
 impl Default for Limits {
@@ -107,6 +112,7 @@ impl Default for Limits {
             shutdown_timeout_ms: 5_000,
             max_rings_per_uid: 8,
             max_mapped_bytes_per_uid: 1 << 30,
+            idle_timeout_ms: 600_000,
         }
     }
 }
@@ -122,6 +128,11 @@ impl Limits {
     /// The handshake deadline.
     pub fn handshake_timeout(&self) -> std::time::Duration {
         std::time::Duration::from_millis(self.handshake_timeout_ms)
+    }
+
+    /// How long a session may sit idle holding nothing; `None` for ever.
+    pub fn idle_timeout(&self) -> Option<std::time::Duration> {
+        (self.idle_timeout_ms > 0).then(|| std::time::Duration::from_millis(self.idle_timeout_ms))
     }
 
     /// The shutdown deadline.

@@ -101,6 +101,7 @@ impl fmt::Debug for Started {
 impl Session {
     /// Executes one command.
     pub fn execute(&mut self, command: Command) -> Started {
+        self.touch();
         if let Some(ended) = self.end_reason() {
             return Started::Now(Err(ended.clone()));
         }

@@ -17,3 +17,11 @@ pub use decisions::DecisionLog;
 pub(crate) use identity::parse_label;
 pub use identity::{ExeHashing, FileId, IdentityError, IdentityOptions, PeerIdentity, TlsPeer};
 pub use user::{CallStarted, Refusal, Session, SessionEvent};
+
+/// Completes at a session's idle deadline (never, for `None`).
+pub(crate) async fn idle(deadline: Option<std::time::Instant>) {
+    match deadline {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
+}

@@ -181,6 +181,8 @@ pub struct Session {
     next_handle: u64,
     pending: Arc<AtomicUsize>,
     subscription: Subscription,
+    /// When the client last sent a request (or connected).
+    last_request: std::time::Instant,
     /// Matching notifications asked for (IOServiceAddMatchingNotification).
     matching_watches: Vec<Matching>,
     /// Services told to this session through a matching watch (or there when it was made),
@@ -233,6 +235,7 @@ impl Session {
             next_handle: 1,
             pending: Arc::new(AtomicUsize::new(0)),
             subscription: Subscription::None,
+            last_request: std::time::Instant::now(),
             matching_watches: Vec::new(),
             announced: BTreeSet::new(),
             generation,
@@ -515,6 +518,41 @@ impl Session {
     /// The peer.
     pub fn peer(&self) -> &PeerIdentity {
         &self.peer
+    }
+
+    /// A request arrived: the session is not idle.
+    pub(crate) fn touch(&mut self) {
+        self.last_request = std::time::Instant::now();
+    }
+
+    /// Whether the session holds nothing a client would keep a connection for: no user
+    /// client, pending call, subscription or matching watch.
+    pub fn holds_nothing(&self) -> bool {
+        self.user_clients.is_empty()
+            && self.pending_count() == 0
+            && matches!(self.subscription, Subscription::None)
+            && self.matching_watches.is_empty()
+    }
+
+    /// When this session is to be closed as idle (`limits.idle_timeout_ms` after its last
+    /// request, while it holds nothing); `None` while it holds something, or with no timeout.
+    pub fn idle_deadline(&self) -> Option<std::time::Instant> {
+        let timeout = self.account.limits().idle_timeout()?;
+        self.holds_nothing().then(|| self.last_request + timeout)
+    }
+
+    /// The session has been idle past its deadline: why it is closed.
+    pub fn idle_close(&self) -> Option<Refusal> {
+        let deadline = self.idle_deadline()?;
+        (std::time::Instant::now() >= deadline).then(|| {
+            Refusal::new(
+                Status::Timeout,
+                format!(
+                    "the session sent no request for {} ms and held nothing (limits.idle_timeout_ms): closed",
+                    self.account.limits().idle_timeout_ms
+                ),
+            )
+        })
     }
 
     /// Number of open user clients.

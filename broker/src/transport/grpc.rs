@@ -686,6 +686,12 @@ async fn run_session(mut session: Session, core: Arc<Core>, mut inbound: Streami
                 }
             }
             Some(_) = calls.join_next(), if !calls.is_empty() => {}
+            () = crate::session::idle(session.idle_deadline()) => {
+                if let Some(idle) = session.idle_close() {
+                    tracing::debug!(uid = session.peer().uid, "idle gRPC session closed");
+                    break Some((idle.status, idle.message));
+                }
+            }
             () = core.stopping() => {
                 finish_for_shutdown(&mut session, &core, &mut calls).await;
                 break Some((Status::Aborted, "the broker is stopping".to_string()));

@@ -366,3 +366,37 @@ fn clients_say_why_they_cannot_connect() {
         "{native}"
     );
 }
+
+/// A session that sends nothing and holds nothing is closed at `limits.idle_timeout_ms`, over
+/// both transports, with TIMEOUT; one that holds a user client stays, although it connected
+/// first (so it would have been closed first, were holding nothing not the rule).
+#[tokio::test(flavor = "multi_thread")]
+async fn idle_sessions_holding_nothing_are_closed_and_those_holding_something_stay() {
+    let broker = Broker::with(BrokerSetup {
+        config: Some("[limits]\nidle_timeout_ms = 300\n[[device]]\nname = \"sample0\"\ndriver = \"sample\"\n"),
+        ..BrokerSetup::default()
+    });
+    let baseline = broker.baseline_fds();
+    let (holder, sample) = broker.open("sample0", OpenMode::Shared).await;
+    let client = broker.client().await;
+    let idle = client.session().await.unwrap();
+    let native = portcullis_tests::native_hello(&broker.run_dir()).await;
+    let goodbye = loop {
+        let event = idle.next_event().await.expect("a goodbye before the stream ends");
+        if let Some(pb::event::Kind::Goodbye(g)) = event.kind {
+            break g;
+        }
+    };
+    assert_eq!(goodbye.status, pb::StatusCode::Timeout as i32, "{goodbye:?}");
+    assert!(goodbye.reason.contains("idle_timeout_ms"), "{goodbye:?}");
+    let frame = portcullis_tests::next_frame(&native).await;
+    assert!(
+        matches!(&frame, ServerFrame::Goodbye { status, reason } if *status == Status::Timeout as u32 && reason.contains("held nothing")),
+        "{frame:?}"
+    );
+    // The session holding a user client is still served.
+    let sum = holder.call_named(&sample, "add", &[2, 3], &[]).await.unwrap();
+    assert_eq!(sum.scalars, vec![5]);
+    drop((holder, sample, idle, client, native));
+    broker.assert_no_leaks(baseline);
+}

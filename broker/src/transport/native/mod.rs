@@ -335,6 +335,12 @@ async fn serve_socket(
                 Err(close) => return Some(close),
             },
             Some((frame, fd)) = done_rx.recv() => vec![(frame, fd.into_iter().collect())],
+            () = crate::session::idle(locked(session).idle_deadline()) => {
+                if let Some(idle) = locked(session).idle_close() {
+                    return Some(Close { status: idle.status, reason: idle.message });
+                }
+                Vec::new()
+            }
             reason = ring_ended => return reason.map(|(status, reason)| Close { status, reason: format!("ring: {reason}") }),
             () = core.stopping() => return Some(finish_for_shutdown(session, core, conn, done_tx, done_rx).await),
             event = events.recv() => {
