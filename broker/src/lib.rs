@@ -26,6 +26,7 @@ pub mod server;
 pub mod session;
 #[allow(unsafe_code)]
 mod sys;
+pub mod systemd;
 mod throttle;
 pub mod transport;
 pub mod trust;

@@ -21,7 +21,7 @@ use crate::{
 };
 
 /// What `portcullis broker` was asked to run.
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub struct BrokerOptions {
     /// Config file; `None` for the embedded default.
     pub config: Option<PathBuf>,
@@ -31,6 +31,11 @@ pub struct BrokerOptions {
     pub run_dir: PathBuf,
     /// Decision log file; overrides the config's.
     pub decision_log: Option<PathBuf>,
+    /// Listening sockets systemd passed (socket activation), served instead of binding.
+    pub activated: Option<crate::systemd::Activated>,
+    /// Stop once no client has been connected for this long (with socket activation: systemd
+    /// starts the broker again at the next connection).
+    pub exit_idle: Option<std::time::Duration>,
 }
 
 /// In the run dir: the TLS listener's address once bound (useful with `listen = "…:0"`).
@@ -172,9 +177,26 @@ pub async fn run(options: BrokerOptions, shutdown: impl Future<Output = ()>) -> 
     let mut watchers = Vec::new();
     let grpc_path = options.run_dir.join(GRPC_SOCKET);
     let native_path = options.run_dir.join(NATIVE_SOCKET);
-    let grpc_listener = grpc::bind(&grpc_path).await?;
-    let native_listener = native::bind(&native_path)?;
-    tracing::info!(grpc = %grpc_path.display(), native = %native_path.display(), "serving");
+    let tls_addr_path = options.run_dir.join(TLS_ADDR_FILE);
+    let mut activated = options.activated.unwrap_or_default();
+    let activated_paths = (activated.grpc.is_some(), activated.native.is_some());
+    let grpc_listener = match activated.grpc.take() {
+        Some(fd) => grpc::listener_from(fd)?,
+        None => grpc::bind(&grpc_path).await?,
+    };
+    let native_listener = match activated.native.take() {
+        Some(fd) => native::listener_from(fd)?,
+        None => native::bind(&native_path)?,
+    };
+    tracing::info!(grpc = %grpc_path.display(), native = %native_path.display(), socket_activated = activated_paths.0 || activated_paths.1, "serving");
+    crate::systemd::ready(&format!("serving {}", options.run_dir.display()));
+    let watchdog = crate::systemd::spawn_watchdog();
+    let idle_exit = async {
+        match options.exit_idle {
+            Some(idle) => crate::systemd::idle_for(core.clone(), idle).await,
+            None => std::future::pending().await,
+        }
+    };
     // One shutdown signal stops both transports, gracefully.
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
@@ -224,7 +246,15 @@ pub async fn run(options: BrokerOptions, shutdown: impl Future<Output = ()>) -> 
     let result = tokio::select! {
         result = &mut grpc_task => Some(result),
         () = shutdown => None,
+        () = idle_exit => {
+            tracing::info!("no client for the idle time: stopping (the service manager starts the broker again at the next connection)");
+            None
+        }
     };
+    crate::systemd::stopping("stopping");
+    if let Some(watchdog) = watchdog {
+        watchdog.abort();
+    }
     // Stop accepting; every session lets its calls in flight finish (or aborts them at the
     // deadline), says goodbye and ends; the transports then finish. A client that holds its
     // connection open after that does not hold the broker: it stops at the deadline regardless.
@@ -256,7 +286,14 @@ pub async fn run(options: BrokerOptions, shutdown: impl Future<Output = ()>) -> 
             Ok(Ok(()))
         }
     };
-    for path in [&grpc_path, &native_path, &options.run_dir.join(TLS_ADDR_FILE)] {
+    // Sockets the service manager passed are its to keep (clients wait in their backlog for
+    // the next start); the broker removes only what it made.
+    let made = [
+        (!activated_paths.0).then_some(&grpc_path),
+        (!activated_paths.1).then_some(&native_path),
+        Some(&tls_addr_path),
+    ];
+    for path in made.into_iter().flatten() {
         let _ = std::fs::remove_file(path);
     }
     drop(watchers);

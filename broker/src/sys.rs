@@ -7,6 +7,8 @@
 //!   caller vouches for the descriptor's lifetime).
 //! - Restoring `SIGPIPE`'s default action for the command-line tools (Rust ignores it, so a
 //!   closed pipe becomes a write error that `println!` turns into a panic).
+//! - Taking the listening sockets systemd passes (socket activation): descriptors that arrive
+//!   as numbers, and an environment cleared before any thread exists.
 
 use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 
@@ -82,6 +84,24 @@ pub(crate) fn default_sigpipe() {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
+}
+
+/// The listening sockets a service manager passed (systemd socket activation: `LISTEN_FDS`,
+/// `LISTEN_PID`, `LISTEN_FDNAMES`), taken once and the variables cleared so that no child
+/// inherits them. Must run before any thread exists (it changes the environment): the broker
+/// calls it from `main`, before the runtime starts.
+pub(crate) fn take_activated_sockets() -> std::io::Result<Vec<(OwnedFd, String)>> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: called from the command line's `main` path before the tokio runtime (or any
+    // other thread) is started, so no thread reads the environment while it is changed.
+    let fds = unsafe { sd_notify::listen_fds_with_names_and_unset_env() }?;
+    Ok(fds
+        .map(|(fd, name)| {
+            // SAFETY: the service manager passed these descriptors to this process (LISTEN_PID
+            // is ours), numbered from 3; each is taken exactly once, here, and owned from now on.
+            (unsafe { OwnedFd::from_raw_fd(fd) }, name)
+        })
+        .collect())
 }
 
 #[cfg(test)]

@@ -78,8 +78,10 @@ fn test(extra: &[String]) -> Result<()> {
     step("ABI matrix toolchains (cross compilers, qemu-user)");
     ensure_matrix_toolchains()?;
 
-    step("device test tools (iproute2, util-linux's losetup, nsenter and mount, e2fsprogs' mkfs)");
-    install_debian(&["iproute2", "util-linux", "mount", "e2fsprogs"])?;
+    step(
+        "device and service test tools (iproute2, util-linux's losetup, nsenter and mount, e2fsprogs' mkfs, systemd-analyze)",
+    );
+    install_debian(&["iproute2", "util-linux", "mount", "e2fsprogs", "systemd"])?;
 
     step("python venv with grpcio (stock gRPC client test)");
     let python = ensure_python_venv()?;

@@ -163,6 +163,11 @@ struct BrokerArgs {
     /// `decision_log`, else none].
     #[arg(long)]
     decision_log: Option<PathBuf>,
+    /// Stop once no client has been connected for this many seconds. Meant for socket
+    /// activation (`dist/systemd/portcullis.socket`): systemd keeps the sockets and starts the
+    /// broker again at the next connection, whose first request waits in the backlog.
+    #[arg(long, value_name = "SECS")]
+    exit_idle_time: Option<f64>,
 }
 
 /// Runs the command line; returns the process exit status.
@@ -181,6 +186,18 @@ pub fn main() -> ExitCode {
         _ => {}
     }
     let is_broker = matches!(cli.command, Command::Broker(_));
+    // Before any thread exists: taking systemd's sockets clears the environment.
+    let activated = if is_broker {
+        match crate::systemd::Activated::take() {
+            Ok(activated) => activated,
+            Err(e) => {
+                eprintln!("portcullis: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    } else {
+        None
+    };
     init_logging(cli.log_format, if is_broker { "info" } else { "warn" });
     let runtime = if is_broker {
         tokio::runtime::Builder::new_multi_thread().enable_all().build()
@@ -196,7 +213,7 @@ pub fn main() -> ExitCode {
     };
     let result = runtime.block_on(async move {
         match cli.command {
-            Command::Broker(args) => broker(args, &run_dir).await,
+            Command::Broker(args) => broker(args, &run_dir, activated).await,
             Command::Ls(args) => ls::run(args, &run_dir).await,
             Command::Call(args) => call::run(args, &run_dir).await,
             Command::Watch(args) => watch::run(args, &run_dir).await,
@@ -236,8 +253,22 @@ fn init_logging(format: LogFormat, default_level: &str) {
     }
 }
 
-async fn broker(args: BrokerArgs, run_dir: &RunDir) -> Result<(), String> {
+async fn broker(
+    args: BrokerArgs,
+    run_dir: &RunDir,
+    activated: Option<crate::systemd::Activated>,
+) -> Result<(), String> {
+    let exit_idle = match args.exit_idle_time {
+        Some(secs) if secs.is_finite() && secs > 0.0 => Some(std::time::Duration::from_secs_f64(secs)),
+        Some(secs) => return Err(format!("--exit-idle-time {secs}: a number of seconds above 0")),
+        None => None,
+    };
+    if exit_idle.is_some() && activated.is_none() {
+        tracing::warn!("--exit-idle-time without socket activation: once the broker stops, nothing starts it again");
+    }
     let options = BrokerOptions {
+        activated,
+        exit_idle,
         config: args.config,
         policy: args.policy,
         run_dir: run_dir.serve_path()?,

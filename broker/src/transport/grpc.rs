@@ -298,6 +298,17 @@ pub async fn bind(path: &Path) -> Result<UnixListener, GrpcError> {
     Ok(listener)
 }
 
+/// The gRPC listener from a socket the service manager passed (already bound and listening).
+pub fn listener_from(fd: std::os::fd::OwnedFd) -> Result<UnixListener, GrpcError> {
+    let err = |source| GrpcError::Socket {
+        path: "the socket systemd passed".into(),
+        source,
+    };
+    let std = std::os::unix::net::UnixListener::from(fd);
+    std.set_nonblocking(true).map_err(err)?;
+    UnixListener::from_std(std).map_err(err)
+}
+
 /// Accepts TCP connections within the connection limit; each completes its TLS handshake
 /// (a client certificate that chains to the configured CA) and sends its HTTP/2 preface within
 /// the handshake timeout, off the accept path.

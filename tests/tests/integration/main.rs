@@ -23,5 +23,6 @@ mod python_client;
 mod reload;
 mod ring;
 mod session;
+mod systemd;
 mod tls;
 mod tty;

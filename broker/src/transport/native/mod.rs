@@ -66,6 +66,16 @@ pub fn bind(path: &Path) -> Result<UnixSeqpacketListener, NativeError> {
     Ok(listener)
 }
 
+/// The native listener from a socket the service manager passed (already bound and listening).
+pub fn listener_from(fd: std::os::fd::OwnedFd) -> Result<UnixSeqpacketListener, NativeError> {
+    let err = |source| NativeError {
+        path: "the socket systemd passed".into(),
+        source,
+    };
+    rustix::io::ioctl_fionbio(&fd, true).map_err(|e| err(e.into()))?;
+    UnixSeqpacketListener::try_from(fd).map_err(err)
+}
+
 /// Serves connections until `shutdown` completes; rings as `ring` says.
 pub async fn serve(
     core: Arc<Core>,
