@@ -2,7 +2,7 @@
 //! comparison runs its contenders in the same process run, taking turns round by round so that
 //! drift in machine load falls on all of them, and prints a Markdown table with ratios.
 //!
-//! usage: portcullis-bench [--quick] [--rounds N] [--iters N] [--plot PNG] [transports] [grpc] [native] [translate] [policy] [devices] [hotplug]
+//! usage: portcullis-bench [--quick] [--rounds N] [--iters N] [--plot PNG] [transports] [grpc] [native] [translate] [policy] [devices] [hotplug] [flood]
 //! (no names: all of them)
 
 #![forbid(unsafe_code)]
@@ -16,6 +16,7 @@
 #[cfg(feature = "peers")]
 mod cedar;
 mod devices;
+mod flood;
 mod grpc;
 mod hotplug;
 mod native;
@@ -109,6 +110,15 @@ pub(crate) fn client_runtime() -> tokio::runtime::Runtime {
 
 fn main() {
     let argv: Vec<String> = std::env::args().skip(1).collect();
+    // The flood benchmark's other user: this program, re-executed as another uid.
+    if let Some(dir) = argv
+        .iter()
+        .position(|a| a == "--flood-as-client")
+        .and_then(|i| argv.get(i + 1))
+    {
+        flood::client(std::path::Path::new(dir));
+        return;
+    }
     let quick = argv.iter().any(|a| a == "--quick");
     let value = |name: &str, default: usize| {
         argv.iter()
@@ -133,6 +143,7 @@ fn main() {
                 "policy",
                 "devices",
                 "hotplug",
+                "flood",
             ]
             .contains(a)
         })
@@ -160,6 +171,9 @@ fn main() {
     }
     if wants("policy") {
         policy::run(quick);
+    }
+    if wants("flood") {
+        flood::run(&args);
     }
     if wants("hotplug") {
         hotplug::run(quick);
