@@ -97,6 +97,8 @@ pub struct Limits {
     /// connections cannot hold the slots others need, in milliseconds [default: 600000; 0:
     /// never].
     pub idle_timeout_ms: u64,
+    /// User clients one session may hold open at once [default: 256]; over it, `NO_MEMORY`.
+    pub max_user_clients_per_session: usize,
 }
 
 impl Default for Limits {
@@ -113,6 +115,7 @@ impl Default for Limits {
             max_rings_per_uid: 8,
             max_mapped_bytes_per_uid: 1 << 30,
             idle_timeout_ms: 600_000,
+            max_user_clients_per_session: portcullis_proto::limits::MAX_USER_CLIENTS_PER_SESSION,
         }
     }
 }
@@ -283,6 +286,12 @@ impl Config {
         if limits.max_pending_calls_per_uid == 0 || limits.max_queued_messages_per_uid == 0 {
             return Err(invalid(
                 "limits.max_pending_calls_per_uid and limits.max_queued_messages_per_uid must be at least 1".into(),
+            ));
+        }
+        if limits.max_user_clients_per_session == 0 {
+            return Err(invalid(
+                "limits.max_user_clients_per_session must be at least 1 (to keep a user off a device, use the policy)"
+                    .into(),
             ));
         }
         if limits.max_rings_per_uid == 0 || limits.max_mapped_bytes_per_uid == 0 {

@@ -10,7 +10,8 @@ pub const MAX_SCALARS: usize = 16;
 /// Largest struct input or output any method table may declare.
 pub const MAX_STRUCT: u32 = 64 * 1024;
 
-/// Most user clients one session may hold open at once.
+/// Most user clients one session may hold open at once, unless the configuration says otherwise
+/// (`limits.max_user_clients_per_session`).
 pub const MAX_USER_CLIENTS_PER_SESSION: usize = 256;
 
 /// Most asynchronous calls one session may have pending at once.

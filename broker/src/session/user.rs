@@ -577,12 +577,12 @@ impl Session {
         service_id: ServiceId,
         mode: OpenMode,
     ) -> Result<(u64, Arc<Service>, Vec<String>), Refusal> {
-        if self.user_clients.len() >= limits::MAX_USER_CLIENTS_PER_SESSION {
+        let most = self.account.limits().max_user_clients_per_session;
+        if self.user_clients.len() >= most {
             return Err(Refusal::new(
                 Status::NoMemory,
                 format!(
-                    "a session may hold at most {} user clients",
-                    limits::MAX_USER_CLIENTS_PER_SESSION
+                    "a session may hold at most {most} user clients (limits.max_user_clients_per_session); close some"
                 ),
             ));
         }

@@ -400,3 +400,29 @@ async fn idle_sessions_holding_nothing_are_closed_and_those_holding_something_st
     drop((holder, sample, idle, client, native));
     broker.assert_no_leaks(baseline);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_session_holds_at_most_the_configured_user_clients() {
+    let broker = Broker::with(BrokerSetup {
+        config: Some(
+            "[limits]\nmax_user_clients_per_session = 2\n[[device]]\nname = \"sample0\"\ndriver = \"sample\"\n",
+        ),
+        ..BrokerSetup::default()
+    });
+    let mut s = portcullis_client::native::NativeSession::connect(broker.run_dir(), AbiId::native())
+        .await
+        .unwrap();
+    let sample = s.find("sample0").await.unwrap().remove(0);
+    let first = s.open(sample.id, false).await.unwrap();
+    s.open(sample.id, false).await.unwrap();
+    let third = s.open(sample.id, false).await.unwrap_err();
+    assert_eq!(third.status(), Some(Status::NoMemory), "{third}");
+    assert!(third.to_string().contains("max_user_clients_per_session"), "{third}");
+    // Closing one makes room; another session has its own.
+    s.close(first).await.unwrap();
+    s.open(sample.id, false).await.unwrap();
+    let mut other = portcullis_client::native::NativeSession::connect(broker.run_dir(), AbiId::native())
+        .await
+        .unwrap();
+    other.open(sample.id, false).await.unwrap();
+}
