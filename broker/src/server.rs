@@ -178,6 +178,26 @@ pub async fn run(options: BrokerOptions, shutdown: impl Future<Output = ()>) -> 
     let grpc_path = options.run_dir.join(GRPC_SOCKET);
     let native_path = options.run_dir.join(NATIVE_SOCKET);
     let tls_addr_path = options.run_dir.join(TLS_ADDR_FILE);
+    // The TCP listener first, its address written, so that a client that sees the Unix
+    // sockets also finds `tls.addr` (the sockets appearing is what clients take as ready).
+    let tls_listener = match &config.tls {
+        Some(tls) => {
+            let server_tls = grpc::server_tls(tls)?;
+            let listen_err = |source| BrokerError::Listen {
+                addr: tls.listen,
+                source,
+            };
+            let listener = tokio::net::TcpListener::bind(tls.listen).await.map_err(listen_err)?;
+            let local = listener.local_addr().map_err(listen_err)?;
+            tracing::info!(tls = %local, "serving gRPC over TCP with mutual TLS");
+            std::fs::write(&tls_addr_path, local.to_string()).map_err(|source| BrokerError::RunDir {
+                path: options.run_dir.clone(),
+                source,
+            })?;
+            Some((listener, server_tls))
+        }
+        None => None,
+    };
     let mut activated = options.activated.unwrap_or_default();
     let activated_paths = (activated.grpc.is_some(), activated.native.is_some());
     let grpc_listener = match activated.grpc.take() {
@@ -217,31 +237,14 @@ pub async fn run(options: BrokerOptions, shutdown: impl Future<Output = ()>) -> 
         config.ring,
         stopped(stop_rx.clone()),
     ));
-    let tls_task = match &config.tls {
-        Some(tls) => {
-            let server_tls = grpc::server_tls(tls)?;
-            let listen_err = |source| BrokerError::Listen {
-                addr: tls.listen,
-                source,
-            };
-            let listener = tokio::net::TcpListener::bind(tls.listen).await.map_err(listen_err)?;
-            let local = listener.local_addr().map_err(listen_err)?;
-            tracing::info!(tls = %local, "serving gRPC over TCP with mutual TLS");
-            std::fs::write(options.run_dir.join(TLS_ADDR_FILE), local.to_string()).map_err(|source| {
-                BrokerError::RunDir {
-                    path: options.run_dir.clone(),
-                    source,
-                }
-            })?;
-            Some(tokio::spawn(grpc::serve_tls(
-                core.clone(),
-                listener,
-                server_tls,
-                stopped(stop_rx.clone()),
-            )))
-        }
-        None => None,
-    };
+    let tls_task = tls_listener.map(|(listener, server_tls)| {
+        tokio::spawn(grpc::serve_tls(
+            core.clone(),
+            listener,
+            server_tls,
+            stopped(stop_rx.clone()),
+        ))
+    });
     let mut grpc_task = tokio::spawn(grpc::serve(core.clone(), grpc_listener, stopped(stop_rx)));
     let result = tokio::select! {
         result = &mut grpc_task => Some(result),
