@@ -173,6 +173,24 @@ impl Broker {
         }
     }
 
+    /// Drives `call` until the broker counts one call waiting in a driver (`driver_waiting`);
+    /// panics if the call is answered first.
+    pub async fn until_driver_waits<F>(&self, mut call: std::pin::Pin<&mut F>)
+    where
+        F: std::future::Future,
+        F::Output: std::fmt::Debug,
+    {
+        loop {
+            tokio::select! {
+                early = &mut call => panic!("answered early: {early:?}"),
+                () = tokio::task::yield_now() => {}
+            }
+            if self.stats()["driver_waiting"] == 1 {
+                return;
+            }
+        }
+    }
+
     /// Descriptors the idle broker holds (while answering the stats request).
     pub fn baseline_fds(&self) -> u64 {
         self.stats()["open_fds"].as_u64().unwrap()

@@ -383,11 +383,6 @@ impl Hotplug {
             wait = self.retry_due();
         }
     }
-
-    /// The registry id of the kernel's bus.
-    pub fn bus(&self) -> ServiceId {
-        self.bus
-    }
 }
 
 /// The properties of a driver's service: the nub's, then the personality's (which win), then

@@ -55,7 +55,7 @@ fn lint(args: LintArgs) -> Result<(), String> {
                 serde_json::json!({
                     "id": p.id, "version": p.version, "driver": p.driver,
                     "provider_class": p.provider_class, "probe_score": p.probe_score,
-                    "category": p.category, "origin": p.origin,
+                    "category": p.category, "origin": p.origin.place(),
                 })
             })
             .collect();

@@ -29,7 +29,7 @@ use portcullis_proto::property::Properties;
 use serde::Deserialize;
 use toml::Spanned;
 
-use crate::bus::{NUB_CLASSES, NubClass};
+use crate::bus::NUB_CLASSES;
 
 /// The category of a personality that names none.
 pub const DEFAULT_CATEGORY: &str = "default";
@@ -71,8 +71,8 @@ pub struct Personality {
     pub properties: Properties,
     /// Block devices only.
     pub block: BlockOptions,
-    /// Where it is defined: `file:line:col`.
-    pub origin: String,
+    /// Where it is defined (the `id`'s place; `place()` says `file:line:col`).
+    pub origin: SourceError,
 }
 
 impl Personality {
@@ -122,15 +122,15 @@ impl Personalities {
         for (origin, text) in sources {
             parse_file(origin, text, &mut all, &mut errors);
         }
-        let mut first: BTreeMap<&str, &str> = BTreeMap::new();
+        let mut first: BTreeMap<&str, String> = BTreeMap::new();
         for p in &all {
-            if let Some(at) = first.get(p.id.as_str()) {
-                errors.push(at_origin(
+            if let Some(first_at) = first.get(p.id.as_str()) {
+                errors.push(at(
                     &p.origin,
-                    format!("duplicate id {:?} (first defined at {at})", p.id),
+                    format!("duplicate id {:?} (first defined at {first_at})", p.id),
                 ));
             } else {
-                first.insert(&p.id, &p.origin);
+                first.insert(&p.id, p.origin.place());
             }
         }
         if all.len() > MAX_PERSONALITIES {
@@ -392,10 +392,7 @@ fn parse_file(origin: &str, text: &str, out: &mut Vec<Personality>, errors: &mut
         if errors.len() != before {
             continue;
         }
-        let (line, col) = {
-            let e = located(p.id.span(), String::new());
-            (e.line, e.col)
-        };
+        let origin = located(p.id.span(), String::new());
         out.push(Personality {
             id: p.id.into_inner(),
             version: p.version.into_inner(),
@@ -410,7 +407,7 @@ fn parse_file(origin: &str, text: &str, out: &mut Vec<Personality>, errors: &mut
                 allow_mounted: p.allow_mounted.is_some_and(Spanned::into_inner),
                 exclusive: p.exclusive.is_some_and(Spanned::into_inner),
             },
-            origin: format!("{origin}:{line}:{col}"),
+            origin,
         });
     }
 }
@@ -420,26 +417,11 @@ fn unknown_field(message: &str) -> Option<&str> {
     message.strip_prefix("unknown field `")?.split('`').next()
 }
 
-/// An error at an origin already written `file:line:col`.
-fn at_origin(origin: &str, message: String) -> SourceError {
-    let mut parts = origin.rsplitn(3, ':');
-    let (col, line, file) = (parts.next(), parts.next(), parts.next());
-    match (
-        file,
-        line.and_then(|l| l.parse().ok()),
-        col.and_then(|c| c.parse().ok()),
-    ) {
-        (Some(file), Some(line), Some(col)) => SourceError {
-            origin: file.to_string(),
-            line,
-            col,
-            message,
-        },
-        _ => SourceError {
-            origin: origin.to_string(),
-            message,
-            ..SourceError::default()
-        },
+/// An error at a personality's place.
+fn at(origin: &SourceError, message: String) -> SourceError {
+    SourceError {
+        message,
+        ..origin.clone()
     }
 }
 
@@ -481,11 +463,16 @@ fn ambiguities(all: &[Personality]) -> Vec<SourceError> {
                 && a.probe_score == b.probe_score
                 && can_overlap(a, b)
             {
-                out.push(at_origin(
+                out.push(at(
                     &b.origin,
                     format!(
                         "{:?} and {:?} (at {}) can match the same {} at the same probe score ({}) in category {:?}: give one a higher score, or make their matches exclusive",
-                        b.id, a.id, a.origin, a.provider_class, a.probe_score, a.category
+                        b.id,
+                        a.id,
+                        a.origin.place(),
+                        a.provider_class,
+                        a.probe_score,
+                        a.category
                     ),
                 ));
             }
@@ -500,11 +487,6 @@ fn can_overlap(a: &Personality, b: &Personality) -> bool {
     a.matching
         .iter()
         .all(|(key, m)| b.matching.get(key).is_none_or(|n| m.overlaps(n)))
-}
-
-/// The provider classes a bus publishes, for tools.
-pub fn provider_classes() -> impl Iterator<Item = &'static NubClass> {
-    NUB_CLASSES.iter()
 }
 
 #[cfg(test)]
@@ -541,7 +523,7 @@ read_only = true
             (p.id.as_str(), p.driver.as_str(), p.category.as_str()),
             ("org.example.loops", "block", "default")
         );
-        assert_eq!(p.origin, "d/a.toml:3:6");
+        assert_eq!(p.origin.place(), "d/a.toml:3:6");
         assert!(p.block.read_only && !p.block.exclusive);
         let mut nub = Properties::from([
             ("devtype".to_string(), PropValue::Text("disk".into())),

@@ -622,7 +622,7 @@ impl pb::broker_server::Broker for BrokerService {
             .registry()
             .find(&Matching::default())
             .iter()
-            .filter(|s| s.match_record().is_some() || s.class() == "KernelBus")
+            .filter(|s| crate::bus::is_kernel_internal(s.class()))
             .map(|s| s.info(AbiId::native()))
             .collect();
         Ok(tonic::Response::new(pb::ListServicesResponse { services }))

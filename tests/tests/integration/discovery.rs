@@ -365,15 +365,7 @@ async fn a_tun_interface_is_served_while_it_exists_and_its_deletion_ends_a_waiti
     {
         let waiting = session.call_named(&net, "recv_packet", &[60_000], &[]);
         tokio::pin!(waiting);
-        loop {
-            tokio::select! {
-                early = &mut waiting => panic!("answered early: {early:?}"),
-                () = tokio::task::yield_now() => {}
-            }
-            if broker.stats()["driver_waiting"] == 1 {
-                break;
-            }
-        }
+        broker.until_driver_waits(waiting.as_mut()).await;
         run_ok(Command::new("ip").args(["link", "del", &name]));
         let gone: ClientError = waiting.await.unwrap_err();
         assert_eq!(gone.status(), Some(Status::NoDevice), "{gone}");
@@ -531,16 +523,19 @@ fn driver_lint_locates_errors_and_the_broker_refuses_a_set_with_errors() {
     let drivers = dir.path().join("drivers.d");
     std::fs::create_dir(&drivers).unwrap();
     let file = drivers.join("bad.toml");
+    let run_lint = || {
+        Command::new(portcullis_tests::bin())
+            .args(["driver", "lint"])
+            .arg(&drivers)
+            .output()
+            .unwrap()
+    };
     std::fs::write(
         &file,
         "[[personality]]\nid = \"org.example.x\"\nversion = \"1\"\ndriver = \"blok\"\nprovider_class = \"BlockNub\"\nprobe_score = 1\n",
     )
     .unwrap();
-    let lint = Command::new(portcullis_tests::bin())
-        .args(["driver", "lint"])
-        .arg(&drivers)
-        .output()
-        .unwrap();
+    let lint = run_lint();
     assert_eq!(lint.status.code(), Some(1));
     let out = String::from_utf8_lossy(&lint.stdout);
     assert!(
@@ -558,22 +553,14 @@ fn driver_lint_locates_errors_and_the_broker_refuses_a_set_with_errors() {
     .unwrap();
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o664)).unwrap();
-    let lint = Command::new(portcullis_tests::bin())
-        .args(["driver", "lint"])
-        .arg(&drivers)
-        .output()
-        .unwrap();
+    let lint = run_lint();
     assert_eq!(lint.status.code(), Some(1));
     assert!(
         String::from_utf8_lossy(&lint.stdout).contains("writable by its group"),
         "{lint:?}"
     );
     std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
-    let lint = Command::new(portcullis_tests::bin())
-        .args(["driver", "lint"])
-        .arg(&drivers)
-        .output()
-        .unwrap();
+    let lint = run_lint();
     assert!(lint.status.success(), "{lint:?}");
     assert!(String::from_utf8_lossy(&lint.stdout).contains("1 personalities in 1 files, no errors"));
     // The broker does not start on a set with errors.

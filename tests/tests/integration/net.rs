@@ -189,15 +189,7 @@ async fn the_interface_is_configured_only_with_net_admin_and_its_loss_is_no_devi
     {
         let waiting = session.call_named(&net, "recv_packet", &[60_000], &[]);
         tokio::pin!(waiting);
-        loop {
-            tokio::select! {
-                early = &mut waiting => panic!("answered early: {early:?}"),
-                () = tokio::task::yield_now() => {}
-            }
-            if broker.stats()["driver_waiting"] == 1 {
-                break;
-            }
-        }
+        broker.until_driver_waits(waiting.as_mut()).await;
         run_ok(broker.in_netns("ip", &["link", "del", "pc0"]));
         let gone = waiting.await.unwrap_err();
         assert_eq!(gone.status(), Some(Status::NoDevice), "{gone}");
