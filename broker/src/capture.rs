@@ -22,6 +22,16 @@ pub(crate) fn enabled() -> bool {
     dir().is_some()
 }
 
+/// Before the sandbox: makes the recording directory, writable by `owner` (the serving
+/// process's uid), and returns it for the sandbox to leave writable; `None` when not recording.
+pub(crate) fn prepare_dir(owner: u32) -> Option<PathBuf> {
+    let dir = dir()?;
+    if let Err(e) = std::fs::create_dir_all(dir).and_then(|()| std::os::unix::fs::chown(dir, Some(owner), None)) {
+        tracing::warn!(error = %e, path = %dir.display(), "cannot prepare the fuzzing seed directory");
+    }
+    Some(dir.clone())
+}
+
 /// Records one input of the fuzz target `target`.
 pub(crate) fn record(target: &str, bytes: &[u8]) {
     static NEXT: AtomicU64 = AtomicU64::new(0);

@@ -52,6 +52,9 @@ pub struct Config {
     /// What one client identity may hold.
     #[serde(default)]
     pub limits: Limits,
+    /// How the broker confines itself.
+    #[serde(default)]
+    pub sandbox: crate::sandbox::SandboxConfig,
 }
 
 /// `[limits]`: what one client identity (a uid; for TCP clients, a certificate) may hold, so

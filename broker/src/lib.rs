@@ -22,6 +22,7 @@ pub mod drivers;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod registry;
+pub mod sandbox;
 pub mod server;
 pub mod session;
 #[allow(unsafe_code)]

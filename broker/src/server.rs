@@ -69,6 +69,9 @@ pub enum BrokerError {
         /// The OS error.
         source: io::Error,
     },
+    /// The sandbox could not be entered.
+    #[error(transparent)]
+    Sandbox(#[from] crate::sandbox::SandboxError),
     /// The TLS listener could not be bound.
     #[error("TLS listener {addr}: {source}")]
     Listen {
@@ -90,11 +93,7 @@ pub enum BrokerError {
 
 /// Builds the core: policy loaded, the virtual bus and its devices published.
 pub fn build_core(config: &Config, policy: Option<&Path>) -> Result<Arc<Core>, BrokerError> {
-    // Absolute from here on: the reload watcher and every later reload see the same file,
-    // however it was spelled (`lab.toml`, `./lab.toml`, `$PWD/lab.toml`).
-    let policy_path = policy
-        .or(config.policy.as_deref())
-        .map(|p| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf()));
+    let policy_path = policy_path(config, policy);
     let policy_path = policy_path.as_deref();
     let policy = config::load_policy_trusted(policy_path)?;
     tracing::info!(source = %policy_path.map_or("embedded default".into(), |p| p.display().to_string()), rules = policy.rule_count(), revision = policy.revision(), "policy loaded");
@@ -110,27 +109,34 @@ pub fn build_core(config: &Config, policy: Option<&Path>) -> Result<Arc<Core>, B
 }
 
 /// Makes the run dir ready. A new one is created mode 0755 (every local user may reach the
-/// sockets, which are the doors; the policy is the gate). One that exists is used as it is —
-/// its mode is never changed — but refused when it is a symbolic link, belongs to another user,
-/// or others may write it (they could replace the sockets).
-fn prepare_run_dir(dir: &Path) -> Result<(), BrokerError> {
+/// sockets, which are the doors; the policy is the gate) and given to `owner` (the serving
+/// process's uid), which then removes its sockets when it stops. One that exists is used as it
+/// is — its mode and owner are never changed — but refused when it is a symbolic link,
+/// belongs to another user than the one starting the broker or its service user, or others
+/// may write it (they could replace the sockets).
+fn prepare_run_dir(dir: &Path, owner: u32) -> Result<(), BrokerError> {
     use std::os::unix::fs::{DirBuilderExt, MetadataExt};
     let err = |source| BrokerError::RunDir {
         path: dir.to_path_buf(),
         source,
     };
     let refuse = |why: String| err(io::Error::new(io::ErrorKind::InvalidInput, why));
+    let starter = crate::sandbox::starter_uid();
     match std::fs::symlink_metadata(dir) {
         Ok(meta) if meta.file_type().is_symlink() => Err(refuse(
             "is a symbolic link: the broker serves only in a directory named as itself".into(),
         )),
         Ok(meta) if !meta.is_dir() => Err(refuse("is not a directory".into())),
         Ok(meta) => {
-            let own = rustix::process::geteuid().as_raw();
-            if meta.uid() != own {
+            if meta.uid() != starter && meta.uid() != owner {
                 return Err(refuse(format!(
-                    "belongs to uid {}, not the broker's uid {own}: another user could replace the sockets",
-                    meta.uid()
+                    "belongs to uid {}, not the broker's uid {starter}{}: another user could replace the sockets",
+                    meta.uid(),
+                    if owner == starter {
+                        String::new()
+                    } else {
+                        format!(" or its service user's {owner}")
+                    }
                 )));
             }
             if meta.mode() & 0o022 != 0 {
@@ -154,59 +160,195 @@ fn prepare_run_dir(dir: &Path) -> Result<(), BrokerError> {
                 rustix::fs::Mode::empty(),
             )
             .map_err(|e| err(e.into()))?;
-            rustix::fs::fchmod(&fd, rustix::fs::Mode::from_raw_mode(0o755)).map_err(|e| err(e.into()))
+            rustix::fs::fchmod(&fd, rustix::fs::Mode::from_raw_mode(0o755)).map_err(|e| err(e.into()))?;
+            if owner != starter {
+                let gid = crate::sandbox::serving_ids().map(|(_, g)| rustix::process::Gid::from_raw(g));
+                rustix::fs::fchown(&fd, Some(rustix::process::Uid::from_raw(owner)), gid).map_err(|e| err(e.into()))?;
+            }
+            Ok(())
         }
         Err(e) => Err(err(e)),
     }
 }
 
-/// Runs the broker until `shutdown` completes, then removes its sockets.
-pub async fn run(options: BrokerOptions, shutdown: impl Future<Output = ()>) -> Result<(), BrokerError> {
-    let config = Config::load_trusted(options.config.as_deref())?;
-    let core = build_core(&config, options.policy.as_deref())?;
-    if let Some(path) = options.decision_log.as_ref().or(config.decision_log.as_ref()) {
-        let log = DecisionLog::open(path).map_err(|source| BrokerError::DecisionLog {
-            path: path.clone(),
-            source,
-        })?;
-        core.set_decision_log(log);
-        tracing::info!(path = %path.display(), "logging decisions");
+/// A broker ready to run: what needed privilege is done, and the process is confined.
+pub struct Prepared {
+    options: BrokerOptions,
+    config: Config,
+    personalities: Option<Personalities>,
+    decision_log: Option<(PathBuf, std::fs::File)>,
+    tls: Option<(std::net::TcpListener, tokio_rustls::TlsAcceptor)>,
+    /// The gRPC and native sockets, bound (not listening) — unless the service manager passed
+    /// them.
+    bound: (Option<std::os::fd::OwnedFd>, Option<std::os::fd::OwnedFd>),
+}
+
+impl std::fmt::Debug for Prepared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Prepared")
+            .field("options", &self.options)
+            .field("tls", &self.tls.as_ref().map(|(l, _)| l.local_addr().ok()))
+            .finish_non_exhaustive()
     }
-    let hotplug = start_discovery(&core, &config)?;
-    prepare_run_dir(&options.run_dir)?;
-    let mut watchers = Vec::new();
-    let grpc_path = options.run_dir.join(GRPC_SOCKET);
-    let native_path = options.run_dir.join(NATIVE_SOCKET);
-    let tls_addr_path = options.run_dir.join(TLS_ADDR_FILE);
+}
+
+/// Everything before the runtime, in order: the configuration and personalities read; the
+/// privileged helper forked (a root broker); what still needs the starting user's privilege
+/// (the run dir, the decision log, the TLS key and listener); then the sandbox entered
+/// ([`crate::sandbox::confine`]). Must run while the process has one thread.
+pub fn prepare(options: BrokerOptions) -> Result<Prepared, BrokerError> {
+    let config = Config::load_trusted(options.config.as_deref())?;
+    let personalities = match (&config.drivers, config.discovery) {
+        (_, Some(false)) => None,
+        (Some(dir), _) => {
+            Some(Personalities::load_dir(dir, crate::trust::enforced()).map_err(BrokerError::Personalities)?)
+        }
+        (None, _) => Some(Personalities::default()),
+    };
+    crate::sandbox::start_helper(&config.sandbox, || {
+        crate::sandbox::helper::Grants::new(&config, personalities.clone().unwrap_or_default())
+    })?;
+    let owner = crate::sandbox::serving_ids().map_or_else(crate::sandbox::starter_uid, |(uid, _)| uid);
+    prepare_run_dir(&options.run_dir, owner)?;
+    let decision_log = match options.decision_log.as_ref().or(config.decision_log.as_ref()) {
+        Some(path) => Some((
+            path.clone(),
+            DecisionLog::open_file(path).map_err(|source| BrokerError::DecisionLog {
+                path: path.clone(),
+                source,
+            })?,
+        )),
+        None => None,
+    };
     // The TCP listener first, its address written, so that a client that sees the Unix
     // sockets also finds `tls.addr` (the sockets appearing is what clients take as ready).
-    let tls_listener = match &config.tls {
+    let tls = match &config.tls {
         Some(tls) => {
-            let server_tls = grpc::server_tls(tls)?;
+            let acceptor = grpc::server_tls(tls)?;
             let listen_err = |source| BrokerError::Listen {
                 addr: tls.listen,
                 source,
             };
-            let listener = tokio::net::TcpListener::bind(tls.listen).await.map_err(listen_err)?;
+            let listener = std::net::TcpListener::bind(tls.listen).map_err(listen_err)?;
+            listener.set_nonblocking(true).map_err(listen_err)?;
             let local = listener.local_addr().map_err(listen_err)?;
             tracing::info!(tls = %local, "serving gRPC over TCP with mutual TLS");
-            std::fs::write(&tls_addr_path, local.to_string()).map_err(|source| BrokerError::RunDir {
-                path: options.run_dir.clone(),
+            std::fs::write(options.run_dir.join(TLS_ADDR_FILE), local.to_string()).map_err(|source| {
+                BrokerError::RunDir {
+                    path: options.run_dir.clone(),
+                    source,
+                }
+            })?;
+            Some((listener, acceptor))
+        }
+        None => None,
+    };
+    // The Unix sockets, bound while the run dir may still need root to write.
+    let socket_err = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| BrokerError::RunDir { path, source }
+    };
+    let activated = options.activated.as_ref();
+    let grpc_path = options.run_dir.join(GRPC_SOCKET);
+    let native_path = options.run_dir.join(NATIVE_SOCKET);
+    let bound = (
+        match activated.and_then(|a| a.grpc.as_ref()) {
+            Some(_) => None,
+            None => Some(
+                crate::transport::bind_unix(&grpc_path, rustix::net::SocketType::STREAM)
+                    .map_err(socket_err(&grpc_path))?,
+            ),
+        },
+        match activated.and_then(|a| a.native.as_ref()) {
+            Some(_) => None,
+            None => Some(
+                crate::transport::bind_unix(&native_path, rustix::net::SocketType::SEQPACKET)
+                    .map_err(socket_err(&native_path))?,
+            ),
+        },
+    );
+    // What the serving process reads from now on: the policy (and its directory, watched for
+    // changes) and, when traffic is recorded for fuzzing, where it is written.
+    let mut reads = Vec::new();
+    if let Some(policy) = policy_path(&config, options.policy.as_deref()) {
+        reads.push(policy.parent().map_or_else(|| policy.clone(), Path::to_path_buf));
+        reads.push(policy);
+    }
+    let mut writes = vec![options.run_dir.clone()];
+    if let Some(dir) = crate::capture::prepare_dir(owner) {
+        writes.push(dir);
+    }
+    crate::sandbox::confine(&config.sandbox, &writes, &reads)?;
+    Ok(Prepared {
+        options,
+        config,
+        personalities,
+        decision_log,
+        tls,
+        bound,
+    })
+}
+
+/// The policy's path, absolute: the reload watcher and every later reload see the same file,
+/// however it was spelled (`lab.toml`, `./lab.toml`, `$PWD/lab.toml`).
+fn policy_path(config: &Config, policy: Option<&Path>) -> Option<PathBuf> {
+    policy
+        .or(config.policy.as_deref())
+        .map(|p| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf()))
+}
+
+/// Runs the broker until `shutdown` completes, then removes its sockets.
+pub async fn run(prepared: Prepared, shutdown: impl Future<Output = ()>) -> Result<(), BrokerError> {
+    let Prepared {
+        options,
+        config,
+        personalities,
+        decision_log,
+        tls,
+        bound,
+    } = prepared;
+    let core = build_core(&config, options.policy.as_deref())?;
+    if let Some((path, file)) = decision_log {
+        core.set_decision_log(DecisionLog::start(file, &path));
+        tracing::info!(path = %path.display(), "logging decisions");
+    }
+    let hotplug = start_discovery(&core, personalities)?;
+    let mut watchers = Vec::new();
+    let grpc_path = options.run_dir.join(GRPC_SOCKET);
+    let native_path = options.run_dir.join(NATIVE_SOCKET);
+    let tls_addr_path = options.run_dir.join(TLS_ADDR_FILE);
+    let tls_listener = match tls {
+        Some((listener, acceptor)) => {
+            let listener = tokio::net::TcpListener::from_std(listener).map_err(|source| BrokerError::Listen {
+                addr: config
+                    .tls
+                    .as_ref()
+                    .map_or_else(|| ([0, 0, 0, 0], 0).into(), |t| t.listen),
                 source,
             })?;
-            Some((listener, server_tls))
+            Some((listener, acceptor))
         }
         None => None,
     };
     let mut activated = options.activated.unwrap_or_default();
     let activated_paths = (activated.grpc.is_some(), activated.native.is_some());
+    // Listening only now, confined: the first connection meets the sandbox.
+    let listening = |fd: Option<std::os::fd::OwnedFd>, path: &Path| -> Result<std::os::fd::OwnedFd, BrokerError> {
+        let err = |source| BrokerError::RunDir {
+            path: path.to_path_buf(),
+            source,
+        };
+        let fd = fd.ok_or_else(|| err(io::Error::other("no socket bound")))?;
+        crate::transport::listen(&fd).map_err(err)?;
+        Ok(fd)
+    };
     let grpc_listener = match activated.grpc.take() {
         Some(fd) => grpc::listener_from(fd)?,
-        None => grpc::bind(&grpc_path).await?,
+        None => grpc::listener_from(listening(bound.0, &grpc_path)?)?,
     };
     let native_listener = match activated.native.take() {
         Some(fd) => native::listener_from(fd)?,
-        None => native::bind(&native_path)?,
+        None => native::listener_from(listening(bound.1, &native_path)?)?,
     };
     tracing::info!(grpc = %grpc_path.display(), native = %native_path.display(), socket_activated = activated_paths.0 || activated_paths.1, "serving");
     crate::systemd::ready(&format!("serving {}", options.run_dir.display()));
@@ -249,6 +391,10 @@ pub async fn run(options: BrokerOptions, shutdown: impl Future<Output = ()>) -> 
     let result = tokio::select! {
         result = &mut grpc_task => Some(result),
         () = shutdown => None,
+        () = crate::sandbox::helper_exited() => {
+            tracing::error!("the privileged helper exited: stopping (the serving process does not run without it)");
+            None
+        }
         () = idle_exit => {
             tracing::info!("no client for the idle time: stopping (the service manager starts the broker again at the next connection)");
             None
@@ -315,14 +461,10 @@ pub async fn run(options: BrokerOptions, shutdown: impl Future<Output = ()>) -> 
 /// missed), a nub published and matched per device, then events followed on a thread.
 type Discovery = (Arc<Hotplug>, Option<std::thread::JoinHandle<()>>);
 
-fn start_discovery(core: &Arc<Core>, config: &Config) -> Result<Option<Discovery>, BrokerError> {
-    if config.discovery == Some(false) {
+fn start_discovery(core: &Arc<Core>, personalities: Option<Personalities>) -> Result<Option<Discovery>, BrokerError> {
+    let Some(personalities) = personalities else {
         tracing::info!("discovery is off: no kernel device is published");
         return Ok(None);
-    }
-    let personalities = match &config.drivers {
-        Some(dir) => Personalities::load_dir(dir, crate::trust::enforced()).map_err(BrokerError::Personalities)?,
-        None => Personalities::default(),
     };
     let socket = match UeventSocket::open() {
         Ok(socket) => Some(socket),

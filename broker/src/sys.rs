@@ -104,6 +104,110 @@ pub(crate) fn take_activated_sockets() -> std::io::Result<Vec<(OwnedFd, String)>
         .collect())
 }
 
+/// The number of threads this process has (`Threads:` of `/proc/self/status`).
+fn thread_count() -> Option<usize> {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("Threads:"))?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// Forks the process, which must have one thread: `None` in the child, the child's pid in the
+/// parent. Refused when another thread exists.
+pub(crate) fn fork_single_threaded() -> std::io::Result<Option<rustix::process::Pid>> {
+    if thread_count() != Some(1) {
+        return Err(std::io::Error::other(
+            "the process has more than one thread: it cannot fork safely",
+        ));
+    }
+    // SAFETY: the process has one thread (checked just above, and nothing in between starts
+    // one), so the child inherits no lock another thread held and may run any code: the
+    // async-signal-safety restriction of `fork` concerns multi-threaded parents.
+    match unsafe { nix::unistd::fork() }.map_err(std::io::Error::from)? {
+        nix::unistd::ForkResult::Child => Ok(None),
+        nix::unistd::ForkResult::Parent { child } => Ok(rustix::process::Pid::from_raw(child.as_raw())),
+    }
+}
+
+/// Closes every descriptor but `keep` (the helper, just forked, keeps its socket and stdio).
+pub(crate) fn close_fds_except(keep: &[std::os::fd::RawFd]) {
+    let open: Vec<std::os::fd::RawFd> = std::fs::read_dir("/proc/self/fd")
+        .map(|dir| {
+            dir.flatten()
+                .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse().ok()))
+                .collect()
+        })
+        .unwrap_or_default();
+    for fd in open.into_iter().filter(|fd| !keep.contains(fd)) {
+        // SAFETY: run in the freshly forked helper, single-threaded, before it opens anything:
+        // no `OwnedFd` it will use refers to these descriptors (the ones it inherited owned by
+        // values it never touches again), so closing them ends nothing that is still used.
+        // The directory's own descriptor, already closed, gives EBADF, which is ignored.
+        unsafe {
+            libc::close(fd);
+        }
+    }
+}
+
+/// Makes a system call the sandbox forbids (test-only builds): `Ok` if it was allowed.
+#[cfg(feature = "fault-injection")]
+pub(crate) fn forbidden_call(call: crate::sandbox::protocol::Forbidden) -> std::io::Result<()> {
+    use crate::sandbox::protocol::Forbidden;
+    let rc = match call {
+        Forbidden::Execve => {
+            let path = c"/bin/true";
+            let argv = [path.as_ptr(), std::ptr::null()];
+            let envp = [std::ptr::null::<libc::c_char>()];
+            // SAFETY: a NUL-terminated path and NULL-terminated argument and environment
+            // vectors that outlive the call; if the filter allowed it, the process becomes
+            // /bin/true, which is what the test checks for.
+            unsafe { libc::execve(path.as_ptr(), argv.as_ptr(), envp.as_ptr()) }
+        }
+        // SAFETY: PTRACE_ATTACH takes a pid and ignores the address and data pointers.
+        Forbidden::Ptrace => {
+            (unsafe {
+                libc::ptrace(
+                    libc::PTRACE_ATTACH,
+                    1,
+                    std::ptr::null_mut::<libc::c_void>(),
+                    std::ptr::null_mut::<libc::c_void>(),
+                )
+            }) as i32
+        }
+        Forbidden::Mount => {
+            let (source, target, fs) = (c"none", c"/tmp", c"tmpfs");
+            // SAFETY: NUL-terminated strings that outlive the call, and no data.
+            unsafe { libc::mount(source.as_ptr(), target.as_ptr(), fs.as_ptr(), 0, std::ptr::null()) }
+        }
+        Forbidden::SocketInet => {
+            return rustix::net::socket(rustix::net::AddressFamily::INET, rustix::net::SocketType::STREAM, None)
+                .map(drop)
+                .map_err(std::io::Error::from);
+        }
+    };
+    if rc == -1 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+/// Ignores the signals that stop a process (`SIGTERM`, `SIGINT`, `SIGHUP`): the helper gets them
+/// with its whole control group from a service manager (or a terminal), and stops instead when
+/// the serving process does — after it, never before.
+pub(crate) fn ignore_stop_signals() {
+    for signal in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+        // SAFETY: SIG_IGN installs no handler code; `signal` with a valid signal number and
+        // SIG_IGN has no memory-safety preconditions.
+        unsafe {
+            libc::signal(signal, libc::SIG_IGN);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::os::{fd::AsFd, unix::net::UnixStream};

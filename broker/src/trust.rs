@@ -71,9 +71,10 @@ fn chain(path: &Path, broker_uid: u32, out: &mut Vec<String>) {
     }
 }
 
-/// The broker's effective uid.
+/// The broker's uid: the user who started it (root, for a broker whose serving process runs
+/// as a service user: what it trusts is what root would).
 pub fn broker_uid() -> u32 {
-    rustix::process::geteuid().as_raw()
+    crate::sandbox::starter_uid()
 }
 
 /// Whether this broker enforces StrictModes: when it runs as root.

@@ -36,6 +36,22 @@ pub fn bin() -> PathBuf {
     fallback
 }
 
+/// A temporary directory every user may enter and read (mode 0755), for the files a broker
+/// reads: a root broker's serving process runs as its service user, which reads the policy
+/// after the split, as it would read `/etc/portcullis`.
+pub fn tempdir() -> tempfile::TempDir {
+    tempdir_named(".tmp")
+}
+
+/// [`tempdir`] with a name that starts with `prefix`.
+pub fn tempdir_named(prefix: &str) -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix(prefix)
+        .permissions(fs::Permissions::from_mode(0o755))
+        .tempdir()
+        .unwrap()
+}
+
 /// The uid tests use for an unprivileged client (nobody).
 pub const NOBODY: u32 = 65534;
 
@@ -66,6 +82,9 @@ pub struct BrokerSetup<'a> {
     /// Driver personalities: written to `drivers.d/test.toml` beside the config, which must
     /// say `drivers = "drivers.d"`.
     pub personalities: Option<&'a str>,
+    /// Start the broker as this uid (gid the same, no supplementary groups) instead of root;
+    /// the test's directory is then that uid's.
+    pub run_as: Option<u32>,
 }
 
 impl Broker {
@@ -76,10 +95,29 @@ impl Broker {
 
     /// A broker with this config and policy.
     pub fn with(setup: BrokerSetup<'_>) -> Broker {
-        let dir = tempfile::Builder::new().prefix("portcullis-test-").tempdir().unwrap();
         // Unprivileged test clients must reach the run dir and a copy of the binary.
-        fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
-        let mut cmd = match setup.wrapper.split_first() {
+        let dir = tempdir_named("portcullis-test-");
+        let setpriv;
+        let wrapper = match setup.run_as {
+            Some(uid) => {
+                rustix::fs::chown(
+                    dir.path(),
+                    Some(rustix::process::Uid::from_raw(uid)),
+                    Some(rustix::process::Gid::from_raw(uid)),
+                )
+                .unwrap();
+                setpriv = [
+                    "setpriv".to_string(),
+                    format!("--reuid={uid}"),
+                    format!("--regid={uid}"),
+                    "--clear-groups".to_string(),
+                    "--".to_string(),
+                ];
+                setpriv.iter().map(String::as_str).collect::<Vec<_>>()
+            }
+            None => setup.wrapper.to_vec(),
+        };
+        let mut cmd = match wrapper.split_first() {
             Some((program, args)) => {
                 let mut cmd = Command::new(program);
                 cmd.args(args).arg(bin());

@@ -81,7 +81,10 @@ fn test(extra: &[String]) -> Result<()> {
     step(
         "device and service test tools (iproute2, util-linux's losetup, nsenter and mount, e2fsprogs' mkfs, systemd-analyze)",
     );
-    install_debian(&["iproute2", "util-linux", "mount", "e2fsprogs", "systemd"])?;
+    install_debian(&["iproute2", "util-linux", "mount", "e2fsprogs", "systemd", "passwd"])?;
+
+    step("the broker's service user (portcullis), which a root broker serves as");
+    ensure_service_user()?;
 
     step("python venv with grpcio (stock gRPC client test)");
     let python = ensure_python_venv()?;
@@ -166,6 +169,27 @@ fn ensure_matrix_toolchains() -> Result<()> {
     packages.sort();
     packages.dedup();
     install_debian(&packages.iter().map(String::as_str).collect::<Vec<_>>())
+}
+
+/// The system user a root broker's serving process becomes (`[sandbox] user`'s default),
+/// made when missing: no home, no login shell.
+fn ensure_service_user() -> Result<()> {
+    let known = Command::new("id")
+        .arg("portcullis")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if known {
+        return Ok(());
+    }
+    run(Command::new("useradd").args([
+        "--system",
+        "--no-create-home",
+        "--home-dir",
+        "/nonexistent",
+        "--shell",
+        "/usr/sbin/nologin",
+        "portcullis",
+    ]))
 }
 
 /// `apt-get install` the packages that are missing (the machines run as root).

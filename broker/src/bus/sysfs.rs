@@ -70,6 +70,11 @@ impl Sysfs {
         Sysfs { root: root.into() }
     }
 
+    /// Where the tree is mounted.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
     /// Every device of the subsystems the broker serves, in devpath order.
     pub fn enumerate(&self) -> Vec<KernelDevice> {
         let mut out = Vec::new();

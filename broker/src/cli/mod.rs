@@ -103,6 +103,22 @@ async fn stats(args: StatsArgs, run_dir: &RunDir) -> Result<(), String> {
                 serde_json::json!({ "revision": p.revision, "generation": p.generation, "mode": p.mode, "rules": p.rules }),
             );
         }
+        let sandbox: Vec<serde_json::Value> = s
+            .sandbox
+            .iter()
+            .map(|p| {
+                serde_json::json!({
+                    "role": p.role, "pid": p.pid, "uids": p.uids,
+                    "cap_effective": format!("{:016x}", p.cap_effective),
+                    "cap_permitted": format!("{:016x}", p.cap_permitted),
+                    "cap_bounding": format!("{:016x}", p.cap_bounding),
+                    "cap_ambient": format!("{:016x}", p.cap_ambient),
+                    "no_new_privs": p.no_new_privs, "seccomp": p.seccomp,
+                    "seccomp_filters": p.seccomp_filters, "landlock": p.landlock,
+                })
+            })
+            .collect();
+        map.insert("sandbox".into(), sandbox.into());
         println!("{}", serde_json::Value::Object(map));
     } else {
         for (k, v) in rows {
@@ -113,6 +129,22 @@ async fn stats(args: StatsArgs, run_dir: &RunDir) -> Result<(), String> {
             println!(
                 "{:<16}revision {revision}, generation {}, {}, {} rules",
                 "policy", p.generation, p.mode, p.rules
+            );
+        }
+        for p in &s.sandbox {
+            let uid = p.uids.get(1).copied().unwrap_or(u32::MAX);
+            println!(
+                "{:<16}pid {}, uid {uid}, capabilities eff {:x} prm {:x} bnd {:x} amb {:x}, no_new_privs {}, seccomp {} ({} filters), landlock {}",
+                p.role,
+                p.pid,
+                p.cap_effective,
+                p.cap_permitted,
+                p.cap_bounding,
+                p.cap_ambient,
+                if p.no_new_privs { "on" } else { "off" },
+                if p.seccomp == 2 { "filter" } else { "off" },
+                p.seccomp_filters,
+                p.landlock
             );
         }
     }
@@ -199,8 +231,23 @@ pub fn main() -> ExitCode {
         None
     };
     init_logging(cli.log_format, if is_broker { "info" } else { "warn" });
+    // The broker enters its sandbox before the runtime starts any thread.
+    let prepared = match &cli.command {
+        Command::Broker(args) => match prepare_broker(args, &run_dir, activated) {
+            Ok(prepared) => Some(prepared),
+            Err(message) => {
+                tracing::error!("{message}");
+                eprintln!("portcullis: {message}");
+                return ExitCode::FAILURE;
+            }
+        },
+        _ => None,
+    };
     let runtime = if is_broker {
-        tokio::runtime::Builder::new_multi_thread().enable_all().build()
+        tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .on_thread_start(crate::sandbox::thread_started)
+            .build()
     } else {
         tokio::runtime::Builder::new_current_thread().enable_all().build()
     };
@@ -213,7 +260,12 @@ pub fn main() -> ExitCode {
     };
     let result = runtime.block_on(async move {
         match cli.command {
-            Command::Broker(args) => broker(args, &run_dir, activated).await,
+            Command::Broker(_) => match prepared {
+                Some(prepared) => server::run(prepared, shutdown_signal())
+                    .await
+                    .map_err(|e| e.to_string()),
+                None => Ok(()),
+            },
             Command::Ls(args) => ls::run(args, &run_dir).await,
             Command::Call(args) => call::run(args, &run_dir).await,
             Command::Watch(args) => watch::run(args, &run_dir).await,
@@ -253,11 +305,11 @@ fn init_logging(format: LogFormat, default_level: &str) {
     }
 }
 
-async fn broker(
-    args: BrokerArgs,
+fn prepare_broker(
+    args: &BrokerArgs,
     run_dir: &RunDir,
     activated: Option<crate::systemd::Activated>,
-) -> Result<(), String> {
+) -> Result<server::Prepared, String> {
     let exit_idle = match args.exit_idle_time {
         Some(secs) if secs.is_finite() && secs > 0.0 => Some(std::time::Duration::from_secs_f64(secs)),
         Some(secs) => return Err(format!("--exit-idle-time {secs}: a number of seconds above 0")),
@@ -269,12 +321,12 @@ async fn broker(
     let options = BrokerOptions {
         activated,
         exit_idle,
-        config: args.config,
-        policy: args.policy,
+        config: args.config.clone(),
+        policy: args.policy.clone(),
         run_dir: run_dir.serve_path()?,
-        decision_log: args.decision_log,
+        decision_log: args.decision_log.clone(),
     };
-    server::run(options, shutdown_signal()).await.map_err(|e| e.to_string())
+    server::prepare(options).map_err(|e| e.to_string())
 }
 
 /// Completes on SIGINT or SIGTERM.

@@ -12,7 +12,7 @@ use rustix::fs::{FileType, Mode, OFlags, Stat};
 
 /// What kind of node a driver serves.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum NodeKind {
+pub enum NodeKind {
     /// A tty character device (a serial port, a pty follower).
     Tty,
     /// A block device.
@@ -92,7 +92,48 @@ pub(crate) fn check(path: &Path, kind: NodeKind, expect: Option<u64>) -> Result<
 /// Opens `path` as a node of `kind` with `flags` (plus `O_CLOEXEC`, and `O_NOCTTY` for ttys):
 /// its type is checked first ([`check`], with `expect` as there; such a node is opened
 /// `O_NOFOLLOW`), and the node opened must be the node checked.
+///
+/// In a serving process with a privileged helper, the helper opens it (after its own checks:
+/// a node the configuration names, or a kernel device a personality matches) and this process
+/// checks what it received as if it had opened it.
 pub(crate) fn open(path: &Path, kind: NodeKind, flags: OFlags, expect: Option<u64>) -> Result<OwnedFd, String> {
+    use crate::sandbox::protocol::{Kind, Request, Response};
+    let request = Request::OpenNode {
+        path: path
+            .to_str()
+            .ok_or_else(|| format!("{}: not a UTF-8 path", path.display()))?
+            .to_string(),
+        kind: match kind {
+            NodeKind::Tty => Kind::Tty,
+            NodeKind::Block => Kind::Block,
+        },
+        write: flags.contains(OFlags::RDWR) || flags.contains(OFlags::WRONLY),
+        exclusive: flags.contains(OFlags::EXCL),
+        direct: flags.contains(OFlags::DIRECT),
+        nonblock: flags.contains(OFlags::NONBLOCK),
+        rdev: expect,
+    };
+    let fd = match crate::sandbox::ask(&request, None) {
+        None => return open_here(path, kind, flags, expect),
+        Some(Ok((Response::Opened, Some(fd)))) => fd,
+        Some(Ok((Response::Refused(why), _))) => return Err(why),
+        Some(Ok((other, _))) => return Err(format!("the privileged helper answered {other:?}")),
+        Some(Err(e)) => return Err(e),
+    };
+    // What came back must be what was asked for: the helper is trusted, but checked.
+    let stat = rustix::fs::fstat(&fd).map_err(|e| format!("{}: {e}", path.display()))?;
+    if !matches(kind, &stat) || expect.is_some_and(|rdev| rdev != stat.st_rdev) {
+        return Err(format!(
+            "{}: the helper opened {}",
+            path.display(),
+            describe_type(&stat)
+        ));
+    }
+    Ok(fd)
+}
+
+/// [`open`] in this process, with its own privileges.
+pub(crate) fn open_here(path: &Path, kind: NodeKind, flags: OFlags, expect: Option<u64>) -> Result<OwnedFd, String> {
     let named = path.display();
     let before = check(path, kind, expect)?;
     let mut flags = flags | OFlags::CLOEXEC;

@@ -229,7 +229,7 @@ impl Accounts {
             inner: Mutex::new(Inner::default()),
             max_connections,
             limits,
-            own_uid: rustix::process::geteuid().as_raw(),
+            own_uid: crate::sandbox::starter_uid(),
         })
     }
 

@@ -36,8 +36,14 @@ impl DecisionLog {
     /// pid and executable: it is created `0640`, never through a symbolic link (`O_NOFOLLOW`),
     /// and must be a regular file (a FIFO or a device is refused, without blocking).
     pub fn open(path: &Path) -> std::io::Result<DecisionLog> {
+        Ok(DecisionLog::start(DecisionLog::open_file(path)?, path))
+    }
+
+    /// The file [`DecisionLog::open`] opens, checked (no runtime needed: a root broker opens it
+    /// before its serving process gives up root).
+    pub fn open_file(path: &Path) -> std::io::Result<std::fs::File> {
         use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
-        let mut file = std::fs::OpenOptions::new()
+        let file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .mode(0o640)
@@ -60,6 +66,12 @@ impl DecisionLog {
         if meta.mode() & 0o004 != 0 {
             tracing::warn!(path = %path.display(), mode = format!("{:o}", meta.mode() & 0o777), "the decision log is readable by every user; it names every client's uid, pid and executable (chmod 640)");
         }
+        Ok(file)
+    }
+
+    /// Starts the writer task for `file` (opened by [`DecisionLog::open_file`]). Needs a
+    /// runtime.
+    pub fn start(mut file: std::fs::File, path: &Path) -> DecisionLog {
         let (tx, mut rx) = mpsc::channel::<Value>(QUEUE);
         let overflow = std::sync::Arc::new(AtomicU64::new(0));
         let lost = overflow.clone();
@@ -86,11 +98,11 @@ impl DecisionLog {
                 }
             }
         });
-        Ok(DecisionLog {
+        DecisionLog {
             tx,
             next_id: AtomicU64::new(1),
             overflow,
-        })
+        }
     }
 
     /// Queues a record, stamping it with an id and the time.

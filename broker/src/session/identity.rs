@@ -18,7 +18,11 @@
 //!   limit, a bounded number at once per uid, and each file once (cached by device, inode, size
 //!   and change time).
 
-use std::{fs, os::fd::OwnedFd, path::PathBuf};
+use std::{
+    fs,
+    os::fd::{AsFd, BorrowedFd, OwnedFd},
+    path::PathBuf,
+};
 
 use rustix::{
     event::{PollFd, PollFlags, Timespec, poll},
@@ -174,14 +178,7 @@ impl PeerIdentity {
         let pidfd =
             pidfd_open(pid, PidfdFlags::empty()).map_err(|source| IdentityError::Pidfd { pid: raw_pid, source })?;
         let proc_dir = PathBuf::from(format!("/proc/{raw_pid}"));
-        let program = program_of(raw_pid);
-        let exe = fs::read_link(proc_dir.join("exe"))
-            .ok()
-            .and_then(|p| p.into_os_string().into_string().ok());
-        let exe_sha256 = match (options.hash_exe, program) {
-            (Some(hashing), Some(program)) => exe_hash(raw_pid, program, hashing),
-            _ => None,
-        };
+        let (exe, program, exe_sha256) = read_program(pidfd.as_fd(), raw_pid, options.hash_exe);
         let cgroup = fs::read_to_string(proc_dir.join("cgroup"))
             .ok()
             .and_then(|s| parse_cgroup(&s));
@@ -254,7 +251,7 @@ impl PeerIdentity {
         let (Some(pid), Some(pidfd)) = (self.pid, self.pidfd.as_ref()) else {
             return Ok(());
         };
-        let now = program_of(pid);
+        let (_, now, _) = read_program(pidfd.as_fd(), pid, None);
         // Read first, then check the process is still the one that connected: while its pidfd
         // is not readable, the pid has not been reused, so what was read is its own.
         if exited(pidfd) {
@@ -294,6 +291,70 @@ impl PeerIdentity {
             }),
         }
     }
+}
+
+/// What a process runs: its executable's path, identity and (with `hashing`) hash — asked of
+/// the privileged helper when the serving process has one (reading another user's
+/// `/proc/<pid>/exe` takes privilege), else read here. Unknown parts are `None`.
+fn read_program(
+    pidfd: BorrowedFd<'_>,
+    pid: i32,
+    hashing: Option<ExeHashing>,
+) -> (Option<String>, Option<FileId>, Option<String>) {
+    use crate::sandbox::protocol::{Request, Response};
+    let request = Request::Program {
+        hash_max: hashing.map(|h| h.max_bytes),
+    };
+    match crate::sandbox::ask(&request, Some(pidfd)) {
+        None => {
+            let program = program_of(pid);
+            let exe = fs::read_link(format!("/proc/{pid}/exe"))
+                .ok()
+                .and_then(|p| p.into_os_string().into_string().ok());
+            let sha256 = match (hashing, program) {
+                (Some(hashing), Some(program)) => exe_hash(pid, program, hashing),
+                _ => None,
+            };
+            (exe, program, sha256)
+        }
+        Some(Ok((Response::Program { exe, dev, ino, sha256 }, _))) => (exe, Some(FileId { dev, ino }), sha256),
+        Some(answer) => {
+            tracing::debug!(pid, answer = ?answer.map(|(r, _)| r), "the helper did not read the program");
+            (None, None, None)
+        }
+    }
+}
+
+/// The privileged helper's side of [`read_program`]: the pid comes from the pidfd itself (a
+/// recycled pid cannot be substituted), and what was read is answered only if the process is
+/// still alive after the reads (so it was that process's).
+pub(crate) fn program_here(
+    pidfd: BorrowedFd<'_>,
+    hash_max: Option<u64>,
+) -> Result<(Option<String>, FileId, Option<String>), String> {
+    use std::os::fd::AsRawFd;
+    let info = fs::read_to_string(format!("/proc/self/fdinfo/{}", pidfd.as_raw_fd()))
+        .map_err(|e| format!("reading the pidfd: {e}"))?;
+    let pid: i32 = info
+        .lines()
+        .find_map(|l| l.strip_prefix("Pid:"))
+        .and_then(|p| p.trim().parse().ok())
+        .filter(|p| *p > 0)
+        .ok_or("not the pidfd of a live process")?;
+    let program = program_of(pid).ok_or("its executable cannot be read")?;
+    let exe = fs::read_link(format!("/proc/{pid}/exe"))
+        .ok()
+        .and_then(|p| p.into_os_string().into_string().ok());
+    let sha256 = hash_max.and_then(|max_bytes| exe_hash(pid, program, ExeHashing { max_bytes }));
+    let alive = rustix::event::poll(
+        &mut [rustix::event::PollFd::new(&pidfd, rustix::event::PollFlags::IN)],
+        Some(&rustix::event::Timespec { tv_sec: 0, tv_nsec: 0 }),
+    )
+    .is_ok_and(|n| n == 0);
+    if !alive {
+        return Err(format!("process {pid} exited"));
+    }
+    Ok((exe, program, sha256))
 }
 
 /// Whether a pidfd's process has exited (its pidfd is readable).

@@ -7,7 +7,7 @@ mod bucket;
 mod command;
 mod core;
 mod decisions;
-mod identity;
+pub(crate) mod identity;
 mod user;
 
 pub use command::{Command, Reply, Started};

@@ -489,7 +489,7 @@ pub struct BrokerService {
 /// The peer of an administrative call: root or the broker's own user, over a local socket.
 fn admin<T>(req: &tonic::Request<T>, what: &str) -> Result<Arc<PeerIdentity>, tonic::Status> {
     let peer = peer_of(req)?;
-    let own = rustix::process::geteuid().as_raw();
+    let own = crate::sandbox::starter_uid();
     if peer.tls.is_some() || (peer.uid != 0 && peer.uid != own) {
         tracing::warn!(uid = peer.uid, pid = %peer.pid_text(), "refused to {what}: not an administrator");
         return Err(tonic::Status::permission_denied(format!(
@@ -593,6 +593,24 @@ impl pb::broker_server::Broker for BrokerService {
             queued_messages: n(s.queued_messages),
             connections: n(s.connections),
             policy: Some(policy_status(&self.core.policy_status())),
+            sandbox: tokio::task::spawn_blocking(crate::sandbox::report)
+                .await
+                .unwrap_or_default()
+                .into_iter()
+                .map(|(role, p)| pb::ProcessSandbox {
+                    role,
+                    pid: p.pid,
+                    uids: p.uids.to_vec(),
+                    cap_effective: p.cap_eff,
+                    cap_permitted: p.cap_prm,
+                    cap_bounding: p.cap_bnd,
+                    cap_ambient: p.cap_amb,
+                    no_new_privs: p.no_new_privs,
+                    seccomp: p.seccomp,
+                    seccomp_filters: p.seccomp_filters,
+                    landlock: p.landlock,
+                })
+                .collect(),
         }))
     }
 

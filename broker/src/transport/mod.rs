@@ -57,6 +57,29 @@ fn claim_socket_path(path: &Path) -> io::Result<()> {
     Ok(())
 }
 
+/// Binds a Unix socket of `kind` at `path` (a stale file of a dead broker replaced), open to
+/// every user, not yet listening: a root broker binds before its serving process gives up root
+/// (which may not write the run dir), and listens once it is confined, so that nothing connects
+/// before the sandbox is in place.
+pub fn bind_unix(path: &Path, kind: rustix::net::SocketType) -> io::Result<std::os::fd::OwnedFd> {
+    claim_socket_path(path)?;
+    let fd = rustix::net::socket_with(
+        rustix::net::AddressFamily::UNIX,
+        kind,
+        rustix::net::SocketFlags::CLOEXEC,
+        None,
+    )?;
+    let addr = rustix::net::SocketAddrUnix::new(path)?;
+    rustix::net::bind(&fd, &addr)?;
+    open_to_all(path)?;
+    Ok(fd)
+}
+
+/// Starts listening on a socket [`bind_unix`] bound.
+pub fn listen(fd: &std::os::fd::OwnedFd) -> io::Result<()> {
+    rustix::net::listen(fd, 1024).map_err(io::Error::from)
+}
+
 /// Lets every local user connect: the policy, not file modes, is the gate.
 fn open_to_all(path: &Path) -> io::Result<()> {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))

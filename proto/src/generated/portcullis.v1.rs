@@ -497,6 +497,42 @@ pub struct StatsResponse {
     /// The running policy.
     #[prost(message, optional, tag = "13")]
     pub policy: ::core::option::Option<PolicyStatus>,
+    /// The sandbox of the serving process and (a root broker's) privileged helper.
+    #[prost(message, repeated, tag = "14")]
+    pub sandbox: ::prost::alloc::vec::Vec<ProcessSandbox>,
+}
+/// One process's sandbox, as /proc/<pid>/status and the process tell it.
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ProcessSandbox {
+    /// "serving" or "helper".
+    #[prost(string, tag = "1")]
+    pub role: ::prost::alloc::string::String,
+    #[prost(uint32, tag = "2")]
+    pub pid: u32,
+    /// Real, effective, saved and file-system uids.
+    #[prost(uint32, repeated, tag = "3")]
+    pub uids: ::prost::alloc::vec::Vec<u32>,
+    /// Capability masks.
+    #[prost(uint64, tag = "4")]
+    pub cap_effective: u64,
+    #[prost(uint64, tag = "5")]
+    pub cap_permitted: u64,
+    #[prost(uint64, tag = "6")]
+    pub cap_bounding: u64,
+    #[prost(uint64, tag = "7")]
+    pub cap_ambient: u64,
+    #[prost(bool, tag = "8")]
+    pub no_new_privs: bool,
+    /// Seccomp mode: 0 none, 2 filter.
+    #[prost(uint32, tag = "9")]
+    pub seccomp: u32,
+    /// Seccomp filters on the thread that answered.
+    #[prost(uint32, tag = "10")]
+    pub seccomp_filters: u32,
+    /// "enforced", "partially enforced (…)", "not enforced (…)" or "off".
+    #[prost(string, tag = "11")]
+    pub landlock: ::prost::alloc::string::String,
 }
 /// The one status enum, shared by every transport. Numbers never change.
 #[allow(clippy::all)]

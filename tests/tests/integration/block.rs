@@ -243,7 +243,7 @@ async fn discard_needs_its_privilege_and_empties_the_blocks() {
 
 #[test]
 fn a_block_device_that_is_not_one_is_refused_at_start() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = portcullis_tests::tempdir();
     let config = dir.path().join("c.toml");
     std::fs::write(
         &config,

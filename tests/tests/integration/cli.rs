@@ -41,7 +41,7 @@ fn run_dir_goes_before_or_after_the_subcommand() {
 
 #[test]
 fn usage_errors_exit_2_and_output_directories_are_made() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = portcullis_tests::tempdir();
     let layout = dir.path().join("s.toml");
     std::fs::write(&layout, "[[struct]]\nname = \"s\"\nfields = [[\"a\", \"u32\"]]\n").unwrap();
     for args in [
@@ -101,7 +101,7 @@ fn policy_explain_finds_a_configured_service_by_name() {
     let text = stdout_ok(&out);
     assert!(text.starts_with("decision: ALLOW (rule \"sample-use\")"), "{text}");
     assert!(!text.contains("class  is not"), "{text}");
-    let dir = tempfile::tempdir().unwrap();
+    let dir = portcullis_tests::tempdir();
     let config = dir.path().join("c.toml");
     std::fs::write(
         &config,
@@ -221,7 +221,7 @@ fn a_command_whose_reader_goes_away_exits_quietly() {
 
 #[test]
 fn policy_check_warns_about_a_program_without_an_owner() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = portcullis_tests::tempdir();
     let policy = dir.path().join("p.toml");
     std::fs::write(
         &policy,

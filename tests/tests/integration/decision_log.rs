@@ -38,7 +38,7 @@ fn records(path: &std::path::Path) -> Vec<Value> {
 
 #[tokio::test]
 async fn decision_log_names_rules_checks_and_survives_a_flood() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = portcullis_tests::tempdir();
     let log = dir.path().join("decisions.jsonl");
     let log_arg = log.to_str().unwrap().to_string();
     let broker = Broker::with(BrokerSetup {
@@ -176,7 +176,7 @@ async fn wait_for(log: &std::path::Path, what: impl Fn(&[Value]) -> bool) -> Vec
 
 #[tokio::test]
 async fn audit_mode_lets_requests_through_and_logs_would_deny() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = portcullis_tests::tempdir();
     let log = dir.path().join("decisions.jsonl");
     let log_arg = log.to_str().unwrap().to_string();
     // A forbid rule in audit mode: fire_event goes through, logged.
@@ -206,7 +206,7 @@ async fn audit_mode_lets_requests_through_and_logs_would_deny() {
     drop(session);
 
     // The whole policy in audit mode: a service no rule allows opens, and says it would not.
-    let dir = tempfile::tempdir().unwrap();
+    let dir = portcullis_tests::tempdir();
     let log = dir.path().join("decisions.jsonl");
     let log_arg = log.to_str().unwrap().to_string();
     let policy = "mode = \"audit\"\n\n[[principal]]\nname = \"all\"\n";
@@ -248,7 +248,7 @@ async fn audit_mode_lets_requests_through_and_logs_would_deny() {
 /// closes is a line naming the rule.
 #[tokio::test]
 async fn decision_log_records_reloads_and_what_they_close() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = portcullis_tests::tempdir();
     let log = dir.path().join("decisions.jsonl");
     let log_arg = log.to_str().unwrap().to_string();
     let broker = Broker::with(BrokerSetup {
@@ -301,7 +301,7 @@ async fn decision_log_records_reloads_and_what_they_close() {
 /// added, the same client is allowed.
 #[tokio::test]
 async fn policy_suggest_writes_the_rules_that_allow_what_was_refused() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = portcullis_tests::tempdir();
     let log = dir.path().join("decisions.jsonl");
     let log_arg = log.to_str().unwrap().to_string();
     let only_root = "[[principal]]\nname = \"root\"\nuid = [0]\n\n[[rule]]\nid = \"root-use\"\neffect = \"allow\"\nprincipals = [\"root\"]\nservice = { class = \"SampleDevice\" }\nmethods = [\"add\"]\n";

@@ -140,7 +140,7 @@ fn wait_detached(device: &LoopDevice) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_loop_device_is_matched_served_and_terminated_when_its_media_goes_mid_calls() {
-    let dir = tempfile::Builder::new().prefix("portcullis-disks-").tempdir().unwrap();
+    let dir = portcullis_tests::tempdir_named("portcullis-disks-");
     let broker = broker_with(&disks_personality(dir.path(), ""));
     let baseline_fds = broker.baseline_fds();
     let registry_before = registry(&broker);
@@ -183,16 +183,22 @@ async fn a_loop_device_is_matched_served_and_terminated_when_its_media_goes_mid_
     let mut got = vec![0u8; 4096];
     rustix::io::pread(&dma.fd, &mut got, 0).unwrap();
     assert_eq!(got, vec![7u8; 4096]);
+    let (first_tx, first) = tokio::sync::oneshot::channel();
     let reader = tokio::spawn(async move {
         let mut ok = 0u64;
+        let mut first_tx = Some(first_tx);
         loop {
             match s.call(handle, READ_BLOCKS, &[0, 8, 0], &[], 0).await {
                 Ok(_) => ok += 1,
                 Err(e) => return (ok, e, s),
             }
+            if let Some(tx) = first_tx.take() {
+                let _ = tx.send(());
+            }
         }
     });
-    // Some calls ran before the media went.
+    // Some calls ran before the media went: the loop's first is done before it goes.
+    first.await.unwrap();
     device.pull_media();
     let pb::event::Kind::Terminated(_) = next_about(&watcher, &name).await else {
         panic!("published again");
@@ -237,7 +243,7 @@ async fn a_loop_device_is_matched_served_and_terminated_when_its_media_goes_mid_
 
 #[tokio::test(flavor = "multi_thread")]
 async fn matching_tries_candidates_by_score_per_category_with_probe_and_start_failures() {
-    let dir = tempfile::Builder::new().prefix("portcullis-disks-").tempdir().unwrap();
+    let dir = portcullis_tests::tempdir_named("portcullis-disks-");
     // Attached read-only before the broker starts: matched by the enumeration at start.
     let device = LoopDevice::attach_in(Some(dir.path()), &vec![1u8; 1 << 20], true);
     // The test holds the kernel's exclusive claim: an exclusive start must fail.
@@ -483,7 +489,7 @@ fn rss_kib(pid: u32) -> u64 {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_hundred_attach_detach_cycles_leave_registry_descriptors_and_memory_where_they_began() {
-    let dir = tempfile::Builder::new().prefix("portcullis-disks-").tempdir().unwrap();
+    let dir = portcullis_tests::tempdir_named("portcullis-disks-");
     let broker = broker_with(&disks_personality(dir.path(), ""));
     let client = broker.client().await;
     let watcher = client.session().await.unwrap();
@@ -519,7 +525,7 @@ async fn a_hundred_attach_detach_cycles_leave_registry_descriptors_and_memory_wh
 
 #[test]
 fn driver_lint_locates_errors_and_the_broker_refuses_a_set_with_errors() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = portcullis_tests::tempdir();
     let drivers = dir.path().join("drivers.d");
     std::fs::create_dir(&drivers).unwrap();
     let file = drivers.join("bad.toml");
@@ -620,10 +626,10 @@ impl Drop for Mounted {
 
 #[test]
 fn a_mounted_disk_fails_the_probe_unless_the_personality_allows_it() {
-    let dir = tempfile::Builder::new().prefix("portcullis-disks-").tempdir().unwrap();
+    let dir = portcullis_tests::tempdir_named("portcullis-disks-");
     let device = LoopDevice::attach_in(Some(dir.path()), &vec![0u8; 8 << 20], false);
     run_ok(Command::new("mkfs.ext2").arg("-q").arg(&device.path));
-    let mounted = Mounted(tempfile::tempdir().unwrap());
+    let mounted = Mounted(portcullis_tests::tempdir());
     run_ok(Command::new("mount").arg(&device.path).arg(mounted.0.path()));
     let careful = disks_personality(dir.path(), "");
     let bold = disks_personality(dir.path(), "allow_mounted = true\nread_only = true")

@@ -105,7 +105,7 @@ async fn a_process_that_became_another_program_is_refused_at_admission() {
 #[test]
 fn a_bind_mount_over_an_allowed_path_does_not_make_the_allowed_program() {
     // The genuine program and an impostor: both copies of the CLI, so both can make the call.
-    let policy_dir = tempfile::Builder::new().prefix("portcullis-exe-").tempdir().unwrap();
+    let policy_dir = portcullis_tests::tempdir_named("portcullis-exe-");
     std::fs::set_permissions(policy_dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     let allowed = policy_dir.path().join("allowed");
     let impostor = policy_dir.path().join("impostor");
@@ -258,7 +258,7 @@ fn mode(path: &std::path::Path) -> u32 {
 #[test]
 fn run_dir_through_a_symlink_or_writable_by_others_is_refused_and_left_alone() {
     use std::os::unix::fs::PermissionsExt;
-    let dir = tempfile::tempdir().unwrap();
+    let dir = portcullis_tests::tempdir();
     let target = dir.path().join("target");
     std::fs::create_dir(&target).unwrap();
     std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o700)).unwrap();
@@ -282,7 +282,7 @@ fn an_existing_run_dir_keeps_its_mode_and_a_new_one_is_0755() {
     use std::os::unix::fs::PermissionsExt;
     let broker = Broker::start();
     assert_eq!(mode(&broker.run_dir()), 0o755, "the run dir the broker made");
-    let dir = tempfile::tempdir().unwrap();
+    let dir = portcullis_tests::tempdir();
     let own = dir.path().join("own");
     std::fs::create_dir(&own).unwrap();
     std::fs::set_permissions(&own, std::fs::Permissions::from_mode(0o700)).unwrap();
@@ -309,7 +309,7 @@ fn an_existing_run_dir_keeps_its_mode_and_a_new_one_is_0755() {
 
 #[test]
 fn decision_log_is_never_opened_through_a_symlink_and_is_created_0640() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = portcullis_tests::tempdir();
     let victim = dir.path().join("victim");
     std::fs::write(&victim, "important\n").unwrap();
     let link = dir.path().join("decisions.log");
@@ -341,7 +341,7 @@ fn decision_log_is_never_opened_through_a_symlink_and_is_created_0640() {
 fn a_huge_executable_is_hashed_only_when_the_policy_asks_and_then_not_past_the_limit() {
     // The CLI padded with a sparse GiB: a program the kernel runs, 1 GiB long, that costs its
     // author nothing and would cost the broker most of a second to hash.
-    let dir = tempfile::Builder::new().prefix("portcullis-huge-").tempdir().unwrap();
+    let dir = portcullis_tests::tempdir_named("portcullis-huge-");
     let huge = dir.path().join("huge");
     std::fs::copy(bin(), &huge).unwrap();
     let file = std::fs::OpenOptions::new().write(true).open(&huge).unwrap();

@@ -22,6 +22,7 @@ mod policy_tools;
 mod python_client;
 mod reload;
 mod ring;
+mod sandbox;
 mod session;
 mod systemd;
 mod tls;

@@ -135,7 +135,7 @@ async fn policy_forbidden_service_is_hidden() {
 
 #[test]
 fn broker_refuses_invalid_policy_with_location() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = portcullis_tests::tempdir();
     let path = dir.path().join("bad.toml");
     std::fs::write(
         &path,
@@ -202,7 +202,7 @@ fn identity_exe_hash_is_the_kernels_not_the_clients_claim() {
     );
 
     // The same bytes elsewhere, under another name: still admitted (the hash, not the path).
-    let dir = tempfile::tempdir().unwrap();
+    let dir = portcullis_tests::tempdir();
     let copy = dir.path().join("renamed");
     std::fs::copy(&trusted, &copy).unwrap();
     assert!(

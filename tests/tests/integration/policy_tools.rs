@@ -25,7 +25,7 @@ fn root() -> std::path::PathBuf {
 
 #[test]
 fn policy_check_prints_every_error_located() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = portcullis_tests::tempdir();
     std::fs::write(
         dir.path().join("10-principals.toml"),
         "[[principal]]\nname = \"users\"\n\n[[principal]]\nname = \"users\"\n",
@@ -96,7 +96,7 @@ fn policy_test_runs_cases_and_summarises() {
     assert!(ok, "{out}");
     assert!(out.lines().any(|l| l == "6 passed, 0 failed"), "{out}");
     // A case that expects the wrong rule fails, and says why.
-    let dir = tempfile::tempdir().unwrap();
+    let dir = portcullis_tests::tempdir();
     let wrong = dir.path().join("wrong.toml");
     std::fs::write(&wrong, "[[case]]\nname = \"wrong\"\nprincipal = { uid = 1000 }\nservice = { class = \"SampleDevice\" }\nmethod = \"add\"\nexpect = \"allow\"\nrule = \"sample-admin\"\n").unwrap();
     let (ok, out) = run(&["policy", "test", wrong.to_str().unwrap()]);
@@ -110,7 +110,7 @@ fn policy_test_runs_cases_and_summarises() {
 
 #[test]
 fn policy_check_finds_unknown_argument_names() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = portcullis_tests::tempdir();
     let path = dir.path().join("p.toml");
     std::fs::write(
         &path,
@@ -162,7 +162,7 @@ args.set_mtu.mtu = { min = 1280 }
 
 #[test]
 fn policy_check_knows_the_device_families_names() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = portcullis_tests::tempdir();
     let good = dir.path().join("families.toml");
     std::fs::write(&good, FAMILIES_POLICY).unwrap();
     let (ok, out) = run(&["policy", "check", good.to_str().unwrap()]);
@@ -193,7 +193,7 @@ fn policy_check_knows_the_device_families_names() {
 
 #[test]
 fn policy_explain_checks_arguments_against_the_granting_rule() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = portcullis_tests::tempdir();
     let path = dir.path().join("p.toml");
     std::fs::write(&path, "[[principal]]\nname = \"all\"\n[[rule]]\nid = \"bounded\"\neffect = \"allow\"\nprincipals = [\"all\"]\nservice = { class = \"SampleDevice\" }\nmethods = [\"echo\", \"add\"]\nargs.echo.len = { max = 4096 }\nargs.add.a = { one_of = [1, 2] }\n").unwrap();
     let policy = path.to_str().unwrap();
@@ -257,7 +257,7 @@ fn policy_explain_checks_arguments_against_the_granting_rule() {
 /// 4,000-byte echo is allowed by the uncapped one whichever comes first in the file.
 #[test]
 fn policy_explain_is_the_same_whatever_the_order_of_the_rules() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = portcullis_tests::tempdir();
     let head = "[[principal]]\nname = \"users\"\nuid = [1000]\n\n";
     let capped = "[[rule]]\nid = \"capped\"\neffect = \"allow\"\nprincipals = [\"users\"]\nservice = { class = \"SampleDevice\" }\nmethods = [\"echo\"]\nargs.echo.len = { max = 512 }\n\n";
     let open = "[[rule]]\nid = \"open\"\neffect = \"allow\"\nprincipals = [\"users\"]\nservice = { class = \"SampleDevice\" }\nmethods = [\"echo\"]\n\n";
@@ -301,7 +301,7 @@ fn policy_explain_is_the_same_whatever_the_order_of_the_rules() {
 /// vacuous. The embedded default policy has no warning.
 #[test]
 fn policy_check_lints_and_denies_warnings_for_ci() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = portcullis_tests::tempdir();
     let path = dir.path().join("p.toml");
     std::fs::write(&path, "[[principal]]\nname = \"apps\"\n\n[[rule]]\nid = \"capped\"\neffect = \"allow\"\nprincipals = [\"apps\"]\nservice = { class = \"SampleDevice\" }\nmethods = [\"echo\"]\nargs.echo.len = { max = 512 }\n\n[[rule]]\nid = \"open\"\neffect = \"allow\"\nprincipals = [\"apps\"]\nservice = { class = \"SampleDevice\" }\nmethods = [\"echo\"]\n\n[[assert]]\nid = \"no-breaks\"\nservice = { class = \"TtyDevice\" }\nprivileges = [\"tty.break\"]\n").unwrap();
     let policy = path.to_str().unwrap();
@@ -333,7 +333,7 @@ fn policy_check_lints_and_denies_warnings_for_ci() {
 /// `--coverage` lists the rules no case exercised; `--format json|junit` for CI.
 #[test]
 fn policy_test_cases_with_arguments_errors_coverage_and_reports() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = portcullis_tests::tempdir();
     let policy = dir.path().join("p.toml");
     std::fs::write(&policy, "[[principal]]\nname = \"users\"\nuid = [1000]\n\n[[rule]]\nid = \"echo-capped\"\neffect = \"allow\"\nprincipals = [\"users\"]\nservice = { class = \"SampleDevice\" }\nmethods = [\"echo\"]\nargs.echo.len = { max = 512 }\n\n[[rule]]\nid = \"never-used\"\neffect = \"allow\"\nprincipals = [\"users\"]\nservice = { class = \"BlockDevice\" }\nmethods = [\"get_geometry\"]\n").unwrap();
     let case = |name: &str, body: &str| {
@@ -415,7 +415,7 @@ fn policy_test_cases_with_arguments_errors_coverage_and_reports() {
 /// `--exit-code` fails on them. Identical inputs: nothing, at once.
 #[test]
 fn policy_diff_lists_modes_constraints_rates_and_assertions() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = portcullis_tests::tempdir();
     let old = dir.path().join("old.toml");
     let base = "[[principal]]\nname = \"users\"\nuid = [1000]\n\n[[rule]]\nid = \"use\"\neffect = \"allow\"\nprincipals = [\"users\"]\nservice = { class = \"SampleDevice\" }\nmethods = [\"echo\"]\nargs.echo.len = { max = 512 }\n";
     std::fs::write(&old, base).unwrap();
@@ -458,7 +458,7 @@ fn policy_diff_lists_modes_constraints_rates_and_assertions() {
 /// a task that shows it; a principal a forbid stops entirely is not listed.
 #[test]
 fn policy_who_can_lists_principals_with_rules_and_witnesses() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = portcullis_tests::tempdir();
     let path = dir.path().join("p.toml");
     std::fs::write(&path, "[[principal]]\nname = \"operators\"\ngroups = [\"wheel\"]\n\n[[principal]]\nname = \"interns\"\nuid = [2000]\n\n[[principal]]\nname = \"root\"\nuid = [0]\n\n[[rule]]\nid = \"ops-reset\"\neffect = \"allow\"\nprincipals = [\"operators\", \"interns\"]\nservice = { class = \"SampleDevice\" }\nmethods = [\"reset\"]\nprivileges = [\"sample.admin\"]\n\n[[rule]]\nid = \"no-interns\"\neffect = \"forbid\"\nprincipals = [\"interns\"]\nservice = { class = \"SampleDevice\" }\nmethods = [\"reset\"]\n").unwrap();
     let (ok, out) = run(&[
@@ -504,7 +504,7 @@ fn edited(from: &str, to: &str) -> String {
 
 #[test]
 fn policy_check_refuses_a_broken_assertion_with_a_counterexample() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = portcullis_tests::tempdir();
     let path = dir.path().join("p.toml");
     // Everyone gets reset and its privilege: the default policy's assertion must catch it.
     std::fs::write(
@@ -536,7 +536,7 @@ fn policy_check_refuses_a_broken_assertion_with_a_counterexample() {
 
 #[test]
 fn policy_diff_lists_changed_decisions_with_witnesses() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = portcullis_tests::tempdir();
     let old = root().join("broker/src/default_policy.toml");
     let new = dir.path().join("new.toml");
     std::fs::write(
@@ -577,7 +577,7 @@ fn policy_diff_lists_changed_decisions_with_witnesses() {
 
 #[test]
 fn policy_fmt_rewrites_to_the_canonical_layout_and_checks() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = portcullis_tests::tempdir();
     let path = dir.path().join("p.toml");
     let messy = "[[principal]]\nuid=[0]\nname =   \"root\" # the admin\n[[rule]]\nmethods=[\"add\",\"echo\"]\nprincipals=[\"root\"]\neffect = \"allow\"\nid=\"r\"\n";
     std::fs::write(&path, messy).unwrap();

@@ -112,7 +112,7 @@ async fn a_root_broker_refuses_a_policy_others_can_write() {
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
     };
     let policy = format!("{HEAD}{}", allow("use", "\"*\""));
-    let dir = tempfile::tempdir().unwrap();
+    let dir = portcullis_tests::tempdir();
     let open_dir = dir.path().join("policy.d");
     std::fs::create_dir(&open_dir).unwrap();
     chmod(&open_dir, 0o777);
@@ -377,7 +377,7 @@ async fn reload_under_load_every_call_sees_one_policy() {
         allow("b", "\"add\", \"echo\""),
         forbid("no-echo-b", "\"echo\"")
     );
-    let dir = tempfile::tempdir().unwrap();
+    let dir = portcullis_tests::tempdir();
     let log = dir.path().join("decisions.jsonl");
     let log_arg = log.to_str().unwrap().to_string();
     let broker = Broker::with(BrokerSetup {

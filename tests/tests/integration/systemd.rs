@@ -99,15 +99,14 @@ fn next_containing(socket: &UnixDatagram, what: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn socket_activated_broker_notifies_serves_exits_idle_and_keeps_the_next_clients_request() {
-    let dir = tempfile::Builder::new()
-        .prefix("portcullis-systemd-")
-        .tempdir()
-        .unwrap();
+    let dir = portcullis_tests::tempdir_named("portcullis-systemd-");
     let run_dir = dir.path().join("run");
     std::fs::create_dir(&run_dir).unwrap();
     let notify_path = dir.path().join("notify.sock");
     let notify = UnixDatagram::bind(&notify_path).unwrap();
     notify.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    // The serving process (the service user) sends to it, as to systemd's.
+    std::fs::set_permissions(&notify_path, std::os::unix::fs::PermissionsExt::from_mode(0o666)).unwrap();
     let sockets = Sockets::bind(&run_dir);
     let mut broker = sockets.start(&run_dir, &notify_path, &["--exit-idle-time", "2"]);
     assert!(next_containing(&notify, "READY=1").contains("STATUS=serving"));
@@ -142,7 +141,7 @@ async fn socket_activated_broker_notifies_serves_exits_idle_and_keeps_the_next_c
 
 #[test]
 fn a_passed_socket_that_is_not_a_listening_unix_socket_is_refused() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = portcullis_tests::tempdir();
     let notify_path = dir.path().join("notify.sock");
     let _notify = UnixDatagram::bind(&notify_path).unwrap();
     // A datagram socket where a listening stream or sequential-packet one belongs.
@@ -170,7 +169,7 @@ fn a_passed_socket_that_is_not_a_listening_unix_socket_is_refused() {
 #[test]
 fn the_shipped_units_verify() {
     let dist = Path::new(env!("CARGO_MANIFEST_DIR")).join("../dist/systemd");
-    let dir = tempfile::tempdir().unwrap();
+    let dir = portcullis_tests::tempdir();
     for unit in ["portcullis.socket", "portcullis.service"] {
         let text = std::fs::read_to_string(dist.join(unit)).unwrap();
         let text = text.replace("/usr/local/bin/portcullis", &bin().display().to_string());

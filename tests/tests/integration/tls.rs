@@ -64,7 +64,7 @@ impl Pki {
         params.distinguished_name.push(DnType::CommonName, "portcullis test CA");
         let ca = CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap();
         let pki = Pki {
-            dir: tempfile::tempdir().unwrap(),
+            dir: portcullis_tests::tempdir(),
             ca,
         };
         std::fs::write(pki.path("ca.pem"), pki.ca.pem()).unwrap();
@@ -195,7 +195,7 @@ async fn tls_clients_are_known_by_their_certificates_only() {
 
 #[test]
 fn policy_explain_and_test_speak_of_tls_clients() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = portcullis_tests::tempdir();
     let path = dir.path().join("p.toml");
     std::fs::write(&path, POLICY).unwrap();
     let out = std::process::Command::new(portcullis_tests::bin())

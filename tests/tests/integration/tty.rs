@@ -206,7 +206,7 @@ fn a_tty_device_that_is_not_a_tty_is_refused_at_start() {
         ("/dev/null", "character device 1:3, not a tty character device"),
         ("/nonexistent/tty", "No such file"),
     ] {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = portcullis_tests::tempdir();
         let config = dir.path().join("c.toml");
         std::fs::write(
             &config,

@@ -4,7 +4,7 @@
 
 use std::{
     collections::{HashMap, VecDeque},
-    os::fd::{AsFd, OwnedFd},
+    os::fd::{AsFd, BorrowedFd, OwnedFd},
     sync::{
         Arc, LazyLock, Mutex,
         atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering},
@@ -188,10 +188,60 @@ pub fn open_tun(name: &str) -> Result<(OwnedFd, String), String> {
     Ok((tun, given))
 }
 
+/// [`open_tun`] by the privileged helper when the serving process has one (which makes only
+/// the interfaces the configuration names, and attaches only to those a personality matches:
+/// `ifindex`), else here.
+fn tun_for(name: &str, ifindex: Option<u32>) -> Result<(OwnedFd, String), String> {
+    use crate::sandbox::protocol::{Request, Response};
+    let request = Request::OpenTun {
+        name: name.to_string(),
+        ifindex,
+    };
+    match crate::sandbox::ask(&request, None) {
+        None => open_tun(name),
+        Some(Ok((Response::Tun { name }, Some(fd)))) => Ok((fd, name)),
+        Some(Ok((Response::Refused(why), _))) => Err(why),
+        Some(Ok((other, _))) => Err(format!("the privileged helper answered {other:?}")),
+        Some(Err(e)) => Err(e),
+    }
+}
+
+/// A control socket for the interface ioctls (any socket family answers them; a Unix one
+/// needs no network family the sandbox would have to allow).
+fn control_socket() -> Result<OwnedFd, String> {
+    rustix::net::socket_with(AddressFamily::UNIX, SocketType::DGRAM, SocketFlags::CLOEXEC, None)
+        .map_err(|e| format!("interface control socket: {e}"))
+}
+
+/// Brings the interface of TUN descriptor `tun` up or down and/or sets its MTU (68 to
+/// [`PACKET_MAX`]): what the privileged helper does for a serving process, which proves the
+/// interface is its own by sending its descriptor.
+pub(crate) fn set_link(tun: BorrowedFd<'_>, up: Option<bool>, mtu: Option<u32>) -> Result<(), String> {
+    let name = sys::tun_get_iff(tun).map_err(|e| format!("not a TUN descriptor attached to an interface: {e}"))?;
+    let control = control_socket()?;
+    let fd = control.as_fd();
+    if let Some(up) = up {
+        let flags = sys::flags(fd, &name).map_err(|e| format!("interface {name}: SIOCGIFFLAGS: {e}"))?;
+        let up_flag = libc::IFF_UP as u16;
+        let flags = if up { flags | up_flag } else { flags & !up_flag };
+        sys::set_flags(fd, &name, flags).map_err(|e| format!("interface {name}: SIOCSIFFLAGS: {e}"))?;
+    }
+    if let Some(mtu) = mtu {
+        if !(68..=PACKET_MAX).contains(&mtu) {
+            return Err(format!("mtu {mtu}: 68 to {PACKET_MAX}"));
+        }
+        sys::set_mtu(fd, &name, mtu).map_err(|e| match e {
+            Errno::INVAL => format!("interface {name} refuses mtu {mtu}"),
+            e => format!("interface {name}: SIOCSIFMTU: {e}"),
+        })?;
+    }
+    Ok(())
+}
+
 impl NetDevice {
     /// Creates the TUN interface `name` (down) and starts its reader. Needs a tokio runtime.
     pub fn create(name: &str) -> Result<NetDevice, String> {
-        let (tun, given) = open_tun(name)?;
+        let (tun, given) = tun_for(name, None)?;
         NetDevice::serve(tun, given, None)
     }
 
@@ -200,7 +250,7 @@ impl NetDevice {
     /// now names another interface — the one announced is gone — or a TAP, or one some other
     /// program holds open. Needs a tokio runtime.
     pub fn attach(name: &str, ifindex: u32) -> Result<NetDevice, String> {
-        let (tun, given) = open_tun(name).map_err(|e| {
+        let (tun, given) = tun_for(name, Some(ifindex)).map_err(|e| {
             e.replace(
                 "exists already (another program owns it)",
                 "is held open by another program",
@@ -210,8 +260,7 @@ impl NetDevice {
     }
 
     fn serve(tun: OwnedFd, given: String, ifindex: Option<u32>) -> Result<NetDevice, String> {
-        let control = rustix::net::socket_with(AddressFamily::INET, SocketType::DGRAM, SocketFlags::CLOEXEC, None)
-            .map_err(|e| format!("interface control socket: {e}"))?;
+        let control = control_socket()?;
         if let Some(expected) = ifindex {
             let index =
                 sys::index(control.as_fd(), &given).map_err(|e| format!("interface {given}: SIOCGIFINDEX: {e}"))?;
@@ -277,7 +326,26 @@ impl NetDevice {
         })
     }
 
+    /// Asks the privileged helper to set the link (`Some`), when there is one.
+    fn link_by_helper(&self, up: Option<bool>, mtu: Option<u32>) -> Option<CallResult> {
+        use crate::sandbox::protocol::{Request, Response};
+        let answer = crate::sandbox::ask(&Request::SetLink { up, mtu }, Some(self.shared.tun.as_fd()))?;
+        Some(match answer {
+            Ok((Response::Done, _)) => Ok(CallOutput::default()),
+            Ok((Response::Refused(why), _)) if why.contains("refuses mtu") || why.starts_with("mtu ") => Err(bad(why)),
+            Ok((Response::Refused(why), _)) => Err(DriverError::new(Status::Internal, why)),
+            Ok((other, _)) => Err(DriverError::new(
+                Status::Internal,
+                format!("the privileged helper answered {other:?}"),
+            )),
+            Err(e) => Err(DriverError::new(Status::Internal, e)),
+        })
+    }
+
     fn set_up(&self, up: bool) -> CallResult {
+        if let Some(result) = self.link_by_helper(Some(up), None) {
+            return result;
+        }
         let fd = self.control.as_fd();
         let flags = sys::flags(fd, &self.name).map_err(|e| self.failed("SIOCGIFFLAGS", e))?;
         let up_flag = libc::IFF_UP as u16;
@@ -290,6 +358,11 @@ impl NetDevice {
         // IPv4's minimum datagram (68) up to what one packet can be.
         if !(68..=u64::from(PACKET_MAX)).contains(&mtu) {
             return Err(bad(format!("mtu {mtu}: 68 to {PACKET_MAX}")));
+        }
+        if let Some(result) = self.link_by_helper(None, Some(mtu as u32)) {
+            result?;
+            self.read_mtu()?;
+            return Ok(CallOutput::default());
         }
         sys::set_mtu(self.control.as_fd(), &self.name, mtu as u32).map_err(|e| match e {
             Errno::INVAL => bad(format!("interface {} refuses mtu {mtu}", self.name)),

@@ -6,5 +6,6 @@ mod methods;
 #[allow(unsafe_code)]
 mod sys;
 
+pub(crate) use device::set_link;
 pub use device::{FAMILY, NetDevice, open_tun};
 pub use methods::{BATCH_MAX, PACKET_MAX, PACKETS, RECORD_HEADER, Selector};

@@ -69,6 +69,21 @@ pub(super) fn tun_set_iff(tun: BorrowedFd<'_>, name: &str) -> io::Result<String>
     Ok(String::from_utf8_lossy(req.name.get(..end).unwrap_or_default()).into_owned())
 }
 
+/// `TUNGETIFF`: the name of the interface a TUN descriptor is (`EBADFD` when it is not
+/// attached to one; `ENOTTY`/`EINVAL` when it is not a TUN descriptor at all).
+pub(super) fn tun_get_iff(tun: BorrowedFd<'_>) -> io::Result<String> {
+    let mut req = IfReq {
+        name: [0; 16],
+        value: [0; 24],
+    };
+    // SAFETY: TUNGETIFF writes a `struct ifreq` (drivers/net/tun.c); `IfReq` has its size and
+    // alignment, and `Updater` passes a pointer to it. The opcode is the kernel's
+    // `_IOR('T', 210, unsigned int)`.
+    unsafe { ioctl(tun, Updater::<{ opcode::read::<u32>(b'T', 210) }, IfReq>::new(&mut req))? };
+    let end = req.name.iter().position(|b| *b == 0).unwrap_or(req.name.len());
+    Ok(String::from_utf8_lossy(req.name.get(..end).unwrap_or_default()).into_owned())
+}
+
 /// Runs a get-style interface ioctl on `socket`; returns the `int` it wrote.
 fn get<const OPCODE: Opcode>(socket: BorrowedFd<'_>, name: &str) -> io::Result<i32> {
     let mut req = ifreq(name)?;

@@ -117,6 +117,7 @@ pub(super) fn start(
             if let Some(cpu) = options.cpu {
                 pin_to(cpu);
             }
+            crate::sandbox::enter_role(crate::sandbox::seccomp::Role::Ring);
             let reason = worker.run();
             if let Some((status, reason)) = &reason {
                 tracing::warn!(uid = peer.0, pid = %peer.1, %status, %reason, "ring session ended");
