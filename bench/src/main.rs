@@ -2,7 +2,7 @@
 //! comparison runs its contenders in the same process run, taking turns round by round so that
 //! drift in machine load falls on all of them, and prints a Markdown table with ratios.
 //!
-//! usage: portcullis-bench [--quick] [--rounds N] [--iters N] [--plot PNG] [transports] [grpc] [native] [translate] [policy] [devices] [hotplug] [flood]
+//! usage: portcullis-bench [--quick] [--rounds N] [--iters N] [--plot PNG] [transports] [grpc] [native] [translate] [policy] [devices] [hotplug] [flood] [sandbox]
 //! (no names: all of them)
 
 #![forbid(unsafe_code)]
@@ -21,6 +21,7 @@ mod grpc;
 mod hotplug;
 mod native;
 mod policy;
+mod sandbox;
 mod translate;
 mod transports;
 
@@ -36,10 +37,10 @@ pub(crate) struct Args {
 
 /// Latency percentiles of one contender.
 pub(crate) struct Summary {
-    p50: Duration,
-    p99: Duration,
-    p999: Duration,
-    mean: Duration,
+    pub(crate) p50: Duration,
+    pub(crate) p99: Duration,
+    pub(crate) p999: Duration,
+    pub(crate) mean: Duration,
 }
 
 pub(crate) fn summarize(samples: &mut [Duration]) -> Summary {
@@ -144,6 +145,7 @@ fn main() {
                 "devices",
                 "hotplug",
                 "flood",
+                "sandbox",
             ]
             .contains(a)
         })
@@ -174,6 +176,9 @@ fn main() {
     }
     if wants("flood") {
         flood::run(&args);
+    }
+    if wants("sandbox") {
+        sandbox::run(&args);
     }
     if wants("hotplug") {
         hotplug::run(quick);

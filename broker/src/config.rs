@@ -537,5 +537,6 @@ mod tests {
         assert_eq!(config.drivers.as_deref(), Some(Path::new("drivers.d")));
         assert_eq!(config.discovery, Some(true));
         assert_eq!(config.limits, Limits::default());
+        assert_eq!(config.sandbox, crate::sandbox::SandboxConfig::default());
     }
 }

@@ -506,6 +506,37 @@ pub fn uevent(data: &[u8]) {
     }
 }
 
+/// The `helper_request` fuzz target: any bytes as a message to the privileged helper (and as
+/// its answer). Decoding never panics; a request that decodes encodes back to the same
+/// request; the helper, granting nothing (no configuration, no personality), answers every
+/// request but `Status` with a refusal, and never hands back a descriptor.
+pub fn helper_request(data: &[u8]) {
+    use crate::sandbox::{
+        helper::{Grants, handle},
+        protocol::{Request, Response, decode, encode},
+    };
+    let _ = decode::<Response>(data);
+    let Some(request) = decode::<Request>(data) else {
+        return;
+    };
+    assert_eq!(
+        encode(&request).and_then(|b| decode::<Request>(&b)),
+        Some(request.clone())
+    );
+    // A test-only build would make the call; the decoder is what is fuzzed here.
+    if matches!(request, Request::Forbidden { .. }) {
+        return;
+    }
+    let status = matches!(request, Request::Status);
+    let (response, fd) = handle(&Grants::default(), request, None);
+    assert!(fd.is_none(), "nothing is opened for a helper that grants nothing");
+    match response {
+        Response::Status(_) => assert!(status),
+        Response::Refused(_) => assert!(!status),
+        other => panic!("granted with no grant: {other:?}"),
+    }
+}
+
 /// The `personality` fuzz target: any text as a `drivers.d` file. Loading never panics; a set
 /// that loads holds unique ids in order, every error is located in the file, and every
 /// personality's passive matching runs on a nub's worth of properties the text also chooses.

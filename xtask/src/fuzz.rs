@@ -27,6 +27,7 @@ pub(crate) const TARGETS: &[&str] = &[
     "ring_records",
     "uevent",
     "personality",
+    "helper_request",
 ];
 
 /// The files whose line coverage `--coverage` reports (the decoders and the policy parser).
@@ -42,6 +43,8 @@ const COVERAGE_FILES: &[&str] = &[
     "policy/src/grant.rs",
     "broker/src/bus/uevent.rs",
     "broker/src/registry/personality.rs",
+    "broker/src/sandbox/protocol.rs",
+    "broker/src/sandbox/helper.rs",
 ];
 
 /// The cargo-fuzz release `cargo xtask fuzz` installs when it is missing.

@@ -223,8 +223,20 @@ fn bench(args: &[String]) -> Result<()> {
     // TUN interfaces (ip).
     step("bench prerequisites");
     install_debian(&["libclang-dev", "fonts-dejavu-core", "iproute2", "util-linux"])?;
+    step("the broker's service user (portcullis), for the sandbox benchmark's broker");
+    ensure_service_user()?;
+    step("the broker (release build), for the benchmarks that run it as a process");
+    run(cargo().args([
+        "build",
+        "--release",
+        "--package",
+        "portcullis-broker",
+        "--bin",
+        "portcullis",
+    ]))?;
     step("benchmarks (release build)");
     run(cargo()
+        .env("PORTCULLIS_BIN", target_dir().join("release").join("portcullis"))
         .args([
             "run",
             "--release",
