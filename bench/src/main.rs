@@ -93,12 +93,9 @@ pub(crate) fn core() -> Arc<Core> {
     server::build_core(&Config::load(None).unwrap(), None).unwrap()
 }
 
-/// The runtime servers run on (the broker's default: a worker per core).
+/// The runtime servers run on: the broker's own (a worker per core).
 pub(crate) fn server_runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap()
+    server::runtime().unwrap()
 }
 
 /// The runtime clients run on.

@@ -102,6 +102,11 @@ pub struct Limits {
     pub idle_timeout_ms: u64,
     /// User clients one session may hold open at once [default: 256]; over it, `NO_MEMORY`.
     pub max_user_clients_per_session: usize,
+    /// Responses and events queued for one session (gRPC's outgoing queue, the native
+    /// socket's completed calls) [default: 256]. A session whose client does not read stops
+    /// being served at it: its next events are dropped, and it is told how many (`Lost`) when
+    /// it reads again; the other sessions of its uid are not held up.
+    pub max_queued_messages_per_session: usize,
 }
 
 impl Default for Limits {
@@ -119,6 +124,7 @@ impl Default for Limits {
             max_mapped_bytes_per_uid: 1 << 30,
             idle_timeout_ms: 600_000,
             max_user_clients_per_session: portcullis_proto::limits::MAX_USER_CLIENTS_PER_SESSION,
+            max_queued_messages_per_session: 256,
         }
     }
 }
@@ -289,6 +295,11 @@ impl Config {
         if limits.max_pending_calls_per_uid == 0 || limits.max_queued_messages_per_uid == 0 {
             return Err(invalid(
                 "limits.max_pending_calls_per_uid and limits.max_queued_messages_per_uid must be at least 1".into(),
+            ));
+        }
+        if limits.max_queued_messages_per_session == 0 {
+            return Err(invalid(
+                "limits.max_queued_messages_per_session must be at least 1".into(),
             ));
         }
         if limits.max_user_clients_per_session == 0 {

@@ -171,6 +171,15 @@ fn prepare_run_dir(dir: &Path, owner: u32) -> Result<(), BrokerError> {
     }
 }
 
+/// The broker's async runtime: a worker per CPU, I/O and timers, and each thread's seccomp
+/// filter added as it starts (benchmarks serve on the same).
+pub fn runtime() -> io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .on_thread_start(crate::sandbox::thread_started)
+        .build()
+}
+
 /// A broker ready to run: what needed privilege is done, and the process is confined.
 pub struct Prepared {
     options: BrokerOptions,

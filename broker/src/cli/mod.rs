@@ -244,10 +244,7 @@ pub fn main() -> ExitCode {
         _ => None,
     };
     let runtime = if is_broker {
-        tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .on_thread_start(crate::sandbox::thread_started)
-            .build()
+        server::runtime()
     } else {
         tokio::runtime::Builder::new_current_thread().enable_all().build()
     };

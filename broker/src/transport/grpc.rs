@@ -41,10 +41,6 @@ use crate::{
     throttle::{Throttle, throttled_info},
 };
 
-/// Responses and events queued to one session's client before the session waits for it to
-/// read (back-pressure: a client that does not read stops being served, nobody else does).
-const OUTBOUND_QUEUE: usize = 256;
-
 /// Accepted connections handed to tonic but not yet taken by it.
 const ACCEPT_QUEUE: usize = 64;
 
@@ -520,7 +516,11 @@ impl pb::broker_server::Broker for BrokerService {
         req: tonic::Request<Streaming<pb::ClientMessage>>,
     ) -> Result<tonic::Response<Self::SessionStream>, tonic::Status> {
         let peer = peer_of(&req)?;
-        let (tx, rx) = mpsc::channel::<Outgoing>(OUTBOUND_QUEUE);
+        // Responses and events queued to this session's client before the session waits for
+        // it to read (back-pressure: a client that does not read stops being served, nobody
+        // else does; the events it misses meanwhile are counted and told).
+        let queue = self.core.accounts().limits().max_queued_messages_per_session;
+        let (tx, rx) = mpsc::channel::<Outgoing>(queue);
         tokio::spawn(run_session(
             Session::new(self.core.clone(), peer, AbiId::native()),
             self.core.clone(),
@@ -768,26 +768,42 @@ async fn send_all(
     Ok(())
 }
 
-/// Sends events while the account's queue has room; the others are counted in `lost` and the
-/// client is told how many with the next event that fits. `Err` when the client has gone.
+/// Sends events while the account's queue and the session's have room; the others are
+/// counted in `lost` and the client is told how many with the next event that fits. `Err` when
+/// the client has gone.
 async fn send_events(tx: &Outbound, session: &Session, events: Vec<SessionEvent>, lost: &mut u64) -> Result<(), ()> {
+    // Queues one message without waiting: `false` when the account or the session is full.
+    let queue = |message: pb::ServerMessage| -> Result<bool, ()> {
+        let Some(room) = session.account().take_queued() else {
+            return Ok(false);
+        };
+        match tx.try_send((room, Ok(message))) {
+            Ok(()) => Ok(true),
+            Err(mpsc::error::TrySendError::Full(_)) => Ok(false),
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(()),
+        }
+    };
     for message in events.into_iter().filter_map(event_message) {
         if *lost > 0 {
-            let Some(room) = session.account().take_queued() else {
+            let note = event_message(SessionEvent::Lost(*lost)).ok_or(())?;
+            if !queue(note)? {
                 *lost += 1;
                 continue;
-            };
-            let note = event_message(SessionEvent::Lost(*lost)).ok_or(())?;
-            tx.send((room, Ok(note))).await.map_err(drop)?;
+            }
             *lost = 0;
         }
-        match session.account().take_queued() {
-            Some(room) => tx.send((room, Ok(message))).await.map_err(drop)?,
-            None => *lost += 1,
+        if !queue(message)? {
+            if *lost == 0 {
+                crate::throttle::throttled_info!(LOST_LOG, uid = session.peer().uid, pid = %session.peer().pid_text(), "a session's client does not read: events dropped (limits.max_queued_messages_per_uid or max_queued_messages_per_session), and it is told how many");
+            }
+            *lost += 1;
         }
     }
     Ok(())
 }
+
+/// Sessions whose client left events unread, logged at this rate at most.
+static LOST_LOG: crate::throttle::Throttle = crate::throttle::Throttle::new(10, Duration::from_secs(1));
 
 /// Handles one request. Returns the response to send now; an asynchronous call's response is
 /// sent by its own task (in `calls`) when it completes.

@@ -197,18 +197,26 @@ fn pending_calls_are_bounded_per_uid_and_others_are_unaffected() {
     broker.assert_no_leaks(broker.baseline_fds());
 }
 
-#[test]
-fn unread_messages_are_bounded_per_uid_and_others_still_hear_everything() {
-    const EVENTS: u64 = 400;
+/// Events the tests below fire.
+const EVENTS: u64 = 400;
+
+/// A broker with the sample device and `limit` in `[limits]`, and a client of uid nobody that
+/// subscribed to every event and reads nothing more.
+fn unread_reader(limit: &str) -> (Broker, Held) {
+    let config = format!("[limits]\n{limit}\n[[device]]\nname = \"sample0\"\ndriver = \"sample\"\n");
     let broker = Broker::with(BrokerSetup {
-        config: Some(
-            "[limits]\nmax_queued_messages_per_uid = 64\n[[device]]\nname = \"sample0\"\ndriver = \"sample\"\n",
-        ),
+        config: Some(&config),
         ..BrokerSetup::default()
     });
     let dir = run_dir(&broker);
     let mut nobody = Held::start(&broker, NOBODY, &["unread", &dir]);
     assert_eq!(nobody.report()["subscribed"], true);
+    (broker, nobody)
+}
+
+#[test]
+fn unread_messages_are_bounded_per_uid_and_others_still_hear_everything() {
+    let (broker, mut nobody) = unread_reader("max_queued_messages_per_uid = 64");
     let runtime = tokio::runtime::Runtime::new().unwrap();
     runtime.block_on(async {
         let (watcher, _) = broker.open("sample0", OpenMode::Shared).await;
@@ -247,6 +255,40 @@ fn unread_messages_are_bounded_per_uid_and_others_still_hear_everything() {
         refusal.starts_with("NO_MEMORY") && refusal.contains("messages queued"),
         "{report}"
     );
+    drop(nobody);
+    broker.assert_no_leaks(broker.baseline_fds());
+}
+
+/// One session that never reads holds at most `max_queued_messages_per_session` messages,
+/// however much its uid may queue; its uid's other sessions are served, and the events it
+/// missed are logged (at a bounded rate).
+#[test]
+fn unread_messages_are_bounded_per_session() {
+    let (broker, mut nobody) = unread_reader("max_queued_messages_per_session = 16");
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let (session, sample) = broker.open("sample0", OpenMode::Shared).await;
+        for value in 0..EVENTS {
+            session.call_named(&sample, "fire_event", &[value], &[]).await.unwrap();
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let queued = broker.stats()["queued_messages"].as_u64().unwrap();
+        assert!(queued <= 16, "{queued} messages queued for one session");
+        if queued == 16
+            && broker
+                .log()
+                .contains("events dropped (limits.max_queued_messages_per_uid or max_queued_messages_per_session)")
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the session's queue never filled: {queued}");
+        std::thread::yield_now();
+    }
+    // The same uid's other session is served: the bound was the session's, not the uid's.
+    nobody.say("call");
+    assert_eq!(nobody.report()["add"]["Ok"], serde_json::json!([5]));
     drop(nobody);
     broker.assert_no_leaks(broker.baseline_fds());
 }

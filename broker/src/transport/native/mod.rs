@@ -41,9 +41,6 @@ use crate::{
 /// flood of connections could otherwise multiply without bound.
 static CONNECTION_LOG: Throttle = Throttle::new(20, Duration::from_secs(1));
 
-/// Completed asynchronous calls queued for one connection.
-const COMPLETION_QUEUE: usize = 256;
-
 /// Why the native transport could not start.
 #[derive(Debug, thiserror::Error)]
 #[error("{path}: {source}")]
@@ -298,7 +295,8 @@ async fn serve_socket(
     ring: &mut Option<ring::RingHandle>,
 ) -> Option<Close> {
     let mut events = core.subscribe();
-    let (done_tx, mut done_rx) = mpsc::channel(COMPLETION_QUEUE);
+    // Completed asynchronous calls queued for this connection (`max_queued_messages_per_session`).
+    let (done_tx, mut done_rx) = mpsc::channel(core.accounts().limits().max_queued_messages_per_session);
     loop {
         let ring_ended = async {
             match ring.as_mut() {
