@@ -107,6 +107,14 @@ pub struct Limits {
     /// being served at it: its next events are dropped, and it is told how many (`Lost`) when
     /// it reads again; the other sessions of its uid are not held up.
     pub max_queued_messages_per_session: usize,
+    /// Connections one uid may hold and still be served in the foreground [default: 1].
+    /// While it holds more, its connections are served by the background workers, which run at
+    /// idle priority (`SCHED_IDLE`): as fast as ever on a machine with CPU to spare, but never
+    /// ahead of another client's work — so that one uid spreading a flood over every
+    /// connection it may hold cannot slow the others. A native connection moves between two of
+    /// its requests; a gRPC connection is placed when it is accepted. Root and the user who
+    /// started the broker are always in the foreground.
+    pub foreground_connections_per_uid: usize,
 }
 
 impl Default for Limits {
@@ -125,6 +133,7 @@ impl Default for Limits {
             idle_timeout_ms: 600_000,
             max_user_clients_per_session: portcullis_proto::limits::MAX_USER_CLIENTS_PER_SESSION,
             max_queued_messages_per_session: 256,
+            foreground_connections_per_uid: 1,
         }
     }
 }
@@ -295,6 +304,11 @@ impl Config {
         if limits.max_pending_calls_per_uid == 0 || limits.max_queued_messages_per_uid == 0 {
             return Err(invalid(
                 "limits.max_pending_calls_per_uid and limits.max_queued_messages_per_uid must be at least 1".into(),
+            ));
+        }
+        if limits.foreground_connections_per_uid == 0 {
+            return Err(invalid(
+                "limits.foreground_connections_per_uid must be at least 1 (every client needs one connection served ahead of floods)".into(),
             ));
         }
         if limits.max_queued_messages_per_session == 0 {

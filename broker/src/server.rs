@@ -180,6 +180,37 @@ pub fn runtime() -> io::Result<tokio::runtime::Runtime> {
         .build()
 }
 
+/// The background workers: the connections of a uid that holds more than
+/// `limits.foreground_connections_per_uid` are served here, by a thread at idle priority
+/// (`SCHED_IDLE`, which a process may choose without privilege), so that they run only when no
+/// other client's work wants the CPU. Started at the first such connection; one worker (the
+/// less CPU the background may take at once, the less it feeds a flooder); never stopped
+/// (their connections end with the process). `None` if it could not be started (every
+/// connection is then served in the foreground).
+pub fn background() -> Option<&'static tokio::runtime::Handle> {
+    static BACKGROUND: std::sync::OnceLock<Option<tokio::runtime::Runtime>> = std::sync::OnceLock::new();
+    BACKGROUND
+        .get_or_init(|| {
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .thread_name("pc-background")
+                .on_thread_start(|| {
+                    if let Err(e) = crate::sys::idle_priority() {
+                        tracing::warn!(error = %e, "a background worker runs at normal priority");
+                    }
+                    crate::sandbox::thread_started();
+                })
+                .build()
+                .inspect_err(|e| {
+                    tracing::error!(error = %e, "cannot start the background workers: every connection is served in the foreground");
+                })
+                .ok()
+        })
+        .as_ref()
+        .map(tokio::runtime::Runtime::handle)
+}
+
 /// A broker ready to run: what needed privilege is done, and the process is confined.
 pub struct Prepared {
     options: BrokerOptions,

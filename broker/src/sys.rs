@@ -208,6 +208,20 @@ pub(crate) fn ignore_stop_signals() {
     }
 }
 
+/// Puts the calling thread at idle priority (`SCHED_IDLE`): it runs only when no other thread
+/// wants the CPU. Lowering one's own priority needs no privilege.
+pub(crate) fn idle_priority() -> std::io::Result<()> {
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: `param` is a valid, initialised `sched_param` that outlives the call; pid 0 is
+    // the calling thread.
+    let rc = unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::os::{fd::AsFd, unix::net::UnixStream};

@@ -92,6 +92,7 @@ async fn stats(args: StatsArgs, run_dir: &RunDir) -> Result<(), String> {
         ("open_fds", s.open_fds),
         ("queued_messages", s.queued_messages),
         ("connections", s.connections),
+        ("background", s.background_connections),
     ];
     let policy = s.policy.as_ref();
     if args.json {

@@ -99,6 +99,13 @@ impl Account {
         self.queued.load(Ordering::Relaxed) >= self.limits.max_queued_messages_per_uid
     }
 
+    /// Whether this identity holds more connections than it may have served in the foreground
+    /// (never, for an administrator): its connections are then served by the background
+    /// workers.
+    pub(crate) fn over_foreground(&self) -> bool {
+        !self.exempt && self.connections.load(Ordering::Relaxed) > self.limits.foreground_connections_per_uid
+    }
+
     /// Waits for a place to hash an executable for this identity; held while hashing (it keeps
     /// the account, and so its bound, alive).
     pub(crate) async fn hashing_slot(self: &Arc<Self>) -> Option<HashingSlot> {
@@ -162,6 +169,8 @@ pub struct Accounts {
     limits: Limits,
     /// The broker's own uid, which (like root) may use the reserved slots.
     own_uid: u32,
+    /// Connections served by the background workers right now.
+    background: Arc<AtomicUsize>,
 }
 
 #[derive(Debug, Default)]
@@ -202,6 +211,9 @@ pub enum SlotRefusal {
 pub struct ConnectionSlot {
     accounts: Arc<Accounts>,
     account: Option<Arc<Account>>,
+    background: bool,
+    /// Counts the connection as served in the background, while it is.
+    counted: Option<super::Live>,
 }
 
 impl ConnectionSlot {
@@ -209,6 +221,19 @@ impl ConnectionSlot {
     /// certificate is known).
     pub fn account(&self) -> Option<&Arc<Account>> {
         self.account.as_ref()
+    }
+
+    /// Whether the connection is to be served in the background: its identity, not an
+    /// administrator's, already had `limits.foreground_connections_per_uid` connections when
+    /// it came (where a transport places a connection once, as gRPC does).
+    pub fn background(&self) -> bool {
+        self.background
+    }
+
+    /// Counts the connection among those the background workers serve, for as long as the
+    /// slot lives.
+    pub(crate) fn serve_in_background(&mut self) {
+        self.counted = Some(self.accounts.serving_in_background());
     }
 }
 
@@ -230,6 +255,7 @@ impl Accounts {
             max_connections,
             limits,
             own_uid: crate::sandbox::starter_uid(),
+            background: Arc::new(AtomicUsize::new(0)),
         })
     }
 
@@ -299,11 +325,14 @@ impl Accounts {
                 max: self.limits.max_connections_per_uid,
             });
         }
-        account.connections.fetch_add(1, Ordering::Relaxed);
+        let before = account.connections.fetch_add(1, Ordering::Relaxed);
         inner.total += 1;
+        let background = !admin && before >= self.limits.foreground_connections_per_uid;
         Ok(ConnectionSlot {
             accounts: self.clone(),
             account: Some(account),
+            background,
+            counted: None,
         })
     }
 
@@ -322,7 +351,19 @@ impl Accounts {
         Ok(ConnectionSlot {
             accounts: self.clone(),
             account: None,
+            background: false,
+            counted: None,
         })
+    }
+
+    /// Connections being served by the background workers right now.
+    pub fn background_connections(&self) -> usize {
+        self.background.load(Ordering::Relaxed)
+    }
+
+    /// Counts one connection served by the background workers, for as long as the guard lives.
+    pub(crate) fn serving_in_background(&self) -> super::Live {
+        super::Live::new(&self.background)
     }
 
     /// Connections being served.

@@ -241,6 +241,8 @@ pub struct Stats {
     pub queued_messages: usize,
     /// Connections being served, over every transport.
     pub connections: usize,
+    /// Of them, those served by the background workers.
+    pub background_connections: usize,
 }
 
 /// What differs between two grants of one user client, in words: methods and memory types
@@ -337,6 +339,7 @@ impl Core {
             open_fds: std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count().saturating_sub(1)),
             queued_messages: self.accounts.queued_messages(),
             connections: self.accounts.connections(),
+            background_connections: self.accounts.background_connections(),
         }
     }
 

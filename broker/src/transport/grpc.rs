@@ -164,8 +164,12 @@ async fn preface<S: AsyncRead + Unpin>(stream: &mut S) -> io::Result<()> {
 /// Accepts local connections: each gets its uid's connection slot, its identity and its
 /// HTTP/2 preface read within the handshake timeout, off the accept path; a connection over a
 /// limit is told why on its first call.
-fn incoming(core: Arc<Core>, listener: UnixListener) -> ReceiverStream<io::Result<Conn<UnixStream>>> {
+///
+/// Two streams: the connections served in the foreground, and those of a uid beyond its first
+/// `limits.foreground_connections_per_uid`, for the server on the background workers.
+fn incoming(core: Arc<Core>, listener: UnixListener) -> (LocalIncoming, LocalIncoming) {
     let (tx, rx) = mpsc::channel(ACCEPT_QUEUE);
+    let (background_tx, background_rx) = mpsc::channel(ACCEPT_QUEUE);
     let refusing = Arc::new(Semaphore::new(REFUSING));
     tokio::spawn(async move {
         loop {
@@ -181,6 +185,7 @@ fn incoming(core: Arc<Core>, listener: UnixListener) -> ReceiverStream<io::Resul
                 break;
             }
             let (core, ready, refusing) = (core.clone(), tx.clone(), refusing.clone());
+            let background = background_tx.clone();
             tokio::spawn(async move {
                 let cred = match stream.peer_cred() {
                     Ok(cred) => super::Cred {
@@ -190,7 +195,7 @@ fn incoming(core: Arc<Core>, listener: UnixListener) -> ReceiverStream<io::Resul
                     },
                     Err(e) => return tracing::warn!(error = %e, "no peer credentials; connection closed"),
                 };
-                let slot = match core.accounts().connect_local(cred.uid) {
+                let mut slot = match core.accounts().connect_local(cred.uid) {
                     Ok(slot) => slot,
                     Err(refusal) => {
                         throttled_info!(CONNECTION_LOG, uid = cred.uid, reason = %refusal, "gRPC connection refused at a limit");
@@ -209,6 +214,12 @@ fn incoming(core: Arc<Core>, listener: UnixListener) -> ReceiverStream<io::Resul
                 .await;
                 match admitted {
                     Ok(Ok(identity)) => {
+                        let ready = if slot.background() && crate::server::background().is_some() {
+                            slot.serve_in_background();
+                            background
+                        } else {
+                            ready
+                        };
                         let conn = Conn {
                             inner: stream,
                             replay: PREFACE,
@@ -234,8 +245,11 @@ fn incoming(core: Arc<Core>, listener: UnixListener) -> ReceiverStream<io::Resul
             });
         }
     });
-    ReceiverStream::new(rx)
+    (ReceiverStream::new(rx), ReceiverStream::new(background_rx))
 }
+
+/// Accepted local connections, ready to serve.
+type LocalIncoming = ReceiverStream<io::Result<Conn<UnixStream>>>;
 
 /// A connection over a limit, kept for a moment so that its first call learns why; `None`
 /// when too many such are being answered already, or it is not an HTTP/2 client.
@@ -444,11 +458,47 @@ pub async fn serve(
     listener: UnixListener,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), GrpcError> {
-    router(core.clone(), tonic::transport::Server::builder())
+    let (foreground, background) = incoming(core.clone(), listener);
+    // The same services on the background workers, for the connections routed there; they stop
+    // when the foreground server does.
+    let (stop, mut stopped) = tokio::sync::watch::channel(false);
+    let behind = router(core.clone(), tonic::transport::Server::builder())
         .await?
-        .serve_with_incoming_shutdown(incoming(core, listener), shutdown)
-        .await?;
+        .serve_with_incoming_shutdown(background, async move {
+            let _ = stopped.wait_for(|s| *s).await;
+        });
+    let behind = match crate::server::background() {
+        Some(workers) => workers.spawn(behind),
+        None => tokio::spawn(behind),
+    };
+    let result = router(core, tonic::transport::Server::builder())
+        .await?
+        .serve_with_incoming_shutdown(foreground, async {
+            shutdown.await;
+            let _ = stop.send(true);
+        })
+        .await;
+    // However the foreground server ended.
+    let _ = stop.send(true);
+    let _ = stop_background(behind).await;
+    result?;
     Ok(())
+}
+
+/// Waits for the background server to finish its connections (it was told to stop with the
+/// foreground one).
+async fn stop_background(server: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>) -> Result<(), ()> {
+    match server.await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => {
+            tracing::error!(error = %e, "the background gRPC server failed");
+            Err(())
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "the background gRPC server task failed");
+            Err(())
+        }
+    }
 }
 
 /// The services, on a server builder.
@@ -592,6 +642,7 @@ impl pb::broker_server::Broker for BrokerService {
             open_fds: n(s.open_fds),
             queued_messages: n(s.queued_messages),
             connections: n(s.connections),
+            background_connections: n(s.background_connections),
             policy: Some(policy_status(&self.core.policy_status())),
             sandbox: tokio::task::spawn_blocking(crate::sandbox::report)
                 .await

@@ -500,6 +500,9 @@ pub struct StatsResponse {
     /// The sandbox of the serving process and (a root broker's) privileged helper.
     #[prost(message, repeated, tag = "14")]
     pub sandbox: ::prost::alloc::vec::Vec<ProcessSandbox>,
+    /// Connections served by the background workers (a uid's beyond its foreground ones).
+    #[prost(uint64, tag = "15")]
+    pub background_connections: u64,
 }
 /// One process's sandbox, as /proc/<pid>/status and the process tell it.
 #[allow(clippy::all)]

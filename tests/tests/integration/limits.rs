@@ -106,6 +106,61 @@ fn one_uid_cannot_take_every_connection_and_root_keeps_its_slots() {
     assert!(broker.log().contains("native connection refused at a limit"));
 }
 
+/// Scheduling policy of thread `tid` of `pid` (field 41 of its `stat`; 5 is `SCHED_IDLE`).
+fn policy(pid: u32, tid: &str) -> u32 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat")).unwrap();
+    let after_name = stat.rsplit_once(')').unwrap().1;
+    after_name.split_whitespace().nth(38).unwrap().parse().unwrap()
+}
+
+/// While a uid holds more connections than `foreground_connections_per_uid` (1), its
+/// connections are served by the background workers, which run at idle priority, over both
+/// local transports; an administrator's never are.
+#[test]
+fn a_uids_connections_beyond_its_first_are_served_by_idle_priority_workers() {
+    let broker = Broker::start();
+    let dir = run_dir(&broker);
+    let mut nobody = Held::start(&broker, NOBODY, &["hold", &dir, "3"]);
+    assert_eq!(nobody.report()["held"], 3);
+    let mut root = Held::start(&broker, 0, &["hold", &dir, "3"]);
+    assert_eq!(root.report()["held"], 3);
+    // Its second and third connections move to the background as their loops start (the first
+    // would move with its next request; root's never do).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while broker.stats()["background"] != 2 {
+        assert!(Instant::now() < deadline, "{}", broker.stats());
+        std::thread::yield_now();
+    }
+    // A gRPC client of the same uid is its fourth connection: served in the background too.
+    let ls = broker.cli_as(NOBODY, &["ls"]);
+    assert!(ls.status.success(), "{}", String::from_utf8_lossy(&ls.stderr));
+    assert!(String::from_utf8_lossy(&ls.stdout).contains("sample0"));
+    // The background workers exist and run at idle priority.
+    let tasks: Vec<String> = std::fs::read_dir(format!("/proc/{}/task", broker.pid()))
+        .unwrap()
+        .map(|t| t.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    let background: Vec<&String> = tasks
+        .iter()
+        .filter(|t| {
+            std::fs::read_to_string(format!("/proc/{}/task/{t}/comm", broker.pid()))
+                .is_ok_and(|c| c.trim() == "pc-background")
+        })
+        .collect();
+    assert!(!background.is_empty());
+    for tid in background {
+        assert_eq!(
+            policy(broker.pid(), tid),
+            5,
+            "pc-background thread {tid} is not SCHED_IDLE"
+        );
+    }
+    drop(nobody);
+    drop(root);
+    broker.assert_no_leaks(broker.baseline_fds());
+    assert_eq!(broker.stats()["background"], 0);
+}
+
 #[test]
 fn one_uid_cannot_take_every_ring_or_map_unbounded_memory() {
     let broker = Broker::with(BrokerSetup {

@@ -163,13 +163,24 @@ async fn connection(core: Arc<Core>, conn: UnixSeqpacket, ring: RingConfig) {
         Ok(cred) => cred,
         Err(e) => return tracing::warn!(error = %e, "native: no peer credentials; connection closed"),
     };
-    let _slot = match core.accounts().connect_local(cred.uid()) {
+    let slot = match core.accounts().connect_local(cred.uid()) {
         Ok(slot) => slot,
         Err(refusal) => {
             throttled_info!(CONNECTION_LOG, uid = cred.uid(), reason = %refusal, "native connection refused at a limit");
             return goodbye(&conn, Status::NoMemory, refusal.to_string()).await;
         }
     };
+    served(core, conn, ring, cred, slot).await;
+}
+
+/// A connection with its slot: identified, greeted, served.
+async fn served(
+    core: Arc<Core>,
+    conn: UnixSeqpacket,
+    ring: RingConfig,
+    cred: tokio_seqpacket::UCred,
+    _slot: crate::session::accounts::ConnectionSlot,
+) {
     let handshake = core.accounts().limits().handshake_timeout();
     let cred = super::Cred {
         uid: cred.uid(),
@@ -192,7 +203,7 @@ async fn connection(core: Arc<Core>, conn: UnixSeqpacket, ring: RingConfig) {
         }
     };
     let mut buf = vec![0u8; MAX_FRAME + 1];
-    let ended = match hello(&conn, &mut buf, handshake).await {
+    let (ended, conn) = match hello(&conn, &mut buf, handshake).await {
         Ok(abi) => {
             let welcome = ServerFrame::Welcome {
                 version: PROTOCOL_VERSION,
@@ -201,16 +212,24 @@ async fn connection(core: Arc<Core>, conn: UnixSeqpacket, ring: RingConfig) {
             if send(&conn, &welcome).await.is_err() {
                 return;
             }
-            serve_session(
-                Session::new(core.clone(), peer.clone(), abi),
-                &core,
-                &conn,
-                &mut buf,
-                ring,
-            )
-            .await
+            let (done_tx, done_rx) = mpsc::channel(core.accounts().limits().max_queued_messages_per_session);
+            let state = Served {
+                session: Arc::new(Mutex::new(Session::new(core.clone(), peer.clone(), abi))),
+                events: core.subscribe(),
+                core: core.clone(),
+                conn,
+                buf,
+                ring_config: ring,
+                ring: None,
+                done_tx,
+                done_rx,
+            };
+            match serve_session(state).await {
+                (ended, Some(back)) => (ended, back),
+                (_, None) => return,
+            }
         }
-        Err(close) => Some(close),
+        Err(close) => (Some(close), conn),
     };
     if let Some(close) = ended {
         throttled_info!(CONNECTION_LOG, uid = peer.uid, pid = %peer.pid_text(), status = %close.status, reason = %close.reason, "native session closed by the broker");
@@ -266,38 +285,94 @@ async fn hello(conn: &UnixSeqpacket, buf: &mut [u8], timeout: Duration) -> Resul
 /// Serves requests until the peer leaves (`None`) or breaks the protocol. After `EnableRing`
 /// the ring's thread serves the ring beside this loop, which goes on serving the socket and
 /// forwards events to the ring; the socket's end stops the ring and releases everything.
-async fn serve_session(
-    session: Session,
-    core: &Core,
-    conn: &UnixSeqpacket,
-    buf: &mut [u8],
-    ring_config: RingConfig,
-) -> Option<Close> {
-    let session = Arc::new(Mutex::new(session));
-    let mut ring: Option<ring::RingHandle> = None;
-    let ended = serve_socket(&session, core, conn, buf, ring_config, &mut ring).await;
-    if let Some(ring) = ring {
+///
+/// The loop runs on the foreground workers while its identity holds no more connections than
+/// `limits.foreground_connections_per_uid`, and on the background workers (idle priority)
+/// while it holds more — moving when that changes, between two requests. Returns the
+/// connection, for the goodbye (`None` if it was lost with a failed task).
+async fn serve_session(mut state: Served) -> (Option<Close>, Option<UnixSeqpacket>) {
+    let mut background = false;
+    let ended = loop {
+        let step = match (background, crate::server::background()) {
+            (true, Some(workers)) => {
+                let moved = workers
+                    .spawn(async move {
+                        let _counted = state.core.accounts().serving_in_background();
+                        let step = serve_socket(&mut state, true).await;
+                        (state, step)
+                    })
+                    .await;
+                match moved {
+                    Ok((back, step)) => {
+                        state = back;
+                        step
+                    }
+                    Err(e) => {
+                        // The connection went with the task.
+                        tracing::error!(error = %e, "a session's background task failed");
+                        return (None, None);
+                    }
+                }
+            }
+            _ => serve_socket(&mut state, false).await,
+        };
+        match step {
+            Ok(ended) => break ended,
+            Err(Move) if crate::server::background().is_some() => background = !background,
+            // Nowhere to move to: stay.
+            Err(Move) => {}
+        }
+    };
+    if let Some(ring) = state.ring.take() {
         ring.stop().await;
     }
-    ended
+    (ended, Some(state.conn))
 }
 
 fn locked(session: &Mutex<Session>) -> std::sync::MutexGuard<'_, Session> {
     session.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-async fn serve_socket(
-    session: &Arc<Mutex<Session>>,
-    core: &Core,
-    conn: &UnixSeqpacket,
-    buf: &mut [u8],
+/// Completed asynchronous calls, with the descriptor each answer carries.
+type Done = (ServerFrame, Option<OwnedFd>);
+
+/// A connection's session loop, owned, so that it can run on the foreground workers or the
+/// background ones and move between them.
+struct Served {
+    session: Arc<Mutex<Session>>,
+    core: Arc<Core>,
+    conn: UnixSeqpacket,
+    buf: Vec<u8>,
     ring_config: RingConfig,
-    ring: &mut Option<ring::RingHandle>,
-) -> Option<Close> {
-    let mut events = core.subscribe();
-    // Completed asynchronous calls queued for this connection (`max_queued_messages_per_session`).
-    let (done_tx, mut done_rx) = mpsc::channel(core.accounts().limits().max_queued_messages_per_session);
+    ring: Option<ring::RingHandle>,
+    events: tokio::sync::broadcast::Receiver<crate::session::CoreEvent>,
+    /// Completed asynchronous calls queued for this connection
+    /// (`max_queued_messages_per_session`).
+    done_tx: mpsc::Sender<Done>,
+    done_rx: mpsc::Receiver<Done>,
+}
+
+/// The loop stopped because its identity's connections now belong elsewhere.
+struct Move;
+
+async fn serve_socket(state: &mut Served, background: bool) -> Result<Option<Close>, Move> {
+    let Served {
+        session,
+        core,
+        conn,
+        buf,
+        ring_config,
+        ring,
+        events,
+        done_tx,
+        done_rx,
+    } = state;
+    let (core, ring_config) = (&**core, *ring_config);
+    let account = locked(session).account().clone();
     loop {
+        if account.over_foreground() != background {
+            return Err(Move);
+        }
         let ring_ended = async {
             match ring.as_mut() {
                 Some(r) => r.ended().await,
@@ -334,28 +409,32 @@ async fn serve_socket(
                     if let Some(ended) = ended {
                         // The refusal first, then the goodbye.
                         send_all(conn, out).await;
-                        return Some(Close { status: ended.status, reason: ended.message });
+                        return Ok(Some(Close { status: ended.status, reason: ended.message }));
                     }
                     out
                 }
-                Ok(Some(ClientFrame::Hello(_))) => return Some(Close::protocol("a second Hello")),
-                Ok(None) => return None,
-                Err(close) => return Some(close),
+                Ok(Some(ClientFrame::Hello(_))) => return Ok(Some(Close::protocol("a second Hello"))),
+                Ok(None) => return Ok(None),
+                Err(close) => return Ok(Some(close)),
             },
             Some((frame, fd)) = done_rx.recv() => vec![(frame, fd.into_iter().collect())],
             () = crate::session::idle(locked(session).idle_deadline()) => {
                 if let Some(idle) = locked(session).idle_close() {
-                    return Some(Close { status: idle.status, reason: idle.message });
+                    return Ok(Some(Close { status: idle.status, reason: idle.message }));
                 }
                 Vec::new()
             }
-            reason = ring_ended => return reason.map(|(status, reason)| Close { status, reason: format!("ring: {reason}") }),
-            () = core.stopping() => return Some(finish_for_shutdown(session, core, conn, done_tx, done_rx).await),
+            reason = ring_ended => return Ok(reason.map(|(status, reason)| Close { status, reason: format!("ring: {reason}") })),
+            () = core.stopping() => {
+                let (spent_tx, spent_rx) = mpsc::channel(1);
+                let done = (std::mem::replace(done_tx, spent_tx), std::mem::replace(done_rx, spent_rx));
+                return Ok(Some(finish_for_shutdown(session, core, conn, done.0, done.1).await));
+            }
             event = events.recv() => {
                 let events = match event {
                     Ok(event) => locked(session).on_core_event(&event),
                     Err(RecvError::Lagged(n)) => locked(session).on_events_lost(n),
-                    Err(RecvError::Closed) => return Some(Close { status: Status::Aborted, reason: "the broker is stopping".into() }),
+                    Err(RecvError::Closed) => return Ok(Some(Close { status: Status::Aborted, reason: "the broker is stopping".into() })),
                 };
                 let frames = events.into_iter().filter_map(codec::event);
                 match ring.as_mut() {
@@ -368,7 +447,7 @@ async fn serve_socket(
             }
         };
         if !send_all(conn, out).await {
-            return None;
+            return Ok(None);
         }
     }
 }
