@@ -26,20 +26,34 @@ pub(crate) fn enabled() -> bool {
 /// process's uid), and returns it for the sandbox to leave writable; `None` when not recording.
 pub(crate) fn prepare_dir(owner: u32) -> Option<PathBuf> {
     let dir = dir()?;
-    if let Err(e) = std::fs::create_dir_all(dir).and_then(|()| std::os::unix::fs::chown(dir, Some(owner), None)) {
-        tracing::warn!(error = %e, path = %dir.display(), "cannot prepare the fuzzing seed directory");
+    // The targets' directories too: the serving process, once sandboxed, makes no directory.
+    for path in std::iter::once(dir.clone()).chain(TARGETS.iter().map(|t| dir.join(t))) {
+        if let Err(e) = std::fs::create_dir_all(&path).and_then(|()| std::os::unix::fs::chown(&path, Some(owner), None))
+        {
+            tracing::warn!(error = %e, path = %path.display(), "cannot prepare the fuzzing seed directory");
+        }
     }
     Some(dir.clone())
 }
+
+/// The fuzz targets the broker records seeds for.
+const TARGETS: [&str; 4] = ["grpc_request", "native_frame", "policy_text", "ring_records"];
 
 /// Records one input of the fuzz target `target`.
 pub(crate) fn record(target: &str, bytes: &[u8]) {
     static NEXT: AtomicU64 = AtomicU64::new(0);
     let Some(dir) = dir() else { return };
+    debug_assert!(TARGETS.contains(&target), "{target} is not in capture::TARGETS");
     let dir = dir.join(target);
     let n = NEXT.fetch_add(1, Ordering::Relaxed);
     let path = dir.join(format!("{}-{n}", std::process::id()));
-    if let Err(e) = std::fs::create_dir_all(&dir).and_then(|()| std::fs::write(&path, bytes)) {
+    // A sandboxed broker's directories were made before the sandbox (it makes none itself).
+    let made = if dir.is_dir() {
+        Ok(())
+    } else {
+        std::fs::create_dir_all(&dir)
+    };
+    if let Err(e) = made.and_then(|()| std::fs::write(&path, bytes)) {
         tracing::warn!(error = %e, path = %path.display(), "cannot record a fuzzing seed");
     }
 }

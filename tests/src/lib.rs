@@ -398,8 +398,20 @@ pub fn run_ok(mut cmd: impl std::borrow::BorrowMut<Command>) {
 /// holds its write descriptor until that child execs: exec then fails with ETXTBSY for a moment.
 /// That, and only that, is retried.
 pub fn output_retrying_busy(cmd: &mut Command) -> Output {
+    retrying_busy(cmd, Command::output)
+}
+
+/// `cmd.spawn()`, retried while the program is busy (as [`output_retrying_busy`]).
+pub fn spawn_retrying_busy(cmd: &mut Command) -> std::process::Child {
+    retrying_busy(cmd, Command::spawn)
+}
+
+/// Runs `run` on `cmd` until the kernel stops answering `ETXTBSY`: a program just copied is
+/// busy while any process forked by another test thread in the meantime still holds the copy's
+/// write descriptor (until that process execs).
+fn retrying_busy<T>(cmd: &mut Command, run: impl Fn(&mut Command) -> std::io::Result<T>) -> T {
     for _ in 0..100 {
-        match cmd.output() {
+        match run(cmd) {
             Err(e) if e.raw_os_error() == Some(rustix::io::Errno::TXTBSY.raw_os_error()) => {
                 std::thread::sleep(Duration::from_millis(20));
             }

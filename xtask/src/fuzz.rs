@@ -518,7 +518,16 @@ fn capture() -> Result<()> {
     fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
     // The tests' brokers inherit the capture directory.
     let python = crate::ensure_python_venv()?;
-    run(crate::cargo().args(["build", "--package", "portcullis-broker", "--bin", "portcullis"]))?;
+    // The suite's broker: with the test-only `fault` driver, as `cargo xtask test` builds it.
+    run(crate::cargo().args([
+        "build",
+        "--package",
+        "portcullis-broker",
+        "--bin",
+        "portcullis",
+        "--features",
+        "fault-injection",
+    ]))?;
     let bin = crate::target_dir().join("debug").join("portcullis");
     run(crate::cargo()
         .args([
