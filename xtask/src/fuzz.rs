@@ -518,17 +518,8 @@ fn capture() -> Result<()> {
     fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
     // The tests' brokers inherit the capture directory.
     let python = crate::ensure_python_venv()?;
-    // The suite's broker: with the test-only `fault` driver, as `cargo xtask test` builds it.
-    run(crate::cargo().args([
-        "build",
-        "--package",
-        "portcullis-broker",
-        "--bin",
-        "portcullis",
-        "--features",
-        "fault-injection",
-    ]))?;
-    let bin = crate::target_dir().join("debug").join("portcullis");
+    // The suite's broker, as `cargo xtask test` builds it.
+    let bin = crate::build_suite_broker()?;
     run(crate::cargo()
         .args([
             "test",

@@ -93,17 +93,7 @@ fn test(extra: &[String]) -> Result<()> {
     codegen(true)?;
 
     step("building the broker once for every integration test");
-    // With the test-only `fault` driver (a driver made to panic).
-    run(cargo().args([
-        "build",
-        "--package",
-        "portcullis-broker",
-        "--bin",
-        "portcullis",
-        "--features",
-        "fault-injection",
-    ]))?;
-    let bin = target_dir().join("debug").join("portcullis");
+    let bin = build_suite_broker()?;
 
     step("the whole workspace test suite");
     let extra: Vec<&String> = extra.iter().skip_while(|a| *a == "--").collect();
@@ -169,6 +159,21 @@ fn ensure_matrix_toolchains() -> Result<()> {
     packages.sort();
     packages.dedup();
     install_debian(&packages.iter().map(String::as_str).collect::<Vec<_>>())
+}
+
+/// Builds the integration suite's broker — with the test-only `fault` driver (a driver made to
+/// panic, and the sandbox tests' forbidden calls) — and returns its path.
+pub(crate) fn build_suite_broker() -> Result<PathBuf> {
+    run(cargo().args([
+        "build",
+        "--package",
+        "portcullis-broker",
+        "--bin",
+        "portcullis",
+        "--features",
+        "fault-injection",
+    ]))?;
+    Ok(target_dir().join("debug").join("portcullis"))
 }
 
 /// The system user a root broker's serving process becomes (`[sandbox] user`'s default),
