@@ -284,13 +284,9 @@ pub fn enter_role(role: Role) {
     let Some(filters) = FILTERS.get() else {
         return;
     };
-    let inherited = seccomp::filters_on_this_thread();
-    let expected = match role {
-        Role::Worker => 1,
-        Role::Ring => 2,
-        Role::Main | Role::Helper => 0,
-    };
-    if role == Role::Worker && inherited > expected {
+    // A runtime thread started by another runtime thread inherited the worker filter on top of
+    // the main thread's.
+    if role == Role::Worker && seccomp::filters_on_this_thread() > 1 {
         return;
     }
     if let Err(e) = filters.apply(role) {

@@ -346,20 +346,15 @@ pub(crate) fn program_here(
         .ok()
         .and_then(|p| p.into_os_string().into_string().ok());
     let sha256 = hash_max.and_then(|max_bytes| exe_hash(pid, program, ExeHashing { max_bytes }));
-    let alive = rustix::event::poll(
-        &mut [rustix::event::PollFd::new(&pidfd, rustix::event::PollFlags::IN)],
-        Some(&rustix::event::Timespec { tv_sec: 0, tv_nsec: 0 }),
-    )
-    .is_ok_and(|n| n == 0);
-    if !alive {
+    if exited(pidfd) {
         return Err(format!("process {pid} exited"));
     }
     Ok((exe, program, sha256))
 }
 
 /// Whether a pidfd's process has exited (its pidfd is readable).
-fn exited(pidfd: &OwnedFd) -> bool {
-    let mut fds = [PollFd::new(pidfd, PollFlags::IN)];
+fn exited(pidfd: impl AsFd) -> bool {
+    let mut fds = [PollFd::new(&pidfd, PollFlags::IN)];
     let zero = Timespec { tv_sec: 0, tv_nsec: 0 };
     poll(&mut fds, Some(&zero)).unwrap_or(1) != 0
 }

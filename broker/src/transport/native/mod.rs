@@ -163,24 +163,13 @@ async fn connection(core: Arc<Core>, conn: UnixSeqpacket, ring: RingConfig) {
         Ok(cred) => cred,
         Err(e) => return tracing::warn!(error = %e, "native: no peer credentials; connection closed"),
     };
-    let slot = match core.accounts().connect_local(cred.uid()) {
+    let _slot = match core.accounts().connect_local(cred.uid()) {
         Ok(slot) => slot,
         Err(refusal) => {
             throttled_info!(CONNECTION_LOG, uid = cred.uid(), reason = %refusal, "native connection refused at a limit");
             return goodbye(&conn, Status::NoMemory, refusal.to_string()).await;
         }
     };
-    served(core, conn, ring, cred, slot).await;
-}
-
-/// A connection with its slot: identified, greeted, served.
-async fn served(
-    core: Arc<Core>,
-    conn: UnixSeqpacket,
-    ring: RingConfig,
-    cred: tokio_seqpacket::UCred,
-    _slot: crate::session::accounts::ConnectionSlot,
-) {
     let handshake = core.accounts().limits().handshake_timeout();
     let cred = super::Cred {
         uid: cred.uid(),
