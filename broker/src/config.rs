@@ -55,6 +55,9 @@ pub struct Config {
     /// How the broker confines itself.
     #[serde(default)]
     pub sandbox: crate::sandbox::SandboxConfig,
+    /// How the broker follows the machine's sleep and wake.
+    #[serde(default)]
+    pub power: crate::power::PowerConfig,
 }
 
 /// `[limits]`: what one client identity (a uid; for TCP clients, a certificate) may hold, so

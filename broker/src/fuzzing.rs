@@ -134,6 +134,8 @@ fn assert_nothing_held(stats: Stats) {
         Stats {
             services: stats.services,
             open_fds: stats.open_fds,
+            threads: stats.threads,
+            rss_bytes: stats.rss_bytes,
             ..Stats::default()
         },
         "objects left behind after every client disconnected"

@@ -21,6 +21,7 @@ pub mod driver;
 pub mod drivers;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod power;
 pub mod registry;
 pub mod sandbox;
 pub mod server;

@@ -104,7 +104,17 @@ pub fn build_core(config: &Config, policy: Option<&Path>) -> Result<Arc<Core>, B
         max_connections,
         config.limits,
     );
+    core.power().configure(&config.power);
     bus::publish(&core, config)?;
+    // The broker's own power domain (IOPMrootDomain): policy decides who sees and opens it.
+    core.publish(
+        Some(core.registry().root()),
+        "power",
+        crate::drivers::power::FAMILY.class,
+        Default::default(),
+        Some(Arc::new(crate::drivers::power::PowerDomain::new(core.power().clone()))),
+    )
+    .map_err(BusError::from)?;
     Ok(core)
 }
 
@@ -405,6 +415,9 @@ pub async fn run(prepared: Prepared, shutdown: impl Future<Output = ()>) -> Resu
         let _ = rx.wait_for(|stop| *stop).await;
     };
     tokio::spawn(reload_on_sighup(core.clone()));
+    if config.power.follow_logind {
+        tokio::spawn(crate::power::logind::follow(core.clone()));
+    }
     if let Some(source) = core.policy_source().filter(|_| config.watch_policy != Some(false)) {
         match watch_policy(core.clone(), source) {
             Ok(watcher) => watchers.push(watcher),

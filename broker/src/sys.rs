@@ -105,12 +105,23 @@ pub(crate) fn take_activated_sockets() -> std::io::Result<Vec<(OwnedFd, String)>
 }
 
 /// The number of threads this process has (`Threads:` of `/proc/self/status`).
-fn thread_count() -> Option<usize> {
+pub(crate) fn thread_count() -> Option<usize> {
+    self_status_number("Threads:")
+}
+
+/// The process's resident set size in bytes (`VmRSS:` of `/proc/self/status`, in KiB there).
+pub(crate) fn resident_bytes() -> Option<u64> {
+    self_status_number("VmRSS:").map(|kib| kib as u64 * 1024)
+}
+
+/// The number after `field` in `/proc/self/status` (a unit after it is ignored).
+fn self_status_number(field: &str) -> Option<usize> {
     std::fs::read_to_string("/proc/self/status")
         .ok()?
         .lines()
-        .find_map(|l| l.strip_prefix("Threads:"))?
-        .trim()
+        .find_map(|l| l.strip_prefix(field))?
+        .split_whitespace()
+        .next()?
         .parse()
         .ok()
 }

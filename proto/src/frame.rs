@@ -244,6 +244,11 @@ pub enum Event {
         /// How many.
         count: u64,
     },
+    /// The machine is going to sleep: calls wait for wake from now on (tag 5;
+    /// kIOMessageSystemWillSleep).
+    WillSleep,
+    /// The machine has woken: the devices are back (tag 6; kIOMessageSystemHasPoweredOn).
+    HasWoken,
 }
 
 /// A frame refused.

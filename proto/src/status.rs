@@ -43,11 +43,14 @@ pub enum Status {
     /// The device, or this user client's open of it, does not allow writing (a read-only block
     /// device; a shared open of a device only an exclusive opener may write).
     NotWritable = 14,
+    /// The devices are asleep (the machine is going to sleep, or sleeping) and did not wake
+    /// within the broker's wait for wake (`[power] call_wait_ms`): the call did not run.
+    Asleep = 15,
 }
 
 impl Status {
     /// Every status, in number order.
-    pub const ALL: [Status; 15] = [
+    pub const ALL: [Status; 16] = [
         Status::Success,
         Status::BadArgument,
         Status::NotPrivileged,
@@ -63,6 +66,7 @@ impl Status {
         Status::ProtocolError,
         Status::Internal,
         Status::NotWritable,
+        Status::Asleep,
     ];
 
     /// The fixed wire number.
@@ -93,6 +97,7 @@ impl Status {
             Status::ProtocolError => "PROTOCOL_ERROR",
             Status::Internal => "INTERNAL",
             Status::NotWritable => "NOT_WRITABLE",
+            Status::Asleep => "ASLEEP",
         }
     }
 }
@@ -148,6 +153,7 @@ mod tests {
             (Status::ProtocolError, 12),
             (Status::Internal, 13),
             (Status::NotWritable, 14),
+            (Status::Asleep, 15),
         ];
         assert_eq!(fixed.len(), Status::ALL.len());
         for (status, code) in fixed {
@@ -167,7 +173,7 @@ mod tests {
 
     #[test]
     fn status_unknown_code_is_refused() {
-        assert_eq!(Status::try_from(15), Err(UnknownStatus(15)));
+        assert_eq!(Status::try_from(16), Err(UnknownStatus(16)));
         assert_eq!(Status::try_from(-1), Err(UnknownStatus(-1)));
     }
 }

@@ -20,8 +20,11 @@ use std::{
     time::{Duration, Instant},
 };
 
+mod system_bus;
+
 pub use portcullis_client as client;
 use portcullis_client::{Client, GRPC_SOCKET, OpenMode, Session, UserClient, matching};
+pub use system_bus::{SystemBus, system_bus};
 
 /// The `portcullis` binary under test.
 pub fn bin() -> PathBuf {
@@ -85,6 +88,8 @@ pub struct BrokerSetup<'a> {
     /// Start the broker as this uid (gid the same, no supplementary groups) instead of root;
     /// the test's directory is then that uid's.
     pub run_as: Option<u32>,
+    /// More environment for the broker (`DBUS_SYSTEM_BUS_ADDRESS`).
+    pub env: &'a [(&'a str, &'a str)],
 }
 
 impl Broker {
@@ -146,6 +151,7 @@ impl Broker {
         }
         cmd.args(setup.args);
         let log = fs::File::create(dir.path().join("broker.log")).unwrap();
+        cmd.envs(setup.env.iter().copied());
         cmd.env("RUST_LOG", setup.log_level.unwrap_or("debug"))
             .stdout(Stdio::null())
             .stderr(log);

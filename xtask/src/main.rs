@@ -86,6 +86,10 @@ fn test(extra: &[String]) -> Result<()> {
     step("the broker's service user (portcullis), which a root broker serves as");
     ensure_service_user()?;
 
+    step("logind, polkitd and a D-Bus daemon (the power tests' own system bus), and the polkit rule the product ships");
+    install_debian(&["dbus-daemon", "polkitd", "systemd"])?;
+    ensure_polkit_rule()?;
+
     step("python venv with grpcio (stock gRPC client test)");
     let python = ensure_python_venv()?;
 
@@ -195,6 +199,21 @@ fn ensure_service_user() -> Result<()> {
         "/usr/sbin/nologin",
         "portcullis",
     ]))
+}
+
+/// `dist/polkit/50-portcullis.rules` in `/etc/polkit-1/rules.d`, where polkitd reads it: what an
+/// installation of the broker does, so that its user may hold logind's sleep inhibitors.
+fn ensure_polkit_rule() -> Result<()> {
+    let rule = root().join("dist/polkit/50-portcullis.rules");
+    let installed = Path::new("/etc/polkit-1/rules.d/50-portcullis.rules");
+    let text = fs::read(&rule).map_err(|e| format!("{}: {e}", rule.display()))?;
+    if fs::read(installed).ok().as_deref() == Some(text.as_slice()) {
+        return Ok(());
+    }
+    eprintln!("xtask: installing {}", installed.display());
+    fs::create_dir_all(installed.parent().unwrap_or(Path::new("/")))
+        .and_then(|()| fs::write(installed, text))
+        .map_err(|e| format!("{}: {e}", installed.display()))
 }
 
 /// `apt-get install` the packages that are missing (the machines run as root).

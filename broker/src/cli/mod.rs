@@ -64,6 +64,80 @@ enum Command {
     /// What the running broker holds for its clients: sessions, user clients, mappings,
     /// pending calls, rings, descriptors (root or the broker's own user).
     Stats(StatsArgs),
+    /// The machine's sleep and wake as the broker's drivers follow it: `status`, or put the
+    /// devices to `sleep` and `wake` them as logind's PrepareForSleep would (root or the
+    /// broker's own user).
+    Power(PowerArgs),
+}
+
+#[derive(Debug, Args)]
+struct PowerArgs {
+    /// What to do.
+    #[arg(value_enum, default_value_t = PowerAction::Status)]
+    action: PowerAction,
+    /// Print JSON instead of lines.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum PowerAction {
+    /// Show the state and the last transition.
+    Status,
+    /// Put the devices to sleep: clients are told WillSleep, drivers finish (children first),
+    /// calls wait for wake.
+    Sleep,
+    /// Wake the devices: drivers restore (parents first), waiting calls run, clients are told
+    /// HasWoken.
+    Wake,
+}
+
+async fn power(args: PowerArgs, run_dir: &RunDir) -> Result<(), String> {
+    use portcullis_client::pb::power_request::Action;
+    let client = run_dir.connect().await.map_err(|e| e.to_string())?;
+    let action = match args.action {
+        PowerAction::Status => Action::Status,
+        PowerAction::Sleep => Action::Sleep,
+        PowerAction::Wake => Action::Wake,
+    };
+    let p = client.power(action).await.map_err(|e| match e {
+        ClientError::Rpc(status) => status.message().to_string(),
+        e => e.to_string(),
+    })?;
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "asleep": p.asleep, "sleeps": p.sleeps, "wakes": p.wakes,
+                "last_source": p.last_source, "order": p.order, "failures": p.failures,
+                "logind": p.logind, "assertions": p.assertions, "waiting_calls": p.waiting_calls,
+            })
+        );
+        return Ok(());
+    }
+    println!("state           {}", if p.asleep { "asleep" } else { "awake" });
+    println!("sleeps, wakes   {}, {}", p.sleeps, p.wakes);
+    println!(
+        "follows logind  {}",
+        if p.logind {
+            "yes"
+        } else {
+            "no (sleep and wake by `portcullis power` only)"
+        }
+    );
+    println!("assertions      {}", p.assertions);
+    println!("waiting calls   {}", p.waiting_calls);
+    if !p.last_source.is_empty() {
+        println!("last change     by {}: {}", p.last_source, p.order.join(", "));
+    }
+    for failure in &p.failures {
+        println!("failed          {failure}");
+    }
+    if p.failures.is_empty() {
+        Ok(())
+    } else {
+        Err(format!("{} driver(s) failed the change", p.failures.len()))
+    }
 }
 
 #[derive(Debug, Args)]
@@ -93,6 +167,8 @@ async fn stats(args: StatsArgs, run_dir: &RunDir) -> Result<(), String> {
         ("queued_messages", s.queued_messages),
         ("connections", s.connections),
         ("background", s.background_connections),
+        ("threads", s.threads),
+        ("rss_bytes", s.rss_bytes),
     ];
     let policy = s.policy.as_ref();
     if args.json {
@@ -120,6 +196,12 @@ async fn stats(args: StatsArgs, run_dir: &RunDir) -> Result<(), String> {
             })
             .collect();
         map.insert("sandbox".into(), sandbox.into());
+        if let Some(p) = &s.power {
+            map.insert(
+                "power".into(),
+                serde_json::json!({ "asleep": p.asleep, "sleeps": p.sleeps, "wakes": p.wakes, "logind": p.logind, "assertions": p.assertions, "waiting_calls": p.waiting_calls }),
+            );
+        }
         println!("{}", serde_json::Value::Object(map));
     } else {
         for (k, v) in rows {
@@ -130,6 +212,16 @@ async fn stats(args: StatsArgs, run_dir: &RunDir) -> Result<(), String> {
             println!(
                 "{:<16}revision {revision}, generation {}, {}, {} rules",
                 "policy", p.generation, p.mode, p.rules
+            );
+        }
+        if let Some(p) = &s.power {
+            println!(
+                "{:<16}{}, {} sleeps, {} assertions, {} calls waiting for wake",
+                "power",
+                if p.asleep { "asleep" } else { "awake" },
+                p.sleeps,
+                p.assertions,
+                p.waiting_calls
             );
         }
         for p in &s.sandbox {
@@ -268,6 +360,7 @@ pub fn main() -> ExitCode {
             Command::Call(args) => call::run(args, &run_dir).await,
             Command::Watch(args) => watch::run(args, &run_dir).await,
             Command::Stats(args) => stats(args, &run_dir).await,
+            Command::Power(args) => power(args, &run_dir).await,
             Command::Layout(_) | Command::Schema(_) | Command::Policy(_) | Command::Driver(_) => Ok(()),
         }
     });

@@ -118,6 +118,8 @@ fn render(event: &pb::Event) -> String {
         ),
         Some(Kind::Lost(l)) => format!("lost {} event(s)", l.count),
         Some(Kind::Goodbye(g)) => format!("goodbye {}: {}", json::status_name(g.status), g.reason),
+        Some(Kind::WillSleep(_)) => "will-sleep".into(),
+        Some(Kind::HasWoken(_)) => "has-woken".into(),
         None => "unknown event".into(),
     }
 }
@@ -140,6 +142,8 @@ fn render_json(event: &pb::Event) -> serde_json::Value {
         Some(Kind::Goodbye(g)) => {
             json!({ "event": "goodbye", "status": json::status_name(g.status), "reason": g.reason })
         }
+        Some(Kind::WillSleep(_)) => json!({ "event": "will_sleep" }),
+        Some(Kind::HasWoken(_)) => json!({ "event": "has_woken" }),
         None => json!({ "event": "unknown" }),
     }
 }

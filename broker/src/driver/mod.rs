@@ -385,11 +385,29 @@ pub trait Driver: Send + Sync + fmt::Debug {
     /// The service is terminating: abort pending work.
     fn terminate(&self) {}
 
+    /// The machine is going to sleep, or has woken (setPowerState). Called on a blocking thread
+    /// in registry order — children before parents going down, parents first coming up — and
+    /// never while driver code of a call runs: calls wait until the wake has run. A driver
+    /// finishes its device's work before sleep (a block device flushes, a tty drains) and
+    /// restores on wake what the device may have lost, by `deadline`.
+    fn power(&self, _change: PowerChange, _deadline: std::time::Instant) -> Result<(), DriverError> {
+        Ok(())
+    }
+
     /// Live objects the driver holds for clients: user clients open on it, and calls waiting on
     /// it (for `portcullis stats` and leak checks).
     fn live(&self) -> DriverLive {
         DriverLive::default()
     }
+}
+
+/// A change of the machine's power, as a driver hears it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PowerChange {
+    /// The machine is going to sleep.
+    Sleep,
+    /// The machine has woken.
+    Wake,
 }
 
 /// What [`Driver::live`] counts.

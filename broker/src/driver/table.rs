@@ -440,7 +440,7 @@ impl From<TranslateError> for DriverError {
 impl MethodSpec {
     /// The statuses any call can end with, whatever its method, and what each means: success,
     /// and what the session checks before and around the driver.
-    pub const EVERY_CALL: [(Status, &'static str); 8] = [
+    pub const EVERY_CALL: [(Status, &'static str); 9] = [
         (Status::Success, "it ran"),
         (
             Status::BadArgument,
@@ -458,6 +458,10 @@ impl MethodSpec {
         (Status::RateLimited, "the grant's rate limit"),
         (Status::NotOpen, "the handle is not open in this connection"),
         (Status::Internal, "a fault in the broker or the driver"),
+        (
+            Status::Asleep,
+            "the devices were asleep and did not wake within the broker's wait (it did not run)",
+        ),
     ];
 
     /// What `ABORTED` means for a method that completes later.
@@ -888,7 +892,8 @@ mod tests {
                 Status::Aborted,
                 Status::RateLimited,
                 Status::NotOpen,
-                Status::Internal
+                Status::Internal,
+                Status::Asleep
             ]
         );
     }

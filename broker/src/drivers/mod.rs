@@ -6,6 +6,7 @@ pub mod block;
 pub mod fault;
 pub mod net;
 pub(crate) mod node;
+pub mod power;
 pub mod sample;
 pub mod tty;
 
@@ -22,7 +23,13 @@ use crate::{
 
 /// Every family, as tools see them (policy checks, `portcullis schema`, the C headers).
 pub fn families() -> Vec<&'static Family> {
-    let families = vec![&*sample::FAMILY, &*tty::FAMILY, &*block::FAMILY, &*net::FAMILY];
+    let families = vec![
+        &*sample::FAMILY,
+        &*tty::FAMILY,
+        &*block::FAMILY,
+        &*net::FAMILY,
+        &*power::FAMILY,
+    ];
     #[cfg(feature = "fault-injection")]
     let families = [families, vec![&*fault::FAMILY]].concat();
     families

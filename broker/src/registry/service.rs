@@ -250,6 +250,21 @@ impl Registry {
         order
     }
 
+    /// Every live service, each after its parent (the power tree's order coming up; reversed,
+    /// the order going down).
+    pub fn parents_first(&self) -> Vec<Arc<Service>> {
+        let services = self.services.read().unwrap_or_else(|e| e.into_inner());
+        let mut order = Vec::with_capacity(services.len());
+        let mut stack = vec![self.root()];
+        while let Some(next) = stack.pop() {
+            if let Some(s) = services.get(&next) {
+                stack.extend(s.children().into_iter().rev());
+                order.push(s.clone());
+            }
+        }
+        order
+    }
+
     /// The live service with this id.
     pub fn get(&self, id: ServiceId) -> Option<Arc<Service>> {
         self.services

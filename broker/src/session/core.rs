@@ -51,6 +51,10 @@ pub enum CoreEvent {
         /// What the driver said.
         notice: DriverNotice,
     },
+    /// The machine is going to sleep: calls wait for wake from now on (every session hears it).
+    WillSleep,
+    /// The machine has woken: the devices are back (every session hears it).
+    HasWoken,
 }
 
 /// The state shared by all sessions of one broker.
@@ -80,6 +84,8 @@ pub struct Core {
     pub(crate) grants: Arc<std::sync::Mutex<std::collections::HashMap<u64, OpenGrant>>>,
     /// What the last reload did.
     last_reload: std::sync::Mutex<Option<ReloadRecord>>,
+    /// The machine's sleep and wake as the drivers have it.
+    power: Arc<crate::power::Power>,
 }
 
 /// An open user client's grant, with what admission compiled it from.
@@ -243,6 +249,10 @@ pub struct Stats {
     pub connections: usize,
     /// Of them, those served by the background workers.
     pub background_connections: usize,
+    /// Threads of the serving process (runtime workers, ring threads, blocking threads).
+    pub threads: usize,
+    /// Resident memory of the serving process, in bytes.
+    pub rss_bytes: u64,
 }
 
 /// What differs between two grants of one user client, in words: methods and memory types
@@ -318,6 +328,7 @@ impl Core {
             stopping: watch::Sender::new(false),
             next_client: AtomicU64::new(1),
             live: LiveCounts::default(),
+            power: Arc::default(),
         })
     }
 
@@ -340,6 +351,8 @@ impl Core {
             queued_messages: self.accounts.queued_messages(),
             connections: self.accounts.connections(),
             background_connections: self.accounts.background_connections(),
+            threads: crate::sys::thread_count().unwrap_or(0),
+            rss_bytes: crate::sys::resident_bytes().unwrap_or(0),
         }
     }
 
@@ -350,6 +363,16 @@ impl Core {
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1))
             .ok()
             .map(|_| Live(self.live.rings.clone()))
+    }
+
+    /// The machine's sleep and wake as the drivers have it.
+    pub fn power(&self) -> &Arc<crate::power::Power> {
+        &self.power
+    }
+
+    /// Tells every session about something that concerns all of them.
+    pub(crate) fn announce(&self, event: CoreEvent) {
+        let _ = self.events.send(event);
     }
 
     /// The registry.

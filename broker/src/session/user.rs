@@ -758,24 +758,8 @@ impl Session {
             self.audited.push(denial);
         }
         let cap = args.struct_out_cap;
-        if spec.is_async && self.pending.load(Ordering::Relaxed) >= limits::MAX_PENDING_CALLS_PER_SESSION {
-            let limit = limits::MAX_PENDING_CALLS_PER_SESSION;
-            return Err(Refusal::new(
-                Status::NoMemory,
-                format!("a session may have at most {limit} pending calls"),
-            ));
-        }
         let account_pending = if spec.is_async {
-            Some(self.account.take_pending().ok_or_else(|| {
-                Refusal::new(
-                    Status::NoMemory,
-                    format!(
-                        "{} has {} calls pending over all its sessions, the most it may",
-                        self.account.key(),
-                        self.account.limits().max_pending_calls_per_uid
-                    ),
-                )
-            })?)
+            Some(pending_slot(&self.pending, &self.account)?)
         } else {
             None
         };
@@ -790,6 +774,11 @@ impl Session {
             ));
         }
         let core = &self.core;
+        let power = core.power().clone();
+        let Some(awake) = power.enter() else {
+            // The devices sleep: the call waits for wake, counted as pending meanwhile.
+            return self.call_when_awake(handle, index, spec, args, account_pending);
+        };
         let notify = |notice| core.notify(service, notice);
         let ctx = CallContext {
             memory: &uc.mappings,
@@ -798,7 +787,9 @@ impl Session {
             mode: uc.open.mode(),
             notify: &notify,
         };
-        let completion = match crate::driver::contained(|| uc.driver.call(&ctx, &spec, args)) {
+        let completion = crate::driver::contained(|| uc.driver.call(&ctx, &spec, args));
+        drop(awake);
+        let completion = match completion {
             Ok(completion) => completion,
             Err(panic) => {
                 let service = service.clone();
@@ -814,21 +805,97 @@ impl Session {
                     super::core::Live::new(&self.core.live.pending),
                     account_pending,
                 );
-                let mut cancelled = uc.cancel.subscribe();
+                let cancelled = uc.cancel.subscribe();
                 let driver = uc.driver.clone();
                 let (core, service) = (self.core.clone(), service.clone());
                 Ok(CallStarted::Pending(Box::pin(async move {
                     let _guard = guard;
-                    tokio::select! {
-                        result = Contained(future) => match result {
-                            Ok(result) => Ok(driver.methods().finish(index, abi, result, cap)?),
-                            Err(panic) => Err(driver_failed(&core, &service, &panic)),
-                        },
-                        _ = cancelled.changed() => Err(Refusal::new(Status::Aborted, "the user client was closed")),
-                    }
+                    complete(future, cancelled, &driver, &core, &service, (index, abi, cap)).await
                 })))
             }
         }
+    }
+
+    /// A checked call that arrived while the devices sleep: it runs once they wake, or ends
+    /// `ASLEEP` when they have not woken within `[power] call_wait_ms`. It counts as a pending
+    /// call (the session's and its user's bounds) while it waits.
+    fn call_when_awake(
+        &mut self,
+        handle: u64,
+        index: usize,
+        spec: crate::driver::MethodSpec,
+        args: crate::driver::CallArgs,
+        account_pending: Option<super::core::Live>,
+    ) -> Result<CallStarted, Refusal> {
+        let wait = self.core.power().call_wait();
+        let asleep = move || {
+            Refusal::new(
+                Status::Asleep,
+                format!("the devices are asleep and did not wake within {} ms", wait.as_millis()),
+            )
+        };
+        if wait.is_zero() {
+            return Err(asleep());
+        }
+        let account_pending = match account_pending {
+            Some(held) => held,
+            None => pending_slot(&self.pending, &self.account)?,
+        };
+        let uc = self.user_clients.get(&handle).ok_or_else(|| not_open(handle))?;
+        let guard = (
+            super::core::Live::new(&self.pending),
+            super::core::Live::new(&self.core.live.pending),
+            account_pending,
+        );
+        let mut cancelled = uc.cancel.subscribe();
+        let (driver, service, mappings) = (uc.driver.clone(), uc.open.service().clone(), uc.mappings.clone());
+        let (client, mode) = (uc.key, uc.open.mode());
+        let (core, abi, cap) = (self.core.clone(), self.abi, args.struct_out_cap);
+        let waiting = core.power().waiting();
+        Ok(CallStarted::Pending(Box::pin(async move {
+            let _guard = guard;
+            let deadline = std::time::Instant::now() + wait;
+            let power = core.power().clone();
+            let completion = loop {
+                if service.is_terminated() {
+                    return Err(Refusal::new(
+                        Status::NoDevice,
+                        format!("{} has terminated", service.name()),
+                    ));
+                }
+                // The pass is held only while the driver's code runs, never across an await.
+                if let Some(awake) = power.enter() {
+                    let notify = |notice| core.notify(&service, notice);
+                    let ctx = CallContext {
+                        memory: &mappings,
+                        service: service.id(),
+                        client,
+                        mode,
+                        notify: &notify,
+                    };
+                    let completion = crate::driver::contained(|| driver.call(&ctx, &spec, args));
+                    drop(awake);
+                    break completion;
+                }
+                tokio::select! {
+                    woke = power.wait_awake(deadline) => if !woke {
+                        return Err(asleep());
+                    },
+                    _ = cancelled.changed() => return Err(Refusal::new(
+                        Status::NotOpen,
+                        "the user client was closed while the call waited for wake",
+                    )),
+                }
+            };
+            drop(waiting);
+            match completion {
+                Err(panic) => Err(driver_failed(&core, &service, &panic)),
+                Ok(Completion::Ready(result)) => Ok(driver.methods().finish(index, abi, result, cap)?),
+                Ok(Completion::Pending(future)) => {
+                    complete(future, cancelled, &driver, &core, &service, (index, abi, cap)).await
+                }
+            }
+        })))
     }
 
     /// `map_memory` (clientMemoryForType): a descriptor for memory type `memory_type` of the user
@@ -978,6 +1045,7 @@ impl Session {
                 out.extend(self.take_outbox());
                 false
             }
+            CoreEvent::WillSleep | CoreEvent::HasWoken => true,
         };
         if tell {
             out.push(SessionEvent::Core(event.clone()));
@@ -1079,6 +1147,7 @@ fn refusal_check(refusal: &Refusal) -> &'static str {
         Status::NoMemory => "resource_limit",
         Status::NoDevice => "device_gone",
         Status::ProtocolError => "protocol",
+        Status::Asleep => "asleep",
         Status::Success
         | Status::Unsupported
         | Status::Timeout
@@ -1091,6 +1160,47 @@ fn refusal_check(refusal: &Refusal) -> &'static str {
 /// A driver panicked serving `service`: the call ends with `INTERNAL`, and the service is
 /// terminated (its user clients are closed with an event, their calls aborted, their memory
 /// revoked); the broker and every other service carry on.
+/// Room for one more pending call (an asynchronous one, or one waiting for wake) within the
+/// session's bound (`pending`, its count) and its user's: the user's slot, held while the call
+/// is pending.
+fn pending_slot(pending: &AtomicUsize, account: &super::accounts::Account) -> Result<super::core::Live, Refusal> {
+    if pending.load(Ordering::Relaxed) >= limits::MAX_PENDING_CALLS_PER_SESSION {
+        let limit = limits::MAX_PENDING_CALLS_PER_SESSION;
+        return Err(Refusal::new(
+            Status::NoMemory,
+            format!("a session may have at most {limit} pending calls (calls waiting for wake count)"),
+        ));
+    }
+    account.take_pending().ok_or_else(|| {
+        Refusal::new(
+            Status::NoMemory,
+            format!(
+                "{} has {} calls pending over all its sessions, the most it may",
+                account.key(),
+                account.limits().max_pending_calls_per_uid
+            ),
+        )
+    })
+}
+
+/// Waits for a driver's pending completion, or the close of its user client.
+async fn complete(
+    future: Pin<Box<dyn Future<Output = crate::driver::CallResult> + Send>>,
+    mut cancelled: watch::Receiver<()>,
+    driver: &Arc<dyn Driver>,
+    core: &Core,
+    service: &Arc<Service>,
+    (index, abi, cap): (usize, AbiId, usize),
+) -> Result<CallOutput, Refusal> {
+    tokio::select! {
+        result = Contained(future) => match result {
+            Ok(result) => Ok(driver.methods().finish(index, abi, result, cap)?),
+            Err(panic) => Err(driver_failed(core, service, &panic)),
+        },
+        _ = cancelled.changed() => Err(Refusal::new(Status::Aborted, "the user client was closed")),
+    }
+}
+
 fn driver_failed(core: &Core, service: &Arc<Service>, panic: &str) -> Refusal {
     tracing::error!(service = service.name(), class = service.class(), %panic, "a driver panicked: the service is terminated");
     core.terminate(service.id());

@@ -643,6 +643,9 @@ impl pb::broker_server::Broker for BrokerService {
             queued_messages: n(s.queued_messages),
             connections: n(s.connections),
             background_connections: n(s.background_connections),
+            threads: n(s.threads),
+            rss_bytes: s.rss_bytes,
+            power: Some(power_status(&self.core.power().status())),
             policy: Some(policy_status(&self.core.policy_status())),
             sandbox: tokio::task::spawn_blocking(crate::sandbox::report)
                 .await
@@ -695,6 +698,47 @@ impl pb::broker_server::Broker for BrokerService {
             .map(|s| s.info(AbiId::native()))
             .collect();
         Ok(tonic::Response::new(pb::ListServicesResponse { services }))
+    }
+
+    async fn power(
+        &self,
+        req: tonic::Request<pb::PowerRequest>,
+    ) -> Result<tonic::Response<pb::PowerStatus>, tonic::Status> {
+        use pb::power_request::Action;
+        let action = Action::try_from(req.get_ref().action)
+            .map_err(|_| tonic::Status::invalid_argument("unknown power action"))?;
+        let status = match action {
+            Action::Status => {
+                admin(&req, "read the power state")?;
+                self.core.power().status()
+            }
+            Action::Sleep => {
+                let peer = admin(&req, "put the devices to sleep")?;
+                tracing::info!(uid = peer.uid, pid = %peer.pid_text(), "sleep requested");
+                crate::power::sleep(&self.core, crate::power::Source::Admin).await
+            }
+            Action::Wake => {
+                let peer = admin(&req, "wake the devices")?;
+                tracing::info!(uid = peer.uid, pid = %peer.pid_text(), "wake requested");
+                crate::power::wake(&self.core, crate::power::Source::Admin).await
+            }
+        };
+        Ok(tonic::Response::new(power_status(&status)))
+    }
+}
+
+/// The power state on the wire.
+fn power_status(p: &crate::power::PowerStatus) -> pb::PowerStatus {
+    pb::PowerStatus {
+        asleep: p.asleep,
+        sleeps: p.sleeps,
+        wakes: p.wakes,
+        last_source: p.last_source.clone(),
+        order: p.order.clone(),
+        failures: p.failures.clone(),
+        logind: p.logind,
+        assertions: p.assertions as u64,
+        waiting_calls: p.waiting_calls as u64,
     }
 }
 
@@ -1003,6 +1047,8 @@ fn event_message(event: SessionEvent) -> Option<pb::ServerMessage> {
             reason,
         }),
         SessionEvent::Lost(count) => E::Lost(pb::EventsLost { count }),
+        SessionEvent::Core(CoreEvent::WillSleep) => E::WillSleep(pb::WillSleep {}),
+        SessionEvent::Core(CoreEvent::HasWoken) => E::HasWoken(pb::HasWoken {}),
     };
     Some(pb::ServerMessage {
         kind: Some(Kind::Event(pb::Event { kind: Some(kind) })),

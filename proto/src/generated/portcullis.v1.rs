@@ -322,7 +322,7 @@ pub struct Goodbye {
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct Event {
-    #[prost(oneof = "event::Kind", tags = "1, 2, 3, 4, 5, 6")]
+    #[prost(oneof = "event::Kind", tags = "1, 2, 3, 4, 5, 6, 7, 8")]
     pub kind: ::core::option::Option<event::Kind>,
 }
 /// Nested message and enum types in `Event`.
@@ -342,8 +342,23 @@ pub mod event {
         Lost(super::EventsLost),
         #[prost(message, tag = "6")]
         Goodbye(super::Goodbye),
+        #[prost(message, tag = "7")]
+        WillSleep(super::WillSleep),
+        #[prost(message, tag = "8")]
+        HasWoken(super::HasWoken),
     }
 }
+/// The machine is going to sleep (kIOMessageSystemWillSleep): the devices sleep once their
+/// drivers have finished; calls wait for wake (or end ASLEEP). Sessions, user clients and
+/// mappings stay.
+#[allow(clippy::all)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct WillSleep {}
+/// The machine has woken (kIOMessageSystemHasPoweredOn): the devices are back, with their
+/// settings.
+#[allow(clippy::all)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct HasWoken {}
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct ServerMessage {
@@ -456,6 +471,85 @@ pub struct ReloadRecord {
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct StatsRequest {}
 #[allow(clippy::all)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct PowerRequest {
+    #[prost(enumeration = "power_request::Action", tag = "1")]
+    pub action: i32,
+}
+/// Nested message and enum types in `PowerRequest`.
+pub mod power_request {
+    #[allow(clippy::all)]
+    #[derive(
+        Clone,
+        Copy,
+        Debug,
+        PartialEq,
+        Eq,
+        Hash,
+        PartialOrd,
+        Ord,
+        ::prost::Enumeration
+    )]
+    #[repr(i32)]
+    pub enum Action {
+        Status = 0,
+        Sleep = 1,
+        Wake = 2,
+    }
+    impl Action {
+        /// String value of the enum field names used in the ProtoBuf definition.
+        ///
+        /// The values are not transformed in any way and thus are considered stable
+        /// (if the ProtoBuf definition does not change) and safe for programmatic use.
+        pub fn as_str_name(&self) -> &'static str {
+            match self {
+                Self::Status => "STATUS",
+                Self::Sleep => "SLEEP",
+                Self::Wake => "WAKE",
+            }
+        }
+        /// Creates an enum from field names used in the ProtoBuf definition.
+        pub fn from_str_name(value: &str) -> ::core::option::Option<Self> {
+            match value {
+                "STATUS" => Some(Self::Status),
+                "SLEEP" => Some(Self::Sleep),
+                "WAKE" => Some(Self::Wake),
+                _ => None,
+            }
+        }
+    }
+}
+/// The power state as the broker's drivers have it, and the last transition.
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct PowerStatus {
+    #[prost(bool, tag = "1")]
+    pub asleep: bool,
+    #[prost(uint64, tag = "2")]
+    pub sleeps: u64,
+    #[prost(uint64, tag = "3")]
+    pub wakes: u64,
+    /// What started the last transition: "logind" or "admin"; empty before the first.
+    #[prost(string, tag = "4")]
+    pub last_source: ::prost::alloc::string::String,
+    /// The services with a driver the last transition changed, in the order it changed them
+    /// (children before parents going to sleep, parents first on wake).
+    #[prost(string, repeated, tag = "5")]
+    pub order: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    /// Drivers that failed the last transition, with why.
+    #[prost(string, repeated, tag = "6")]
+    pub failures: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    /// Whether the broker follows logind's PrepareForSleep.
+    #[prost(bool, tag = "7")]
+    pub logind: bool,
+    /// Sleep assertions clients hold (power.assert).
+    #[prost(uint64, tag = "8")]
+    pub assertions: u64,
+    /// Calls waiting for wake.
+    #[prost(uint64, tag = "9")]
+    pub waiting_calls: u64,
+}
+#[allow(clippy::all)]
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct StatsResponse {
     /// Services in the registry.
@@ -503,6 +597,15 @@ pub struct StatsResponse {
     /// Connections served by the background workers (a uid's beyond its foreground ones).
     #[prost(uint64, tag = "15")]
     pub background_connections: u64,
+    /// Threads of the serving process.
+    #[prost(uint64, tag = "16")]
+    pub threads: u64,
+    /// Resident memory of the serving process, in bytes.
+    #[prost(uint64, tag = "17")]
+    pub rss_bytes: u64,
+    /// The machine's power state as the broker's drivers have it.
+    #[prost(message, optional, tag = "18")]
+    pub power: ::core::option::Option<PowerStatus>,
 }
 /// One process's sandbox, as /proc/<pid>/status and the process tell it.
 #[allow(clippy::all)]
@@ -557,6 +660,7 @@ pub enum StatusCode {
     ProtocolError = 12,
     Internal = 13,
     NotWritable = 14,
+    Asleep = 15,
 }
 impl StatusCode {
     /// String value of the enum field names used in the ProtoBuf definition.
@@ -580,6 +684,7 @@ impl StatusCode {
             Self::ProtocolError => "PROTOCOL_ERROR",
             Self::Internal => "INTERNAL",
             Self::NotWritable => "NOT_WRITABLE",
+            Self::Asleep => "ASLEEP",
         }
     }
     /// Creates an enum from field names used in the ProtoBuf definition.
@@ -600,6 +705,7 @@ impl StatusCode {
             "PROTOCOL_ERROR" => Some(Self::ProtocolError),
             "INTERNAL" => Some(Self::Internal),
             "NOT_WRITABLE" => Some(Self::NotWritable),
+            "ASLEEP" => Some(Self::Asleep),
             _ => None,
         }
     }
@@ -849,6 +955,30 @@ pub mod broker_client {
                 .insert(GrpcMethod::new("portcullis.v1.Broker", "ListNubs"));
             self.inner.unary(req, path, codec).await
         }
+        /// Administration: the machine's sleep and wake as the drivers follow it (root or the
+        /// broker's own user only): the state, or put the devices to sleep or wake them, in registry
+        /// order, telling every client.
+        pub async fn power(
+            &mut self,
+            request: impl tonic::IntoRequest<super::PowerRequest>,
+        ) -> std::result::Result<tonic::Response<super::PowerStatus>, tonic::Status> {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/portcullis.v1.Broker/Power",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("portcullis.v1.Broker", "Power"));
+            self.inner.unary(req, path, codec).await
+        }
     }
 }
 /// Generated server implementations.
@@ -909,6 +1039,13 @@ pub mod broker_server {
             tonic::Response<super::ListServicesResponse>,
             tonic::Status,
         >;
+        /// Administration: the machine's sleep and wake as the drivers follow it (root or the
+        /// broker's own user only): the state, or put the devices to sleep or wake them, in registry
+        /// order, telling every client.
+        async fn power(
+            &self,
+            request: tonic::Request<super::PowerRequest>,
+        ) -> std::result::Result<tonic::Response<super::PowerStatus>, tonic::Status>;
     }
     #[derive(Debug)]
     pub struct BrokerServer<T> {
@@ -1193,6 +1330,49 @@ pub mod broker_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = ListNubsSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/portcullis.v1.Broker/Power" => {
+                    #[allow(non_camel_case_types)]
+                    struct PowerSvc<T: Broker>(pub Arc<T>);
+                    impl<T: Broker> tonic::server::UnaryService<super::PowerRequest>
+                    for PowerSvc<T> {
+                        type Response = super::PowerStatus;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::PowerRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Broker>::power(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = PowerSvc(inner);
                         let codec = tonic_prost::ProstCodec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(

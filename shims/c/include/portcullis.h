@@ -35,6 +35,7 @@ enum pc_status {
     PC_PROTOCOL_ERROR = 12,
     PC_INTERNAL = 13,
     PC_NOT_WRITABLE = 14,
+    PC_ASLEEP = 15,
     /* The library's own, never a broker's (negative): */
     /* a system call failed; see errno. */
     PC_ERR_SYSTEM = -1,
@@ -118,7 +119,11 @@ enum pc_event_kind {
     PC_EVENT_TERMINATED = 1,
     PC_EVENT_NOTIFICATION = 2,
     PC_EVENT_USER_CLIENT_CLOSED = 3,
-    PC_EVENT_LOST = 4
+    PC_EVENT_LOST = 4,
+    /* the machine is going to sleep: calls wait for wake (or end PC_ASLEEP) */
+    PC_EVENT_WILL_SLEEP = 5,
+    /* the machine has woken: the devices are back, with their settings */
+    PC_EVENT_HAS_WOKEN = 6
 };
 
 typedef struct pc_event {

@@ -391,6 +391,9 @@ static int parse_event(struct rd *r, pc_event *e) {
     case PC_EVENT_LOST:
         e->value = r_u64(r);
         break;
+    case PC_EVENT_WILL_SLEEP:
+    case PC_EVENT_HAS_WOKEN:
+        break;
     default:
         r->bad = 1;
     }
@@ -1112,7 +1115,7 @@ const char *pc_status_name(int status) {
     static const char *const names[] = {"SUCCESS",       "BAD_ARGUMENT", "NOT_PRIVILEGED", "EXCLUSIVE_ACCESS",
                                         "NO_DEVICE",     "UNSUPPORTED",  "NO_MEMORY",      "TIMEOUT",
                                         "ABORTED",       "RATE_LIMITED", "OVERFLOW",       "NOT_OPEN",
-                                        "PROTOCOL_ERROR", "INTERNAL",   "NOT_WRITABLE"};
+                                        "PROTOCOL_ERROR", "INTERNAL",   "NOT_WRITABLE", "ASLEEP"};
     if (status == PC_ERR_SYSTEM) return "SYSTEM_ERROR";
     if (status == PC_ERR_USAGE) return "USAGE_ERROR";
     if (status == PC_ERR_OUTPUT_ROOM) return "OUTPUT_ROOM";

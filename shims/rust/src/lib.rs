@@ -416,6 +416,17 @@ impl Client {
         Ok(self.grpc.clone().stats(pb::StatsRequest {}).await?.into_inner())
     }
 
+    /// The machine's power state as the broker's drivers have it, after doing `action` (sleep,
+    /// wake, or nothing; root or the broker's own user only).
+    pub async fn power(&self, action: pb::power_request::Action) -> Result<pb::PowerStatus, ClientError> {
+        Ok(self
+            .grpc
+            .clone()
+            .power(pb::PowerRequest { action: action.into() })
+            .await?
+            .into_inner())
+    }
+
     /// Starts a session.
     pub async fn session(&self) -> Result<Session, ClientError> {
         Session::start(self.grpc.clone()).await

@@ -19,6 +19,7 @@ mod native;
 mod net;
 mod policy;
 mod policy_tools;
+mod power;
 mod python_client;
 mod reload;
 mod ring;

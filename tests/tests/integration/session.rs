@@ -18,10 +18,16 @@ fn cli_ls_shows_registry_tree_and_json() {
     let broker = Broker::start();
     let tree = stdout_ok(&broker.cli(&["ls"]));
     assert!(tree.contains("+-o Root  <class Root, id 1>"), "{tree}");
-    // Root has two buses, the virtual one and the kernel's (whose nubs an administrator sees).
+    // Root has two buses, the virtual one and the kernel's (whose nubs an administrator sees),
+    // and the broker's power domain.
     assert!(tree.contains("| +-o vbus0  <class VirtualBus, id 2>"), "{tree}");
     assert!(tree.contains("|   +-o sample0  <class SampleDevice, id 3>"), "{tree}");
-    assert!(tree.contains("  +-o kernel0  <class KernelBus, id 4>"), "{tree}");
+    assert!(tree.contains("| +-o power  <class PowerDomain, id 4>"), "{tree}");
+    assert!(
+        tree.contains("get_state(0) prevent_sleep(1, async, needs power.assert)"),
+        "{tree}"
+    );
+    assert!(tree.contains("  +-o kernel0  <class KernelBus, id 5>"), "{tree}");
     assert!(tree.contains("+-o net/lo  <class NetNub"), "{tree}");
     assert!(tree.contains("reset(5, needs sample.admin)"), "{tree}");
     let json: serde_json::Value = serde_json::from_str(&stdout_ok(&broker.cli(&["ls", "--json"]))).unwrap();
@@ -68,7 +74,7 @@ async fn session_every_sample_method_then_close() {
     let listed = client.list_services(matching::all()).await.unwrap();
     assert_eq!(
         listed.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(),
-        ["Root", "vbus0", "sample0"]
+        ["Root", "vbus0", "sample0", "power"]
     );
 
     let session = client.session().await.unwrap();

@@ -20,7 +20,7 @@ use super::{
 use crate::{
     driver::{
         Backing, CallArgs, CallContext, CallOutput, CallResult, ClientKey, Completion, Driver, DriverError, DriverLive,
-        Family, MemoryType, MethodSpec, NativeStruct, memory, region::Region,
+        Family, MemoryType, MethodSpec, NativeStruct, PowerChange, memory, region::Region,
     },
     drivers::node::{self, NodeKind},
     registry::OpenMode,
@@ -308,6 +308,14 @@ impl BlockDevice {
 impl Driver for BlockDevice {
     fn family(&self) -> &'static Family {
         &FAMILY
+    }
+
+    /// Going to sleep: what was written reaches the device (its write cache flushed).
+    fn power(&self, change: PowerChange, _deadline: std::time::Instant) -> Result<(), DriverError> {
+        if change == PowerChange::Sleep && !self.terminated.load(Ordering::Acquire) {
+            rustix::fs::fdatasync(&*self.fd).map_err(|e| self.failed("fdatasync", e))?;
+        }
+        Ok(())
     }
 
     fn call(&self, ctx: &CallContext<'_>, spec: &MethodSpec, args: CallArgs) -> Completion {

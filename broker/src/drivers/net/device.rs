@@ -30,7 +30,7 @@ use super::{
 use crate::{
     driver::{
         Backing, CallArgs, CallContext, CallOutput, CallResult, ClientKey, Completion, Driver, DriverError, DriverLive,
-        Family, MemoryType, MethodSpec, NativeStruct, memory,
+        Family, MemoryType, MethodSpec, NativeStruct, PowerChange, memory,
     },
     registry::OpenMode,
 };
@@ -157,6 +157,9 @@ pub struct NetDevice {
     /// exceeds it; `get_info` and `set_mtu` refresh it).
     mtu: AtomicU32,
     waiting: Arc<AtomicUsize>,
+    /// The interface's MTU and whether it was up when the machine went to sleep, set again on
+    /// wake.
+    asleep: Mutex<Option<(u32, bool)>>,
 }
 
 fn bad(message: impl Into<String>) -> DriverError {
@@ -294,6 +297,7 @@ impl NetDevice {
             control,
             mtu: AtomicU32::new(mtu),
             waiting,
+            asleep: Mutex::new(None),
         })
     }
 
@@ -927,6 +931,33 @@ async fn reader(shared: Arc<Shared>, mut watch: Watch, waiting: Arc<AtomicUsize>
 impl Driver for NetDevice {
     fn family(&self) -> &'static Family {
         &FAMILY
+    }
+
+    /// Going to sleep: the interface's configuration (MTU, up or down) is kept; on wake it is
+    /// set again where it changed.
+    fn power(&self, change: PowerChange, _deadline: std::time::Instant) -> Result<(), DriverError> {
+        let up_flag = libc::IFF_UP as u16;
+        match change {
+            PowerChange::Sleep => {
+                let mtu = self.read_mtu()?;
+                let flags = sys::flags(self.control.as_fd(), &self.name).map_err(|e| self.failed("SIOCGIFFLAGS", e))?;
+                *self.asleep.lock().unwrap_or_else(|e| e.into_inner()) = Some((mtu, flags & up_flag != 0));
+            }
+            PowerChange::Wake => {
+                let saved = self.asleep.lock().unwrap_or_else(|e| e.into_inner()).take();
+                if let Some((mtu, up)) = saved {
+                    if self.read_mtu()? != mtu {
+                        self.set_mtu(u64::from(mtu))?;
+                    }
+                    let flags =
+                        sys::flags(self.control.as_fd(), &self.name).map_err(|e| self.failed("SIOCGIFFLAGS", e))?;
+                    if (flags & up_flag != 0) != up {
+                        self.set_up(up)?;
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 
     fn call(&self, ctx: &CallContext<'_>, spec: &MethodSpec, args: CallArgs) -> Completion {

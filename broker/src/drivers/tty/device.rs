@@ -28,7 +28,7 @@ use super::{
 use crate::{
     driver::{
         CallArgs, CallContext, CallOutput, CallResult, ClientKey, Completion, Driver, DriverError, DriverLive,
-        DriverNotice, Family, MethodSpec, NativeStruct,
+        DriverNotice, Family, MethodSpec, NativeStruct, PowerChange,
     },
     drivers::node::{self, NodeKind},
     registry::OpenMode,
@@ -51,8 +51,12 @@ pub struct TtyDevice {
     opens: AtomicUsize,
     /// Calls waiting on the device.
     waiting: Arc<AtomicUsize>,
+    /// Of them, writes whose bytes the device has not all taken yet.
+    writing: Arc<AtomicUsize>,
     /// Set when the service terminates: waiting calls end with `ABORTED`.
     terminated: watch::Sender<bool>,
+    /// The line settings when the machine went to sleep, restored on wake.
+    asleep: Mutex<Option<Termios>>,
 }
 
 /// Counts a waiting call for as long as it waits.
@@ -99,7 +103,9 @@ impl TtyDevice {
             saved: Mutex::new(HashMap::new()),
             opens: AtomicUsize::new(0),
             waiting: Arc::new(AtomicUsize::new(0)),
+            writing: Arc::new(AtomicUsize::new(0)),
             terminated: watch::Sender::new(false),
+            asleep: Mutex::new(None),
         })
     }
 
@@ -277,7 +283,16 @@ impl TtyDevice {
             fd: self.fd.clone(),
             path: self.path.clone(),
             _waiting: Waiting::new(&self.waiting),
+            _writing: None,
             terminated: self.terminated.subscribe(),
+        }
+    }
+
+    /// A pending write, counted as one until its bytes are all taken (sleep waits for it).
+    fn pending_write(&self) -> Pending {
+        Pending {
+            _writing: Some(Waiting::new(&self.writing)),
+            ..self.pending()
         }
     }
 }
@@ -309,6 +324,7 @@ struct Pending {
     fd: Arc<AsyncFd<OwnedFd>>,
     path: PathBuf,
     _waiting: Waiting,
+    _writing: Option<Waiting>,
     terminated: watch::Receiver<bool>,
 }
 
@@ -470,7 +486,7 @@ impl Driver for TtyDevice {
                         struct_out: vec![],
                     }));
                 }
-                Completion::Pending(Box::pin(self.pending().write(args.struct_in, written, deadline)))
+                Completion::Pending(Box::pin(self.pending_write().write(args.struct_in, written, deadline)))
             }
             Selector::Read => {
                 let [max_len, ms] = args.scalars();
@@ -538,6 +554,46 @@ impl Driver for TtyDevice {
 
     fn terminate(&self) {
         self.terminated.send_replace(true);
+    }
+
+    /// Going to sleep: the writes in progress and the output queued go out first (by the
+    /// deadline), and the line settings are kept; on wake they are set again, whatever the
+    /// device lost meanwhile.
+    fn power(&self, change: PowerChange, deadline: std::time::Instant) -> Result<(), DriverError> {
+        let fd = self.raw_fd();
+        match change {
+            PowerChange::Sleep => {
+                let mut nap = Duration::from_micros(200);
+                loop {
+                    let queued = sys::output_queued(fd).map_err(|e| self.failed("TIOCOUTQ", e))?;
+                    let writes = self.writing.load(Ordering::Relaxed);
+                    if queued == 0 && writes == 0 {
+                        break;
+                    }
+                    if std::time::Instant::now() >= deadline {
+                        return Err(DriverError::new(
+                            Status::Timeout,
+                            format!(
+                                "{writes} writes in progress and {queued} bytes still queued for the device at the deadline"
+                            ),
+                        ));
+                    }
+                    // The kernel offers no readiness for "sent": poll TIOCOUTQ, as `drain` does.
+                    std::thread::sleep(nap);
+                    nap = (nap * 2).min(Duration::from_millis(20));
+                }
+                let settings = rustix::termios::tcgetattr(fd).map_err(|e| self.failed("tcgetattr", e))?;
+                *self.asleep.lock().unwrap_or_else(|e| e.into_inner()) = Some(settings);
+            }
+            PowerChange::Wake => {
+                let saved = self.asleep.lock().unwrap_or_else(|e| e.into_inner()).take();
+                if let Some(settings) = saved {
+                    rustix::termios::tcsetattr(fd, OptionalActions::Now, &settings)
+                        .map_err(|e| self.failed("tcsetattr", e))?;
+                }
+            }
+        }
+        Ok(())
     }
 
     fn live(&self) -> DriverLive {

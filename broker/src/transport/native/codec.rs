@@ -138,5 +138,7 @@ pub(super) fn event(event: SessionEvent) -> Option<ServerFrame> {
             reason,
         },
         SessionEvent::Lost(count) => Event::Lost { count },
+        SessionEvent::Core(CoreEvent::WillSleep) => Event::WillSleep,
+        SessionEvent::Core(CoreEvent::HasWoken) => Event::HasWoken,
     }))
 }

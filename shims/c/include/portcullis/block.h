@@ -36,6 +36,7 @@
  *   PC_RATE_LIMITED: the grant's rate limit
  *   PC_NOT_OPEN: the handle is not open in this connection
  *   PC_INTERNAL: a fault in the broker or the driver
+ *   PC_ASLEEP: the devices were asleep and did not wake within the broker's wait (it did not run)
  * and each method with the statuses listed under it. */
 /* get_geometry: no scalars in; 0 scalar(s) out; struct block_geometry out. */
 #define PC_BLOCK_GET_GEOMETRY_SCALARS_IN 0
@@ -43,7 +44,7 @@
 #define PC_BLOCK_GET_GEOMETRY_STATUSES \
     (PC_STATUS_BIT(PC_SUCCESS) | PC_STATUS_BIT(PC_BAD_ARGUMENT) | PC_STATUS_BIT(PC_NOT_PRIVILEGED) | \
      PC_STATUS_BIT(PC_NO_DEVICE) | PC_STATUS_BIT(PC_NO_MEMORY) | PC_STATUS_BIT(PC_RATE_LIMITED) | \
-     PC_STATUS_BIT(PC_NOT_OPEN) | PC_STATUS_BIT(PC_INTERNAL))
+     PC_STATUS_BIT(PC_NOT_OPEN) | PC_STATUS_BIT(PC_INTERNAL) | PC_STATUS_BIT(PC_ASLEEP))
 /* read_blocks: scalars in: lba, count, offset; 1 scalar(s) out.
  *   PC_BAD_ARGUMENT: the blocks are outside the device, or count x the block size at offset outside the dma memory (or it is not mapped)
  *   PC_NO_DEVICE: the device ended early (it shrank), failed the transfer (an I/O error: its media went or is failing) or went away */
@@ -52,7 +53,7 @@
 #define PC_BLOCK_READ_BLOCKS_STATUSES \
     (PC_STATUS_BIT(PC_SUCCESS) | PC_STATUS_BIT(PC_BAD_ARGUMENT) | PC_STATUS_BIT(PC_NOT_PRIVILEGED) | \
      PC_STATUS_BIT(PC_NO_DEVICE) | PC_STATUS_BIT(PC_NO_MEMORY) | PC_STATUS_BIT(PC_RATE_LIMITED) | \
-     PC_STATUS_BIT(PC_NOT_OPEN) | PC_STATUS_BIT(PC_INTERNAL))
+     PC_STATUS_BIT(PC_NOT_OPEN) | PC_STATUS_BIT(PC_INTERNAL) | PC_STATUS_BIT(PC_ASLEEP))
 /* write_blocks: scalars in: lba, count, offset; 1 scalar(s) out.
  *   PC_BAD_ARGUMENT: the blocks are outside the device, or count x the block size at offset outside the dma memory (or it is not mapped)
  *   PC_NOT_WRITABLE: the device is read-only, or this user client's open is shared (only an exclusive open writes)
@@ -62,7 +63,8 @@
 #define PC_BLOCK_WRITE_BLOCKS_STATUSES \
     (PC_STATUS_BIT(PC_SUCCESS) | PC_STATUS_BIT(PC_BAD_ARGUMENT) | PC_STATUS_BIT(PC_NOT_PRIVILEGED) | \
      PC_STATUS_BIT(PC_NO_DEVICE) | PC_STATUS_BIT(PC_NO_MEMORY) | PC_STATUS_BIT(PC_RATE_LIMITED) | \
-     PC_STATUS_BIT(PC_NOT_OPEN) | PC_STATUS_BIT(PC_INTERNAL) | PC_STATUS_BIT(PC_NOT_WRITABLE))
+     PC_STATUS_BIT(PC_NOT_OPEN) | PC_STATUS_BIT(PC_INTERNAL) | PC_STATUS_BIT(PC_NOT_WRITABLE) | \
+     PC_STATUS_BIT(PC_ASLEEP))
 /* flush: no scalars in; 0 scalar(s) out.
  *   PC_NOT_WRITABLE: the device is read-only, or this user client's open is shared (only an exclusive open writes) */
 #define PC_BLOCK_FLUSH_SCALARS_IN 0
@@ -70,7 +72,8 @@
 #define PC_BLOCK_FLUSH_STATUSES \
     (PC_STATUS_BIT(PC_SUCCESS) | PC_STATUS_BIT(PC_BAD_ARGUMENT) | PC_STATUS_BIT(PC_NOT_PRIVILEGED) | \
      PC_STATUS_BIT(PC_NO_DEVICE) | PC_STATUS_BIT(PC_NO_MEMORY) | PC_STATUS_BIT(PC_RATE_LIMITED) | \
-     PC_STATUS_BIT(PC_NOT_OPEN) | PC_STATUS_BIT(PC_INTERNAL) | PC_STATUS_BIT(PC_NOT_WRITABLE))
+     PC_STATUS_BIT(PC_NOT_OPEN) | PC_STATUS_BIT(PC_INTERNAL) | PC_STATUS_BIT(PC_NOT_WRITABLE) | \
+     PC_STATUS_BIT(PC_ASLEEP))
 /* discard: scalars in: lba, count; 0 scalar(s) out; needs the privilege block.discard.
  *   PC_BAD_ARGUMENT: the blocks are outside the device
  *   PC_NOT_WRITABLE: the device is read-only, or this user client's open is shared (only an exclusive open writes)
@@ -81,7 +84,7 @@
     (PC_STATUS_BIT(PC_SUCCESS) | PC_STATUS_BIT(PC_BAD_ARGUMENT) | PC_STATUS_BIT(PC_NOT_PRIVILEGED) | \
      PC_STATUS_BIT(PC_NO_DEVICE) | PC_STATUS_BIT(PC_UNSUPPORTED) | PC_STATUS_BIT(PC_NO_MEMORY) | \
      PC_STATUS_BIT(PC_RATE_LIMITED) | PC_STATUS_BIT(PC_NOT_OPEN) | PC_STATUS_BIT(PC_INTERNAL) | \
-     PC_STATUS_BIT(PC_NOT_WRITABLE))
+     PC_STATUS_BIT(PC_NOT_WRITABLE) | PC_STATUS_BIT(PC_ASLEEP))
 
 struct block_geometry {
     uint64_t size_bytes;

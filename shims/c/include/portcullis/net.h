@@ -39,6 +39,7 @@
  *   PC_RATE_LIMITED: the grant's rate limit
  *   PC_NOT_OPEN: the handle is not open in this connection
  *   PC_INTERNAL: a fault in the broker or the driver
+ *   PC_ASLEEP: the devices were asleep and did not wake within the broker's wait (it did not run)
  * and each method with the statuses listed under it. */
 /* get_info: no scalars in; 0 scalar(s) out; struct net_info out. */
 #define PC_NET_GET_INFO_SCALARS_IN 0
@@ -46,21 +47,21 @@
 #define PC_NET_GET_INFO_STATUSES \
     (PC_STATUS_BIT(PC_SUCCESS) | PC_STATUS_BIT(PC_BAD_ARGUMENT) | PC_STATUS_BIT(PC_NOT_PRIVILEGED) | \
      PC_STATUS_BIT(PC_NO_DEVICE) | PC_STATUS_BIT(PC_NO_MEMORY) | PC_STATUS_BIT(PC_RATE_LIMITED) | \
-     PC_STATUS_BIT(PC_NOT_OPEN) | PC_STATUS_BIT(PC_INTERNAL))
+     PC_STATUS_BIT(PC_NOT_OPEN) | PC_STATUS_BIT(PC_INTERNAL) | PC_STATUS_BIT(PC_ASLEEP))
 /* set_up: no scalars in; 0 scalar(s) out; needs the privilege net.admin. */
 #define PC_NET_SET_UP_SCALARS_IN 0
 #define PC_NET_SET_UP_SCALARS_OUT 0
 #define PC_NET_SET_UP_STATUSES \
     (PC_STATUS_BIT(PC_SUCCESS) | PC_STATUS_BIT(PC_BAD_ARGUMENT) | PC_STATUS_BIT(PC_NOT_PRIVILEGED) | \
      PC_STATUS_BIT(PC_NO_DEVICE) | PC_STATUS_BIT(PC_NO_MEMORY) | PC_STATUS_BIT(PC_RATE_LIMITED) | \
-     PC_STATUS_BIT(PC_NOT_OPEN) | PC_STATUS_BIT(PC_INTERNAL))
+     PC_STATUS_BIT(PC_NOT_OPEN) | PC_STATUS_BIT(PC_INTERNAL) | PC_STATUS_BIT(PC_ASLEEP))
 /* set_down: no scalars in; 0 scalar(s) out; needs the privilege net.admin. */
 #define PC_NET_SET_DOWN_SCALARS_IN 0
 #define PC_NET_SET_DOWN_SCALARS_OUT 0
 #define PC_NET_SET_DOWN_STATUSES \
     (PC_STATUS_BIT(PC_SUCCESS) | PC_STATUS_BIT(PC_BAD_ARGUMENT) | PC_STATUS_BIT(PC_NOT_PRIVILEGED) | \
      PC_STATUS_BIT(PC_NO_DEVICE) | PC_STATUS_BIT(PC_NO_MEMORY) | PC_STATUS_BIT(PC_RATE_LIMITED) | \
-     PC_STATUS_BIT(PC_NOT_OPEN) | PC_STATUS_BIT(PC_INTERNAL))
+     PC_STATUS_BIT(PC_NOT_OPEN) | PC_STATUS_BIT(PC_INTERNAL) | PC_STATUS_BIT(PC_ASLEEP))
 /* set_mtu: scalars in: mtu; 0 scalar(s) out; needs the privilege net.admin.
  *   PC_BAD_ARGUMENT: mtu is below 68, or the interface refuses it */
 #define PC_NET_SET_MTU_SCALARS_IN 1
@@ -69,7 +70,7 @@
 #define PC_NET_SET_MTU_STATUSES \
     (PC_STATUS_BIT(PC_SUCCESS) | PC_STATUS_BIT(PC_BAD_ARGUMENT) | PC_STATUS_BIT(PC_NOT_PRIVILEGED) | \
      PC_STATUS_BIT(PC_NO_DEVICE) | PC_STATUS_BIT(PC_NO_MEMORY) | PC_STATUS_BIT(PC_RATE_LIMITED) | \
-     PC_STATUS_BIT(PC_NOT_OPEN) | PC_STATUS_BIT(PC_INTERNAL))
+     PC_STATUS_BIT(PC_NOT_OPEN) | PC_STATUS_BIT(PC_INTERNAL) | PC_STATUS_BIT(PC_ASLEEP))
 /* send_packet: no scalars in; 1 scalar(s) out; 1..=65535 bytes in.
  *   PC_BAD_ARGUMENT: the packet exceeds the MTU, or the kernel refuses it (not an IP packet)
  *   PC_NO_MEMORY: the interface's queue is full now (nothing of that packet was sent); try again
@@ -81,7 +82,7 @@
 #define PC_NET_SEND_PACKET_STATUSES \
     (PC_STATUS_BIT(PC_SUCCESS) | PC_STATUS_BIT(PC_BAD_ARGUMENT) | PC_STATUS_BIT(PC_NOT_PRIVILEGED) | \
      PC_STATUS_BIT(PC_NO_DEVICE) | PC_STATUS_BIT(PC_NO_MEMORY) | PC_STATUS_BIT(PC_RATE_LIMITED) | \
-     PC_STATUS_BIT(PC_NOT_OPEN) | PC_STATUS_BIT(PC_INTERNAL))
+     PC_STATUS_BIT(PC_NOT_OPEN) | PC_STATUS_BIT(PC_INTERNAL) | PC_STATUS_BIT(PC_ASLEEP))
 /* recv_packet: scalars in: timeout_ms; 1 scalar(s) out; up to 65535 bytes out; completes later.
  *   PC_OVERFLOW: it ran: the next packet does not fit the room given, so it was dropped, and counted with the next one delivered
  *   PC_TIMEOUT: no packet arrived before timeout_ms
@@ -95,7 +96,7 @@
     (PC_STATUS_BIT(PC_SUCCESS) | PC_STATUS_BIT(PC_BAD_ARGUMENT) | PC_STATUS_BIT(PC_NOT_PRIVILEGED) | \
      PC_STATUS_BIT(PC_NO_DEVICE) | PC_STATUS_BIT(PC_NO_MEMORY) | PC_STATUS_BIT(PC_TIMEOUT) | \
      PC_STATUS_BIT(PC_ABORTED) | PC_STATUS_BIT(PC_RATE_LIMITED) | PC_STATUS_BIT(PC_OVERFLOW) | \
-     PC_STATUS_BIT(PC_NOT_OPEN) | PC_STATUS_BIT(PC_INTERNAL))
+     PC_STATUS_BIT(PC_NOT_OPEN) | PC_STATUS_BIT(PC_INTERNAL) | PC_STATUS_BIT(PC_ASLEEP))
 /* send_packets: scalars in: offset, count; 1 scalar(s) out.
  *   PC_BAD_ARGUMENT: packets memory not mapped, a record malformed or outside it, or the first packet exceeds the MTU or is refused
  *   PC_NO_MEMORY: the interface's queue is full now (nothing of that packet was sent); try again
@@ -106,7 +107,7 @@
 #define PC_NET_SEND_PACKETS_STATUSES \
     (PC_STATUS_BIT(PC_SUCCESS) | PC_STATUS_BIT(PC_BAD_ARGUMENT) | PC_STATUS_BIT(PC_NOT_PRIVILEGED) | \
      PC_STATUS_BIT(PC_NO_DEVICE) | PC_STATUS_BIT(PC_NO_MEMORY) | PC_STATUS_BIT(PC_RATE_LIMITED) | \
-     PC_STATUS_BIT(PC_NOT_OPEN) | PC_STATUS_BIT(PC_INTERNAL))
+     PC_STATUS_BIT(PC_NOT_OPEN) | PC_STATUS_BIT(PC_INTERNAL) | PC_STATUS_BIT(PC_ASLEEP))
 /* recv_packets: scalars in: offset, room, max_count, timeout_ms; 3 scalar(s) out; completes later.
  *   PC_BAD_ARGUMENT: packets memory not mapped, or offset and room outside it
  *   PC_OVERFLOW: it ran: the next packet does not fit the room given, so it was dropped, and counted with the next one delivered
@@ -121,7 +122,7 @@
     (PC_STATUS_BIT(PC_SUCCESS) | PC_STATUS_BIT(PC_BAD_ARGUMENT) | PC_STATUS_BIT(PC_NOT_PRIVILEGED) | \
      PC_STATUS_BIT(PC_NO_DEVICE) | PC_STATUS_BIT(PC_NO_MEMORY) | PC_STATUS_BIT(PC_TIMEOUT) | \
      PC_STATUS_BIT(PC_ABORTED) | PC_STATUS_BIT(PC_RATE_LIMITED) | PC_STATUS_BIT(PC_OVERFLOW) | \
-     PC_STATUS_BIT(PC_NOT_OPEN) | PC_STATUS_BIT(PC_INTERNAL))
+     PC_STATUS_BIT(PC_NOT_OPEN) | PC_STATUS_BIT(PC_INTERNAL) | PC_STATUS_BIT(PC_ASLEEP))
 
 struct net_info {
     char name[16];

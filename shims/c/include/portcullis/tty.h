@@ -36,6 +36,7 @@
  *   PC_RATE_LIMITED: the grant's rate limit
  *   PC_NOT_OPEN: the handle is not open in this connection
  *   PC_INTERNAL: a fault in the broker or the driver
+ *   PC_ASLEEP: the devices were asleep and did not wake within the broker's wait (it did not run)
  * and each method with the statuses listed under it. */
 /* get_line: no scalars in; 0 scalar(s) out; struct tty_line out. */
 #define PC_TTY_GET_LINE_SCALARS_IN 0
@@ -43,7 +44,7 @@
 #define PC_TTY_GET_LINE_STATUSES \
     (PC_STATUS_BIT(PC_SUCCESS) | PC_STATUS_BIT(PC_BAD_ARGUMENT) | PC_STATUS_BIT(PC_NOT_PRIVILEGED) | \
      PC_STATUS_BIT(PC_NO_DEVICE) | PC_STATUS_BIT(PC_NO_MEMORY) | PC_STATUS_BIT(PC_RATE_LIMITED) | \
-     PC_STATUS_BIT(PC_NOT_OPEN) | PC_STATUS_BIT(PC_INTERNAL))
+     PC_STATUS_BIT(PC_NOT_OPEN) | PC_STATUS_BIT(PC_INTERNAL) | PC_STATUS_BIT(PC_ASLEEP))
 /* set_line: no scalars in; 0 scalar(s) out; struct tty_line in.
  *   PC_BAD_ARGUMENT: a field out of range
  *   PC_UNSUPPORTED: the device cannot take these settings (a pty is always 8 data bits, no parity); nothing changed */
@@ -52,7 +53,8 @@
 #define PC_TTY_SET_LINE_STATUSES \
     (PC_STATUS_BIT(PC_SUCCESS) | PC_STATUS_BIT(PC_BAD_ARGUMENT) | PC_STATUS_BIT(PC_NOT_PRIVILEGED) | \
      PC_STATUS_BIT(PC_NO_DEVICE) | PC_STATUS_BIT(PC_UNSUPPORTED) | PC_STATUS_BIT(PC_NO_MEMORY) | \
-     PC_STATUS_BIT(PC_RATE_LIMITED) | PC_STATUS_BIT(PC_NOT_OPEN) | PC_STATUS_BIT(PC_INTERNAL))
+     PC_STATUS_BIT(PC_RATE_LIMITED) | PC_STATUS_BIT(PC_NOT_OPEN) | PC_STATUS_BIT(PC_INTERNAL) | \
+     PC_STATUS_BIT(PC_ASLEEP))
 /* write: scalars in: timeout_ms; 1 scalar(s) out; 0..=4096 bytes in; completes later.
  *   PC_TIMEOUT: the device took nothing before timeout_ms (a part is SUCCESS with the count written)
  *   PC_NO_DEVICE: the tty hung up
@@ -66,7 +68,7 @@
     (PC_STATUS_BIT(PC_SUCCESS) | PC_STATUS_BIT(PC_BAD_ARGUMENT) | PC_STATUS_BIT(PC_NOT_PRIVILEGED) | \
      PC_STATUS_BIT(PC_NO_DEVICE) | PC_STATUS_BIT(PC_NO_MEMORY) | PC_STATUS_BIT(PC_TIMEOUT) | \
      PC_STATUS_BIT(PC_ABORTED) | PC_STATUS_BIT(PC_RATE_LIMITED) | PC_STATUS_BIT(PC_NOT_OPEN) | \
-     PC_STATUS_BIT(PC_INTERNAL))
+     PC_STATUS_BIT(PC_INTERNAL) | PC_STATUS_BIT(PC_ASLEEP))
 /* read: scalars in: max_len, timeout_ms; 0 scalar(s) out; up to 4096 bytes out; completes later.
  *   PC_BAD_ARGUMENT: max_len is 0 or more than the output room
  *   PC_TIMEOUT: no bytes arrived before timeout_ms
@@ -81,7 +83,7 @@
     (PC_STATUS_BIT(PC_SUCCESS) | PC_STATUS_BIT(PC_BAD_ARGUMENT) | PC_STATUS_BIT(PC_NOT_PRIVILEGED) | \
      PC_STATUS_BIT(PC_NO_DEVICE) | PC_STATUS_BIT(PC_NO_MEMORY) | PC_STATUS_BIT(PC_TIMEOUT) | \
      PC_STATUS_BIT(PC_ABORTED) | PC_STATUS_BIT(PC_RATE_LIMITED) | PC_STATUS_BIT(PC_NOT_OPEN) | \
-     PC_STATUS_BIT(PC_INTERNAL))
+     PC_STATUS_BIT(PC_INTERNAL) | PC_STATUS_BIT(PC_ASLEEP))
 /* get_modem: no scalars in; 1 scalar(s) out.
  *   PC_UNSUPPORTED: the device has no modem lines (a pty) */
 #define PC_TTY_GET_MODEM_SCALARS_IN 0
@@ -89,7 +91,8 @@
 #define PC_TTY_GET_MODEM_STATUSES \
     (PC_STATUS_BIT(PC_SUCCESS) | PC_STATUS_BIT(PC_BAD_ARGUMENT) | PC_STATUS_BIT(PC_NOT_PRIVILEGED) | \
      PC_STATUS_BIT(PC_NO_DEVICE) | PC_STATUS_BIT(PC_UNSUPPORTED) | PC_STATUS_BIT(PC_NO_MEMORY) | \
-     PC_STATUS_BIT(PC_RATE_LIMITED) | PC_STATUS_BIT(PC_NOT_OPEN) | PC_STATUS_BIT(PC_INTERNAL))
+     PC_STATUS_BIT(PC_RATE_LIMITED) | PC_STATUS_BIT(PC_NOT_OPEN) | PC_STATUS_BIT(PC_INTERNAL) | \
+     PC_STATUS_BIT(PC_ASLEEP))
 /* set_modem: scalars in: bits, mask; 0 scalar(s) out.
  *   PC_BAD_ARGUMENT: mask has a line other than DTR (1) and RTS (2)
  *   PC_UNSUPPORTED: the device has no modem lines (a pty) */
@@ -98,7 +101,8 @@
 #define PC_TTY_SET_MODEM_STATUSES \
     (PC_STATUS_BIT(PC_SUCCESS) | PC_STATUS_BIT(PC_BAD_ARGUMENT) | PC_STATUS_BIT(PC_NOT_PRIVILEGED) | \
      PC_STATUS_BIT(PC_NO_DEVICE) | PC_STATUS_BIT(PC_UNSUPPORTED) | PC_STATUS_BIT(PC_NO_MEMORY) | \
-     PC_STATUS_BIT(PC_RATE_LIMITED) | PC_STATUS_BIT(PC_NOT_OPEN) | PC_STATUS_BIT(PC_INTERNAL))
+     PC_STATUS_BIT(PC_RATE_LIMITED) | PC_STATUS_BIT(PC_NOT_OPEN) | PC_STATUS_BIT(PC_INTERNAL) | \
+     PC_STATUS_BIT(PC_ASLEEP))
 /* flush: scalars in: queue; 0 scalar(s) out.
  *   PC_BAD_ARGUMENT: queue is not 0 (input), 1 (output) or 2 (both) */
 #define PC_TTY_FLUSH_SCALARS_IN 1
@@ -106,7 +110,7 @@
 #define PC_TTY_FLUSH_STATUSES \
     (PC_STATUS_BIT(PC_SUCCESS) | PC_STATUS_BIT(PC_BAD_ARGUMENT) | PC_STATUS_BIT(PC_NOT_PRIVILEGED) | \
      PC_STATUS_BIT(PC_NO_DEVICE) | PC_STATUS_BIT(PC_NO_MEMORY) | PC_STATUS_BIT(PC_RATE_LIMITED) | \
-     PC_STATUS_BIT(PC_NOT_OPEN) | PC_STATUS_BIT(PC_INTERNAL))
+     PC_STATUS_BIT(PC_NOT_OPEN) | PC_STATUS_BIT(PC_INTERNAL) | PC_STATUS_BIT(PC_ASLEEP))
 /* drain: scalars in: timeout_ms; 0 scalar(s) out; completes later.
  *   PC_TIMEOUT: bytes were still queued at timeout_ms
  *   PC_ABORTED: its user client closed, or the device was terminated, first */
@@ -117,7 +121,7 @@
     (PC_STATUS_BIT(PC_SUCCESS) | PC_STATUS_BIT(PC_BAD_ARGUMENT) | PC_STATUS_BIT(PC_NOT_PRIVILEGED) | \
      PC_STATUS_BIT(PC_NO_DEVICE) | PC_STATUS_BIT(PC_NO_MEMORY) | PC_STATUS_BIT(PC_TIMEOUT) | \
      PC_STATUS_BIT(PC_ABORTED) | PC_STATUS_BIT(PC_RATE_LIMITED) | PC_STATUS_BIT(PC_NOT_OPEN) | \
-     PC_STATUS_BIT(PC_INTERNAL))
+     PC_STATUS_BIT(PC_INTERNAL) | PC_STATUS_BIT(PC_ASLEEP))
 /* send_break: scalars in: duration_ms; 0 scalar(s) out; completes later; needs the privilege tty.break.
  *   PC_BAD_ARGUMENT: duration_ms is 0
  *   PC_ABORTED: its user client closed, or the device was terminated, first */
@@ -127,7 +131,8 @@
 #define PC_TTY_SEND_BREAK_STATUSES \
     (PC_STATUS_BIT(PC_SUCCESS) | PC_STATUS_BIT(PC_BAD_ARGUMENT) | PC_STATUS_BIT(PC_NOT_PRIVILEGED) | \
      PC_STATUS_BIT(PC_NO_DEVICE) | PC_STATUS_BIT(PC_NO_MEMORY) | PC_STATUS_BIT(PC_ABORTED) | \
-     PC_STATUS_BIT(PC_RATE_LIMITED) | PC_STATUS_BIT(PC_NOT_OPEN) | PC_STATUS_BIT(PC_INTERNAL))
+     PC_STATUS_BIT(PC_RATE_LIMITED) | PC_STATUS_BIT(PC_NOT_OPEN) | PC_STATUS_BIT(PC_INTERNAL) | \
+     PC_STATUS_BIT(PC_ASLEEP))
 
 struct tty_line {
     uint32_t baud;
