@@ -6,7 +6,8 @@
 //! - [`driver`] and [`drivers`]: the driver model and the drivers;
 //! - [`session`]: identity, admission, grants, calls, events;
 //! - [`transport`]: gRPC (and, later, the native socket and ring);
-//! - [`server`]: assembling and running a broker; [`cli`]: the `portcullis` command.
+//! - [`server`]: assembling and running a broker (the `portcullis` command is its own crate,
+//!   `broker/cli`, so that this library never links the client).
 //!
 //! Unsafe code is denied everywhere but in `sys`, which holds the system calls no safe wrapper
 //! crate offers (`SO_PEERSEC`), each with its safety argument.
@@ -15,7 +16,6 @@
 
 pub mod bus;
 mod capture;
-pub mod cli;
 pub mod config;
 pub mod driver;
 pub mod drivers;
@@ -31,4 +31,6 @@ mod sys;
 pub mod systemd;
 mod throttle;
 pub mod transport;
+
+pub use sys::default_sigpipe;
 pub mod trust;

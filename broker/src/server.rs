@@ -7,7 +7,7 @@ use std::{
     sync::Arc,
 };
 
-use portcullis_client::{GRPC_SOCKET, NATIVE_SOCKET};
+use portcullis_proto::{GRPC_SOCKET, NATIVE_SOCKET};
 
 use crate::{
     bus::{self, BusError, hotplug::Hotplug, netlink::UeventSocket, sysfs::Sysfs},

@@ -78,7 +78,7 @@ pub(crate) fn peer_security_label(fd: BorrowedFd<'_>) -> std::io::Result<Option<
 /// close early (`portcullis schema --json | head`): the process then ends quietly, as other
 /// Unix tools do, instead of panicking in `println!`. Never for the broker, which must survive
 /// a client that goes away (it writes to sockets with `MSG_NOSIGNAL` or handles `EPIPE`).
-pub(crate) fn default_sigpipe() {
+pub fn default_sigpipe() {
     // SAFETY: `signal` with `SIG_DFL` installs no handler (no code runs on the signal), and it
     // is called once at start, before any thread exists.
     unsafe {

@@ -18,6 +18,12 @@ pub mod status;
 
 pub use status::Status;
 
+/// The gRPC socket's file name inside the run dir.
+pub const GRPC_SOCKET: &str = "grpc.sock";
+
+/// The native (`SOCK_SEQPACKET`) socket's file name inside the run dir.
+pub const NATIVE_SOCKET: &str = "native.sock";
+
 /// Messages and service stubs generated from `proto/portcullis.proto`.
 #[allow(missing_docs, missing_debug_implementations, clippy::all, clippy::pedantic)]
 pub mod pb {

@@ -34,7 +34,7 @@ pub fn bin() -> PathBuf {
     let fallback = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/portcullis");
     assert!(
         fallback.exists(),
-        "no broker binary: run `cargo xtask test`, or `cargo build -p portcullis-broker` first, or set PORTCULLIS_BIN"
+        "no broker binary: run `cargo xtask test`, or `cargo build -p portcullis-cli --features fault-injection` first, or set PORTCULLIS_BIN"
     );
     fallback
 }

@@ -171,7 +171,7 @@ pub(crate) fn build_suite_broker() -> Result<PathBuf> {
     run(cargo().args([
         "build",
         "--package",
-        "portcullis-broker",
+        "portcullis-cli",
         "--bin",
         "portcullis",
         "--features",
@@ -254,7 +254,7 @@ fn bench(args: &[String]) -> Result<()> {
         "build",
         "--release",
         "--package",
-        "portcullis-broker",
+        "portcullis-cli",
         "--bin",
         "portcullis",
     ]))?;
@@ -311,7 +311,7 @@ fn c_headers(check: bool, stale: &mut Vec<String>) -> Result<()> {
             "run",
             "--quiet",
             "--package",
-            "portcullis-broker",
+            "portcullis-cli",
             "--bin",
             "portcullis",
             "--",

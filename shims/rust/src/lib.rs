@@ -40,11 +40,7 @@ pub use session::{CallOutput, Session, UserClient};
 use tokio::net::UnixStream;
 use tonic::transport::{Channel, Endpoint, Uri};
 
-/// The gRPC socket's file name inside the run dir.
-pub const GRPC_SOCKET: &str = "grpc.sock";
-
-/// The native (`SOCK_SEQPACKET`) socket's file name inside the run dir.
-pub const NATIVE_SOCKET: &str = "native.sock";
+pub use portcullis_proto::{GRPC_SOCKET, NATIVE_SOCKET};
 
 /// Environment variable naming the run dir.
 pub const RUN_DIR_ENV: &str = "PORTCULLIS_RUN_DIR";

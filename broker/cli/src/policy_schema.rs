@@ -6,7 +6,7 @@
 
 use serde_json::{Value, json};
 
-use crate::drivers;
+use portcullis_broker::drivers;
 
 /// A string from a list, suggested, but any string accepted (the drivers' names grow).
 fn suggested(names: Vec<String>) -> Value {

@@ -11,7 +11,7 @@ use portcullis_proto::{
 use serde_json::json;
 
 use super::layout::{layouts_json, parse_abi};
-use crate::{driver::Family, drivers};
+use portcullis_broker::{driver::Family, drivers};
 
 #[derive(Debug, Args)]
 pub(crate) struct SchemaArgs {
@@ -79,7 +79,7 @@ fn header(driver: &Family) -> String {
 /// runs (scalar counts and limits, struct sizes), whether it completes later, the privilege it
 /// needs, and every status a call can end with — a mask, and what the method's own mean.
 fn contracts(upper: &str, driver: &Family) -> String {
-    use crate::driver::MethodSpec;
+    use portcullis_broker::driver::MethodSpec;
     let c_name = |s: Status| format!("PC_{}", s.name());
     let mut out = String::new();
     let _ = writeln!(
@@ -161,7 +161,7 @@ fn contracts(upper: &str, driver: &Family) -> String {
 
 /// A method's typed C function, calling `pc_call`: scalars by name, a described struct by type,
 /// a raw struct as pointer and length, outputs through pointers.
-fn c_function(kind: &str, m: &crate::driver::MethodSpec) -> String {
+fn c_function(kind: &str, m: &portcullis_broker::driver::MethodSpec) -> String {
     let mut params = vec!["pc_conn *conn".to_string(), "uint64_t handle".to_string()];
     params.extend(m.scalar_names.iter().map(|n| format!("uint64_t {n}")));
     let (struct_in, struct_in_len) = match (m.in_layout, m.struct_in.max) {

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Subcommand};
 
-use crate::{config::Config, registry::personality::Personalities};
+use portcullis_broker::{config::Config, registry::personality::Personalities};
 
 #[derive(Debug, Subcommand)]
 pub(crate) enum DriverCommand {

@@ -6,7 +6,7 @@
 use portcullis_proto::layout::{AbiId, Elem, Scalar, Schema, StructLayout};
 use serde_json::{Value, json};
 
-use crate::drivers;
+use portcullis_broker::drivers;
 
 /// A struct of a family's schema, by the service class and the struct's name.
 pub(crate) struct Described {

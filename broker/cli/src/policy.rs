@@ -10,7 +10,7 @@ use portcullis_proto::{
 };
 use serde::Deserialize;
 
-use crate::{config, drivers};
+use portcullis_broker::{config, drivers};
 
 #[derive(Debug, Subcommand)]
 pub(crate) enum PolicyCommand {

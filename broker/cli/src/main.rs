@@ -1,4 +1,6 @@
 //! The `portcullis` command line.
+
+#![forbid(unsafe_code)]
 //!
 //! Exit status: 0 on success, 1 when the broker refused or failed a request (the status and
 //! the deciding rule are printed), 2 for usage errors.
@@ -20,7 +22,7 @@ use std::{path::PathBuf, process::ExitCode};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use portcullis_client::{Client, ClientError, RUN_DIR_ENV};
 
-use crate::server::{self, BrokerOptions};
+use portcullis_broker::server::{self, BrokerOptions};
 
 /// Portcullis: a device broker that owns the drivers and checks every request against policy.
 #[derive(Debug, Parser)]
@@ -296,10 +298,10 @@ struct BrokerArgs {
 }
 
 /// Runs the command line; returns the process exit status.
-pub fn main() -> ExitCode {
+fn main() -> ExitCode {
     let cli = Cli::parse();
     if !matches!(cli.command, Command::Broker(_)) {
-        crate::sys::default_sigpipe();
+        portcullis_broker::default_sigpipe();
     }
     let run_dir = cli.run_dir;
     // Offline commands need no runtime.
@@ -313,7 +315,7 @@ pub fn main() -> ExitCode {
     let is_broker = matches!(cli.command, Command::Broker(_));
     // Before any thread exists: taking systemd's sockets clears the environment.
     let activated = if is_broker {
-        match crate::systemd::Activated::take() {
+        match portcullis_broker::systemd::Activated::take() {
             Ok(activated) => activated,
             Err(e) => {
                 eprintln!("portcullis: {e}");
@@ -399,7 +401,7 @@ fn init_logging(format: LogFormat, default_level: &str) {
 fn prepare_broker(
     args: &BrokerArgs,
     run_dir: &RunDir,
-    activated: Option<crate::systemd::Activated>,
+    activated: Option<portcullis_broker::systemd::Activated>,
 ) -> Result<server::Prepared, String> {
     let exit_idle = match args.exit_idle_time {
         Some(secs) if secs.is_finite() && secs > 0.0 => Some(std::time::Duration::from_secs_f64(secs)),
