@@ -38,6 +38,31 @@ pub struct BrokerOptions {
     pub exit_idle: Option<std::time::Duration>,
 }
 
+/// What the broker runs from: its files and build, for `portcullis qualify`'s install checklist
+/// (`stats` reports it).
+#[derive(Clone, Debug, Default)]
+pub struct Install {
+    /// The configuration file (`None`: the embedded default).
+    pub config: Option<PathBuf>,
+    /// The driver personalities directory, if any.
+    pub drivers: Option<PathBuf>,
+    /// The broker's executable, as it was at start.
+    pub binary: Option<PathBuf>,
+    /// Whether this is an optimized release build.
+    pub release: bool,
+}
+
+static INSTALL: std::sync::OnceLock<Install> = std::sync::OnceLock::new();
+
+/// What this broker runs from (set when it starts).
+pub fn install() -> Option<&'static Install> {
+    INSTALL.get()
+}
+
+fn absolute(path: &Path) -> PathBuf {
+    std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf())
+}
+
 /// In the run dir: the TLS listener's address once bound (useful with `listen = "…:0"`).
 pub const TLS_ADDR_FILE: &str = "tls.addr";
 
@@ -248,6 +273,12 @@ impl std::fmt::Debug for Prepared {
 /// ([`crate::sandbox::confine`]). Must run while the process has one thread.
 pub fn prepare(options: BrokerOptions) -> Result<Prepared, BrokerError> {
     let config = Config::load_trusted(options.config.as_deref())?;
+    let _ = INSTALL.set(Install {
+        config: options.config.as_deref().map(absolute),
+        drivers: config.drivers.as_deref().map(absolute),
+        binary: std::env::current_exe().ok(),
+        release: !cfg!(debug_assertions),
+    });
     let personalities = match (&config.drivers, config.discovery) {
         (_, Some(false)) => None,
         (Some(dir), _) => {

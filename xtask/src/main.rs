@@ -79,9 +79,17 @@ fn test(extra: &[String]) -> Result<()> {
     ensure_matrix_toolchains()?;
 
     step(
-        "device and service test tools (iproute2, util-linux's losetup, nsenter and mount, e2fsprogs' mkfs, systemd-analyze)",
+        "device and service test tools (iproute2, util-linux's losetup, nsenter and mount, e2fsprogs' mkfs, systemd-analyze, the font of qualify's plot)",
     );
-    install_debian(&["iproute2", "util-linux", "mount", "e2fsprogs", "systemd", "passwd"])?;
+    install_debian(&[
+        "iproute2",
+        "util-linux",
+        "mount",
+        "e2fsprogs",
+        "systemd",
+        "passwd",
+        "fonts-dejavu-core",
+    ])?;
 
     step("the broker's service user (portcullis), which a root broker serves as");
     ensure_service_user()?;

@@ -14,6 +14,7 @@ mod ls;
 mod policy;
 mod policy_schema;
 mod policy_suggest;
+mod qualify;
 mod schema;
 mod watch;
 
@@ -70,6 +71,10 @@ enum Command {
     /// devices to `sleep` and `wake` them as logind's PrepareForSleep would (root or the
     /// broker's own user).
     Power(PowerArgs),
+    /// Qualify the broker as Apple qualifies a driver: cycle every transition (connect, open,
+    /// map, call, ring, reload, attach, sleep) 1,000 times, sample its live objects, fail where
+    /// one ramps; check the install; keep a record to compare releases.
+    Qualify(qualify::QualifyArgs),
 }
 
 #[derive(Debug, Args)]
@@ -363,6 +368,7 @@ fn main() -> ExitCode {
             Command::Watch(args) => watch::run(args, &run_dir).await,
             Command::Stats(args) => stats(args, &run_dir).await,
             Command::Power(args) => power(args, &run_dir).await,
+            Command::Qualify(args) => qualify::run(args, &run_dir).await,
             Command::Layout(_) | Command::Schema(_) | Command::Policy(_) | Command::Driver(_) => Ok(()),
         }
     });

@@ -117,7 +117,9 @@ pub fn create(device: &DeviceConfig) -> Result<Arc<dyn Driver>, DeviceError> {
             Ok(Arc::new(net::NetDevice::create(interface).map_err(unusable)?))
         }
         #[cfg(feature = "fault-injection")]
-        "fault" => Ok(Arc::new(fault::FaultDevice)),
+        "fault" => Ok(Arc::new(fault::FaultDevice::new(
+            device.properties.get("leak_on_open").and_then(toml::Value::as_bool) == Some(true),
+        ))),
         other => Err(DeviceError::UnknownDriver {
             device: device.name.clone(),
             driver: other.to_string(),

@@ -646,6 +646,17 @@ impl pb::broker_server::Broker for BrokerService {
             threads: n(s.threads),
             rss_bytes: s.rss_bytes,
             power: Some(power_status(&self.core.power().status())),
+            install: crate::server::install().map(|i| {
+                let text =
+                    |p: &Option<std::path::PathBuf>| p.as_ref().map(|p| p.display().to_string()).unwrap_or_default();
+                pb::BrokerInstall {
+                    config: text(&i.config),
+                    drivers: text(&i.drivers),
+                    binary: text(&i.binary),
+                    release: i.release,
+                    version: env!("CARGO_PKG_VERSION").to_string(),
+                }
+            }),
             policy: Some(policy_status(&self.core.policy_status())),
             sandbox: tokio::task::spawn_blocking(crate::sandbox::report)
                 .await

@@ -606,6 +606,28 @@ pub struct StatsResponse {
     /// The machine's power state as the broker's drivers have it.
     #[prost(message, optional, tag = "18")]
     pub power: ::core::option::Option<PowerStatus>,
+    /// What the broker runs from.
+    #[prost(message, optional, tag = "19")]
+    pub install: ::core::option::Option<BrokerInstall>,
+}
+/// What the broker runs from, for `portcullis qualify`'s install checklist.
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct BrokerInstall {
+    /// The configuration file; empty for the embedded default.
+    #[prost(string, tag = "1")]
+    pub config: ::prost::alloc::string::String,
+    /// The driver personalities directory; empty for none.
+    #[prost(string, tag = "2")]
+    pub drivers: ::prost::alloc::string::String,
+    /// The broker's executable.
+    #[prost(string, tag = "3")]
+    pub binary: ::prost::alloc::string::String,
+    /// Whether it is an optimized release build.
+    #[prost(bool, tag = "4")]
+    pub release: bool,
+    #[prost(string, tag = "5")]
+    pub version: ::prost::alloc::string::String,
 }
 /// One process's sandbox, as /proc/<pid>/status and the process tell it.
 #[allow(clippy::all)]

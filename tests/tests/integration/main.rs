@@ -21,6 +21,7 @@ mod policy;
 mod policy_tools;
 mod power;
 mod python_client;
+mod qualify;
 mod reload;
 mod ring;
 mod sandbox;

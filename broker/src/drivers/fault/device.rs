@@ -11,11 +11,36 @@ pub static FAMILY: LazyLock<Family> = LazyLock::new(|| Family::new("fault", "Fau
 
 /// One fault device.
 #[derive(Debug, Default)]
-pub struct FaultDevice;
+pub struct FaultDevice {
+    /// Leak a descriptor at every open (property `leak_on_open = true`): the leak `portcullis
+    /// qualify` must find.
+    leak_on_open: bool,
+}
+
+impl FaultDevice {
+    /// A fault device; one that leaks a descriptor at every open when `leak_on_open`.
+    pub fn new(leak_on_open: bool) -> FaultDevice {
+        FaultDevice { leak_on_open }
+    }
+}
 
 impl Driver for FaultDevice {
     fn family(&self) -> &'static Family {
         &FAMILY
+    }
+
+    fn opened(
+        &self,
+        _client: crate::driver::ClientKey,
+        _mode: crate::registry::OpenMode,
+    ) -> Result<(), crate::driver::DriverError> {
+        if self.leak_on_open
+            && let Ok(fd) = rustix::event::eventfd(0, rustix::event::EventfdFlags::CLOEXEC)
+        {
+            // The bug on purpose: the descriptor is never closed.
+            std::mem::forget(fd);
+        }
+        Ok(())
     }
 
     fn call(&self, _ctx: &CallContext<'_>, spec: &MethodSpec, args: CallArgs) -> Completion {
