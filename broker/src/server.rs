@@ -206,6 +206,35 @@ fn prepare_run_dir(dir: &Path, owner: u32) -> Result<(), BrokerError> {
     }
 }
 
+/// The drivers' state directory in the run dir ([`crate::drivers::state`]): made when missing
+/// (mode 0700), kept when a broker before this one left it, and given to the serving process's
+/// user either way; a link or anything but a directory in its place is refused.
+fn prepare_state_dir(run_dir: &Path, owner: u32) -> Result<PathBuf, BrokerError> {
+    use std::os::unix::fs::DirBuilderExt;
+    let dir = run_dir.join(crate::drivers::state::STATE_DIR);
+    let err = |source| BrokerError::RunDir {
+        path: dir.clone(),
+        source,
+    };
+    match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(err(e)),
+    }
+    let fd = rustix::fs::open(
+        &dir,
+        rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::NOFOLLOW | rustix::fs::OFlags::CLOEXEC,
+        rustix::fs::Mode::empty(),
+    )
+    .map_err(|e| err(e.into()))?;
+    rustix::fs::fchmod(&fd, rustix::fs::Mode::from_raw_mode(0o700)).map_err(|e| err(e.into()))?;
+    if rustix::fs::fstat(&fd).map_err(|e| err(e.into()))?.st_uid != owner {
+        let gid = crate::sandbox::serving_ids().map(|(_, g)| rustix::process::Gid::from_raw(g));
+        rustix::fs::fchown(&fd, Some(rustix::process::Uid::from_raw(owner)), gid).map_err(|e| err(e.into()))?;
+    }
+    Ok(dir)
+}
+
 /// The broker's async runtime: a worker per CPU, I/O and timers, and each thread's seccomp
 /// filter added as it starts (benchmarks serve on the same).
 pub fn runtime() -> io::Result<tokio::runtime::Runtime> {
@@ -291,6 +320,7 @@ pub fn prepare(options: BrokerOptions) -> Result<Prepared, BrokerError> {
     })?;
     let owner = crate::sandbox::serving_ids().map_or_else(crate::sandbox::starter_uid, |(uid, _)| uid);
     prepare_run_dir(&options.run_dir, owner)?;
+    crate::drivers::state::set_dir(&prepare_state_dir(&options.run_dir, owner)?);
     let decision_log = match options.decision_log.as_ref().or(config.decision_log.as_ref()) {
         Some(path) => Some((
             path.clone(),

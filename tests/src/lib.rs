@@ -62,6 +62,45 @@ pub const NOBODY: u32 = 65534;
 pub struct Broker {
     child: Child,
     dir: tempfile::TempDir,
+    /// How it was started, to start it again on the same run dir.
+    launch: Launch,
+}
+
+/// A broker's command line, environment and directory.
+struct Launch {
+    program: std::ffi::OsString,
+    args: Vec<std::ffi::OsString>,
+    env: Vec<(std::ffi::OsString, Option<std::ffi::OsString>)>,
+    dir: Option<PathBuf>,
+}
+
+impl Launch {
+    fn of(cmd: &Command) -> Launch {
+        Launch {
+            program: cmd.get_program().to_owned(),
+            args: cmd.get_args().map(ToOwned::to_owned).collect(),
+            env: cmd
+                .get_envs()
+                .map(|(k, v)| (k.to_owned(), v.map(ToOwned::to_owned)))
+                .collect(),
+            dir: cmd.get_current_dir().map(Path::to_path_buf),
+        }
+    }
+
+    fn command(&self) -> Command {
+        let mut cmd = Command::new(&self.program);
+        cmd.args(&self.args);
+        for (k, v) in &self.env {
+            match v {
+                Some(v) => cmd.env(k, v),
+                None => cmd.env_remove(k),
+            };
+        }
+        if let Some(dir) = &self.dir {
+            cmd.current_dir(dir);
+        }
+        cmd
+    }
 }
 
 /// What to start a broker with.
@@ -155,8 +194,9 @@ impl Broker {
         cmd.env("RUST_LOG", setup.log_level.unwrap_or("debug"))
             .stdout(Stdio::null())
             .stderr(log);
+        let launch = Launch::of(&cmd);
         let child = cmd.spawn().unwrap();
-        let mut broker = Broker { child, dir };
+        let mut broker = Broker { child, dir, launch };
         broker.wait_ready();
         broker
     }
@@ -176,6 +216,27 @@ impl Broker {
         panic!("broker did not serve {} within 20 s:\n{}", socket.display(), self.log());
     }
 
+    /// Kills the broker with `SIGKILL` (its helper dies with it) and waits for it to end: no
+    /// chance to clean up, as a crash or the OOM killer would leave things.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts the broker again, as it was first started, on the same run dir (after [`kill`]).
+    ///
+    /// [`kill`]: Broker::kill
+    pub fn restart(&mut self) {
+        let log = fs::File::options()
+            .append(true)
+            .open(self.dir.path().join("broker.log"))
+            .unwrap();
+        let mut cmd = self.launch.command();
+        cmd.stdout(Stdio::null()).stderr(log);
+        self.child = cmd.spawn().unwrap();
+        self.wait_ready();
+    }
+
     /// `portcullis stats --json`: what the broker holds for its clients.
     pub fn stats(&self) -> serde_json::Value {
         let out = self.cli(&["stats", "--json"]);
@@ -186,7 +247,15 @@ impl Broker {
     /// client, mapping, pending call, open or ring — and no more descriptors than `baseline_fds`
     /// (the figure before the clients came). Panics with the last statistics otherwise.
     pub fn assert_no_leaks(&self, baseline_fds: u64) {
-        let deadline = Instant::now() + Duration::from_secs(10);
+        if let Err(held) = self.released(baseline_fds, Duration::from_secs(10)) {
+            panic!("{held}\n{}", self.log());
+        }
+    }
+
+    /// Waits up to `bound` until the broker holds nothing for any client and no more
+    /// descriptors than `baseline_fds`; otherwise says what it still holds.
+    pub fn released(&self, baseline_fds: u64, bound: Duration) -> Result<(), String> {
+        let deadline = Instant::now() + bound;
         loop {
             let s = self.stats();
             let held = [
@@ -201,18 +270,18 @@ impl Broker {
                 "queued_messages",
             ]
             .iter()
-            .map(|k| s[*k].as_u64().unwrap())
+            .map(|k| s[*k].as_u64().unwrap_or(u64::MAX))
             .sum::<u64>();
             // The stats request itself holds one connection while it is answered.
-            let fds = s["open_fds"].as_u64().unwrap();
+            let fds = s["open_fds"].as_u64().unwrap_or(u64::MAX);
             if held == 0 && fds <= baseline_fds {
-                return;
+                return Ok(());
             }
-            assert!(
-                Instant::now() < deadline,
-                "the broker still holds resources (baseline {baseline_fds} fds): {s}\n{}",
-                self.log()
-            );
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "the broker still holds resources {bound:?} after its clients went (baseline {baseline_fds} fds): {s}"
+                ));
+            }
             std::thread::sleep(Duration::from_millis(50));
         }
     }

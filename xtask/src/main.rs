@@ -3,6 +3,8 @@
 //! - `test`: install what the suite needs (a Python venv with grpcio for the stock-client test),
 //!   check generated code is current, build the broker once, run every test in the workspace.
 //! - `bench [--quick]`: build the benchmarks in release mode and run them.
+//! - `chaos [--short] [--only S,..] [--json F]`: what the broker survives, against a release
+//!   broker (docs/RELIABILITY.md); `test` runs the short version.
 //! - `codegen [--check]`: regenerate the checked-in gRPC code; with `--check`, fail on a diff.
 //! - `fuzz [--minutes N] [--jobs J] [--target T] | --coverage | --capture`: fuzzing campaigns
 //!   (docs/FUZZING.md).
@@ -27,8 +29,9 @@ fn main() -> ExitCode {
         Some("bench") => bench(rest),
         Some("codegen") => codegen(args.iter().any(|a| a == "--check")),
         Some("fuzz") => fuzz::fuzz(rest),
+        Some("chaos") => chaos(rest),
         _ => Err(
-            "usage: cargo xtask <test [-- cargo-test-args] | bench [--quick] | codegen [--check] | fuzz [--minutes N] [--jobs J] [--target T] | fuzz --coverage | fuzz --capture>"
+            "usage: cargo xtask <test [-- cargo-test-args] | bench [--quick] | chaos [--short] [--only S,..] [--json F] | codegen [--check] | fuzz [--minutes N] [--jobs J] [--target T] | fuzz --coverage | fuzz --capture>"
                 .into(),
         ),
     };
@@ -114,6 +117,22 @@ fn test(extra: &[String]) -> Result<()> {
         .args(extra)
         .env("PORTCULLIS_BIN", &bin)
         .env("PORTCULLIS_PYTHON", &python))?;
+
+    step(
+        "chaos, the short version: clients killed, hostile rings, devices pulled, the broker killed and restarted, a crowd, stalled and flooding clients",
+    );
+    run(cargo()
+        .args([
+            "run",
+            "--quiet",
+            "--package",
+            "portcullis-tests",
+            "--bin",
+            "chaos",
+            "--",
+            "--short",
+        ])
+        .env("PORTCULLIS_BIN", &bin))?;
 
     step("every fuzz target, 30 s each (any crash fails)");
     fuzz::ensure_tools()?;
@@ -247,6 +266,27 @@ fn install_debian(packages: &[&str]) -> Result<()> {
         .args(["install", "-y", "--no-install-recommends"])
         .args(&missing)
         .env("DEBIAN_FRONTEND", "noninteractive"))
+}
+
+/// `cargo xtask chaos`: the full chaos run (docs/RELIABILITY.md) against a release broker.
+fn chaos(args: &[String]) -> Result<()> {
+    step("chaos prerequisites (losetup, ip, setpriv) and the service user");
+    install_debian(&["iproute2", "util-linux"])?;
+    ensure_service_user()?;
+    step("the broker and the chaos driver (release builds)");
+    run(cargo().args([
+        "build",
+        "--release",
+        "--package",
+        "portcullis-cli",
+        "--bin",
+        "portcullis",
+    ]))?;
+    run(cargo().args(["build", "--release", "--package", "portcullis-tests", "--bin", "chaos"]))?;
+    step("chaos");
+    run(Command::new(target_dir().join("release").join("chaos"))
+        .args(args)
+        .env("PORTCULLIS_BIN", target_dir().join("release").join("portcullis")))
 }
 
 fn bench(args: &[String]) -> Result<()> {

@@ -8,6 +8,7 @@ pub mod net;
 pub(crate) mod node;
 pub mod power;
 pub mod sample;
+pub mod state;
 pub mod tty;
 
 use std::sync::Arc;

@@ -161,6 +161,13 @@ async fn preface<S: AsyncRead + Unpin>(stream: &mut S) -> io::Result<()> {
     }
 }
 
+/// `stream`, registered with `runtime`'s reactor instead of the current one's.
+fn rehome(stream: UnixStream, runtime: &tokio::runtime::Handle) -> std::io::Result<UnixStream> {
+    let stream = stream.into_std()?;
+    let _inside = runtime.enter();
+    UnixStream::from_std(stream)
+}
+
 /// Accepts local connections: each gets its uid's connection slot, its identity and its
 /// HTTP/2 preface read within the handshake timeout, off the accept path; a connection over a
 /// limit is told why on its first call.
@@ -214,11 +221,19 @@ fn incoming(core: Arc<Core>, listener: UnixListener) -> (LocalIncoming, LocalInc
                 .await;
                 match admitted {
                     Ok(Ok(identity)) => {
-                        let ready = if slot.background() && crate::server::background().is_some() {
-                            slot.serve_in_background();
-                            background
-                        } else {
-                            ready
+                        let (ready, stream) = match crate::server::background().filter(|_| slot.background()) {
+                            Some(workers) => {
+                                slot.serve_in_background();
+                                // Registered with the background workers' reactor: served
+                                // there, it must not wake the foreground's at every request.
+                                match rehome(stream, workers) {
+                                    Ok(stream) => (background, stream),
+                                    Err(e) => {
+                                        return tracing::warn!(error = %e, "a gRPC connection could not move to the background workers; closed");
+                                    }
+                                }
+                            }
+                            None => (ready, stream),
                         };
                         let conn = Conn {
                             inner: stream,

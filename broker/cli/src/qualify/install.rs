@@ -31,7 +31,7 @@ fn item(item: impl Into<String>, problems: Vec<String>, fine: impl Into<String>)
 /// Ownership and modes of `path` and the directories above it, as a root broker requires.
 fn owned_by_root(what: &str, path: &Path) -> Check {
     item(
-        format!("{what} is root's and no one else can write it"),
+        format!("{what}: root's, and no one else can write it"),
         trust::problems(path, 0),
         path.display().to_string(),
     )
@@ -134,7 +134,7 @@ mod tests {
         let find = |what: &str| checks.iter().find(|c| c.item.contains(what)).unwrap();
         assert!(!find("release build").ok);
         assert!(find("policy parses").ok, "{checks:?}");
-        let owned = find("the policy is root's");
+        let owned = find("the policy: root's");
         assert!(
             !owned.ok && owned.detail.contains("writable by its group and every user"),
             "{owned:?}"

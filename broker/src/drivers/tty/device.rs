@@ -57,6 +57,8 @@ pub struct TtyDevice {
     terminated: watch::Sender<bool>,
     /// The line settings when the machine went to sleep, restored on wake.
     asleep: Mutex<Option<Termios>>,
+    /// Where the device's own settings are kept in the run dir while the broker holds it.
+    state_key: Option<String>,
 }
 
 /// Counts a waiting call for as long as it waits.
@@ -89,7 +91,34 @@ impl TtyDevice {
     /// node must be that device, and not a link to it.
     pub fn open_node(path: &Path, expect: Option<u64>) -> Result<TtyDevice, String> {
         let fd = node::open(path, NodeKind::Tty, OFlags::RDWR | OFlags::NONBLOCK, expect)?;
-        let original = rustix::termios::tcgetattr(&fd).map_err(|e| format!("{}: not a tty ({e})", path.display()))?;
+        let now = rustix::termios::tcgetattr(&fd).map_err(|e| format!("{}: not a tty ({e})", path.display()))?;
+        // A broker killed while it held the device left its settings from before: those are
+        // the device's own, not the raw mode it was left in.
+        let key = rustix::fs::fstat(&fd)
+            .map(|st| {
+                format!(
+                    "tty-{}-{}",
+                    rustix::fs::major(st.st_rdev),
+                    rustix::fs::minor(st.st_rdev)
+                )
+            })
+            .ok();
+        let left = key
+            .as_deref()
+            .and_then(crate::drivers::state::read)
+            .and_then(|text| parse_settings(&text, &now));
+        let original = match left {
+            Some(original) => {
+                tracing::info!(tty = %path.display(), "restoring the line settings a killed broker left the device without");
+                original
+            }
+            None => {
+                if let Some(key) = &key {
+                    crate::drivers::state::write(key, &settings_text(&now));
+                }
+                now
+            }
+        };
         let mut raw = original.clone();
         raw.make_raw();
         raw.control_modes |= ControlModes::CLOCAL | ControlModes::CREAD;
@@ -106,6 +135,7 @@ impl TtyDevice {
             writing: Arc::new(AtomicUsize::new(0)),
             terminated: watch::Sender::new(false),
             asleep: Mutex::new(None),
+            state_key: key,
         })
     }
 
@@ -607,8 +637,89 @@ impl Driver for TtyDevice {
 impl Drop for TtyDevice {
     fn drop(&mut self) {
         // The device as the broker found it.
-        let _ = rustix::termios::tcsetattr(self.raw_fd(), OptionalActions::Now, &self.original);
+        if rustix::termios::tcsetattr(self.raw_fd(), OptionalActions::Now, &self.original).is_ok()
+            && let Some(key) = &self.state_key
+        {
+            crate::drivers::state::remove(key);
+        }
     }
+}
+
+/// The control characters a state file keeps, in its order.
+const CODES: [rustix::termios::SpecialCodeIndex; 17] = {
+    use rustix::termios::SpecialCodeIndex as I;
+    [
+        I::VINTR,
+        I::VQUIT,
+        I::VERASE,
+        I::VKILL,
+        I::VEOF,
+        I::VTIME,
+        I::VMIN,
+        I::VSWTC,
+        I::VSTART,
+        I::VSTOP,
+        I::VSUSP,
+        I::VEOL,
+        I::VREPRINT,
+        I::VDISCARD,
+        I::VWERASE,
+        I::VLNEXT,
+        I::VEOL2,
+    ]
+};
+
+/// Line settings as the run dir keeps them: one line of numbers.
+fn settings_text(t: &Termios) -> String {
+    let codes: Vec<String> = CODES.iter().map(|i| t.special_codes[*i].to_string()).collect();
+    format!(
+        "portcullis-termios 1 {} {} {} {} {} {} {} {}\n",
+        t.input_modes.bits(),
+        t.output_modes.bits(),
+        t.control_modes.bits(),
+        t.local_modes.bits(),
+        t.line_discipline,
+        t.input_speed(),
+        t.output_speed(),
+        codes.join(",")
+    )
+}
+
+/// [`settings_text`] read back over `base` (the device's settings now), or `None` when the
+/// text is not exactly that form.
+fn parse_settings(text: &str, base: &Termios) -> Option<Termios> {
+    use rustix::termios::{LocalModes, OutputModes};
+    let mut words = text.trim_end().split(' ');
+    if (words.next()?, words.next()?) != ("portcullis-termios", "1") {
+        return None;
+    }
+    let mut number = || words.next()?.parse::<u64>().ok();
+    let (iflag, oflag, cflag, lflag) = (number()?, number()?, number()?, number()?);
+    let (line, ispeed, ospeed) = (number()?, number()?, number()?);
+    let codes: Vec<u8> = words
+        .next()?
+        .split(',')
+        .map(str::parse)
+        .collect::<Result<_, _>>()
+        .ok()?;
+    if words.next().is_some() {
+        return None;
+    }
+    let mut t = base.clone();
+    t.input_modes = InputModes::from_bits_retain(iflag.try_into().ok()?);
+    t.output_modes = OutputModes::from_bits_retain(oflag.try_into().ok()?);
+    t.control_modes = ControlModes::from_bits_retain(cflag.try_into().ok()?);
+    t.local_modes = LocalModes::from_bits_retain(lflag.try_into().ok()?);
+    t.line_discipline = line.try_into().ok()?;
+    if codes.len() != CODES.len() {
+        return None;
+    }
+    for (i, code) in CODES.iter().zip(codes) {
+        t.special_codes[*i] = code;
+    }
+    t.set_input_speed(ispeed.try_into().ok()?).ok()?;
+    t.set_output_speed(ospeed.try_into().ok()?).ok()?;
+    Some(t)
 }
 
 #[cfg(test)]
@@ -624,6 +735,29 @@ mod tests {
         unlockpt(&master).unwrap();
         let name = ptsname(&master, Vec::new()).unwrap();
         (master, PathBuf::from(name.to_str().unwrap()))
+    }
+
+    #[test]
+    fn tty_settings_text_round_trips_and_anything_else_is_refused() {
+        let (master, _) = pty();
+        let mut t = rustix::termios::tcgetattr(&master).unwrap();
+        t.set_speed(57_600).unwrap();
+        t.special_codes[rustix::termios::SpecialCodeIndex::VMIN] = 3;
+        let text = settings_text(&t);
+        let mut raw = t.clone();
+        raw.make_raw();
+        raw.set_speed(9600).unwrap();
+        let back = parse_settings(&text, &raw).unwrap();
+        assert_eq!(settings_text(&back), text);
+        assert_eq!(back.output_speed(), 57_600);
+        for bad in [
+            "",
+            "portcullis-termios 2 1 2 3 4 0 9600 9600 0",
+            &text.replace(" 1 ", " x "),
+            &format!("{} 9", text.trim_end()),
+        ] {
+            assert!(parse_settings(bad, &raw).is_none(), "{bad:?}");
+        }
     }
 
     fn call(dev: &TtyDevice, selector: Selector, scalars: Vec<u64>, s: Vec<u8>) -> Completion {

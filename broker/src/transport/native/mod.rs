@@ -287,15 +287,21 @@ async fn serve_session(mut state: Served) -> (Option<Close>, Option<UnixSeqpacke
                 let moved = workers
                     .spawn(async move {
                         let _counted = state.core.accounts().serving_in_background();
+                        let mut state = rehomed(state, &tokio::runtime::Handle::current())?;
                         let step = serve_socket(&mut state, true).await;
-                        (state, step)
+                        Ok::<_, std::io::Error>((state, step))
                     })
                     .await;
                 match moved {
-                    Ok((back, step)) => {
-                        state = back;
+                    Ok(Ok((back, step))) => {
+                        // Back on the foreground workers: registered with their reactor again.
+                        state = match rehomed(back, &tokio::runtime::Handle::current()) {
+                            Ok(state) => state,
+                            Err(e) => return lost(&e),
+                        };
                         step
                     }
+                    Ok(Err(e)) => return lost(&e),
                     Err(e) => {
                         // The connection went with the task.
                         tracing::error!(error = %e, "a session's background task failed");
@@ -316,6 +322,22 @@ async fn serve_session(mut state: Served) -> (Option<Close>, Option<UnixSeqpacke
         ring.stop().await;
     }
     (ended, Some(state.conn))
+}
+
+/// The connection registered with `runtime`'s reactor (the one it is about to be served on): a connection served
+/// by the background workers must not wake the foreground workers' reactor at every request
+/// (with a thousand connections in the background, that reactor did the work of all of them).
+fn rehomed(mut state: Served, runtime: &tokio::runtime::Handle) -> std::io::Result<Served> {
+    let fd = OwnedFd::from(state.conn);
+    let _inside = runtime.enter();
+    state.conn = UnixSeqpacket::try_from(fd)?;
+    Ok(state)
+}
+
+/// A connection that could not be registered again: it ends (its session with it).
+fn lost(e: &std::io::Error) -> (Option<Close>, Option<UnixSeqpacket>) {
+    tracing::warn!(error = %e, "a connection could not move between the foreground and background workers: it ends");
+    (None, None)
 }
 
 fn locked(session: &Mutex<Session>) -> std::sync::MutexGuard<'_, Session> {
