@@ -125,16 +125,6 @@ struct Record {
 #[derive(Debug)]
 pub struct Awake<'a>(#[allow(dead_code)] RwLockReadGuard<'a, ()>);
 
-/// Counts a call waiting for wake, for as long as it waits.
-#[derive(Debug)]
-pub struct Waiting(Arc<AtomicUsize>);
-
-impl Drop for Waiting {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
 impl Default for Power {
     fn default() -> Power {
         let config = PowerConfig::default();
@@ -177,10 +167,9 @@ impl Power {
         Duration::from_millis(self.call_wait_ms.load(Ordering::Relaxed))
     }
 
-    /// Counts a call waiting for wake.
-    pub fn waiting(&self) -> Waiting {
-        self.waiting.fetch_add(1, Ordering::Relaxed);
-        Waiting(self.waiting.clone())
+    /// Counts a call waiting for wake, for as long as the guard lives.
+    pub(crate) fn waiting(&self) -> crate::session::Live {
+        crate::session::Live::new(&self.waiting)
     }
 
     /// Waits until the devices are awake, or `deadline`; whether they are.

@@ -774,8 +774,7 @@ impl Session {
             ));
         }
         let core = &self.core;
-        let power = core.power().clone();
-        let Some(awake) = power.enter() else {
+        let Some(awake) = core.power().enter() else {
             // The devices sleep: the call waits for wake, counted as pending meanwhile.
             return self.call_when_awake(handle, index, spec, args, account_pending);
         };
@@ -1157,9 +1156,6 @@ fn refusal_check(refusal: &Refusal) -> &'static str {
     }
 }
 
-/// A driver panicked serving `service`: the call ends with `INTERNAL`, and the service is
-/// terminated (its user clients are closed with an event, their calls aborted, their memory
-/// revoked); the broker and every other service carry on.
 /// Room for one more pending call (an asynchronous one, or one waiting for wake) within the
 /// session's bound (`pending`, its count) and its user's: the user's slot, held while the call
 /// is pending.
@@ -1201,6 +1197,9 @@ async fn complete(
     }
 }
 
+/// A driver panicked serving `service`: the call ends with `INTERNAL`, and the service is
+/// terminated (its user clients are closed with an event, their calls aborted, their memory
+/// revoked); the broker and every other service carry on.
 fn driver_failed(core: &Core, service: &Arc<Service>, panic: &str) -> Refusal {
     tracing::error!(service = service.name(), class = service.class(), %panic, "a driver panicked: the service is terminated");
     core.terminate(service.id());

@@ -70,6 +70,7 @@ probe_score = 1000
 pub(super) struct Target {
     id: u64,
     name: String,
+    class: String,
     methods: Vec<pb::MethodInfo>,
     memory_types: Vec<u32>,
 }
@@ -95,6 +96,7 @@ impl Targets {
             targets.push(Target {
                 id: s.id,
                 name: s.name.clone(),
+                class: s.class.clone(),
                 methods: s.methods.clone(),
                 memory_types,
             });
@@ -218,7 +220,7 @@ impl Cycler {
                 for t in &targets.0 {
                     let mut refused = 0;
                     if let Some(uc) = tolerate(session.open(t.id, OpenMode::Shared).await, "open", &mut refused)? {
-                        open.push((uc, class_of(admin, t.id).await, t.methods.clone()));
+                        open.push((uc, t.class.clone(), t.methods.clone()));
                     }
                 }
                 Cycler::Call { session, open }
@@ -390,16 +392,6 @@ impl Cycler {
             }
         }
     }
-}
-
-async fn class_of(admin: &Client, id: u64) -> String {
-    admin
-        .list_services(matching::all())
-        .await
-        .ok()
-        .and_then(|all| all.into_iter().find(|s| s.id == id))
-        .map(|s| s.class)
-        .unwrap_or_default()
 }
 
 /// Waits (10 s at most) until the kernel has finished the deferred detach of `node` from `disk`.

@@ -287,7 +287,7 @@ async fn serve_session(mut state: Served) -> (Option<Close>, Option<UnixSeqpacke
                 let moved = workers
                     .spawn(async move {
                         let _counted = state.core.accounts().serving_in_background();
-                        let mut state = rehomed(state, &tokio::runtime::Handle::current())?;
+                        let mut state = rehomed(state)?;
                         let step = serve_socket(&mut state, true).await;
                         Ok::<_, std::io::Error>((state, step))
                     })
@@ -295,7 +295,7 @@ async fn serve_session(mut state: Served) -> (Option<Close>, Option<UnixSeqpacke
                 match moved {
                     Ok(Ok((back, step))) => {
                         // Back on the foreground workers: registered with their reactor again.
-                        state = match rehomed(back, &tokio::runtime::Handle::current()) {
+                        state = match rehomed(back) {
                             Ok(state) => state,
                             Err(e) => return lost(&e),
                         };
@@ -324,13 +324,12 @@ async fn serve_session(mut state: Served) -> (Option<Close>, Option<UnixSeqpacke
     (ended, Some(state.conn))
 }
 
-/// The connection registered with `runtime`'s reactor (the one it is about to be served on): a connection served
-/// by the background workers must not wake the foreground workers' reactor at every request
-/// (with a thousand connections in the background, that reactor did the work of all of them).
-fn rehomed(mut state: Served, runtime: &tokio::runtime::Handle) -> std::io::Result<Served> {
-    let fd = OwnedFd::from(state.conn);
-    let _inside = runtime.enter();
-    state.conn = UnixSeqpacket::try_from(fd)?;
+/// The connection registered with the reactor of the runtime this runs on (the one about to
+/// serve it): a connection served by the background workers must not wake the foreground
+/// workers' reactor at every request (with a thousand connections in the background, that
+/// reactor did the work of all of them).
+fn rehomed(mut state: Served) -> std::io::Result<Served> {
+    state.conn = UnixSeqpacket::try_from(OwnedFd::from(state.conn))?;
     Ok(state)
 }
 
