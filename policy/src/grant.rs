@@ -8,6 +8,7 @@ use portcullis_proto::{layout::AbiId, property::Properties};
 use crate::{
     DEFAULT_DENY,
     args::{Compiled, ParamRef},
+    index::PrincipalSet,
     model::{Effect, OpenPermission, Policy, Principal, Rate, Rule, ServiceMatch},
 };
 
@@ -293,7 +294,17 @@ impl ServiceMatch {
 }
 
 impl Policy {
-    fn matching<'p>(&'p self, task: &Task<'_>, service: &ServiceView<'_>) -> Vec<&'p Rule> {
+    /// The rules about `task` and `service`, in policy order (through the index: the cost
+    /// follows the rules that could apply, not the size of the policy).
+    pub(crate) fn matching<'p>(&'p self, task: &Task<'_>, service: &ServiceView<'_>) -> Vec<&'p Rule> {
+        let set = self.principals_of(task);
+        self.index.matching(&self.rules, &set, service)
+    }
+
+    /// The rules about `task` and `service` found by reading every rule: the reference the
+    /// index is tested against.
+    #[cfg(test)]
+    pub(crate) fn matching_by_scan<'p>(&'p self, task: &Task<'_>, service: &ServiceView<'_>) -> Vec<&'p Rule> {
         let principal_matches: Vec<bool> = self.principals.iter().map(|p| p.matches(task)).collect();
         self.rules
             .iter()
@@ -306,10 +317,25 @@ impl Policy {
             .collect()
     }
 
+    /// The principals `task` matches: found once, then used for any number of services
+    /// ([`Policy::can_see_as`]).
+    pub fn principals_of(&self, task: &Task<'_>) -> PrincipalSet {
+        self.index.principals_of(&self.principals, task)
+    }
+
     /// Whether the task may see the service at all: only a forbid rule naming the whole service
     /// hides it.
     pub fn can_see(&self, task: &Task<'_>, service: &ServiceView<'_>) -> bool {
-        !self.matching(task, service).iter().any(|r| r.forbids_service())
+        self.can_see_as(&self.principals_of(task), service)
+    }
+
+    /// [`Policy::can_see`] for a task whose principals were found already.
+    pub fn can_see_as(&self, principals: &PrincipalSet, service: &ServiceView<'_>) -> bool {
+        !self
+            .index
+            .matching(&self.rules, principals, service)
+            .iter()
+            .any(|r| r.forbids_service())
     }
 
     /// `initWithTask`: admits the task to the service with the given open mode and compiles the

@@ -19,6 +19,7 @@ mod format;
 #[doc(hidden)]
 pub mod fuzzing;
 mod grant;
+mod index;
 mod lint;
 mod model;
 mod reference;
@@ -30,6 +31,7 @@ pub use args::{ParamAt, ParamRef};
 pub use explain::{Explanation, RuleTrace};
 pub use format::format;
 pub use grant::{Admission, Decision, Denial, Grant, MethodDecision, MethodRef, Remote, RuleRef, ServiceView, Task};
+pub use index::PrincipalSet;
 pub use model::{
     Catalog, ClassNames, Effect, Mode, OpenPermission, Policy, PolicyError, PropMatch, Rate, Source, SourceError,
     did_you_mean, locate_in, prop_value,

@@ -598,6 +598,8 @@ pub struct Policy {
     /// What is legal but probably not what the author meant (`policy check` prints these; the
     /// broker logs them when it loads the policy).
     pub(crate) warnings: Vec<SourceError>,
+    /// Finds the rules about a task and a service without reading every rule.
+    pub(crate) index: crate::index::RuleIndex,
 }
 
 impl Policy {
@@ -748,7 +750,9 @@ impl Policy {
                 }
             })
             .collect();
+        let index = crate::index::RuleIndex::build(&principals, &rules);
         let policy = Policy {
+            index,
             principals,
             rules,
             audit,
@@ -1041,17 +1045,13 @@ impl Policy {
     /// Whether any principal (or `not` block) names an `exe_sha256`: only then does the broker
     /// hash executables.
     pub fn uses_exe_sha256(&self) -> bool {
-        self.principals
-            .iter()
-            .any(|p| !p.exe_sha256.is_empty() || p.not.as_ref().is_some_and(|n| !n.exe_sha256.is_empty()))
+        self.index.uses_exe_sha256()
     }
 
     /// Whether any principal (or `not` block) names this executable path: only then does the
     /// broker check that the path, in its own mount namespace, is the file a task runs.
     pub fn names_exe(&self, path: &str) -> bool {
-        self.principals
-            .iter()
-            .any(|p| p.exe.iter().any(|e| e == path) || p.not.as_ref().is_some_and(|n| n.exe.iter().any(|e| e == path)))
+        self.index.names_exe(path)
     }
 }
 

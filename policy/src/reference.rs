@@ -281,6 +281,13 @@ mod tests {
             let task = task(&groups, who);
             let props = props(vendor);
             let service = service(&props, class, name);
+            let ids = |rules: Vec<&crate::model::Rule>| rules.iter().map(|r| r.id.clone()).collect::<Vec<_>>();
+            prop_assert_eq!(ids(policy.matching(&task, &service)), ids(policy.matching_by_scan(&task, &service)), "the index finds what a scan finds");
+            let (uris, dns) = ([SAN_URIS[0].to_string()], [SAN_DNS[0].to_string()]);
+            for (san_uri, san_dns, subject_cn) in [(&uris[..], &[][..], None), (&[][..], &dns[..], Some(CNS[0])), (&[][..], &[][..], Some(CNS[1]))] {
+                let remote = Task { remote: Some(crate::Remote { san_uri, san_dns, subject_cn }), ..task };
+                prop_assert_eq!(ids(policy.matching(&remote, &service)), ids(policy.matching_by_scan(&remote, &service)), "remote {:?}", subject_cn);
+            }
             for (kind, a, b, (x, y, len)) in requests {
                 if kind == 2 {
                     // A whole call: method and argument constraints.

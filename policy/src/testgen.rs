@@ -193,6 +193,7 @@ pub(crate) fn policy() -> impl Strategy<Value = Policy> {
                     p.name = format!("p{i}");
                 }
                 Policy {
+                    index: crate::index::RuleIndex::build(&principals, &rules),
                     principals,
                     rules,
                     audit,
