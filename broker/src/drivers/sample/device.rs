@@ -1,6 +1,7 @@
 //! The sample device's state and method implementations.
 
 use std::{
+    collections::HashMap,
     sync::{
         Mutex,
         atomic::{AtomicU32, AtomicU64, Ordering},
@@ -37,9 +38,10 @@ pub struct SampleDevice {
     record: StructLayout,
     calls_served: AtomicU64,
     opens: AtomicU32,
-    /// Pending `wait_event` calls. A waiter whose call was cancelled has a closed sender and is
-    /// pruned on the next registration or fire.
-    waiters: Mutex<Vec<oneshot::Sender<u64>>>,
+    /// Pending `wait_event` calls by number. A waiting call removes its own entry when it ends
+    /// however it ends (answered, timed out or cancelled), so registering and leaving cost the
+    /// same with a hundred thousand waiters as with none.
+    waiters: Arc<Waiters>,
     /// The `registers` page, shared by every user client (they get read-only descriptors).
     registers: Mutex<Option<Arc<OwnedFd>>>,
 }
@@ -59,16 +61,14 @@ impl SampleDevice {
             record,
             calls_served: AtomicU64::new(0),
             opens: AtomicU32::new(0),
-            waiters: Mutex::new(Vec::new()),
+            waiters: Arc::default(),
             registers: Mutex::new(None),
         }
     }
 
     /// Pending `wait_event` calls still waiting.
     pub fn pending_waiters(&self) -> usize {
-        let mut waiters = self.waiters.lock().unwrap_or_else(|e| e.into_inner());
-        waiters.retain(|w| !w.is_closed());
-        waiters.len()
+        self.waiters.lock().len()
     }
 
     fn info(&self) -> Vec<u8> {
@@ -87,12 +87,9 @@ impl SampleDevice {
             )));
         }
         let (tx, rx) = oneshot::channel();
-        {
-            let mut waiters = self.waiters.lock().unwrap_or_else(|e| e.into_inner());
-            waiters.retain(|w| !w.is_closed());
-            waiters.push(tx);
-        }
+        let waiting = Waiting::register(&self.waiters, tx);
         Completion::Pending(Box::pin(async move {
+            let _waiting = waiting;
             match tokio::time::timeout(Duration::from_millis(timeout_ms), rx).await {
                 Ok(Ok(value)) => Ok(CallOutput {
                     scalars: vec![value],
@@ -108,14 +105,61 @@ impl SampleDevice {
     }
 
     fn fire_event(&self, ctx: &CallContext<'_>, value: u64) -> u64 {
-        let waiters = std::mem::take(&mut *self.waiters.lock().unwrap_or_else(|e| e.into_inner()));
-        let completed = waiters.into_iter().filter_map(|w| w.send(value).ok()).count() as u64;
+        let waiters = std::mem::take(&mut self.waiters.lock().pending);
+        let completed = waiters.into_values().filter_map(|w| w.send(value).ok()).count() as u64;
         (ctx.notify)(DriverNotice {
             kind: "event",
             value,
             detail: format!("completed {completed} waiter(s)"),
         });
         completed
+    }
+}
+
+/// The pending `wait_event` calls of one device.
+#[derive(Debug, Default)]
+struct Waiters(Mutex<WaiterMap>);
+
+#[derive(Debug, Default)]
+struct WaiterMap {
+    next: u64,
+    pending: HashMap<u64, oneshot::Sender<u64>>,
+}
+
+impl WaiterMap {
+    fn len(&self) -> usize {
+        self.pending.len()
+    }
+}
+
+impl Waiters {
+    fn lock(&self) -> std::sync::MutexGuard<'_, WaiterMap> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// A registered waiter; leaves the device's map when dropped (a fired waiter already has).
+struct Waiting {
+    waiters: Arc<Waiters>,
+    id: u64,
+}
+
+impl Waiting {
+    fn register(waiters: &Arc<Waiters>, tx: oneshot::Sender<u64>) -> Waiting {
+        let mut map = waiters.lock();
+        let id = map.next;
+        map.next += 1;
+        map.pending.insert(id, tx);
+        Waiting {
+            waiters: waiters.clone(),
+            id,
+        }
+    }
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        self.waiters.lock().pending.remove(&self.id);
     }
 }
 
@@ -207,7 +251,7 @@ impl Driver for SampleDevice {
 
     fn terminate(&self) {
         // Dropping the senders completes every waiter with NO_DEVICE.
-        self.waiters.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        self.waiters.lock().pending.clear();
     }
 
     fn live(&self) -> crate::driver::DriverLive {
