@@ -343,13 +343,16 @@ impl Worker {
                 let header = self.map.header();
                 let (sq, cq, inbox, closed) = (&self.sq, &self.cq, &self.inbox, &self.closed);
                 let backlog = !self.backlog.is_empty();
+                // Queued events are work only while the backlog has room for them: a client
+                // that never drains its ring must not keep this thread spinning.
+                let takes_inbox = self.backlog_bytes < BACKLOG_BYTES;
                 let waiting_for = if backlog { wake::ON_ROOM } else { wake::ON_RECORDS };
                 wake::sleep_unless(
                     &header.broker_sleeping.0,
                     waiting_for,
                     || {
                         closed.load(Ordering::Acquire)
-                            || !inbox.is_empty()
+                            || (takes_inbox && !inbox.is_empty())
                             || if backlog {
                                 cq.head_moved(&header.cq_head.0)
                             } else {
