@@ -18,6 +18,7 @@ use std::{
     os::fd::{AsFd, BorrowedFd, OwnedFd},
     path::Path,
     sync::{Arc, Mutex},
+    task::Poll,
     time::Duration,
 };
 
@@ -28,12 +29,12 @@ use portcullis_proto::{
     },
     layout::AbiId,
 };
-use tokio::sync::{broadcast::error::RecvError, mpsc};
+use tokio::sync::mpsc;
 use tokio_seqpacket::{UnixSeqpacket, UnixSeqpacketListener, ancillary::AncillaryMessageWriter};
 
 use crate::{
     config::RingConfig,
-    session::{Core, Refusal, Session, Started},
+    session::{Core, Missed, Refusal, Session, Started},
     throttle::{Throttle, throttled_info},
 };
 
@@ -191,8 +192,7 @@ async fn connection(core: Arc<Core>, conn: UnixSeqpacket, ring: RingConfig) {
             return;
         }
     };
-    let mut buf = vec![0u8; MAX_FRAME + 1];
-    let (ended, conn) = match hello(&conn, &mut buf, handshake).await {
+    let (ended, conn) = match hello(&conn, handshake).await {
         Ok(abi) => {
             let welcome = ServerFrame::Welcome {
                 version: PROTOCOL_VERSION,
@@ -202,12 +202,13 @@ async fn connection(core: Arc<Core>, conn: UnixSeqpacket, ring: RingConfig) {
                 return;
             }
             let (done_tx, done_rx) = mpsc::channel(core.accounts().limits().max_queued_messages_per_session);
+            let mut session = Session::new(core.clone(), peer.clone(), abi);
+            let events = session.take_events();
             let state = Served {
-                session: Arc::new(Mutex::new(Session::new(core.clone(), peer.clone(), abi))),
-                events: core.subscribe(),
+                session: Arc::new(Mutex::new(session)),
+                events,
                 core: core.clone(),
                 conn,
-                buf,
                 ring_config: ring,
                 ring: None,
                 done_tx,
@@ -226,16 +227,32 @@ async fn connection(core: Arc<Core>, conn: UnixSeqpacket, ring: RingConfig) {
     }
 }
 
-/// Receives one frame into `buf`. `Ok(None)`: the peer closed the connection.
-async fn receive(conn: &UnixSeqpacket, buf: &mut [u8]) -> Result<Option<ClientFrame>, Close> {
-    let info = conn
-        .recv(buf)
-        .await
-        .map_err(|e| Close::protocol(format!("receive failed: {e}")))?;
-    if info.truncated() {
+thread_local! {
+    /// The receive buffer of the connections this worker thread serves: a frame is received
+    /// and decoded within one poll, so a connection holds no buffer of its own while it waits
+    /// (a `MAX_FRAME` buffer per idle connection was most of its memory).
+    static SCRATCH: std::cell::RefCell<Box<[u8]>> = std::cell::RefCell::new(vec![0u8; MAX_FRAME + 1].into_boxed_slice());
+}
+
+/// Receives and decodes one frame. `Ok(None)`: the peer closed the connection.
+async fn receive(conn: &UnixSeqpacket) -> Result<Option<ClientFrame>, Close> {
+    std::future::poll_fn(|cx| {
+        SCRATCH.with_borrow_mut(|buf| {
+            let info = match conn.poll_recv(cx, buf) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Ok(info)) => info,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(Close::protocol(format!("receive failed: {e}")))),
+            };
+            Poll::Ready(decode(buf, info.bytes_read(), info.truncated()))
+        })
+    })
+    .await
+}
+
+fn decode(buf: &[u8], len: usize, truncated: bool) -> Result<Option<ClientFrame>, Close> {
+    if truncated {
         return Err(Close::protocol(format!("frame exceeds the {MAX_FRAME}-byte limit")));
     }
-    let len = info.bytes_read();
     if len == 0 {
         return Ok(None);
     }
@@ -246,8 +263,8 @@ async fn receive(conn: &UnixSeqpacket, buf: &mut [u8]) -> Result<Option<ClientFr
         .map_err(|e| Close::protocol(e.to_string()))
 }
 
-async fn hello(conn: &UnixSeqpacket, buf: &mut [u8], timeout: Duration) -> Result<AbiId, Close> {
-    let first = tokio::time::timeout(timeout, receive(conn, buf))
+async fn hello(conn: &UnixSeqpacket, timeout: Duration) -> Result<AbiId, Close> {
+    let first = tokio::time::timeout(timeout, receive(conn))
         .await
         .map_err(|_| Close::protocol(format!("no Hello within {} ms", timeout.as_millis())))??;
     match first {
@@ -352,10 +369,9 @@ struct Served {
     session: Arc<Mutex<Session>>,
     core: Arc<Core>,
     conn: UnixSeqpacket,
-    buf: Vec<u8>,
     ring_config: RingConfig,
     ring: Option<ring::RingHandle>,
-    events: tokio::sync::broadcast::Receiver<crate::session::CoreEvent>,
+    events: crate::session::EventReceiver,
     /// Completed asynchronous calls queued for this connection
     /// (`max_queued_messages_per_session`).
     done_tx: mpsc::Sender<Done>,
@@ -370,7 +386,6 @@ async fn serve_socket(state: &mut Served, background: bool) -> Result<Option<Clo
         session,
         core,
         conn,
-        buf,
         ring_config,
         ring,
         events,
@@ -390,7 +405,7 @@ async fn serve_socket(state: &mut Served, background: bool) -> Result<Option<Clo
             }
         };
         let out: Vec<(ServerFrame, Vec<OwnedFd>)> = tokio::select! {
-            frame = receive(conn, buf) => match frame {
+            frame = receive(conn) => match frame {
                 Ok(Some(ClientFrame::Request(RequestFrame { id, request: Request::EnableRing { sq_size, cq_size } }))) => {
                     vec![enable_ring(core, session, ring, id, sq_size, cq_size, ring_config)]
                 }
@@ -443,8 +458,8 @@ async fn serve_socket(state: &mut Served, background: bool) -> Result<Option<Clo
             event = events.recv() => {
                 let events = match event {
                     Ok(event) => locked(session).on_core_event(&event),
-                    Err(RecvError::Lagged(n)) => locked(session).on_events_lost(n),
-                    Err(RecvError::Closed) => return Ok(Some(Close { status: Status::Aborted, reason: "the broker is stopping".into() })),
+                    Err(Missed::Lagged(n)) => locked(session).on_events_lost(n),
+                    Err(Missed::Closed) => return Ok(Some(Close { status: Status::Aborted, reason: "the broker is stopping".into() })),
                 };
                 let frames = events.into_iter().filter_map(codec::event);
                 match ring.as_mut() {
