@@ -112,7 +112,7 @@ pub fn run(quick: bool) {
     for n in 0..cycles {
         // Whatever is queued from the last round is not this round's.
         while let Ok(portcullis_broker::bus::netlink::Received::Event(_)) = ours.receive() {}
-        while published.try_recv().is_ok() {}
+        while let Some(Ok(_)) = published.try_recv() {}
         let (device, file) = attach(dir.path(), n);
         let name = device.file_name().unwrap().to_string_lossy().into_owned();
         let devpath = format!("/devices/virtual/block/{name}");
@@ -127,8 +127,8 @@ pub fn run(quick: bool) {
             }
         };
         let service = loop {
-            match runtime.block_on(published.recv()).unwrap() {
-                CoreEvent::Published(s) if s.name() == name && s.class() == "BlockDevice" => break s,
+            match &*runtime.block_on(published.recv()).unwrap() {
+                CoreEvent::Published(s) if s.name() == name && s.class() == "BlockDevice" => break s.clone(),
                 _ => {}
             }
         };

@@ -2,7 +2,7 @@
 //! comparison runs its contenders in the same process run, taking turns round by round so that
 //! drift in machine load falls on all of them, and prints a Markdown table with ratios.
 //!
-//! usage: portcullis-bench [--quick] [--rounds N] [--iters N] [--plot PNG] [transports] [grpc] [native] [translate] [policy] [devices] [hotplug] [flood] [sandbox]
+//! usage: portcullis-bench [--quick] [--rounds N] [--iters N] [--plot PNG] [transports] [grpc] [native] [translate] [policy] [devices] [hotplug] [flood] [sandbox] [scale [--scale-only PART,...] [--scale-plot PNG]]
 //! (no names: all of them)
 
 #![forbid(unsafe_code)]
@@ -21,7 +21,9 @@ mod grpc;
 mod hotplug;
 mod native;
 mod policy;
+mod process;
 mod sandbox;
+mod scale;
 mod translate;
 mod transports;
 
@@ -143,6 +145,7 @@ fn main() {
                 "hotplug",
                 "flood",
                 "sandbox",
+                "scale",
             ]
             .contains(a)
         })
@@ -176,6 +179,27 @@ fn main() {
     }
     if wants("sandbox") {
         sandbox::run(&args);
+    }
+    if wants("scale") {
+        let plot = argv
+            .iter()
+            .position(|a| a == "--scale-plot")
+            .and_then(|i| argv.get(i + 1))
+            .map_or_else(
+                || std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/bench-scale.png"),
+                std::path::PathBuf::from,
+            );
+        let only: Vec<&str> = argv
+            .iter()
+            .position(|a| a == "--scale-only")
+            .and_then(|i| argv.get(i + 1))
+            .map(|list| list.split(',').collect())
+            .unwrap_or_default();
+        if let Some(unknown) = only.iter().find(|p| !scale::PARTS.contains(p)) {
+            eprintln!("--scale-only: no part {unknown:?} (parts: {})", scale::PARTS.join(","));
+            std::process::exit(2);
+        }
+        scale::run(quick, &plot, &only);
     }
     if wants("hotplug") {
         hotplug::run(quick);

@@ -5,8 +5,7 @@
 //! rounds of the same run. Target: on/off ≤ 1.05×.
 
 use std::{
-    path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    path::Path,
     time::{Duration, Instant},
 };
 
@@ -15,52 +14,16 @@ use portcullis_client::{
     ring::{RingClient, RingOptions},
 };
 
-use crate::{Args, client_runtime, summarize};
-
-/// A broker process, killed when dropped.
-struct Broker {
-    child: Child,
-    run_dir: PathBuf,
-}
-
-impl Drop for Broker {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn binary() -> PathBuf {
-    std::env::var_os("PORTCULLIS_BIN").map_or_else(
-        || Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/portcullis"),
-        PathBuf::from,
-    )
-}
+use crate::{Args, client_runtime, process::Broker, summarize};
 
 fn start(dir: &Path, name: &str, sandbox: bool) -> Broker {
-    let config = dir.join(format!("{name}.toml"));
-    std::fs::write(
-        &config,
-        format!("discovery = false\n\n[sandbox]\nenabled = {sandbox}\n\n[[device]]\nname = \"sample0\"\ndriver = \"sample\"\n"),
+    Broker::start(
+        dir,
+        name,
+        &format!(
+            "discovery = false\n\n[sandbox]\nenabled = {sandbox}\n\n[[device]]\nname = \"sample0\"\ndriver = \"sample\"\n"
+        ),
     )
-    .unwrap();
-    let run_dir = dir.join(name);
-    let child = Command::new(binary())
-        .args(["broker", "--config"])
-        .arg(&config)
-        .arg("--run-dir")
-        .arg(&run_dir)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap_or_else(|e| panic!("{}: {e} (cargo xtask bench builds it)", binary().display()));
-    let socket = run_dir.join(portcullis_client::GRPC_SOCKET);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while std::os::unix::net::UnixStream::connect(&socket).is_err() {
-        assert!(Instant::now() < deadline, "the {name} broker did not start");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    Broker { child, run_dir }
 }
 
 fn ring_round(broker: &Broker, iters: usize, samples: &mut Vec<Duration>) {

@@ -573,13 +573,23 @@ const COLORS: [(u8, u8, u8); 10] = [
     (23, 190, 207),
 ];
 
+/// DejaVu Sans as the plots' "sans-serif" (Debian fonts-dejavu-core).
+pub(crate) fn register_font() -> Result<(), Box<dyn std::error::Error>> {
+    let font = std::fs::read("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf")
+        .map_err(|e| format!("DejaVuSans.ttf (Debian fonts-dejavu-core): {e}"))?;
+    plotters::style::register_font(
+        "sans-serif",
+        plotters::style::FontStyle::Normal,
+        Box::leak(font.into_boxed_slice()),
+    )
+    .map_err(|_| "the font does not load")?;
+    Ok(())
+}
+
 /// The latency distributions as CDFs on a log time axis, one panel per idle policy.
 fn plot_cdf(path: &Path, tables: &[(&str, Vec<Contender>)]) -> Result<(), Box<dyn std::error::Error>> {
     use plotters::prelude::*;
-    let font = std::fs::read("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf")
-        .map_err(|e| format!("DejaVuSans.ttf (Debian fonts-dejavu-core): {e}"))?;
-    plotters::style::register_font("sans-serif", FontStyle::Normal, Box::leak(font.into_boxed_slice()))
-        .map_err(|_| "the font does not load")?;
+    register_font()?;
     let us = |d: &Duration| d.as_secs_f64() * 1e6;
     let height = 700 * u32::try_from(tables.len()).unwrap_or(1);
     let root = BitMapBackend::new(path, (1200, height)).into_drawing_area();

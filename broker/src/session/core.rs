@@ -11,7 +11,7 @@ use std::{
 use portcullis_policy::{Policy, ServiceView};
 use portcullis_proto::layout::AbiId;
 use portcullis_proto::property::Properties;
-use tokio::sync::{broadcast, watch};
+use tokio::sync::watch;
 
 use super::{
     PeerIdentity,
@@ -24,8 +24,16 @@ use crate::{
     registry::{Matching, Registry, RegistryError, Service, ServiceId},
 };
 
-/// Capacity of the event bus; a session that falls further behind is told how many it lost.
-const EVENT_BUS_CAPACITY: usize = 1024;
+/// Sessions that must have closed (half of a peak) before their memory is handed back.
+const TRIM_AFTER_SESSIONS: usize = 32;
+
+/// Hands freed memory back to the kernel, off the async workers when there are some.
+fn release_memory() {
+    match tokio::runtime::Handle::try_current() {
+        Ok(runtime) => drop(runtime.spawn_blocking(crate::sys::release_free_memory)),
+        Err(_) => crate::sys::release_free_memory(),
+    }
+}
 
 /// Something every session may need to hear about.
 #[derive(Clone, Debug)]
@@ -72,7 +80,9 @@ pub struct Core {
     /// Where decisions are logged, when configured.
     decisions: std::sync::OnceLock<super::DecisionLog>,
     max_connections: usize,
-    events: broadcast::Sender<CoreEvent>,
+    events: Arc<super::events::EventHub>,
+    /// Live sessions below which freed memory is next handed back (see `session_ended`).
+    trim_mark: AtomicUsize,
     /// Set when the broker is stopping: sessions say goodbye and end.
     stopping: watch::Sender<bool>,
     /// The next user client's key, as drivers know it.
@@ -313,7 +323,6 @@ impl Core {
     /// A core like [`Core::with_source`] serving at most `max_connections` connections at once,
     /// each client identity within `limits`.
     pub fn with_limits(policy: Policy, source: Option<PathBuf>, max_connections: usize, limits: Limits) -> Arc<Core> {
-        let (events, _) = broadcast::channel(EVENT_BUS_CAPACITY);
         Arc::new(Core {
             registry: Registry::new(),
             policy: RwLock::new((Arc::new(policy), 1)),
@@ -324,7 +333,8 @@ impl Core {
             accounts: Accounts::new(max_connections, limits),
             max_connections,
             decisions: std::sync::OnceLock::new(),
-            events,
+            events: Arc::default(),
+            trim_mark: AtomicUsize::new(0),
             stopping: watch::Sender::new(false),
             next_client: AtomicU64::new(1),
             live: LiveCounts::default(),
@@ -372,7 +382,7 @@ impl Core {
 
     /// Tells every session about something that concerns all of them.
     pub(crate) fn announce(&self, event: CoreEvent) {
-        let _ = self.events.send(event);
+        self.events.publish(event);
     }
 
     /// The registry.
@@ -405,8 +415,31 @@ impl Core {
             self.generation.store(generation, Ordering::Release);
             generation
         };
-        let _ = self.events.send(CoreEvent::PolicyReloaded { generation });
+        self.events.publish(CoreEvent::PolicyReloaded { generation });
+        // The old policy's rules are free now (user clients keep compiled grants, not rules).
+        release_memory();
         generation
+    }
+
+    /// A session started: `live` sessions now.
+    pub(crate) fn session_started(&self, live: usize) {
+        self.trim_mark.fetch_max(live / 2, Ordering::Relaxed);
+    }
+
+    /// A session ended: `live` sessions now. Each time the count falls below half of its
+    /// peak since the last time, the allocator gives freed memory back to the kernel, so that a
+    /// crowd that came and went does not leave the broker at its peak.
+    pub(crate) fn session_ended(&self, live: usize) {
+        let mark = self.trim_mark.load(Ordering::Relaxed);
+        if live < mark
+            && mark >= TRIM_AFTER_SESSIONS
+            && self
+                .trim_mark
+                .compare_exchange(mark, live / 2, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            release_memory();
+        }
     }
 
     /// Loads the policy again from its source. On any error the running policy stays and the
@@ -596,9 +629,15 @@ impl Core {
         self.policy_source.as_deref()
     }
 
-    /// A receiver of every event from now on.
-    pub fn subscribe(&self) -> broadcast::Receiver<CoreEvent> {
-        self.events.subscribe()
+    /// A receiver of every event from now on (tools and tests; sessions hear only what
+    /// concerns them).
+    pub fn subscribe(&self) -> super::EventReceiver {
+        self.events.observe()
+    }
+
+    /// The hub that delivers the core's events.
+    pub fn events(&self) -> &Arc<super::events::EventHub> {
+        &self.events
     }
 
     /// Publishes a service and tells subscribers.
@@ -616,7 +655,7 @@ impl Core {
         } else {
             tracing::debug!(id = %service.id(), name, class, "service published");
         }
-        let _ = self.events.send(CoreEvent::Published(service.clone()));
+        self.events.publish(CoreEvent::Published(service.clone()));
         Ok(service)
     }
 
@@ -624,7 +663,7 @@ impl Core {
     pub fn terminate(&self, id: ServiceId) {
         for service in self.registry.terminate(id) {
             tracing::info!(id = %service.id(), name = service.name(), "service terminated");
-            let _ = self.events.send(CoreEvent::Terminated {
+            self.events.publish(CoreEvent::Terminated {
                 id: service.id(),
                 name: service.name().to_string(),
             });
@@ -633,7 +672,7 @@ impl Core {
 
     /// Posts a driver's notification about a service.
     pub fn notify(&self, service: &Arc<Service>, notice: DriverNotice) {
-        let _ = self.events.send(CoreEvent::Notice {
+        self.events.publish(CoreEvent::Notice {
             service: service.clone(),
             notice,
         });
@@ -655,12 +694,13 @@ impl Core {
     /// The services matching the dictionary that this peer may see (IOServiceGetMatchingServices).
     pub fn find_services(&self, peer: &PeerIdentity, abi: AbiId, matching: &Matching) -> Vec<Arc<Service>> {
         let policy = self.policy();
-        let task = peer.task(abi, self.exe_for(&policy, peer));
+        // The task's principals are found once, not once per service.
+        let principals = policy.principals_of(&peer.task(abi, self.exe_for(&policy, peer)));
         self.registry
             .find(matching)
             .into_iter()
             .filter(|s| !crate::bus::is_kernel_internal(s.class()))
-            .filter(|s| policy.can_see(&task, &view(s, &s.properties())))
+            .filter(|s| policy.can_see_as(&principals, &view(s, &s.properties())))
             .collect()
     }
 }

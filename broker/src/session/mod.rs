@@ -7,6 +7,7 @@ mod bucket;
 mod command;
 mod core;
 mod decisions;
+mod events;
 pub(crate) mod identity;
 mod user;
 
@@ -14,6 +15,7 @@ pub use command::{Command, Reply, Started};
 pub(crate) use core::Live;
 pub use core::{Core, CoreEvent, GrantChange, PolicyStatus, ReloadRecord, Stats};
 pub use decisions::DecisionLog;
+pub use events::{EventHub, EventReceiver, Missed};
 pub(crate) use identity::parse_label;
 pub use identity::{ExeHashing, FileId, IdentityError, IdentityOptions, PeerIdentity, TlsPeer};
 pub use user::{CallStarted, Refusal, Session, SessionEvent};

@@ -140,6 +140,8 @@ struct UserClient {
     mapping_live: Vec<super::core::Live>,
     /// The bytes of each mapping, counted against the identity's bound.
     mapping_held: Vec<super::accounts::Held>,
+    /// The session hears its service's termination and policy reloads while this is held.
+    _heard: super::events::Held,
 }
 
 impl Drop for UserClient {
@@ -201,6 +203,10 @@ pub struct Session {
     audited: Vec<Denial>,
     /// Calls allowed (counted, not logged one by one).
     calls_allowed: u64,
+    /// What this session listens for, in the core's event hub.
+    listener: super::events::Listener,
+    /// Where its events arrive, until the transport takes it.
+    events: Option<super::EventReceiver>,
     /// Counts this session as live.
     _live: super::core::Live,
 }
@@ -222,9 +228,13 @@ impl Session {
         let revision: Arc<str> = policy.revision().into();
         tracing::debug!(uid = peer.uid, pid = %peer.pid_text(), exe = peer.exe.as_deref().unwrap_or("-"), %abi, "session started");
         let live = super::core::Live::new(&core.live.sessions);
+        core.session_started(core.live.sessions.load(Ordering::Relaxed));
         let account = core.account_of(&peer);
+        let (listener, events) = core.events().listen();
         Session {
             _live: live,
+            listener,
+            events: Some(events),
             core,
             peer,
             account,
@@ -245,6 +255,12 @@ impl Session {
             audited: Vec::new(),
             calls_allowed: 0,
         }
+    }
+
+    /// The receiver of the events that concern this session, for its transport to take once
+    /// (a second taker gets a receiver that is closed at once).
+    pub fn take_events(&mut self) -> super::EventReceiver {
+        self.events.take().unwrap_or_else(super::EventReceiver::closed)
     }
 
     /// Recompiles every grant when a new policy runs: a grant that shrinks applies from this
@@ -667,6 +683,7 @@ impl Session {
                 listed,
                 mapping_live: Vec::new(),
                 mapping_held: Vec::new(),
+                _heard: self.listener.hold(service.id()),
             },
         );
         Ok((handle, service, privileges))
@@ -986,9 +1003,13 @@ impl Session {
             }
         }
         self.subscription = if services.is_empty() {
+            self.listener.subscribe(super::events::Subscribed::All);
             Subscription::All
         } else {
-            Subscription::Services(services.iter().copied().collect())
+            let ids: BTreeSet<ServiceId> = services.iter().copied().collect();
+            self.listener
+                .subscribe(super::events::Subscribed::Services(ids.iter().copied().collect()));
+            Subscription::Services(ids)
         };
         Ok(())
     }
@@ -1006,6 +1027,7 @@ impl Session {
         let now = self.core.find_services(&self.peer, self.abi, &matching);
         self.announced.extend(now.iter().map(|s| s.id()));
         self.matching_watches.push(matching);
+        self.listener.watch();
         Ok(now)
     }
 
@@ -1088,6 +1110,9 @@ impl Drop for Session {
             log.write(self.stamp(summary));
         }
         tracing::debug!(uid = self.peer.uid, pid = %self.peer.pid_text(), user_clients = self.user_clients.len(), "session ended, releasing everything");
+        // This session's own count goes with its fields, after this.
+        let live = self.core.live.sessions.load(Ordering::Relaxed).saturating_sub(1);
+        self.core.session_ended(live);
     }
 }
 
@@ -1420,6 +1445,36 @@ mod tests {
             },
         };
         assert!(watching.on_core_event(&other).is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_notification_reaches_only_the_sessions_that_subscribed() {
+        let core = core();
+        let sample = sample(&core);
+        let mut idle: Vec<Session> = (0..500).map(|_| session(&core)).collect();
+        // Holding a user client of the device is not a subscription to its notifications.
+        let mut holder = session(&core);
+        holder.open_user_client(sample.id(), OpenMode::Shared).unwrap();
+        let mut watching = session(&core);
+        watching.subscribe(&[sample.id()]).unwrap();
+        let mut watching_rx = watching.take_events();
+        let before = core.events().deliveries();
+        core.notify(
+            &sample,
+            crate::driver::DriverNotice {
+                kind: "event",
+                value: 9,
+                detail: String::new(),
+            },
+        );
+        assert_eq!(
+            core.events().deliveries() - before,
+            1,
+            "one subscriber among 502 sessions"
+        );
+        assert!(matches!(watching_rx.try_recv(), Some(Ok(e)) if matches!(&*e, CoreEvent::Notice { .. })));
+        assert!(holder.take_events().try_recv().is_none());
+        assert!(idle.iter_mut().all(|s| s.take_events().try_recv().is_none()));
     }
 
     /// An encoder for tests, independent of the plans: values written at each ABI's offsets in

@@ -25,7 +25,7 @@ use portcullis_proto::{
 use tokio::{
     io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf},
     net::{TcpListener, TcpStream, UnixListener, UnixStream},
-    sync::{OwnedSemaphorePermit, Semaphore, broadcast::error::RecvError, mpsc},
+    sync::{OwnedSemaphorePermit, Semaphore, mpsc},
     task::JoinSet,
 };
 use tokio_rustls::{TlsAcceptor, server::TlsStream};
@@ -35,7 +35,7 @@ use tonic::{Streaming, transport::server::Connected};
 use crate::{
     registry::{Matching, OpenMode, Service, ServiceId},
     session::{
-        Command, Core, CoreEvent, Live, PeerIdentity, Refusal, Reply, Session, SessionEvent, Started, TlsPeer,
+        Command, Core, CoreEvent, Live, Missed, PeerIdentity, Refusal, Reply, Session, SessionEvent, Started, TlsPeer,
         accounts::ConnectionSlot,
     },
     throttle::{Throttle, throttled_info},
@@ -793,7 +793,7 @@ type Outbound = mpsc::Sender<Outgoing>;
 /// Serves one session until the client's stream ends, its connection drops, or the broker
 /// stops; then the session is dropped, releasing everything it held.
 async fn run_session(mut session: Session, core: Arc<Core>, mut inbound: Streaming<pb::ClientMessage>, tx: Outbound) {
-    let mut events = core.subscribe();
+    let mut events = session.take_events();
     // Asynchronous calls in flight, each sending its own response when it completes.
     let mut calls = JoinSet::new();
     // Events left out because the account's queue was full, told to the client once there is room.
@@ -828,8 +828,8 @@ async fn run_session(mut session: Session, core: Arc<Core>, mut inbound: Streami
             event = events.recv() => {
                 let out = match event {
                     Ok(event) => session.on_core_event(&event),
-                    Err(RecvError::Lagged(n)) => session.on_events_lost(n),
-                    Err(RecvError::Closed) => break None,
+                    Err(Missed::Lagged(n)) => session.on_events_lost(n),
+                    Err(Missed::Closed) => break None,
                 };
                 if send_events(&tx, &session, out, &mut lost).await.is_err() {
                     break None;

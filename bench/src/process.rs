@@ -1,0 +1,96 @@
+//! A broker run as a process of the release build (`cargo xtask bench` builds it), for the
+//! benchmarks that measure it from outside: its CPU time and memory are its own.
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+/// A broker process, killed when dropped.
+pub(crate) struct Broker {
+    child: Child,
+    pub(crate) run_dir: PathBuf,
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn binary() -> PathBuf {
+    std::env::var_os("PORTCULLIS_BIN").map_or_else(
+        || Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/portcullis"),
+        PathBuf::from,
+    )
+}
+
+impl Broker {
+    /// Starts a broker on `config` (TOML text) with its run dir in `dir/name`, and waits for
+    /// its gRPC socket.
+    pub(crate) fn start(dir: &Path, name: &str, config: &str) -> Broker {
+        let path = dir.join(format!("{name}.toml"));
+        std::fs::write(&path, config).unwrap();
+        let run_dir = dir.join(name);
+        let child = Command::new(binary())
+            .args(["broker", "--config"])
+            .arg(&path)
+            .arg("--run-dir")
+            .arg(&run_dir)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("{}: {e} (cargo xtask bench builds it)", binary().display()));
+        let socket = run_dir.join(portcullis_client::GRPC_SOCKET);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut child = child;
+        while std::os::unix::net::UnixStream::connect(&socket).is_err() {
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("the {name} broker ended before serving: {status}");
+            }
+            assert!(Instant::now() < deadline, "the {name} broker did not start");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Broker { child, run_dir }
+    }
+
+    /// The process that serves clients (a sandboxed broker's privileged helper is its child).
+    pub(crate) fn server_pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Resident memory of the serving process, in bytes.
+    pub(crate) fn rss(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.server_pid())).unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .map_or(0, |kb| kb * 1024)
+    }
+
+    /// CPU time the serving process's threads have run, summed (`schedstat`, nanoseconds).
+    pub(crate) fn cpu(&self) -> Duration {
+        let pid = self.server_pid();
+        let ns: u64 = std::fs::read_dir(format!("/proc/{pid}/task"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
+            .filter_map(|s| s.split_whitespace().next().and_then(|n| n.parse::<u64>().ok()))
+            .sum();
+        Duration::from_nanos(ns)
+    }
+
+    /// The serving process's open descriptors.
+    pub(crate) fn fds(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.server_pid())).map_or(0, Iterator::count)
+    }
+
+    /// The serving process's threads.
+    pub(crate) fn threads(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/task", self.server_pid())).map_or(0, Iterator::count)
+    }
+}

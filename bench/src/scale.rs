@@ -1,0 +1,441 @@
+//! Cost at scale: what one operation costs as the things it should not depend on grow —
+//! pending waiters, idle sessions, policy rules — and what each idle session and each rule
+//! costs in memory. Every row is measured against its own baseline (the smallest count) in
+//! the same run; a line that stays flat is the result. `cargo xtask bench scale` (also writes
+//! `docs/bench-scale.png`, each cost over its count, relative to the baseline).
+
+use std::{
+    collections::BTreeMap,
+    path::Path,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use portcullis_broker::{
+    config::Config,
+    registry::{Matching, OpenMode},
+    server,
+    session::{CallStarted, Core, PeerIdentity, Session},
+};
+use portcullis_client::{Client, native::NativeSession};
+use portcullis_policy::{Policy, Source};
+use portcullis_proto::layout::AbiId;
+
+use crate::{client_runtime, policy::median, process::Broker};
+
+/// One series of the plot: a cost over a count, as ratios to the first point.
+struct Series {
+    name: &'static str,
+    points: Vec<(f64, f64)>,
+}
+
+fn us(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e6
+}
+
+fn p99(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[((v.len() - 1) as f64 * 0.99).round() as usize]
+}
+
+/// The parts of the scale benchmark, for `--scale-only`.
+pub(crate) const PARTS: &[&str] = &["waiters", "rules", "events", "sessions", "rule-memory"];
+
+pub(crate) fn run(quick: bool, plot: &Path, only: &[&str]) {
+    println!("## Cost at scale\n");
+    let wants = |part: &str| only.is_empty() || only.contains(&part);
+    let mut series = Vec::new();
+    if wants("waiters") {
+        series.push(waiters(quick));
+    }
+    if wants("rules") {
+        series.extend(rules(quick));
+    }
+    if wants("events") {
+        series.push(events(quick));
+    }
+    if wants("sessions") {
+        sessions(quick);
+    }
+    if wants("rule-memory") {
+        rule_memory(quick);
+    }
+    if series.is_empty() {
+        return;
+    }
+    if let Err(e) = plot_series(plot, &series) {
+        println!("(no plot: {e})\n");
+    } else {
+        println!("Plot: `{}`\n", plot.display());
+    }
+}
+
+/// An in-process core on the embedded policy, with room for many pending calls.
+fn core_for_waiters() -> Arc<Core> {
+    let config =
+        "[limits]\nmax_pending_calls_per_uid = 1000000\n\n[[device]]\nname = \"sample0\"\ndriver = \"sample\"\n";
+    server::build_core(&Config::parse("bench", config).unwrap(), None).unwrap()
+}
+
+fn sample_session(core: &Arc<Core>, peer: &Arc<PeerIdentity>) -> (Session, u64) {
+    let mut s = Session::new(core.clone(), peer.clone(), AbiId::native());
+    let id = s.find_services(&Matching::name("sample0"))[0].id();
+    let (handle, _, _) = s.open_user_client(id, OpenMode::Shared).unwrap();
+    (s, handle)
+}
+
+/// Registering a `wait_event` with 0 … 100,000 others pending on the same device.
+fn waiters(quick: bool) -> Series {
+    println!("### Registering a `wait_event` with others pending on the device\n");
+    let runtime = crate::server_runtime();
+    let _guard = runtime.enter();
+    let core = core_for_waiters();
+    let peer = Arc::new(PeerIdentity::of_self().unwrap());
+    let levels: &[usize] = if quick {
+        &[0, 1_000, 10_000]
+    } else {
+        &[0, 1_000, 10_000, 100_000]
+    };
+    let samples = if quick { 500 } else { 3_000 };
+    let (mut probe, probe_handle) = sample_session(&core, &peer);
+    // Waiters held: 1,000 per session (a session may have 1,024 pending).
+    let mut holders: Vec<(Session, u64, Vec<CallStarted>)> = Vec::new();
+    let mut held = 0;
+    let mut measure = |held: usize| {
+        let mut took = Vec::with_capacity(samples);
+        for _ in 0..samples {
+            let t = Instant::now();
+            let started = probe.call(probe_handle, 3, vec![60_000], vec![], 0).unwrap();
+            // Registered; the cancelled call leaves the device as it goes.
+            drop(started);
+            took.push(us(t.elapsed()));
+        }
+        (held, median(took.clone()), p99(took))
+    };
+    let mut rows = vec![measure(0)];
+    for &level in levels.iter().skip(1) {
+        while held < level {
+            if holders.last().is_none_or(|(_, _, calls)| calls.len() >= 1_000) {
+                let (s, h) = sample_session(&core, &peer);
+                holders.push((s, h, Vec::new()));
+            }
+            let (s, handle, calls) = holders.last_mut().unwrap();
+            calls.push(s.call(*handle, 3, vec![60_000], vec![], 0).unwrap());
+            held += 1;
+        }
+        rows.push(measure(held));
+    }
+    drop(holders);
+    rows.push(measure(0));
+    println!("| pending waiters | register + cancel p50 µs | p99 µs | p50 vs none |");
+    println!("|---|---|---|---|");
+    let base = rows[0].1;
+    for (i, (n, p50, p99)) in rows.iter().enumerate() {
+        let label = if i + 1 == rows.len() {
+            format!("{n} (again, after)")
+        } else {
+            n.to_string()
+        };
+        println!("| {label} | {p50:.2} | {p99:.2} | {:.2}× |", p50 / base);
+    }
+    let worst = rows.iter().map(|r| r.1 / base).fold(0.0, f64::max);
+    println!("\nworst ratio to none pending: **{worst:.2}×** (target ≤ 1.2× up to 100,000)\n");
+    Series {
+        name: "wait_event register (waiters)",
+        points: rows[..rows.len() - 1]
+            .iter()
+            .map(|r| (r.0.max(1) as f64, r.1 / base))
+            .collect(),
+    }
+}
+
+/// A policy of `rules` rules beside the embedded one: rules for other users' principals
+/// (one uid each) about other services, as a big site's policy is — per-app, per-user rules —
+/// so that what applies to the measured task stays the same while the policy grows.
+pub(crate) fn big_policy(rules: usize) -> String {
+    let mut text = include_str!("../../broker/src/default_policy.toml").to_string();
+    let principals = (rules / 10).max(1);
+    for p in 0..principals {
+        text.push_str(&format!(
+            "\n[[principal]]\nname = \"user{p}\"\nuid = [{}]\n",
+            10_000 + p
+        ));
+    }
+    for r in 0..rules {
+        // A third about the whole class (every sample device), the rest about one device each.
+        let service = if r % 3 == 0 {
+            "class = \"SampleDevice\"".to_string()
+        } else {
+            format!("class = \"SampleDevice\", name = \"dev{}\"", r % 5_000)
+        };
+        text.push_str(&format!(
+            "\n[[rule]]\nid = \"r{r}\"\neffect = \"{}\"\nprincipals = [\"user{}\"]\nservice = {{ {service} }}\nmethods = [\"add\", \"echo\"]\n",
+            if r % 97 == 5 { "forbid" } else { "allow" },
+            r % principals,
+        ));
+    }
+    text
+}
+
+fn parse(text: &str) -> Policy {
+    Policy::parse(&[Source {
+        origin: "big.toml",
+        text,
+    }])
+    .unwrap()
+}
+
+/// Admission (open + close) and discovery as the policy grows from 10 to 50,000 rules.
+fn rules(quick: bool) -> Vec<Series> {
+    println!("### Admission and discovery as the policy grows\n");
+    let runtime = crate::server_runtime();
+    let _guard = runtime.enter();
+    let config =
+        "[[device]]\nname = \"sample0\"\ndriver = \"sample\"\n\n[[device]]\nname = \"sample1\"\ndriver = \"sample\"\n";
+    let core = server::build_core(&Config::parse("bench", config).unwrap(), None).unwrap();
+    let peer = Arc::new(PeerIdentity::of_self().unwrap());
+    let iters = if quick { 200 } else { 1_000 };
+    let mut rows = Vec::new();
+    for rules in [10, 1_000, 10_000, 50_000] {
+        core.replace_policy(parse(&big_policy(rules)));
+        let mut s = Session::new(core.clone(), peer.clone(), AbiId::native());
+        let id = s.find_services(&Matching::name("sample0"))[0].id();
+        let (mut open, mut find) = (Vec::new(), Vec::new());
+        for _ in 0..iters {
+            let t = Instant::now();
+            let (handle, _, _) = s.open_user_client(id, OpenMode::Shared).unwrap();
+            s.close_user_client(handle).unwrap();
+            open.push(us(t.elapsed()));
+            let t = Instant::now();
+            let found = s.find_services(&Matching::default());
+            find.push(us(t.elapsed()));
+            assert!(found.len() >= 3, "the samples and the power domain are visible");
+        }
+        rows.push((rules, median(open), median(find)));
+    }
+    println!(
+        "| rules | open + close p50 µs | FindServices (every service) p50 µs | open vs 10 rules | find vs 10 rules |"
+    );
+    println!("|---|---|---|---|---|");
+    let (o0, f0) = (rows[0].1, rows[0].2);
+    for (n, o, f) in &rows {
+        println!("| {n} | {o:.2} | {f:.2} | {:.2}× | {:.2}× |", o / o0, f / f0);
+    }
+    let last = rows.last().unwrap();
+    println!(
+        "\nat 50,000 rules: open {:.1} µs, FindServices {:.1} µs (target ≤ 50 µs each)\n",
+        last.1, last.2
+    );
+    vec![
+        Series {
+            name: "open (rules)",
+            points: rows.iter().map(|r| (r.0 as f64, r.1 / o0)).collect(),
+        },
+        Series {
+            name: "FindServices (rules)",
+            points: rows.iter().map(|r| (r.0 as f64, r.2 / f0)).collect(),
+        },
+    ]
+}
+
+const SCALE_CONFIG: &str = "discovery = false\nmax_connections = 30000\n\n[limits]\nmax_connections_per_uid = 30000\nmax_rings_per_uid = 2000\nidle_timeout_ms = 0\n\n[ring]\nmax_rings = 2000\n\n[[device]]\nname = \"sample0\"\ndriver = \"sample\"\n";
+
+fn scale_dir() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("portcullis-bench-scale-")
+        .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .tempdir()
+        .unwrap()
+}
+
+/// `fire_event` (a notification nobody subscribed to) with 0 … 4,000 idle sessions connected:
+/// the round trip, and the broker's CPU time per event.
+fn events(quick: bool) -> Series {
+    println!("### An event with many idle sessions\n");
+    let dir = scale_dir();
+    let broker = Broker::start(dir.path(), "events", SCALE_CONFIG);
+    let rt = client_runtime();
+    let levels: &[usize] = if quick { &[0, 500, 2_000] } else { &[0, 1_000, 4_000] };
+    let events = if quick { 1_000 } else { 5_000 };
+    let mut idle = Vec::new();
+    let mut rows = Vec::new();
+    rt.block_on(async {
+        let mut firing = NativeSession::connect(&broker.run_dir, AbiId::native()).await.unwrap();
+        let id = firing.find("sample0").await.unwrap()[0].id;
+        let h = firing.open(id, false).await.unwrap();
+        for &level in levels {
+            while idle.len() < level {
+                idle.push(NativeSession::connect(&broker.run_dir, AbiId::native()).await.unwrap());
+            }
+            // Settled: the connections' own work is done before the clock starts.
+            firing.call(h, 0, &[1, 2], &[], 0).await.unwrap();
+            let cpu = broker.cpu();
+            let mut took = Vec::with_capacity(events);
+            for i in 0..events as u64 {
+                let t = Instant::now();
+                firing.call(h, 4, &[i], &[], 0).await.unwrap();
+                took.push(us(t.elapsed()));
+            }
+            let per_event = us(broker.cpu().saturating_sub(cpu)) / events as f64;
+            rows.push((level, median(took), per_event));
+        }
+    });
+    drop(idle);
+    println!("| idle sessions | fire_event round trip p50 µs | broker CPU per event µs | CPU vs none |");
+    println!("|---|---|---|---|");
+    let base = rows[0].2;
+    for (n, rt, cpu) in &rows {
+        println!("| {n} | {rt:.2} | {cpu:.2} | {:.2}× |", cpu / base);
+    }
+    println!(
+        "\nAn event reaches only the sessions subscribed to its service (the test `a_notification_reaches_only_the_sessions_that_subscribed` asserts it); the broker's CPU per event with {} idle sessions is **{:.2}×** its cost with none.\n",
+        rows.last().unwrap().0,
+        rows.last().unwrap().2 / base
+    );
+    Series {
+        name: "event CPU (idle sessions)",
+        points: rows.iter().map(|r| (r.0.max(1) as f64, r.2 / base)).collect(),
+    }
+}
+
+/// Memory per idle session, per transport, and what is left after they close.
+fn sessions(quick: bool) {
+    println!("### Memory per idle session\n");
+    let dir = scale_dir();
+    let n = if quick { 500 } else { 2_000 };
+    let rings = if quick { 100 } else { 500 };
+    let rt = client_runtime();
+    println!(
+        "| transport | sessions | broker RSS before MiB | with them MiB | per session KiB | descriptors per session | threads with them | after they close MiB |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
+    for transport in ["native", "gRPC", "ring"] {
+        let broker = Broker::start(dir.path(), &format!("sessions-{transport}"), SCALE_CONFIG);
+        let settle = || std::thread::sleep(Duration::from_millis(300));
+        settle();
+        let (before, fds_before) = (broker.rss(), broker.fds());
+        let count = if transport == "ring" { rings } else { n };
+        let mib = |b: u64| b as f64 / f64::from(1 << 20);
+        let (with, fds, threads) = rt.block_on(async {
+            let mut natives = Vec::new();
+            let mut grpcs = Vec::new();
+            let mut ringed = Vec::new();
+            for _ in 0..count {
+                match transport {
+                    "native" => natives.push(NativeSession::connect(&broker.run_dir, AbiId::native()).await.unwrap()),
+                    "gRPC" => {
+                        let c = Client::connect(&broker.run_dir).await.unwrap();
+                        let s = c.session().await.unwrap();
+                        grpcs.push((c, s));
+                    }
+                    _ => {
+                        let mut r = portcullis_client::ring::RingClient::connect(
+                            &broker.run_dir,
+                            portcullis_client::ring::RingOptions::default(),
+                        )
+                        .unwrap();
+                        // Used once: its pages are touched.
+                        let id = r.find("sample0").unwrap()[0].id;
+                        let h = r.open(id, false).unwrap();
+                        r.call(h, 0, &[1, 2], &[], 0).unwrap();
+                        r.close(h).unwrap();
+                        ringed.push(r);
+                    }
+                }
+            }
+            settle();
+            let with = (broker.rss(), broker.fds(), broker.threads());
+            drop((natives, grpcs, ringed));
+            with
+        });
+        settle();
+        let after = broker.rss();
+        println!(
+            "| {transport} | {count} | {:.1} | {:.1} | {:.1} | {:.1} | {threads} | {:.1} |",
+            mib(before),
+            mib(with),
+            (with.saturating_sub(before)) as f64 / count as f64 / 1024.0,
+            fds.saturating_sub(fds_before) as f64 / count as f64,
+            mib(after)
+        );
+    }
+    println!(
+        "\nTarget: ≤ 8 KiB per idle session; 10,000 idle sessions ≤ 100 MiB; RSS back within 2× of idle after they close.\n"
+    );
+}
+
+/// RSS per policy rule: a broker loaded with 50,000 rules, then after 10 reloads, against one
+/// with the embedded policy, in the same run.
+fn rule_memory(quick: bool) {
+    println!("### Memory per policy rule\n");
+    let dir = scale_dir();
+    let rules = if quick { 10_000 } else { 50_000 };
+    let policy = dir.path().join("big-policy.toml");
+    std::fs::write(&policy, big_policy(rules)).unwrap();
+    let small = Broker::start(dir.path(), "rules-small", SCALE_CONFIG);
+    let big = Broker::start(
+        dir.path(),
+        "rules-big",
+        &format!("policy = \"{}\"\n{SCALE_CONFIG}", policy.display()),
+    );
+    let rt = client_runtime();
+    let kib_per_rule = |b: &Broker| (b.rss().saturating_sub(small.rss())) as f64 / rules as f64 / 1024.0;
+    let loaded = kib_per_rule(&big);
+    let mut after: BTreeMap<usize, f64> = BTreeMap::new();
+    rt.block_on(async {
+        let client = Client::connect(&big.run_dir).await.unwrap();
+        for i in 1..=10 {
+            client.reload_policy().await.unwrap();
+            if i == 1 || i == 5 || i == 10 {
+                after.insert(i, kib_per_rule(&big));
+            }
+        }
+    });
+    println!("| {rules} rules | RSS per rule KiB (over the embedded policy's broker) |");
+    println!("|---|---|");
+    println!("| loaded | {loaded:.2} |");
+    for (i, v) in &after {
+        println!("| after {i} reload(s) | {v:.2} |");
+    }
+    println!("\nTarget: ≤ 2.5 KiB RSS per rule after 10 reloads.\n");
+}
+
+fn plot_series(path: &Path, series: &[Series]) -> Result<(), Box<dyn std::error::Error>> {
+    use plotters::prelude::*;
+    crate::transports::register_font()?;
+    let root = BitMapBackend::new(path, (900, 520)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let max_y = series
+        .iter()
+        .flat_map(|s| s.points.iter().map(|p| p.1))
+        .fold(2.0, f64::max)
+        * 1.1;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            "Cost against count (ratio to the smallest count; flat is the result)",
+            ("sans-serif", 20),
+        )
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(50)
+        .build_cartesian_2d((1f64..200_000f64).log_scale(), 0f64..max_y)?;
+    chart
+        .configure_mesh()
+        .x_desc("count (waiters, rules, idle sessions)")
+        .y_desc("cost / cost at the smallest count")
+        .draw()?;
+    for (i, s) in series.iter().enumerate() {
+        let color = Palette99::pick(i).to_rgba();
+        chart
+            .draw_series(LineSeries::new(s.points.iter().copied(), color.stroke_width(2)))?
+            .label(s.name)
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
+    }
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()?;
+    root.present()?;
+    Ok(())
+}
