@@ -20,7 +20,7 @@ impl Drop for Broker {
     }
 }
 
-fn binary() -> PathBuf {
+pub(crate) fn binary() -> PathBuf {
     std::env::var_os("PORTCULLIS_BIN").map_or_else(
         || Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/portcullis"),
         PathBuf::from,
@@ -31,10 +31,15 @@ impl Broker {
     /// Starts a broker on `config` (TOML text) with its run dir in `dir/name`, and waits for
     /// its gRPC socket.
     pub(crate) fn start(dir: &Path, name: &str, config: &str) -> Broker {
+        Broker::start_binary(&binary(), dir, name, config)
+    }
+
+    /// [`Broker::start`] with another build of the broker (an earlier one, to compare with).
+    pub(crate) fn start_binary(binary: &Path, dir: &Path, name: &str, config: &str) -> Broker {
         let path = dir.join(format!("{name}.toml"));
         std::fs::write(&path, config).unwrap();
         let run_dir = dir.join(name);
-        let child = Command::new(binary())
+        let child = Command::new(binary)
             .args(["broker", "--config"])
             .arg(&path)
             .arg("--run-dir")
@@ -42,7 +47,7 @@ impl Broker {
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
             .spawn()
-            .unwrap_or_else(|e| panic!("{}: {e} (cargo xtask bench builds it)", binary().display()));
+            .unwrap_or_else(|e| panic!("{}: {e} (cargo xtask bench builds it)", binary.display()));
         let socket = run_dir.join(portcullis_client::GRPC_SOCKET);
         let deadline = Instant::now() + Duration::from_secs(20);
         let mut child = child;

@@ -17,9 +17,13 @@ use portcullis_broker::{
     server,
     session::{CallStarted, Core, PeerIdentity, Session},
 };
-use portcullis_client::{Client, native::NativeSession};
+use portcullis_client::{
+    Client,
+    native::NativeSession,
+    ring::RingClient,
+};
 use portcullis_policy::{Policy, Source};
-use portcullis_proto::layout::AbiId;
+use portcullis_proto::{layout::AbiId, ring::WaitMode};
 
 use crate::{client_runtime, policy::median, process::Broker};
 
@@ -39,7 +43,7 @@ fn p99(mut v: Vec<f64>) -> f64 {
 }
 
 /// The parts of the scale benchmark, for `--scale-only`.
-pub(crate) const PARTS: &[&str] = &["waiters", "rules", "events", "sessions", "rule-memory"];
+pub(crate) const PARTS: &[&str] = &["waiters", "rules", "events", "rings", "sessions", "rule-memory"];
 
 pub(crate) fn run(quick: bool, plot: &Path, only: &[&str]) {
     println!("## Cost at scale\n");
@@ -53,6 +57,10 @@ pub(crate) fn run(quick: bool, plot: &Path, only: &[&str]) {
     }
     if wants("events") {
         series.push(events(quick));
+    }
+    if wants("rings") {
+        series.push(rings(quick));
+        spin_against_baseline(quick);
     }
     if wants("sessions") {
         sessions(quick);
@@ -296,6 +304,138 @@ fn events(quick: bool) -> Series {
         name: "event CPU (idle sessions)",
         points: rows.iter().map(|r| (r.0.max(1) as f64, r.2 / base)).collect(),
     }
+}
+
+/// A broker for many rings, whose rings wait as `wait` says (pinned to `cpu`, if any).
+fn rings_config(wait: &str, cpu: Option<usize>) -> String {
+    let pin = cpu.map_or(String::new(), |cpu| format!("cpu = {cpu}\n"));
+    format!(
+        "discovery = false\nmax_connections = 30000\n\n[limits]\nmax_connections_per_uid = 30000\nmax_rings_per_uid = 12000\nidle_timeout_ms = 0\n\n[ring]\nmax_rings = 12000\nwait = \"{wait}\"\n{pin}\n[[device]]\nname = \"sample0\"\ndriver = \"sample\"\n"
+    )
+}
+
+/// `calls` round trips of `add` on a ring: the latencies in µs.
+fn ring_latencies(ring: &mut RingClient, handle: u64, calls: usize) -> Vec<f64> {
+    (0..calls as u64)
+        .map(|i| {
+            let t = Instant::now();
+            let out = ring.call(handle, 0, &[i, 1], &[], 0).unwrap();
+            assert_eq!(out.scalars, [i + 1]);
+            us(t.elapsed())
+        })
+        .collect()
+}
+
+/// 0 … 10,000 idle rings (each used once) on one broker: its threads and descriptors, the CPU
+/// it burns while they sit idle, and an active ring's latency beside them.
+fn rings(quick: bool) -> Series {
+    println!("### Many rings on one broker\n");
+    let limit = portcullis_broker::raise_descriptor_limit();
+    let dir = scale_dir();
+    let broker = Broker::start(dir.path(), "rings", &rings_config("adaptive", None));
+    let levels: &[usize] = if quick { &[0, 1_000, 3_000] } else { &[0, 1_000, 10_000] };
+    let calls = if quick { 3_000 } else { 20_000 };
+    let window = Duration::from_secs(if quick { 1 } else { 3 });
+    let (mut active, handle) = crate::transports::ring_client(&broker.run_dir, WaitMode::Adaptive);
+    let mut idle = Vec::new();
+    let mut rows = Vec::new();
+    for &level in levels {
+        while idle.len() < level {
+            let (mut ring, h) = crate::transports::ring_client(&broker.run_dir, WaitMode::Sleep);
+            ring.close(h).unwrap();
+            idle.push(ring);
+        }
+        ring_latencies(&mut active, handle, 200);
+        // Idle: nothing calls while the broker's CPU time is read over the window.
+        let cpu = broker.cpu();
+        std::thread::sleep(window);
+        let idle_cpu = broker.cpu().saturating_sub(cpu).as_secs_f64() / window.as_secs_f64() * 100.0;
+        let (threads, fds) = (broker.threads(), broker.fds());
+        let took = ring_latencies(&mut active, handle, calls);
+        rows.push((level, threads, fds, idle_cpu, median(took.clone()), p99(took)));
+    }
+    drop(idle);
+    println!(
+        "| idle rings | broker threads | broker descriptors | broker CPU while idle (% of a core) | active ring p50 µs | p99 µs | p50 vs none |"
+    );
+    println!("|---|---|---|---|---|---|---|");
+    let base = rows[0].4;
+    for (n, threads, fds, cpu, p50, p99) in &rows {
+        println!(
+            "| {n} | {threads} | {fds} | {cpu:.2} | {p50:.2} | {p99:.2} | {:.2}× |",
+            p50 / base
+        );
+    }
+    let (first, last) = (&rows[0], rows.last().unwrap());
+    let per_ring = (last.2 - first.2) as f64 / (last.0 - first.0).max(1) as f64;
+    println!(
+        "\n{} rings on one broker (descriptor limit {limit}): {} threads with none, {} with them; {per_ring:.1} descriptors per ring; idle CPU {:.2}% of a core; an active ring's p50 is **{:.2}×** its latency beside none.\n",
+        last.0,
+        first.1,
+        last.1,
+        last.3,
+        last.4 / base
+    );
+    Series {
+        name: "ring p50 (idle rings)",
+        points: rows.iter().map(|r| (r.0.max(1) as f64, r.4 / base)).collect(),
+    }
+}
+
+/// Spin-mode latency on this build and on an earlier one (`PORTCULLIS_BASELINE_BIN`), in
+/// alternating rounds of the same run, the ring thread pinned to CPU 1 and the client to 0.
+fn spin_against_baseline(quick: bool) {
+    println!("### Spin-mode ring latency against an earlier build\n");
+    let Some(baseline) = std::env::var_os("PORTCULLIS_BASELINE_BIN").map(std::path::PathBuf::from) else {
+        println!(
+            "Not measured: set `PORTCULLIS_BASELINE_BIN` to an earlier build of the broker (`git worktree add /tmp/before <rev> && cargo build --release -p portcullis-cli` there).\n"
+        );
+        return;
+    };
+    let dir = scale_dir();
+    let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+    let server_cpu = (cpus > 1).then_some(1);
+    let rounds = if quick { 3 } else { 7 };
+    let calls = if quick { 20_000 } else { 100_000 };
+    let builds = [("this build", crate::process::binary()), ("baseline", baseline)];
+    let mut p50s: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
+    let mut p99s: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
+    for round in 0..rounds {
+        for (which, (name, binary)) in builds.iter().enumerate() {
+            let broker = Broker::start_binary(
+                binary,
+                dir.path(),
+                &format!("spin-{which}-{round}"),
+                &rings_config("spin", server_cpu),
+            );
+            let run_dir = broker.run_dir.clone();
+            let took = std::thread::spawn(move || {
+                if cpus > 1 {
+                    portcullis_broker::transport::native::pin_to(0);
+                }
+                let (mut ring, handle) = crate::transports::ring_client(&run_dir, WaitMode::Spin);
+                ring_latencies(&mut ring, handle, calls / 10);
+                ring_latencies(&mut ring, handle, calls)
+            })
+            .join()
+            .unwrap_or_else(|_| panic!("the {name} round failed"));
+            p50s[which].push(median(took.clone()));
+            p99s[which].push(p99(took));
+        }
+    }
+    println!("| build | p50 µs (median of {rounds} rounds) | p99 µs (median) |");
+    println!("|---|---|---|");
+    for (which, (name, _)) in builds.iter().enumerate() {
+        println!(
+            "| {name} | {:.3} | {:.3} |",
+            median(p50s[which].clone()),
+            median(p99s[which].clone())
+        );
+    }
+    println!(
+        "\nSpin-mode p50, this build over the baseline: **{:.3}×** (target ≤ 1.05×).\n",
+        median(p50s[0].clone()) / median(p50s[1].clone())
+    );
 }
 
 /// Memory per idle session, per transport, and what is left after they close.

@@ -100,7 +100,7 @@ fn ring_config(wait: WaitMode) -> RingConfig {
     }
 }
 
-fn ring_client(run_dir: &Path, wait: WaitMode) -> (RingClient, u64) {
+pub(crate) fn ring_client(run_dir: &Path, wait: WaitMode) -> (RingClient, u64) {
     let options = RingOptions {
         wait,
         ..RingOptions::default()

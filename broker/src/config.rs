@@ -172,14 +172,26 @@ pub struct RingConfig {
     /// `adaptive` (spin up to `spin_us`, then sleep on the eventfd), `spin` (never sleep; a
     /// core per ring) or `sleep` (never spin) [default: adaptive].
     pub wait: portcullis_proto::ring::WaitMode,
-    /// How long an idle ring is polled before its thread sleeps, in microseconds [default: 50].
+    /// How long an idle ring is polled before it sleeps, in microseconds [default: 50].
     pub spin_us: u64,
-    /// Most rings served at once (each has a thread) [default: 64]; more are refused with
-    /// `NO_MEMORY` and the client stays on the socket.
+    /// Most rings served at once [default: 64]; more are refused with `NO_MEMORY` and the
+    /// client stays on the socket. A sleeping ring holds no thread: thousands are cheap.
     pub max_rings: usize,
+    /// Threads serving the rings that sleep (`adaptive`, `sleep`), in turns [default: the
+    /// CPUs the broker may run on]. A `spin` ring has a thread of its own.
+    pub threads: Option<usize>,
     /// Pin every ring thread to this CPU (for `spin` on a machine with a core set aside)
     /// [default: unpinned].
     pub cpu: Option<usize>,
+}
+
+impl RingConfig {
+    /// The pool's threads: `threads`, or the CPUs this process may run on; at least one.
+    pub fn threads(&self) -> usize {
+        self.threads
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, std::num::NonZero::get))
+            .max(1)
+    }
 }
 
 impl Default for RingConfig {
@@ -188,6 +200,7 @@ impl Default for RingConfig {
             wait: portcullis_proto::ring::WaitMode::Adaptive,
             spin_us: 50,
             max_rings: 64,
+            threads: None,
             cpu: None,
         }
     }

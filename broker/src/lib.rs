@@ -28,6 +28,7 @@ pub mod server;
 pub mod session;
 #[allow(unsafe_code)]
 mod sys;
+pub use sys::raise_descriptor_limit;
 pub mod systemd;
 mod throttle;
 pub mod transport;

@@ -301,6 +301,9 @@ impl std::fmt::Debug for Prepared {
 /// (the run dir, the decision log, the TLS key and listener); then the sandbox entered
 /// ([`crate::sandbox::confine`]). Must run while the process has one thread.
 pub fn prepare(options: BrokerOptions) -> Result<Prepared, BrokerError> {
+    // While the broker may still raise the hard limit (root, before the sandbox).
+    let descriptors = crate::sys::raise_descriptor_limit();
+    tracing::debug!(descriptors, "descriptor limit");
     let config = Config::load_trusted(options.config.as_deref())?;
     let _ = INSTALL.set(Install {
         config: options.config.as_deref().map(absolute),

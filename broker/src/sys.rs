@@ -233,6 +233,29 @@ pub(crate) fn idle_priority() -> std::io::Result<()> {
     }
 }
 
+/// Raises this process's descriptor limit as far as it may go: to the kernel's `nr_open`, at
+/// most 2^20 (root raises the hard limit; anyone may raise the soft one to the hard). Every
+/// connection holds a descriptor and every ring four more, so the default soft limit (1,024)
+/// would cap a broker at a few hundred rings. Returns the soft limit now in force.
+pub fn raise_descriptor_limit() -> u64 {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let ceiling = std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|text| text.trim().parse::<u64>().ok())
+        .unwrap_or(1 << 20)
+        .min(1 << 20);
+    let now = getrlimit(Resource::Nofile);
+    let hard = now.maximum.unwrap_or(u64::MAX);
+    let raised = |current, maximum| setrlimit(Resource::Nofile, Rlimit { current, maximum }).is_ok();
+    if !(hard < ceiling && raised(Some(ceiling), Some(ceiling))) {
+        let target = ceiling.min(hard);
+        if now.current.is_some_and(|current| current < target) {
+            raised(Some(target), now.maximum);
+        }
+    }
+    getrlimit(Resource::Nofile).current.unwrap_or(u64::MAX)
+}
+
 /// Hands the allocator's free memory back to the kernel (glibc's `malloc_trim`, which walks
 /// every arena). Freed memory otherwise stays resident: after a policy reload (the old
 /// policy's rules), or after thousands of sessions closed.

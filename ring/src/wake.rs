@@ -8,21 +8,22 @@
 //! that fails with `EAGAIN`) already means "wake up". The bytes rung carry no meaning: no byte
 //! order, no count.
 //!
-//! The broker's doorbell is one end of a Unix stream socket pair; the client gets the other
-//! end and rings by sending a byte (`MSG_DONTWAIT | MSG_NOSIGNAL`: never blocking whatever the
-//! descriptor's flags, and an error rather than `SIGPIPE` once the broker has let the ring go).
-//! The two ends are two open files: nothing the client does to its end (clearing
-//! `O_NONBLOCK`, reading it) touches the broker's, which the broker reads only with
-//! `MSG_DONTWAIT`. It replaced an eventfd, whose 8-byte value a client under qemu-user wrote in
-//! its own byte order (2^56 for a big-endian 1); the counter, never read, filled after 255
-//! rings and every later ring was lost.
+//! The doorbells are the two ends of one Unix stream socket pair ([`broker_doorbell`]): the
+//! broker keeps one end, the client gets the other, and each side rings the other by sending a
+//! byte on its own end (`MSG_DONTWAIT | MSG_NOSIGNAL`: never blocking whatever the
+//! descriptor's flags, and an error rather than `SIGPIPE` once the other side has let the ring
+//! go) and empties its own end before it sleeps. The two ends are two open files: nothing the
+//! client does to its end (clearing `O_NONBLOCK`, reading it, filling it) touches the broker's,
+//! which the broker only reads and writes with `MSG_DONTWAIT`. One descriptor per ring on the
+//! broker's side, where there were three.
 //!
-//! The client's doorbell is a pipe ([`doorbell`]), not an eventfd: a descriptor passed to the
-//! client shares its open file description, and with it `O_NONBLOCK`. A client that cleared
-//! `O_NONBLOCK` on a shared eventfd and wrote it full would make the broker's next wake-up write
-//! block (Linux has no per-call non-blocking eventfd write: `RWF_NOWAIT` gives `EOPNOTSUPP`).
-//! A pipe's ends are two descriptions: the broker alone holds the write end, and the client's
-//! read end cannot write.
+//! The socket replaced eventfds: a descriptor passed to the client shares its open file
+//! description, and with it `O_NONBLOCK`, and Linux has no per-call non-blocking eventfd write
+//! (`RWF_NOWAIT` gives `EOPNOTSUPP`), so a client that cleared `O_NONBLOCK` on a shared eventfd
+//! and wrote it full would make the broker's next wake-up block; and a client under qemu-user
+//! wrote the 8-byte value in its own byte order (2^56 for a big-endian 1), so a counter never
+//! read filled after 255 rings and every later ring was lost. [`doorbell`] (a pipe) remains for
+//! a side that wakes its own threads.
 
 use std::{
     io,
@@ -79,6 +80,13 @@ pub fn ring_broker(fd: impl AsFd) -> io::Result<()> {
     ring_with(|| rustix::net::send(&fd, &[1], SendFlags::DONTWAIT | SendFlags::NOSIGNAL))
 }
 
+/// Rings the client's doorbell from the broker's end of the pair, as [`ring_broker`] does the
+/// other way: a full socket (a client that never empties its end) already means "wake up";
+/// `EPIPE` means the client has closed its end.
+pub fn ring_client(fd: impl AsFd) -> io::Result<()> {
+    ring_broker(fd)
+}
+
 /// Empties the broker's end of its doorbell, never blocking (`MSG_DONTWAIT`, whatever the
 /// flags), and at most 64 KiB at a time: what a flooding client leaves makes the next wait
 /// return at once, which costs only that client's ring thread.
@@ -92,6 +100,12 @@ pub fn drain_broker(fd: impl AsFd) {
             _ => return,
         }
     }
+}
+
+/// Empties the client's end of the doorbell pair, never blocking (`MSG_DONTWAIT`, whatever the
+/// flags the client left on it), as [`drain_broker`] does the broker's.
+pub fn drain_client(fd: impl AsFd) {
+    drain_broker(fd);
 }
 
 /// A doorbell pipe, non-blocking and close-on-exec at both ends: `(read end, write end)`. The
@@ -130,11 +144,29 @@ pub fn wake_if(sleeping: &AtomicU32, what: u32, ring: impl FnOnce() -> io::Resul
 /// Announces sleep in `sleeping` (the bits of what would wake it), re-checks `ready`, and
 /// waits with `wait` only if there is still nothing to do.
 pub fn sleep_unless(sleeping: &AtomicU32, waiting_for: u32, ready: impl FnOnce() -> bool, wait: impl FnOnce()) {
-    sleeping.store(waiting_for.to_le(), Ordering::Relaxed);
-    fence(Ordering::SeqCst);
-    if !ready() {
+    if park_unless(sleeping, waiting_for, ready) {
         wait();
     }
+    wake_up(sleeping);
+}
+
+/// The first half of [`sleep_unless`], for a side that sleeps by returning (a ring served by a
+/// pool of threads): announces sleep in `sleeping` and re-checks `ready`. Returns `true` when
+/// there is still nothing to do: the announcement stands, and the doorbell will be rung for
+/// what comes next. Returns `false`, the announcement withdrawn, when there is work.
+pub fn park_unless(sleeping: &AtomicU32, waiting_for: u32, ready: impl FnOnce() -> bool) -> bool {
+    sleeping.store(waiting_for.to_le(), Ordering::Relaxed);
+    fence(Ordering::SeqCst);
+    if ready() {
+        wake_up(sleeping);
+        return false;
+    }
+    true
+}
+
+/// Withdraws a sleep announcement: this side is running and will look for work before it
+/// sleeps again, so the other side need not ring.
+pub fn wake_up(sleeping: &AtomicU32) {
     sleeping.store(0, Ordering::Relaxed);
 }
 

@@ -52,7 +52,7 @@ struct pc_conn {
         size_t len;
         uint32_t sq_size, cq_size;
         uint32_t sq_tail, cq_head; /* ours; the shared copies are only written */
-        int efd_broker, efd_client; /* our end of the broker's doorbell socket; our doorbell pipe's read end */
+        int efd_broker, efd_client; /* our end of the doorbell socket pair: the one we ring on, the one we wait on */
         int wait;
         int bell_errno; /* set when the broker's doorbell failed: the ring is unusable */
     } ring;
@@ -222,7 +222,8 @@ static int ring_wait(pc_conn *c, int timeout_ms) {
         __atomic_store_n(ring_word(c, RING_CLIENT_SLEEPING), 0, __ATOMIC_RELAXED);
         if (ready > 0 && pfd[0].revents) {
             unsigned char drained[512];
-            ssize_t got = read(c->ring.efd_client, drained, sizeof drained);
+            /* MSG_DONTWAIT: never blocks, whatever the descriptor's flags. */
+            ssize_t got = recv(c->ring.efd_client, drained, sizeof drained, MSG_DONTWAIT);
             (void)got; /* what is left makes the next poll return at once */
         }
         if (ready > 0 && pfd[1].revents && ring_load(c, RING_CQ_TAIL) == c->ring.cq_head) return 2;
@@ -925,7 +926,7 @@ int pc_poll_prepare(pc_conn *c) {
      * request was seen would not ring. */
     {
         unsigned char drained[512];
-        while (read(c->ring.efd_client, drained, sizeof drained) == (ssize_t)sizeof drained) {
+        while (recv(c->ring.efd_client, drained, sizeof drained, MSG_DONTWAIT) == (ssize_t)sizeof drained) {
         }
     }
     __atomic_store_n(ring_word(c, RING_CLIENT_SLEEPING), le32(RING_ON_RECORDS), __ATOMIC_RELAXED);

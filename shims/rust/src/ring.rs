@@ -82,7 +82,8 @@ pub struct RingClient {
     sq: Producer,
     cq: Consumer,
     to_broker: OwnedFd,
-    /// The read end of the doorbell pipe the broker rings; drained before each sleep.
+    /// The descriptor the broker's rings make readable (this client's end of the doorbell
+    /// pair); drained before each sleep.
     doorbell: OwnedFd,
     /// Sleeps on the doorbell (edge-triggered) and the socket.
     waiter: wake::Waiter,
@@ -386,7 +387,7 @@ impl RingClient {
             return Ok(());
         }
         let mut socket_ready = false;
-        wake::drain(&self.doorbell);
+        wake::drain_client(&self.doorbell);
         wake::sleep_unless(
             &header.client_sleeping.0,
             wake::ON_RECORDS | also,
@@ -537,8 +538,8 @@ impl RingClient {
         self.to_broker.as_fd()
     }
 
-    /// The read end of the doorbell pipe that wakes this client, for tests that play a
-    /// hostile client.
+    /// The descriptor that wakes this client (its end of the doorbell pair), for tests that
+    /// play a hostile client.
     #[doc(hidden)]
     pub fn doorbell(&self) -> std::os::fd::BorrowedFd<'_> {
         self.doorbell.as_fd()

@@ -7,6 +7,7 @@
 //! session is closed; everyone else is served on.
 
 mod codec;
+mod pool;
 mod ring;
 
 #[doc(hidden)]
@@ -81,6 +82,14 @@ pub async fn serve(
     ring: RingConfig,
     shutdown: impl Future<Output = ()>,
 ) {
+    // The ring pool's threads and epoll now, so that they count in the broker's baseline
+    // rather than appear with the first ring.
+    if ring.wait != portcullis_proto::ring::WaitMode::Spin
+        && ring.max_rings > 0
+        && let Err(e) = pool::Pool::get(&ring)
+    {
+        tracing::warn!(error = %e, "cannot start the ring threads now: the first ring tries again");
+    }
     tokio::pin!(shutdown);
     loop {
         tokio::select! {

@@ -1,11 +1,15 @@
 //! The shared-memory ring (layout: `portcullis_proto::ring`; memory: `portcullis-ring`).
 //!
-//! A ring is served by one thread of its own: it copies each submission out of the mapping
-//! once, decodes and validates the copy, executes it on the session, and writes completions
-//! (responses and events) to the completion ring. The mapping is hostile: an index past the
-//! ring, a record that claims more than was published, or a record that is not a request
-//! ends this session (a `Goodbye` in the ring and on the socket, and a log line); other
-//! sessions run on their own threads and don't notice.
+//! A ring's worker copies each submission out of the mapping once, decodes and validates the
+//! copy, executes it on the session, and writes completions (responses and events) to the
+//! completion ring. The mapping is hostile: an index past the ring, a record that claims more
+//! than was published, or a record that is not a request ends this session (a `Goodbye` in the
+//! ring and on the socket, and a log line); other sessions don't notice.
+//!
+//! Rings that sleep (`adaptive`, `sleep`) are served in turns by a bounded pool of threads
+//! ([`super::pool`]): a turn runs while the ring has work, spins for `spin_us`, and parks the
+//! ring until its doorbell or the broker's own eventfd is rung, so an idle ring costs no thread
+//! and no CPU, however many there are. A ring that never sleeps (`spin`) has a thread of its own.
 //!
 //! Memory stays bounded when a client stops reading completions: completions wait in a
 //! backlog of at most [`BACKLOG_BYTES`], and while anything waits no new submission is taken,
@@ -42,8 +46,24 @@ const BATCH: usize = 256;
 const BACKLOG_BYTES: usize = 256 << 10;
 /// Frames (asynchronous completions, events) queued for the ring thread.
 const INBOX: usize = 1024;
-/// Longest sleep before the thread looks at its flags again.
-const NAP: Duration = Duration::from_millis(500);
+/// Longest a pool thread serves one busy ring before it lets the others have a turn.
+const SLICE: Duration = Duration::from_millis(1);
+
+thread_local! {
+    /// The submission being decoded and the completion being encoded, per serving thread
+    /// rather than per ring: an idle ring holds no buffer.
+    static BUFFERS: std::cell::RefCell<Buffers> = std::cell::RefCell::new(Buffers {
+        record: Vec::new(),
+        scratch: vec![0; MAX_FRAME].into_boxed_slice(),
+    });
+}
+
+struct Buffers {
+    /// The submission being decoded, copied out of the ring.
+    record: Vec<u8>,
+    /// Where completions are encoded before they go to the ring.
+    scratch: Box<[u8]>,
+}
 
 /// The tokio side's handle on a running ring.
 #[derive(Debug)]
@@ -55,8 +75,8 @@ pub(super) struct RingHandle {
     lost: u64,
 }
 
-/// What `EnableRing` answers: the sizes, and the memfd, the broker's eventfd and the client's
-/// doorbell pipe for the client.
+/// What `EnableRing` answers: the sizes, and the memfd and the client's end of the doorbell
+/// socket pair (twice: the descriptor it rings the broker on, and the one it waits on).
 pub(super) struct Enabled {
     pub(super) handle: RingHandle,
     pub(super) sq_size: u32,
@@ -64,7 +84,7 @@ pub(super) struct Enabled {
     pub(super) fds: [OwnedFd; 3],
 }
 
-/// Creates a ring for `session` and starts its thread.
+/// Creates a ring for `session` and hands it to the pool (or, for `spin`, a thread of its own).
 pub(super) fn start(
     core: &Core,
     session: &Arc<Mutex<Session>>,
@@ -104,27 +124,31 @@ pub(super) fn start(
         .map(|s| (s.peer().uid, s.peer().pid_text()))
         .unwrap_or_default();
     let Built {
-        worker,
+        mut worker,
         client_fds,
         inbox,
         wake,
         closed,
     } = Worker::build(session.clone(), sq, cq, options, (live, Some(held))).map_err(os)?;
     let (ended_tx, ended) = oneshot::channel();
-    std::thread::Builder::new()
-        .name(format!("ring-{}", peer.0))
-        .spawn(move || {
-            if let Some(cpu) = options.cpu {
-                pin_to(cpu);
-            }
-            crate::sandbox::enter_role(crate::sandbox::seccomp::Role::Ring);
-            let reason = worker.run();
-            if let Some((status, reason)) = &reason {
-                tracing::warn!(uid = peer.0, pid = %peer.1, %status, %reason, "ring session ended");
-            }
-            let _ = ended_tx.send(reason);
-        })
-        .map_err(os)?;
+    worker.ended = Some(ended_tx);
+    worker.peer = peer;
+    if options.wait == WaitMode::Spin {
+        std::thread::Builder::new()
+            .name(format!("ring-{}", worker.peer.0))
+            .spawn(move || {
+                if let Some(cpu) = options.cpu {
+                    pin_to(cpu);
+                }
+                crate::sandbox::enter_role(crate::sandbox::seccomp::Role::Ring);
+                worker.serve_alone();
+            })
+            .map_err(os)?;
+    } else {
+        super::pool::Pool::get(&options)
+            .and_then(|pool| pool.add(worker))
+            .map_err(os)?;
+    }
     Ok(Enabled {
         handle: RingHandle {
             inbox,
@@ -223,30 +247,37 @@ impl Broken {
     }
 }
 
-struct Worker {
+/// What a turn on a ring ended with.
+pub(super) enum Turn {
+    /// Nothing to do, or another ring's turn: serve again once the doorbell or the private
+    /// eventfd is readable.
+    Parked,
+    /// The ring is over: `Some((status, reason))` when the client broke it.
+    Ended(Option<(Status, String)>),
+}
+
+pub(super) struct Worker {
     map: Mapping,
     sq: Consumer,
     cq: Producer,
-    waiter: wake::Waiter,
-    /// The write end of the client's doorbell pipe (only the broker holds it).
-    to_client: OwnedFd,
-    /// The broker's end of its doorbell (the client has the other).
-    bell: OwnedFd,
-    /// A copy of the pipe's read end, never read: the pipe always has a reader.
-    _doorbell_reader: OwnedFd,
+    /// The broker's end of the doorbell socket pair (the client has the other): the client
+    /// rings the broker through it, and the broker the client.
+    pub(super) bell: Arc<OwnedFd>,
     session: Arc<Mutex<Session>>,
     inbox: mpsc::Receiver<Vec<u8>>,
     inbox_tx: mpsc::Sender<Vec<u8>>,
-    wake: Arc<OwnedFd>,
+    /// The broker's private eventfd: its tasks ring it when they queue a frame or close the
+    /// ring.
+    pub(super) wake: Arc<OwnedFd>,
     closed: Arc<AtomicBool>,
     backlog: VecDeque<Vec<u8>>,
     backlog_bytes: usize,
     options: RingConfig,
     runtime: tokio::runtime::Handle,
-    /// The submission being decoded, copied out of the ring.
-    record: Vec<u8>,
-    /// Where completions are encoded before they go to the ring.
-    scratch: Box<[u8]>,
+    /// Told why the ring ended, once it has.
+    ended: Option<oneshot::Sender<Option<(Status, String)>>>,
+    /// The client's uid and pid, for the log.
+    peer: (u32, String),
     /// Counts the ring in the broker's total and against its identity's bound.
     _live: (Live, Option<Held>),
 }
@@ -254,8 +285,7 @@ struct Worker {
 /// A new ring's worker, and what the client and the tokio side keep of it.
 struct Built {
     worker: Worker,
-    /// The memfd, the eventfd that wakes the broker, the read end of the pipe that wakes the
-    /// client.
+    /// The memfd, and the client's end of the doorbell pair twice.
     client_fds: [OwnedFd; 3],
     inbox: mpsc::Sender<Vec<u8>>,
     wake: Arc<OwnedFd>,
@@ -273,20 +303,16 @@ impl Worker {
     ) -> std::io::Result<Built> {
         let (memfd, map) = Mapping::create(sq, cq)?;
         let (bell, client_bell) = wake::broker_doorbell()?;
-        let (doorbell_reader, to_client) = wake::doorbell()?;
-        let waiter = wake::Waiter::new(&bell)?;
-        let wake = Arc::new(waiter.private_clone()?);
-        let client_fds = [memfd, client_bell, doorbell_reader.try_clone()?];
+        let wake = Arc::new(wake::eventfd()?);
+        // The client's doorbell, third in `EnableRing`'s answer, is its end of the same pair.
+        let client_fds = [memfd, client_bell.try_clone()?, client_bell];
         let (inbox_tx, inbox) = mpsc::channel(INBOX);
         let closed = Arc::new(AtomicBool::new(false));
         let worker = Worker {
             sq: Consumer::new("submission", sq),
             cq: Producer::new("completion", cq),
             map,
-            waiter,
-            to_client,
-            bell,
-            _doorbell_reader: doorbell_reader,
+            bell: Arc::new(bell),
             session,
             inbox,
             inbox_tx: inbox_tx.clone(),
@@ -296,8 +322,8 @@ impl Worker {
             backlog_bytes: 0,
             options,
             runtime: tokio::runtime::Handle::current(),
-            record: Vec::new(),
-            scratch: vec![0; MAX_FRAME].into_boxed_slice(),
+            ended: None,
+            peer: (0, String::new()),
             _live: live,
         };
         Ok(Built {
@@ -309,24 +335,36 @@ impl Worker {
         })
     }
 
-    /// Serves until the socket side closes the ring (`None`) or the client breaks it.
-    fn run(mut self) -> Option<(Status, String)> {
+    /// Serves until there is nothing to do (after spinning `spin_us` in `adaptive`), another
+    /// ring should have a turn (after [`SLICE`] of work, in a pool), or the ring is over. A
+    /// parked ring has announced its sleep: the client rings its doorbell for what it
+    /// publishes next.
+    pub(super) fn turn(&mut self) -> Turn {
         let _runtime = self.runtime.enter();
+        wake::wake_up(&self.map.header().broker_sleeping.0);
         let spin = Duration::from_micros(self.options.spin_us);
+        let pooled = self.options.wait != WaitMode::Spin;
+        let started = Instant::now();
         // When the ring went idle; the clock is read only once there is nothing to do.
         let mut idle_since: Option<Instant> = None;
         loop {
             if self.closed.load(Ordering::Acquire) {
-                return None;
+                return Turn::Ended(None);
             }
             match self.step() {
                 Err(broken) => {
                     let (status, reason) = (broken.status(), broken.to_string());
                     self.goodbye(status, &reason);
-                    return Some((status, reason));
+                    return Turn::Ended(Some((status, reason)));
                 }
                 Ok(true) => {
                     idle_since = None;
+                    if pooled && started.elapsed() >= SLICE {
+                        // Still busy: the private eventfd stays readable, so the ring comes
+                        // round again after the others waiting.
+                        ring_private(&self.wake);
+                        return Turn::Parked;
+                    }
                     continue;
                 }
                 Ok(false) => {}
@@ -336,36 +374,66 @@ impl Worker {
                 WaitMode::Sleep => true,
                 WaitMode::Adaptive => idle_since.get_or_insert_with(Instant::now).elapsed() >= spin,
             };
-            if sleep {
-                // What is unread was rung before this sleep was announced: its work is seen by
-                // the check below.
-                wake::drain_broker(&self.bell);
-                let header = self.map.header();
-                let (sq, cq, inbox, closed) = (&self.sq, &self.cq, &self.inbox, &self.closed);
-                let backlog = !self.backlog.is_empty();
-                // Queued events are work only while the backlog has room for them: a client
-                // that never drains its ring must not keep this thread spinning.
-                let takes_inbox = self.backlog_bytes < BACKLOG_BYTES;
-                let waiting_for = if backlog { wake::ON_ROOM } else { wake::ON_RECORDS };
-                wake::sleep_unless(
-                    &header.broker_sleeping.0,
-                    waiting_for,
-                    || {
-                        closed.load(Ordering::Acquire)
-                            || (takes_inbox && !inbox.is_empty())
-                            || if backlog {
-                                cq.head_moved(&header.cq_head.0)
-                            } else {
-                                sq.has_more(&header.sq_tail.0)
-                            }
-                    },
-                    || {
-                        let _ = self.waiter.wait(NAP);
-                    },
-                );
-            } else {
+            if !sleep {
                 std::hint::spin_loop();
+                continue;
             }
+            // What is unread was rung before this sleep was announced: its work is seen by the
+            // check below. What is rung after stays readable and serves the ring again.
+            wake::drain_broker(&*self.bell);
+            wake::drain(&*self.wake);
+            let header = self.map.header();
+            let (sq, cq, inbox, closed) = (&self.sq, &self.cq, &self.inbox, &self.closed);
+            let backlog = !self.backlog.is_empty();
+            // Queued events are work only while the backlog has room for them: a client that
+            // never drains its ring must not keep a thread spinning.
+            let takes_inbox = self.backlog_bytes < BACKLOG_BYTES;
+            let waiting_for = if backlog { wake::ON_ROOM } else { wake::ON_RECORDS };
+            let parked = wake::park_unless(&header.broker_sleeping.0, waiting_for, || {
+                closed.load(Ordering::Acquire)
+                    || (takes_inbox && !inbox.is_empty())
+                    || if backlog {
+                        cq.head_moved(&header.cq_head.0)
+                    } else {
+                        sq.has_more(&header.sq_tail.0)
+                    }
+            });
+            if parked {
+                return Turn::Parked;
+            }
+        }
+    }
+
+    /// Serves on this thread alone (a `spin` ring), waiting on the two descriptors whenever
+    /// the ring parks.
+    fn serve_alone(mut self) {
+        loop {
+            match self.turn() {
+                Turn::Ended(reason) => return self.finish(reason),
+                Turn::Parked => {
+                    use rustix::event::{PollFd, PollFlags};
+                    let mut fds = [
+                        PollFd::new(&*self.bell, PollFlags::IN),
+                        PollFd::new(&*self.wake, PollFlags::IN),
+                    ];
+                    if let Err(e) = rustix::event::poll(&mut fds, None)
+                        && e != rustix::io::Errno::INTR
+                    {
+                        tracing::error!(error = %e, "a ring thread cannot wait");
+                        return self.finish(Some((Status::Internal, format!("the ring cannot wait: {e}"))));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Logs why the ring ended, tells the socket side and lets the ring go.
+    pub(super) fn finish(mut self, reason: Option<(Status, String)>) {
+        if let Some((status, reason)) = &reason {
+            tracing::warn!(uid = self.peer.0, pid = %self.peer.1, %status, %reason, "ring session ended");
+        }
+        if let Some(ended) = self.ended.take() {
+            let _ = ended.send(reason);
         }
     }
 
@@ -397,7 +465,7 @@ impl Worker {
         }
         if pushed && self.cq.publish(&header.cq_tail.0) {
             wake::wake_if(&header.client_sleeping.0, wake::ON_RECORDS, || {
-                wake::ring(&self.to_client)
+                wake::ring_client(&*self.bell)
             })
             .map_err(Broken::Doorbell)?;
             progress = true;
@@ -408,6 +476,10 @@ impl Worker {
     /// Executes submissions; their completions go straight to the completion ring while it
     /// has room (`pushed` says so), to the backlog after that.
     fn take_submissions(&mut self, pushed: &mut bool) -> Result<bool, Broken> {
+        BUFFERS.with_borrow_mut(|buffers| self.take_submissions_with(pushed, buffers))
+    }
+
+    fn take_submissions_with(&mut self, pushed: &mut bool, buffers: &mut Buffers) -> Result<bool, Broken> {
         let header = self.map.header();
         let mut taken = 0;
         let mut session: Option<MutexGuard<'_, Session>> = None;
@@ -417,17 +489,18 @@ impl Worker {
             cq: &mut self.cq,
             map: &self.map,
             pushed,
-            scratch: &mut self.scratch,
+            scratch: &mut buffers.scratch,
         };
+        let record = &mut buffers.record;
         while taken < BATCH && *out.bytes < BACKLOG_BYTES {
-            if !self.sq.pop(self.map.sq(), &header.sq_tail.0, &mut self.record)? {
+            if !self.sq.pop(self.map.sq(), &header.sq_tail.0, record)? {
                 break;
             }
             taken += 1;
             if crate::capture::enabled() {
-                crate::capture::record("ring_records", &fuzz_seed(&self.record));
+                crate::capture::record("ring_records", &fuzz_seed(record));
             }
-            let frame = ClientFrame::decode(&self.record).map_err(|e| Broken::Record(e.to_string()))?;
+            let frame = ClientFrame::decode(record).map_err(|e| Broken::Record(e.to_string()))?;
             let ClientFrame::Request(RequestFrame { id, request }) = frame else {
                 return Err(Broken::Record("a Hello inside the ring".into()));
             };
@@ -445,8 +518,10 @@ impl Worker {
         }
         if taken > 0 {
             self.sq.publish(&header.sq_head.0);
-            wake::wake_if(&header.client_sleeping.0, wake::ON_ROOM, || wake::ring(&self.to_client))
-                .map_err(Broken::Doorbell)?;
+            wake::wake_if(&header.client_sleeping.0, wake::ON_ROOM, || {
+                wake::ring_client(&*self.bell)
+            })
+            .map_err(Broken::Doorbell)?;
         }
         Ok(taken > 0)
     }
@@ -476,7 +551,7 @@ impl Worker {
             && matches!(self.cq.push(self.map.cq(), &header.cq_head.0, &bytes), Ok(true))
         {
             self.cq.publish(&header.cq_tail.0);
-            if let Err(e) = wake::ring(&self.to_client) {
+            if let Err(e) = wake::ring_client(&*self.bell) {
                 tracing::debug!(error = %e, "the goodbye's wake-up could not be rung");
             }
         }
