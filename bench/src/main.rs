@@ -119,6 +119,16 @@ fn main() {
         flood::client(std::path::Path::new(dir));
         return;
     }
+    // The many-rings benchmark's clients: this program, holding idle rings in its own process
+    // (a process's descriptors would not hold thousands).
+    if let Some(i) = argv.iter().position(|a| a == "--hold-rings") {
+        let (Some(dir), Some(count)) = (argv.get(i + 1), argv.get(i + 2).and_then(|n| n.parse().ok())) else {
+            eprintln!("usage: portcullis-bench --hold-rings RUN_DIR COUNT");
+            std::process::exit(2);
+        };
+        scale::hold_rings(std::path::Path::new(dir), count);
+        return;
+    }
     let quick = argv.iter().any(|a| a == "--quick");
     let value = |name: &str, default: usize| {
         argv.iter()

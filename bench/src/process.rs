@@ -94,6 +94,17 @@ impl Broker {
         std::fs::read_dir(format!("/proc/{}/fd", self.server_pid())).map_or(0, Iterator::count)
     }
 
+    /// The serving process's soft descriptor limit (`/proc/PID/limits`).
+    pub(crate) fn fd_limit(&self) -> u64 {
+        let limits = std::fs::read_to_string(format!("/proc/{}/limits", self.server_pid())).unwrap_or_default();
+        limits
+            .lines()
+            .find_map(|l| l.strip_prefix("Max open files"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(1024)
+    }
+
     /// The serving process's threads.
     pub(crate) fn threads(&self) -> usize {
         std::fs::read_dir(format!("/proc/{}/task", self.server_pid())).map_or(0, Iterator::count)

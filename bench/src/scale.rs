@@ -17,11 +17,7 @@ use portcullis_broker::{
     server,
     session::{CallStarted, Core, PeerIdentity, Session},
 };
-use portcullis_client::{
-    Client,
-    native::NativeSession,
-    ring::RingClient,
-};
+use portcullis_client::{Client, native::NativeSession, ring::RingClient};
 use portcullis_policy::{Policy, Source};
 use portcullis_proto::{layout::AbiId, ring::WaitMode};
 
@@ -314,6 +310,65 @@ fn rings_config(wait: &str, cpu: Option<usize>) -> String {
     )
 }
 
+/// Most idle rings one holder process keeps (six descriptors each on the client's side).
+const RINGS_PER_HOLDER: usize = 2_500;
+
+/// `portcullis-bench --hold-rings RUN_DIR COUNT`: connects `count` rings that sleep (each used
+/// once), says `ready`, and keeps them until its standard input closes.
+pub(crate) fn hold_rings(run_dir: &Path, count: usize) {
+    portcullis_broker::raise_descriptor_limit();
+    let rings: Vec<_> = (0..count)
+        .map(|_| {
+            let (mut ring, h) = crate::transports::ring_client(run_dir, WaitMode::Sleep);
+            ring.close(h).unwrap();
+            ring
+        })
+        .collect();
+    println!("ready");
+    let _ = std::io::Read::read_to_end(&mut std::io::stdin(), &mut Vec::new());
+    drop(rings);
+}
+
+/// Processes holding idle rings on a broker, let go when dropped.
+struct Holders {
+    children: Vec<std::process::Child>,
+    held: usize,
+}
+
+impl Holders {
+    /// Grows the idle rings held to `total`.
+    fn grow_to(&mut self, run_dir: &Path, total: usize) {
+        use std::io::BufRead;
+        while self.held < total {
+            let count = (total - self.held).min(RINGS_PER_HOLDER);
+            let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+                .arg("--hold-rings")
+                .arg(run_dir)
+                .arg(count.to_string())
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .unwrap();
+            let mut line = String::new();
+            std::io::BufReader::new(child.stdout.take().unwrap())
+                .read_line(&mut line)
+                .unwrap();
+            assert_eq!(line.trim(), "ready", "a ring holder failed");
+            self.children.push(child);
+            self.held += count;
+        }
+    }
+}
+
+impl Drop for Holders {
+    fn drop(&mut self) {
+        for child in &mut self.children {
+            drop(child.stdin.take());
+            let _ = child.wait();
+        }
+    }
+}
+
 /// `calls` round trips of `add` on a ring: the latencies in µs.
 fn ring_latencies(ring: &mut RingClient, handle: u64, calls: usize) -> Vec<f64> {
     (0..calls as u64)
@@ -330,21 +385,23 @@ fn ring_latencies(ring: &mut RingClient, handle: u64, calls: usize) -> Vec<f64> 
 /// it burns while they sit idle, and an active ring's latency beside them.
 fn rings(quick: bool) -> Series {
     println!("### Many rings on one broker\n");
-    let limit = portcullis_broker::raise_descriptor_limit();
     let dir = scale_dir();
     let broker = Broker::start(dir.path(), "rings", &rings_config("adaptive", None));
-    let levels: &[usize] = if quick { &[0, 1_000, 3_000] } else { &[0, 1_000, 10_000] };
+    let limit = broker.fd_limit();
+    // 4 descriptors per ring session: a broker whose descriptor limit is 20,000 holds ~4,990.
+    let room = (limit.saturating_sub(100) / 4) as usize;
+    let most = if quick { 3_000 } else { 10_000 }.min(room / 500 * 500);
+    let levels = [0, 1_000, most];
     let calls = if quick { 3_000 } else { 20_000 };
     let window = Duration::from_secs(if quick { 1 } else { 3 });
     let (mut active, handle) = crate::transports::ring_client(&broker.run_dir, WaitMode::Adaptive);
-    let mut idle = Vec::new();
+    let mut idle = Holders {
+        children: Vec::new(),
+        held: 0,
+    };
     let mut rows = Vec::new();
-    for &level in levels {
-        while idle.len() < level {
-            let (mut ring, h) = crate::transports::ring_client(&broker.run_dir, WaitMode::Sleep);
-            ring.close(h).unwrap();
-            idle.push(ring);
-        }
+    for level in levels {
+        idle.grow_to(&broker.run_dir, level);
         ring_latencies(&mut active, handle, 200);
         // Idle: nothing calls while the broker's CPU time is read over the window.
         let cpu = broker.cpu();
@@ -519,7 +576,21 @@ fn rule_memory(quick: bool) {
         &format!("policy = \"{}\"\n{SCALE_CONFIG}", policy.display()),
     );
     let rt = client_runtime();
-    let kib_per_rule = |b: &Broker| (b.rss().saturating_sub(small.rss())) as f64 / rules as f64 / 1024.0;
+    // RSS once it has stopped falling: the broker hands freed memory back on a blocking
+    // thread after a reload answers.
+    let settled = |b: &Broker| {
+        let mut last = b.rss();
+        for _ in 0..20 {
+            std::thread::sleep(Duration::from_millis(100));
+            let now = b.rss();
+            if now >= last {
+                return now;
+            }
+            last = now;
+        }
+        last
+    };
+    let kib_per_rule = |b: &Broker| (settled(b).saturating_sub(small.rss())) as f64 / rules as f64 / 1024.0;
     let loaded = kib_per_rule(&big);
     let mut after: BTreeMap<usize, f64> = BTreeMap::new();
     rt.block_on(async {
@@ -531,8 +602,16 @@ fn rule_memory(quick: bool) {
             }
         }
     });
+    // What a parsed policy keeps, in this process: the allocator's bytes in use around a parse.
+    let text = big_policy(rules);
+    let in_use = || portcullis_broker::heap_in_use() as f64;
+    let before = in_use();
+    let parsed = parse(&text);
+    let heap = (in_use() - before) / rules as f64 / 1024.0;
+    drop(parsed);
     println!("| {rules} rules | RSS per rule KiB (over the embedded policy's broker) |");
     println!("|---|---|");
+    println!("| heap in use per parsed rule (this process, `mallinfo2`) | {heap:.2} |");
     println!("| loaded | {loaded:.2} |");
     for (i, v) in &after {
         println!("| after {i} reload(s) | {v:.2} |");

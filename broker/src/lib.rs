@@ -28,7 +28,7 @@ pub mod server;
 pub mod session;
 #[allow(unsafe_code)]
 mod sys;
-pub use sys::raise_descriptor_limit;
+pub use sys::{heap_in_use, raise_descriptor_limit};
 pub mod systemd;
 mod throttle;
 pub mod transport;

@@ -121,6 +121,8 @@ pub fn build_core(config: &Config, policy: Option<&Path>) -> Result<Arc<Core>, B
     let policy_path = policy_path(config, policy);
     let policy_path = policy_path.as_deref();
     let policy = config::load_policy_trusted(policy_path)?;
+    // The parse's own memory (the text, its TOML tree) is free now: hand it back.
+    crate::sys::release_free_memory();
     tracing::info!(source = %policy_path.map_or("embedded default".into(), |p| p.display().to_string()), rules = policy.rule_count(), revision = policy.revision(), "policy loaded");
     let max_connections = config.max_connections.unwrap_or(config::DEFAULT_MAX_CONNECTIONS);
     let core = Core::with_limits(
@@ -301,6 +303,7 @@ impl std::fmt::Debug for Prepared {
 /// (the run dir, the decision log, the TLS key and listener); then the sandbox entered
 /// ([`crate::sandbox::confine`]). Must run while the process has one thread.
 pub fn prepare(options: BrokerOptions) -> Result<Prepared, BrokerError> {
+    crate::sys::limit_allocator_arenas();
     // While the broker may still raise the hard limit (root, before the sandbox).
     let descriptors = crate::sys::raise_descriptor_limit();
     tracing::debug!(descriptors, "descriptor limit");

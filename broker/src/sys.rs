@@ -256,6 +256,35 @@ pub fn raise_descriptor_limit() -> u64 {
     getrlimit(Resource::Nofile).current.unwrap_or(u64::MAX)
 }
 
+/// Bytes the allocator has handed out and not had back (glibc's `mallinfo2`), 0 where
+/// unknown.
+pub fn heap_in_use() -> u64 {
+    #[cfg(target_env = "gnu")]
+    {
+        // SAFETY: `mallinfo2` takes nothing and returns the allocator's counters by value.
+        let info = unsafe { libc::mallinfo2() };
+        info.uordblks as u64
+    }
+    #[cfg(not(target_env = "gnu"))]
+    {
+        0
+    }
+}
+
+/// Keeps every thread on the allocator's main arena (glibc makes up to eight arenas per CPU):
+/// memory freed on one runtime thread then serves the others, and `malloc_trim` hands it back,
+/// instead of staying resident in an arena of its own, which is what kept a reloaded policy's
+/// old rules resident (4.5 KiB per rule after 10 reloads with an arena per thread, 3.0 with
+/// one). Each thread's cache still takes the small allocations of the call path without a lock.
+pub(crate) fn limit_allocator_arenas() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: `mallopt` takes two integers and only sets an allocator parameter, before the
+    // process has other threads.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 1);
+    }
+}
+
 /// Hands the allocator's free memory back to the kernel (glibc's `malloc_trim`, which walks
 /// every arena). Freed memory otherwise stays resident: after a policy reload (the old
 /// policy's rules), or after thousands of sessions closed.

@@ -11,10 +11,7 @@ use crate::{
 
 /// A warning at `rule`.
 fn at(rule: &Rule, message: String) -> SourceError {
-    SourceError {
-        message: format!("warning: {message}"),
-        ..rule.at.clone()
-    }
+    rule.at.error(format!("warning: {message}"))
 }
 
 /// The rule's principals as a set of indices.
@@ -76,7 +73,7 @@ impl Policy {
         let mut out = Vec::new();
         if self.audit {
             out.push(SourceError {
-                origin: self.rules.first().map_or_else(String::new, |r| r.at.origin.clone()),
+                origin: self.rules.first().map_or_else(String::new, |r| r.at.origin.to_string()),
                 line: 0,
                 col: 0,
                 message: "warning: the whole policy is in audit mode (`mode = \"audit\"` at the top of a file): it refuses nothing, only logs what it would refuse".into(),

@@ -517,12 +517,38 @@ impl Methods {
     }
 }
 
+/// A place in a policy source, kept by what lives as long as the policy (its file's name is
+/// shared, not copied per rule).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Spot {
+    pub(crate) origin: std::sync::Arc<str>,
+    pub(crate) line: usize,
+    pub(crate) col: usize,
+}
+
+impl Spot {
+    /// An error or warning here.
+    pub(crate) fn error(&self, message: String) -> SourceError {
+        SourceError {
+            origin: self.origin.to_string(),
+            line: self.line,
+            col: self.col,
+            message,
+        }
+    }
+
+    /// `file:line:col`.
+    pub(crate) fn place(&self) -> String {
+        self.error(String::new()).place()
+    }
+}
+
 /// One rule, its principals resolved to indices into [`Policy::principals`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct Rule {
     pub(crate) id: String,
-    /// Where its id is written (the message is empty), for lints.
-    pub(crate) at: SourceError,
+    /// Where its id is written, for lints.
+    pub(crate) at: Spot,
     pub(crate) effect: Effect,
     pub(crate) principals: Vec<usize>,
     pub(crate) service: ServiceMatch,
@@ -567,7 +593,8 @@ pub(crate) struct NameUse {
     pub(crate) name: String,
     /// For a parameter: its method.
     pub(crate) method: Option<String>,
-    pub(crate) origin: String,
+    /// The source's origin, shared by every name the source uses.
+    pub(crate) origin: std::sync::Arc<str>,
     pub(crate) line: usize,
     pub(crate) col: usize,
 }
@@ -818,7 +845,7 @@ impl Policy {
                     )
                 };
                 errors.push(SourceError {
-                    origin: at.map_or_else(String::new, |n| n.origin.clone()),
+                    origin: at.map_or_else(String::new, |n| n.origin.to_string()),
                     line: at.map_or(0, |n| n.line),
                     col: at.map_or(0, |n| n.col),
                     message,
@@ -875,7 +902,7 @@ impl Policy {
                             _ => "any driver".to_string(),
                         };
                         errors.push(SourceError {
-                            origin: n.origin.clone(),
+                            origin: n.origin.to_string(),
                             line: n.line,
                             col: n.col,
                             message: format!(
@@ -889,7 +916,7 @@ impl Policy {
                 };
                 if !known.contains(&n.name.as_str()) {
                     errors.push(SourceError {
-                        origin: n.origin.clone(),
+                        origin: n.origin.to_string(),
                         line: n.line,
                         col: n.col,
                         message: format!(
@@ -1004,7 +1031,7 @@ impl Policy {
                 .iter()
                 .map(|a| {
                     let mut scope = a.scope.clone();
-                    scope.at = SourceError::default();
+                    scope.at = Spot::default();
                     scope.names.clear();
                     (a.scope.id.clone(), (scope, a.every_task, a.description.clone()))
                 })
@@ -1153,14 +1180,14 @@ fn build_rule(
     }
     let mut names = Vec::new();
     let mut used = |kind: NameKind, name: &toml::Spanned<String>| {
-        let at = locate(source, Some(name.span()), String::new());
+        let (line, col) = source.line_col(name.span().start);
         names.push(NameUse {
             kind,
             name: name.get_ref().clone(),
             method: None,
-            origin: at.origin,
-            line: at.line,
-            col: at.col,
+            origin: source.shared.clone(),
+            line,
+            col,
         });
     };
     if let Some(class) = &r.service.class {
@@ -1198,14 +1225,14 @@ fn build_rule(
             }
             match raw.into_inner().parse() {
                 Ok(constraint) => {
-                    let p = locate(source, Some(param.span()), String::new());
+                    let (line, col) = source.line_col(param.span().start);
                     names.push(NameUse {
                         kind: NameKind::Param,
                         name: param.get_ref().clone(),
                         method: Some(method.clone()),
-                        origin: p.origin,
-                        line: p.line,
-                        col: p.col,
+                        origin: source.shared.clone(),
+                        line,
+                        col,
                     });
                     args.push(ArgRule {
                         method: method.clone(),
@@ -1239,7 +1266,7 @@ fn build_rule(
         },
     };
     Rule {
-        at: locate(source, Some(r.id.span()), String::new()),
+        at: source.spot(r.id.span().start),
         id,
         effect: r.effect,
         principals: indices,
@@ -1361,6 +1388,8 @@ pub fn prop_value(v: &toml::Value) -> Option<PropValue> {
 /// A source with the offsets its lines start at, to locate errors in O(log n).
 struct Located<'a> {
     origin: &'a str,
+    /// The origin once, for what keeps it (every name a rule uses).
+    shared: std::sync::Arc<str>,
     text: &'a str,
     line_starts: Vec<usize>,
 }
@@ -1372,8 +1401,19 @@ impl<'a> Located<'a> {
             .collect();
         Located {
             origin: source.origin,
+            shared: source.origin.into(),
             text: source.text,
             line_starts,
+        }
+    }
+
+    /// Where a byte offset is.
+    fn spot(&self, offset: usize) -> Spot {
+        let (line, col) = self.line_col(offset);
+        Spot {
+            origin: self.shared.clone(),
+            line,
+            col,
         }
     }
 

@@ -129,7 +129,7 @@ pub(crate) fn rule(principals: usize) -> impl Strategy<Value = Rule> {
             |(forbid, principals, (class, name, vendor), (methods, open, privileges, memory), (args, audit))| Rule {
                 audit,
                 id: String::new(),
-                at: crate::SourceError::default(),
+                at: crate::model::Spot::default(),
                 effect: if forbid { Effect::Forbid } else { Effect::Allow },
                 principals,
                 service: ServiceMatch {
