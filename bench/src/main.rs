@@ -161,16 +161,22 @@ fn main() {
         })
         .collect();
     let wants = |name: &str| names.is_empty() || names.contains(&name);
-    if wants("transports") {
-        let plot = argv
-            .iter()
-            .position(|a| a == "--plot")
+    // The path after `flag`, or `docs/<default>` in the repository.
+    let plot_path = |flag: &str, default: &str| {
+        argv.iter()
+            .position(|a| a == flag)
             .and_then(|i| argv.get(i + 1))
             .map_or_else(
-                || std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/bench-latency.png"),
+                || {
+                    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                        .join("../docs")
+                        .join(default)
+                },
                 std::path::PathBuf::from,
-            );
-        transports::run(&args, &plot);
+            )
+    };
+    if wants("transports") {
+        transports::run(&args, &plot_path("--plot", "bench-latency.png"));
     }
     if wants("grpc") {
         grpc::run(&args);
@@ -191,14 +197,7 @@ fn main() {
         sandbox::run(&args);
     }
     if wants("scale") {
-        let plot = argv
-            .iter()
-            .position(|a| a == "--scale-plot")
-            .and_then(|i| argv.get(i + 1))
-            .map_or_else(
-                || std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/bench-scale.png"),
-                std::path::PathBuf::from,
-            );
+        let plot = plot_path("--scale-plot", "bench-scale.png");
         let only: Vec<&str> = argv
             .iter()
             .position(|a| a == "--scale-only")
