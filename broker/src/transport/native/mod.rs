@@ -210,7 +210,6 @@ async fn connection(core: Arc<Core>, conn: UnixSeqpacket, ring: RingConfig) {
             if send(&conn, &welcome).await.is_err() {
                 return;
             }
-            let (done_tx, done_rx) = mpsc::channel(core.accounts().limits().max_queued_messages_per_session);
             let mut session = Session::new(core.clone(), peer.clone(), abi);
             let events = session.take_events();
             let state = Served {
@@ -220,8 +219,7 @@ async fn connection(core: Arc<Core>, conn: UnixSeqpacket, ring: RingConfig) {
                 conn,
                 ring_config: ring,
                 ring: None,
-                done_tx,
-                done_rx,
+                done: Completions::new(core.accounts().limits().max_queued_messages_per_session),
             };
             match serve_session(state).await {
                 (ended, Some(back)) => (ended, back),
@@ -381,10 +379,46 @@ struct Served {
     ring_config: RingConfig,
     ring: Option<ring::RingHandle>,
     events: crate::session::EventReceiver,
-    /// Completed asynchronous calls queued for this connection
-    /// (`max_queued_messages_per_session`).
-    done_tx: mpsc::Sender<Done>,
-    done_rx: mpsc::Receiver<Done>,
+    /// Completed asynchronous calls queued for this connection.
+    done: Completions,
+}
+
+/// The queue of a connection's completed asynchronous calls (`max_queued_messages_per_session`),
+/// made at its first asynchronous call: a channel allocates its first block of slots when it
+/// is made (32 answers, about 4 KiB), which an idle connection, or one whose calls all answer
+/// at once, never needs.
+struct Completions {
+    capacity: usize,
+    channel: Option<(mpsc::Sender<Done>, mpsc::Receiver<Done>)>,
+}
+
+impl Completions {
+    fn new(capacity: usize) -> Completions {
+        Completions {
+            capacity,
+            channel: None,
+        }
+    }
+
+    /// Where a call in flight sends its answer.
+    fn sender(&mut self) -> mpsc::Sender<Done> {
+        let capacity = self.capacity.max(1);
+        self.channel.get_or_insert_with(|| mpsc::channel(capacity)).0.clone()
+    }
+
+    /// The next answer; never ready while no call has gone asynchronous.
+    async fn recv(&mut self) -> Option<Done> {
+        match &mut self.channel {
+            Some((_, rx)) => rx.recv().await,
+            None => std::future::pending().await,
+        }
+    }
+
+    /// The receiver of the answers still in flight, the sender kept here dropped (so that it
+    /// ends when they have all answered); `None` if no call ever went asynchronous.
+    fn into_in_flight(self) -> Option<mpsc::Receiver<Done>> {
+        self.channel.map(|(_, rx)| rx)
+    }
 }
 
 /// The loop stopped because its identity's connections now belong elsewhere.
@@ -398,8 +432,7 @@ async fn serve_socket(state: &mut Served, background: bool) -> Result<Option<Clo
         ring_config,
         ring,
         events,
-        done_tx,
-        done_rx,
+        done,
     } = state;
     let (core, ring_config) = (&**core, *ring_config);
     let account = locked(session).account().clone();
@@ -434,7 +467,7 @@ async fn serve_socket(state: &mut Served, background: bool) -> Result<Option<Clo
                             out.push((frame, fd.into_iter().collect()));
                         }
                         Started::Later(pending) => {
-                            let done_tx = done_tx.clone();
+                            let done_tx = done.sender();
                             tokio::spawn(async move {
                                 let _ = done_tx.send(codec::response(id, pending.await)).await;
                             });
@@ -451,7 +484,7 @@ async fn serve_socket(state: &mut Served, background: bool) -> Result<Option<Clo
                 Ok(None) => return Ok(None),
                 Err(close) => return Ok(Some(close)),
             },
-            Some((frame, fd)) = done_rx.recv() => vec![(frame, fd.into_iter().collect())],
+            Some((frame, fd)) = done.recv() => vec![(frame, fd.into_iter().collect())],
             () = crate::session::idle(locked(session).idle_deadline()) => {
                 if let Some(idle) = locked(session).idle_close() {
                     return Ok(Some(Close { status: idle.status, reason: idle.message }));
@@ -460,9 +493,8 @@ async fn serve_socket(state: &mut Served, background: bool) -> Result<Option<Clo
             }
             reason = ring_ended => return Ok(reason.map(|(status, reason)| Close { status, reason: format!("ring: {reason}") })),
             () = core.stopping() => {
-                let (spent_tx, spent_rx) = mpsc::channel(1);
-                let done = (std::mem::replace(done_tx, spent_tx), std::mem::replace(done_rx, spent_rx));
-                return Ok(Some(finish_for_shutdown(session, core, conn, done.0, done.1).await));
+                let in_flight = std::mem::replace(done, Completions::new(0)).into_in_flight();
+                return Ok(Some(finish_for_shutdown(session, core, conn, in_flight).await));
             }
             event = events.recv() => {
                 let events = match event {
@@ -504,26 +536,26 @@ async fn finish_for_shutdown(
     session: &Mutex<Session>,
     core: &Core,
     conn: &UnixSeqpacket,
-    done_tx: mpsc::Sender<(ServerFrame, Option<OwnedFd>)>,
-    mut done_rx: mpsc::Receiver<(ServerFrame, Option<OwnedFd>)>,
+    in_flight: Option<mpsc::Receiver<Done>>,
 ) -> Close {
     // Every call in flight holds a sender: when all have answered, `recv` says `None`.
-    drop(done_tx);
-    let deadline = tokio::time::Instant::now() + core.accounts().limits().shutdown_timeout();
-    let mut aborted = false;
-    loop {
-        tokio::select! {
-            next = done_rx.recv() => match next {
-                Some((frame, fd)) => {
-                    if !send_all(conn, vec![(frame, fd.into_iter().collect())]).await {
-                        break;
+    if let Some(mut done_rx) = in_flight {
+        let deadline = tokio::time::Instant::now() + core.accounts().limits().shutdown_timeout();
+        let mut aborted = false;
+        loop {
+            tokio::select! {
+                next = done_rx.recv() => match next {
+                    Some((frame, fd)) => {
+                        if !send_all(conn, vec![(frame, fd.into_iter().collect())]).await {
+                            break;
+                        }
                     }
+                    None => break,
+                },
+                () = tokio::time::sleep_until(deadline), if !aborted => {
+                    aborted = true;
+                    locked(session).close_all("the broker is stopping");
                 }
-                None => break,
-            },
-            () = tokio::time::sleep_until(deadline), if !aborted => {
-                aborted = true;
-                locked(session).close_all("the broker is stopping");
             }
         }
     }
