@@ -402,7 +402,7 @@ impl Completions {
 
     /// Where a call in flight sends its answer.
     fn sender(&mut self) -> mpsc::Sender<Done> {
-        let capacity = self.capacity.max(1);
+        let capacity = self.capacity;
         self.channel.get_or_insert_with(|| mpsc::channel(capacity)).0.clone()
     }
 
@@ -416,8 +416,8 @@ impl Completions {
 
     /// The receiver of the answers still in flight, the sender kept here dropped (so that it
     /// ends when they have all answered); `None` if no call ever went asynchronous.
-    fn into_in_flight(self) -> Option<mpsc::Receiver<Done>> {
-        self.channel.map(|(_, rx)| rx)
+    fn take_in_flight(&mut self) -> Option<mpsc::Receiver<Done>> {
+        self.channel.take().map(|(_, rx)| rx)
     }
 }
 
@@ -493,8 +493,7 @@ async fn serve_socket(state: &mut Served, background: bool) -> Result<Option<Clo
             }
             reason = ring_ended => return Ok(reason.map(|(status, reason)| Close { status, reason: format!("ring: {reason}") })),
             () = core.stopping() => {
-                let in_flight = std::mem::replace(done, Completions::new(0)).into_in_flight();
-                return Ok(Some(finish_for_shutdown(session, core, conn, in_flight).await));
+                return Ok(Some(finish_for_shutdown(session, core, conn, done.take_in_flight()).await));
             }
             event = events.recv() => {
                 let events = match event {
