@@ -590,16 +590,45 @@ pub(crate) enum NameKind {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct NameUse {
     pub(crate) kind: NameKind,
-    pub(crate) name: String,
-    /// For a parameter: its method.
-    pub(crate) method: Option<String>,
-    /// The source's origin, shared by every name the source uses.
-    pub(crate) origin: std::sync::Arc<str>,
-    pub(crate) line: usize,
-    pub(crate) col: usize,
+    /// Which of the rule's names of that kind it is: the class (0), or the `index`th method,
+    /// privilege, memory type or argument constraint. A name is kept once, in the rule; a use
+    /// only says where it was written (a big policy keeps one of these per name it uses).
+    pub(crate) index: u32,
+    /// Where it is written, in the rule's source.
+    pub(crate) line: u32,
+    pub(crate) col: u32,
 }
 
 impl Rule {
+    /// The name a use stands for and, for a parameter, its method.
+    pub(crate) fn name_of(&self, n: &NameUse) -> (&str, Option<&str>) {
+        let i = n.index as usize;
+        let none = ("", None);
+        match n.kind {
+            NameKind::Class => (self.service.class.as_deref().unwrap_or_default(), None),
+            NameKind::Method => match &self.methods {
+                Methods::Named(names) => names.get(i).map_or(none, |m| (m.as_str(), None)),
+                Methods::All => none,
+            },
+            NameKind::Privilege => self.privileges.get(i).map_or(none, |p| (p.as_str(), None)),
+            NameKind::Memory => self.memory.get(i).map_or(none, |m| (m.as_str(), None)),
+            NameKind::Param => self
+                .args
+                .get(i)
+                .map_or(none, |a| (a.param.as_str(), Some(a.method.as_str()))),
+        }
+    }
+
+    /// An error about a use, at its place in the rule's source.
+    fn error_at(&self, n: &NameUse, message: String) -> SourceError {
+        SourceError {
+            origin: self.at.origin.to_string(),
+            line: n.line as usize,
+            col: n.col as usize,
+            message,
+        }
+    }
+
     /// A forbid rule that names no method, open mode or privilege forbids the whole service.
     pub(crate) fn forbids_service(&self) -> bool {
         self.effect == Effect::Forbid
@@ -831,7 +860,7 @@ impl Policy {
                     continue;
                 }
                 let at = rule.names.iter().find(|n| {
-                    n.kind == NameKind::Param && n.name == arg.param && n.method.as_deref() == Some(&arg.method)
+                    n.kind == NameKind::Param && rule.name_of(n) == (arg.param.as_str(), Some(arg.method.as_str()))
                 });
                 let message = if text_constraint {
                     format!(
@@ -844,11 +873,14 @@ impl Policy {
                         rule.id, arg.method, arg.param, arg.param
                     )
                 };
-                errors.push(SourceError {
-                    origin: at.map_or_else(String::new, |n| n.origin.to_string()),
-                    line: at.map_or(0, |n| n.line),
-                    col: at.map_or(0, |n| n.col),
-                    message,
+                errors.push(match at {
+                    Some(n) => rule.error_at(n, message),
+                    None => SourceError {
+                        origin: rule.at.origin.to_string(),
+                        line: 0,
+                        col: 0,
+                        message,
+                    },
                 });
             }
         }
@@ -864,6 +896,7 @@ impl Policy {
         for (noun, rule) in scopes {
             let class = rule.service.class.as_deref().and_then(|c| catalog.classes.get(c));
             for n in &rule.names {
+                let (name, method) = rule.name_of(n);
                 let known: Vec<&str> = match n.kind {
                     NameKind::Class => catalog.classes.keys().map(String::as_str).collect(),
                     kind => {
@@ -873,7 +906,7 @@ impl Policy {
                                 NameKind::Privilege => c.privileges.iter().cloned().collect(),
                                 NameKind::Param => c
                                     .params
-                                    .get(n.method.as_deref().unwrap_or_default())
+                                    .get(method.unwrap_or_default())
                                     .into_iter()
                                     .flatten()
                                     .cloned()
@@ -885,47 +918,42 @@ impl Policy {
                             Some(c) => of(c).into_iter().collect(),
                             None => catalog.classes.values().flat_map(of).collect(),
                         };
-                        if all.contains(&n.name) {
+                        if all.contains(name) {
                             continue;
                         }
                         let subject = match kind {
-                            NameKind::Method => format!("method {:?}", n.name),
-                            NameKind::Privilege => format!("privilege {:?}", n.name),
+                            NameKind::Method => format!("method {name:?}"),
+                            NameKind::Privilege => format!("privilege {name:?}"),
                             NameKind::Param => {
-                                format!("parameter {:?} of {}", n.name, n.method.as_deref().unwrap_or_default())
+                                format!("parameter {name:?} of {}", method.unwrap_or_default())
                             }
-                            _ => format!("memory type {:?}", n.name),
+                            _ => format!("memory type {name:?}"),
                         };
                         // Only a class the catalog knows narrows the candidates.
                         let scope = match (class, rule.service.class.as_deref()) {
                             (Some(_), Some(c)) => format!("class {c}"),
                             _ => "any driver".to_string(),
                         };
-                        errors.push(SourceError {
-                            origin: n.origin.to_string(),
-                            line: n.line,
-                            col: n.col,
-                            message: format!(
+                        errors.push(rule.error_at(
+                            n,
+                            format!(
                                 "{noun} {:?}: {subject} is not in {scope}{}",
                                 rule.id,
-                                did_you_mean(&n.name, all.iter().map(String::as_str))
+                                did_you_mean(name, all.iter().map(String::as_str))
                             ),
-                        });
+                        ));
                         continue;
                     }
                 };
-                if !known.contains(&n.name.as_str()) {
-                    errors.push(SourceError {
-                        origin: n.origin.to_string(),
-                        line: n.line,
-                        col: n.col,
-                        message: format!(
-                            "{noun} {:?}: class {:?} is not a driver class{}",
+                if !known.contains(&name) {
+                    errors.push(rule.error_at(
+                        n,
+                        format!(
+                            "{noun} {:?}: class {name:?} is not a driver class{}",
                             rule.id,
-                            n.name,
-                            did_you_mean(&n.name, known.iter().copied())
+                            did_you_mean(name, known.iter().copied())
                         ),
-                    });
+                    ));
                 }
             }
         }
@@ -1179,26 +1207,48 @@ fn build_rule(
         }
     }
     let mut names = Vec::new();
-    let mut used = |kind: NameKind, name: &toml::Spanned<String>| {
-        let (line, col) = source.line_col(name.span().start);
+    let place = |span: std::ops::Range<usize>| {
+        let (line, col) = source.line_col(span.start);
+        (
+            u32::try_from(line).unwrap_or(u32::MAX),
+            u32::try_from(col).unwrap_or(u32::MAX),
+        )
+    };
+    let mut used = |kind: NameKind, index: usize, name: &toml::Spanned<String>| {
+        let (line, col) = place(name.span());
         names.push(NameUse {
             kind,
-            name: name.get_ref().clone(),
-            method: None,
-            origin: source.shared.clone(),
+            index: u32::try_from(index).unwrap_or(u32::MAX),
             line,
             col,
         });
     };
     if let Some(class) = &r.service.class {
-        used(NameKind::Class, class);
+        used(NameKind::Class, 0, class);
     }
-    r.methods
+    if let Some(star) = r.methods.iter().find(|m| m.get_ref() == "*")
+        && r.methods.len() > 1
+    {
+        errors.push(locate(
+            source,
+            Some(star.span()),
+            format!("{noun} {id:?}: \"*\" grants every method; list the methods, or \"*\" alone"),
+        ));
+    }
+    if r.methods.iter().all(|m| m.get_ref() != "*") {
+        r.methods
+            .iter()
+            .enumerate()
+            .for_each(|(i, m)| used(NameKind::Method, i, m));
+    }
+    r.privileges
         .iter()
-        .filter(|m| m.get_ref() != "*")
-        .for_each(|m| used(NameKind::Method, m));
-    r.privileges.iter().for_each(|p| used(NameKind::Privilege, p));
-    r.memory.iter().for_each(|m| used(NameKind::Memory, m));
+        .enumerate()
+        .for_each(|(i, p)| used(NameKind::Privilege, i, p));
+    r.memory
+        .iter()
+        .enumerate()
+        .for_each(|(i, m)| used(NameKind::Memory, i, m));
     let plain = |v: Vec<toml::Spanned<String>>| v.into_iter().map(toml::Spanned::into_inner).collect::<Vec<_>>();
     let methods = if r.methods.iter().any(|m| m.get_ref() == "*") {
         Methods::All
@@ -1225,12 +1275,10 @@ fn build_rule(
             }
             match raw.into_inner().parse() {
                 Ok(constraint) => {
-                    let (line, col) = source.line_col(param.span().start);
+                    let (line, col) = place(param.span());
                     names.push(NameUse {
                         kind: NameKind::Param,
-                        name: param.get_ref().clone(),
-                        method: Some(method.clone()),
-                        origin: source.shared.clone(),
+                        index: u32::try_from(args.len()).unwrap_or(u32::MAX),
                         line,
                         col,
                     });
@@ -1388,7 +1436,7 @@ pub fn prop_value(v: &toml::Value) -> Option<PropValue> {
 /// A source with the offsets its lines start at, to locate errors in O(log n).
 struct Located<'a> {
     origin: &'a str,
-    /// The origin once, for what keeps it (every name a rule uses).
+    /// The origin once, shared by every spot in the source.
     shared: std::sync::Arc<str>,
     text: &'a str,
     line_starts: Vec<usize>,
@@ -1647,8 +1695,24 @@ mod catalog_tests {
     }
 
     #[test]
+    fn star_mixed_with_method_names_is_a_load_error() {
+        let text = "[[principal]]\nname = \"a\"\n[[rule]]\nid = \"r\"\neffect = \"allow\"\nprincipals = [\"a\"]\nservice = { class = \"SampleDevice\" }\nmethods = [\"ad\", \"*\"]\n";
+        let err = Policy::parse(&[Source { origin: "p.toml", text }]).unwrap_err();
+        let e = err.errors()[0].to_string();
+        assert!(e.starts_with("p.toml:8:18:") && e.contains("\"*\" alone"), "{e}");
+        let alone = text.replace("[\"ad\", \"*\"]", "[\"*\"]");
+        assert!(
+            Policy::parse(&[Source {
+                origin: "p.toml",
+                text: &alone
+            }])
+            .is_ok()
+        );
+    }
+
+    #[test]
     fn check_names_finds_typos_with_location_and_suggestion() {
-        let text = "[[principal]]\nname = \"a\"\n[[rule]]\nid = \"r\"\neffect = \"allow\"\nprincipals = [\"a\"]\nservice = { class = \"SampleDevise\" }\nmethods = [\"ad\", \"*\"]\nprivileges = [\"sample.admn\"]\nmemory = [\"dma\", \"dmx\"]\n";
+        let text = "[[principal]]\nname = \"a\"\n[[rule]]\nid = \"r\"\neffect = \"allow\"\nprincipals = [\"a\"]\nservice = { class = \"SampleDevise\" }\nmethods = [\"ad\"]\nprivileges = [\"sample.admn\"]\nmemory = [\"dma\", \"dmx\"]\n";
         let p = Policy::parse(&[Source { origin: "p.toml", text }]).unwrap();
         let errors = p.check_names(&catalog());
         let rendered: Vec<String> = errors.iter().map(ToString::to_string).collect();
