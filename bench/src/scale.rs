@@ -39,7 +39,15 @@ fn p99(mut v: Vec<f64>) -> f64 {
 }
 
 /// The parts of the scale benchmark, for `--scale-only`.
-pub(crate) const PARTS: &[&str] = &["waiters", "rules", "events", "rings", "sessions", "rule-memory"];
+pub(crate) const PARTS: &[&str] = &[
+    "waiters",
+    "rules",
+    "events",
+    "rings",
+    "sessions",
+    "rule-memory",
+    "clients",
+];
 
 pub(crate) fn run(quick: bool, plot: &Path, only: &[&str]) {
     println!("## Cost at scale\n");
@@ -63,6 +71,17 @@ pub(crate) fn run(quick: bool, plot: &Path, only: &[&str]) {
     }
     if wants("rule-memory") {
         rule_memory(quick);
+    }
+    if wants("clients") {
+        let figures = crate::clients::run(quick);
+        series.push(Series {
+            name: "many clients: p99 / the peer's p99",
+            points: figures.iter().map(|f| (f.clients as f64, f.p99_ratio)).collect(),
+        });
+        series.push(Series {
+            name: "many clients: Jain's fairness index (1 is fair)",
+            points: figures.iter().map(|f| (f.clients as f64, f.jain)).collect(),
+        });
     }
     if series.is_empty() {
         return;
@@ -495,6 +514,21 @@ fn spin_against_baseline(quick: bool) {
     );
 }
 
+/// A broker's RSS once it has stopped falling (it hands freed memory back on a blocking thread,
+/// after what freed it).
+fn settled_rss(b: &Broker) -> u64 {
+    let mut last = b.rss();
+    for _ in 0..20 {
+        std::thread::sleep(Duration::from_millis(100));
+        let now = b.rss();
+        if now >= last {
+            return now;
+        }
+        last = now;
+    }
+    last
+}
+
 /// Memory per idle session, per transport, and what is left after they close.
 fn sessions(quick: bool) {
     println!("### Memory per idle session\n");
@@ -509,6 +543,8 @@ fn sessions(quick: bool) {
     for transport in ["native", "gRPC", "ring"] {
         let broker = Broker::start(dir.path(), &format!("sessions-{transport}"), SCALE_CONFIG);
         let settle = || std::thread::sleep(Duration::from_millis(300));
+        // Asks, after the sessions are dropped, when the broker has seen them all go.
+        let admin = rt.block_on(Client::connect(&broker.run_dir)).unwrap();
         settle();
         let (before, fds_before) = (broker.rss(), broker.fds());
         let count = if transport == "ring" { rings } else { n };
@@ -543,10 +579,17 @@ fn sessions(quick: bool) {
             settle();
             let with = (broker.rss(), broker.fds(), broker.threads());
             drop((natives, grpcs, ringed));
+            // Within this runtime, which closes the dropped gRPC channels' connections.
+            loop {
+                let stats = admin.stats().await.unwrap();
+                if stats.sessions == 0 && stats.connections <= 1 {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
             with
         });
-        settle();
-        let after = broker.rss();
+        let after = settled_rss(&broker);
         println!(
             "| {transport} | {count} | {:.1} | {:.1} | {:.1} | {:.1} | {threads} | {:.1} |",
             mib(before),
@@ -576,21 +619,8 @@ fn rule_memory(quick: bool) {
         &format!("policy = \"{}\"\n{SCALE_CONFIG}", policy.display()),
     );
     let rt = client_runtime();
-    // RSS once it has stopped falling: the broker hands freed memory back on a blocking
-    // thread after a reload answers.
-    let settled = |b: &Broker| {
-        let mut last = b.rss();
-        for _ in 0..20 {
-            std::thread::sleep(Duration::from_millis(100));
-            let now = b.rss();
-            if now >= last {
-                return now;
-            }
-            last = now;
-        }
-        last
-    };
-    let kib_per_rule = |b: &Broker| (settled(b).saturating_sub(small.rss())) as f64 / rules as f64 / 1024.0;
+    // The broker hands freed memory back on a blocking thread after a reload answers.
+    let kib_per_rule = |b: &Broker| (settled_rss(b).saturating_sub(small.rss())) as f64 / rules as f64 / 1024.0;
     let loaded = kib_per_rule(&big);
     let mut after: BTreeMap<usize, f64> = BTreeMap::new();
     rt.block_on(async {
@@ -640,7 +670,7 @@ fn plot_series(path: &Path, series: &[Series]) -> Result<(), Box<dyn std::error:
         .build_cartesian_2d((1f64..200_000f64).log_scale(), 0f64..max_y)?;
     chart
         .configure_mesh()
-        .x_desc("count (waiters, rules, idle sessions)")
+        .x_desc("count (waiters, rules, idle sessions, rings, clients)")
         .y_desc("cost / cost at the smallest count")
         .draw()?;
     for (i, s) in series.iter().enumerate() {

@@ -171,6 +171,9 @@ pub struct Accounts {
     own_uid: u32,
     /// Connections served by the background workers right now.
     background: Arc<AtomicUsize>,
+    /// When the memory of closed connections is handed back: a transport's per-connection
+    /// buffers (HTTP/2's) may outlive the connection's session.
+    trim: super::core::TrimMark,
 }
 
 #[derive(Debug, Default)]
@@ -239,11 +242,15 @@ impl ConnectionSlot {
 
 impl Drop for ConnectionSlot {
     fn drop(&mut self) {
-        let mut inner = self.accounts.lock();
-        inner.total = inner.total.saturating_sub(1);
+        let live = {
+            let mut inner = self.accounts.lock();
+            inner.total = inner.total.saturating_sub(1);
+            inner.total
+        };
         if let Some(account) = &self.account {
             account.connections.fetch_sub(1, Ordering::Relaxed);
         }
+        self.accounts.trim.ended(live);
     }
 }
 
@@ -256,6 +263,7 @@ impl Accounts {
             limits,
             own_uid: crate::sandbox::starter_uid(),
             background: Arc::new(AtomicUsize::new(0)),
+            trim: super::core::TrimMark::default(),
         })
     }
 
@@ -327,6 +335,7 @@ impl Accounts {
         }
         let before = account.connections.fetch_add(1, Ordering::Relaxed);
         inner.total += 1;
+        self.trim.started(inner.total);
         let background = !admin && before >= self.limits.foreground_connections_per_uid;
         Ok(ConnectionSlot {
             accounts: self.clone(),
@@ -348,6 +357,7 @@ impl Accounts {
             });
         }
         inner.total += 1;
+        self.trim.started(inner.total);
         Ok(ConnectionSlot {
             accounts: self.clone(),
             account: None,

@@ -24,8 +24,50 @@ use crate::{
     registry::{Matching, Registry, RegistryError, Service, ServiceId},
 };
 
-/// Sessions that must have closed (half of a peak) before their memory is handed back.
-const TRIM_AFTER_SESSIONS: usize = 32;
+/// Sessions (or connections) that must have closed (half of a peak) before their memory is
+/// handed back.
+const TRIM_AFTER: usize = 32;
+
+/// When freed memory is handed back to the kernel, for a count of live things (sessions,
+/// connections): each time the count falls below half of its peak since the last time, and
+/// once more when it reaches zero after such a fall, so that a crowd that came and went does
+/// not leave the broker at its peak. A few clients coming and going never trim.
+#[derive(Debug, Default)]
+pub(crate) struct TrimMark {
+    /// The count below which memory is next handed back.
+    mark: AtomicUsize,
+    /// Memory was handed back since the count was last zero.
+    crowd: std::sync::atomic::AtomicBool,
+}
+
+impl TrimMark {
+    /// One more started: `live` now.
+    pub(crate) fn started(&self, live: usize) {
+        self.mark.fetch_max(live / 2, Ordering::Relaxed);
+    }
+
+    /// One ended: `live` now. Whether memory is being handed back.
+    pub(crate) fn ended(&self, live: usize) -> bool {
+        let mark = self.mark.load(Ordering::Relaxed);
+        let trim = if live < mark
+            && mark >= TRIM_AFTER
+            && self
+                .mark
+                .compare_exchange(mark, live / 2, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            self.crowd.store(true, Ordering::Relaxed);
+            true
+        } else {
+            // The last of the crowd: what it left since the last fall goes back too.
+            live == 0 && self.crowd.swap(false, Ordering::Relaxed)
+        };
+        if trim {
+            release_memory();
+        }
+        trim
+    }
+}
 
 /// Hands freed memory back to the kernel, off the async workers when there are some.
 fn release_memory() {
@@ -81,8 +123,8 @@ pub struct Core {
     decisions: std::sync::OnceLock<super::DecisionLog>,
     max_connections: usize,
     events: Arc<super::events::EventHub>,
-    /// Live sessions below which freed memory is next handed back (see `session_ended`).
-    trim_mark: AtomicUsize,
+    /// When the memory of ended sessions is handed back.
+    trim: TrimMark,
     /// Set when the broker is stopping: sessions say goodbye and end.
     stopping: watch::Sender<bool>,
     /// The next user client's key, as drivers know it.
@@ -334,7 +376,7 @@ impl Core {
             max_connections,
             decisions: std::sync::OnceLock::new(),
             events: Arc::default(),
-            trim_mark: AtomicUsize::new(0),
+            trim: TrimMark::default(),
             stopping: watch::Sender::new(false),
             next_client: AtomicU64::new(1),
             live: LiveCounts::default(),
@@ -423,23 +465,12 @@ impl Core {
 
     /// A session started: `live` sessions now.
     pub(crate) fn session_started(&self, live: usize) {
-        self.trim_mark.fetch_max(live / 2, Ordering::Relaxed);
+        self.trim.started(live);
     }
 
-    /// A session ended: `live` sessions now. Each time the count falls below half of its
-    /// peak since the last time, the allocator gives freed memory back to the kernel, so that a
-    /// crowd that came and went does not leave the broker at its peak.
+    /// A session ended: `live` sessions now (see [`TrimMark`]).
     pub(crate) fn session_ended(&self, live: usize) {
-        let mark = self.trim_mark.load(Ordering::Relaxed);
-        if live < mark
-            && mark >= TRIM_AFTER_SESSIONS
-            && self
-                .trim_mark
-                .compare_exchange(mark, live / 2, Ordering::Relaxed, Ordering::Relaxed)
-                .is_ok()
-        {
-            release_memory();
-        }
+        self.trim.ended(live);
     }
 
     /// Loads the policy again from its source. On any error the running policy stays and the
@@ -711,5 +742,30 @@ pub(super) fn view<'a>(service: &'a Service, properties: &'a Properties) -> Serv
         name: service.name(),
         class: service.class(),
         properties,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::TrimMark;
+
+    #[test]
+    fn memory_goes_back_at_each_halving_of_a_crowd_and_at_its_end_only() {
+        let trim = TrimMark::default();
+        // A few clients coming and going: never.
+        for live in 1..=10 {
+            trim.started(live);
+        }
+        assert!((0..10).rev().all(|live| !trim.ended(live)));
+        // A crowd of 200: below 100, below 49 (half of 99), then not below 24 (a mark under 32),
+        // until the last one.
+        for live in 1..=200 {
+            trim.started(live);
+        }
+        let trimmed: Vec<usize> = (0..200).rev().filter(|&live| trim.ended(live)).collect();
+        assert_eq!(trimmed, vec![99, 48, 0]);
+        // Once handed back at zero, a lone client's end does not trim again.
+        trim.started(1);
+        assert!(!trim.ended(0));
     }
 }
