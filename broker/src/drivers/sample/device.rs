@@ -1,7 +1,6 @@
 //! The sample device's state and method implementations.
 
 use std::{
-    collections::HashMap,
     sync::{
         Mutex,
         atomic::{AtomicU32, AtomicU64, Ordering},
@@ -106,7 +105,7 @@ impl SampleDevice {
 
     fn fire_event(&self, ctx: &CallContext<'_>, value: u64) -> u64 {
         let waiters = std::mem::take(&mut self.waiters.lock().pending);
-        let completed = waiters.into_values().filter_map(|w| w.send(value).ok()).count() as u64;
+        let completed = waiters.into_iter().filter_map(|(_, (_, w))| w.send(value).ok()).count() as u64;
         (ctx.notify)(DriverNotice {
             kind: "event",
             value,
@@ -120,10 +119,14 @@ impl SampleDevice {
 #[derive(Debug, Default)]
 struct Waiters(Mutex<WaiterMap>);
 
+/// Each waiter is in a slot of a slab, with the id that tells it from a later waiter in the same
+/// slot. A slab, not a hash map: the slot a waiter frees is the next one taken, so registering
+/// and cancelling costs the same with 100,000 others waiting as with none (a hash map puts every
+/// new id in a cold bucket of a table as big as the most that ever waited).
 #[derive(Debug, Default)]
 struct WaiterMap {
     next: u64,
-    pending: HashMap<u64, oneshot::Sender<u64>>,
+    pending: slab::Slab<(u64, oneshot::Sender<u64>)>,
 }
 
 impl WaiterMap {
@@ -138,9 +141,11 @@ impl Waiters {
     }
 }
 
-/// A registered waiter; leaves the device's map when dropped (a fired waiter already has).
+/// A registered waiter; leaves the device's map when dropped (a fired waiter already has, and
+/// its slot may hold another waiter by then).
 struct Waiting {
     waiters: Arc<Waiters>,
+    slot: usize,
     id: u64,
 }
 
@@ -149,9 +154,10 @@ impl Waiting {
         let mut map = waiters.lock();
         let id = map.next;
         map.next += 1;
-        map.pending.insert(id, tx);
+        let slot = map.pending.insert((id, tx));
         Waiting {
             waiters: waiters.clone(),
+            slot,
             id,
         }
     }
@@ -159,7 +165,10 @@ impl Waiting {
 
 impl Drop for Waiting {
     fn drop(&mut self) {
-        self.waiters.lock().pending.remove(&self.id);
+        let mut map = self.waiters.lock();
+        if map.pending.get(self.slot).is_some_and(|(id, _)| *id == self.id) {
+            map.pending.remove(self.slot);
+        }
     }
 }
 
@@ -392,6 +401,28 @@ mod tests {
         let (_, spec) = dev.methods().get(sel as u32).unwrap();
         let args = spec.check_args(scalars, s, u32::MAX).unwrap();
         dev.call(ctx, spec, args)
+    }
+
+    #[test]
+    fn a_fired_waiter_leaving_does_not_take_a_later_waiter_in_its_slot() {
+        let waiters = Arc::new(Waiters::default());
+        let (tx, mut fired_rx) = tokio::sync::oneshot::channel();
+        let fired = Waiting::register(&waiters, tx);
+        // Fired: the map is emptied, and a new waiter takes the same slot.
+        let taken = std::mem::take(&mut waiters.lock().pending);
+        taken.into_iter().for_each(|(_, (_, tx))| tx.send(7).unwrap());
+        let (tx, mut later_rx) = tokio::sync::oneshot::channel();
+        let later = Waiting::register(&waiters, tx);
+        assert_eq!(later.slot, fired.slot);
+        drop(fired);
+        assert_eq!(waiters.lock().len(), 1, "the later waiter is still registered");
+        assert_eq!(fired_rx.try_recv(), Ok(7));
+        // Cancelled: it leaves, and its slot is the next one taken.
+        drop(later);
+        assert_eq!(waiters.lock().len(), 0);
+        assert!(later_rx.try_recv().is_err());
+        let (tx, _rx) = tokio::sync::oneshot::channel();
+        assert_eq!(Waiting::register(&waiters, tx).slot, 0);
     }
 
     #[test]
