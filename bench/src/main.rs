@@ -15,6 +15,7 @@
 
 #[cfg(feature = "peers")]
 mod cedar;
+mod clients;
 mod devices;
 mod flood;
 mod grpc;
@@ -119,6 +120,15 @@ fn main() {
         flood::client(std::path::Path::new(dir));
         return;
     }
+    // The many-clients benchmark's clients: this program, re-executed as a uid of their own.
+    if let Some(dir) = argv
+        .iter()
+        .position(|a| a == "--many-clients-client")
+        .and_then(|i| argv.get(i + 1))
+    {
+        clients::client(std::path::Path::new(dir));
+        return;
+    }
     // The many-rings benchmark's clients: this program, holding idle rings in its own process
     // (a process's descriptors would not hold thousands).
     if let Some(i) = argv.iter().position(|a| a == "--hold-rings") {
@@ -197,13 +207,19 @@ fn main() {
         sandbox::run(&args);
     }
     if wants("scale") {
-        let plot = plot_path("--scale-plot", "bench-scale.png");
         let only: Vec<&str> = argv
             .iter()
             .position(|a| a == "--scale-only")
             .and_then(|i| argv.get(i + 1))
             .map(|list| list.split(',').collect())
             .unwrap_or_default();
+        // The plot in docs/ is drawn by a run of every part: a run of some parts draws theirs
+        // elsewhere unless told where.
+        let plot = if only.is_empty() || argv.iter().any(|a| a == "--scale-plot") {
+            plot_path("--scale-plot", "bench-scale.png")
+        } else {
+            std::env::temp_dir().join("portcullis-bench-scale-parts.png")
+        };
         if let Some(unknown) = only.iter().find(|p| !scale::PARTS.contains(p)) {
             eprintln!("--scale-only: no part {unknown:?} (parts: {})", scale::PARTS.join(","));
             std::process::exit(2);

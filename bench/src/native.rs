@@ -118,20 +118,7 @@ pub(crate) fn run(args: &Args) {
         broker.buf[..n].to_vec()
     });
     servers.block_on(async {
-        let mut raw = UnixSeqpacketListener::bind(&raw_socket).unwrap();
-        tokio::spawn(async move {
-            while let Ok(conn) = raw.accept().await {
-                let answer = answer.clone();
-                tokio::spawn(async move {
-                    let mut buf = vec![0u8; MAX_FRAME + 1];
-                    while let Ok(info) = conn.recv(&mut buf).await {
-                        if info.bytes_read() == 0 || conn.send(&answer).await.is_err() {
-                            break;
-                        }
-                    }
-                });
-            }
-        });
+        serve_raw_peer(UnixSeqpacketListener::bind(&raw_socket).unwrap(), answer);
     });
     let frame = add(handle);
     let (ours, peer) = client_runtime().block_on(async {
@@ -158,4 +145,22 @@ pub(crate) fn run(args: &Args) {
         ],
         "target ≤ 1.3×",
     );
+}
+
+/// The raw peer, on the current runtime: answers every packet on every connection with
+/// `answer` (the broker's own bytes), doing nothing else.
+pub(crate) fn serve_raw_peer(mut raw: UnixSeqpacketListener, answer: Vec<u8>) {
+    tokio::spawn(async move {
+        while let Ok(conn) = raw.accept().await {
+            let answer = answer.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; MAX_FRAME + 1];
+                while let Ok(info) = conn.recv(&mut buf).await {
+                    if info.bytes_read() == 0 || conn.send(&answer).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
 }
