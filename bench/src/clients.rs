@@ -290,12 +290,7 @@ pub(crate) struct Figures {
 
 pub(crate) fn run(quick: bool) -> Vec<Figures> {
     println!("### Many clients: latency at equal throughput and fairness\n");
-    let dir = tempfile::Builder::new()
-        .prefix("portcullis-bench-clients-")
-        .tempdir()
-        .unwrap();
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let dir = crate::shared_tempdir("portcullis-bench-clients-");
     let servers = server_runtime();
     servers.block_on(async {
         let listener = native::bind(&dir.path().join(BROKER)).unwrap();
@@ -307,7 +302,7 @@ pub(crate) fn run(quick: bool) -> Vec<Figures> {
         ));
         let peer_path = dir.path().join(PEER);
         let raw = UnixSeqpacketListener::bind(&peer_path).unwrap();
-        std::fs::set_permissions(&peer_path, std::fs::Permissions::from_mode(0o666)).unwrap();
+        std::fs::set_permissions(&peer_path, std::os::unix::fs::PermissionsExt::from_mode(0o666)).unwrap();
         // The peer answers every packet with the broker's answer to `add`, which every client
         // captured first and checks: the packet's first bytes are the request's, and the
         // answer's id is the request's (1).

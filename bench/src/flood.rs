@@ -70,12 +70,7 @@ impl Flooder {
 
 pub(crate) fn run(args: &Args) {
     println!("### One user at its limits does not slow the others\n");
-    let dir = tempfile::Builder::new()
-        .prefix("portcullis-bench-flood-")
-        .tempdir()
-        .unwrap();
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let dir = crate::shared_tempdir("portcullis-bench-flood-");
     let servers = server_runtime();
     {
         let _guard = servers.enter();

@@ -101,6 +101,16 @@ pub(crate) fn server_runtime() -> tokio::runtime::Runtime {
     server::runtime().unwrap()
 }
 
+/// A temporary directory that other users may enter (the clients of some benchmarks run as
+/// uids of their own), removed when dropped.
+pub(crate) fn shared_tempdir(prefix: &str) -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix(prefix)
+        .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .tempdir()
+        .unwrap()
+}
+
 /// The runtime clients run on.
 pub(crate) fn client_runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()

@@ -55,11 +55,7 @@ fn grpc_round(runtime: &tokio::runtime::Runtime, broker: &Broker, iters: usize, 
 
 pub(crate) fn run(args: &Args) {
     println!("### The sandbox's cost on the call path\n");
-    let dir = tempfile::Builder::new()
-        .prefix("portcullis-bench-sandbox-")
-        .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o755))
-        .tempdir()
-        .unwrap();
+    let dir = crate::shared_tempdir("portcullis-bench-sandbox-");
     let on = start(dir.path(), "on", true);
     let off = start(dir.path(), "off", false);
     // Many short rounds, alternating: the machine's drift over the run falls on both alike.

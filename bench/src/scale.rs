@@ -264,11 +264,7 @@ fn rules(quick: bool) -> Vec<Series> {
 const SCALE_CONFIG: &str = "discovery = false\nmax_connections = 30000\n\n[limits]\nmax_connections_per_uid = 30000\nmax_rings_per_uid = 2000\nidle_timeout_ms = 0\n\n[ring]\nmax_rings = 2000\n\n[[device]]\nname = \"sample0\"\ndriver = \"sample\"\n";
 
 fn scale_dir() -> tempfile::TempDir {
-    tempfile::Builder::new()
-        .prefix("portcullis-bench-scale-")
-        .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o755))
-        .tempdir()
-        .unwrap()
+    crate::shared_tempdir("portcullis-bench-scale-")
 }
 
 /// `fire_event` (a notification nobody subscribed to) with 0 … 4,000 idle sessions connected:

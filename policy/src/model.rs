@@ -840,7 +840,7 @@ impl Policy {
     pub fn check_arg_kinds(&self, catalog: &Catalog) -> Vec<SourceError> {
         let mut errors = Vec::new();
         for rule in &self.rules {
-            for arg in &rule.args {
+            for (i, arg) in rule.args.iter().enumerate() {
                 let classes: Vec<&ClassNames> = match rule.service.class.as_deref().and_then(|c| catalog.classes.get(c))
                 {
                     Some(c) => vec![c],
@@ -859,9 +859,10 @@ impl Policy {
                 if !wrong {
                     continue;
                 }
-                let at = rule.names.iter().find(|n| {
-                    n.kind == NameKind::Param && rule.name_of(n) == (arg.param.as_str(), Some(arg.method.as_str()))
-                });
+                let at = rule
+                    .names
+                    .iter()
+                    .find(|n| n.kind == NameKind::Param && n.index as usize == i);
                 let message = if text_constraint {
                     format!(
                         "rule {:?}: args.{}.{}: prefix and max_len constrain char[N] text fields; {} is an integer (use min/max, one_of or mask)",
@@ -1226,20 +1227,19 @@ fn build_rule(
     if let Some(class) = &r.service.class {
         used(NameKind::Class, 0, class);
     }
-    if let Some(star) = r.methods.iter().find(|m| m.get_ref() == "*")
-        && r.methods.len() > 1
-    {
-        errors.push(locate(
+    let star = r.methods.iter().find(|m| m.get_ref() == "*").map(toml::Spanned::span);
+    match &star {
+        Some(span) if r.methods.len() > 1 => errors.push(locate(
             source,
-            Some(star.span()),
+            Some(span.clone()),
             format!("{noun} {id:?}: \"*\" grants every method; list the methods, or \"*\" alone"),
-        ));
-    }
-    if r.methods.iter().all(|m| m.get_ref() != "*") {
-        r.methods
+        )),
+        Some(_) => {}
+        None => r
+            .methods
             .iter()
             .enumerate()
-            .for_each(|(i, m)| used(NameKind::Method, i, m));
+            .for_each(|(i, m)| used(NameKind::Method, i, m)),
     }
     r.privileges
         .iter()
@@ -1250,7 +1250,7 @@ fn build_rule(
         .enumerate()
         .for_each(|(i, m)| used(NameKind::Memory, i, m));
     let plain = |v: Vec<toml::Spanned<String>>| v.into_iter().map(toml::Spanned::into_inner).collect::<Vec<_>>();
-    let methods = if r.methods.iter().any(|m| m.get_ref() == "*") {
+    let methods = if star.is_some() {
         Methods::All
     } else {
         Methods::Named(plain(r.methods))
