@@ -459,13 +459,15 @@ pub async fn run(prepared: Prepared, shutdown: impl Future<Output = ()>) -> Resu
         crate::transport::listen(&fd).map_err(err)?;
         Ok(fd)
     };
-    let grpc_listener = match activated.grpc.take() {
-        Some(fd) => grpc::listener_from(fd)?,
-        None => grpc::listener_from(listening(bound.0, &grpc_path)?)?,
-    };
+    // The native socket first: whoever waits for the gRPC socket to accept (scripts, the test
+    // harness) finds both listening.
     let native_listener = match activated.native.take() {
         Some(fd) => native::listener_from(fd)?,
         None => native::listener_from(listening(bound.1, &native_path)?)?,
+    };
+    let grpc_listener = match activated.grpc.take() {
+        Some(fd) => grpc::listener_from(fd)?,
+        None => grpc::listener_from(listening(bound.0, &grpc_path)?)?,
     };
     tracing::info!(grpc = %grpc_path.display(), native = %native_path.display(), socket_activated = activated_paths.0 || activated_paths.1, "serving");
     crate::systemd::ready(&format!("serving {}", options.run_dir.display()));

@@ -203,12 +203,15 @@ impl Broker {
 
     fn wait_ready(&mut self) {
         let socket = self.socket();
+        let native = self.run_dir().join(portcullis_client::NATIVE_SOCKET);
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
             if let Some(status) = self.child.try_wait().unwrap() {
                 panic!("broker exited with {status} before serving:\n{}", self.log());
             }
-            if std::os::unix::net::UnixStream::connect(&socket).is_ok() {
+            // Both transports: the broker listens on one socket, then the other, and a test
+            // may start with either.
+            if std::os::unix::net::UnixStream::connect(&socket).is_ok() && native_listening(&native) {
                 return;
             }
             std::thread::sleep(Duration::from_millis(20));
@@ -440,6 +443,31 @@ impl Broker {
     }
 }
 
+/// A child process a test spawned, killed and reaped when dropped: a test that fails midway
+/// leaves no helper waiting behind it (and holding whatever it entered, a network namespace).
+#[derive(Debug)]
+pub struct Reaped(pub std::process::Child);
+
+impl std::ops::Deref for Reaped {
+    type Target = std::process::Child;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Reaped {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0
+    }
+}
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 impl Drop for Broker {
     fn drop(&mut self) {
         let _ = self.child.kill();
@@ -506,6 +534,20 @@ pub fn stdout_ok(out: &Output) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8(out.stdout.clone()).unwrap()
+}
+
+/// Whether a broker listens on the native socket at `path`: a connection is accepted (and
+/// closed at once, before it says `Hello`).
+fn native_listening(path: &Path) -> bool {
+    let Ok(fd) = rustix::net::socket_with(
+        rustix::net::AddressFamily::UNIX,
+        rustix::net::SocketType::SEQPACKET,
+        rustix::net::SocketFlags::CLOEXEC,
+        None,
+    ) else {
+        return false;
+    };
+    rustix::net::SocketAddrUnix::new(path).is_ok_and(|addr| rustix::net::connect(&fd, &addr).is_ok())
 }
 
 /// A native connection, straight on the socket with no client library, that has said `Hello`

@@ -342,11 +342,13 @@ fn abi_matrix_clients_drive_real_devices() {
     let runnable: Vec<Row> = rows().into_iter().filter(|r| r.runner != "layout-only").collect();
     let helper = broker.copy_program(Path::new(env!("CARGO_BIN_EXE_hostile_client")), "hostile_client");
     let echoes = (runnable.len() * 2).to_string();
-    let mut echo = broker
-        .in_netns(helper.to_str().unwrap(), &["udp-echo", "192.0.2.1:7777", &echoes])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut echo = portcullis_tests::Reaped(
+        broker
+            .in_netns(helper.to_str().unwrap(), &["udp-echo", "192.0.2.1:7777", &echoes])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
     let mut echo_out = BufReader::new(echo.stdout.take().unwrap()).lines();
     assert!(echo_out.next().unwrap().unwrap().contains("ready"));
     let want_fnv = format!("block fnv: {:016x}", fnv1a(&contents[4096..4096 + 2048]));

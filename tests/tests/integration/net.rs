@@ -99,11 +99,13 @@ async fn a_packet_crosses_the_tun_to_a_udp_socket_and_the_reply_comes_back() {
         std::path::Path::new(env!("CARGO_BIN_EXE_hostile_client")),
         "hostile_client",
     );
-    let mut echo = broker
-        .in_netns(program.to_str().unwrap(), &["udp-echo", "192.0.2.1:7777", "3"])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut echo = portcullis_tests::Reaped(
+        broker
+            .in_netns(program.to_str().unwrap(), &["udp-echo", "192.0.2.1:7777", "3"])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
     let mut lines = BufReader::new(echo.stdout.take().unwrap()).lines();
     assert!(lines.next().unwrap().unwrap().contains("ready"));
     let ping = udp([192, 0, 2, 2], 5555, [192, 0, 2, 1], 7777, b"ping through the broker");
@@ -343,14 +345,16 @@ async fn echo_batch(broker: &Broker, s: &mut NativeSession, h: u64, memory: &Map
         std::path::Path::new(env!("CARGO_BIN_EXE_hostile_client")),
         "hostile_client",
     );
-    let mut echo = broker
-        .in_netns(
-            program.to_str().unwrap(),
-            &["udp-echo", "192.0.2.1:7777", &BATCH_COUNT.to_string()],
-        )
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut echo = portcullis_tests::Reaped(
+        broker
+            .in_netns(
+                program.to_str().unwrap(),
+                &["udp-echo", "192.0.2.1:7777", &BATCH_COUNT.to_string()],
+            )
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
     let mut lines = BufReader::new(echo.stdout.take().unwrap()).lines();
     assert!(lines.next().unwrap().unwrap().contains("ready"));
     let mut batch = Vec::new();
