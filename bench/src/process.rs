@@ -68,10 +68,21 @@ impl Broker {
 
     /// Resident memory of the serving process, in bytes.
     pub(crate) fn rss(&self) -> u64 {
+        self.status_bytes("VmRSS:")
+    }
+
+    /// The part of [`rss`](Broker::rss) that is shared memory mapped in (rings' pages, which
+    /// their clients' memfds hold), in bytes.
+    pub(crate) fn shared_rss(&self) -> u64 {
+        self.status_bytes("RssShmem:")
+    }
+
+    /// A size `/proc/PID/status` gives in kB, in bytes (0 if it can't be read).
+    fn status_bytes(&self, field: &str) -> u64 {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.server_pid())).unwrap_or_default();
         status
             .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .find_map(|l| l.strip_prefix(field))
             .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
             .map_or(0, |kb| kb * 1024)
     }

@@ -533,19 +533,19 @@ fn sessions(quick: bool) {
     let rings = if quick { 100 } else { 500 };
     let rt = client_runtime();
     println!(
-        "| transport | sessions | broker RSS before MiB | with them MiB | per session KiB | descriptors per session | threads with them | after they close MiB |"
+        "| transport | sessions | broker RSS before MiB | with them MiB | per session KiB | of it, the ring's shared pages KiB | descriptors per session | threads with them | after they close MiB |"
     );
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|");
     for transport in ["native", "gRPC", "ring"] {
         let broker = Broker::start(dir.path(), &format!("sessions-{transport}"), SCALE_CONFIG);
         let settle = || std::thread::sleep(Duration::from_millis(300));
         // Asks, after the sessions are dropped, when the broker has seen them all go.
         let admin = rt.block_on(Client::connect(&broker.run_dir)).unwrap();
         settle();
-        let (before, fds_before) = (broker.rss(), broker.fds());
+        let (before, shared_before, fds_before) = (broker.rss(), broker.shared_rss(), broker.fds());
         let count = if transport == "ring" { rings } else { n };
         let mib = |b: u64| b as f64 / f64::from(1 << 20);
-        let (with, fds, threads) = rt.block_on(async {
+        let (with, shared, fds, threads) = rt.block_on(async {
             let mut natives = Vec::new();
             let mut grpcs = Vec::new();
             let mut ringed = Vec::new();
@@ -573,7 +573,7 @@ fn sessions(quick: bool) {
                 }
             }
             settle();
-            let with = (broker.rss(), broker.fds(), broker.threads());
+            let with = (broker.rss(), broker.shared_rss(), broker.fds(), broker.threads());
             drop((natives, grpcs, ringed));
             // Within this runtime, which closes the dropped gRPC channels' connections.
             loop {
@@ -586,11 +586,13 @@ fn sessions(quick: bool) {
             with
         });
         let after = settled_rss(&broker);
+        let kib_each = |after: u64, before: u64| after.saturating_sub(before) as f64 / count as f64 / 1024.0;
         println!(
-            "| {transport} | {count} | {:.1} | {:.1} | {:.1} | {:.1} | {threads} | {:.1} |",
+            "| {transport} | {count} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {threads} | {:.1} |",
             mib(before),
             mib(with),
-            (with.saturating_sub(before)) as f64 / count as f64 / 1024.0,
+            kib_each(with, before),
+            kib_each(shared, shared_before),
             fds.saturating_sub(fds_before) as f64 / count as f64,
             mib(after)
         );

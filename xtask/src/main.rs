@@ -330,6 +330,8 @@ struct Codegen {
     outputs: &'static [&'static str],
     descriptor: Option<&'static str>,
     extern_paths: &'static [(&'static str, &'static str)],
+    /// The codec the generated client and server use, when not prost's with tonic's buffers.
+    codec_path: Option<&'static str>,
 }
 
 const CODEGEN: &[Codegen] = &[
@@ -340,6 +342,7 @@ const CODEGEN: &[Codegen] = &[
         outputs: &["portcullis.v1.rs", "portcullis_descriptor.bin"],
         descriptor: Some("portcullis_descriptor.bin"),
         extern_paths: &[],
+        codec_path: Some("crate::codec::LeanCodec"),
     },
     Codegen {
         proto: "bench/proto/echo.proto",
@@ -348,6 +351,8 @@ const CODEGEN: &[Codegen] = &[
         outputs: &["portcullis.bench.rs"],
         descriptor: None,
         extern_paths: &[(".portcullis.v1", "::portcullis_proto::pb")],
+        // The peer the broker is measured against keeps tonic's defaults.
+        codec_path: None,
     },
 ];
 
@@ -410,6 +415,9 @@ fn codegen(check: bool) -> Result<()> {
             .emit_rerun_if_changed(false);
         if let Some(descriptor) = job.descriptor {
             builder = builder.file_descriptor_set_path(tmp.path().join(descriptor));
+        }
+        if let Some(codec) = job.codec_path {
+            builder = builder.codec_path(codec);
         }
         for (proto_path, rust_path) in job.extern_paths {
             builder = builder.extern_path(*proto_path, *rust_path);
