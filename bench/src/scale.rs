@@ -586,7 +586,7 @@ fn sessions(quick: bool) {
             with
         });
         let after = settled_rss(&broker);
-        let kib_each = |after: u64, before: u64| after.saturating_sub(before) as f64 / count as f64 / 1024.0;
+        let kib_each = |with: u64, without: u64| with.saturating_sub(without) as f64 / count as f64 / 1024.0;
         println!(
             "| {transport} | {count} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {threads} | {:.1} |",
             mib(before),

@@ -786,9 +786,9 @@ fn policy_status(p: &crate::session::PolicyStatus) -> pb::PolicyStatus {
     }
 }
 
-/// A message for the client, counted against its account while it waits in the queue.
-/// A message queued to a session's client. Boxed: a message is 280 bytes inline and the queue
-/// allocates its slots 32 at a time, so every idle session would hold 9 KiB of empty slots.
+/// A message for the client, counted against its account while it waits in the queue. Boxed:
+/// a message is 280 bytes inline and the queue allocates its slots 32 at a time, so every idle
+/// session would hold 9 KiB of empty slots.
 type Outgoing = (Live, Result<Box<pb::ServerMessage>, tonic::Status>);
 type Outbound = mpsc::Sender<Outgoing>;
 

@@ -303,7 +303,6 @@ fn play_the_tty(master: &std::os::fd::OwnedFd, abi: &str) -> Result<(), String> 
 
 #[test]
 fn abi_matrix_clients_drive_real_devices() {
-    use std::io::{BufRead, BufReader};
     // The hardware: a pty the test holds, a loop device over a file, a TUN in the broker's own
     // network namespace with a UDP echo socket behind it.
     let master = rustix::pty::openpt(
@@ -340,17 +339,7 @@ fn abi_matrix_clients_drive_real_devices() {
         );
     }
     let runnable: Vec<Row> = rows().into_iter().filter(|r| r.runner != "layout-only").collect();
-    let helper = broker.copy_program(Path::new(env!("CARGO_BIN_EXE_hostile_client")), "hostile_client");
-    let echoes = (runnable.len() * 2).to_string();
-    let mut echo = portcullis_tests::Reaped(
-        broker
-            .in_netns(helper.to_str().unwrap(), &["udp-echo", "192.0.2.1:7777", &echoes])
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
-    let mut echo_out = BufReader::new(echo.stdout.take().unwrap()).lines();
-    assert!(echo_out.next().unwrap().unwrap().contains("ready"));
+    let (mut echo, _echo_out) = crate::net::udp_echo(&broker, runnable.len() * 2);
     let want_fnv = format!("block fnv: {:016x}", fnv1a(&contents[4096..4096 + 2048]));
     let mut failed = Vec::new();
     for row in &runnable {

@@ -4,8 +4,8 @@
 //! inside that namespace only: nothing leaves it.
 
 use std::{
-    io::{BufRead, BufReader},
-    process::Stdio,
+    io::{BufRead, BufReader, Lines},
+    process::{ChildStdout, Stdio},
 };
 
 use portcullis_client::{
@@ -14,7 +14,7 @@ use portcullis_client::{
     native::{MappedMemory, NativeSession},
 };
 use portcullis_proto::layout::AbiId;
-use portcullis_tests::{Broker, BrokerSetup, NOBODY, run_ok};
+use portcullis_tests::{Broker, BrokerSetup, NOBODY, Reaped, run_ok};
 
 const POLICY: &str = r#"
 [[principal]]
@@ -95,19 +95,7 @@ async fn a_packet_crosses_the_tun_to_a_udp_socket_and_the_reply_comes_back() {
     let info = session.call_named(&net, "get_info", &[], &[]).await.unwrap().struct_out;
     assert_eq!(u32::from_ne_bytes(info[24..28].try_into().unwrap()) & 1, 1, "up");
     // A UDP socket in the namespace, the packet's destination.
-    let program = broker.copy_program(
-        std::path::Path::new(env!("CARGO_BIN_EXE_hostile_client")),
-        "hostile_client",
-    );
-    let mut echo = portcullis_tests::Reaped(
-        broker
-            .in_netns(program.to_str().unwrap(), &["udp-echo", "192.0.2.1:7777", "3"])
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
-    let mut lines = BufReader::new(echo.stdout.take().unwrap()).lines();
-    assert!(lines.next().unwrap().unwrap().contains("ready"));
+    let (mut echo, mut lines) = udp_echo(&broker, 3);
     let ping = udp([192, 0, 2, 2], 5555, [192, 0, 2, 1], 7777, b"ping through the broker");
     let sent = session.call_named(&net, "send_packet", &[], &ping).await.unwrap();
     assert_eq!(sent.scalars, vec![ping.len() as u64]);
@@ -336,20 +324,19 @@ async fn batches_of_packets_cross_through_the_packets_memory() {
 
 const BATCH_COUNT: u16 = 8;
 
-/// Sends a batch of `BATCH_COUNT` datagrams, from ports `base_port` on, to a UDP echo in the
-/// namespace, and receives the replies as batches of records in `room` bytes of the packets
-/// memory; checks they all came back, in order.
-async fn echo_batch(broker: &Broker, s: &mut NativeSession, h: u64, memory: &MappedMemory, base_port: u16, room: u64) {
-    const AT: u64 = 1 << 19;
+/// A UDP echo on 192.0.2.1:7777 in the broker's network namespace that answers `count`
+/// datagrams, ready, and its output after the "ready" line (a JSON report per datagram); killed
+/// when dropped.
+pub(crate) fn udp_echo(broker: &Broker, count: usize) -> (Reaped, Lines<BufReader<ChildStdout>>) {
     let program = broker.copy_program(
         std::path::Path::new(env!("CARGO_BIN_EXE_hostile_client")),
         "hostile_client",
     );
-    let mut echo = portcullis_tests::Reaped(
+    let mut echo = Reaped(
         broker
             .in_netns(
                 program.to_str().unwrap(),
-                &["udp-echo", "192.0.2.1:7777", &BATCH_COUNT.to_string()],
+                &["udp-echo", "192.0.2.1:7777", &count.to_string()],
             )
             .stdout(Stdio::piped())
             .spawn()
@@ -357,6 +344,15 @@ async fn echo_batch(broker: &Broker, s: &mut NativeSession, h: u64, memory: &Map
     );
     let mut lines = BufReader::new(echo.stdout.take().unwrap()).lines();
     assert!(lines.next().unwrap().unwrap().contains("ready"));
+    (echo, lines)
+}
+
+/// Sends a batch of `BATCH_COUNT` datagrams, from ports `base_port` on, to a UDP echo in the
+/// namespace, and receives the replies as batches of records in `room` bytes of the packets
+/// memory; checks they all came back, in order.
+async fn echo_batch(broker: &Broker, s: &mut NativeSession, h: u64, memory: &MappedMemory, base_port: u16, room: u64) {
+    const AT: u64 = 1 << 19;
+    let (mut echo, _lines) = udp_echo(broker, usize::from(BATCH_COUNT));
     let mut batch = Vec::new();
     for i in 0..BATCH_COUNT {
         let payload = format!("batch {i}");
