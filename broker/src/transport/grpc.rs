@@ -586,12 +586,12 @@ impl pb::broker_server::Broker for BrokerService {
         // else does; the events it misses meanwhile are counted and told).
         let queue = self.core.accounts().limits().max_queued_messages_per_session;
         let (tx, rx) = mpsc::channel::<Outgoing>(queue);
-        tokio::spawn(run_session(
-            Session::new(self.core.clone(), peer, AbiId::native()),
-            self.core.clone(),
-            req.into_inner(),
+        tokio::spawn(run_session(Box::new(SessionTask {
+            session: Session::new(self.core.clone(), peer, AbiId::native()),
+            core: self.core.clone(),
+            inbound: req.into_inner(),
             tx,
-        ));
+        })));
         // A message stops counting against its account when tonic takes it to send.
         let stream = ReceiverStream::new(rx).map(|(_queued, message)| message.map(|m| *m));
         Ok(tonic::Response::new(Box::pin(stream)))
@@ -792,9 +792,29 @@ fn policy_status(p: &crate::session::PolicyStatus) -> pb::PolicyStatus {
 type Outgoing = (Live, Result<Box<pb::ServerMessage>, tonic::Status>);
 type Outbound = mpsc::Sender<Outgoing>;
 
+/// What a session's task serves: boxed, so that the task keeps one pointer to it. A value moved
+/// into an async function is kept twice in its future (the argument and the local it becomes),
+/// and every idle session paid for both copies.
+pub(super) struct SessionTask {
+    session: Session,
+    core: Arc<Core>,
+    inbound: Streaming<pb::ClientMessage>,
+    tx: Outbound,
+}
+
 /// Serves one session until the client's stream ends, its connection drops, or the broker
 /// stops; then the session is dropped, releasing everything it held.
-async fn run_session(mut session: Session, core: Arc<Core>, mut inbound: Streaming<pb::ClientMessage>, tx: Outbound) {
+///
+/// The task's size is that of the largest state it can be in, and it lasts as long as the
+/// session: what only a closing session does (the shutdown's wait, the goodbye) runs boxed,
+/// and messages travel boxed, as the queue takes them.
+pub(super) async fn run_session(mut task: Box<SessionTask>) {
+    let SessionTask {
+        session,
+        core,
+        inbound,
+        tx,
+    } = &mut *task;
     let mut events = session.take_events();
     // Asynchronous calls in flight, each sending its own response when it completes.
     let mut calls = JoinSet::new();
@@ -809,10 +829,15 @@ async fn run_session(mut session: Session, core: Arc<Core>, mut inbound: Streami
                     if let Some(rec) = recorded.as_mut().filter(|r| r.len() < 64 * 1024) {
                         let _ = prost::Message::encode_length_delimited(&message, rec);
                     }
-                    let reply = handle(&mut session, message, &tx, &mut calls);
+                    let reply = handle(session, message, tx, &mut calls);
                     // Events the request caused (user clients a policy reload closed) come first.
-                    let out = session.take_outbox().into_iter().filter_map(event_message).chain(reply);
-                    if send_all(&tx, &session, out).await.is_err() {
+                    let out = session
+                        .take_outbox()
+                        .into_iter()
+                        .filter_map(event_message)
+                        .map(Box::new)
+                        .chain(reply);
+                    if send_all(tx, session, out).await.is_err() {
                         break None;
                     }
                     if let Some(ended) = session.end_reason() {
@@ -833,7 +858,7 @@ async fn run_session(mut session: Session, core: Arc<Core>, mut inbound: Streami
                     Err(Missed::Lagged(n)) => session.on_events_lost(n),
                     Err(Missed::Closed) => break None,
                 };
-                if send_events(&tx, &session, out, &mut lost).await.is_err() {
+                if send_events(tx, session, out, &mut lost).await.is_err() {
                     break None;
                 }
             }
@@ -845,17 +870,15 @@ async fn run_session(mut session: Session, core: Arc<Core>, mut inbound: Streami
                 }
             }
             () = core.stopping() => {
-                finish_for_shutdown(&mut session, &core, &mut calls).await;
+                Box::pin(finish_for_shutdown(session, core, &mut calls)).await;
                 break Some((Status::Aborted, "the broker is stopping".to_string()));
             }
             () = tx.closed() => break None,
         }
     };
     if let Some((status, reason)) = goodbye {
-        let message = goodbye_message(status, reason);
-        let _ = tx
-            .send((Live::new(&session.account().queued), Ok(Box::new(message))))
-            .await;
+        let message = Box::new(goodbye_message(status, reason));
+        let _ = send_all(tx, session, std::iter::once(message)).await;
     }
     if let Some(rec) = recorded.filter(|r| !r.is_empty()) {
         crate::capture::record("grpc_request", &rec);
@@ -883,12 +906,12 @@ async fn finish_for_shutdown(session: &mut Session, core: &Core, calls: &mut Joi
 async fn send_all(
     tx: &Outbound,
     session: &Session,
-    messages: impl Iterator<Item = pb::ServerMessage>,
+    messages: impl Iterator<Item = Box<pb::ServerMessage>>,
 ) -> Result<(), ()> {
     for message in messages {
-        tx.send((Live::new(&session.account().queued), Ok(Box::new(message))))
-            .await
-            .map_err(drop)?;
+        // A place in the queue first, then the message: the wait does not hold it.
+        let permit = tx.reserve().await.map_err(drop)?;
+        permit.send((Live::new(&session.account().queued), Ok(message)));
     }
     Ok(())
 }
@@ -937,14 +960,14 @@ fn handle(
     message: pb::ClientMessage,
     tx: &Outbound,
     calls: &mut JoinSet<()>,
-) -> Option<pb::ServerMessage> {
+) -> Option<Box<pb::ServerMessage>> {
     let id = message.request_id;
     let started = match command(message.request) {
         Ok(command) => session.execute(command),
         Err(refusal) => Started::Now(Err(refusal)),
     };
     match started {
-        Started::Now(result) => Some(response(id, result)),
+        Started::Now(result) => Some(Box::new(response(id, result))),
         Started::Later(pending) => {
             let tx = tx.clone();
             let queued = session.account().queued.clone();

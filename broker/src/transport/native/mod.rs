@@ -35,7 +35,7 @@ use tokio_seqpacket::{UnixSeqpacket, UnixSeqpacketListener, ancillary::Ancillary
 
 use crate::{
     config::RingConfig,
-    session::{Core, Missed, Refusal, Session, Started},
+    session::{Core, Missed, PeerIdentity, Refusal, Session, Started},
     throttle::{Throttle, throttled_info},
 };
 
@@ -139,14 +139,18 @@ async fn goodbye(conn: &UnixSeqpacket, status: Status, reason: String) {
         return;
     }
     let _ = conn.shutdown(std::net::Shutdown::Write);
-    let mut sink = [0u8; 512];
-    let drain = async {
-        while let Ok(info) = conn.recv(&mut sink).await {
-            if info.bytes_read() == 0 {
-                break;
+    // What the client still sends is read into a buffer on the stack of each poll, not one
+    // kept in this future (every connection's task is as large as its largest future).
+    let drain = std::future::poll_fn(|cx| {
+        let mut sink = [0u8; 512];
+        loop {
+            match conn.poll_recv(cx, &mut sink) {
+                Poll::Ready(Ok(info)) if info.bytes_read() > 0 => {}
+                Poll::Ready(_) => return Poll::Ready(()),
+                Poll::Pending => return Poll::Pending,
             }
         }
-    };
+    });
     let _ = tokio::time::timeout(Duration::from_secs(1), drain).await;
 }
 
@@ -154,21 +158,31 @@ async fn send(conn: &UnixSeqpacket, frame: &ServerFrame) -> io::Result<()> {
     send_with(conn, frame, &[]).await
 }
 
-/// Sends a frame, with descriptors as `SCM_RIGHTS` when there are any.
+/// Sends a frame, with descriptors as `SCM_RIGHTS` when there are any. Polled by hand so that
+/// the room for the descriptors is on the stack of each poll: a connection's task keeps the
+/// state of its largest future, and the socket's own `send_with_ancillary` future would keep
+/// it (about 500 bytes) in every idle connection.
 async fn send_with(conn: &UnixSeqpacket, frame: &ServerFrame, fds: &[BorrowedFd<'_>]) -> io::Result<()> {
     let bytes = encode(frame).ok_or_else(|| io::Error::other("frame too large to encode"))?;
-    if fds.is_empty() {
-        return conn.send(&bytes).await.map(drop);
-    }
-    let mut space = [0u8; 128];
-    let mut ancillary = AncillaryMessageWriter::new(&mut space);
-    ancillary
-        .add_fds(fds)
-        .map_err(|_| io::Error::other("no room for the descriptors"))?;
-    conn.send_with_ancillary(&bytes, &mut ancillary).await.map(drop)
+    std::future::poll_fn(|cx| {
+        if fds.is_empty() {
+            return conn.poll_send(cx, &bytes);
+        }
+        let mut space = [0u8; 128];
+        let mut ancillary = AncillaryMessageWriter::new(&mut space);
+        ancillary
+            .add_fds(fds)
+            .map_err(|_| io::Error::other("no room for the descriptors"))?;
+        conn.poll_send_with_ancillary(cx, &bytes, &mut ancillary)
+    })
+    .await
+    .map(drop)
 }
 
-async fn connection(core: Arc<Core>, conn: UnixSeqpacket, ring: RingConfig) {
+/// Serves one connection. The handshake and the goodbye run boxed, so that what a connection's
+/// task keeps for as long as it lives is only the state of its session loop: a task is as large
+/// as the largest future it may hold, and every one of an idle crowd's connections pays for it.
+pub(super) async fn connection(core: Arc<Core>, conn: UnixSeqpacket, ring: RingConfig) {
     let cred = match conn.peer_cred() {
         Ok(cred) => cred,
         Err(e) => return tracing::warn!(error = %e, "native: no peer credentials; connection closed"),
@@ -177,60 +191,63 @@ async fn connection(core: Arc<Core>, conn: UnixSeqpacket, ring: RingConfig) {
         Ok(slot) => slot,
         Err(refusal) => {
             throttled_info!(CONNECTION_LOG, uid = cred.uid(), reason = %refusal, "native connection refused at a limit");
-            return goodbye(&conn, Status::NoMemory, refusal.to_string()).await;
+            return Box::pin(goodbye(&conn, Status::NoMemory, refusal.to_string())).await;
         }
     };
-    let handshake = core.accounts().limits().handshake_timeout();
     let cred = super::Cred {
         uid: cred.uid(),
         gid: cred.gid(),
         pid: cred.pid(),
     };
-    let Ok(peer) = tokio::time::timeout(handshake, super::identify(&core, &conn, cred)).await else {
+    let (peer, ended, conn) = match Box::pin(handshake(&core, &conn, cred)).await {
+        Ok((peer, abi)) => match serve_session(Served::new(&core, &peer, abi, conn, ring)).await {
+            (ended, Some(back)) => (peer, ended, back),
+            (_, None) => return,
+        },
+        Err(Some((peer, close))) => (peer, Some(close), conn),
+        Err(None) => return,
+    };
+    if let Some(close) = ended {
+        throttled_info!(CONNECTION_LOG, uid = peer.uid, pid = %peer.pid_text(), status = %close.status, reason = %close.reason, "native session closed by the broker");
+        Box::pin(goodbye(&conn, close.status, close.reason)).await;
+    }
+}
+
+/// Who the peer is (within the handshake timeout), its `Hello`, and the broker's `Welcome`:
+/// the peer and the ABI it declared. `Err(Some(..))`: the peer broke the protocol and is told
+/// why; `Err(None)`: the connection ends without a word (no identity, or it is gone).
+async fn handshake(
+    core: &Core,
+    conn: &UnixSeqpacket,
+    cred: super::Cred,
+) -> Result<(Arc<PeerIdentity>, AbiId), Option<(Arc<PeerIdentity>, Close)>> {
+    let timeout = core.accounts().limits().handshake_timeout();
+    let Ok(peer) = tokio::time::timeout(timeout, super::identify(core, conn, cred)).await else {
         throttled_info!(
             CONNECTION_LOG,
             uid = cred.uid,
             "native: identity not read within the handshake timeout; connection closed"
         );
-        return;
+        return Err(None);
     };
     let peer = match peer {
         Ok(peer) => Arc::new(peer),
         Err(e) => {
             throttled_info!(CONNECTION_LOG, uid = cred.uid, error = %e, "native: peer identity unavailable; connection closed");
-            return;
+            return Err(None);
         }
     };
-    let (ended, conn) = match hello(&conn, handshake).await {
-        Ok(abi) => {
-            let welcome = ServerFrame::Welcome {
-                version: PROTOCOL_VERSION,
-                abi: AbiId::native() as u8,
-            };
-            if send(&conn, &welcome).await.is_err() {
-                return;
-            }
-            let mut session = Session::new(core.clone(), peer.clone(), abi);
-            let events = session.take_events();
-            let state = Served {
-                session: Arc::new(Mutex::new(session)),
-                events,
-                core: core.clone(),
-                conn,
-                ring_config: ring,
-                ring: None,
-                done: Completions::new(core.accounts().limits().max_queued_messages_per_session),
-            };
-            match serve_session(state).await {
-                (ended, Some(back)) => (ended, back),
-                (_, None) => return,
-            }
-        }
-        Err(close) => (Some(close), conn),
+    let abi = match hello(conn, timeout).await {
+        Ok(abi) => abi,
+        Err(close) => return Err(Some((peer, close))),
     };
-    if let Some(close) = ended {
-        throttled_info!(CONNECTION_LOG, uid = peer.uid, pid = %peer.pid_text(), status = %close.status, reason = %close.reason, "native session closed by the broker");
-        goodbye(&conn, close.status, close.reason).await;
+    let welcome = ServerFrame::Welcome {
+        version: PROTOCOL_VERSION,
+        abi: AbiId::native() as u8,
+    };
+    match send(conn, &welcome).await {
+        Ok(()) => Ok((peer, abi)),
+        Err(_) => Err(None),
     }
 }
 
@@ -303,7 +320,7 @@ async fn hello(conn: &UnixSeqpacket, timeout: Duration) -> Result<AbiId, Close> 
 /// `limits.foreground_connections_per_uid`, and on the background workers (idle priority)
 /// while it holds more — moving when that changes, between two requests. Returns the
 /// connection, for the goodbye (`None` if it was lost with a failed task).
-async fn serve_session(mut state: Served) -> (Option<Close>, Option<UnixSeqpacket>) {
+async fn serve_session(mut state: Box<Served>) -> (Option<Close>, Option<UnixSeqpacket>) {
     let mut background = false;
     let ended = loop {
         let step = match (background, crate::server::background()) {
@@ -352,7 +369,7 @@ async fn serve_session(mut state: Served) -> (Option<Close>, Option<UnixSeqpacke
 /// serve it): a connection served by the background workers must not wake the foreground
 /// workers' reactor at every request (with a thousand connections in the background, that
 /// reactor did the work of all of them).
-fn rehomed(mut state: Served) -> std::io::Result<Served> {
+fn rehomed(mut state: Box<Served>) -> std::io::Result<Box<Served>> {
     state.conn = UnixSeqpacket::try_from(OwnedFd::from(state.conn))?;
     Ok(state)
 }
@@ -381,6 +398,32 @@ struct Served {
     events: crate::session::EventReceiver,
     /// Completed asynchronous calls queued for this connection.
     done: Completions,
+}
+
+impl Served {
+    /// A new session on `conn`, boxed. Made outside the connection's future: a `Session` built
+    /// in it would keep its room there (about 500 bytes) for as long as the connection lives,
+    /// and a value moved into an async function is kept twice in its future (the argument and
+    /// the local it becomes).
+    fn new(
+        core: &Arc<Core>,
+        peer: &Arc<PeerIdentity>,
+        abi: AbiId,
+        conn: UnixSeqpacket,
+        ring_config: RingConfig,
+    ) -> Box<Served> {
+        let mut session = Session::new(core.clone(), peer.clone(), abi);
+        let events = session.take_events();
+        Box::new(Served {
+            session: Arc::new(Mutex::new(session)),
+            events,
+            core: core.clone(),
+            conn,
+            ring_config,
+            ring: None,
+            done: Completions::new(core.accounts().limits().max_queued_messages_per_session),
+        })
+    }
 }
 
 /// The queue of a connection's completed asynchronous calls (`max_queued_messages_per_session`),
@@ -493,7 +536,8 @@ async fn serve_socket(state: &mut Served, background: bool) -> Result<Option<Clo
             }
             reason = ring_ended => return Ok(reason.map(|(status, reason)| Close { status, reason: format!("ring: {reason}") })),
             () = core.stopping() => {
-                return Ok(Some(finish_for_shutdown(session, core, conn, done.take_in_flight()).await));
+                // Boxed: the shutdown's state would otherwise be part of every idle connection's.
+                return Ok(Some(Box::pin(finish_for_shutdown(session, core, conn, done.take_in_flight())).await));
             }
             event = events.recv() => {
                 let events = match event {
@@ -519,9 +563,10 @@ async fn serve_socket(state: &mut Served, background: bool) -> Result<Option<Clo
 
 /// Sends frames (with their descriptors) in order, until one fails.
 async fn send_all(conn: &UnixSeqpacket, out: Vec<(ServerFrame, Vec<OwnedFd>)>) -> bool {
-    for (frame, fds) in out {
+    // By reference: a frame taken out of the vector would be kept inline in this future.
+    for (frame, fds) in &out {
         let fds: Vec<BorrowedFd<'_>> = fds.iter().map(AsFd::as_fd).collect();
-        if send_with(conn, &frame, &fds).await.is_err() {
+        if send_with(conn, frame, &fds).await.is_err() {
             return false;
         }
     }

@@ -32,7 +32,7 @@ use portcullis_proto::{
     ring::{RingError, RingSize, WaitMode},
 };
 use portcullis_ring::{Consumer, Mapping, Producer, wake};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Semaphore, oneshot};
 
 use super::codec;
 use crate::{
@@ -65,10 +65,78 @@ struct Buffers {
     scratch: Box<[u8]>,
 }
 
+/// Frames (asynchronous completions, events) on their way to a ring's thread, at most
+/// [`INBOX`]. Not a tokio channel: one allocates its first block of 32 slots and its
+/// cache-padded state when it is made (about 1.5 KiB), which every idle ring kept; this queue
+/// allocates when a frame comes. Closed when the ring's worker goes: frames are refused then.
+#[derive(Debug)]
+struct Inbox {
+    frames: Mutex<VecDeque<Vec<u8>>>,
+    /// Free places: a sender takes one per frame, the worker gives it back when it takes it.
+    room: Semaphore,
+}
+
+impl Inbox {
+    fn new() -> Arc<Inbox> {
+        Arc::new(Inbox {
+            frames: Mutex::new(VecDeque::new()),
+            room: Semaphore::new(INBOX),
+        })
+    }
+
+    fn frames(&self) -> MutexGuard<'_, VecDeque<Vec<u8>>> {
+        self.frames.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Queues `frame` if there is room; `false` if the inbox is full or closed.
+    fn try_push(&self, frame: Vec<u8>) -> bool {
+        let Ok(place) = self.room.try_acquire() else {
+            return false;
+        };
+        place.forget();
+        self.frames().push_back(frame);
+        true
+    }
+
+    /// Queues `frame` once there is room; `false` if the inbox is closed.
+    async fn push(&self, frame: Vec<u8>) -> bool {
+        let Ok(place) = self.room.acquire().await else {
+            return false;
+        };
+        place.forget();
+        self.frames().push_back(frame);
+        true
+    }
+
+    /// The oldest frame, its place given back.
+    fn pop(&self) -> Option<Vec<u8>> {
+        let mut frames = self.frames();
+        let frame = frames.pop_front()?;
+        if frames.is_empty() && frames.capacity() > 8 {
+            // A burst's room goes back once it is over: an idle ring keeps room for 8 frames
+            // at most (192 bytes), not for the most it ever had queued.
+            frames.shrink_to(8);
+        }
+        drop(frames);
+        self.room.add_permits(1);
+        Some(frame)
+    }
+
+    fn is_empty(&self) -> bool {
+        self.frames().is_empty()
+    }
+
+    /// No more frames: senders waiting for room, and later ones, are refused.
+    fn close(&self) {
+        self.room.close();
+        self.frames().clear();
+    }
+}
+
 /// The tokio side's handle on a running ring.
 #[derive(Debug)]
 pub(super) struct RingHandle {
-    inbox: mpsc::Sender<Vec<u8>>,
+    inbox: Arc<Inbox>,
     wake: Arc<OwnedFd>,
     closed: Arc<AtomicBool>,
     ended: Option<oneshot::Receiver<Option<(Status, String)>>>,
@@ -179,16 +247,16 @@ impl RingHandle {
         for frame in frames {
             if self.lost > 0 {
                 let lost = ServerFrame::Event(Event::Lost { count: self.lost });
-                match encode(&lost).map(|b| self.inbox.try_send(b)) {
-                    Some(Ok(())) => self.lost = 0,
+                match encode(&lost).map(|b| self.inbox.try_push(b)) {
+                    Some(true) => self.lost = 0,
                     _ => {
                         self.lost += 1;
                         continue;
                     }
                 }
             }
-            match encode(&frame).map(|b| self.inbox.try_send(b)) {
-                Some(Ok(())) => {}
+            match encode(&frame).map(|b| self.inbox.try_push(b)) {
+                Some(true) => {}
                 _ => self.lost += 1,
             }
         }
@@ -264,8 +332,7 @@ pub(super) struct Worker {
     /// rings the broker through it, and the broker the client.
     pub(super) bell: Arc<OwnedFd>,
     session: Arc<Mutex<Session>>,
-    inbox: mpsc::Receiver<Vec<u8>>,
-    inbox_tx: mpsc::Sender<Vec<u8>>,
+    inbox: Arc<Inbox>,
     /// The broker's private eventfd: its tasks ring it when they queue a frame or close the
     /// ring.
     pub(super) wake: Arc<OwnedFd>,
@@ -282,12 +349,19 @@ pub(super) struct Worker {
     _live: (Live, Option<Held>),
 }
 
+impl Drop for Worker {
+    /// The ring is over: frames still on their way to it are refused, not kept.
+    fn drop(&mut self) {
+        self.inbox.close();
+    }
+}
+
 /// A new ring's worker, and what the client and the tokio side keep of it.
 struct Built {
     worker: Worker,
     /// The memfd, and the client's end of the doorbell pair twice.
     client_fds: [OwnedFd; 3],
-    inbox: mpsc::Sender<Vec<u8>>,
+    inbox: Arc<Inbox>,
     wake: Arc<OwnedFd>,
     closed: Arc<AtomicBool>,
 }
@@ -306,7 +380,7 @@ impl Worker {
         let wake = Arc::new(wake::eventfd()?);
         // The client's doorbell, third in `EnableRing`'s answer, is its end of the same pair.
         let client_fds = [memfd, client_bell.try_clone()?, client_bell];
-        let (inbox_tx, inbox) = mpsc::channel(INBOX);
+        let inbox = Inbox::new();
         let closed = Arc::new(AtomicBool::new(false));
         let worker = Worker {
             sq: Consumer::new("submission", sq),
@@ -314,8 +388,7 @@ impl Worker {
             map,
             bell: Arc::new(bell),
             session,
-            inbox,
-            inbox_tx: inbox_tx.clone(),
+            inbox: inbox.clone(),
             wake: wake.clone(),
             closed: closed.clone(),
             backlog: VecDeque::new(),
@@ -329,7 +402,7 @@ impl Worker {
         Ok(Built {
             worker,
             client_fds,
-            inbox: inbox_tx,
+            inbox,
             wake,
             closed,
         })
@@ -442,12 +515,12 @@ impl Worker {
     fn step(&mut self) -> Result<bool, Broken> {
         let mut progress = false;
         while self.backlog_bytes < BACKLOG_BYTES {
-            match self.inbox.try_recv() {
-                Ok(frame) => {
+            match self.inbox.pop() {
+                Some(frame) => {
                     self.push_backlog(frame);
                     progress = true;
                 }
-                Err(_) => break,
+                None => break,
             }
         }
         let mut pushed = false;
@@ -508,7 +581,7 @@ impl Worker {
                 Some(s) => s,
                 None => session.insert(super::locked(&self.session)),
             };
-            execute(session, id, request, &mut out, &self.inbox_tx, &self.wake);
+            execute(session, id, request, &mut out, &self.inbox, &self.wake);
             if let Some(ended) = session.end_reason() {
                 let ended = Broken::Session(ended.clone());
                 // The refusal itself must reach the client before the goodbye.
@@ -604,7 +677,7 @@ fn execute(
     id: u64,
     request: Request,
     out: &mut Outbox<'_>,
-    inbox: &mpsc::Sender<Vec<u8>>,
+    inbox: &Arc<Inbox>,
     wake: &Arc<OwnedFd>,
 ) {
     let command = match request {
@@ -637,7 +710,7 @@ fn execute(
             tokio::spawn(async move {
                 let frame = codec::response(id, pending.await).0;
                 if let Some(bytes) = encode(&frame)
-                    && inbox.send(bytes).await.is_ok()
+                    && inbox.push(bytes).await
                 {
                     ring_private(&wake);
                 }
@@ -718,4 +791,52 @@ pub fn fuzz_ring(core: &Core, session: Session, data: &[u8]) -> Vec<Vec<u8>> {
         }
     }
     completions
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{INBOX, Inbox};
+
+    /// The inbox holds at most INBOX frames, gives them in order, makes room as they are taken,
+    /// and refuses everything once closed, a sender waiting for room included.
+    #[tokio::test]
+    async fn the_inbox_is_bounded_ordered_and_closes() {
+        let inbox = Inbox::new();
+        assert!(inbox.is_empty());
+        for i in 0..INBOX {
+            assert!(inbox.try_push(i.to_le_bytes().to_vec()), "frame {i} refused");
+        }
+        assert!(!inbox.try_push(vec![0]), "a frame past the bound was taken");
+        // A sender waiting for room gets it when the worker takes a frame.
+        let waiting = tokio::spawn({
+            let inbox = inbox.clone();
+            async move { inbox.push(b"late".to_vec()).await }
+        });
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished(), "a sender went past a full inbox");
+        assert_eq!(inbox.pop(), Some(0usize.to_le_bytes().to_vec()));
+        assert!(waiting.await.unwrap(), "the waiting sender was refused");
+        for i in 1..INBOX {
+            assert_eq!(inbox.pop(), Some(i.to_le_bytes().to_vec()));
+        }
+        assert_eq!(inbox.pop(), Some(b"late".to_vec()));
+        assert_eq!(inbox.pop(), None);
+        assert!(inbox.is_empty());
+        assert!(inbox.frames().capacity() <= 8, "an emptied inbox kept its burst's room");
+
+        // Full again, a sender waiting: closing refuses it and every later frame.
+        for _ in 0..INBOX {
+            assert!(inbox.try_push(vec![1]));
+        }
+        let waiting = tokio::spawn({
+            let inbox = inbox.clone();
+            async move { inbox.push(vec![2]).await }
+        });
+        tokio::task::yield_now().await;
+        inbox.close();
+        assert!(!waiting.await.unwrap(), "a sender waiting on a closed inbox was taken");
+        assert!(!inbox.try_push(vec![3]));
+        assert!(!inbox.push(vec![4]).await);
+        assert!(inbox.is_empty(), "a closed inbox kept its frames");
+    }
 }
