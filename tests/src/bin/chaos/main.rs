@@ -35,7 +35,6 @@ pub(crate) struct Scale {
     pub(crate) load_clients: usize,
     pub(crate) load_seconds: u64,
     pub(crate) stall_seconds: u64,
-    pub(crate) idle_seconds: u64,
     /// Whether latency ratios fail the run: in the full run, a benchmark; the short run (CI,
     /// on a machine doing other things) reports them only.
     pub(crate) gate_latency: bool,
@@ -49,7 +48,6 @@ const FULL: Scale = Scale {
     load_clients: 1000,
     load_seconds: 60,
     stall_seconds: 30,
-    idle_seconds: 10,
     gate_latency: true,
 };
 
@@ -61,7 +59,6 @@ const SHORT: Scale = Scale {
     load_clients: 100,
     load_seconds: 5,
     stall_seconds: 5,
-    idle_seconds: 3,
     gate_latency: false,
 };
 
