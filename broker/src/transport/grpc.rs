@@ -823,11 +823,6 @@ pub(super) async fn run_session(mut task: Box<SessionTask>) {
     // With traffic recording on: this session's messages, as one `grpc_request` seed.
     let mut recorded: Option<Vec<u8>> = crate::capture::enabled().then(Vec::new);
     let goodbye = loop {
-        // Events are taken only while the client's queue has room. A client that does not read
-        // leaves them in the hub's queue for this session, which counts what overflows without
-        // waking anyone; taking each to drop it woke this task once per event, at the
-        // foreground workers' priority, for as long as a flood lasted.
-        let room = tx.capacity() > 0;
         tokio::select! {
             message = inbound.message() => match message {
                 Ok(Some(message)) => {
@@ -857,7 +852,7 @@ pub(super) async fn run_session(mut task: Box<SessionTask>) {
                     break None;
                 }
             },
-            event = events.recv(), if room => {
+            event = events.recv() => {
                 let out = match event {
                     Ok(event) => session.on_core_event(&event),
                     Err(Missed::Lagged(n)) => session.on_events_lost(n),
@@ -867,8 +862,6 @@ pub(super) async fn run_session(mut task: Box<SessionTask>) {
                     break None;
                 }
             }
-            // The client read: there is room for events again.
-            Ok(_) = tx.reserve(), if !room => {}
             Some(_) = calls.join_next(), if !calls.is_empty() => {}
             () = crate::session::idle(session.idle_deadline()) => {
                 if let Some(idle) = session.idle_close() {

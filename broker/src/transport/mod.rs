@@ -102,7 +102,7 @@ mod tests {
     #[test]
     fn a_session_task_keeps_no_room_for_what_only_opening_or_closing_needs() {
         let grpc = future_size_1(super::grpc::run_session);
-        assert!(grpc <= 1152, "a gRPC session's future is {grpc} bytes");
+        assert!(grpc <= 1024, "a gRPC session's future is {grpc} bytes");
         let native = future_size_3(super::native::connection);
         assert!(native <= 1280, "a native connection's future is {native} bytes");
     }
