@@ -200,12 +200,12 @@ pub(super) async fn connection(core: Arc<Core>, conn: UnixSeqpacket, ring: RingC
         pid: cred.pid(),
     };
     let (peer, ended, conn) = match Box::pin(handshake(&core, &conn, cred)).await {
-        Ok((peer, abi)) => match serve_session(Served::new(&core, &peer, abi, conn, ring)).await {
+        Handshake::Done(peer, abi) => match serve_session(Served::new(&core, &peer, abi, conn, ring)).await {
             (ended, Some(back)) => (peer, ended, back),
             (_, None) => return,
         },
-        Err(Some((peer, close))) => (peer, Some(close), conn),
-        Err(None) => return,
+        Handshake::Broken(peer, close) => (peer, Some(close), conn),
+        Handshake::Gone => return,
     };
     if let Some(close) = ended {
         throttled_info!(CONNECTION_LOG, uid = peer.uid, pid = %peer.pid_text(), status = %close.status, reason = %close.reason, "native session closed by the broker");
@@ -213,14 +213,18 @@ pub(super) async fn connection(core: Arc<Core>, conn: UnixSeqpacket, ring: RingC
     }
 }
 
-/// Who the peer is (within the handshake timeout), its `Hello`, and the broker's `Welcome`:
-/// the peer and the ABI it declared. `Err(Some(..))`: the peer broke the protocol and is told
-/// why; `Err(None)`: the connection ends without a word (no identity, or it is gone).
-async fn handshake(
-    core: &Core,
-    conn: &UnixSeqpacket,
-    cred: super::Cred,
-) -> Result<(Arc<PeerIdentity>, AbiId), Option<(Arc<PeerIdentity>, Close)>> {
+/// How a connection's handshake ended.
+enum Handshake {
+    /// The peer, and the ABI its `Hello` declared; the `Welcome` is sent.
+    Done(Arc<PeerIdentity>, AbiId),
+    /// The peer broke the protocol: it is told why.
+    Broken(Arc<PeerIdentity>, Close),
+    /// The connection ends without a word (no identity, or the peer is gone).
+    Gone,
+}
+
+/// Who the peer is (within the handshake timeout), its `Hello`, and the broker's `Welcome`.
+async fn handshake(core: &Core, conn: &UnixSeqpacket, cred: super::Cred) -> Handshake {
     let timeout = core.accounts().limits().handshake_timeout();
     let Ok(peer) = tokio::time::timeout(timeout, super::identify(core, conn, cred)).await else {
         throttled_info!(
@@ -228,26 +232,26 @@ async fn handshake(
             uid = cred.uid,
             "native: identity not read within the handshake timeout; connection closed"
         );
-        return Err(None);
+        return Handshake::Gone;
     };
     let peer = match peer {
         Ok(peer) => Arc::new(peer),
         Err(e) => {
             throttled_info!(CONNECTION_LOG, uid = cred.uid, error = %e, "native: peer identity unavailable; connection closed");
-            return Err(None);
+            return Handshake::Gone;
         }
     };
     let abi = match hello(conn, timeout).await {
         Ok(abi) => abi,
-        Err(close) => return Err(Some((peer, close))),
+        Err(close) => return Handshake::Broken(peer, close),
     };
     let welcome = ServerFrame::Welcome {
         version: PROTOCOL_VERSION,
         abi: AbiId::native() as u8,
     };
     match send(conn, &welcome).await {
-        Ok(()) => Ok((peer, abi)),
-        Err(_) => Err(None),
+        Ok(()) => Handshake::Done(peer, abi),
+        Err(_) => Handshake::Gone,
     }
 }
 

@@ -90,22 +90,18 @@ impl Inbox {
 
     /// Queues `frame` if there is room; `false` if the inbox is full or closed.
     fn try_push(&self, frame: Vec<u8>) -> bool {
-        let Ok(place) = self.room.try_acquire() else {
-            return false;
-        };
-        place.forget();
-        self.frames().push_back(frame);
-        true
+        self.room.try_acquire().map(|place| self.fill(place, frame)).is_ok()
     }
 
     /// Queues `frame` once there is room; `false` if the inbox is closed.
     async fn push(&self, frame: Vec<u8>) -> bool {
-        let Ok(place) = self.room.acquire().await else {
-            return false;
-        };
+        self.room.acquire().await.map(|place| self.fill(place, frame)).is_ok()
+    }
+
+    /// Puts `frame` in the place taken for it, which `pop` gives back.
+    fn fill(&self, place: tokio::sync::SemaphorePermit<'_>, frame: Vec<u8>) {
         place.forget();
         self.frames().push_back(frame);
-        true
     }
 
     /// The oldest frame, its place given back. Without a lock while nothing is queued: a
