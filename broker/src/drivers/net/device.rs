@@ -701,7 +701,14 @@ enum Taken {
     Empty(Arc<Notify>),
 }
 
-fn closed() -> Taken {
+/// The client's queue is gone: its user client closed. Because its interface went away, when
+/// the driver has stopped: a service is terminated (the driver stopped) before its sessions
+/// close their user clients, and a call waiting then must end `NO_DEVICE` whichever of the two
+/// its waiter sees first.
+fn closed(shared: &Shared) -> Taken {
+    if *shared.stopped.borrow() {
+        return Taken::Done(Err(gone(&shared.name)));
+    }
     Taken::Done(Err(DriverError::new(Status::Aborted, "the user client closed")))
 }
 
@@ -740,7 +747,7 @@ fn take_one(shared: &Shared, state: &mut State, client: ClientKey, room: usize) 
     let mut pumped = false;
     loop {
         let Some(queue) = state.queues.get_mut(&client) else {
-            return closed();
+            return closed(shared);
         };
         if let Some(len) = queue.packets.front().map(Vec::len) {
             if len > room {
@@ -781,7 +788,7 @@ fn take_batch(
     gather: &mut Gather,
 ) -> Result<Option<Taken>, DriverError> {
     let Some(queue) = state.queues.get_mut(&client) else {
-        return Ok(Some(closed()));
+        return Ok(Some(closed(shared)));
     };
     gather.drain_queue(queue)?;
     if queue.packets.is_empty() && !gather.full() && !*shared.stopped.borrow() {
@@ -818,7 +825,7 @@ fn take_batch(
     }
     Ok(Some(match state.queues.get(&client) {
         Some(queue) => Taken::Empty(queue.arrived.clone()),
-        None => closed(),
+        None => closed(shared),
     }))
 }
 
