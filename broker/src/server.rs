@@ -307,6 +307,9 @@ pub fn prepare(options: BrokerOptions) -> Result<Prepared, BrokerError> {
     // While the broker may still raise the hard limit (root, before the sandbox).
     let descriptors = crate::sys::raise_descriptor_limit();
     tracing::debug!(descriptors, "descriptor limit");
+    // Before the sandbox, whose filters leave out the call that tells.
+    let shared_pidfds = crate::session::identity::pidfds_are_pidfs();
+    tracing::debug!(shared_pidfds, "a process's connections share one pidfd");
     let config = Config::load_trusted(options.config.as_deref())?;
     let _ = INSTALL.set(Install {
         config: options.config.as_deref().map(absolute),

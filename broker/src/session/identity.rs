@@ -19,9 +19,11 @@
 //!   and change time).
 
 use std::{
+    collections::HashMap,
     fs,
     os::fd::{AsFd, BorrowedFd, OwnedFd},
     path::PathBuf,
+    sync::{Arc, Mutex, OnceLock, Weak},
 };
 
 use rustix::{
@@ -79,8 +81,9 @@ pub struct PeerIdentity {
     /// For a TCP client: its verified TLS client certificate's identity (and then no uid, gid,
     /// groups or process attributes count: they are not the kernel's).
     pub tls: Option<TlsPeer>,
-    /// Held for the connection's life: the process identity the checks above refer to.
-    pidfd: Option<OwnedFd>,
+    /// Held for the connection's life: the process identity the checks above refer to. One
+    /// descriptor per process, whatever number of connections it holds ([`held_pidfd`]).
+    pidfd: Option<Arc<OwnedFd>>,
 }
 
 /// The identity a verified TLS client certificate carries.
@@ -206,7 +209,7 @@ impl PeerIdentity {
             cgroup,
             lsm_label,
             tls: None,
-            pidfd: Some(pidfd),
+            pidfd: Some(held_pidfd(pidfd)),
         })
     }
 
@@ -350,6 +353,66 @@ pub(crate) fn program_here(
         return Err(format!("process {pid} exited"));
     }
     Ok((exe, program, sha256))
+}
+
+/// The pidfd to hold for a connection of the process `pidfd` refers to: the one already held for
+/// that process's other connections, if any (and `pidfd` is closed), else `pidfd` itself. Only
+/// where pidfds live in pidfs, whose inode numbers name one process each and are never reused
+/// (64 bits); elsewhere every pidfd shares one inode, and each connection keeps its own.
+fn held_pidfd(pidfd: OwnedFd) -> Arc<OwnedFd> {
+    let Some(ino) = pidfs_inode(&pidfd) else {
+        return Arc::new(pidfd);
+    };
+    static HELD: Mutex<Held> = Mutex::new(Held {
+        by_inode: None,
+        prune_at: 0,
+    });
+    let mut held = HELD.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let Held { by_inode, prune_at } = &mut *held;
+    let by_inode = by_inode.get_or_insert_with(HashMap::new);
+    if let Some(live) = by_inode.get(&ino).and_then(Weak::upgrade) {
+        return live;
+    }
+    // Entries of processes whose connections have all gone are dropped once the table has
+    // doubled since the last sweep, so it stays within twice the processes connected.
+    if by_inode.len() >= *prune_at {
+        by_inode.retain(|_, held| held.strong_count() > 0);
+        *prune_at = (by_inode.len() * 2).max(64);
+    }
+    let pidfd = Arc::new(pidfd);
+    by_inode.insert(ino, Arc::downgrade(&pidfd));
+    pidfd
+}
+
+/// The pidfds held, by pidfs inode.
+struct Held {
+    by_inode: Option<HashMap<u64, Weak<OwnedFd>>>,
+    prune_at: usize,
+}
+
+/// The inode that names `pidfd`'s process, when pidfds are pidfs files (Linux 6.9 and later) on
+/// a 64-bit machine.
+fn pidfs_inode(pidfd: &OwnedFd) -> Option<u64> {
+    if !cfg!(target_pointer_width = "64") || !pidfds_are_pidfs() {
+        return None;
+    }
+    #[allow(clippy::useless_conversion, reason = "st_ino is narrower on some architectures")]
+    rustix::fs::fstat(pidfd).ok().map(|st| u64::from(st.st_ino))
+}
+
+/// Whether this kernel's pidfds are pidfs files: asked once, before the sandbox (whose filters
+/// leave out `fstatfs`) — [`crate::server::prepare`] calls it; asked first under the filters, the
+/// answer is no and every connection keeps a pidfd of its own.
+pub(crate) fn pidfds_are_pidfs() -> bool {
+    /// `PIDFS_MAGIC` in `<linux/magic.h>`.
+    const PIDFS_MAGIC: i64 = 0x5049_4446;
+    static PIDFS: OnceLock<bool> = OnceLock::new();
+    #[allow(clippy::useless_conversion, reason = "f_type is i32 or u32 on some architectures")]
+    *PIDFS.get_or_init(|| {
+        pidfd_open(rustix::process::getpid(), PidfdFlags::empty())
+            .and_then(|own| rustix::fs::fstatfs(&own))
+            .is_ok_and(|fs| i64::from(fs.f_type) == PIDFS_MAGIC)
+    })
 }
 
 /// Whether a pidfd's process has exited (its pidfd is readable).
@@ -559,19 +622,58 @@ mod tests {
         }
     }
 
-    #[test]
-    fn verify_unchanged_refuses_a_peer_that_exited() {
-        let mut child = std::process::Command::new("sleep")
+    /// A child process that sleeps for a minute.
+    fn sleeper() -> std::process::Child {
+        std::process::Command::new("sleep")
             .arg("60")
             .stdin(std::process::Stdio::piped())
             .spawn()
-            .unwrap();
+            .unwrap()
+    }
+
+    #[test]
+    fn verify_unchanged_refuses_a_peer_that_exited() {
+        let mut child = sleeper();
         let peer =
             PeerIdentity::from_peer_cred(0, 0, Some(child.id() as i32), None, IdentityOptions::default()).unwrap();
         peer.verify_unchanged().unwrap();
         child.kill().unwrap();
         child.wait().unwrap();
         assert!(matches!(peer.verify_unchanged(), Err(IdentityError::Exited(_))));
+    }
+
+    #[test]
+    fn a_process_holds_one_pidfd_whatever_its_connections_and_another_process_its_own() {
+        let mut child = sleeper();
+        let of =
+            |pid: u32| PeerIdentity::from_peer_cred(0, 0, Some(pid as i32), None, IdentityOptions::default()).unwrap();
+        let pidfd = |peer: &PeerIdentity| peer.pidfd.clone().unwrap();
+        // Told apart without the code under test: pidfs gives each process's pidfd an inode of
+        // its own, the anonymous-inode pidfds of older kernels share one.
+        let ino = |pid: u32| {
+            let fd = pidfd_open(Pid::from_raw(pid as i32).unwrap(), PidfdFlags::empty()).unwrap();
+            rustix::fs::fstat(&fd).unwrap().st_ino
+        };
+        let pidfs = ino(std::process::id()) != ino(child.id());
+        assert_eq!(pidfds_are_pidfs(), pidfs);
+
+        let (own, first, second) = (of(std::process::id()), of(child.id()), of(child.id()));
+        assert_eq!(
+            Arc::ptr_eq(&pidfd(&first), &pidfd(&second)),
+            pidfs,
+            "one process, two connections"
+        );
+        assert!(!Arc::ptr_eq(&pidfd(&own), &pidfd(&first)), "two processes");
+        // The pidfd lives as long as the last connection of its process (the child's: other
+        // tests here hold identities of this process).
+        let weak = Arc::downgrade(&pidfd(&second));
+        drop(first);
+        second.verify_unchanged().unwrap();
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert!(matches!(second.verify_unchanged(), Err(IdentityError::Exited(_))));
+        drop(second);
+        assert!(weak.upgrade().is_none(), "closed with its last connection");
     }
 
     #[test]
