@@ -57,9 +57,10 @@ fn crowd(broker: &Broker, args: &[String]) -> Result<std::process::Child, String
 /// Measures the paced client while the crowd runs, and collects the crowd's report.
 fn under(
     broker: &Broker,
+    peer: &common::Peer,
     mut child: std::process::Child,
     seconds: u64,
-) -> Result<(Vec<Duration>, f64, serde_json::Value), String> {
+) -> Result<(common::Paced, f64, serde_json::Value), String> {
     let mut lines = BufReader::new(child.stdout.take().ok_or("no stdout")?).lines();
     match lines.next() {
         Some(Ok(l)) if l == "ready" => {}
@@ -75,7 +76,7 @@ fn under(
             }
             peak
         });
-        let paced = common::paced(broker, measured_for(seconds), Duration::from_millis(5));
+        let paced = common::paced(broker, measured_for(seconds), Duration::from_millis(5), Some(peer));
         stop.store(true, Ordering::Relaxed);
         (paced, sampler.join().unwrap_or(0.0))
     });
@@ -96,13 +97,13 @@ fn measured_for(seconds: u64) -> Duration {
     Duration::from_secs(seconds.saturating_sub(1).max(1))
 }
 
-/// A broker, a paced client's latencies on it idle, then under a crowd (`chaos MODE ARGS...`)
-/// for `seconds`, and what the crowd reported.
+/// A broker, a paced client's latencies on it (and on the echo peer beside it) idle, then under
+/// a crowd (`chaos MODE ARGS...`) for `seconds`, and what the crowd reported.
 struct Measured {
     broker: Broker,
     baseline: u64,
-    idle: Vec<Duration>,
-    loaded: Vec<Duration>,
+    idle: common::Paced,
+    loaded: common::Paced,
     rss_idle: f64,
     rss_peak: f64,
     report: serde_json::Value,
@@ -115,12 +116,14 @@ fn measured(config: &str, mode: &str, args: &[String], seconds: u64) -> Result<M
         ..BrokerSetup::default()
     });
     let baseline = broker.baseline_fds();
-    let idle = common::paced(&broker, measured_for(seconds), Duration::from_millis(5))?;
+    let peer_dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let peer = common::Peer::start(peer_dir.path())?;
+    let idle = common::paced(&broker, measured_for(seconds), Duration::from_millis(5), Some(&peer))?;
     let rss_idle = common::rss_mib(&broker);
     let mut argv = vec![mode.to_string(), broker.run_dir().display().to_string()];
     argv.extend_from_slice(args);
     let child = crowd(&broker, &argv)?;
-    let (loaded, rss_peak, report) = under(&broker, child, seconds)?;
+    let (loaded, rss_peak, report) = under(&broker, &peer, child, seconds)?;
     Ok(Measured {
         broker,
         baseline,
@@ -148,12 +151,19 @@ pub(crate) fn run(scale: Scale) -> Result<Outcome, String> {
         scale.load_seconds,
     )?;
     let errors = report["errors"].as_u64().unwrap_or(u64::MAX);
-    let (p50_idle, p99_idle) = (common::quantile_us(&idle, 0.5), common::quantile_us(&idle, 0.99));
-    let (p50, p99) = (common::quantile_us(&loaded, 0.5), common::quantile_us(&loaded, 0.99));
+    let (p50_idle, p99_idle) = (
+        common::quantile_us(&idle.broker, 0.5),
+        common::quantile_us(&idle.broker, 0.99),
+    );
+    let (p50, p99) = (
+        common::quantile_us(&loaded.broker, 0.5),
+        common::quantile_us(&loaded.broker, 0.99),
+    );
     let ratio = p99 / p99_idle;
+    let peer = PeerP99::of(&idle, &loaded);
     common::no_leaks(&broker, baseline)?;
     let summary = format!(
-        "{} clients calling in a loop for {} s: {} calls, {errors} errors, Jain {:.3}; the paced client's p50 {p50:.0} us, p99 {p99:.0} us vs {p50_idle:.0} / {p99_idle:.0} us idle ({ratio:.2}x); RSS {rss_idle:.1} MiB idle, {rss_peak:.1} MiB peak",
+        "{} clients calling in a loop for {} s: {} calls, {errors} errors, Jain {:.3}; the paced client's p50 {p50:.0} us, p99 {p99:.0} us vs {p50_idle:.0} / {p99_idle:.0} us idle ({ratio:.2}x){peer}; RSS {rss_idle:.1} MiB idle, {rss_peak:.1} MiB peak",
         scale.load_clients,
         scale.load_seconds,
         report["calls"],
@@ -173,7 +183,7 @@ pub(crate) fn run(scale: Scale) -> Result<Outcome, String> {
         figures: serde_json::json!({
             "clients": scale.load_clients, "seconds": scale.load_seconds, "crowd": report,
             "paced_p50_us": p50, "paced_p99_us": p99, "idle_p50_us": p50_idle, "idle_p99_us": p99_idle,
-            "p99_ratio": ratio, "rss_idle_mib": rss_idle, "rss_peak_mib": rss_peak,
+            "p99_ratio": ratio, "rss_idle_mib": rss_idle, "rss_peak_mib": rss_peak, "echo_peer": peer.json(),
         }),
     })
 }
@@ -193,13 +203,14 @@ pub(crate) fn run_stall(scale: Scale) -> Result<Outcome, String> {
         &[scale.stall_seconds.to_string()],
         scale.stall_seconds,
     )?;
-    let p99_idle = common::quantile_us(&idle, 0.99);
-    let p99 = common::quantile_us(&loaded, 0.99);
+    let p99_idle = common::quantile_us(&idle.broker, 0.99);
+    let p99 = common::quantile_us(&loaded.broker, 0.99);
     let ratio = p99 / p99_idle;
+    let peer = PeerP99::of(&idle, &loaded);
     common::no_leaks(&broker, baseline)?;
     common::served(&broker)?;
     let summary = format!(
-        "{} stalled clients (events never read, rings never drained) and {} flooding at their limits ({} calls, {} refused at a limit) for {} s: the paced client's p99 {p99:.0} us vs {p99_idle:.0} us idle ({ratio:.2}x)",
+        "{} stalled clients (events never read, rings never drained) and {} flooding at their limits ({} calls, {} refused at a limit) for {} s: the paced client's p99 {p99:.0} us vs {p99_idle:.0} us idle ({ratio:.2}x){peer}",
         report["stalled"], report["flooders"], report["flood_calls"], report["flood_refused"], scale.stall_seconds
     );
     if report["errors"].as_u64() != Some(0) {
@@ -210,8 +221,44 @@ pub(crate) fn run_stall(scale: Scale) -> Result<Outcome, String> {
     }
     Ok(Outcome {
         summary,
-        figures: serde_json::json!({ "seconds": scale.stall_seconds, "crowd": report, "paced_p99_us": p99, "idle_p99_us": p99_idle, "p99_ratio": ratio }),
+        figures: serde_json::json!({ "seconds": scale.stall_seconds, "crowd": report, "paced_p99_us": p99, "idle_p99_us": p99_idle, "p99_ratio": ratio, "echo_peer": peer.json() }),
     })
+}
+
+/// The echo peer's p99, idle and under the crowd: what the machine adds to a client's wait
+/// whatever serves it (the target is the broker's own ratio; this one is reported beside it).
+struct PeerP99 {
+    idle: f64,
+    loaded: f64,
+}
+
+impl PeerP99 {
+    fn of(idle: &common::Paced, loaded: &common::Paced) -> PeerP99 {
+        PeerP99 {
+            idle: common::quantile_us(&idle.peer, 0.99),
+            loaded: common::quantile_us(&loaded.peer, 0.99),
+        }
+    }
+
+    fn ratio(&self) -> f64 {
+        self.loaded / self.idle
+    }
+
+    fn json(&self) -> serde_json::Value {
+        serde_json::json!({ "paced_p99_us": self.loaded, "idle_p99_us": self.idle, "p99_ratio": self.ratio() })
+    }
+}
+
+impl std::fmt::Display for PeerP99 {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "; an echo peer beside it: p99 {:.0} us vs {:.0} us idle ({:.2}x)",
+            self.loaded,
+            self.idle,
+            self.ratio()
+        )
+    }
 }
 
 fn args_of(args: &[String], n: usize) -> Option<Vec<String>> {

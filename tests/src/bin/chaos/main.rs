@@ -85,6 +85,7 @@ fn main() -> std::process::ExitCode {
         Some("client") => return client::main(&args[1..]),
         Some("load") => return load::child(&args[1..]),
         Some("stall") => return load::stall_child(&args[1..]),
+        Some("peer") => return common::peer_main(&args[1..]),
         _ => {}
     }
     let mut scale = FULL;
