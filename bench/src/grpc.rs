@@ -177,6 +177,19 @@ pub(crate) fn start(servers: &tokio::runtime::Runtime, dir: &Path) -> (std::path
     (broker_socket, echo_socket)
 }
 
+/// Serves the bare tonic echo server on `socket` until killed (the bench re-executed with
+/// `--echo-grpc SOCKET`: the gRPC peer whose memory the scale bench reads).
+pub(crate) fn serve_echo(socket: &Path) {
+    server_runtime().block_on(async {
+        let listener = UnixListener::bind(socket).unwrap();
+        tonic::transport::Server::builder()
+            .add_service(EchoServer::new(EchoService))
+            .serve_with_incoming(tokio_stream::wrappers::UnixListenerStream::new(listener))
+            .await
+            .unwrap();
+    });
+}
+
 pub(crate) fn run(args: &Args) {
     let dir = tempfile::tempdir().unwrap();
     let servers = server_runtime();

@@ -149,6 +149,15 @@ fn main() {
         scale::hold_rings(std::path::Path::new(dir), count);
         return;
     }
+    // The scale benchmark's gRPC peer: a bare tonic server in a process of its own.
+    if let Some(i) = argv.iter().position(|a| a == "--echo-grpc") {
+        let Some(socket) = argv.get(i + 1) else {
+            eprintln!("usage: portcullis-bench --echo-grpc SOCKET");
+            std::process::exit(2);
+        };
+        grpc::serve_echo(std::path::Path::new(socket));
+        return;
+    }
     let quick = argv.iter().any(|a| a == "--quick");
     let value = |name: &str, default: usize| {
         argv.iter()

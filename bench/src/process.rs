@@ -49,13 +49,33 @@ impl Broker {
             .spawn()
             .unwrap_or_else(|e| panic!("{}: {e} (cargo xtask bench builds it)", binary.display()));
         let socket = run_dir.join(portcullis_client::GRPC_SOCKET);
+        Broker::serving(child, run_dir, &socket, name)
+    }
+
+    /// A bare tonic server answering `add` (the gRPC peer: no policy, no dispatch), in a
+    /// process of its own (this program, re-executed with `--echo-grpc`) so that its memory can
+    /// be read like a broker's. Its socket is `dir/name/echo.sock`.
+    pub(crate) fn echo_peer(dir: &Path, name: &str) -> (Broker, PathBuf) {
+        let run_dir = dir.join(name);
+        std::fs::create_dir_all(&run_dir).unwrap();
+        let socket = run_dir.join("echo.sock");
+        let child = Command::new(std::env::current_exe().unwrap())
+            .arg("--echo-grpc")
+            .arg(&socket)
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        (Broker::serving(child, run_dir, &socket, name), socket)
+    }
+
+    /// Waits for `child` to accept connections on `socket`.
+    fn serving(mut child: Child, run_dir: PathBuf, socket: &Path, name: &str) -> Broker {
         let deadline = Instant::now() + Duration::from_secs(20);
-        let mut child = child;
-        while std::os::unix::net::UnixStream::connect(&socket).is_err() {
+        while std::os::unix::net::UnixStream::connect(socket).is_err() {
             if let Ok(Some(status)) = child.try_wait() {
-                panic!("the {name} broker ended before serving: {status}");
+                panic!("the {name} server ended before serving: {status}");
             }
-            assert!(Instant::now() < deadline, "the {name} broker did not start");
+            assert!(Instant::now() < deadline, "the {name} server did not start");
             std::thread::sleep(Duration::from_millis(10));
         }
         Broker { child, run_dir }

@@ -526,7 +526,9 @@ fn settled_rss(b: &Broker) -> u64 {
     last
 }
 
-/// Memory per idle session, per transport, and what is left after they close.
+/// Memory per idle session, per transport, and what is left after they close; and, in the
+/// same run, what a bare tonic server (the gRPC peer, in a process of its own) holds per idle
+/// connection, and what a gRPC session costs when an app's sessions share a connection.
 fn sessions(quick: bool) {
     println!("### Memory per idle session\n");
     // This process holds every session's socket too.
@@ -542,11 +544,22 @@ fn sessions(quick: bool) {
         "| transport | sessions | broker RSS before MiB | with them MiB | per session KiB | of it, the ring's shared pages KiB | descriptors per session | threads with them | after they close MiB |"
     );
     println!("|---|---|---|---|---|---|---|---|---|");
-    for transport in ["native", "gRPC", "ring"] {
-        let broker = Broker::start(dir.path(), &format!("sessions-{transport}"), SCALE_CONFIG);
+    let mib = |b: u64| b as f64 / f64::from(1 << 20);
+    let mut per_session = BTreeMap::new();
+    for transport in ["native", "gRPC", SHARED_GRPC, "ring", ECHO_PEER] {
+        let (broker, echo) = if transport == ECHO_PEER {
+            let (peer, socket) = Broker::echo_peer(dir.path(), "sessions-echo");
+            (peer, Some(socket))
+        } else {
+            let name = format!("sessions-{}", transport.split(',').next().unwrap_or(transport));
+            (Broker::start(dir.path(), &name, SCALE_CONFIG), None)
+        };
         let settle = || std::thread::sleep(Duration::from_millis(300));
         // Asks, after the sessions are dropped, when the broker has seen them all go.
-        let admin = rt.block_on(Client::connect(&broker.run_dir)).unwrap();
+        let admin = match echo {
+            None => Some(rt.block_on(Client::connect(&broker.run_dir)).unwrap()),
+            Some(_) => None,
+        };
         settle();
         let (before, shared_before, fds_before) = (broker.rss(), broker.shared_rss(), broker.fds());
         let count = match transport {
@@ -554,18 +567,29 @@ fn sessions(quick: bool) {
             "ring" => rings,
             _ => n,
         };
-        let mib = |b: u64| b as f64 / f64::from(1 << 20);
         let (with, shared, fds, threads) = rt.block_on(async {
             let mut natives = Vec::new();
             let mut grpcs = Vec::new();
+            let mut shared = Vec::new();
             let mut ringed = Vec::new();
-            for _ in 0..count {
+            let mut echoes = Vec::new();
+            for i in 0..count {
                 match transport {
                     "native" => natives.push(NativeSession::connect(&broker.run_dir, AbiId::native()).await.unwrap()),
                     "gRPC" => {
                         let c = Client::connect(&broker.run_dir).await.unwrap();
                         let s = c.session().await.unwrap();
                         grpcs.push((c, s));
+                    }
+                    SHARED_GRPC => {
+                        if i % SESSIONS_PER_CONNECTION == 0 {
+                            shared.push((Client::connect(&broker.run_dir).await.unwrap(), Vec::new()));
+                        }
+                        let (c, sessions) = shared.last_mut().unwrap();
+                        sessions.push(c.session().await.unwrap());
+                    }
+                    ECHO_PEER => {
+                        echoes.push(crate::grpc::echo_stream(echo.as_deref().unwrap()).await);
                     }
                     _ => {
                         let mut r = portcullis_client::ring::RingClient::connect(
@@ -584,11 +608,18 @@ fn sessions(quick: bool) {
             }
             settle();
             let with = (broker.rss(), broker.shared_rss(), broker.fds(), broker.threads());
-            drop((natives, grpcs, ringed));
+            drop((natives, grpcs, shared, ringed, echoes));
             // Within this runtime, which closes the dropped gRPC channels' connections.
             loop {
-                let stats = admin.stats().await.unwrap();
-                if stats.sessions == 0 && stats.connections <= 1 {
+                let gone = match &admin {
+                    Some(admin) => {
+                        let stats = admin.stats().await.unwrap();
+                        stats.sessions == 0 && stats.connections <= 1
+                    }
+                    // The peer has no stats: its descriptors tell when it has let them go.
+                    None => broker.fds() <= fds_before,
+                };
+                if gone {
                     break;
                 }
                 tokio::time::sleep(Duration::from_millis(20)).await;
@@ -597,6 +628,7 @@ fn sessions(quick: bool) {
         });
         let after = settled_rss(&broker);
         let kib_each = |with: u64, without: u64| with.saturating_sub(without) as f64 / count as f64 / 1024.0;
+        per_session.insert(transport, kib_each(with, before));
         println!(
             "| {transport} | {count} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {threads} | {:.1} |",
             mib(before),
@@ -610,7 +642,19 @@ fn sessions(quick: bool) {
     println!(
         "\nTarget: ≤ 8 KiB per idle session; 10,000 idle sessions ≤ 100 MiB; RSS back within 2× of idle after they close.\n"
     );
+    println!(
+        "gRPC, a connection per session, against the bare tonic server's idle connection: **{:.2}×** ({:.1} against {:.1} KiB).\n",
+        per_session["gRPC"] / per_session[ECHO_PEER],
+        per_session["gRPC"],
+        per_session[ECHO_PEER]
+    );
 }
+
+/// The gRPC row whose sessions share connections, as an app's sessions over one `Client` do.
+const SHARED_GRPC: &str = "gRPC, 50 sessions per connection";
+const SESSIONS_PER_CONNECTION: usize = 50;
+/// The peer's row: a bare tonic server holding an idle connection and stream per client.
+const ECHO_PEER: &str = "peer: bare tonic, a connection and stream each";
 
 /// RSS per policy rule: a broker loaded with 50,000 rules, then after 10 reloads, against one
 /// with the embedded policy, in the same run.
