@@ -167,27 +167,25 @@ pub(crate) fn start(servers: &tokio::runtime::Runtime, dir: &Path) -> (std::path
     servers.block_on(async {
         let listener = grpc::bind(&broker_socket).await.unwrap();
         tokio::spawn(grpc::serve(core(), listener, std::future::pending()));
-        let echo = UnixListener::bind(&echo_socket).unwrap();
-        tokio::spawn(
-            tonic::transport::Server::builder()
-                .add_service(EchoServer::new(EchoService))
-                .serve_with_incoming(tokio_stream::wrappers::UnixListenerStream::new(echo)),
-        );
+        tokio::spawn(echo_server(UnixListener::bind(&echo_socket).unwrap()));
     });
     (broker_socket, echo_socket)
+}
+
+/// The bare tonic echo server, with tonic's defaults, on `listener`.
+async fn echo_server(listener: UnixListener) -> Result<(), tonic::transport::Error> {
+    tonic::transport::Server::builder()
+        .add_service(EchoServer::new(EchoService))
+        .serve_with_incoming(tokio_stream::wrappers::UnixListenerStream::new(listener))
+        .await
 }
 
 /// Serves the bare tonic echo server on `socket` until killed (the bench re-executed with
 /// `--echo-grpc SOCKET`: the gRPC peer whose memory the scale bench reads).
 pub(crate) fn serve_echo(socket: &Path) {
-    server_runtime().block_on(async {
-        let listener = UnixListener::bind(socket).unwrap();
-        tonic::transport::Server::builder()
-            .add_service(EchoServer::new(EchoService))
-            .serve_with_incoming(tokio_stream::wrappers::UnixListenerStream::new(listener))
-            .await
-            .unwrap();
-    });
+    server_runtime()
+        .block_on(async { echo_server(UnixListener::bind(socket).unwrap()).await })
+        .unwrap();
 }
 
 pub(crate) fn run(args: &Args) {

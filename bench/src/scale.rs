@@ -546,12 +546,15 @@ fn sessions(quick: bool) {
     println!("|---|---|---|---|---|---|---|---|---|");
     let mib = |b: u64| b as f64 / f64::from(1 << 20);
     let mut per_session = BTreeMap::new();
-    for transport in ["native", "gRPC", SHARED_GRPC, "ring", ECHO_PEER] {
+    for (row, transport) in ["native", "gRPC", SHARED_GRPC, "ring", ECHO_PEER]
+        .into_iter()
+        .enumerate()
+    {
+        let name = format!("sessions-{row}");
         let (broker, echo) = if transport == ECHO_PEER {
-            let (peer, socket) = Broker::echo_peer(dir.path(), "sessions-echo");
+            let (peer, socket) = Broker::echo_peer(dir.path(), &name);
             (peer, Some(socket))
         } else {
-            let name = format!("sessions-{}", transport.split(',').next().unwrap_or(transport));
             (Broker::start(dir.path(), &name, SCALE_CONFIG), None)
         };
         let settle = || std::thread::sleep(Duration::from_millis(300));
